@@ -9,10 +9,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import TypeAlias
 
 import psycopg2
 import psycopg2.extensions
-from psycopg2.extensions import connection as Connection
+
+Connection: TypeAlias = psycopg2.extensions.connection
 
 APPLICATION_NAME = "uuid-migration"
 

@@ -1,0 +1,218 @@
+"""The ``migration_backup`` schema: copies of the tables and what an exact restore needs.
+
+Besides a full copy of each table in the plan, the backup records, by name,
+every definition the swap drops and later recreates (indexes, primary and
+unique constraints, foreign keys, column defaults), the quarantine of orphan
+rows, and the backfill checkpoints.  The swap and the rollback both replay
+from here, so one record serves both directions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration import catalog
+from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
+from migration.errors import MigrationError
+from migration.model import KeyColumn, Table
+from migration.plan import Plan
+from migration.sqlexpr import column_list
+
+SCHEMA = "migration_backup"
+
+_META = """
+CREATE TABLE {schema}.backup_tables (
+    table_schema text NOT NULL, table_name text NOT NULL, backup_table text NOT NULL,
+    row_count bigint NOT NULL, checksum numeric NOT NULL,
+    backed_up_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_schema, table_name));
+CREATE TABLE {schema}.key_columns (
+    table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
+    type text NOT NULL, not_null boolean NOT NULL, default_expr text,
+    PRIMARY KEY (table_schema, table_name, column_name));
+CREATE TABLE {schema}.saved_indexes (
+    table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
+    name text NOT NULL, definition text NOT NULL, constraint_type "char",
+    is_deferrable boolean NOT NULL, is_deferred boolean NOT NULL,
+    PRIMARY KEY (table_schema, table_name, name));
+CREATE TABLE {schema}.saved_foreign_keys (
+    table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
+    name text NOT NULL, definition text NOT NULL, validated boolean NOT NULL,
+    PRIMARY KEY (table_schema, table_name, name));
+CREATE TABLE {schema}.backfill_progress (
+    table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
+    last_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
+    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
+    PRIMARY KEY (table_schema, table_name, column_name));
+CREATE TABLE {schema}.quarantine (
+    table_schema text NOT NULL, table_name text NOT NULL, quarantine_table text NOT NULL,
+    row_count bigint NOT NULL, PRIMARY KEY (table_schema, table_name));
+-- Keeps a temporary uuid column equal to its source while the backfill runs,
+-- for rows written by anyone else: TG_ARGV = (source column, uuid column).
+CREATE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+BEGIN
+    NEW := jsonb_populate_record(NEW, jsonb_build_object(
+        TG_ARGV[1], (to_jsonb(NEW) ->> TG_ARGV[0])::uuid));
+    RETURN NEW;
+END $$;
+"""
+
+
+def backup_name(table: Table) -> sql.Identifier:
+    """The copy of ``schema.table``: ``migration_backup."schema.table"``."""
+    return sql.Identifier(SCHEMA, str(table))
+
+
+def quarantine_name(table: Table) -> sql.Identifier:
+    return sql.Identifier(SCHEMA, f"quarantine.{table}")
+
+
+def meta(name: str) -> sql.Identifier:
+    return sql.Identifier(SCHEMA, name)
+
+
+def exists(cur: Cursor) -> bool:
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{SCHEMA}".backup_tables',))
+    row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def columns_of(cur: Cursor, relation: sql.Identifier) -> list[str]:
+    """Column names of a relation in their order (dropped and temporary ones excluded)."""
+    cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+                (relation.as_string(cur.connection),))
+    return [name for (name,) in cur.fetchall()]
+
+
+def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str]) -> tuple[int, int]:
+    """(row count, order-independent sum of row hashes) over ``columns`` in that order.
+
+    Naming the columns makes the sum independent of their physical order,
+    which the temporary-column swap changes.
+    """
+    cur.execute(sql.SQL(
+        "SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
+        "FROM {rel} r").format(cols=column_list(columns, "r"), rel=relation))
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+@dataclass(frozen=True)
+class BackupResult:
+    rows: int  # rows copied; 0 when an existing backup was kept
+    message: str
+
+
+def create(cur: Cursor, plan: Plan) -> BackupResult:
+    """Copy every table of the plan and record what the swap will drop.
+
+    Runs in the caller's transaction with the tables locked against writes,
+    so the copy is one consistent snapshot, verified before commit.
+    """
+    if exists(cur):
+        return reuse(cur, plan)
+    for table in plan.tables:
+        cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table.ident))
+    cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+    cur.execute(sql.SQL(_META).format(schema=sql.Identifier(SCHEMA)))
+    total = 0
+    for table in plan.tables:
+        copy = backup_name(table)
+        cur.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(copy, table.ident))
+        columns = columns_of(cur, copy)
+        source_sum = table_checksum(cur, table.ident, columns)
+        copy_sum = table_checksum(cur, copy, columns)
+        if source_sum != copy_sum:
+            raise MigrationError(f"backup of {table} does not match the table "
+                                 f"(rows/checksum {source_sum} vs {copy_sum})",
+                                 hint="nothing was kept; check the server log and run again")
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s)").format(
+            meta("backup_tables")), (table.schema, table.name, copy.strings[1], *source_sum))
+        total += source_sum[0]
+    for key in plan.columns:
+        save_definitions(cur, key)
+    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows")
+
+
+def reuse(cur: Cursor, plan: Plan) -> BackupResult:
+    """A backup exists: keep it if it is this data's backup, refuse otherwise."""
+    states = {catalog.column_state(cur.connection, key) for key in plan.columns}
+    if states != {ColumnState.STRING}:
+        return BackupResult(0, "backup kept: the migration is under way")
+    for table, count, checksum in recorded_checksums(cur):
+        columns = columns_of(cur, backup_name(table))
+        if table_checksum(cur, table.ident, columns) != (count, checksum):
+            raise MigrationError(
+                f"a backup already exists in {SCHEMA} and {table} no longer matches it",
+                hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
+    return BackupResult(0, "backup already present and identical to the data; kept")
+
+
+def recorded_checksums(cur: Cursor) -> list[tuple[Table, int, int]]:
+    cur.execute(sql.SQL("SELECT table_schema, table_name, row_count, checksum FROM {} "
+                        "ORDER BY 1, 2").format(meta("backup_tables")))
+    return [(Table(s, t), int(n), int(c)) for s, t, n, c in cur.fetchall()]
+
+
+def save_definitions(cur: Cursor, key: KeyColumn) -> None:
+    conn = cur.connection
+    info = catalog.column_info(conn, key.table, key.column)
+    assert info is not None
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
+        meta("key_columns")),
+        (key.table.schema, key.table.name, key.column, info.type, info.not_null, info.default))
+    for ix in catalog.indexes_on(conn, key):
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT DO NOTHING").format(meta("saved_indexes")),
+                    (key.table.schema, key.table.name, key.column, ix.name, ix.definition,
+                     ix.constraint_type, ix.deferrable, ix.deferred))
+    for fk in catalog.foreign_keys_from(conn, key) + catalog.foreign_keys_to(conn, key):
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s) "
+                            "ON CONFLICT DO NOTHING").format(meta("saved_foreign_keys")),
+                    (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition,
+                     fk.validated))
+
+
+def saved_indexes(cur: Cursor, key: KeyColumn) -> list[IndexDef]:
+    cur.execute(sql.SQL("SELECT name, definition, constraint_type, is_deferrable, is_deferred "
+                        "FROM {} WHERE table_schema = %s AND table_name = %s "
+                        "AND column_name = %s ORDER BY constraint_type NULLS LAST, name").format(
+        meta("saved_indexes")), (key.table.schema, key.table.name, key.column))
+    return [IndexDef(key.table, name, definition, contype, deferrable, deferred,
+                     uses_expression=False)
+            for name, definition, contype, deferrable, deferred in cur.fetchall()]
+
+
+def saved_foreign_keys(cur: Cursor, key: KeyColumn | None = None) -> list[ForeignKeyDef]:
+    """FKs recorded at backup time: those from ``key``'s column, or all of them."""
+    query = sql.SQL("SELECT table_schema, table_name, column_name, name, definition, validated "
+                    "FROM {} WHERE %s IS NULL OR (table_schema, table_name, column_name) = "
+                    "(%s, %s, %s) ORDER BY 1, 2, 4").format(meta("saved_foreign_keys"))
+    params = (None, None, None, None) if key is None else (
+        key.table.schema, key.table.schema, key.table.name, key.column)
+    cur.execute(query, params)
+    return [ForeignKeyDef(Table(s, t), c, n, d, v) for s, t, c, n, d, v in cur.fetchall()]
+
+
+def saved_column(cur: Cursor, key: KeyColumn) -> catalog.ColumnInfo:
+    cur.execute(sql.SQL("SELECT type, true, not_null, default_expr FROM {} "
+                        "WHERE (table_schema, table_name, column_name) = (%s, %s, %s)").format(
+        meta("key_columns")), (key.table.schema, key.table.name, key.column))
+    row = cur.fetchone()
+    if row is None:
+        raise MigrationError(f"the backup has no record of {key}",
+                             hint="the backup predates this plan; run rollback, then "
+                                  "cleanup_backup --force and start again")
+    return catalog.ColumnInfo(*row)
+
+
+def require(cur: Cursor, operation: str) -> None:
+    if not exists(cur):
+        raise MigrationError(f"{operation} needs the backup in {SCHEMA}, and there is none",
+                             hint="run --operation=backup_data first")

@@ -1,0 +1,125 @@
+"""data-migration: the runbook's command line.
+
+Exit codes:
+  0  the operation finished (or there was nothing to do)
+  1  refused or failed because of the data or the database state; the report
+     names the rows or objects and says what to do next
+  2  usage error, or the database could not be reached (or the connection was lost)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg2
+
+from migration.connection import ConnectError, redact_dsn
+from migration.errors import MigrationError
+from migration.log import DEFAULT_LOG_FILE, logger, setup_file_log
+from migration.operations import OPERATIONS, Outcome, run, status
+from migration.report import Finding, render
+from migration.session import Session, Settings
+
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
+
+
+def _print_outcome(outcome: Outcome, fmt: str, *, verbose: bool) -> None:
+    if fmt == "json":
+        click.echo(json.dumps({"ok": True, "message": outcome.message, "rows": outcome.rows,
+                               "findings": [f.as_dict() for f in outcome.findings],
+                               "details": outcome.details}, default=str, indent=2))
+        return
+    shown = [f for f in outcome.findings if verbose or f.status != "pass"]
+    if shown:
+        click.echo(render(shown))
+    click.echo(outcome.message)
+
+
+def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> None:
+    if fmt == "json":
+        click.echo(json.dumps({"ok": False, "error": message, "next": hint,
+                               "findings": [f.as_dict() for f in findings]},
+                              default=str, indent=2))
+        return
+    if findings:
+        click.echo(render([f for f in findings if f.status in ("fail", "warn")]))
+    click.echo(f"error: {message}", err=True)
+    if hint:
+        click.echo(f"next: {hint}", err=True)
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__)
+@click.option("--operation", "operation", required=True, type=click.Choice(OPERATION_NAMES),
+              help="The runbook step to run.")
+@click.option("--database-url", envvar="DATABASE_URL", show_envvar=True,
+              help="PostgreSQL URL of the database to migrate (rehearse: omit it to use a "
+                   "throwaway server).")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
+              help="Rows per batch (one commit each) when filling the uuid columns.")
+@click.option("--schema", default="public", show_default=True,
+              help="Schema holding users and the runbook's tables.")
+@click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
+              show_default=True,
+              help="migrate_foreign_keys: refuse on rows referring to no user, or move them "
+                   "to migration_backup (rollback restores them).")
+@click.option("--lock-timeout", "lock_timeout_ms", default=3000, show_default=True,
+              type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
+              "before it is retried with backoff.")
+@click.option("--force", is_flag=True, help="cleanup_backup: drop the backup without a "
+              "passing validate_migration (logged).")
+@click.option("--keep-changes", is_flag=True, help="rollback: keep rows written after the "
+              "backup (their ids as canonical text) instead of refusing.")
+@click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
+              default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log.")
+@click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
+              show_default=True, help="Report format on standard output.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress display.")
+@click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
+@click.pass_context
+def main(ctx: click.Context, operation: str, database_url: str | None, **options: Any) -> None:
+    """Migrate string UUID keys (VARCHAR(36)) to PostgreSQL's native uuid type,
+    following the operators' runbook step by step."""
+    setup_file_log(options["log_file"])
+    fmt, verbose = options["fmt"], options["verbose"]
+    if operation == "rehearse":
+        from migration.rehearse import rehearse_command
+        ctx.exit(rehearse_command(database_url, options))
+    if not database_url:
+        raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
+    settings = Settings(batch_size=options["batch_size"],
+                        lock_timeout_ms=options["lock_timeout_ms"],
+                        orphans=options["orphans"], force=options["force"],
+                        keep_changes=options["keep_changes"],
+                        show_progress=not options["quiet"])
+    try:
+        with Session.open(database_url, settings, schema=options["schema"],
+                          lock=operation != "status") as session:
+            outcome = (status(session) if operation == "status"
+                       else run(session, operation, OPERATIONS[operation]))
+    except MigrationError as exc:
+        _print_error(exc.message, exc.hint, exc.findings, fmt)
+        ctx.exit(EXIT_REFUSED)
+    except ConnectError as exc:
+        _print_error(str(exc), "check the URL, the server and the credentials", [], fmt)
+        ctx.exit(EXIT_USAGE)
+    except psycopg2.OperationalError as exc:
+        logger.error("%s: connection lost: %s", operation, redact_dsn(str(exc)))
+        _print_error(f"{operation}: the connection was lost: {redact_dsn(str(exc)).strip()}",
+                     f"run --operation={operation} again: it resumes where it stopped "
+                     "(--operation=status shows where that is)", [], fmt)
+        ctx.exit(EXIT_USAGE)
+    except psycopg2.Error as exc:
+        _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
+                     "nothing of the failed step was committed; fix the cause and run again, "
+                     "or --operation=rollback", [], fmt)
+        ctx.exit(EXIT_REFUSED)
+    _print_outcome(outcome, fmt, verbose=verbose)
+
+
+if __name__ == "__main__":  # python -m migration.cli
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Converting one key column to uuid: the runbook's temporary-column sequence.
+
+For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
+
+1. add ``c_uuid uuid`` and a trigger that keeps it equal to ``c::uuid`` for
+   rows anyone else writes meanwhile (instant DDL);
+2. fill ``c_uuid`` in batches that walk the primary key, a commit per batch,
+   the position saved with each batch so an interruption resumes there;
+3. for a NOT NULL column, prove no ``c_uuid`` is NULL with a CHECK constraint
+   added NOT VALID then validated (no exclusive lock while it scans);
+4. the swap, one short transaction: drop the FKs that reference ``c``, drop
+   ``c``, rename ``c_uuid`` to ``c``, SET NOT NULL (free, thanks to step 3),
+   convert the default;
+5. recreate, from the definitions the backup recorded, every index and
+   constraint that the drop took with it, each under a SHARE lock (reads go
+   on), and re-add foreign keys NOT VALID, then validate them.
+
+Every step looks at the catalog to see whether it is already done, so the
+whole sequence can be run again after an interruption at any point.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+
+import psycopg2.errors
+import psycopg2.extras
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration import backup, catalog
+from migration.catalog import ColumnState
+from migration.errors import MigrationError
+from migration.log import logger
+from migration.model import KeyColumn
+from migration.session import Session
+from migration.sqlexpr import column_list, row_of
+
+# A string-typed default wrapping a uuid expression, as deparsed:
+# "(gen_random_uuid())::text" or "(uuid_generate_v4())::character varying".
+_STRING_CAST = re.compile(r"^\((?P<inner>.*)\)::(text|character varying(\(\d+\))?)$")
+
+
+def add_temporary_column(session: Session, key: KeyColumn) -> None:
+    def work(cur: Cursor) -> None:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} uuid").format(
+            key.table.ident, sql.Identifier(key.temp)))
+        cur.execute(sql.SQL(
+            "CREATE TRIGGER {} BEFORE INSERT OR UPDATE OF {} ON {} FOR EACH ROW "
+            "EXECUTE FUNCTION {}({}, {})").format(
+            sql.Identifier(key.helper("sync")), sql.Identifier(key.column),
+            key.table.ident, backup.meta("sync_uuid_column"),
+            sql.Literal(key.column), sql.Literal(key.temp)))
+        cur.execute(sql.SQL(
+            "INSERT INTO {} (table_schema, table_name, column_name) VALUES (%s, %s, %s) "
+            "ON CONFLICT (table_schema, table_name, column_name) "
+            "DO UPDATE SET last_key = NULL, rows_done = 0").format(
+            backup.meta("backfill_progress")), (key.table.schema, key.table.name, key.column))
+
+    session.ddl(f"add {key.temp} to {key.table}", work)
+
+
+def _pk_after(pk: list[str], key: KeyColumn) -> sql.Composable:
+    """ROW(...) of the saved position: the checkpoint's key values typed as the table's."""
+    return sql.SQL("ROW({})").format(sql.SQL(", ").join(
+        sql.SQL("(SELECT c.{} FROM jsonb_populate_record(NULL::{}, %(after)s) c)").format(
+            sql.Identifier(p), key.table.ident) for p in pk))
+
+
+def batch_statement(key: KeyColumn, pk: list[str], *, first: bool) -> sql.Composable:
+    """One batch: the next ``n`` keys after the checkpoint, filled by a range update.
+
+    The range (after, upper] is found on the primary key index and the update
+    is a range scan of it: each batch costs the same wherever it is in the
+    table, and nothing but the count and the new checkpoint comes back.
+    """
+    after = sql.SQL("true") if first else sql.SQL("{} > {}").format(row_of(pk), _pk_after(pk, key))
+    x_after = (sql.SQL("true") if first
+               else sql.SQL("{} > {}").format(row_of(pk, "x"), _pk_after(pk, key)))
+    descending = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(p)) for p in pk)
+    upper = sql.SQL("ROW({})").format(sql.SQL(", ").join(
+        sql.SQL("(SELECT u.{} FROM upper u)").format(sql.Identifier(p)) for p in pk))
+    return sql.SQL(
+        """
+        WITH batch AS MATERIALIZED (
+            SELECT {pk} FROM {table} WHERE {after} ORDER BY {pk} LIMIT %(n)s
+        ), upper AS (
+            SELECT {pk} FROM batch ORDER BY {descending} LIMIT 1
+        ), done AS (
+            UPDATE {table} x SET {temp} = ({source})::uuid
+            WHERE {x_after} AND {x_pk} <= {upper}
+            RETURNING 1
+        )
+        SELECT (SELECT count(*) FROM done), (SELECT to_jsonb(u) FROM upper u)
+        """
+    ).format(pk=column_list(pk), table=key.table.ident, after=after, descending=descending,
+             temp=sql.Identifier(key.temp), source=sql.Identifier("x", key.column),
+             x_after=x_after, x_pk=row_of(pk, "x"), upper=upper)
+
+
+def backfill(session: Session, key: KeyColumn, run_id: int, rows_before: int) -> int:
+    """Fill the temporary column batch by batch from the saved checkpoint; rows written."""
+    conn = session.conn
+    pk = catalog.primary_key(conn, key.table)
+    progress_table = backup.meta("backfill_progress")
+    where = (key.table.schema, key.table.name, key.column)
+    with session.transaction() as cur:
+        cur.execute(sql.SQL("SELECT last_key, rows_done FROM {} WHERE "
+                            "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
+            progress_table), where)
+        row = cur.fetchone()
+        cur.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
+                    "WHERE oid = to_regclass(%s)", (catalog.regclass(key.table),))
+        estimate = cur.fetchone()
+    last_key, done = (row[0], int(row[1])) if row else (None, 0)
+    if last_key is not None:
+        logger.info("%s: resuming the backfill after %s (%s rows done)", key, last_key, done)
+    statements = {first: batch_statement(key, pk, first=first) for first in (True, False)}
+    progress = session.progress(f"{key}", int(estimate[0]) if estimate else 0)
+    progress.advance(done)
+    written = 0
+    while True:
+        with session.transaction() as cur:
+            cur.execute(statements[last_key is None],
+                        {"n": session.settings.batch_size, "after": psycopg2.extras.Json(last_key)})
+            count, new_key = cur.fetchone() or (0, None)
+            if not count:
+                break
+            done += count
+            written += count
+            cur.execute(sql.SQL("UPDATE {} SET last_key = %s, rows_done = %s, "
+                                "updated_at = clock_timestamp() WHERE "
+                                "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
+                progress_table), (psycopg2.extras.Json(new_key), done, *where))
+            session.log.progress(cur, run_id, rows_before + written)
+        last_key = new_key
+        progress.advance(count)
+    progress.close()
+    logger.info("%s: backfill done, %s rows", key, done)
+    return written
+
+
+def prove_not_null(session: Session, key: KeyColumn) -> None:
+    """A validated CHECK (temp IS NOT NULL), so the swap's SET NOT NULL needs no scan."""
+    name = key.helper("not_null")
+
+    def add(cur: Cursor) -> None:
+        cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                    "AND conname = %s", (catalog.regclass(key.table), name))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) "
+                                "NOT VALID").format(key.table.ident, sql.Identifier(name),
+                                                    sql.Identifier(key.temp)))
+
+    def validate(cur: Cursor) -> None:
+        cur.execute("SET LOCAL statement_timeout = 0")  # a scan as long as the table
+        cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+            key.table.ident, sql.Identifier(name)))
+
+    session.ddl(f"add {name}", add)
+    try:
+        session.ddl(f"validate {name}", validate)
+    except psycopg2.errors.CheckViolation:
+        raise MigrationError(f"{key.temp} is still NULL in some rows of {key.table} after the "
+                             "backfill", hint="run the same operation again; it resumes") from None
+
+
+def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
+    """Give the uuid column the old default: ``gen_random_uuid()::text`` becomes
+    ``gen_random_uuid()``; any other expression is kept, cast to uuid.
+
+    The server decides whether the unwrapped expression is a uuid: it is
+    tried in a savepoint, and the cast form is the fallback.
+    """
+    target = sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}")
+    match = _STRING_CAST.match(default)
+    if match:
+        cur.execute("SAVEPOINT unwrap_default")
+        try:
+            cur.execute(target.format(key.table.ident, sql.Identifier(key.column),
+                                      sql.SQL(match["inner"])))
+            cur.execute("RELEASE SAVEPOINT unwrap_default")
+            return
+        except psycopg2.errors.DatatypeMismatch:
+            cur.execute("ROLLBACK TO SAVEPOINT unwrap_default")
+    cur.execute(target.format(key.table.ident, sql.Identifier(key.column),
+                              sql.SQL("({})::uuid").format(sql.SQL(default))))
+
+
+def swap(session: Session, key: KeyColumn) -> None:
+    """The one short exclusive moment: the uuid column takes the old column's place."""
+    others = session.other_sessions()
+    if others:
+        logger.warning("%s: other sessions are connected during the swap (the runbook "
+                       "expects downtime): %s", key, "; ".join(others))
+
+    def work(cur: Cursor) -> None:
+        saved = backup.saved_column(cur, key)
+        referencing = catalog.foreign_keys_to(cur.connection, key)
+        for table in sorted({key.table, *(fk.table for fk in referencing)}):
+            cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+        for fk in referencing:
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                fk.table.ident, sql.Identifier(fk.name)))
+        cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
+            sql.Identifier(key.helper("sync")), key.table.ident))
+        cur.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+            key.table.ident, sql.Identifier(key.column)))
+        cur.execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+            key.table.ident, sql.Identifier(key.temp), sql.Identifier(key.column)))
+        if saved.not_null:
+            cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+                key.table.ident, sql.Identifier(key.column)))
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                key.table.ident, sql.Identifier(key.helper("not_null"))))
+        if saved.default is not None:
+            converted_default(cur, key, saved.default)
+
+    session.ddl(f"swap {key}", work)
+    logger.info("%s: swapped to uuid", key)
+
+
+def recreate_objects(session: Session, key: KeyColumn) -> None:
+    """Indexes and constraints the swap dropped, from the backup's definitions, by name."""
+    with session.transaction() as cur:
+        indexes = backup.saved_indexes(cur, key)
+        foreign_keys = backup.saved_foreign_keys(cur, key)
+    for index in indexes:
+        session.ddl(f"recreate index {index.name}", partial(recreate_index, index=index))
+    parent = session.plan.parent
+    if key != parent and catalog.column_state(session.conn, parent) is not ColumnState.UUID:
+        return  # its FKs come back once the parent is uuid too
+    for fk in foreign_keys:
+        session.ddl(f"recreate {fk.name}", partial(_foreign_key, fk=fk))
+        if fk.validated:
+            session.ddl(f"validate {fk.name}", partial(_validate, fk=fk))
+
+
+def _exists(cur: Cursor, query: str, *params: str) -> bool:
+    cur.execute(query, params)
+    return cur.fetchone() is not None
+
+
+def recreate_index(cur: Cursor, index: catalog.IndexDef) -> None:
+    """The index (and the constraint it backs) as recorded, if it is missing."""
+    table = catalog.regclass(index.table)
+    cur.execute("SET LOCAL statement_timeout = 0")  # an index build as long as the table
+    if not _exists(cur, "SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = "
+                        "(SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
+                   index.name, table):
+        cur.execute(sql.SQL(index.definition))  # as pg_get_indexdef printed it
+    if index.constraint_type and not _exists(
+            cur, "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND conname = %s",
+            table, index.name):
+        kind = sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE")
+        timing = sql.SQL("")
+        if index.deferrable:
+            timing = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if index.deferred
+                             else " DEFERRABLE INITIALLY IMMEDIATE")
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}{}").format(
+            index.table.ident, sql.Identifier(index.name), kind, sql.Identifier(index.name),
+            timing))
+
+
+def _foreign_key(cur: Cursor, fk: catalog.ForeignKeyDef) -> None:
+    if _exists(cur, "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                    "AND conname = %s", catalog.regclass(fk.table), fk.name):
+        return
+    definition = fk.definition if fk.definition.endswith("NOT VALID") \
+        else fk.definition + " NOT VALID"  # validated in its own step, without blocking writes
+    cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+        fk.table.ident, sql.Identifier(fk.name), sql.SQL(definition)))
+
+
+def _validate(cur: Cursor, fk: catalog.ForeignKeyDef) -> None:
+    cur.execute("SET LOCAL statement_timeout = 0")
+    cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+        fk.table.ident, sql.Identifier(fk.name)))
+
+
+def convert(session: Session, key: KeyColumn, run_id: int, rows_before: int = 0) -> int:
+    """Take the column from whatever stage it is in to uuid; rows backfilled."""
+    state = catalog.column_state(session.conn, key)
+    written = 0
+    if state is ColumnState.STRING:
+        add_temporary_column(session, key)
+        state = ColumnState.BACKFILLING
+    if state is ColumnState.BACKFILLING:
+        written = backfill(session, key, run_id, rows_before)
+        with session.transaction() as cur:
+            not_null = backup.saved_column(cur, key).not_null
+        if not_null:
+            prove_not_null(session, key)
+        swap(session, key)
+    recreate_objects(session, key)
+    return written

@@ -1,0 +1,125 @@
+"""The ``migration_log`` table and the detailed log file.
+
+A run's row is inserted as ``running`` and committed at once, so ``status``
+can see an unfinished operation.  Its final update happens inside the
+transaction of the operation's last change: a crash can never leave a
+``completed`` row for work that was not committed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+from psycopg2.extras import Json
+
+from migration.connection import Connection
+
+LOG_TABLE = "migration_log"
+DEFAULT_LOG_FILE = Path("logs/migration/data_migration.log")
+logger = logging.getLogger("migration")
+
+
+def setup_file_log(path: Path | None) -> None:
+    """Send the detailed log to ``path`` (created with its folders)."""
+    logger.setLevel(logging.DEBUG)
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if any(getattr(h, "baseFilename", None) == str(path.resolve()) for h in logger.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    logger.addHandler(handler)
+
+
+@dataclass(frozen=True)
+class LogEntry:
+    id: int
+    operation: str
+    status: str
+    started_at: datetime
+    completed_at: datetime | None
+    rows_processed: int
+    message: str | None
+    details: dict[str, Any]
+
+
+class OperationLog:
+    """Rows of ``<schema>.migration_log``, one per operation run."""
+
+    def __init__(self, conn: Connection, schema: str) -> None:
+        self.conn = conn
+        self.table = sql.Identifier(schema, LOG_TABLE)
+        self.schema = schema
+
+    def ensure(self) -> None:
+        with self.conn, self.conn.cursor() as cur:
+            cur.execute(sql.SQL(
+                """
+                CREATE TABLE IF NOT EXISTS {} (
+                    id             bigserial PRIMARY KEY,
+                    operation      text NOT NULL,
+                    status         text NOT NULL
+                        CHECK (status IN ('running', 'completed', 'failed')),
+                    started_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+                    completed_at   timestamptz,
+                    rows_processed bigint NOT NULL DEFAULT 0,
+                    message        text,
+                    details        jsonb NOT NULL DEFAULT '{{}}'
+                )
+                """).format(self.table))
+
+    def exists(self) -> bool:
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self.table.as_string(self.conn),))
+            row = cur.fetchone()
+        return bool(row and row[0])
+
+    def begin(self, operation: str, details: dict[str, Any]) -> int:
+        """Insert and commit the ``running`` row of a new run."""
+        with self.conn, self.conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("INSERT INTO {} (operation, status, details) "
+                        "VALUES (%s, 'running', %s) RETURNING id").format(self.table),
+                (operation, Json(details)),
+            )
+            row = cur.fetchone()
+        assert row is not None
+        logger.info("%s: started (run %s)", operation, row[0])
+        return int(row[0])
+
+    def progress(self, cur: Cursor, run_id: int, rows: int) -> None:
+        """Inside the caller's batch transaction: rows done so far."""
+        cur.execute(sql.SQL("UPDATE {} SET rows_processed = %s WHERE id = %s").format(self.table),
+                    (rows, run_id))
+
+    def finish(self, cur: Cursor, run_id: int, *, status: str, message: str, rows: int,
+               details: dict[str, Any]) -> None:
+        """Inside the caller's transaction: the run's final state."""
+        cur.execute(
+            sql.SQL("UPDATE {} SET status = %s, completed_at = clock_timestamp(), "
+                    "rows_processed = %s, message = %s, details = details || %s "
+                    "WHERE id = %s").format(self.table),
+            (status, rows, message, Json(details), run_id),
+        )
+        level = logging.INFO if status == "completed" else logging.ERROR
+        logger.log(level, "run %s %s: %s", run_id, status, message)
+
+    def entries(self, limit: int = 200) -> list[LogEntry]:
+        """The newest entries first."""
+        if not self.exists():
+            return []
+        with self.conn.cursor() as cur:
+            cur.execute(
+                sql.SQL("SELECT id, operation, status, started_at, completed_at, "
+                        "rows_processed, message, details FROM {} "
+                        "ORDER BY id DESC LIMIT %s").format(self.table),
+                (limit,),
+            )
+            return [LogEntry(*row) for row in cur.fetchall()]

@@ -1,0 +1,43 @@
+"""Names of the things the tool works on: tables and the key columns it converts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg2 import sql
+
+TEMP_SUFFIX = "_uuid"
+
+
+@dataclass(frozen=True, order=True)
+class Table:
+    schema: str
+    name: str
+
+    @property
+    def ident(self) -> sql.Identifier:
+        return sql.Identifier(self.schema, self.name)
+
+    def __str__(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True, order=True)
+class KeyColumn:
+    """A string column holding UUIDs, to be converted to ``uuid``."""
+
+    table: Table
+    column: str
+
+    @property
+    def temp(self) -> str:
+        """The temporary uuid column the runbook fills before the swap (``id_uuid``)."""
+        return self.column + TEMP_SUFFIX
+
+    def helper(self, kind: str) -> str:
+        """Names of the engine's temporary objects for this column (``sync``
+        trigger, ``not_null`` check), within PostgreSQL's 63 bytes."""
+        return f"migration_{kind}_{self.column}"[:63]
+
+    def __str__(self) -> str:
+        return f"{self.table}.{self.column}"

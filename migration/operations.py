@@ -1,0 +1,251 @@
+"""The runbook's operations, each recorded in ``migration_log``.
+
+Every operation is a function of a Session returning an Outcome; ``run``
+wraps it with its log row.  Refusals are MigrationErrors raised before
+anything changes; they are logged as ``failed`` with the findings.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import psycopg2
+from psycopg2 import sql
+
+from migration import backup, catalog, checks, convert, preflight, rollback
+from migration.catalog import ColumnState
+from migration.connection import redact_dsn
+from migration.errors import MigrationError
+from migration.log import LogEntry, logger
+from migration.report import Finding, Status, failures
+from migration.session import Session
+
+
+@dataclass
+class Outcome:
+    message: str
+    rows: int = 0
+    findings: list[Finding] = field(default_factory=list)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+Operation = Callable[[Session, int], Outcome]
+
+# Operations that change the tables or the backup: cleanup_backup asks that
+# the last validate_migration come after the last of them.
+CHANGING = ("backup_data", "migrate_users", "migrate_foreign_keys", "rollback")
+
+
+def run(session: Session, name: str, operation: Operation) -> Outcome:
+    """Run one operation between its ``running`` and final log states."""
+    run_id = session.log.begin(name, {"batch_size": session.settings.batch_size,
+                                      "plan": [str(k) for k in session.plan.columns]})
+    session.active_runs.append(run_id)
+    try:
+        outcome = operation(session, run_id)
+    except MigrationError as exc:
+        _record_failure(session, run_id, str(exc), exc.findings)
+        raise
+    except psycopg2.Error as exc:
+        if not session.conn.closed and not isinstance(exc, psycopg2.OperationalError):
+            _record_failure(session, run_id, redact_dsn(str(exc)).strip(), [])
+        raise  # a lost connection leaves the row "running": status says "interrupted"
+    finally:
+        session.active_runs.remove(run_id)
+    with session.transaction() as cur:
+        session.log.finish(cur, run_id, status="completed", message=outcome.message,
+                           rows=outcome.rows,
+                           details={**outcome.details,
+                                    "findings": [f.as_dict() for f in outcome.findings]})
+    return outcome
+
+
+def _record_failure(session: Session, run_id: int, message: str,
+                    findings: list[Finding]) -> None:
+    session.conn.rollback()
+    with session.transaction() as cur:
+        session.log.finish(cur, run_id, status="failed", message=message, rows=0,
+                           details={"findings": [f.as_dict() for f in findings]})
+
+
+def refuse_on_failures(findings: list[Finding], what: str) -> None:
+    bad = failures(findings)
+    if bad:
+        raise MigrationError(
+            f"{what} refused, nothing was changed: {len(bad)} problem(s) found",
+            hint="fix what is listed, then run again (validate_schema shows the full report)",
+            findings=findings)
+
+
+def validate_schema(session: Session, run_id: int) -> Outcome:
+    findings = preflight.validate_schema(session)
+    refuse_on_failures(findings, "validate_schema")
+    warnings = sum(f.status is Status.WARN for f in findings)
+    return Outcome(f"schema and data ready for migration ({warnings} warning(s))",
+                   findings=findings)
+
+
+def backup_data(session: Session, run_id: int) -> Outcome:
+    result = session.ddl("backup_data", lambda cur: backup.create(cur, session.plan))
+    return Outcome(result.message, rows=result.rows)
+
+
+def migrate_users(session: Session, run_id: int) -> Outcome:
+    parent = session.plan.parent
+    with session.transaction() as cur:
+        backup.require(cur, "migrate_users")
+    before = catalog.column_state(session.conn, parent)
+    if before is not ColumnState.UUID:
+        refuse_on_failures(preflight.check_columns(session, (parent,)), "migrate_users")
+    rows = convert.convert(session, parent, run_id)
+    if before is ColumnState.UUID:
+        return Outcome(f"{parent} was already uuid; its indexes and constraints are in place")
+    return Outcome(f"{parent} converted to uuid ({rows:,} rows)", rows=rows)
+
+
+def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
+    parent = session.plan.parent
+    with session.transaction() as cur:
+        backup.require(cur, "migrate_foreign_keys")
+    if catalog.column_state(session.conn, parent) is not ColumnState.UUID:
+        raise MigrationError(f"{parent} is not uuid yet", hint="run migrate_users first")
+    pending = tuple(k for k in session.plan.children
+                    if catalog.column_state(session.conn, k) is not ColumnState.UUID)
+    findings = preflight.check_columns(session, pending)
+    refuse_on_failures(findings, "migrate_foreign_keys")
+    quarantined = 0
+    if session.settings.orphans == "quarantine":
+        for finding in findings:
+            if finding.check == "orphans":
+                key = next(k for k in pending if str(k) == finding.subject)
+                quarantined += session.ddl(f"quarantine orphans of {key}",
+                                           partial(rollback.quarantine, session, key=key))
+    rows = 0
+    for key in session.plan.children:
+        rows += convert.convert(session, key, run_id, rows)
+    message = (f"{len(pending)} column(s) converted to uuid ({rows:,} rows)" if pending
+               else "every foreign key column was already uuid; constraints checked")
+    if quarantined:
+        message += f"; {quarantined} orphan row(s) moved to quarantine in {backup.SCHEMA}"
+    return Outcome(message, rows=rows, findings=findings, details={"quarantined": quarantined})
+
+
+def validate_migration(session: Session, run_id: int) -> Outcome:
+    with session.transaction() as cur:
+        findings = checks.run_checks(cur, session.plan, active_runs=session.active_runs)
+    session.conn.rollback()
+    bad = failures(findings)
+    if bad:
+        raise MigrationError(f"validate_migration: {len(bad)} check(s) failed",
+                             hint="see each failed check's next step", findings=findings)
+    skipped = sum(f.status is Status.SKIP for f in findings)
+    return Outcome(f"all checks passed ({skipped} skipped)", findings=findings)
+
+
+def cleanup_backup(session: Session, run_id: int) -> Outcome:
+    entries = session.log.entries(limit=10_000)
+    last_change = next((e for e in entries if e.operation in CHANGING and e.id != run_id), None)
+    last_check = next((e for e in entries if e.operation == "validate_migration"), None)
+    validated = (last_check is not None and last_check.status == "completed"
+                 and (last_change is None or last_check.id > last_change.id))
+    if not validated and not session.settings.force:
+        raise MigrationError(
+            "cleanup_backup refused: no passing validate_migration after the last change "
+            f"({last_change.operation if last_change else 'none'})",
+            hint="run validate_migration first; --force drops the backup anyway (logged)")
+
+    def drop(cur: Any) -> bool:
+        if not backup.exists(cur):
+            return False
+        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(backup.SCHEMA)))
+        return True
+
+    dropped = session.ddl("cleanup_backup", drop)
+    message = f"{backup.SCHEMA} dropped" if dropped else "there was no backup to drop"
+    if session.settings.force and not validated:
+        message += " (forced without a passing validate_migration)"
+    return Outcome(message, details={"forced": session.settings.force and not validated})
+
+
+def full_migration(session: Session, run_id: int) -> Outcome:
+    """The five steps in order, each logged as its own operation, stopping at the first failure."""
+    done: list[str] = []
+    for name in ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
+                 "validate_migration"):
+        try:
+            outcome = run(session, name, OPERATIONS[name])
+        except MigrationError as exc:
+            raise MigrationError(
+                f"full_migration stopped at {name} (done: {', '.join(done) or 'nothing'}): "
+                f"{exc.message}",
+                hint=f"fix the cause and run --operation=full_migration again (it resumes), "
+                     f"or --operation=rollback. {exc.hint}", findings=exc.findings) from None
+        logger.info("%s: %s", name, outcome.message)
+        done.append(name)
+    return Outcome("migration complete and validated: " + ", ".join(done))
+
+
+def status(session: Session) -> Outcome:
+    """Where the migration stands, from the catalog and migration_log (reads only)."""
+    conn = session.conn
+    lines = [f"{key}: {catalog.column_state(conn, key)}" for key in session.plan.columns]
+    with session.transaction() as cur:
+        has_backup = backup.exists(cur)
+        progress = []
+        if has_backup:
+            cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, rows_done, "
+                                "updated_at FROM {} ORDER BY updated_at").format(
+                backup.meta("backfill_progress")))
+            progress = cur.fetchall()
+    session.conn.rollback()
+    lines.append(f"backup: {'present' if has_backup else 'none'} ({backup.SCHEMA})")
+    for schema, table, column, rows, at in progress:
+        lines.append(f"backfill {schema}.{table}.{column}: {rows:,} rows done (at {at})")
+    entries = session.log.entries(limit=50)
+    unfinished = [e for e in entries if e.status == "running"]
+    verb = "running" if session.lock_holder() else "interrupted during"
+    lines += [f"{verb} {e.operation} (run {e.id}, started {e.started_at}, "
+              f"{e.rows_processed:,} rows done)" for e in unfinished]
+    lines.append("recent operations:")
+    lines += [_log_line(e) for e in reversed(entries[:20])]
+    stage = f"{verb} {unfinished[0].operation}" if unfinished else _stage(session)
+    return Outcome(f"stage: {stage}\n" + "\n".join(lines), details={"stage": stage})
+
+
+def _log_line(entry: LogEntry) -> str:
+    took = (f"{(entry.completed_at - entry.started_at).total_seconds():.1f} s"
+            if entry.completed_at else "-")
+    started = entry.started_at.strftime("%Y-%m-%d %H:%M:%S")
+    first_line = (entry.message or "").splitlines()[0] if entry.message else ""
+    return (f"  #{entry.id} {entry.operation:22} {entry.status:9} {started} {took:>9} "
+            f"{entry.rows_processed:>12,} rows  {first_line}")
+
+
+def _stage(session: Session) -> str:
+    states = {key: catalog.column_state(session.conn, key) for key in session.plan.columns}
+    converted = sum(s is ColumnState.UUID for s in states.values())
+    if converted == len(states):
+        return "migrated"
+    if converted or ColumnState.BACKFILLING in states.values():
+        return f"partly migrated ({converted} of {len(states)} columns uuid)"
+    return "not migrated"
+
+
+def rollback_operation(session: Session, run_id: int) -> Outcome:
+    result = rollback.rollback(session)
+    return Outcome(result.message, rows=result.rows, details=result.details)
+
+
+OPERATIONS: dict[str, Operation] = {
+    "validate_schema": validate_schema,
+    "backup_data": backup_data,
+    "migrate_users": migrate_users,
+    "migrate_foreign_keys": migrate_foreign_keys,
+    "validate_migration": validate_migration,
+    "cleanup_backup": cleanup_backup,
+    "full_migration": full_migration,
+    "rollback": rollback_operation,
+}

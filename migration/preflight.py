@@ -1,0 +1,225 @@
+"""validate_schema: the schema and data pre-flight, before anything is changed.
+
+It reads only (plus a ``pg_temp`` helper function on servers older than 16)
+and reports, per key column, what would make the conversion fail or lose
+meaning: invalid strings, ids that collide once normalised, orphans, and
+objects the swap cannot carry over.  Each finding names the table and up to
+20 offending rows by primary key.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration import catalog
+from migration.catalog import ColumnState
+from migration.model import KeyColumn
+from migration.report import SAMPLE_LIMIT, Finding, Status
+from migration.session import Session
+from migration.sqlexpr import column_list, is_uuid, prepare_uuid_checker, uuid_of
+
+
+def samples_query(
+    cur: Cursor, key: KeyColumn, pk: list[str], where: sql.Composable
+) -> tuple[int, list[dict[str, Any]]]:
+    """Count the rows matching ``where`` and return up to 20 of them by primary key."""
+    cur.execute(
+        sql.SQL("SELECT count(*) OVER (), {pk}, {col} FROM {table} t WHERE {where} "
+                "ORDER BY {pk} LIMIT %s").format(
+            pk=column_list(pk, "t"), col=sql.Identifier("t", key.column),
+            table=key.table.ident, where=where),
+        (SAMPLE_LIMIT,),
+    )
+    rows = cur.fetchall()
+    samples = [{"table": str(key.table), **dict(zip(pk, row[1:-1], strict=True)),
+                key.column: row[-1]} for row in rows]
+    return (int(rows[0][0]) if rows else 0), samples
+
+
+def parent_uuid_expr(cur: Cursor, parent: KeyColumn) -> sql.Composable:
+    """The parent key as a uuid, whatever stage the parent column is in."""
+    column = sql.Identifier("p", parent.column)
+    if catalog.column_state(cur.connection, parent) is ColumnState.UUID:
+        return column
+    return uuid_of(cur.connection, column)
+
+
+def orphan_condition(cur: Cursor, key: KeyColumn, parent: KeyColumn) -> sql.Composable:
+    """Rows of ``key.table`` (alias t) whose valid UUID matches no parent row."""
+    conn = cur.connection
+    col = sql.Identifier("t", key.column)
+    return sql.SQL("{col} IS NOT NULL AND {valid} AND NOT EXISTS "
+                   "(SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})").format(
+        col=col, valid=is_uuid(conn, col), parent=parent.table.ident,
+        puuid=parent_uuid_expr(cur, parent), cuuid=uuid_of(conn, col))
+
+
+def value_findings(session: Session, cur: Cursor, key: KeyColumn) -> list[Finding]:
+    """Invalid, non-canonical, colliding, orphaned and respelled values of one string column."""
+    conn = session.conn
+    pk = catalog.primary_key(conn, key.table)
+    col = sql.Identifier("t", key.column)
+    findings: list[Finding] = []
+
+    def add(check: str, status: Status, where: sql.Composable, message: str, hint: str) -> int:
+        count, samples = samples_query(cur, key, pk, where)
+        if count:
+            findings.append(Finding(check, status, message.format(count=count),
+                                    subject=str(key), count=count, samples=samples, hint=hint))
+        return count
+
+    add("invalid_uuid", Status.FAIL,
+        sql.SQL("{} IS NOT NULL AND NOT {}").format(col, is_uuid(conn, col)),
+        "{count} value(s) are not UUIDs PostgreSQL accepts",
+        "correct or remove these rows, then run validate_schema again")
+    add("non_canonical", Status.WARN,
+        sql.SQL("({})::text <> {}").format(uuid_of(conn, col), col),
+        "{count} value(s) are spelled non-canonically (case, braces or hyphens); "
+        "the uuid type keeps only the value, the original spelling stays in the backup",
+        "nothing to do unless the application compares these strings verbatim")
+    for index in unique_indexes(conn, key):
+        findings += collision_findings(cur, key, pk, index)
+    if key != session.plan.parent:
+        parent = session.plan.parent
+        parent_uuid = parent_uuid_expr(cur, parent)
+        orphan = orphan_condition(cur, key, parent)
+        quarantine = session.settings.orphans == "quarantine"
+        add("orphans", Status.WARN if quarantine else Status.FAIL, orphan,
+            "{count} row(s) refer to no " + str(parent)
+            + (" and will be moved to quarantine" if quarantine else ""),
+            "delete them or point them at existing users, or run migrate_foreign_keys "
+            "with --orphans=quarantine (kept in migration_backup, restored by rollback)")
+        if catalog.column_state(conn, parent) is not ColumnState.UUID:
+            add("respelled_reference", Status.INFO, sql.SQL(
+                "{col} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {pcol} = {col})"
+                " AND EXISTS (SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})").format(
+                    col=col, parent=parent.table.ident,
+                    pcol=sql.Identifier("p", parent.column), puuid=parent_uuid,
+                    cuuid=uuid_of(conn, col)),
+                "{count} value(s) match their parent only once both are uuids "
+                "(another spelling of the same UUID); they will refer to it after the migration",
+                "nothing to do; the backup keeps the original spelling")
+    return findings
+
+
+def unique_indexes(conn: Any, key: KeyColumn) -> list[list[str]]:
+    """Column lists of the unique indexes that include the key column as a plain column."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT array_agg(a.attname ORDER BY k.pos)
+            FROM pg_index i
+            CROSS JOIN LATERAL unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY k(attnum, pos)
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indexprs IS NULL
+            GROUP BY i.indexrelid
+            HAVING %s = ANY (array_agg(a.attname))
+            ORDER BY 1
+            """,
+            (catalog.regclass(key.table), key.column),
+        )
+        return [list(cols) for (cols,) in cur.fetchall()]
+
+
+def collision_findings(cur: Cursor, key: KeyColumn, pk: list[str],
+                       unique_cols: list[str]) -> list[Finding]:
+    """Rows whose unique key becomes equal once the key column is a uuid."""
+    conn = cur.connection
+    keyed = [uuid_of(conn, sql.Identifier(c)) if c == key.column else sql.Identifier(c)
+             for c in unique_cols]
+    cur.execute(
+        sql.SQL(
+            "SELECT count(*) OVER (), {cols} FROM ("
+            "  SELECT array_agg({col} ORDER BY {col}) AS {cols}"
+            "  FROM {table} WHERE {valid}"
+            "  GROUP BY {keyed} HAVING count(*) > 1) g ORDER BY 2 LIMIT %s").format(
+            cols=sql.Identifier("spellings"), col=sql.Identifier(key.column),
+            table=key.table.ident, valid=is_uuid(conn, sql.Identifier(key.column)),
+            keyed=sql.SQL(", ").join(keyed)),
+        (SAMPLE_LIMIT,),
+    )
+    rows = cur.fetchall()
+    if not rows:
+        return []
+    return [Finding(
+        "collision", Status.FAIL,
+        f"{rows[0][0]} group(s) of rows become equal on ({', '.join(unique_cols)}) once "
+        f"{key.column} is a uuid (the same UUID spelled differently)",
+        subject=str(key), count=int(rows[0][0]),
+        samples=[{"table": str(key.table), key.column: list(spellings)} for _, spellings in rows],
+        hint="merge or remove the duplicates (they are the same UUID), then run again")]
+
+
+def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
+    conn = session.conn
+    state = catalog.column_state(conn, key)
+    findings = [Finding("column_state", Status.INFO, f"state: {state}", subject=str(key))]
+    if state is ColumnState.MISSING:
+        findings[0] = Finding("column_state", Status.FAIL, "table or column not found",
+                              subject=str(key), hint="check --schema and the table names")
+        return findings
+    if state is ColumnState.OTHER:
+        info = catalog.column_info(conn, key.table, key.column)
+        findings[0] = Finding("column_state", Status.FAIL,
+                              f"type {info.type if info else '?'} is neither a string nor uuid",
+                              subject=str(key))
+    if not catalog.primary_key(conn, key.table):
+        findings.append(Finding("primary_key", Status.FAIL,
+                                "the table has no primary key to walk in batches",
+                                subject=str(key.table), hint="add a primary key first"))
+    for blocker in catalog.blockers(conn, key):
+        findings.append(Finding(
+            "blocker", Status.FAIL, f"{blocker} depends on the column", subject=str(key),
+            hint="drop it before the migration and recreate it for the uuid column after"))
+    return findings
+
+
+def check_columns(session: Session, keys: tuple[KeyColumn, ...]) -> list[Finding]:
+    """Schema and data findings for the given key columns (read-only)."""
+    findings: list[Finding] = []
+    with session.transaction() as cur:
+        prepare_uuid_checker(cur)
+        for key in keys:
+            column = schema_findings(session, key)
+            findings += column
+            if any(f.status is Status.FAIL for f in column):
+                continue
+            if catalog.column_state(session.conn, key) is not ColumnState.UUID:
+                findings += value_findings(session, cur, key)
+    session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
+    return findings
+
+
+def validate_schema(session: Session) -> list[Finding]:
+    """The whole pre-flight: server, plan, every key column, space needed."""
+    conn = session.conn
+    version = conn.get_parameter_status("server_version")
+    findings = [Finding("server", Status.INFO, f"PostgreSQL {version}")]
+    for key in session.plan.discovered:
+        findings.append(Finding("plan", Status.INFO,
+                                f"added to the plan: a foreign key references "
+                                f"{session.plan.parent}", subject=str(key)))
+    findings += check_columns(session, session.plan.columns)
+    if all(catalog.table_exists(conn, t) for t in session.plan.tables):
+        findings.append(space_finding(session))
+    return findings
+
+
+def space_finding(session: Session) -> Finding:
+    """Disk the backup and the batched rewrite will take, from the tables' sizes now."""
+    heap = index = 0
+    for table in session.plan.tables:
+        table_heap, table_index = catalog.relation_bytes(session.conn, table)
+        heap += table_heap
+        index += table_index
+    # The backup copies each heap once; filling the temporary columns writes
+    # a new version of every row (about one more heap) and the swap rebuilds
+    # the key indexes (at most the current index size).
+    needed = 2 * heap + index
+    return Finding("disk_space", Status.INFO,
+                   f"about {needed / 2**20:,.1f} MiB of free disk needed "
+                   f"(backup {heap / 2**20:,.1f} MiB, row versions {heap / 2**20:,.1f} MiB, "
+                   f"indexes {index / 2**20:,.1f} MiB)", count=needed)

@@ -1,0 +1,60 @@
+"""SQL fragments shared by the checks and the steps, built with psycopg2.sql only.
+
+Whether a string is a UUID is always decided by the server's own ``uuid``
+input function: ``pg_input_is_valid`` on PostgreSQL 16 and later, a cast
+inside a plpgsql exception block (a function in ``pg_temp``) before that.
+"""
+
+from __future__ import annotations
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration.connection import Connection
+
+_CHECKER = sql.SQL(
+    """
+    CREATE OR REPLACE FUNCTION pg_temp.migration_is_uuid(value text) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE AS $$
+    BEGIN
+        PERFORM value::uuid;
+        RETURN true;
+    EXCEPTION WHEN invalid_text_representation THEN
+        RETURN false;
+    END $$
+    """
+)
+
+
+def has_input_is_valid(conn: Connection) -> bool:
+    return int(conn.server_version) >= 160000
+
+
+def prepare_uuid_checker(cur: Cursor) -> None:
+    """Create the pg_temp fallback where ``pg_input_is_valid`` does not exist."""
+    if not has_input_is_valid(cur.connection):
+        cur.execute(_CHECKER)
+
+
+def is_uuid(conn: Connection, value: sql.Composable) -> sql.Composable:
+    """A boolean expression: does PostgreSQL accept ``value`` as a uuid?"""
+    if has_input_is_valid(conn):
+        return sql.SQL("pg_input_is_valid({}, 'uuid')").format(value)
+    return sql.SQL("pg_temp.migration_is_uuid({})").format(value)
+
+
+def uuid_of(conn: Connection, value: sql.Composable) -> sql.Composable:
+    """``value::uuid`` where PostgreSQL accepts it, NULL elsewhere (never an error)."""
+    return sql.SQL("CASE WHEN {} THEN ({})::uuid END").format(is_uuid(conn, value), value)
+
+
+def column_list(names: list[str], prefix: str | None = None) -> sql.Composable:
+    """``a, b`` or ``p.a, p.b``."""
+    if prefix is None:
+        return sql.SQL(", ").join(sql.Identifier(n) for n in names)
+    return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names)
+
+
+def row_of(names: list[str], prefix: str | None = None) -> sql.Composable:
+    """``ROW(a, b)``, a comparable tuple even for one column."""
+    return sql.SQL("ROW({})").format(column_list(names, prefix))
