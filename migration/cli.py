@@ -10,7 +10,10 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,25 @@ from migration.session import Session, Settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
 OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
+
+
+CRASH_VARIABLE = "UUID_MIGRATION_CRASH_AT"
+
+
+def _crash_at(point: str | None) -> Callable[[str], None] | None:
+    """Testing aid: SIGKILL this process on reaching ``point`` (``batch public.users.id#2``).
+
+    The crash tests use it to prove that a run killed anywhere resumes or
+    rolls back cleanly; unset, it does nothing.
+    """
+    if not point:
+        return None
+
+    def crash(reached: str) -> None:
+        if reached == point:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return crash
 
 
 def _print_outcome(outcome: Outcome, fmt: str, *, verbose: bool) -> None:
@@ -99,6 +121,7 @@ def main(ctx: click.Context, operation: str, database_url: str | None, **options
     try:
         with Session.open(database_url, settings, schema=options["schema"],
                           lock=operation != "status") as session:
+            session.fault = _crash_at(os.environ.get(CRASH_VARIABLE))
             outcome = (status(session) if operation == "status"
                        else run(session, operation, OPERATIONS[operation]))
     except MigrationError as exc:

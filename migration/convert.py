@@ -121,7 +121,7 @@ def backfill(session: Session, key: KeyColumn, run_id: int, rows_before: int) ->
     progress.advance(done)
     written = 0
     while True:
-        with session.transaction() as cur:
+        with session.transaction(f"batch {key}") as cur:
             cur.execute(statements[last_key is None],
                         {"n": session.settings.batch_size, "after": psycopg2.extras.Json(last_key)})
             count, new_key = cur.fetchone() or (0, None)
@@ -196,23 +196,27 @@ def swap(session: Session, key: KeyColumn) -> None:
                        "expects downtime): %s", key, "; ".join(others))
 
     def work(cur: Cursor) -> None:
+        def execute(statement: sql.Composable) -> None:
+            cur.execute(statement)
+            session.point(f"swap {key}")
+
         saved = backup.saved_column(cur, key)
         referencing = catalog.foreign_keys_to(cur.connection, key)
         for table in sorted({key.table, *(fk.table for fk in referencing)}):
-            cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+            execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
         for fk in referencing:
-            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
                 fk.table.ident, sql.Identifier(fk.name)))
-        cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(
+        execute(sql.SQL("DROP TRIGGER {} ON {}").format(
             sql.Identifier(key.helper("sync")), key.table.ident))
-        cur.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+        execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
             key.table.ident, sql.Identifier(key.column)))
-        cur.execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+        execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
             key.table.ident, sql.Identifier(key.temp), sql.Identifier(key.column)))
         if saved.not_null:
-            cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
+            execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
                 key.table.ident, sql.Identifier(key.column)))
-            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
                 key.table.ident, sql.Identifier(key.helper("not_null"))))
         if saved.default is not None:
             converted_default(cur, key, saved.default)

@@ -55,7 +55,7 @@ def run(session: Session, name: str, operation: Operation) -> Outcome:
         raise  # a lost connection leaves the row "running": status says "interrupted"
     finally:
         session.active_runs.remove(run_id)
-    with session.transaction() as cur:
+    with session.transaction(f"finish {name}") as cur:
         session.log.finish(cur, run_id, status="completed", message=outcome.message,
                            rows=outcome.rows,
                            details={**outcome.details,

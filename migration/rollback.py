@@ -230,6 +230,7 @@ def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> Rollba
         for fk in catalog.foreign_keys_from(conn, key):
             cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
                 fk.table.ident, sql.Identifier(fk.name)))
+    session.point("rollback")
     respelled = restored = 0
     for table, keys in grouped.items():
         pk = catalog.primary_key(conn, table) or _saved_pk(cur, keys)
@@ -241,6 +242,7 @@ def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> Rollba
         if converted:
             respelled += _respell(cur, table, converted, pk)
         restored += _restore_quarantine(cur, table)
+        session.point("rollback")
     for key in session.plan.columns:
         for index in backup.saved_indexes(cur, key):
             recreate_index(cur, index)
@@ -251,6 +253,7 @@ def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> Rollba
             cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                 fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
     cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
+    session.point("rollback")
     differing = _checksums_match(cur)
     if differing and not keeping_changes:
         raise MigrationError(f"rollback undone: {', '.join(differing)} would not match the backup",

@@ -48,6 +48,8 @@ class Session:
         self.settings = settings
         self.log = OperationLog(conn, plan.schema)
         self.active_runs: list[int] = []  # log rows of this process's operations under way
+        self.fault: Callable[[str], None] | None = None
+        self._points: dict[str, int] = {}
 
     @classmethod
     @contextmanager
@@ -102,12 +104,28 @@ class Session:
             hint="wait for it to finish, or stop it, then run this command again",
         )
 
+    def point(self, label: str) -> None:
+        """A named place where the engine is about to commit or has just run DDL.
+
+        Nothing happens here unless ``fault`` is set: the crash tests set it to
+        kill the connection or the process at each point in turn (the label
+        carries a count, ``batch public.users.id#3``, so every batch is its own point).
+        """
+        count = self._points[label] = self._points.get(label, 0) + 1
+        if self.fault is not None:
+            self.fault(f"{label}#{count}")
+
     @contextmanager
-    def transaction(self) -> Iterator[Cursor]:
-        """One transaction: committed on success, rolled back on any error."""
+    def transaction(self, label: str | None = None) -> Iterator[Cursor]:
+        """One transaction: committed on success, rolled back on any error.
+
+        A labelled transaction is a fault-injection point just before its commit.
+        """
         with self.conn, self.conn.cursor() as cur:
             cur.execute("SET LOCAL statement_timeout = %s", (self.settings.statement_timeout_ms,))
             yield cur
+            if label is not None:
+                self.point(label)
 
     def ddl(self, what: str, work: Callable[[Cursor], T]) -> T:
         """Run ``work`` in a transaction whose locks wait at most ``lock_timeout``.
@@ -119,7 +137,7 @@ class Session:
         pause = 0.2
         for attempt in range(1, self.settings.ddl_attempts + 1):
             try:
-                with self.transaction() as cur:
+                with self.transaction(what) as cur:
                     cur.execute("SET LOCAL lock_timeout = %s", (self.settings.lock_timeout_ms,))
                     return work(cur)
             except psycopg2.errors.LockNotAvailable:
