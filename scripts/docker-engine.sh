@@ -7,8 +7,9 @@
 #   scripts/docker-engine.sh stop WORKDIR     # remove its containers, stop it, drop docker0
 #
 # Everything the engine owns (data-root, exec-root, socket, pidfile, log, daemon.json) lives
-# under WORKDIR, so several engines never share state and nothing lands in /var/lib/docker or
-# /etc/docker.  stdout carries only `export ...` lines; diagnostics go to stderr.
+# under WORKDIR; nothing lands in /var/lib/docker or /etc/docker.  The bridge (docker0,
+# 10.213.0.1/24) is host-wide, so run one such engine at a time.  stdout carries only
+# `export ...` lines; diagnostics go to stderr.
 #
 # Workplace rule: containers may talk only to loopback or to each other.  Hence no iptables
 # NAT/forwarding, a fixed private bridge subnet, published ports bound to 127.0.0.1, a DNS
@@ -48,8 +49,18 @@ set_paths() {
     CONTAINERD_PIDFILE=$EXEC_ROOT/containerd/containerd.pid
 }
 
-# docker client bound to this engine's socket (whatever DOCKER_HOST the caller has).
-dk() { docker --host "unix://$SOCK" "$@"; }
+# docker client bound to this engine's socket (whatever DOCKER_HOST the caller has); the
+# timeout keeps a wedged engine from hanging start/stop.
+dk() { timeout 30 docker --host "unix://$SOCK" "$@"; }
+
+# True while process $1 exists and is not a zombie.  A killed dockerd is reparented to PID 1,
+# which may reap it late; `kill -0` alone would report the zombie as running.
+alive() {
+    local stat
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    stat=${stat##*) }          # fields after "(comm) "; the first one is the state
+    [[ ${stat%% *} != Z ]]
+}
 
 # Print the pid from $1 if that process is alive and its command name is $2.
 live_pid() {
@@ -57,7 +68,8 @@ live_pid() {
     [[ -s $file ]] || return 1
     pid=$(<"$file")
     [[ $pid =~ ^[0-9]+$ ]] || return 1
-    [[ -r /proc/$pid/comm && $(<"/proc/$pid/comm") == "$comm" ]] || return 1
+    [[ $(cat "/proc/$pid/comm" 2>/dev/null) == "$comm" ]] || return 1
+    alive "$pid" || return 1
     printf '%s\n' "$pid"
 }
 
@@ -108,7 +120,7 @@ cmd_start() {
     command -v dockerd >/dev/null || die "dockerd not installed (run: $0 install)"
     [[ $(id -u) -eq 0 ]] || die "start needs root"
 
-    local pid
+    local pid started=
     if pid=$(live_pid "$PIDFILE" dockerd); then
         log "reusing dockerd (pid $pid) of $WORKDIR"
     else
@@ -122,7 +134,7 @@ cmd_start() {
         # job-control signals.  The pidfile is written by dockerd itself.
         HTTP_PROXY=$DEAD_PROXY HTTPS_PROXY=$DEAD_PROXY \
             http_proxy=$DEAD_PROXY https_proxy=$DEAD_PROXY \
-            NO_PROXY= no_proxy= \
+            NO_PROXY='' no_proxy='' \
             setsid dockerd \
             --config-file="$CONFIG" \
             --host="unix://$SOCK" \
@@ -135,10 +147,16 @@ cmd_start() {
             --ip=127.0.0.1 \
             --dns=127.0.0.1 \
             </dev/null >>"$LOGFILE" 2>&1 &
+        started=$!   # setsid execs dockerd here (a background job is no group leader)
     fi
 
     local deadline=$((SECONDS + START_TIMEOUT))
     until dk info >/dev/null 2>&1; do
+        if [[ -n $started ]] && ! alive "$started"; then
+            log "dockerd exited during start-up; last log lines:"
+            tail -n 30 "$LOGFILE" >&2 || true
+            exit 1
+        fi
         if ((SECONDS >= deadline)); then
             log "dockerd did not answer within ${START_TIMEOUT}s; last log lines:"
             tail -n 30 "$LOGFILE" >&2 || true
@@ -151,6 +169,32 @@ cmd_start() {
     print_env
 }
 
+# After a hard kill: containerd and container processes may survive dockerd.  Find them
+# through the pidfiles under EXEC_ROOT (never by process name) and kill them.
+kill_leftovers() {
+    local cpid f ipid shim
+    # dockerd normally takes its containerd down with it (parent-death signal).
+    if cpid=$(live_pid "$CONTAINERD_PIDFILE" containerd); then
+        log "stopping leftover containerd (pid $cpid)"
+        kill -TERM "$cpid" 2>/dev/null || true
+        sleep 2
+        if alive "$cpid"; then kill -KILL "$cpid" 2>/dev/null || true; fi
+    fi
+    # Each running container has an init.pid in its task bundle; its parent is the shim.
+    for f in "$EXEC_ROOT"/containerd/daemon/io.containerd.runtime.v2.task/*/*/init.pid; do
+        [[ -s $f ]] || continue
+        ipid=$(<"$f")
+        if ! [[ $ipid =~ ^[0-9]+$ ]] || ! alive "$ipid"; then continue; fi
+        shim=$(awk '/^PPid:/ { print $2 }' "/proc/$ipid/status" 2>/dev/null || true)
+        log "killing leftover container process $ipid ($f)"
+        kill -KILL "$ipid" 2>/dev/null || true
+        if [[ -n $shim && $(cat "/proc/$shim/comm" 2>/dev/null) == containerd-shim* ]]; then
+            log "killing its shim $shim"
+            kill -KILL "$shim" 2>/dev/null || true
+        fi
+    done
+}
+
 cmd_stop() {
     set_paths "$(workdir_arg "$@")"
     local pid ids
@@ -158,7 +202,7 @@ cmd_stop() {
     if pid=$(live_pid "$PIDFILE" dockerd); then
         # Containers first, so no shim or docker-proxy outlives the engine.
         if ids=$(dk ps -aq 2>/dev/null) && [[ -n $ids ]]; then
-            log "removing containers: $(echo $ids)"
+            log "removing containers: ${ids//$'\n'/ }"
             # shellcheck disable=SC2086  # one id per word
             dk rm -f -v $ids >/dev/null || log "warning: docker rm -f failed"
         fi
@@ -166,23 +210,18 @@ cmd_stop() {
         log "stopping dockerd (pid $pid)"
         kill -TERM "$pid" 2>/dev/null || true
         local deadline=$((SECONDS + STOP_TIMEOUT))
-        while kill -0 "$pid" 2>/dev/null; do
+        local killed=
+        while alive "$pid"; do
             if ((SECONDS >= deadline)); then
+                [[ -z $killed ]] || die "dockerd (pid $pid) survives SIGKILL"
                 log "dockerd still running after ${STOP_TIMEOUT}s; sending SIGKILL"
                 kill -KILL "$pid" 2>/dev/null || true
-                break
+                killed=1
+                deadline=$((SECONDS + 10))
             fi
             sleep 0.2
         done
-        # A dockerd that died hard leaves its containerd behind; end it by its own pidfile.
-        local cpid
-        sleep 0.5
-        if cpid=$(live_pid "$CONTAINERD_PIDFILE" containerd); then
-            log "stopping leftover containerd (pid $cpid)"
-            kill -TERM "$cpid" 2>/dev/null || true
-            sleep 2
-            kill -KILL "$cpid" 2>/dev/null || true
-        fi
+        kill_leftovers
     else
         log "no dockerd running for $WORKDIR"
     fi

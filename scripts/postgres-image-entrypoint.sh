@@ -80,7 +80,11 @@ init_cluster() {
         [[ -e $f ]] || continue   # unmatched glob
         case $f in
             *.sql) log "running $f"; as_postgres "${psql[@]}" --dbname="$POSTGRES_DB" -f "$f" >&2 ;;
-            *.sh) log "sourcing $f"; . "$f" ;;
+            *.sh)
+                log "sourcing $f"
+                # shellcheck source=/dev/null
+                . "$f"
+                ;;
             *) log "ignoring $f" ;;
         esac
     done
