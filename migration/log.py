@@ -66,7 +66,7 @@ class OperationLog:
                     id             bigserial PRIMARY KEY,
                     operation      text NOT NULL,
                     status         text NOT NULL
-                        CHECK (status IN ('running', 'completed', 'failed')),
+                        CHECK (status IN ('running', 'completed', 'failed', 'interrupted')),
                     started_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
                     completed_at   timestamptz,
                     rows_processed bigint NOT NULL DEFAULT 0,
@@ -81,8 +81,13 @@ class OperationLog:
             row = cur.fetchone()
         return bool(row and row[0])
 
-    def begin(self, operation: str, details: dict[str, Any]) -> int:
-        """Insert and commit the ``running`` row of a new run."""
+    def begin(self, operation: str, details: dict[str, Any], active: list[int]) -> int:
+        """Insert and commit the ``running`` row of a new run.
+
+        The caller holds the run lock, so any other ``running`` row (``active``
+        lists this process's own) belongs to a run that died: it is marked
+        ``interrupted`` in the same transaction.
+        """
         with self.conn, self.conn.cursor() as cur:
             cur.execute(
                 sql.SQL("INSERT INTO {} (operation, status, details) "
@@ -90,7 +95,14 @@ class OperationLog:
                 (operation, Json(details)),
             )
             row = cur.fetchone()
-        assert row is not None
+            assert row is not None
+            cur.execute(
+                sql.SQL("UPDATE {} SET status = 'interrupted', completed_at = clock_timestamp(), "
+                        "message = %s WHERE status = 'running' AND id <> %s "
+                        "AND NOT id = ANY (%s)").format(self.table),
+                (f"interrupted (connection or process lost); run {row[0]} took over",
+                 row[0], active),
+            )
         logger.info("%s: started (run %s)", operation, row[0])
         return int(row[0])
 

@@ -42,7 +42,8 @@ CHANGING = ("backup_data", "migrate_users", "migrate_foreign_keys", "rollback")
 def run(session: Session, name: str, operation: Operation) -> Outcome:
     """Run one operation between its ``running`` and final log states."""
     run_id = session.log.begin(name, {"batch_size": session.settings.batch_size,
-                                      "plan": [str(k) for k in session.plan.columns]})
+                                      "plan": [str(k) for k in session.plan.columns]},
+                               session.active_runs)
     session.active_runs.append(run_id)
     try:
         outcome = operation(session, run_id)
@@ -116,13 +117,8 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
                     if catalog.column_state(session.conn, k) is not ColumnState.UUID)
     findings = preflight.check_columns(session, pending)
     refuse_on_failures(findings, "migrate_foreign_keys")
-    quarantined = 0
-    if session.settings.orphans == "quarantine":
-        for finding in findings:
-            if finding.check == "orphans":
-                key = next(k for k in pending if str(k) == finding.subject)
-                quarantined += session.ddl(f"quarantine orphans of {key}",
-                                           partial(rollback.quarantine, session, key=key))
+    quarantined = quarantine_orphans(session, findings) \
+        if session.settings.orphans == "quarantine" else 0
     rows = 0
     for key in session.plan.children:
         rows += convert.convert(session, key, run_id, rows)
@@ -131,6 +127,16 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {backup.SCHEMA}"
     return Outcome(message, rows=rows, findings=findings, details={"quarantined": quarantined})
+
+
+def quarantine_orphans(session: Session, findings: list[Finding]) -> int:
+    """Move the orphans the pre-flight found into the backup schema; rows moved."""
+    moved = 0
+    for key in session.plan.children:
+        if any(f.check == "orphans" and f.subject == str(key) for f in findings):
+            moved += session.ddl(f"quarantine orphans of {key}",
+                                 partial(rollback.quarantine, session, key=key))
+    return moved
 
 
 def validate_migration(session: Session, run_id: int) -> Outcome:

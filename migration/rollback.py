@@ -82,7 +82,7 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
     findings = []
     conn = cur.connection
     for table, keys in _keys_by_table(session).items():
-        pk = catalog.primary_key(conn, table)
+        pk = _primary_key(cur, table, keys)
         converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
         ignored = [k.column for k in keys] + [k.temp for k in keys]
         same_keys = sql.SQL(" AND ").join(
@@ -201,6 +201,11 @@ def _checksums_match(cur: Cursor) -> list[str]:
 
 def rollback(session: Session) -> RollbackResult:
     with session.transaction() as cur:
+        untouched = all(catalog.column_state(cur.connection, key) is ColumnState.STRING
+                        for key in session.plan.columns)
+        if not backup.exists(cur) and untouched:
+            return RollbackResult("nothing to undo: no backup was taken and no key column "
+                                  "was changed")
         if not backup.exists(cur):
             raise MigrationError(
                 f"nothing to roll back to: there is no backup in {backup.SCHEMA} "
@@ -233,7 +238,7 @@ def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> Rollba
     session.point("rollback")
     respelled = restored = 0
     for table, keys in grouped.items():
-        pk = catalog.primary_key(conn, table) or _saved_pk(cur, keys)
+        pk = _primary_key(cur, table, keys)
         converted = [k for k in keys if catalog.column_state(conn, k) is ColumnState.UUID]
         for key in keys:
             _drop_helpers(cur, key)
@@ -267,9 +272,13 @@ def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> Rollba
                                    "kept_changes": keeping_changes})
 
 
-def _saved_pk(cur: Cursor, keys: list[KeyColumn]) -> list[str]:
-    """The primary key's columns when the swap dropped it and it is not back yet."""
-    for key in keys:
+def _primary_key(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[str]:
+    """The table's primary key columns, also when a swap dropped it and it is not back yet."""
+    found = catalog.primary_key(cur.connection, table)
+    if found:
+        return found
+    for key in keys:  # the key column itself backed the primary key the backup recorded
         if any(ix.constraint_type == "p" for ix in backup.saved_indexes(cur, key)):
             return [key.column]
-    return []
+    raise MigrationError(f"{table} has no primary key to match rows with the backup",
+                         hint="recreate the primary key, then run rollback again")

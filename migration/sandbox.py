@@ -10,7 +10,7 @@ from __future__ import annotations
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from urllib.parse import urlsplit, urlunsplit
 
@@ -43,8 +43,8 @@ def with_credentials(dsn: str, *, user: str, password: str, dbname: str) -> str:
 class Sandbox:
     """A server prepared with an owner role and one template database per variant."""
 
-    admin_dsn: str
-    owner_password: str
+    admin_dsn: str = field(repr=False)
+    owner_password: str = field(repr=False)
     prefix: str
 
     def owner_dsn(self, dbname: str) -> str:
@@ -70,9 +70,12 @@ class Sandbox:
 
     def create_database(self, name: str, *, variant: str | None = "legacy") -> str:
         """A new database owned by the owner role; a clone of a variant's template."""
-        template = "template0" if variant is None else self.template(variant)
+        return self.clone("template0" if variant is None else self.template(variant), name)
+
+    def clone(self, source: str, name: str) -> str:
+        """A copy of database ``source`` (nobody may be connected to it); the owner's DSN."""
         self.admin_execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
-            sql.Identifier(name), sql.Identifier(template), sql.Identifier(OWNER_ROLE)))
+            sql.Identifier(name), sql.Identifier(source), sql.Identifier(OWNER_ROLE)))
         return self.owner_dsn(name)
 
     def drop_database(self, name: str) -> None:

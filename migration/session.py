@@ -121,11 +121,20 @@ class Session:
 
         A labelled transaction is a fault-injection point just before its commit.
         """
-        with self.conn, self.conn.cursor() as cur:
+        cur = self.conn.cursor()
+        try:
             cur.execute("SET LOCAL statement_timeout = %s", (self.settings.statement_timeout_ms,))
             yield cur
             if label is not None:
                 self.point(label)
+            self.conn.commit()
+        except BaseException:
+            if not self.conn.closed:  # a lost connection has nothing left to roll back
+                self.conn.rollback()
+            raise
+        finally:
+            if not cur.closed:
+                cur.close()
 
     def ddl(self, what: str, work: Callable[[Cursor], T]) -> T:
         """Run ``work`` in a transaction whose locks wait at most ``lock_timeout``.

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 import psycopg2
 
@@ -46,7 +46,7 @@ class Server:
     """A running server: a superuser DSN and how to stop it."""
 
     backend: str
-    admin_dsn: str
+    admin_dsn: str = field(repr=False)
     origin: str
     stop: Callable[[], None] = field(repr=False)
     version: str = ""
@@ -173,18 +173,45 @@ def start_cluster(bin_dir: Path, *, backend: str, settings: Sequence[str] = ()) 
     return Server(backend=backend, admin_dsn=dsn, origin=f"initdb from {bin_dir}", stop=stop)
 
 
+def _docker_endpoint_silent() -> str | None:
+    """Why the Docker endpoint cannot answer, found with a socket of our own.
+
+    The docker library leaks its socket when the daemon is absent (a
+    ResourceWarning under pytest's warnings-as-errors), so the common case of
+    no daemon at all is settled here first.
+    """
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    parts = urlsplit(host)
+    family, address = ((socket.AF_UNIX, parts.path) if parts.scheme == "unix"
+                       else (socket.AF_INET, (parts.hostname or "", parts.port or 2375)))
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(address)
+        except OSError as exc:
+            return f"no Docker daemon at {host} ({exc.strerror or exc})"
+    return None
+
+
 def docker_available() -> str | None:
     """None when a Docker daemon answers, else the reason it does not."""
     try:
         import docker
     except ImportError:
         return "the docker/testcontainers packages are not installed"
+    reason = _docker_endpoint_silent()
+    if reason is not None:
+        return reason
     try:
         client = docker.from_env(timeout=5)
-        client.ping()
-        client.close()
     except Exception as exc:  # docker raises many kinds; any means "not reachable"
         return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
+    try:
+        client.ping()
+    except Exception as exc:
+        return f"no Docker daemon reachable ({type(exc).__name__}: {exc})"
+    finally:
+        client.close()
     return None
 
 

@@ -1,0 +1,93 @@
+"""Running the engine from tests: through the command line, as an operator would."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from migration.cli import main
+from migration.connection import Connection, connect
+from migration.fingerprint import Fingerprint, fingerprint
+from migration.operations import OPERATIONS, Outcome, run, status
+from migration.session import Session, Settings
+
+RUNBOOK_STEPS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
+                 "validate_migration")
+PLAN_KEYS = (("public", "users", "id"), ("public", "journal_entries", "user_id"),
+             ("public", "tags", "user_id"), ("public", "reminders", "user_id"))
+MIGRATED_DEFAULTS = {("public", "users", "id"): "gen_random_uuid()"}
+
+
+@dataclass(frozen=True)
+class Result:
+    exit_code: int
+    output: str  # stdout and stderr together
+
+
+def operate(dsn: str, operation: str, *args: str, log_file: Path | None = None) -> Result:
+    """``data-migration --operation=NAME`` in-process, exit code and output captured."""
+    log = ["--log-file", str(log_file)] if log_file else ["--log-file", "/dev/null"]
+    result = CliRunner().invoke(
+        main, [f"--operation={operation}", "--database-url", dsn, "--quiet", *log, *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.output)
+
+
+def run_ok(dsn: str, operation: str, *args: str) -> Result:
+    result = operate(dsn, operation, *args)
+    assert result.exit_code == 0, f"{operation} failed:\n{result.output}"
+    return result
+
+
+@contextmanager
+def connected(dsn: str, *, autocommit: bool = True) -> Iterator[Connection]:
+    conn = connect(dsn, autocommit=autocommit)
+    try:
+        yield conn
+    finally:
+        conn.close()
+
+
+def execute(dsn: str, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    """One statement in its own connection; the rows it returns, if any."""
+    with connected(dsn) as conn, conn.cursor() as cur:
+        cur.execute(statement, params)
+        return cur.fetchall() if cur.description else []
+
+
+def print_of(dsn: str, *, include_backup: bool = False) -> Fingerprint:
+    """The fingerprint of the database (migration_log left out; the backup on request)."""
+    with connected(dsn, autocommit=False) as conn:
+        return fingerprint(conn, include_backup=include_backup)
+
+
+def run_in_process(dsn: str, operation: str, *, admin_dsn: str | None = None,
+                   crash_at: str | None = None, crash_after: int | None = None,
+                   settings: Settings | None = None,
+                   reached: list[str] | None = None) -> Outcome:
+    """Run an operation through the engine's API.
+
+    ``crash_at`` names a fault point (``batch public.users.id#2``), ``crash_after``
+    counts them: when the engine gets there, a second session kills the engine's
+    connection with pg_terminate_backend, as a network failure or an
+    administrator would.  ``reached`` collects every point passed.
+    """
+    passed = reached if reached is not None else []
+    with Session.open(dsn, settings or Settings(batch_size=7, show_progress=False)) as session:
+        pid = session.conn.get_backend_pid()
+
+        def fault(point: str) -> None:
+            passed.append(point)
+            if point == crash_at or len(passed) == crash_after:
+                assert admin_dsn is not None, "killing a backend needs the superuser DSN"
+                execute(admin_dsn, "SELECT pg_terminate_backend(%s)", (pid,))
+
+        session.fault = fault
+        if operation == "status":
+            return status(session)
+        return run(session, operation, OPERATIONS[operation])

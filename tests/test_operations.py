@@ -1,0 +1,353 @@
+"""The runbook's operations against a real server, one behaviour per test."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from psycopg2 import sql
+
+from migration.connection import connect
+from migration.fingerprint import expected_after_migration
+from migration.sandbox import Sandbox, schema_sql, with_credentials
+from migration.seed import seed
+from migration.session import ADVISORY_KEYS
+from tests.operate import (
+    MIGRATED_DEFAULTS,
+    PLAN_KEYS,
+    RUNBOOK_STEPS,
+    connected,
+    execute,
+    operate,
+    print_of,
+    run_ok,
+)
+
+RUNBOOK_QUERIES = (  # from migration-procedures.md, "Monitoring and Logging" (trailing blanks cut)
+    "SELECT * FROM migration_log ORDER BY started_at DESC;",
+    """SELECT
+    operation,
+    status,
+    started_at,
+    completed_at,
+    message
+FROM migration_log
+WHERE started_at > NOW() - INTERVAL '1 day';""",
+    """SELECT
+    operation,
+    AVG(EXTRACT(EPOCH FROM (completed_at - started_at))) as avg_duration_seconds
+FROM migration_log
+WHERE status = 'completed'
+GROUP BY operation;""",
+)
+
+
+def seeded(dsn: str, users: int = 60, *, dirty: bool = False) -> None:
+    with connected(dsn, autocommit=False) as conn:
+        seed(conn, users, dirty=dirty)
+
+
+def column_types(dsn: str) -> dict[str, str]:
+    rows = execute(dsn, "SELECT table_name || '.' || column_name, data_type "
+                        "FROM information_schema.columns WHERE column_name IN ('id', 'user_id') "
+                        "AND table_name IN ('users', 'journal_entries', 'tags', 'reminders')")
+    return {str(name): str(kind) for name, kind in rows}
+
+
+def test_each_step_of_the_runbook_in_order(any_legacy_db: str) -> None:
+    seeded(any_legacy_db)
+    expected = None
+    with connected(any_legacy_db, autocommit=False) as conn:
+        expected = expected_after_migration(conn, PLAN_KEYS, defaults=MIGRATED_DEFAULTS)
+    for step in RUNBOOK_STEPS:
+        run_ok(any_legacy_db, step)
+    after = print_of(any_legacy_db)
+    assert after == expected, "\n".join(expected.diff(after))
+    types = column_types(any_legacy_db)  # the runbook's own "Verify UUID types" query
+    assert {name for name, kind in types.items() if kind == "uuid"} == {
+        "users.id", "journal_entries.user_id", "tags.user_id", "reminders.user_id"}
+    status = run_ok(any_legacy_db, "status").output
+    assert "stage: migrated" in status
+    run_ok(any_legacy_db, "cleanup_backup")
+    assert execute(any_legacy_db, "SELECT to_regnamespace('migration_backup')") == [(None,)]
+
+
+def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:
+    seeded(legacy_db, 10)
+    run_ok(legacy_db, "full_migration")
+    with connected(legacy_db) as conn, conn.cursor() as cur:
+        cur.execute("SET search_path = public")
+        results = []
+        for query in RUNBOOK_QUERIES:
+            cur.execute(query)
+            results.append(cur.fetchall())
+    operations = {row[1] for row in results[0]}
+    assert set(RUNBOOK_STEPS) | {"full_migration"} <= operations
+    assert all(row[1] == "completed" for row in results[1])
+    assert {row[0] for row in results[2]} == operations
+
+
+def test_the_referential_integrity_query_of_the_runbook_finds_nothing(legacy_db: str) -> None:
+    seeded(legacy_db, 10)
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, "SELECT COUNT(*) FROM journal_entries "
+                              "WHERE user_id NOT IN (SELECT id FROM users)") == [(0,)]
+
+
+@pytest.mark.parametrize("step", ["backup_data", "migrate_users", "migrate_foreign_keys",
+                                  "full_migration"])
+def test_a_finished_operation_run_again_changes_nothing_and_says_so(
+        legacy_db: str, step: str) -> None:
+    seeded(legacy_db, 20)
+    run_ok(legacy_db, "full_migration")
+    before = print_of(legacy_db, include_backup=True)
+    again = run_ok(legacy_db, step).output
+    assert print_of(legacy_db, include_backup=True) == before
+    assert any(word in again for word in ("already", "kept", "complete")), again
+
+
+def test_the_default_becomes_a_uuid_default_and_new_rows_get_one(legacy_db: str) -> None:
+    seeded(legacy_db, 5)
+    run_ok(legacy_db, "full_migration")
+    default = execute(legacy_db, "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d "
+                                 "JOIN pg_attribute a ON a.attrelid = d.adrelid "
+                                 "AND a.attnum = d.adnum "
+                                 "WHERE d.adrelid = 'users'::regclass AND a.attname = 'id'")
+    assert default == [("gen_random_uuid()",)]
+    rows = execute(legacy_db, "INSERT INTO users (email) VALUES ('new@x') RETURNING id")
+    assert len(str(rows[0][0])) == 36
+
+
+def test_constraints_and_indexes_keep_their_names_and_definitions(any_legacy_db: str) -> None:
+    seeded(any_legacy_db, 10)
+    query = ("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated "
+             "FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype <> 'n' "
+             "AND conrelid <> 'migration_log'::regclass ORDER BY 1, 2")
+    indexes = ("SELECT indexrelid::regclass::text, pg_get_indexdef(indexrelid) FROM pg_index "
+               "WHERE indrelid::regclass::text IN ('users','journal_entries','tags','reminders') "
+               "ORDER BY 1")
+    run_ok(any_legacy_db, "validate_schema")  # creates migration_log, so the query can name it
+    before = (execute(any_legacy_db, query), execute(any_legacy_db, indexes))
+    run_ok(any_legacy_db, "full_migration")
+    assert (execute(any_legacy_db, query), execute(any_legacy_db, indexes)) == before
+
+
+def test_orphans_abort_by_default_and_change_nothing(legacy_no_fk_db: str) -> None:
+    seeded(legacy_no_fk_db, 20)
+    execute(legacy_no_fk_db, "UPDATE tags SET user_id = '00000000-0000-4000-8000-0000000000aa' "
+                             "WHERE id = (SELECT min(id) FROM tags)")
+    run_ok(legacy_no_fk_db, "backup_data")
+    run_ok(legacy_no_fk_db, "migrate_users")
+    before = print_of(legacy_no_fk_db, include_backup=True)
+    result = operate(legacy_no_fk_db, "migrate_foreign_keys")
+    assert result.exit_code == 1
+    assert "00000000-0000-4000-8000-0000000000aa" in result.output
+    assert "public.tags.user_id" in result.output
+    assert print_of(legacy_no_fk_db, include_backup=True) == before
+
+
+def test_orphans_quarantined_on_request_are_kept_not_deleted(legacy_no_fk_db: str) -> None:
+    seeded(legacy_no_fk_db, 20)
+    orphan = "00000000-0000-4000-8000-0000000000bb"
+    execute(legacy_no_fk_db, "UPDATE reminders SET user_id = %s "
+                             "WHERE id = (SELECT min(id) FROM reminders)", (orphan,))
+    total = execute(legacy_no_fk_db, "SELECT count(*) FROM reminders")[0][0]
+    result = run_ok(legacy_no_fk_db, "full_migration", "--orphans=quarantine")
+    assert "quarantine" in result.output or "migration complete" in result.output
+    assert execute(legacy_no_fk_db, "SELECT count(*) FROM reminders WHERE user_id = %s",
+                   (orphan,)) == [(0,)]
+    assert execute(legacy_no_fk_db,
+                   'SELECT count(*) FROM migration_backup."quarantine.public.reminders" '
+                   "WHERE user_id = %s", (orphan,)) == [(1,)]
+    assert execute(legacy_no_fk_db, "SELECT count(*) FROM reminders")[0][0] == total - 1
+    run_ok(legacy_no_fk_db, "validate_migration")
+
+
+@pytest.mark.parametrize("problem", ["invalid", "collision"])
+def test_bad_ids_refuse_migrate_users_before_any_change(legacy_no_fk_db: str,
+                                                        problem: str) -> None:
+    seeded(legacy_no_fk_db, 20)
+    first = str(execute(legacy_no_fk_db, "SELECT min(id) FROM users")[0][0])
+    bad = "not-a-uuid-at-all" if problem == "invalid" else first.upper()
+    execute(legacy_no_fk_db, "INSERT INTO users (id, email) VALUES (%s, 'bad@x')", (bad,))
+    run_ok(legacy_no_fk_db, "backup_data")
+    before = print_of(legacy_no_fk_db, include_backup=True)
+    result = operate(legacy_no_fk_db, "migrate_users")
+    assert result.exit_code == 1
+    assert bad in result.output
+    assert "public.users.id" in result.output
+    assert print_of(legacy_no_fk_db, include_backup=True) == before
+
+
+def test_full_migration_refuses_dirty_data_before_the_backup(legacy_no_fk_db: str) -> None:
+    seeded(legacy_no_fk_db, 30, dirty=True)
+    before = print_of(legacy_no_fk_db, include_backup=True)
+    result = operate(legacy_no_fk_db, "full_migration")
+    assert result.exit_code == 1
+    for planted in ("not-a-uuid", "00000000-0000-4000-8000-000000000001"):
+        assert planted in result.output
+    assert "--operation=rollback" in result.output or "rollback" in result.output
+    assert print_of(legacy_no_fk_db, include_backup=True) == before
+
+
+def test_migrate_foreign_keys_needs_migrated_users(legacy_db: str) -> None:
+    seeded(legacy_db, 5)
+    run_ok(legacy_db, "backup_data")
+    result = operate(legacy_db, "migrate_foreign_keys")
+    assert result.exit_code == 1
+    assert "migrate_users first" in result.output
+
+
+def test_steps_without_a_backup_are_refused(legacy_db: str) -> None:
+    result = operate(legacy_db, "migrate_users")
+    assert result.exit_code == 1
+    assert "backup_data first" in result.output
+
+
+def test_backup_is_verified_and_never_overwritten(legacy_db: str) -> None:
+    seeded(legacy_db, 10)
+    run_ok(legacy_db, "backup_data")
+    counts = execute(legacy_db, "SELECT table_name, row_count FROM migration_backup.backup_tables "
+                                "ORDER BY 1")
+    assert dict(counts) == {"journal_entries": 30, "reminders": 10, "tags": 10, "users": 10}
+    execute(legacy_db, "UPDATE users SET display_name = 'changed' "
+                       "WHERE id = (SELECT min(id) FROM users)")
+    result = operate(legacy_db, "backup_data")
+    assert result.exit_code == 1
+    assert "no longer matches" in result.output
+
+
+def test_cleanup_needs_a_passing_validation_unless_forced(legacy_db: str) -> None:
+    seeded(legacy_db, 5)
+    run_ok(legacy_db, "backup_data")
+    refused = operate(legacy_db, "cleanup_backup")
+    assert refused.exit_code == 1
+    assert "validate_migration" in refused.output
+    forced = run_ok(legacy_db, "cleanup_backup", "--force").output
+    assert "forced" in forced
+    logged = execute(legacy_db, "SELECT details->>'forced' FROM migration_log "
+                                "WHERE operation = 'cleanup_backup' AND status = 'completed'")
+    assert logged == [("true",)]
+
+
+def test_a_second_concurrent_run_is_refused_naming_the_holder(legacy_db: str) -> None:
+    holder = connect(legacy_db, application_name="other-migration", autocommit=True)
+    try:
+        with holder.cursor() as cur:
+            cur.execute("SELECT pg_advisory_lock(%s, %s)", ADVISORY_KEYS)
+        result = operate(legacy_db, "backup_data")
+    finally:
+        holder.close()
+    assert result.exit_code == 1
+    assert "other-migration" in result.output
+    assert execute(legacy_db, "SELECT to_regnamespace('migration_backup')") == [(None,)]
+
+
+def test_a_locked_table_makes_ddl_time_out_and_retry(legacy_db: str, tmp_path: Path) -> None:
+    seeded(legacy_db, 5)
+    run_ok(legacy_db, "backup_data")
+    blocker = connect(legacy_db, autocommit=False)
+    with blocker.cursor() as cur:
+        cur.execute("LOCK TABLE users IN ACCESS SHARE MODE")
+    releaser = threading.Timer(1.0, blocker.rollback)
+    releaser.start()
+    log = tmp_path / "run.log"
+    try:
+        started = time.monotonic()
+        result = operate(legacy_db, "migrate_users", "--lock-timeout=100", log_file=log)
+    finally:
+        releaser.join()
+        blocker.close()
+    assert result.exit_code == 0, result.output
+    assert time.monotonic() - started >= 1.0  # it waited for the lock instead of failing
+    assert "lock not granted" in log.read_text()
+
+
+def test_a_lock_never_released_fails_cleanly(legacy_db: str) -> None:
+    seeded(legacy_db, 5)
+    run_ok(legacy_db, "backup_data")
+    blocker = connect(legacy_db, autocommit=False)
+    try:
+        with blocker.cursor() as cur:
+            cur.execute("LOCK TABLE users IN ACCESS SHARE MODE")
+        result = operate(legacy_db, "migrate_users", "--lock-timeout=20")
+    finally:
+        blocker.close()
+    assert result.exit_code == 1
+    assert "could not lock" in result.output
+    assert column_types(legacy_db)["users.id"] == "character varying"
+
+
+def test_the_owner_is_no_superuser(legacy_db: str) -> None:
+    assert execute(legacy_db, "SELECT rolsuper, rolcreatedb FROM pg_roles "
+                              "WHERE rolname = current_user") == [(False, False)]
+    seeded(legacy_db, 5)
+    run_ok(legacy_db, "full_migration")
+
+
+def test_the_password_never_leaks(legacy_db: str, tmp_path: Path) -> None:
+    password = legacy_db.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
+    seeded(legacy_db, 5)
+    log = tmp_path / "migration.log"
+    outputs = [operate(legacy_db, op, log_file=log).output
+               for op in ("full_migration", "status", "rollback", "validate_migration")]
+    wrong = legacy_db.replace(password, password + "-wrong")
+    refused = operate(wrong, "status", log_file=log)
+    assert refused.exit_code == 2
+    outputs.append(refused.output)
+    logged = execute(legacy_db, "SELECT string_agg(migration_log::text, ' ') FROM migration_log")
+    haystack = "\n".join([*outputs, log.read_text(), str(logged)])
+    assert password not in haystack
+    assert "***" in refused.output or "password" in refused.output
+
+
+def test_names_that_need_quoting_and_other_key_types(sandbox: Sandbox) -> None:
+    """A schema and tables whose names need quotes, text and varchar(64) keys."""
+    schema = 'My "App"-Schema'
+    legacy = (schema_sql("legacy")
+              .replace("VARCHAR(36) PRIMARY KEY DEFAULT", "TEXT PRIMARY KEY DEFAULT", 1)
+              .replace("user_id     VARCHAR(36) NOT NULL", "user_id VARCHAR(64) NOT NULL"))
+    with sandbox.database("quoting", variant=None) as dsn:
+        with connected(dsn) as conn, conn.cursor() as cur:
+            cur.execute('CREATE SCHEMA "My ""App""-Schema"')
+            cur.execute('SET search_path = "My ""App""-Schema"')
+            cur.execute(legacy)
+            cur.execute('CREATE TABLE "Audit Log" ("Entry Id" serial PRIMARY KEY, '
+                        '"Who" VARCHAR(36) REFERENCES users (id))')
+            cur.execute('CREATE INDEX "Audit Log by who" ON "Audit Log" ("Who")')
+            cur.execute("INSERT INTO users (id, email) SELECT gen_random_uuid()::text, g::text "
+                        "FROM generate_series(1, 5) g")
+            cur.execute('INSERT INTO "Audit Log" ("Who") SELECT id FROM users')
+            cur.execute("INSERT INTO journal_entries (user_id, title) SELECT id, 't' FROM users")
+        result = run_ok(dsn, "full_migration", f"--schema={schema}")
+        assert "migration complete" in result.output
+        rows = execute(dsn, "SELECT c.relname, a.attname, format_type(a.atttypid, a.atttypmod) "
+                            "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                            "WHERE c.relnamespace = to_regnamespace(%s) "
+                            "AND a.attname IN ('id', 'user_id', 'Who') AND c.relkind = 'r' "
+                            "AND c.relname IN ('users', 'journal_entries', 'Audit Log')",
+                       ('"My ""App""-Schema"',))
+        types = {(t, c): kind for t, c, kind in rows}
+        assert types[("users", "id")] == "uuid"
+        assert types[("journal_entries", "user_id")] == "uuid"
+        assert types[("Audit Log", "Who")] == "uuid"  # found through its FK, not named anywhere
+        run_ok(dsn, "rollback", f"--schema={schema}")
+        rows = execute(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                            "WHERE attrelid = to_regclass(%s) AND attname = 'id'",
+                       ('"My ""App""-Schema".users',))
+        assert rows == [("text",)]
+
+
+def test_a_read_only_role_cannot_run_a_changing_operation(legacy_db: str,
+                                                          sandbox: Sandbox) -> None:
+    """Exit 1 with the server's reason, and no partial change (a plain permission error)."""
+    sandbox.admin_execute(sql.SQL(
+        "DO $$BEGIN CREATE ROLE reader LOGIN PASSWORD 'reader-pw'; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END$$"))
+    reader = with_credentials(legacy_db, user="reader", password="reader-pw",
+                              dbname=legacy_db.rsplit("/", 1)[1])
+    result = operate(reader, "backup_data")
+    assert result.exit_code == 1
+    assert "permission denied" in result.output
