@@ -1,0 +1,281 @@
+"""Rollback from every stage, interruptions at every fault point, and nothing ever lost.
+
+Each scenario is a clone of a seeded database.  Its fingerprint (schema and
+data, by name) is taken first; the engine is driven to a stage, or killed at
+a fault point, and the test proves that ``status`` tells the truth, that
+resuming reaches the same end state as an uninterrupted run, and that
+``rollback`` gives back the original fingerprint.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import psycopg2
+import pytest
+
+from migration.cli import CRASH_VARIABLE
+from migration.fingerprint import Fingerprint, expected_after_migration
+from migration.sandbox import Sandbox
+from migration.seed import seed
+from tests.operate import (
+    MIGRATED_DEFAULTS,
+    PLAN_KEYS,
+    connected,
+    execute,
+    operate,
+    print_of,
+    run_in_process,
+    run_ok,
+)
+
+SEED_USERS = 12  # with batches of 7: two batches for users, more for each child
+ORPHAN = "00000000-0000-4000-8000-0000000000cc"
+_numbers = itertools.count()
+
+
+@dataclass
+class Scenario:
+    dsn: str
+    admin_dsn: str
+    original: Fingerprint
+    migrated: Fingerprint | None  # expected after a full migration (clean data only)
+
+    def crash(self, operation: str, point: str) -> None:
+        """Run ``operation`` and kill its connection when it reaches ``point``."""
+        with pytest.raises(psycopg2.OperationalError):
+            run_in_process(self.dsn, operation, admin_dsn=self.admin_dsn, crash_at=point)
+
+    def stage(self) -> str:
+        return str(run_in_process(self.dsn, "status").details["stage"])
+
+    def assert_original(self) -> None:
+        after = print_of(self.dsn)
+        assert after == self.original, "\n".join(self.original.diff(after))
+
+    def assert_migrated(self) -> None:
+        assert self.migrated is not None
+        after = print_of(self.dsn)
+        assert after == self.migrated, "\n".join(self.migrated.diff(after))
+
+
+@pytest.fixture(scope="module")
+def seeded(sandbox: Sandbox) -> Iterator[dict[str, str]]:
+    """A seeded database per schema variant (the no-FK one with an orphan reminder)."""
+    names = {}
+    for variant in ("legacy", "legacy_no_fk"):
+        name = f"{sandbox.prefix}_seeded_{variant}"
+        sandbox.drop_database(name)
+        dsn = sandbox.create_database(name, variant=variant)
+        with connected(dsn, autocommit=False) as conn:
+            seed(conn, SEED_USERS)
+        if variant == "legacy_no_fk":
+            execute(dsn, "UPDATE reminders SET user_id = %s WHERE id = "
+                         "(SELECT min(id) FROM reminders WHERE user_id IS NOT NULL)", (ORPHAN,))
+        names[variant] = name
+    yield names
+    for name in names.values():
+        sandbox.drop_database(name)
+
+
+@pytest.fixture
+def scenario(sandbox: Sandbox, seeded: dict[str, str]) -> Iterator[Callable[..., Scenario]]:
+    """Makes scenarios: fresh clones of the seeded databases, dropped afterwards."""
+    made: list[str] = []
+
+    def make(variant: str = "legacy") -> Scenario:
+        name = f"{sandbox.prefix}_scenario_{next(_numbers)}"
+        dsn = sandbox.clone(seeded[variant], name)
+        made.append(name)
+        migrated = None
+        if variant == "legacy":
+            with connected(dsn, autocommit=False) as conn:
+                migrated = expected_after_migration(conn, PLAN_KEYS, defaults=MIGRATED_DEFAULTS)
+        return Scenario(dsn, sandbox.admin_dsn_for(name), print_of(dsn), migrated)
+
+    yield make
+    for name in made:
+        sandbox.drop_database(name)
+
+
+def _to_backup(s: Scenario) -> None:
+    run_ok(s.dsn, "backup_data")
+
+
+def _mid_users(s: Scenario) -> None:
+    run_ok(s.dsn, "backup_data")
+    s.crash("migrate_users", "batch public.users.id#2")
+
+
+def _users(s: Scenario) -> None:
+    run_ok(s.dsn, "backup_data")
+    run_ok(s.dsn, "migrate_users")
+
+
+def _mid_foreign_keys(s: Scenario) -> None:
+    _users(s)  # journal_entries done, tags half done, reminders untouched
+    s.crash("migrate_foreign_keys", "batch public.tags.user_id#1")
+
+
+def _foreign_keys(s: Scenario) -> None:
+    _users(s)
+    run_ok(s.dsn, "migrate_foreign_keys")
+
+
+def _validated(s: Scenario) -> None:
+    run_ok(s.dsn, "full_migration")
+
+
+def _quarantined(s: Scenario) -> None:
+    run_ok(s.dsn, "full_migration", "--orphans=quarantine")
+
+
+STAGES: dict[str, tuple[str, Callable[[Scenario], None], str]] = {
+    # name: (schema variant, how to get there, what status must say)
+    "after backup_data": ("legacy", _to_backup, "not migrated"),
+    "during migrate_users": ("legacy", _mid_users, "interrupted during migrate_users"),
+    "after migrate_users": ("legacy", _users, "partly migrated (1 of 4 columns uuid)"),
+    "during migrate_foreign_keys": ("legacy", _mid_foreign_keys,
+                                    "interrupted during migrate_foreign_keys"),
+    "after migrate_foreign_keys": ("legacy", _foreign_keys, "migrated"),
+    "after validate_migration": ("legacy", _validated, "migrated"),
+    "after a quarantine": ("legacy_no_fk", _quarantined, "migrated"),
+}
+
+
+@pytest.mark.parametrize("stage", list(STAGES))
+def test_rollback_from_every_stage_restores_the_original(
+        scenario: Callable[..., Scenario], stage: str) -> None:
+    variant, reach, said = STAGES[stage]
+    s = scenario(variant)
+    reach(s)
+    assert s.stage() == said
+    run_ok(s.dsn, "rollback")
+    s.assert_original()
+    if variant == "legacy_no_fk":
+        assert execute(s.dsn, "SELECT count(*) FROM reminders WHERE user_id = %s",
+                       (ORPHAN,)) == [(1,)]  # the quarantined row is back
+    assert "nothing to undo" in run_ok(s.dsn, "rollback").output
+    s.assert_original()
+    orphans = ["--orphans=quarantine"] if variant == "legacy_no_fk" else []
+    run_ok(s.dsn, "full_migration", *orphans)
+    if s.migrated is not None:
+        s.assert_migrated()
+
+
+def _points_of(dsn: str, operation: str) -> list[str]:
+    reached: list[str] = []
+    run_in_process(dsn, operation, reached=reached)
+    return reached
+
+
+@pytest.fixture(scope="module")
+def fault_points(sandbox: Sandbox, seeded: dict[str, str]) -> list[str]:
+    """Every point an uninterrupted full migration passes, in order."""
+    name = f"{sandbox.prefix}_points"
+    dsn = sandbox.clone(seeded["legacy"], name)
+    try:
+        return _points_of(dsn, "full_migration")
+    finally:
+        sandbox.drop_database(name)
+
+
+@pytest.mark.exhaustive
+def test_every_fault_point_resumes_to_the_same_end(
+        scenario: Callable[..., Scenario], fault_points: list[str]) -> None:
+    """Kill the connection at each point of a full migration, then run it again."""
+    kinds = {p.split(" ")[0].rstrip("#0123456789") for p in fault_points}
+    assert {"batch", "swap", "finish", "backup_data", "recreate", "validate"} <= kinds
+    for point in fault_points:
+        s = scenario()
+        s.crash("full_migration", point)
+        assert s.stage().startswith("interrupted during"), point
+        run_ok(s.dsn, "full_migration")
+        s.assert_migrated()
+
+
+@pytest.mark.exhaustive
+@pytest.mark.parametrize("share", [4, pytest.param(1, marks=pytest.mark.slow)],
+                         ids=["every 4th point", "every point"])
+def test_fault_points_roll_back_to_the_original(
+        scenario: Callable[..., Scenario], fault_points: list[str], share: int) -> None:
+    """Kill the connection at a point of a full migration, then roll back."""
+    for point in fault_points[::share]:
+        s = scenario()
+        s.crash("full_migration", point)
+        run_ok(s.dsn, "rollback")
+        s.assert_original()
+
+
+def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
+        scenario: Callable[..., Scenario]) -> None:
+    probe = scenario()
+    run_ok(probe.dsn, "full_migration")
+    points = _points_of(probe.dsn, "rollback")
+    assert len(points) >= 4
+    for point in points:
+        s = scenario()
+        run_ok(s.dsn, "full_migration")
+        s.crash("rollback", point)
+        assert s.stage() == "interrupted during rollback"
+        if point.startswith("finish"):  # killed after the rollback committed, before its log
+            s.assert_original()
+        else:  # one transaction: nothing of it happened
+            s.assert_migrated()
+        run_ok(s.dsn, "rollback")
+        s.assert_original()
+
+
+@pytest.mark.parametrize("point", ["batch public.users.id#2", "swap public.users.id#4",
+                                   "batch public.journal_entries.user_id#3",
+                                   "recreate index users_pkey#1"])
+def test_a_killed_process_resumes(scenario: Callable[..., Scenario], point: str) -> None:
+    """SIGKILL of the whole data-migration process, then the same command again."""
+    s = scenario()
+    command = [sys.executable, "-m", "migration.cli", "--operation=full_migration",
+               "--database-url", s.dsn, "--batch-size=7", "--quiet", "--log-file", os.devnull]
+    killed = subprocess.run(command, env={**os.environ, CRASH_VARIABLE: point},
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert killed.returncode == -9, killed.stderr
+    assert s.stage().startswith("interrupted during")
+    resumed = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    s.assert_migrated()
+
+
+def test_rollback_after_cleanup_refuses_and_says_what_to_do(
+        scenario: Callable[..., Scenario]) -> None:
+    s = scenario()
+    run_ok(s.dsn, "full_migration")
+    run_ok(s.dsn, "cleanup_backup")
+    before = print_of(s.dsn)
+    result = operate(s.dsn, "rollback")
+    assert result.exit_code == 1
+    assert "nothing to roll back to" in result.output
+    assert "restore" in result.output
+    assert print_of(s.dsn) == before
+
+
+def test_rollback_refuses_to_lose_rows_written_after_the_migration(
+        scenario: Callable[..., Scenario]) -> None:
+    s = scenario()
+    run_ok(s.dsn, "full_migration")
+    new_id = execute(s.dsn, "INSERT INTO users (email) VALUES ('late@example.com') "
+                            "RETURNING id::text")[0][0]
+    execute(s.dsn, "UPDATE tags SET name = 'renamed' WHERE id = (SELECT min(id) FROM tags)")
+    execute(s.dsn, "DELETE FROM reminders WHERE id = (SELECT min(id) FROM reminders)")
+    before = print_of(s.dsn)
+    refused = operate(s.dsn, "rollback")
+    assert refused.exit_code == 1
+    for word in ("inserted", "changed", "deleted", "late@example.com", "--keep-changes"):
+        assert word in refused.output
+    assert print_of(s.dsn) == before
+    run_ok(s.dsn, "rollback", "--keep-changes")
+    assert execute(s.dsn, "SELECT id, pg_typeof(id)::text FROM users "
+                          "WHERE email = 'late@example.com'") == [(new_id, "character varying")]
+    assert execute(s.dsn, "SELECT count(*) FROM tags WHERE name = 'renamed'") == [(1,)]
