@@ -9,7 +9,8 @@ from here, so one record serves both directions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
@@ -107,6 +108,8 @@ def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str]) ->
 class BackupResult:
     rows: int  # rows copied; 0 when an existing backup was kept
     message: str
+    expectations: dict[str, Any] = field(default_factory=dict)
+    """What the migrated database must have again (FKs, indexed columns), for the log."""
 
 
 def create(cur: Cursor, plan: Plan) -> BackupResult:
@@ -137,7 +140,22 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
         total += source_sum[0]
     for key in plan.columns:
         save_definitions(cur, key)
-    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows")
+    for fk in catalog.foreign_keys_to(cur.connection, plan.parent):
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
+            meta("saved_foreign_keys")),
+            (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition, fk.validated))
+    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows",
+                        expectations(cur, plan))
+
+
+def expectations(cur: Cursor, plan: Plan) -> dict[str, Any]:
+    """The recorded FKs and the child columns that had an index, kept in migration_log
+    so that verify knows them after cleanup_backup dropped the backup."""
+    return {
+        "foreign_keys": [{"table": str(fk.table), "name": fk.name, "definition": fk.definition,
+                          "validated": fk.validated} for fk in saved_foreign_keys(cur)],
+        "indexed_columns": [str(key) for key in plan.children if saved_indexes(cur, key)],
+    }
 
 
 def reuse(cur: Cursor, plan: Plan) -> BackupResult:
@@ -172,11 +190,6 @@ def save_definitions(cur: Cursor, key: KeyColumn) -> None:
                             "ON CONFLICT DO NOTHING").format(meta("saved_indexes")),
                     (key.table.schema, key.table.name, key.column, ix.name, ix.definition,
                      ix.constraint_type, ix.deferrable, ix.deferred))
-    for fk in catalog.foreign_keys_from(conn, key) + catalog.foreign_keys_to(conn, key):
-        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s) "
-                            "ON CONFLICT DO NOTHING").format(meta("saved_foreign_keys")),
-                    (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition,
-                     fk.validated))
 
 
 def saved_indexes(cur: Cursor, key: KeyColumn) -> list[IndexDef]:
@@ -190,14 +203,12 @@ def saved_indexes(cur: Cursor, key: KeyColumn) -> list[IndexDef]:
 
 
 def saved_foreign_keys(cur: Cursor, key: KeyColumn | None = None) -> list[ForeignKeyDef]:
-    """FKs recorded at backup time: those from ``key``'s column, or all of them."""
-    query = sql.SQL("SELECT table_schema, table_name, column_name, name, definition, validated "
-                    "FROM {} WHERE %s IS NULL OR (table_schema, table_name, column_name) = "
-                    "(%s, %s, %s) ORDER BY 1, 2, 4").format(meta("saved_foreign_keys"))
-    params = (None, None, None, None) if key is None else (
-        key.table.schema, key.table.schema, key.table.name, key.column)
-    cur.execute(query, params)
-    return [ForeignKeyDef(Table(s, t), c, n, d, v) for s, t, c, n, d, v in cur.fetchall()]
+    """FKs to the parent recorded at backup time: all of them, or those from ``key``."""
+    cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, name, definition, "
+                        "validated FROM {} ORDER BY 1, 2, 4").format(meta("saved_foreign_keys")))
+    found = [ForeignKeyDef(Table(s, t), c, n, d, v) for s, t, c, n, d, v in cur.fetchall()]
+    return [fk for fk in found
+            if key is None or (fk.table, fk.column) == (key.table, key.column)]
 
 
 def saved_column(cur: Cursor, key: KeyColumn) -> catalog.ColumnInfo:

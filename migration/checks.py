@@ -9,7 +9,6 @@ never passed.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -20,7 +19,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import backup, catalog
 from migration.catalog import ColumnState
 from migration.log import LOG_TABLE
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.plan import Plan
 from migration.preflight import samples_query
 from migration.report import SAMPLE_LIMIT, Finding, Status
@@ -102,22 +101,38 @@ def primary_key(ctx: Context) -> list[Finding]:
                     hint="run migrate_users again to recreate it, or rollback")]
 
 
+def recorded_expectations(ctx: Context) -> dict[str, Any] | None:
+    """What backup_data recorded in migration_log: it outlives the backup itself."""
+    log = sql.Identifier(ctx.plan.schema, LOG_TABLE)
+    if not _exists(ctx.cur, log):
+        return None
+    ctx.cur.execute(sql.SQL("SELECT details FROM {} WHERE operation = 'backup_data' "
+                            "AND status = 'completed' AND details ? 'foreign_keys' "
+                            "ORDER BY id DESC LIMIT 1").format(log))
+    row = ctx.cur.fetchone()
+    return None if row is None else dict(row[0])
+
+
 def foreign_keys(ctx: Context) -> list[Finding]:
+    """The FKs recorded before the migration (all FKs to users found now, if none were)."""
     cur = ctx.cur
     parent = ctx.plan.parent
-    if ctx.has_backup:
-        expected = {(fk.table, fk.name): fk for fk in backup.saved_foreign_keys(cur)}
+    recorded = recorded_expectations(ctx)
+    if recorded is not None:
+        expected = {(fk["table"], fk["name"]): (fk["definition"], fk["validated"])
+                    for fk in recorded["foreign_keys"]}
     else:
-        expected = {(fk.table, fk.name): fk
+        expected = {(str(fk.table), fk.name): (fk.definition, fk.validated)
                     for fk in catalog.foreign_keys_to(cur.connection, parent)}
-    present = {(fk.table, fk.name): fk for fk in catalog.foreign_keys_to(cur.connection, parent)}
+    present = {(str(fk.table), fk.name): fk
+               for fk in catalog.foreign_keys_to(cur.connection, parent)}
     problems = []
-    for ident, want in sorted(expected.items(), key=lambda kv: (str(kv[0][0]), kv[0][1])):
-        have = present.get(ident)
-        name = f"{ident[0]}.{ident[1]}"
+    for (table, constraint), (definition, validated) in sorted(expected.items()):
+        have = present.get((table, constraint))
+        name = f"{table}.{constraint}"
         if have is None:
-            problems.append({"constraint": name, "problem": f"missing (want {want.definition})"})
-        elif want.validated and not have.validated:
+            problems.append({"constraint": name, "problem": f"missing (want {definition})"})
+        elif validated and not have.validated:
             problems.append({"constraint": name, "problem": "NOT VALID (convalidated = false)"})
     if not problems:
         return _ok("foreign_keys", f"{len(expected)} foreign key(s) to {parent} present"
@@ -131,12 +146,15 @@ def foreign_keys(ctx: Context) -> list[Finding]:
 
 def no_orphans(ctx: Context) -> list[Finding]:
     cur, parent = ctx.cur, ctx.plan.parent
+    parent_uuid = catalog.column_state(cur.connection, parent) is ColumnState.UUID
     findings = []
     for key in ctx.plan.children:
-        if catalog.column_state(cur.connection, key) is not ColumnState.UUID or \
-                catalog.column_state(cur.connection, parent) is not ColumnState.UUID:
-            continue  # reported by key_columns_uuid
-        pk = catalog.primary_key(cur.connection, key.table)
+        if not parent_uuid or catalog.column_state(cur.connection, key) is not ColumnState.UUID:
+            findings.append(Finding("no_orphans", Status.SKIP,
+                                    f"{key} or {parent} is not uuid (see key_columns_uuid)",
+                                    subject=str(key)))
+            continue
+        pk = catalog.primary_key(cur.connection, key.table) or [key.column]
         count, samples = samples_query(cur, key, pk, sql.SQL(
             "t.{c} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {p} p WHERE p.{pc} = t.{c})").format(
             c=sql.Identifier(key.column), p=parent.table.ident, pc=sql.Identifier(parent.column)))
@@ -151,6 +169,7 @@ def no_orphans(ctx: Context) -> list[Finding]:
 
 def fk_indexes(ctx: Context) -> list[Finding]:
     cur, findings = ctx.cur, []
+    recorded = recorded_expectations(ctx)
     for key in ctx.plan.children:
         cur.execute(
             """
@@ -164,19 +183,35 @@ def fk_indexes(ctx: Context) -> list[Finding]:
             (catalog.regclass(key.table), key.column),
         )
         names = [n for (n,) in cur.fetchall()]
-        if not names or not _planner_uses_index(cur, key):
+        used = _indexes_used_by_lookup(cur, key) if names else set()
+        if not names and recorded is not None and str(key) not in recorded["indexed_columns"]:
+            findings.append(Finding(
+                "fk_indexes", Status.WARN, "no index on the column, nor was there one before "
+                "the migration", subject=str(key),
+                hint="consider CREATE INDEX CONCURRENTLY on it: lookups and ON DELETE "
+                     "actions scan the table"))
+        elif not used & set(names):
             findings.append(Finding(
                 "fk_indexes", Status.FAIL,
                 "no valid index leads with the column" if not names
-                else "the planner does not use an index for a lookup by this column",
+                else "a lookup by this column does not use its index"
+                + (f" (it uses {', '.join(sorted(used))})" if used else ""),
                 subject=str(key), expected="a valid, ready index on the column, used by lookups",
                 found=", ".join(names) or "none",
                 hint="recreate the index (REINDEX or run migrate_foreign_keys again)"))
-    return findings or _ok("fk_indexes", "every FK column has a valid index the planner uses")
+    if any(f.status is Status.FAIL for f in findings):
+        return findings
+    return _ok("fk_indexes", "every indexed FK column has a valid index the planner uses") \
+        + findings
 
 
-def _planner_uses_index(cur: Cursor, key: KeyColumn) -> bool:
-    """EXPLAIN a lookup by a sample key, sequential scans discouraged (tiny tables)."""
+def _indexes_used_by_lookup(cur: Cursor, key: KeyColumn) -> set[str]:
+    """The indexes in the plan of a lookup by a sample key, sequential scans discouraged.
+
+    The caller compares them with the column's own indexes: "some index" is
+    not enough, as an index where the column is not first can serve the
+    lookup by scanning the whole index, which is all a disabled seq scan asks.
+    """
     cur.execute("SAVEPOINT explain_lookup")
     cur.execute("SET LOCAL enable_seqscan = off")
     cur.execute(sql.SQL("SELECT {c} FROM {t} WHERE {c} IS NOT NULL LIMIT 1").format(
@@ -187,8 +222,18 @@ def _planner_uses_index(cur: Cursor, key: KeyColumn) -> bool:
         (sample[0] if sample else "00000000-0000-0000-0000-000000000000",))
     row = cur.fetchone()
     cur.execute("ROLLBACK TO SAVEPOINT explain_lookup")
-    plan_text = json.dumps(row[0] if row else [])
-    return "Index" in plan_text
+    cur.execute("RELEASE SAVEPOINT explain_lookup")
+    return set(_index_names(row[0] if row else []))
+
+
+def _index_names(node: Any) -> list[str]:
+    """Every "Index Name" in an EXPLAIN (FORMAT JSON) tree."""
+    if isinstance(node, list):
+        return [name for item in node for name in _index_names(item)]
+    if not isinstance(node, dict):
+        return []
+    own = [node["Index Name"]] if "Index Name" in node else []
+    return own + [name for value in node.values() for name in _index_names(value)]
 
 
 def backup_comparison(ctx: Context) -> list[Finding]:
@@ -198,7 +243,7 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         return [Finding("row_counts", Status.SKIP, reason),
                 Finding("uuid_values", Status.SKIP, reason)]
     cur, findings = ctx.cur, []
-    keys_by_table: dict[Any, list[KeyColumn]] = {}
+    keys_by_table: dict[Table, list[KeyColumn]] = {}
     for key in ctx.plan.columns:
         keys_by_table.setdefault(key.table, []).append(key)
     for table, keys in keys_by_table.items():
@@ -209,74 +254,93 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         (values or _ok("uuid_values", "every key equals its original string cast to uuid"))
 
 
-def _compare_table(cur: Cursor, table: Any, keys: list[KeyColumn]) -> list[Finding]:
+def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Finding]:
+    """Count the rows of the backup, the quarantine and the live table in one aggregate.
+
+    Rows are matched on their primary key and key columns (the backup's
+    strings cast to uuid where the live column is uuid now); a table without
+    a primary key is compared as a multiset of its keys.  A backup row no
+    live row matches is missing (row_counts); a live row no backup row
+    matches has a key that is not its original (uuid_values).  Quarantined
+    rows are expected to be missing.
+    """
     conn = cur.connection
-    pk = catalog.primary_key(conn, table)
-    converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
+    copy, quarantined = backup.backup_name(table), backup.quarantine_name(table)
+    if not _exists(cur, copy):
+        reason = f"the backup has no copy of {table} (added to the plan after the backup?)"
+        return [Finding(check, Status.SKIP, reason, subject=str(table))
+                for check in ("row_counts", "uuid_values")]
+    if not catalog.table_exists(conn, table):
+        return [Finding("row_counts", Status.FAIL, "the table is missing", subject=str(table),
+                        expected="the table, with the backup's rows", found="no table",
+                        hint="restore it: rollback recreates the data from the backup"),
+                Finding("uuid_values", Status.SKIP, "the table is missing", subject=str(table))]
+    states = {k.column: catalog.column_state(conn, k) for k in keys}
+    present = [c for c, state in states.items() if state is not ColumnState.MISSING]
+    compared = list(dict.fromkeys([*catalog.primary_key(conn, table), *present]))
 
-    def as_uuid(alias: str, column: str) -> sql.Composable:
-        """The backup's string cast to uuid where the live column is uuid now."""
-        expr = sql.Identifier(alias, column)
-        if column in converted and alias == "b":
-            return sql.SQL("({})::uuid").format(expr)
-        return expr
+    def side(relation: sql.Identifier, tally: tuple[int, int, int]) -> sql.Composable:
+        """One side of the union: the compared columns as comparable values, and what the
+        row counts for: (backup, quarantine, live)."""
+        values = [sql.SQL("({})::uuid" if states.get(c) is ColumnState.UUID
+                          else "({})::text").format(sql.Identifier("r", c)) for c in compared]
+        return sql.SQL("SELECT {}, {} FROM {} r").format(
+            sql.SQL(", ").join(values), sql.SQL(", ").join(map(sql.Literal, tally)), relation)
 
-    join = sql.SQL(" AND ").join(
-        sql.SQL("{} = {}").format(as_uuid("b", p), as_uuid("l", p)) for p in pk)
-    same = sql.SQL(" AND ").join(
-        sql.SQL("{} IS NOT DISTINCT FROM {}").format(as_uuid("b", k.column),
-                                                     as_uuid("l", k.column)) for k in keys)
-    quarantined = backup.quarantine_name(table)
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (quarantined.as_string(conn),))
-    has_quarantine = bool((cur.fetchone() or [False])[0])
-    not_quarantined = sql.SQL("true") if not has_quarantine else sql.SQL(
-        "NOT EXISTS (SELECT 1 FROM {q} q WHERE {cond})").format(
-        q=quarantined, cond=sql.SQL(" AND ").join(
-            sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
+    sides = [side(copy, (1, 0, 0)), side(table.ident, (0, 0, 1))]
+    if _exists(cur, quarantined):
+        sides.append(side(quarantined, (0, 1, 0)))
+    cols = column_list(compared)
+    row_json = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+        sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(c)) for c in compared))
     cur.execute(sql.SQL(
         """
-        SELECT count(b.*) FILTER (WHERE {nq}), count(l.*),
-               count(*) FILTER (WHERE l IS NULL AND {nq}) AS missing,
-               count(*) FILTER (WHERE b IS NULL) AS extra,
-               count(*) FILTER (WHERE NOT (b IS NULL) AND NOT (l IS NULL) AND NOT ({same})),
-               (array_agg(to_jsonb(b) ORDER BY {bpk}) FILTER (
-                    WHERE l IS NULL AND {nq}))[1:%(n)s],
-               (array_agg(to_jsonb(l) ORDER BY {lpk}) FILTER (
-                    WHERE b IS NULL OR NOT ({same})))[1:%(n)s]
-        FROM {backup} b FULL JOIN {live} l ON {join}
-        """).format(nq=not_quarantined, same=same, backup=backup.backup_name(table),
-                    live=table.ident, join=join, bpk=column_list(pk, "b"),
-                    lpk=column_list(pk, "l")),
+        SELECT coalesce(sum(nb), 0)::bigint, coalesce(sum(nq), 0)::bigint,
+               coalesce(sum(nl), 0)::bigint,
+               coalesce(sum(nb - nq - nl) FILTER (WHERE nb - nq > nl), 0)::bigint,
+               coalesce(sum(nl - nb + nq) FILTER (WHERE nl > nb - nq), 0)::bigint,
+               (array_agg({row_json} ORDER BY {cols}) FILTER (WHERE nb - nq > nl))[1:%(n)s],
+               (array_agg({row_json} ORDER BY {cols}) FILTER (WHERE nl > nb - nq))[1:%(n)s]
+        FROM (SELECT {cols}, sum(nb) AS nb, sum(nq) AS nq, sum(nl) AS nl
+              FROM ({sides}) AS u ({cols}, nb, nq, nl)
+              GROUP BY {cols}) AS g
+        """).format(cols=cols, sides=sql.SQL(" UNION ALL ").join(sides), row_json=row_json),
         {"n": SAMPLE_LIMIT})
     row = cur.fetchone()
     assert row is not None
-    expected_rows, live_rows, missing, extra, changed, lost, odd = row
+    backup_rows, quarantine_rows, live_rows, missing, extra, lost, odd = row
+    expected_rows = backup_rows - quarantine_rows
     findings = []
     if expected_rows != live_rows:
-        findings.append(Finding("row_counts", Status.FAIL,
-                                f"{live_rows} rows, the backup has {expected_rows} "
-                                "(quarantined rows excluded)", subject=str(table),
-                                count=abs(expected_rows - live_rows),
-                                samples=[{"missing": r} for r in (lost or [])],
-                                expected=str(expected_rows), found=str(live_rows),
-                                hint="compare with the backup; rollback restores it"))
-    if missing or extra or changed:
+        findings.append(Finding(
+            "row_counts", Status.FAIL, f"{live_rows} rows, the backup has {expected_rows} "
+            "(quarantined rows excluded)", subject=str(table), count=missing + extra,
+            samples=([{"missing": r} for r in lost or []]
+                     + [{"not in backup": r} for r in odd or []])[:SAMPLE_LIMIT],
+            expected=str(expected_rows), found=str(live_rows),
+            hint="compare with the backup; rollback restores it"))
+    if extra:
         findings.append(Finding(
             "uuid_values", Status.FAIL,
-            f"{missing} backup row(s) without their live row, {extra} live row(s) not in the "
-            f"backup, {changed} key value(s) differing from the original cast to uuid",
-            subject=str(table), count=missing + extra + changed,
-            samples=[{"missing": r} for r in (lost or [])] + [{"live": r} for r in (odd or [])],
+            f"{extra} live row(s) whose keys are not the backup's strings cast to uuid",
+            subject=str(table), count=extra,
+            samples=([{"live": r} for r in odd or []]
+                     + [{"backup": r} for r in lost or []])[:SAMPLE_LIMIT],
             expected="every row's keys equal the backup's strings cast to uuid",
-            found=f"{missing + extra + changed} difference(s)",
+            found=f"{extra} row(s) differ" + (f", {missing} backup row(s) unmatched"
+                                              if missing else ""),
             hint="investigate the listed rows; rollback restores the original data"))
     return findings
 
 
+def _exists(cur: Cursor, relation: sql.Identifier) -> bool:
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (relation.as_string(cur.connection),))
+    return bool((cur.fetchone() or [False])[0])
+
+
 def migration_log(ctx: Context) -> list[Finding]:
     cur, log = ctx.cur, sql.Identifier(ctx.plan.schema, LOG_TABLE)
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (log.as_string(cur.connection),))
-    if not (cur.fetchone() or [False])[0]:
+    if not _exists(cur, log):
         return [Finding("migration_log", Status.FAIL, "no migration_log table",
                         expected="a log of a completed migration", found="none",
                         hint="this database was not migrated with this tool")]
@@ -333,7 +397,4 @@ def run_checks(cur: Cursor, plan: Plan, *, only: set[str] | None = None,
         if only is not None and not only & check.describes.keys():
             continue
         findings += [f for f in check.run(ctx) if only is None or f.check in only]
-        if check.run is key_columns_uuid and not catalog.table_exists(cur.connection,
-                                                                      plan.parent.table):
-            break  # nothing else can be looked at; the finding says the table is missing
     return findings

@@ -91,7 +91,7 @@ def validate_schema(session: Session, run_id: int) -> Outcome:
 
 def backup_data(session: Session, run_id: int) -> Outcome:
     result = session.ddl("backup_data", lambda cur: backup.create(cur, session.plan))
-    return Outcome(result.message, rows=result.rows)
+    return Outcome(result.message, rows=result.rows, details=result.expectations)
 
 
 def migrate_users(session: Session, run_id: int) -> Outcome:

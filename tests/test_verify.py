@@ -1,0 +1,429 @@
+"""verify: each check catches the fault it exists for, verify changes nothing, its reports agree.
+
+Each test gets its own copy of a database migrated once per module (50
+users from ``migration.seed``, the whole runbook through the CLI), breaks it
+in one named way, and runs ``verify`` as an operator would.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psycopg2.errors
+import pytest
+from click.testing import CliRunner
+from psycopg2 import sql
+
+from migration import checks, cli, verify
+from migration.connection import connect
+from migration.fingerprint import Fingerprint, fingerprint
+from migration.report import Finding, Status
+from migration.sandbox import OWNER_ROLE, Sandbox, with_credentials
+from migration.seed import seed
+
+USERS = 50
+VARIANTS = ("legacy", "legacy_no_fk")
+CHECK_NAMES = list(checks.CHECK_NAMES)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    exit_code: int
+    output: str
+
+
+def migrate(dsn: str, log: Path) -> None:
+    """Seed the empty legacy tables and run the whole runbook."""
+    conn = connect(dsn)
+    try:
+        seed(conn, USERS)
+    finally:
+        conn.close()
+    result = CliRunner().invoke(cli.main, ["--operation=full_migration", "--database-url", dsn,
+                                           "-q", "--log-file", str(log)])
+    assert result.exit_code == 0, result.output
+
+
+def execute(dsn: str, statement: str | sql.Composable) -> None:
+    conn = connect(dsn, autocommit=True)
+    try:
+        with conn.cursor() as cur:
+            cur.execute(statement)
+    finally:
+        conn.close()
+
+
+def run_verify(dsn: str | None, *args: str) -> Outcome:
+    """``verify`` in-process; a crash (anything but an exit) fails the test."""
+    options = ["--database-url", dsn] if dsn else []
+    result = CliRunner().invoke(verify.main, [*options, *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Outcome(result.exit_code, result.output)
+
+
+def verify_json(dsn: str, *args: str) -> tuple[int, dict[str, Any]]:
+    outcome = run_verify(dsn, "--format=json", *args)
+    return outcome.exit_code, json.loads(outcome.output)
+
+
+def results_of(report: dict[str, Any]) -> dict[str, str]:
+    return {check["name"]: check["result"] for check in report["checks"]}
+
+
+def failed(report: dict[str, Any]) -> set[str]:
+    return {name for name, result in results_of(report).items() if result == "fail"}
+
+
+def results_by_name(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {check["name"]: check for check in report["checks"]}
+
+
+def state(dsn: str) -> tuple[Fingerprint, int]:
+    """Everything verify could have changed: tables, backup, log (and the log's row count)."""
+    conn = connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM public.migration_log")
+            row = cur.fetchone()
+        assert row is not None
+        return fingerprint(conn, include_log=True, include_backup=True), int(row[0])
+    finally:
+        conn.close()
+
+
+@pytest.fixture(scope="module")
+def templates(sandbox: Sandbox,
+              tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A migrated database per schema variant, migrated once, to clone for each test."""
+    names = {variant: f"{sandbox.prefix}_verify_{variant}" for variant in VARIANTS}
+    try:
+        for variant, name in names.items():
+            sandbox.drop_database(name)
+            migrate(sandbox.create_database(name, variant=variant),
+                    tmp_path_factory.mktemp("migration") / "migration.log")
+        yield names
+    finally:
+        for name in names.values():
+            sandbox.drop_database(name)
+
+
+@pytest.fixture
+def migrated_db(sandbox: Sandbox, templates: dict[str, str]) -> Iterator[Callable[[str], str]]:
+    """Makes fresh copies of a migrated database of a variant; yields each copy's owner DSN."""
+    made: list[str] = []
+
+    def make(variant: str = "legacy") -> str:
+        name = f"{templates[variant]}_{next(_COPIES)}"
+        sandbox.admin_execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
+            sql.Identifier(name), sql.Identifier(templates[variant]), sql.Identifier(OWNER_ROLE)))
+        made.append(name)
+        return sandbox.owner_dsn(name)
+
+    try:
+        yield make
+    finally:
+        for name in made:
+            sandbox.drop_database(name)
+
+
+_COPIES = itertools.count(1)
+
+
+@pytest.fixture
+def migrated(migrated_db: Callable[[str], str]) -> str:
+    return migrated_db("legacy")
+
+
+def dbname(dsn: str) -> str:
+    return dsn.rsplit("/", 1)[1]
+
+
+@dataclass(frozen=True)
+class Mutation:
+    """One way to break a migrated database, and the checks that must fail because of it."""
+
+    statement: str
+    fails: frozenset[str]
+    variant: str = "legacy"
+    superuser: bool = False
+
+
+FIRST_JOURNAL = "(SELECT min(id) FROM public.journal_entries)"
+MUTATIONS = {
+    "column_reverted_to_text": Mutation(  # tags.user_id has no FK in this variant
+        "ALTER TABLE public.tags ALTER COLUMN user_id TYPE text",
+        frozenset({"key_columns_uuid"}), variant="legacy_no_fk"),
+    "temporary_column_left": Mutation(
+        "ALTER TABLE public.tags ADD COLUMN user_id_uuid uuid", frozenset({"no_leftovers"})),
+    "primary_key_replaced_by_unique": Mutation(
+        """
+        ALTER TABLE public.users DROP CONSTRAINT users_pkey CASCADE;
+        ALTER TABLE public.users ADD CONSTRAINT users_id_key UNIQUE (id);
+        ALTER TABLE public.journal_entries ADD CONSTRAINT journal_entries_user_id_fkey
+            FOREIGN KEY (user_id) REFERENCES public.users (id) ON DELETE CASCADE;
+        """, frozenset({"primary_key"}), variant="legacy_no_fk"),
+    "foreign_key_dropped": Mutation(
+        "ALTER TABLE public.tags DROP CONSTRAINT tags_user_id_fkey",
+        frozenset({"foreign_keys"})),
+    "foreign_key_not_valid": Mutation(
+        """
+        ALTER TABLE public.reminders DROP CONSTRAINT reminders_user_id_fkey;
+        ALTER TABLE public.reminders ADD CONSTRAINT reminders_user_id_fkey
+            FOREIGN KEY (user_id) REFERENCES public.users (id) ON DELETE SET NULL NOT VALID;
+        """, frozenset({"foreign_keys"})),
+    "orphan_inserted_behind_not_valid_foreign_key": Mutation(
+        """
+        ALTER TABLE public.reminders DROP CONSTRAINT reminders_user_id_fkey;
+        INSERT INTO public.reminders (id, user_id, remind_at)
+            VALUES ('orphan', gen_random_uuid(), now());
+        ALTER TABLE public.reminders ADD CONSTRAINT reminders_user_id_fkey
+            FOREIGN KEY (user_id) REFERENCES public.users (id) ON DELETE SET NULL NOT VALID;
+        """, frozenset({"foreign_keys", "no_orphans", "row_counts", "uuid_values"})),
+    "orphan_in_table_without_foreign_key": Mutation(  # the key differs from the backup too
+        "UPDATE public.tags SET user_id = gen_random_uuid() "
+        "WHERE id = (SELECT min(id) FROM public.tags)",
+        frozenset({"no_orphans", "uuid_values"}), variant="legacy_no_fk"),
+    "index_dropped": Mutation(  # the only index on reminders.user_id
+        "DROP INDEX public.ix_reminders_user_id", frozenset({"fk_indexes"})),
+    "index_invalid": Mutation(  # as a failed CREATE INDEX CONCURRENTLY leaves it
+        "UPDATE pg_index SET indisvalid = false "
+        "WHERE indexrelid = 'public.ix_reminders_user_id'::regclass",
+        frozenset({"fk_indexes", "no_leftovers"}), superuser=True),
+    "index_unusable_for_lookups": Mutation(  # valid, leads with the column, never used:
+        """
+        DROP INDEX public.ix_reminders_user_id;
+        CREATE INDEX ix_reminders_user_id ON public.reminders (user_id) WHERE done;
+        CREATE INDEX ix_reminders_done_user_id ON public.reminders (done, user_id);
+        """, frozenset({"fk_indexes"})),  # a lookup scans the other index from end to end
+    "row_deleted": Mutation(
+        "DELETE FROM public.reminders WHERE id = (SELECT min(id) FROM public.reminders)",
+        frozenset({"row_counts"})),
+    "uuid_changed": Mutation(  # another existing user: no orphan, counts unchanged
+        "UPDATE public.journal_entries SET user_id = (SELECT id FROM public.users "
+        f"WHERE id <> (SELECT user_id FROM public.journal_entries WHERE id = {FIRST_JOURNAL}) "
+        f"ORDER BY id LIMIT 1) WHERE id = {FIRST_JOURNAL}",
+        frozenset({"uuid_values"})),
+    "unfinished_log_entry": Mutation(
+        "INSERT INTO public.migration_log (operation, status) VALUES ('migrate_users', 'running')",
+        frozenset({"migration_log"})),
+    "table_dropped": Mutation(  # a failure, not a crash
+        "DROP TABLE public.reminders",
+        frozenset({"key_columns_uuid", "foreign_keys", "fk_indexes", "row_counts"})),
+}
+
+
+def test_every_check_has_a_mutation() -> None:
+    assert set().union(*(m.fails for m in MUTATIONS.values())) == set(CHECK_NAMES)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_correct_migration_passes_every_check(
+        migrated_db: Callable[[str], str], variant: str) -> None:
+    code, report = verify_json(migrated_db(variant))
+    assert code == 0, report
+    assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+    assert report["passed"] is True
+
+
+@pytest.mark.parametrize("name", list(MUTATIONS))
+def test_each_fault_fails_its_check(
+        sandbox: Sandbox, migrated_db: Callable[[str], str], name: str) -> None:
+    mutation = MUTATIONS[name]
+    dsn = migrated_db(mutation.variant)
+    execute(sandbox.admin_dsn_for(dbname(dsn)) if mutation.superuser else dsn,
+            mutation.statement)
+    code, report = verify_json(dsn)
+    assert code == 1, report
+    assert failed(report) == mutation.fails, json.dumps(report, indent=2)
+    assert report["passed"] is False
+    for check in report["checks"]:
+        if check["result"] == "fail":
+            bad = [f for f in check["findings"] if f["status"] == "fail"]
+            assert bad, check
+            assert all(f["hint"] for f in bad), check
+
+
+def test_a_check_that_reports_nothing_fails(
+        migrated: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The pgTAP runtests() lesson: no result is no pass."""
+    silent = tuple(replace(c, run=lambda ctx: []) if "migration_log" in c.describes else c
+                   for c in checks.CHECKS)
+    monkeypatch.setattr(checks, "CHECKS", silent)
+    code, report = verify_json(migrated)
+    assert code == 1
+    assert failed(report) == {"migration_log"}
+    assert "reported nothing" in results_by_name(report)["migration_log"]["detail"]
+
+
+def test_python_dash_m_exit_codes(migrated: str) -> None:
+    """The real process, as CI runs it: DATABASE_URL from the environment."""
+    env = {**os.environ, "DATABASE_URL": migrated}
+
+    def exit_code() -> int:
+        return subprocess.run([sys.executable, "-m", "migration.verify"], env=env,
+                              capture_output=True, check=False).returncode
+
+    assert exit_code() == 0
+    execute(migrated, MUTATIONS["unfinished_log_entry"].statement)
+    assert exit_code() == 1
+
+
+def test_without_backup_the_comparison_is_skipped_and_strict_fails(
+        migrated: str, tmp_path: Path) -> None:
+    cleanup = CliRunner().invoke(cli.main, ["--operation=cleanup_backup", "--database-url",
+                                            migrated, "-q", "--log-file", str(tmp_path / "l")])
+    assert cleanup.exit_code == 0, cleanup.output
+    code, report = verify_json(migrated)
+    assert code == 0
+    skipped = {n for n, r in results_of(report).items() if r == "skip"}
+    assert skipped == {"row_counts", "uuid_values"}
+    assert "no backup" in results_by_name(report)["row_counts"]["detail"]
+    code, report = verify_json(migrated, "--strict")
+    assert code == 1
+    assert failed(report) == {"row_counts", "uuid_values"}
+
+
+TABLE_ROW = re.compile(r"^(\w+)\s+(pass|fail|skip)\s+(.*)$")
+
+
+def test_json_table_and_junit_reports_agree(migrated: str, tmp_path: Path) -> None:
+    execute(migrated, MUTATIONS["index_dropped"].statement)
+    execute(migrated, MUTATIONS["row_deleted"].statement)
+    junit = tmp_path / "verify.xml"
+    table = run_verify(migrated, "--junit-xml", str(junit))
+    code, report = verify_json(migrated)
+    assert table.exit_code == code == 1
+    rows = [m.groups() for m in map(TABLE_ROW.match, table.output.splitlines()) if m]
+    assert rows == [(c["name"], c["result"], c["detail"]) for c in report["checks"]]
+    for check in report["checks"]:
+        for finding in check["findings"]:
+            if finding["status"] == "fail":  # expected, found, samples, next step
+                as_text = Finding(**{**finding, "status": Status(finding["status"])}).render()
+                assert as_text in table.output
+    assert report["summary"] in table.output
+
+    suite = ET.parse(junit).getroot().find("testsuite")
+    assert suite is not None
+    cases = suite.findall("testcase")
+    assert [case.get("name") for case in cases] == CHECK_NAMES
+    assert {case.get("name") for case in cases if case.find("failure") is not None} \
+        == failed(report) == {"fk_indexes", "row_counts"}
+    assert suite.get("tests") == str(len(CHECK_NAMES))
+    assert suite.get("failures") == "2"
+
+
+def test_selected_checks_only(migrated: str) -> None:
+    code, report = verify_json(migrated, "--check", "migration_log", "--check", "row_counts")
+    assert code == 0
+    assert list(results_of(report)) == ["row_counts", "migration_log"]
+    assert run_verify(migrated, "--check", "no_such_check").exit_code == 2
+
+
+def test_list_checks_documents_every_check() -> None:
+    listing = run_verify(None, "--list-checks", "--format=json")
+    assert listing.exit_code == 0
+    assert json.loads(listing.output) == [
+        {"name": n, "description": d} for n, d in checks.CHECK_NAMES.items()]
+    text = run_verify(None, "--list-checks").output
+    assert all(name in text for name in CHECK_NAMES)
+    assert "Exit codes" in run_verify(None, "--help").output
+
+
+SECRET = "s3cr3t-Pa55"
+
+
+@pytest.mark.parametrize("where", ["no_server", "wrong_password"])
+def test_could_not_run_exits_2_without_the_password(
+        sandbox: Sandbox, where: str, tmp_path: Path) -> None:
+    dsn = (f"postgresql://verifier:{SECRET}@127.0.0.1:1/nothing" if where == "no_server"
+           else with_credentials(sandbox.admin_dsn, user="app_owner", password=SECRET,
+                                 dbname="postgres"))
+    junit = tmp_path / "verify.xml"
+    for fmt in ("table", "json"):
+        outcome = run_verify(dsn, f"--format={fmt}", "--junit-xml", str(junit))
+        assert outcome.exit_code == 2, outcome.output
+        assert SECRET not in outcome.output
+        assert "cannot connect" in outcome.output
+    assert json.loads(outcome.output)["exit_code"] == 2
+    assert SECRET not in junit.read_text()
+    assert ET.parse(junit).getroot().find("testsuite/testcase/error") is not None
+    assert run_verify(None).exit_code == 2  # no database at all: a usage error
+
+
+@pytest.fixture
+def reader(sandbox: Sandbox, migrated: str) -> Iterator[tuple[str, str]]:
+    """A login role that may only SELECT (no USAGE on migration_backup yet): (role, DSN)."""
+    role, password = f"verify_reader_{secrets.token_hex(4)}", secrets.token_urlsafe(12)
+    db = dbname(migrated)
+    sandbox.admin_execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
+        sql.Identifier(role), sql.Literal(password)))
+    admin_db = sandbox.admin_dsn_for(db)
+    execute(admin_db, sql.SQL(
+        "GRANT CONNECT ON DATABASE {db} TO {r}; GRANT USAGE ON SCHEMA public TO {r}; "
+        "GRANT SELECT ON ALL TABLES IN SCHEMA public, migration_backup TO {r}").format(
+        db=sql.Identifier(db), r=sql.Identifier(role)))
+    try:
+        yield role, with_credentials(migrated, user=role, password=password, dbname=db)
+    finally:
+        execute(admin_db, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+        sandbox.admin_execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_a_select_only_role_is_enough_and_nothing_changes(
+        sandbox: Sandbox, migrated: str, reader: tuple[str, str]) -> None:
+    role, dsn = reader
+    with pytest.raises(psycopg2.errors.InsufficientPrivilege):
+        execute(dsn, "DELETE FROM public.migration_log")
+    before = state(migrated)
+    outcome = run_verify(dsn)  # without USAGE on migration_backup: could not run
+    assert outcome.exit_code == 2, outcome.output
+    assert "permission denied for schema migration_backup" in outcome.output
+    execute(sandbox.admin_dsn_for(dbname(migrated)), sql.SQL(
+        "GRANT USAGE ON SCHEMA migration_backup TO {}").format(sql.Identifier(role)))
+    code, report = verify_json(dsn)
+    assert code == 0, report
+    assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+    after = state(migrated)
+    assert before[0].diff(after[0]) == []
+    assert before == after
+
+
+def test_passes_on_a_read_only_database_and_changes_nothing(
+        sandbox: Sandbox, migrated: str) -> None:
+    sandbox.admin_execute(sql.SQL("ALTER DATABASE {} SET default_transaction_read_only = on")
+                          .format(sql.Identifier(dbname(migrated))))
+    with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
+        execute(migrated, "DELETE FROM public.migration_log")
+    before = state(migrated)
+    code, report = verify_json(migrated)
+    assert code == 0, report
+    assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+    after = state(migrated)
+    assert before[0].diff(after[0]) == []
+    assert before == after
+
+
+def test_a_dropped_foreign_key_is_caught_after_the_backup_is_gone(
+        migrated_db: Callable[[str], str]) -> None:
+    """The expected FKs are kept in migration_log, which outlives cleanup_backup."""
+    dsn = migrated_db("legacy")
+    cleaned = CliRunner().invoke(cli.main, ["--operation=cleanup_backup", "--database-url", dsn,
+                                            "-q", "--log-file", os.devnull])
+    assert cleaned.exit_code == 0, cleaned.output
+    execute(dsn, "ALTER TABLE tags DROP CONSTRAINT tags_user_id_fkey")
+    code, report = verify_json(dsn)
+    assert code == 1
+    assert failed(report) == {"foreign_keys"}
+    assert "tags_user_id_fkey" in json.dumps(results_by_name(report)["foreign_keys"])
