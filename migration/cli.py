@@ -79,8 +79,9 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
 @click.option("--operation", "operation", required=True, type=click.Choice(OPERATION_NAMES),
               help="The runbook step to run.")
 @click.option("--database-url", envvar="DATABASE_URL", show_envvar=True,
-              help="PostgreSQL URL of the database to migrate (rehearse: omit it to use a "
-                   "throwaway server).")
+              help="PostgreSQL URL of the database to migrate (rehearse: a server and a role "
+                   "with CREATEDB to create scratch databases on; omit it for a throwaway "
+                   "server).")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Rows per batch (one commit each) when filling the uuid columns.")
 @click.option("--schema", default="public", show_default=True,
@@ -100,10 +101,24 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Report format on standard output.")
+@click.option("--users", default=10_000, show_default=True, type=click.IntRange(min=1),
+              help="rehearse: users in the generated legacy dataset (journal entries, tags "
+                   "and reminders in proportion).")
+@click.option("--clean", is_flag=True, help="rehearse: generate the dataset without the "
+              "planted problems (invalid, colliding and non-canonical ids, orphans).")
+@click.option("--batch-sizes", default="1000,10000,50000", show_default=True,
+              help="rehearse: batch sizes to time (comma-separated); the fastest is used for "
+                   "the final migration.")
+@click.option("--production-rows", metavar="N|TABLE=N,...",
+              help="rehearse: project the downtime for N users (other tables in the "
+                   "rehearsal's proportions), or for users=N,journal_entries=M,...")
+@click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
+              help="rehearse: also write the report to this file, as Markdown.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context
-def main(ctx: click.Context, operation: str, database_url: str | None, **options: Any) -> None:
+def main(ctx: click.Context, /, operation: str, database_url: str | None,
+         **options: Any) -> None:
     """Migrate string UUID keys (VARCHAR(36)) to PostgreSQL's native uuid type,
     following the operators' runbook step by step."""
     setup_file_log(options["log_file"])

@@ -1,0 +1,590 @@
+"""``--operation=rehearse``: the runbook's "Testing Procedures" in one command.
+
+The runbook asks for a staging run of the full migration, rollback tested at
+each step, timing measured for the production data size and the batch size
+tuned.  A rehearsal does all of it on scratch databases it makes itself:
+
+1. a generated legacy dataset (``migration.seed``), with the problems the
+   toolkit exists to catch planted in it unless ``clean``; the dirty dataset
+   uses the schema variant without foreign keys on tags and reminders, so
+   orphans can exist;
+2. ``validate_schema``, then the remedies an operator would apply (bad ids
+   removed or merged in this copy, ``--orphans=quarantine``), then
+   ``validate_schema`` again;
+3. on a clone per batch size tried, the batched steps, timed from
+   ``migration_log``;
+4. the runbook step by step on another clone; after each stage a copy of it
+   is rolled back and its fingerprint compared with the database before the
+   migration;
+5. a final ``full_migration`` with the fastest batch size, and ``verify``
+   (the read-only post-migration check).
+
+Clones are ``CREATE DATABASE ... TEMPLATE`` of the prepared database: a file
+copy, far cheaper than generating the data again.
+
+Where: with no database URL, a throwaway server (Docker when it answers,
+else the embedded wheel) that is removed at the end, also on Ctrl-C.  With a
+URL, the tables of that database are never touched: the URL names a server
+and a role with CREATEDB, on which the rehearsal creates its own databases
+(``uuidmig_rehearse_<random>_*``) and drops them at the end.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import click
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+from psycopg2.extensions import make_dsn
+
+from migration import preflight, throwaway, verify
+from migration.connection import ConnectError, connected, describe_dsn, redact_dsn
+from migration.errors import MigrationError
+from migration.fingerprint import Fingerprint, fingerprint
+from migration.log import logger
+from migration.model import KeyColumn
+from migration.operations import OPERATIONS, quarantine_orphans, run
+from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan
+from migration.rehearse_report import (
+    BATCHED_STEPS,
+    PlantedCheck,
+    Projection,
+    Report,
+    RollbackCheck,
+    Run,
+    StepTiming,
+    as_json,
+    render_markdown,
+    render_text,
+)
+from migration.report import Finding, Status, failures
+from migration.sandbox import OWNER_ROLE, prepare, schema_sql
+from migration.seed import Planted, seed
+from migration.session import Session, Settings
+from migration.sqlexpr import is_uuid, prepare_uuid_checker, uuid_of
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+DEFAULT_BATCH_SIZES = (1000, 10_000, 50_000)
+# Where a rollback is rehearsed from, in the runbook's order.  "quarantine"
+# is the first half of migrate_foreign_keys (orphans moved, nothing converted)
+# and is rehearsed only when there are orphans to quarantine.
+STAGES = ("backup_data", "migrate_users", "quarantine", "migrate_foreign_keys",
+          "validate_migration")
+TRIAL_STEPS = ("backup_data", *BATCHED_STEPS)  # what a batch size trial runs on its clone
+
+Say = Callable[[str], None]
+
+
+def _silent(message: str) -> None:
+    """The progress callback of a quiet rehearsal."""
+
+
+@dataclass(frozen=True)
+class RehearsalOptions:
+    users: int = 10_000
+    dirty: bool = True
+    batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
+    production: Mapping[str, int] | None = None
+    """Rows to project the downtime for (parse_production_rows); None: no projection."""
+    schema: str = "public"
+    orphans: str = "abort"  # validate_schema's first look; orphans found switch to quarantine
+    lock_timeout_ms: int = 3000
+
+    def settings(self, *, batch_size: int, orphans: str) -> Settings:
+        return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
+                        orphans=orphans, show_progress=False)
+
+
+# --- pure parts: options and arithmetic ----------------------------------------------------------
+
+def _count(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected a whole number, got {text.strip()!r}") from None
+
+
+def parse_batch_sizes(text: str) -> tuple[int, ...]:
+    """``"1000,10000"`` -> (1000, 10000), in the order given, without repeats."""
+    sizes = [_count(part) for part in text.split(",") if part.strip()]
+    if not sizes or min(sizes) < 1:
+        raise ValueError(f"expected positive whole numbers separated by commas, got {text!r}")
+    return tuple(dict.fromkeys(sizes))
+
+
+def parse_production_rows(text: str) -> dict[str, int]:
+    """``"1000000"`` (users) or ``"users=1000000,journal_entries=3500000"``.
+
+    The names are the generated dataset's tables (the runbook's plan); tables
+    not named follow users in the rehearsal's proportions, so users must be
+    named unless every table is.
+    """
+    parent, tables = DEFAULT_PARENT[0], (DEFAULT_PARENT[0], *(t for t, _ in DEFAULT_CHILDREN))
+    if "=" not in text:
+        spec = {parent: _count(text)}
+    else:
+        pairs = [part.partition("=") for part in text.split(",")]
+        spec = {table.strip(): _count(count) for table, _, count in pairs}
+    unknown = sorted(spec.keys() - set(tables))
+    if unknown:
+        raise ValueError(f"unknown table(s) {', '.join(unknown)}; the tables are "
+                         f"{', '.join(tables)}")
+    if parent not in spec and spec.keys() != set(tables):
+        raise ValueError(f"give {parent}=N, or every table ({', '.join(tables)})")
+    if min(spec.values()) < 0 or spec.get(parent, 1) < 1:
+        raise ValueError(f"expected positive row counts, got {text!r}")
+    return spec
+
+
+def production_rows(spec: Mapping[str, int], measured: Mapping[str, int],
+                    parent: str) -> dict[str, int]:
+    """Rows per table in production: as given, else in the rehearsal's proportion to ``parent``."""
+    scale = spec[parent] / measured[parent] if parent in spec else 0.0
+    return {table: spec.get(table, round(rows * scale)) for table, rows in measured.items()}
+
+
+def project_downtime(steps: Sequence[StepTiming], measured: Mapping[str, int],
+                     production: Mapping[str, int]) -> Projection:
+    """Each step's measured seconds per row, times the production rows of its tables.
+
+    Linear in rows: each table's share of a step is its production rows at
+    the rate the step achieved over all its tables in the rehearsal.
+    """
+    by_table = dict.fromkeys(production, 0.0)
+    by_step = {}
+    for step in steps:
+        per_row = step.seconds / sum(measured[table] for table in step.tables)
+        shares = {table: production[table] * per_row for table in step.tables}
+        for table, seconds in shares.items():
+            by_table[table] += seconds
+        by_step[step.step] = sum(shares.values())
+    return Projection(rows=dict(production), by_table=by_table, by_step=by_step)
+
+
+def fastest(trials: Sequence[Run]) -> Run:
+    """The trial whose batched steps took least time (failed trials are never chosen)."""
+    return min((t for t in trials if not t.error), key=lambda t: t.batched_seconds)
+
+
+def planted_checks(planted: Planted, findings: Sequence[Finding], plan: Plan) -> list[PlantedCheck]:
+    """Each planted value, and whether a finding of the expected check names it in its samples."""
+    named: dict[tuple[str, str], set[str]] = {}
+    for finding in findings:
+        column = finding.subject.rsplit(".", 1)[-1]
+        values = named.setdefault((finding.check, finding.subject), set())
+        for sample in finding.samples:
+            value = sample.get(column)
+            values.update(map(str, value) if isinstance(value, list) else [str(value)])
+    parent = str(plan.parent)
+    children = {key.table.name: str(key) for key in plan.children}
+    expected = [("invalid_uuid", parent, v) for v in planted.invalid_ids]
+    expected += [("collision", parent, v) for v in planted.colliding_ids]
+    expected += [("non_canonical", parent, v) for v in planted.non_canonical_ids]
+    expected += [("orphans", children[table], v)
+                 for table, values in planted.orphans.items() for v in values]
+    return [PlantedCheck(check, subject, value, value in named.get((check, subject), set()))
+            for check, subject, value in expected]
+
+
+# --- scratch databases ---------------------------------------------------------------------------
+
+@dataclass
+class Scratch:
+    """The databases of one rehearsal on one server, created and dropped by ``admin_dsn``'s role."""
+
+    admin_dsn: str
+    description: str
+    prefix: str
+    owner: str | None = None
+    """The role owning the databases (the migration connects as it); None: the admin role."""
+    owner_password: str | None = None
+    created: list[str] = field(default_factory=list)
+
+    def dsn(self, name: str) -> str:
+        return make_dsn(self.admin_dsn, dbname=name, user=self.owner, password=self.owner_password)
+
+    def create(self, suffix: str, *, template: str = "template0") -> str:
+        name = f"{self.prefix}_{suffix}"
+        owner = (sql.SQL(" OWNER {}").format(sql.Identifier(self.owner)) if self.owner
+                 else sql.SQL(""))
+        self._execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}{}").format(
+            sql.Identifier(name), sql.Identifier(template), owner))
+        self.created.append(name)
+        return name
+
+    def drop(self, name: str) -> None:
+        self._execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+            sql.Identifier(name)))
+        self.created.remove(name)
+
+    def _execute(self, statement: sql.Composable) -> None:
+        with connected(self.admin_dsn, autocommit=True) as conn, conn.cursor() as cur:
+            cur.execute(statement)
+
+
+@contextmanager
+def scratch_databases(database_url: str | None) -> Iterator[Scratch]:
+    """A throwaway server, or scratch databases on the server of ``database_url``."""
+    if database_url is None:
+        with throwaway.running_server() as server:
+            box = prepare(server.admin_dsn, prefix="rehearse")
+            yield Scratch(server.admin_dsn, f"throwaway server, {server.describe()}, removed "
+                          "at the end", "rehearse", OWNER_ROLE, box.owner_password)
+        return
+    _require_createdb(database_url)
+    scratch = Scratch(database_url, f"scratch databases on {describe_dsn(database_url)}, "
+                      "dropped at the end", f"uuidmig_rehearse_{secrets.token_hex(3)}")
+    try:
+        yield scratch
+    finally:
+        _drop_all(scratch)
+
+
+def _require_createdb(database_url: str) -> None:
+    with connected(database_url) as conn, conn.cursor() as cur:
+        cur.execute("SELECT rolcreatedb OR rolsuper FROM pg_roles WHERE rolname = current_user")
+        row = cur.fetchone()
+    if not (row and row[0]):
+        raise MigrationError(
+            f"rehearse with --database-url needs a role with CREATEDB ({describe_dsn(database_url)}"
+            " has none): it creates scratch databases there and never touches that database",
+            hint="give a role with CREATEDB, or omit --database-url to use a throwaway server")
+
+
+def _drop_all(scratch: Scratch) -> None:
+    """Drop what is left (after an interrupt); say what could not be dropped."""
+    for name in list(scratch.created):
+        try:
+            scratch.drop(name)
+        except (ConnectError, psycopg2.Error) as exc:
+            logger.error("rehearse: could not drop %s: %s", name, redact_dsn(str(exc)))
+            click.echo(f"warning: scratch database {name} was not dropped: drop it by hand",
+                       err=True)
+
+
+# --- the steps -----------------------------------------------------------------------------------
+
+def load_dataset(scratch: Scratch, options: RehearsalOptions) -> tuple[str, Planted]:
+    """A new database with the legacy schema and generated data; its name, what was planted."""
+    name = scratch.create("prepared")
+    with connected(scratch.dsn(name)) as conn:
+        with conn, conn.cursor() as cur:
+            schema = sql.Identifier(options.schema)
+            cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}; SET search_path = {}").format(
+                schema, schema))
+            cur.execute(schema_sql("legacy_no_fk" if options.dirty else "legacy"))
+        planted = seed(conn, options.users, schema=options.schema, dirty=options.dirty)
+    return name, planted
+
+
+def validate(session: Session) -> tuple[list[Finding], str]:
+    """validate_schema's findings and message, whether it passed or refused."""
+    try:
+        outcome = run(session, "validate_schema", OPERATIONS["validate_schema"])
+    except MigrationError as exc:
+        return exc.findings, exc.message
+    return outcome.findings, outcome.message
+
+
+def apply_remedies(session: Session,
+                   findings: Sequence[Finding]) -> tuple[list[str], list[Finding]]:
+    """Fix in this copy the failures an operator would fix; (what was done, what has no remedy).
+
+    Orphans need no change here: the rest of the rehearsal runs with
+    ``--orphans=quarantine``.  Everything happens in one transaction.
+    """
+    done, left = [], []
+    keys = {str(key): key for key in session.plan.columns}
+    with session.transaction() as cur:
+        prepare_uuid_checker(cur)
+        for finding in findings:
+            key = keys.get(finding.subject)
+            if finding.check == "orphans":
+                done.append(f"{finding.count} row(s) of {finding.subject} refer to no user: "
+                            "--orphans=quarantine (moved to migration_backup by "
+                            "migrate_foreign_keys, restored by rollback)")
+            elif finding.status is not Status.FAIL:
+                continue
+            elif finding.check == "invalid_uuid" and key is not None:
+                done.append(_remove_invalid(cur, session.plan, key))
+            elif finding.check == "collision" and key == session.plan.parent:
+                done.append(_merge_spellings(cur, session.plan))
+            else:
+                left.append(finding)
+    return done, left
+
+
+def _remove_invalid(cur: Cursor, plan: Plan, key: KeyColumn) -> str:
+    """Delete the rows whose key is no UUID, and for users the rows referring to them."""
+    column = sql.Identifier(key.column)
+    invalid = sql.SQL("{c} IS NOT NULL AND NOT {valid}").format(
+        c=column, valid=is_uuid(cur.connection, column))
+    referring = 0
+    if key == plan.parent:
+        for child in plan.children:
+            cur.execute(sql.SQL("DELETE FROM {} WHERE {} IN (SELECT {} FROM {} WHERE {})").format(
+                child.table.ident, sql.Identifier(child.column), column, key.table.ident, invalid))
+            referring += cur.rowcount
+    cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(key.table.ident, invalid))
+    message = f"removed {cur.rowcount} row(s) of {key.table} whose {key.column} is not a UUID"
+    return message + (f", and {referring} row(s) referring to them" if referring else "")
+
+
+def _merge_spellings(cur: Cursor, plan: Plan) -> str:
+    """Keep one row per UUID among users spelled differently (the canonical spelling if any).
+
+    Rows referring to another spelling are pointed at the one kept, then the
+    other spellings are deleted: the merge the validate_schema hint asks for.
+    """
+    parent, merge = plan.parent, sql.Identifier("pg_temp", "rehearse_merge")
+    column = sql.Identifier(parent.column)
+    as_uuid = uuid_of(cur.connection, column)
+    cur.execute(sql.SQL(
+        "CREATE TEMP TABLE rehearse_merge ON COMMIT DROP AS "
+        "SELECT spelling, keeper FROM (SELECT {c} AS spelling, first_value({c}) OVER "
+        "(PARTITION BY {u} ORDER BY ({u})::text = {c} DESC, {c}) AS keeper "
+        "FROM {t} WHERE {valid}) s WHERE spelling <> keeper").format(
+        c=column, u=as_uuid, t=parent.table.ident, valid=is_uuid(cur.connection, column)))
+    repointed = 0
+    for child in plan.children:
+        cur.execute(sql.SQL("UPDATE {} c SET {col} = m.keeper FROM {} m "
+                            "WHERE c.{col} = m.spelling").format(
+            child.table.ident, merge, col=sql.Identifier(child.column)))
+        repointed += cur.rowcount
+    cur.execute(sql.SQL("DELETE FROM {} p USING {} m WHERE p.{} = m.spelling").format(
+        parent.table.ident, merge, column))
+    return (f"merged {cur.rowcount} duplicate spelling(s) in {parent} into the row kept, "
+            f"{repointed} referring row(s) pointed at it")
+
+
+def step_tables(step: str, plan: Plan) -> tuple[str, ...]:
+    """The tables whose size a step's duration follows."""
+    if step == "migrate_users":
+        return (plan.parent.table.name,)
+    if step == "migrate_foreign_keys":
+        return tuple(dict.fromkeys(key.table.name for key in plan.children))
+    return tuple(table.name for table in plan.tables)
+
+
+def _timings(session: Session, rows: Mapping[str, int], after: int) -> list[StepTiming]:
+    """The steps logged after log row ``after``, timed by their migration_log rows.
+
+    full_migration's own row is left out: each of its steps has a row.
+    """
+    timings = []
+    for entry in reversed(session.log.entries(limit=50)):  # oldest first
+        if entry.id <= after or entry.completed_at is None or entry.operation == "full_migration":
+            continue
+        tables = step_tables(entry.operation, session.plan)
+        timings.append(StepTiming(entry.operation,
+                                  (entry.completed_at - entry.started_at).total_seconds(),
+                                  sum(rows[t] for t in tables), tables))
+    return timings
+
+
+def _error(exc: MigrationError | psycopg2.Error) -> str:
+    if isinstance(exc, MigrationError):
+        return exc.message
+    return redact_dsn(str(exc)).strip()
+
+
+def migrate(dsn: str, steps: Sequence[str], options: RehearsalOptions, rows: Mapping[str, int],
+            *, batch_size: int, orphans: str) -> Run:
+    """The runbook's ``steps`` with one batch size, each timed."""
+    result = Run(batch_size)
+    try:
+        with Session.open(dsn, options.settings(batch_size=batch_size, orphans=orphans),
+                          schema=options.schema) as session:
+            last = max((e.id for e in session.log.entries(limit=1)), default=0)
+            for step in steps:
+                run(session, step, OPERATIONS[step])
+            result.steps = _timings(session, rows, last)
+    except (MigrationError, psycopg2.Error) as exc:
+        result.error = _error(exc)
+    return result
+
+
+def verify_timed(dsn: str, options: RehearsalOptions, plan: Plan,
+                 rows: Mapping[str, int]) -> tuple[list[Finding], StepTiming]:
+    """``verify``, the read-only production check, timed."""
+    started = time.monotonic()
+    findings = verify.run(dsn, options.schema, None)
+    tables = step_tables("verify", plan)
+    return findings, StepTiming("verify", time.monotonic() - started,
+                                sum(rows[t] for t in tables), tables)
+
+
+def _quarantine(session: Session) -> None:
+    """The first half of migrate_foreign_keys: orphans moved to the backup, nothing converted."""
+    quarantine_orphans(session, preflight.check_columns(session, session.plan.children))
+
+
+def rollbacks_from_each_stage(scratch: Scratch, prepared: str, baseline: Fingerprint,
+                              options: RehearsalOptions, *, batch_size: int, orphans: str,
+                              say: Say) -> list[RollbackCheck]:
+    """The runbook step by step on one clone; after each stage a copy of it is rolled back.
+
+    Copying the database at each stage runs every step once, where a fresh
+    clone per stage would run the first steps again for each later stage.
+    """
+    settings = options.settings(batch_size=batch_size, orphans=orphans)
+    chain = scratch.create("stages", template=prepared)
+    checks: list[RollbackCheck] = []
+    try:
+        for stage in STAGES:
+            if stage == "quarantine" and orphans != "quarantine":
+                continue
+            try:
+                with Session.open(scratch.dsn(chain), settings, schema=options.schema) as session:
+                    if stage == "quarantine":
+                        _quarantine(session)
+                    else:
+                        run(session, stage, OPERATIONS[stage])
+            except (MigrationError, psycopg2.Error) as exc:
+                checks.append(RollbackCheck(stage, passed=False,
+                                            message=f"{stage} failed: {_error(exc)}"))
+                break
+            checks.append(rollback_copy(scratch, chain, stage, baseline, settings, options.schema))
+            say(f"rehearse: rollback after {stage}: "
+                + ("passed" if checks[-1].passed else "FAILED"))
+    finally:
+        scratch.drop(chain)
+    return checks
+
+
+def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerprint,
+                  settings: Settings, schema: str) -> RollbackCheck:
+    """A copy of ``source`` rolled back, its fingerprint compared with ``baseline``."""
+    name = scratch.create(f"rollback_{stage}", template=source)
+    try:
+        with Session.open(scratch.dsn(name), settings, schema=schema) as session:
+            outcome = run(session, "rollback", OPERATIONS["rollback"])
+            entry = session.log.entries(limit=1)[0]
+        with connected(scratch.dsn(name), autocommit=True) as conn:
+            differences = baseline.diff(fingerprint(conn))
+    except (MigrationError, psycopg2.Error) as exc:
+        return RollbackCheck(stage, passed=False, message=_error(exc))
+    finally:
+        scratch.drop(name)
+    seconds = ((entry.completed_at or entry.started_at) - entry.started_at).total_seconds()
+    if differences:
+        return RollbackCheck(stage, passed=False, seconds=seconds,
+                             message=f"{len(differences)} difference(s) from the fingerprint",
+                             differences=tuple(differences))
+    return RollbackCheck(stage, passed=True, seconds=seconds,
+                         message=f"{outcome.message}; fingerprint matches")
+
+
+# --- the whole rehearsal -------------------------------------------------------------------------
+
+def rehearse(database_url: str | None, options: RehearsalOptions, say: Say = _silent) -> Report:
+    """The rehearsal on a throwaway server (no URL) or scratch databases; its report."""
+    started = time.monotonic()
+    with scratch_databases(database_url) as scratch:
+        say(f"rehearse: {scratch.description}")
+        report = Report(server=scratch.description, users=options.users, dirty=options.dirty)
+        _rehearse_on(scratch, options, report, say)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, say: Say) -> None:
+    prepared, planted = load_dataset(scratch, options)
+    dsn = scratch.dsn(prepared)
+    say(f"rehearse: {options.users:,} users generated"
+        + (" with planted problems" if options.dirty else ""))
+    with Session.open(dsn, options.settings(batch_size=options.batch_sizes[0],
+                                            orphans=options.orphans),
+                      schema=options.schema) as session:
+        report.found, message = validate(session)
+        say(f"rehearse: validate_schema: {message}")
+        report.planted = planted_checks(planted, report.found, session.plan)
+        report.remedies, report.unremedied = apply_remedies(session, report.found)
+    orphans = ("quarantine" if any(f.check == "orphans" for f in report.found)
+               else options.orphans)
+    with Session.open(dsn, options.settings(batch_size=options.batch_sizes[0], orphans=orphans),
+                      schema=options.schema) as session:
+        report.ready, report.ready_message = validate(session)
+        plan = session.plan
+    say(f"rehearse: after {len(report.remedies)} remedies, validate_schema: "
+        f"{report.ready_message}")
+    if report.unremedied or failures(report.ready):
+        return
+    with connected(dsn, autocommit=True) as conn:
+        baseline = fingerprint(conn)
+    report.rows = {t.name: baseline.data[(t.schema, t.name)].rows for t in plan.tables}
+
+    for size in options.batch_sizes:
+        clone = scratch.create(f"batch_{size}", template=prepared)
+        try:
+            trial = migrate(scratch.dsn(clone), TRIAL_STEPS, options, report.rows,
+                            batch_size=size, orphans=orphans)
+        finally:
+            scratch.drop(clone)
+        report.trials.append(trial)
+        say(f"rehearse: batch size {size:,}: "
+            + (trial.error or f"batched steps {trial.batched_seconds:.2f} s"))
+    if all(t.error for t in report.trials):
+        return
+    best = fastest(report.trials).batch_size
+    report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
+                                                 batch_size=best, orphans=orphans, say=say)
+    report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
+                           orphans=orphans)
+    if report.final.error:
+        return
+    report.verify, timing = verify_timed(dsn, options, plan, report.rows)
+    report.final.steps.append(timing)
+    say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
+        f"{len(failures(report.verify))} failure(s)")
+    if options.production is not None:
+        production = production_rows(options.production, report.rows, plan.parent.table.name)
+        report.projection = project_downtime(report.final.steps, report.rows, production)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def _option(options: Mapping[str, Any], name: str, parse: Callable[[str], Any]) -> Any:
+    """A string option parsed, or a usage error naming the option (exit code 2)."""
+    try:
+        return parse(options[name])
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"'--{name.replace('_', '-')}'") from None
+
+
+def rehearse_command(database_url: str | None, options: Mapping[str, Any]) -> int:
+    """``data-migration --operation=rehearse``: run, print the report, return the exit code."""
+    rehearsal = RehearsalOptions(
+        users=options["users"], dirty=not options["clean"],
+        batch_sizes=_option(options, "batch_sizes", parse_batch_sizes),
+        production=(None if options["production_rows"] is None
+                    else _option(options, "production_rows", parse_production_rows)),
+        schema=options["schema"], orphans=options["orphans"],
+        lock_timeout_ms=options["lock_timeout_ms"])
+    say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
+    try:
+        report = rehearse(database_url, rehearsal, say)
+    except (throwaway.ServerUnavailable, ConnectError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        return EXIT_USAGE
+    except MigrationError as exc:  # --database-url: a role without CREATEDB
+        click.echo(f"error: {exc.message}\nnext: {exc.hint}", err=True)
+        return EXIT_USAGE
+    except psycopg2.Error as exc:  # outside the steps, which report their own errors
+        click.echo(f"error: rehearse failed: {redact_dsn(str(exc)).strip()}", err=True)
+        return EXIT_FAILED
+    verbose = bool(options["verbose"])
+    if options["report"] is not None:
+        Path(options["report"]).write_text(render_markdown(report, verbose=verbose))
+    click.echo(as_json(report) if options["fmt"] == "json"
+               else render_text(report, verbose=verbose))
+    return EXIT_OK if report.passed else EXIT_FAILED

@@ -1,0 +1,255 @@
+"""The rehearsal's report: what it is made of, and how it reads as text, Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from migration.report import Finding, Status, failures
+
+BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
+
+# --- what the report is made of ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepTiming:
+    step: str
+    seconds: float
+    rows: int
+    """Rows of the tables the step works through (``tables``), the basis of its rate."""
+    tables: tuple[str, ...]
+
+    @property
+    def rate(self) -> float:
+        return self.rows / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class Run:
+    """Runbook steps run with one batch size: a trial on a clone, or the final migration."""
+
+    batch_size: int
+    steps: list[StepTiming] = field(default_factory=list)
+    error: str = ""
+
+    @property
+    def seconds(self) -> float:
+        return sum(s.seconds for s in self.steps)
+
+    @property
+    def batched_seconds(self) -> float:
+        """Time of the steps the batch size changes: what choosing a batch size compares."""
+        return sum(s.seconds for s in self.steps if s.step in BATCHED_STEPS)
+
+
+@dataclass(frozen=True)
+class RollbackCheck:
+    stage: str
+    passed: bool
+    message: str
+    seconds: float = 0.0
+    differences: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class PlantedCheck:
+    """One planted problem and whether validate_schema named it."""
+
+    check: str
+    subject: str
+    value: str
+    found: bool
+
+
+@dataclass(frozen=True)
+class Projection:
+    rows: Mapping[str, int]
+    by_table: Mapping[str, float]
+    by_step: Mapping[str, float]
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_step.values())
+
+
+@dataclass
+class Report:
+    server: str
+    users: int
+    dirty: bool
+    rows: dict[str, int] = field(default_factory=dict)
+    found: list[Finding] = field(default_factory=list)
+    planted: list[PlantedCheck] = field(default_factory=list)
+    remedies: list[str] = field(default_factory=list)
+    unremedied: list[Finding] = field(default_factory=list)
+    ready: list[Finding] = field(default_factory=list)
+    ready_message: str = ""
+    trials: list[Run] = field(default_factory=list)
+    rollbacks: list[RollbackCheck] = field(default_factory=list)
+    final: Run | None = None
+    verify: list[Finding] = field(default_factory=list)
+    projection: Projection | None = None
+    seconds: float = 0.0
+
+    def problems(self) -> list[str]:
+        """Everything that makes the rehearsal fail; none means exit code 0."""
+        problems = [f"no remedy for: {f.render().splitlines()[0]}" for f in self.unremedied]
+        problems += [f"still failing after the remedies: {f.render().splitlines()[0]}"
+                     for f in failures(self.ready)]
+        problems += [f"planted but not reported by validate_schema: {p.check} {p.subject} "
+                     f"{p.value!r}" for p in self.planted if not p.found]
+        problems += [f"full_migration with batch size {t.batch_size:,}: {t.error}"
+                     for t in self.trials if t.error]
+        problems += [f"rollback after {r.stage}: {r.message}" for r in self.rollbacks
+                     if not r.passed]
+        if self.final is None:
+            problems.append("the final migration did not run")
+        elif self.final.error:
+            problems.append(f"final migration: {self.final.error}")
+        problems += [f"verify: {f.render().splitlines()[0]}" for f in failures(self.verify)]
+        return problems
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems()
+
+
+# --- the report as text, Markdown and JSON -------------------------------------------------------
+
+@dataclass
+class Section:
+    title: str
+    lines: list[str] = field(default_factory=list)
+    header: tuple[str, ...] = ()
+    rows: list[tuple[str, ...]] = field(default_factory=list)
+    preformatted: bool = False
+    """Lines shown as they are (findings): a code block in Markdown, not a list."""
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.2f} s"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02} min" if hours else f"{minutes} min {secs:02} s"
+
+
+def _finding_lines(findings: Sequence[Finding], *, verbose: bool) -> list[str]:
+    shown = [f for f in findings if verbose or f.status in (Status.FAIL, Status.WARN)]
+    if verbose:
+        return [line for f in shown for line in f.render().splitlines()]
+    return [f.render().splitlines()[0] for f in shown] or ["nothing to report"]
+
+
+def _steps_rows(steps: Sequence[StepTiming]) -> list[tuple[str, ...]]:
+    rows = [(s.step, duration(s.seconds), f"{s.rows:,}", f"{s.rate:,.0f}") for s in steps]
+    return [*rows, ("total", duration(sum(s.seconds for s in steps)), "", "")]
+
+
+def sections(report: Report, *, verbose: bool = False) -> list[Section]:
+    """The report's parts, in the order an operator reads them."""
+    parts = [Section(f"validate_schema on the generated data ({len(failures(report.found))} "
+                     "failure(s))", _finding_lines(report.found, verbose=verbose),
+                     preformatted=True)]
+    if report.dirty:
+        parts.append(Section("Planted problems, named by validate_schema",
+                             header=("check", "column", "value", "named"),
+                             rows=[(p.check, p.subject, repr(p.value), "yes" if p.found else "NO")
+                                   for p in report.planted]))
+    parts.append(Section("Remedies applied to the rehearsal's copy",
+                         [*(report.remedies or ["none needed"]),
+                          f"validate_schema afterwards: {report.ready_message}"]))
+    if report.trials:
+        chosen = report.final.batch_size if report.final else None
+        parts.append(Section("Batch sizes tried (time of migrate_users + migrate_foreign_keys)",
+                             header=("batch size", "time", ""),
+                             rows=[(f"{t.batch_size:,}", t.error or duration(t.batched_seconds),
+                                    "fastest" if t.batch_size == chosen else "")
+                                   for t in report.trials]))
+    if report.rollbacks:
+        parts.append(Section(
+            "Rollback from every stage, fingerprint compared with the database before the "
+            "migration", [f"{r.stage}: {d}" for r in report.rollbacks for d in r.differences],
+            header=("after", "rollback", "time", "result"),
+            rows=[(r.stage, "passed" if r.passed else "FAILED", duration(r.seconds), r.message)
+                  for r in report.rollbacks]))
+    if report.final is not None:
+        lines = [report.final.error] if report.final.error else []
+        if report.verify:
+            lines.append(f"verify: {sum(f.status is Status.PASS for f in report.verify)} "
+                         f"check(s) passed, {len(failures(report.verify))} failed")
+            lines += [f.render().splitlines()[0] for f in failures(report.verify)]
+        parts.append(Section(f"Final migration, batch size {report.final.batch_size:,}", lines,
+                             header=("step", "time", "rows", "rows/s"),
+                             rows=_steps_rows(report.final.steps)))
+    parts.append(_projection_section(report.projection))
+    return parts
+
+
+def _projection_section(projection: Projection | None) -> Section:
+    title = "Projected downtime"
+    if projection is None:
+        return Section(title, ["not requested: pass --production-rows N (users, other tables "
+                               "in the same proportions) or users=N,journal_entries=M,..."])
+    rows = [(t, f"{projection.rows[t]:,}", duration(s)) for t, s in projection.by_table.items()]
+    return Section(title, ["each step's seconds per row in the final migration times the "
+                           "production rows of its tables (linear in rows; verify included)"],
+                   header=("table", "rows", "time"),
+                   rows=[*rows, ("total", f"{sum(projection.rows.values()):,}",
+                                 duration(projection.seconds))])
+
+
+def _headline(report: Report) -> list[str]:
+    verdict = "PASSED" if report.passed else "FAILED"
+    data = "clean" if not report.dirty else "with planted problems"
+    lines = [f"UUID migration rehearsal: {verdict} in {duration(report.seconds)}",
+             f"server: {report.server}",
+             f"dataset: {report.users:,} generated users, {data}"]
+    if report.rows:
+        lines.append("rows after remedies: " + ", ".join(f"{t} {n:,}"
+                                                         for t, n in report.rows.items()))
+    lines += [f"problem: {p}" for p in report.problems()]
+    return lines
+
+
+def _text_table(header: tuple[str, ...], rows: Sequence[tuple[str, ...]]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+            for row in [header, *rows]]
+
+
+def render_text(report: Report, *, verbose: bool = False) -> str:
+    out = _headline(report)
+    for part in sections(report, verbose=verbose):
+        out += ["", part.title + ":"]
+        if part.header:
+            out += ["  " + line for line in _text_table(part.header, part.rows)]
+        out += ["  " + line for line in part.lines]
+    return "\n".join(out)
+
+
+def render_markdown(report: Report, *, verbose: bool = False) -> str:
+    """For a change ticket: the same content, tables as Markdown tables."""
+    head = _headline(report)
+    out = [f"# {head[0]}", "", *(f"- {line}" for line in head[1:])]
+    for part in sections(report, verbose=verbose):
+        out += ["", f"## {part.title}", ""]
+        if part.header:
+            cells = [part.header, tuple("---" for _ in part.header), *part.rows]
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+                    for row in cells] + [""]
+        if part.preformatted:
+            out += ["```", *part.lines, "```"]
+        else:
+            out += [f"- {line}" for line in part.lines]
+    return "\n".join(out) + "\n"
+
+
+def as_json(report: Report) -> str:
+    data = {"passed": report.passed, "problems": report.problems(), **asdict(report)}
+    if report.projection is not None:
+        data["projection"]["seconds"] = report.projection.seconds
+    return json.dumps(data, default=str, indent=2)
+
+

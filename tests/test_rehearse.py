@@ -1,0 +1,281 @@
+"""rehearse: the whole runbook on scratch databases, its report, and its clean-up."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import pytest
+from click.testing import CliRunner
+from psycopg2.extensions import parse_dsn
+
+from migration import rehearse as rehearse_module
+from migration import throwaway
+from migration.cli import main
+from migration.connection import ConnectError, connect, connected
+from migration.errors import MigrationError
+from migration.fingerprint import fingerprint
+from migration.operations import OPERATIONS, run
+from migration.plan import build_plan
+from migration.rehearse import (
+    STAGES,
+    RehearsalOptions,
+    Report,
+    Scratch,
+    StepTiming,
+    parse_batch_sizes,
+    parse_production_rows,
+    planted_checks,
+    production_rows,
+    project_downtime,
+    rehearse,
+    render_markdown,
+    render_text,
+    rollback_copy,
+)
+from migration.report import Finding, Status
+from migration.sandbox import OWNER_ROLE, Sandbox
+from migration.seed import Planted, seed
+from migration.session import Session, Settings
+from migration.throwaway import Server
+
+SMALL = {"users": 200, "batch_sizes": (100, 1000)}
+
+
+# --- the arithmetic and the options --------------------------------------------------------------
+
+def test_projection_scales_each_step_by_its_own_tables() -> None:
+    steps = [StepTiming("backup_data", 3.0, 300, ("users", "journal_entries")),
+             StepTiming("migrate_users", 1.0, 100, ("users",))]
+    measured = {"users": 100, "journal_entries": 200}
+    projection = project_downtime(steps, measured, {"users": 1000, "journal_entries": 4000})
+    # backup_data: 3 s / 300 rows = 0.01 s a row; migrate_users: 0.01 s a user.
+    assert projection.by_step == pytest.approx({"backup_data": 50.0, "migrate_users": 10.0})
+    assert projection.by_table == pytest.approx({"users": 20.0, "journal_entries": 40.0})
+    assert projection.seconds == pytest.approx(60.0)
+
+
+def test_production_rows_follow_users_in_the_rehearsal_proportions() -> None:
+    measured = {"users": 100, "journal_entries": 300, "tags": 100, "reminders": 100}
+    assert production_rows({"users": 1000}, measured, "users") == {
+        "users": 1000, "journal_entries": 3000, "tags": 1000, "reminders": 1000}
+    assert production_rows({"users": 1000, "tags": 7}, measured, "users")["tags"] == 7
+
+
+def test_option_parsing() -> None:
+    assert parse_batch_sizes("1000, 50000,1000") == (1000, 50000)
+    assert parse_production_rows("1_000_000") == {"users": 1_000_000}
+    assert parse_production_rows("users=10,tags=5") == {"users": 10, "tags": 5}
+    every = "users=1,journal_entries=2,tags=3,reminders=4"
+    assert parse_production_rows(every)["reminders"] == 4
+    for bad in ("0", "", "10,-1"):
+        with pytest.raises(ValueError, match="positive whole numbers"):
+            parse_batch_sizes(bad)
+    with pytest.raises(ValueError, match="expected a whole number, got 'ten'"):
+        parse_batch_sizes("100, ten")
+    with pytest.raises(ValueError, match="expected a whole number, got '1e6'"):
+        parse_production_rows("users=1e6")
+    with pytest.raises(ValueError, match="unknown table"):
+        parse_production_rows("users=1,accounts=2")
+    with pytest.raises(ValueError, match="give users=N"):
+        parse_production_rows("tags=5")
+    with pytest.raises(ValueError, match="positive"):
+        parse_production_rows("0")
+
+
+def test_a_planted_problem_not_reported_fails_the_rehearsal(legacy_no_fk_db: str) -> None:
+    with connected(legacy_no_fk_db) as conn:
+        plan = build_plan(conn)
+    planted = Planted(invalid_ids=["not-a-uuid", "1234"],
+                      orphans={"tags": ["00000000-0000-4000-8000-000000000001"]})
+    findings = [Finding("invalid_uuid", Status.FAIL, "", subject="public.users.id",
+                        samples=[{"table": "public.users", "id": "not-a-uuid"}])]
+    checks = planted_checks(planted, findings, plan)
+    assert [(c.value, c.found) for c in checks] == [
+        ("not-a-uuid", True), ("1234", False), ("00000000-0000-4000-8000-000000000001", False)]
+    report = Report(server="", users=1, dirty=True, planted=checks)
+    assert any("'1234'" in problem for problem in report.problems())
+    assert not report.passed
+
+
+# --- the rollback comparison sees what a rollback leaves behind ----------------------------------
+
+@pytest.mark.parametrize("leftover", [False, True])
+def test_rollback_copy_compares_the_fingerprint(sandbox: Sandbox, request: pytest.FixtureRequest,
+                                                *, leftover: bool) -> None:
+    scratch = Scratch(sandbox.admin_dsn, "test", f"{sandbox.prefix}_rb{int(leftover)}",
+                      OWNER_ROLE, sandbox.owner_password)
+    source = scratch.create("source", template=sandbox.template("legacy"))
+    try:
+        with connected(scratch.dsn(source)) as conn:
+            seed(conn, 20)
+            with conn, conn.cursor() as cur:
+                baseline = fingerprint(conn)
+                if leftover:  # something rollback does not undo
+                    cur.execute("CREATE TABLE public.stray (n int)")
+        with Session.open(scratch.dsn(source), Settings(show_progress=False)) as session:
+            run(session, "backup_data", OPERATIONS["backup_data"])
+            run(session, "migrate_users", OPERATIONS["migrate_users"])
+        check = rollback_copy(scratch, source, "migrate_users", baseline,
+                              Settings(show_progress=False), "public")
+    finally:
+        scratch.drop(source)
+    assert check.passed is not leftover
+    assert check.differences == (("table public.stray: added",) if leftover else ())
+    assert scratch.created == []
+
+
+# --- whole rehearsals ----------------------------------------------------------------------------
+
+Recorded = list[tuple[Server, str]]
+
+
+@pytest.fixture
+def servers(monkeypatch: pytest.MonkeyPatch) -> Recorded:
+    """The throwaway servers rehearse starts, with their data directories."""
+    started: Recorded = []
+    real = throwaway.start_server
+
+    def recording(*args: Any, **kwargs: Any) -> Server:
+        server = real(*args, **kwargs)
+        with connected(server.admin_dsn) as conn, conn.cursor() as cur:
+            cur.execute("SHOW data_directory")
+            started.append((server, str((cur.fetchone() or [""])[0])))
+        return server
+
+    monkeypatch.setattr(throwaway, "start_server", recording)
+    return started
+
+
+def assert_gone(started: Recorded) -> None:
+    (server, data_directory), = started
+    with pytest.raises(ConnectError):
+        connect(server.admin_dsn).close()
+    if server.backend != "docker":  # a container's folder is not on this machine
+        assert not Path(data_directory).exists()
+
+
+@pytest.fixture
+def planted(monkeypatch: pytest.MonkeyPatch) -> list[Planted]:
+    """What the generated dataset of a rehearsal holds on purpose."""
+    seen: list[Planted] = []
+    real: Callable[..., Planted] = seed
+
+    def recording(*args: Any, **kwargs: Any) -> Planted:
+        seen.append(real(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(rehearse_module, "seed", recording)
+    return seen
+
+
+def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
+        servers: Recorded, planted: list[Planted]) -> None:
+    report = rehearse(None, RehearsalOptions(**SMALL, dirty=True,  # type: ignore[arg-type]
+                                             production={"users": 100_000}))
+    assert report.problems() == []
+    (generated,) = planted
+    expected = [*generated.invalid_ids, *generated.colliding_ids, *generated.non_canonical_ids,
+                *(v for values in generated.orphans.values() for v in values)]
+    assert len(expected) >= 10
+    assert set(generated.orphans) == {"tags", "reminders"}
+    assert [p.value for p in report.planted] == expected
+    assert all(p.found for p in report.planted)
+    text = render_text(report)
+    assert all(repr(value) in text for value in expected)
+    assert [r.stage for r in report.rollbacks] == list(STAGES)
+    assert all(r.passed and r.message.endswith("fingerprint matches") for r in report.rollbacks)
+    assert "2 quarantined rows restored" in report.rollbacks[-1].message
+    assert report.rows == {"users": 200, "journal_entries": 600, "tags": 200, "reminders": 200}
+    assert report.final is not None
+    assert [s.step for s in report.final.steps] == [
+        "validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
+        "validate_migration", "verify"]
+    assert report.projection is not None
+    assert report.projection.rows["journal_entries"] == 300_000
+    assert "| users | 100,000 |" in render_markdown(report)
+    assert_gone(servers)
+
+
+def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_db: str) -> None:
+    """A URL names a server to make scratch databases on; its own database is not touched."""
+    with connected(legacy_db) as conn:
+        seed(conn, 30)
+        before = fingerprint(conn)
+    given = sandbox.admin_dsn_for(parse_dsn(legacy_db)["dbname"])
+    report = rehearse(given, RehearsalOptions(**SMALL, dirty=False))  # type: ignore[arg-type]
+    assert report.problems() == []
+    assert [f for f in report.found if f.status in (Status.FAIL, Status.WARN)] == []
+    assert report.planted == []
+    assert report.remedies == []
+    assert [r.stage for r in report.rollbacks] == [s for s in STAGES if s != "quarantine"]
+    assert all(r.passed for r in report.rollbacks)
+    assert report.projection is None
+    with connected(legacy_db) as conn:
+        assert fingerprint(conn).diff(before) == []
+        with conn.cursor() as cur:
+            cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'uuidmig_rehearse%'")
+            assert cur.fetchall() == []
+
+
+def test_a_url_whose_role_cannot_create_databases_is_refused(legacy_db: str) -> None:
+    with pytest.raises(MigrationError, match="CREATEDB"):
+        rehearse(legacy_db, RehearsalOptions(users=1))
+
+
+def test_the_throwaway_server_is_removed_after_an_interrupt(
+        servers: Recorded, monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> NoReturn:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(rehearse_module, "rollbacks_from_each_stage", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rehearse(None, RehearsalOptions(users=50, batch_sizes=(1000,)))
+    assert_gone(servers)
+
+
+# --- the command ---------------------------------------------------------------------------------
+
+def test_quickstart_command_end_to_end(tmp_path: Path) -> None:
+    """The README's first command (the installed console script), small."""
+    command = [str(Path(sys.executable).with_name("data-migration")), "--operation=rehearse",
+               "--users", "200", "--batch-sizes", "100,1000", "--production-rows", "1000000",
+               "--format=json", "--report", "ticket.md", "--log-file", "migration.log"]
+    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    report = json.loads(done.stdout)
+    assert report["passed"] is True
+    assert report["problems"] == []
+    assert {p["check"] for p in report["planted"]} == {
+        "invalid_uuid", "collision", "non_canonical", "orphans"}
+    assert [r["stage"] for r in report["rollbacks"]] == list(STAGES)
+    assert report["projection"]["rows"]["users"] == 1_000_000
+    ticket = (tmp_path / "ticket.md").read_text()
+    assert ticket.startswith("# UUID migration rehearsal: PASSED")
+    assert "## Projected downtime" in ticket
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--batch-sizes", "0", "positive whole numbers"),
+    ("--production-rows", "accounts=5", "unknown table"),
+])
+def test_bad_option_values_are_usage_errors(tmp_path: Path, option: str, value: str,
+                                            message: str) -> None:
+    result = CliRunner().invoke(main, ["--operation=rehearse", option, value,
+                                       "--log-file", str(tmp_path / "log")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+
+
+def test_rehearse_command_exit_code_2_when_the_url_cannot_be_used(tmp_path: Path,
+                                                                   legacy_db: str) -> None:
+    result = CliRunner().invoke(main, ["--operation=rehearse", "--database-url", legacy_db,
+                                       "--log-file", str(tmp_path / "log")])
+    assert result.exit_code == 2
+    assert "CREATEDB" in result.output
+
