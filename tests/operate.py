@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from click.testing import CliRunner
+from psycopg2 import sql
 
 from migration.cli import main
 from migration.connection import Connection, connect
@@ -53,7 +54,8 @@ def connected(dsn: str, *, autocommit: bool = True) -> Iterator[Connection]:
         conn.close()
 
 
-def execute(dsn: str, statement: str, params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+def execute(dsn: str, statement: str | sql.Composable,
+            params: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
     """One statement in its own connection; the rows it returns, if any."""
     with connected(dsn) as conn, conn.cursor() as cur:
         cur.execute(statement, params)

@@ -29,8 +29,9 @@ from migration import checks, cli, verify
 from migration.connection import connect
 from migration.fingerprint import Fingerprint, fingerprint
 from migration.report import Finding, Status
-from migration.sandbox import OWNER_ROLE, Sandbox, with_credentials
+from migration.sandbox import Sandbox, with_credentials
 from migration.seed import seed
+from tests.operate import execute
 
 USERS = 50
 VARIANTS = ("legacy", "legacy_no_fk")
@@ -53,15 +54,6 @@ def migrate(dsn: str, log: Path) -> None:
     result = CliRunner().invoke(cli.main, ["--operation=full_migration", "--database-url", dsn,
                                            "-q", "--log-file", str(log)])
     assert result.exit_code == 0, result.output
-
-
-def execute(dsn: str, statement: str | sql.Composable) -> None:
-    conn = connect(dsn, autocommit=True)
-    try:
-        with conn.cursor() as cur:
-            cur.execute(statement)
-    finally:
-        conn.close()
 
 
 def run_verify(dsn: str | None, *args: str) -> Outcome:
@@ -126,10 +118,8 @@ def migrated_db(sandbox: Sandbox, templates: dict[str, str]) -> Iterator[Callabl
 
     def make(variant: str = "legacy") -> str:
         name = f"{templates[variant]}_{next(_COPIES)}"
-        sandbox.admin_execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}").format(
-            sql.Identifier(name), sql.Identifier(templates[variant]), sql.Identifier(OWNER_ROLE)))
         made.append(name)
-        return sandbox.owner_dsn(name)
+        return sandbox.clone(templates[variant], name)
 
     try:
         yield make
