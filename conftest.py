@@ -51,7 +51,6 @@ def pytest_configure(config: pytest.Config) -> None:
                               ryuk=ryuk)
     except ServerUnavailable as exc:
         pytest.exit(f"PostgreSQL unavailable, nothing was tested.\n{exc}", returncode=3)
-    _state["server"] = server
     worker = getattr(config, "workerinput", {}).get("workerid", "main")
     try:
         _state["sandbox"] = prepare(server.admin_dsn, prefix=f"uuidmig_{worker}")
@@ -59,6 +58,7 @@ def pytest_configure(config: pytest.Config) -> None:
         server.stop()
         pytest.exit(f"could not prepare the test databases on {server.describe()}: {exc}",
                     returncode=3)
+    _state["server"] = server
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

