@@ -352,3 +352,39 @@ def test_a_read_only_role_cannot_run_a_changing_operation(legacy_db: str,
     result = operate(reader, "backup_data")
     assert result.exit_code == 1
     assert "permission denied" in result.output
+
+
+@pytest.mark.parametrize(("blocker", "name"), [
+    ("CREATE VIEW user_ids AS SELECT id FROM users", "view or rule public.user_ids"),
+    ("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
+     "CREATE TRIGGER users_touch BEFORE UPDATE OF id ON users "
+     "FOR EACH ROW EXECUTE FUNCTION touch()", "trigger users_touch"),
+    ("ALTER TABLE users ADD CONSTRAINT users_id_length CHECK (length(id) = 36)",
+     "constraint users_id_length"),
+    ("ALTER TABLE users ENABLE ROW LEVEL SECURITY;"
+     "CREATE POLICY own_rows ON users USING (id = current_user)", "policy own_rows"),
+], ids=["view", "trigger", "check", "policy"])
+def test_objects_the_swap_cannot_carry_are_refused_by_name(
+        legacy_db: str, blocker: str, name: str) -> None:
+    seeded(legacy_db, 5)
+    execute(legacy_db, blocker)
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1
+    assert f"blocker public.users.id: {name} depends on the column" in result.output
+    assert print_of(legacy_db, include_backup=True) == before
+
+
+def test_a_child_that_spells_its_parent_differently_is_reported_and_kept(
+        legacy_no_fk_db: str) -> None:
+    seeded(legacy_no_fk_db, 5)
+    user = str(execute(legacy_no_fk_db, "SELECT min(id) FROM users")[0][0])
+    execute(legacy_no_fk_db, "UPDATE tags SET user_id = upper(user_id) WHERE user_id = %s",
+            (user,))
+    report = run_ok(legacy_no_fk_db, "validate_schema", "--verbose").output
+    assert "respelled_reference public.tags.user_id" in report
+    assert user.upper() in report
+    assert "MiB of free disk needed" in report
+    run_ok(legacy_no_fk_db, "full_migration")
+    assert execute(legacy_no_fk_db, "SELECT count(*) FROM tags t JOIN users u ON u.id = t.user_id "
+                                    "WHERE u.id::text = %s", (user,)) == [(1,)]
