@@ -19,7 +19,7 @@ from migration.catalog import ColumnState
 from migration.model import KeyColumn
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
-from migration.sqlexpr import column_list, is_uuid, prepare_uuid_checker, uuid_of
+from migration.sqlexpr import UuidReader, column_list, is_uuid, prepare_uuid_checker, reader
 
 
 def samples_query(
@@ -39,29 +39,35 @@ def samples_query(
     return (int(rows[0][0]) if rows else 0), samples
 
 
-def parent_uuid_expr(cur: Cursor, parent: KeyColumn) -> sql.Composable:
-    """The parent key as a uuid, whatever stage the parent column is in."""
-    column = sql.Identifier("p", parent.column)
-    if catalog.column_state(cur.connection, parent) is ColumnState.UUID:
-        return column
-    return uuid_of(cur.connection, column)
+def key_reader(cur: Cursor, key: KeyColumn) -> UuidReader:
+    """How to read a key column as uuid, whatever stage it is in."""
+    if catalog.column_state(cur.connection, key) is ColumnState.UUID:
+        return UuidReader(cur.connection, every_value_casts=True)  # the cast is a no-op
+    return reader(cur, key.table.ident, key.column)
 
 
-def orphan_condition(cur: Cursor, key: KeyColumn, parent: KeyColumn) -> sql.Composable:
-    """Rows of ``key.table`` (alias t) whose valid UUID matches no parent row."""
-    conn = cur.connection
+def orphan_condition(cur: Cursor, key: KeyColumn, parent: KeyColumn,
+                     readers: tuple[UuidReader, UuidReader] | None = None) -> sql.Composable:
+    """Rows of ``key.table`` (alias t) whose valid UUID matches no parent row.
+
+    ``readers`` (child's, parent's) saves probing the columns again.
+    """
+    child_reader, parent_reader = readers or (key_reader(cur, key), key_reader(cur, parent))
     col = sql.Identifier("t", key.column)
-    return sql.SQL("{col} IS NOT NULL AND {valid} AND NOT EXISTS "
-                   "(SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})").format(
-        col=col, valid=is_uuid(conn, col), parent=parent.table.ident,
-        puuid=parent_uuid_expr(cur, parent), cuuid=uuid_of(conn, col))
+    return sql.SQL("{valid} AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})"
+                   ).format(valid=child_reader.valid(col), parent=parent.table.ident,
+                            puuid=parent_reader.cast(sql.Identifier("p", parent.column)),
+                            cuuid=child_reader.cast(col))
 
 
-def value_findings(session: Session, cur: Cursor, key: KeyColumn) -> list[Finding]:
-    """Invalid, non-canonical, colliding, orphaned and respelled values of one string column."""
+def value_findings(session: Session, cur: Cursor, key: KeyColumn, *,
+                   warnings: bool) -> list[Finding]:
+    """Invalid, colliding, orphaned values of one string column; with ``warnings`` also
+    the non-canonical spellings and the children that spell their parent differently."""
     conn = session.conn
     pk = catalog.primary_key(conn, key.table)
     col = sql.Identifier("t", key.column)
+    values = key_reader(cur, key)
     findings: list[Finding] = []
 
     def add(check: str, status: Status, where: sql.Composable, message: str, hint: str) -> int:
@@ -71,37 +77,40 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn) -> list[Findin
                                     subject=str(key), count=count, samples=samples, hint=hint))
         return count
 
-    add("invalid_uuid", Status.FAIL,
-        sql.SQL("{} IS NOT NULL AND NOT {}").format(col, is_uuid(conn, col)),
-        "{count} value(s) are not UUIDs PostgreSQL accepts",
-        "correct or remove these rows, then run validate_schema again")
-    add("non_canonical", Status.WARN,
-        sql.SQL("({})::text <> {}").format(uuid_of(conn, col), col),
-        "{count} value(s) are spelled non-canonically (case, braces or hyphens); "
-        "the uuid type keeps only the value, the original spelling stays in the backup",
-        "nothing to do unless the application compares these strings verbatim")
+    if not values.every_value_casts:
+        add("invalid_uuid", Status.FAIL,
+            sql.SQL("{} IS NOT NULL AND NOT {}").format(col, is_uuid(conn, col)),
+            "{count} value(s) are not UUIDs PostgreSQL accepts",
+            "correct or remove these rows, then run validate_schema again")
+    if warnings:
+        add("non_canonical", Status.WARN,
+            sql.SQL("({})::text <> {}").format(values.cast(col), col),
+            "{count} value(s) are spelled non-canonically (case, braces or hyphens); "
+            "the uuid type keeps only the value, the original spelling stays in the backup",
+            "nothing to do unless the application compares these strings verbatim")
     for index in unique_indexes(conn, key):
-        findings += collision_findings(cur, key, pk, index)
-    if key != session.plan.parent:
-        parent = session.plan.parent
-        parent_uuid = parent_uuid_expr(cur, parent)
-        orphan = orphan_condition(cur, key, parent)
-        quarantine = session.settings.orphans == "quarantine"
-        add("orphans", Status.WARN if quarantine else Status.FAIL, orphan,
-            "{count} row(s) refer to no " + str(parent)
-            + (" and will be moved to quarantine" if quarantine else ""),
-            "delete them or point them at existing users, or run migrate_foreign_keys "
-            "with --orphans=quarantine (kept in migration_backup, restored by rollback)")
-        if catalog.column_state(conn, parent) is not ColumnState.UUID:
-            add("respelled_reference", Status.INFO, sql.SQL(
-                "{col} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {pcol} = {col})"
-                " AND EXISTS (SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})").format(
-                    col=col, parent=parent.table.ident,
-                    pcol=sql.Identifier("p", parent.column), puuid=parent_uuid,
-                    cuuid=uuid_of(conn, col)),
-                "{count} value(s) match their parent only once both are uuids "
-                "(another spelling of the same UUID); they will refer to it after the migration",
-                "nothing to do; the backup keeps the original spelling")
+        findings += collision_findings(cur, key, values, index)
+    if key == session.plan.parent:
+        return findings
+    parent = session.plan.parent
+    parents = key_reader(cur, parent)
+    quarantine = session.settings.orphans == "quarantine"
+    add("orphans", Status.WARN if quarantine else Status.FAIL,
+        orphan_condition(cur, key, parent, (values, parents)),
+        "{count} row(s) refer to no " + str(parent)
+        + (" and will be moved to quarantine" if quarantine else ""),
+        "delete them or point them at existing users, or run migrate_foreign_keys "
+        "with --orphans=quarantine (kept in migration_backup, restored by rollback)")
+    if warnings and catalog.column_state(conn, parent) is not ColumnState.UUID:
+        add("respelled_reference", Status.INFO, sql.SQL(
+            "{col} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {pcol} = {col})"
+            " AND EXISTS (SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})").format(
+                col=col, parent=parent.table.ident, pcol=sql.Identifier("p", parent.column),
+                puuid=parents.cast(sql.Identifier("p", parent.column)),
+                cuuid=values.cast(col)),
+            "{count} value(s) match their parent only once both are uuids "
+            "(another spelling of the same UUID); they will refer to it after the migration",
+            "nothing to do; the backup keeps the original spelling")
     return findings
 
 
@@ -124,11 +133,10 @@ def unique_indexes(conn: Any, key: KeyColumn) -> list[list[str]]:
         return [list(cols) for (cols,) in cur.fetchall()]
 
 
-def collision_findings(cur: Cursor, key: KeyColumn, pk: list[str],
+def collision_findings(cur: Cursor, key: KeyColumn, values: UuidReader,
                        unique_cols: list[str]) -> list[Finding]:
     """Rows whose unique key becomes equal once the key column is a uuid."""
-    conn = cur.connection
-    keyed = [uuid_of(conn, sql.Identifier(c)) if c == key.column else sql.Identifier(c)
+    keyed = [values.cast(sql.Identifier(c)) if c == key.column else sql.Identifier(c)
              for c in unique_cols]
     cur.execute(
         sql.SQL(
@@ -137,7 +145,7 @@ def collision_findings(cur: Cursor, key: KeyColumn, pk: list[str],
             "  FROM {table} WHERE {valid}"
             "  GROUP BY {keyed} HAVING count(*) > 1) g ORDER BY 2 LIMIT %s").format(
             cols=sql.Identifier("spellings"), col=sql.Identifier(key.column),
-            table=key.table.ident, valid=is_uuid(conn, sql.Identifier(key.column)),
+            table=key.table.ident, valid=values.valid(sql.Identifier(key.column)),
             keyed=sql.SQL(", ").join(keyed)),
         (SAMPLE_LIMIT,),
     )
@@ -177,8 +185,10 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
     return findings
 
 
-def check_columns(session: Session, keys: tuple[KeyColumn, ...]) -> list[Finding]:
-    """Schema and data findings for the given key columns (read-only)."""
+def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
+                  warnings: bool = False) -> list[Finding]:
+    """Schema and data findings for the given key columns (read-only); the steps ask
+    only for what blocks them, validate_schema for the warnings too."""
     findings: list[Finding] = []
     with session.transaction() as cur:
         prepare_uuid_checker(cur)
@@ -188,7 +198,7 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...]) -> list[Finding
             if any(f.status is Status.FAIL for f in column):
                 continue
             if catalog.column_state(session.conn, key) is not ColumnState.UUID:
-                findings += value_findings(session, cur, key)
+                findings += value_findings(session, cur, key, warnings=warnings)
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
     return findings
 
@@ -202,7 +212,7 @@ def validate_schema(session: Session) -> list[Finding]:
         findings.append(Finding("plan", Status.INFO,
                                 f"added to the plan: a foreign key references "
                                 f"{session.plan.parent}", subject=str(key)))
-    findings += check_columns(session, session.plan.columns)
+    findings += check_columns(session, session.plan.columns, warnings=True)
     if all(catalog.table_exists(conn, t) for t in session.plan.tables):
         findings.append(space_finding(session))
     return findings

@@ -7,6 +7,9 @@ inside a plpgsql exception block (a function in ``pg_temp``) before that.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
@@ -46,6 +49,42 @@ def is_uuid(conn: Connection, value: sql.Composable) -> sql.Composable:
 def uuid_of(conn: Connection, value: sql.Composable) -> sql.Composable:
     """``value::uuid`` where PostgreSQL accepts it, NULL elsewhere (never an error)."""
     return sql.SQL("CASE WHEN {} THEN ({})::uuid END").format(is_uuid(conn, value), value)
+
+
+@dataclass(frozen=True)
+class UuidReader:
+    """How to read one string column as uuid.
+
+    Where every value of the column casts (the usual case, found by one bulk
+    cast) a plain cast is used, which is fast; otherwise each value is tested
+    first, which on servers before 16 costs a subtransaction per row.
+    """
+
+    conn: Connection
+    every_value_casts: bool
+
+    def valid(self, value: sql.Composable) -> sql.Composable:
+        if self.every_value_casts:
+            return sql.SQL("{} IS NOT NULL").format(value)
+        return sql.SQL("({} IS NOT NULL AND {})").format(value, is_uuid(self.conn, value))
+
+    def cast(self, value: sql.Composable) -> sql.Composable:
+        if self.every_value_casts:
+            return sql.SQL("({})::uuid").format(value)
+        return uuid_of(self.conn, value)
+
+
+def reader(cur: Cursor, table: sql.Identifier, column: str) -> UuidReader:
+    """Try the bulk cast of the column in a savepoint and say how to read it."""
+    cur.execute("SAVEPOINT bulk_cast")
+    try:
+        cur.execute(sql.SQL("SELECT count(({})::uuid) FROM {}").format(
+            sql.Identifier(column), table))
+    except psycopg2.errors.InvalidTextRepresentation:
+        cur.execute("ROLLBACK TO SAVEPOINT bulk_cast")
+        return UuidReader(cur.connection, every_value_casts=False)
+    cur.execute("RELEASE SAVEPOINT bulk_cast")
+    return UuidReader(cur.connection, every_value_casts=True)
 
 
 def column_list(names: list[str], prefix: str | None = None) -> sql.Composable:
