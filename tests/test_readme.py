@@ -1,0 +1,39 @@
+"""The README's quickstart stays true: its commands are the ones CI and the tests run."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def quickstart() -> list[str]:
+    """The two commands of the README's quickstart, in order."""
+    text = (PROJECT / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = section.split("```bash\n")[1:]
+    return [block.split("```", 1)[0].strip() for block in blocks]
+
+
+def test_ci_runs_the_readmes_test_command() -> None:
+    _, tests = quickstart()
+    ci = (PROJECT / ".ci" / "run").read_text().splitlines()
+    assert tests in ci
+
+
+def test_the_readmes_main_job_runs(tmp_path: Path) -> None:
+    """The first command after its install step, with the installed console script."""
+    main_job, _ = quickstart()
+    install, run = main_job.split(" && ")
+    assert install == "python3 -m pip install '.[embedded]'"
+    words = shlex.split(run)
+    assert words[0] == "data-migration"
+    script = Path(sys.executable).with_name("data-migration")
+    done = subprocess.run([str(script), *words[1:], "--log-file", "migration.log"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "UUID migration rehearsal: PASSED" in done.stdout
+    assert "Projected downtime" in done.stdout
