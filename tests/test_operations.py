@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -255,14 +254,12 @@ def test_a_locked_table_makes_ddl_time_out_and_retry(legacy_db: str, tmp_path: P
     releaser.start()
     log = tmp_path / "run.log"
     try:
-        started = time.monotonic()
         result = operate(legacy_db, "migrate_users", "--lock-timeout=100", log_file=log)
     finally:
         releaser.join()
         blocker.close()
     assert result.exit_code == 0, result.output
-    assert time.monotonic() - started >= 1.0  # it waited for the lock instead of failing
-    assert "lock not granted" in log.read_text()
+    assert "lock not granted (attempt 1)" in log.read_text()  # it waited, then went on
 
 
 def test_a_lock_never_released_fails_cleanly(legacy_db: str) -> None:
