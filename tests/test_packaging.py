@@ -32,6 +32,7 @@ def test_the_exit_codes_are_documented() -> None:
             assert f"{code} " in text or f"**{code}**" in text
 
 
+@pytest.mark.once
 def test_console_scripts_work_in_a_clean_virtualenv(tmp_path: Path) -> None:
     """Catches a runtime dependency missing from pyproject.toml."""
     env_dir = tmp_path / "venv"

@@ -47,6 +47,7 @@ def local_binaries() -> Path:
     return DEBIAN_15 if (DEBIAN_15 / "initdb").exists() else embedded_bin_dir()
 
 
+@pytest.mark.once
 def test_forced_embedded_backend_reports_postgresql_18(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, "--pg=embedded")
     assert result.returncode == 0, result.stdout + result.stderr
@@ -54,6 +55,7 @@ def test_forced_embedded_backend_reports_postgresql_18(tmp_path: Path) -> None:
     assert "major version 18" in result.stdout
 
 
+@pytest.mark.once
 def test_forced_local_binaries_backend(tmp_path: Path) -> None:
     binaries = local_binaries()
     result = run_pytest(tmp_path, "--pg=bin", f"--pg-bin={binaries}")
@@ -64,6 +66,7 @@ def test_forced_local_binaries_backend(tmp_path: Path) -> None:
     assert f"major version {major}" in result.stdout
 
 
+@pytest.mark.once
 def test_a_bad_dsn_stops_the_session_with_a_readable_message(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, "--pg-dsn=postgresql://someone:hunter2@127.0.0.1:9/nowhere")
     assert result.returncode == 3
@@ -75,6 +78,7 @@ def test_a_bad_dsn_stops_the_session_with_a_readable_message(tmp_path: Path) -> 
     assert " skipped" not in output
 
 
+@pytest.mark.once
 def test_bin_without_a_folder_says_what_is_missing(tmp_path: Path) -> None:
     result = run_pytest(tmp_path, "--pg=bin")
     assert result.returncode == 3

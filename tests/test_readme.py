@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 PROJECT = Path(__file__).resolve().parents[1]
 
 
@@ -24,6 +26,7 @@ def test_ci_runs_the_readmes_test_command() -> None:
     assert tests in ci
 
 
+@pytest.mark.once
 def test_the_readmes_main_job_runs(tmp_path: Path) -> None:
     """The first command after its install step, with the installed console script."""
     main_job, _ = quickstart()

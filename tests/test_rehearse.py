@@ -43,6 +43,9 @@ from migration.seed import Planted, seed
 from migration.session import Session, Settings
 from migration.throwaway import Server
 
+# Rehearsals start their own throwaway servers: once per tox run is enough.
+pytestmark = pytest.mark.once
+
 SMALL = {"users": 200, "batch_sizes": (100, 1000)}
 
 

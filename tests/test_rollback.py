@@ -185,7 +185,7 @@ def fault_points(sandbox: Sandbox, seeded: dict[str, str]) -> list[str]:
         sandbox.drop_database(name)
 
 
-@pytest.mark.exhaustive
+@pytest.mark.once
 def test_every_fault_point_resumes_to_the_same_end(
         scenario: Callable[..., Scenario], fault_points: list[str]) -> None:
     """Kill the connection at each point of a full migration, then run it again."""
@@ -199,7 +199,7 @@ def test_every_fault_point_resumes_to_the_same_end(
         s.assert_migrated()
 
 
-@pytest.mark.exhaustive
+@pytest.mark.once
 @pytest.mark.parametrize("share", [4, pytest.param(1, marks=pytest.mark.slow)],
                          ids=["every 4th point", "every point"])
 def test_fault_points_roll_back_to_the_original(
