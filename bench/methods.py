@@ -1,4 +1,4 @@
-"""The reference methods the engine is measured against, and the read-only verify run.
+"""The two reference methods the engine is measured against.
 
 - ``one_shot``: what a DBA would type during a maintenance window: one transaction
   that drops the foreign keys referencing the parent key, converts every key column
@@ -11,8 +11,6 @@
   primary key, indexes and foreign keys), renames, ``SET NOT NULL`` (a scan), and
   recreates indexes, constraints and foreign keys (builds and validating scans), all
   under the swap's ACCESS EXCLUSIVE lock.
-- ``verify``: the post-migration checks (``migration.checks.run_checks``) in one
-  read-only transaction, as the ``verify`` command runs them.
 
 Each is a function of an owner DSN (the test suite calls them in-process); the
 benchmark runs each in its own process, ``python -m bench.methods NAME`` with
@@ -28,11 +26,10 @@ import sys
 
 from psycopg2 import sql
 
-from migration import catalog, checks, convert
+from migration import catalog, convert
 from migration.connection import Connection, connect
 from migration.model import KeyColumn, Table
 from migration.plan import build_plan
-from migration.report import failures
 
 RUNBOOK_BATCH = 1000
 
@@ -161,37 +158,17 @@ def _swap_literally(conn: Connection, key: KeyColumn, parent: KeyColumn,
                 fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
 
 
-def verify(dsn: str) -> int:
-    """The post-migration checks, read-only; the number of failed checks."""
-    conn = connect(dsn, readonly=True)
-    try:
-        with conn, conn.cursor() as cur:
-            cur.execute("SET LOCAL search_path = pg_catalog, pg_temp")
-            plan = build_plan(conn)
-            findings = checks.run_checks(cur, plan)
-        return len(failures(findings))
-    finally:
-        conn.close()
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.methods", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("method", choices=("one_shot", "naive_loop", "verify"))
+    parser.add_argument("method", choices=("one_shot", "naive_loop"))
     parser.add_argument("--batch-size", type=int, default=RUNBOOK_BATCH)
     args = parser.parse_args(argv)
     dsn = os.environ.get("DATABASE_URL")
     if not dsn:
         parser.error("set DATABASE_URL to the owner DSN of the database")
-    if args.method == "one_shot":
-        result = {"rows": one_shot(dsn)}
-    elif args.method == "naive_loop":
-        result = {"rows": naive_loop(dsn, args.batch_size)}
-    else:
-        failed = verify(dsn)
-        print(json.dumps({"failed_checks": failed}))
-        return 1 if failed else 0
-    print(json.dumps(result))
+    rows = one_shot(dsn) if args.method == "one_shot" else naive_loop(dsn, args.batch_size)
+    print(json.dumps({"rows": rows}))
     return 0
 
 

@@ -46,6 +46,7 @@ Python: the benchmark's own memory stays flat whatever the scale.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -182,6 +183,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     server_cpu = probe.ServerCpu(box.admin_dsn)
     load_before = os.getloadavg()
     lsn = probe.wal_lsn(box.admin_dsn)
+    engine = engine_version()
     with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler:
         cpu_before = server_cpu.read()
         proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
@@ -196,7 +198,8 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     after = probe.sizes(admin_db, scale["tables"])
     exclusive, blocking = locks.longest_exclusive, locks.longest_write_blocking
     return {
-        "label": label, "database": dbname, "wall_s": proc.wall, "rows": scale["rows"],
+        "label": label, "database": dbname, "engine": engine, "wall_s": proc.wall,
+        "rows": scale["rows"],
         "rows_per_s": scale["rows"] / proc.wall,
         "max_access_exclusive_s": exclusive.upper if exclusive else 0.0,
         "max_access_exclusive_table": exclusive.table if exclusive else None,
@@ -369,6 +372,18 @@ def server_info(box: Sandbox, server: Server | None, start_settings: Sequence[st
             "start_settings": list(start_settings), "settings": settings}
 
 
+def engine_version() -> str:
+    """A digest of the engine's source (migration/*.py) as the measured process loads it.
+
+    Recorded with every measurement: other people may change the engine during a
+    long run, and figures from two versions must not be compared unawares.
+    """
+    digest = hashlib.sha256()
+    for path in sorted((REPO / "migration").glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True,
@@ -402,9 +417,13 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval, say=say))
         report["targets"] = evaluate_targets(report)
+        report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
+                                            for r in s["results"]})
         partial(report)
-    report["targets"] = evaluate_targets(report)
     report["finished_at"] = datetime.now(UTC).isoformat()
+    if len(report["engine_versions"]) > 1:
+        say("WARNING: the engine's source changed during the run "
+            f"({', '.join(report['engine_versions'])}); see each result's 'engine'")
     return report
 
 
@@ -485,7 +504,10 @@ def render_markdown(report: dict[str, Any]) -> str:
                          if k in ("shared_buffers", "max_wal_size", "maintenance_work_mem",
                                   "fsync", "full_page_writes")),
              f"lock sampling every {report['parameters']['lock_sample_interval_s'] * 1000:g} ms; "
-             f"commit {report.get('commit')}", ""]
+             f"commit {report.get('commit')}; engine source "
+             f"{', '.join(report.get('engine_versions', [])) or '?'}"
+             + (" (CHANGED DURING THE RUN: figures mix engine versions)"
+                if len(report.get("engine_versions", [])) > 1 else ""), ""]
     for scale in report["scales"]:
         lines += [f"### S = {scale['users']:,} users ({scale['rows']:,} rows, "
                   f"{_mb(scale['size']['total'])} MiB of tables and indexes)", "",
