@@ -9,11 +9,12 @@ from here, so one record serves both directions.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
+from psycopg2.extras import Json
 
 from migration import catalog
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
@@ -33,6 +34,7 @@ CREATE TABLE {schema}.backup_tables (
 CREATE TABLE {schema}.key_columns (
     table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
     type text NOT NULL, not_null boolean NOT NULL, default_expr text,
+    column_grants jsonb NOT NULL,
     PRIMARY KEY (table_schema, table_name, column_name));
 CREATE TABLE {schema}.saved_indexes (
     table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
@@ -182,9 +184,11 @@ def save_definitions(cur: Cursor, key: KeyColumn) -> None:
     conn = cur.connection
     info = catalog.column_info(conn, key.table, key.column)
     assert info is not None
-    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
+    grants = [asdict(g) for g in catalog.column_grants(conn, key.table, key.column)]
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s)").format(
         meta("key_columns")),
-        (key.table.schema, key.table.name, key.column, info.type, info.not_null, info.default))
+        (key.table.schema, key.table.name, key.column, info.type, info.not_null, info.default,
+         Json(grants)))
     for ix in catalog.indexes_on(conn, key):
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                             "ON CONFLICT DO NOTHING").format(meta("saved_indexes")),
@@ -209,6 +213,14 @@ def saved_foreign_keys(cur: Cursor, key: KeyColumn | None = None) -> list[Foreig
     found = [ForeignKeyDef(Table(s, t), c, n, d, v) for s, t, c, n, d, v in cur.fetchall()]
     return [fk for fk in found
             if key is None or (fk.table, fk.column) == (key.table, key.column)]
+
+
+def saved_grants(cur: Cursor, key: KeyColumn) -> list[catalog.ColumnGrant]:
+    cur.execute(sql.SQL("SELECT column_grants FROM {} WHERE "
+                        "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
+        meta("key_columns")), (key.table.schema, key.table.name, key.column))
+    row = cur.fetchone()
+    return [catalog.ColumnGrant(**grant) for grant in (row[0] if row else [])]
 
 
 def saved_column(cur: Cursor, key: KeyColumn) -> catalog.ColumnInfo:

@@ -77,6 +77,31 @@ def column_info(conn: Connection, table: Table, column: str) -> ColumnInfo | Non
     return None if row is None else ColumnInfo(*row)
 
 
+@dataclass(frozen=True)
+class ColumnGrant:
+    """A column-level privilege (``GRANT SELECT (id) ON users TO reporting``)."""
+
+    grantee: str | None  # None: PUBLIC
+    privilege: str
+    grantable: bool
+
+
+def column_grants(conn: Connection, table: Table, column: str) -> list[ColumnGrant]:
+    """Privileges granted on the column itself: dropping the column drops them."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT CASE WHEN g.grantee = 0 THEN NULL ELSE pg_get_userbyid(g.grantee) END,
+                   g.privilege_type, g.is_grantable
+            FROM pg_attribute a CROSS JOIN LATERAL aclexplode(a.attacl) g
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1, 2
+            """,
+            (regclass(table), column),
+        )
+        return [ColumnGrant(*row) for row in cur.fetchall()]
+
+
 def column_state(conn: Connection, key: KeyColumn) -> ColumnState:
     info = column_info(conn, key.table, key.column)
     if info is None:

@@ -188,6 +188,19 @@ def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
                               sql.SQL("({})::uuid").format(sql.SQL(default))))
 
 
+COLUMN_PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "REFERENCES"}
+
+
+def grant_statement(key: KeyColumn, grant: catalog.ColumnGrant) -> sql.Composable:
+    """The GRANT that gives the new column a privilege the old one had."""
+    if grant.privilege not in COLUMN_PRIVILEGES:
+        raise MigrationError(f"unexpected column privilege {grant.privilege!r} on {key}")
+    return sql.SQL("GRANT {} ({}) ON {} TO {}{}").format(
+        sql.SQL(grant.privilege), sql.Identifier(key.column), key.table.ident,
+        sql.SQL("PUBLIC") if grant.grantee is None else sql.Identifier(grant.grantee),
+        sql.SQL(" WITH GRANT OPTION") if grant.grantable else sql.SQL(""))
+
+
 def swap(session: Session, key: KeyColumn) -> None:
     """The one short exclusive moment: the uuid column takes the old column's place."""
     others = session.other_sessions()
@@ -220,6 +233,8 @@ def swap(session: Session, key: KeyColumn) -> None:
                 key.table.ident, sql.Identifier(key.helper("not_null"))))
         if saved.default is not None:
             converted_default(cur, key, saved.default)
+        for grant in backup.saved_grants(cur, key):
+            execute(grant_statement(key, grant))
 
     session.ddl(f"swap {key}", work)
     logger.info("%s: swapped to uuid", key)

@@ -385,3 +385,26 @@ def test_a_child_that_spells_its_parent_differently_is_reported_and_kept(
     run_ok(legacy_no_fk_db, "full_migration")
     assert execute(legacy_no_fk_db, "SELECT count(*) FROM tags t JOIN users u ON u.id = t.user_id "
                                     "WHERE u.id::text = %s", (user,)) == [(1,)]
+
+
+def test_column_grants_on_the_key_columns_survive_the_swap_and_the_rollback(
+        legacy_db: str, sandbox: Sandbox) -> None:
+    sandbox.admin_execute(sql.SQL(
+        "DO $$BEGIN CREATE ROLE reporting NOLOGIN; "
+        "EXCEPTION WHEN duplicate_object THEN NULL; END$$"))
+    seeded(legacy_db, 5)
+    execute(legacy_db, "GRANT SELECT (id, email) ON users TO reporting;"
+                       "GRANT REFERENCES (id) ON users TO PUBLIC;"
+                       "GRANT SELECT (user_id), UPDATE (user_id) ON tags TO reporting "
+                       "WITH GRANT OPTION")
+    grants = ("SELECT c.relname, a.attname, coalesce(pg_get_userbyid(nullif(g.grantee, 0)), "
+              "'PUBLIC'), g.privilege_type, g.is_grantable FROM pg_attribute a "
+              "JOIN pg_class c ON c.oid = a.attrelid CROSS JOIN LATERAL aclexplode(a.attacl) g "
+              "WHERE c.relname IN ('users', 'tags') AND c.relnamespace = 'public'::regnamespace "
+              "ORDER BY 1, 2, 3, 4")
+    before = execute(legacy_db, grants)
+    assert len(before) == 5
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, grants) == before
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, grants) == before
