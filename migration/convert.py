@@ -11,7 +11,9 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 4. the swap, one short transaction: drop the FKs that reference ``c``, drop
    ``c``, rename ``c_uuid`` to ``c``, SET NOT NULL (free, thanks to step 3),
    convert the default;
-5. recreate, from the definitions the backup recorded, every index and
+5. gather planner statistics for the new column (it has none, and without
+   them every plan that joins on it, the FK validation's included, guesses);
+6. recreate, from the definitions the backup recorded, every index and
    constraint that the drop took with it, each under a SHARE lock (reads go
    on), and re-add foreign keys NOT VALID, then validate them.
 
@@ -240,6 +242,25 @@ def swap(session: Session, key: KeyColumn) -> None:
     logger.info("%s: swapped to uuid", key)
 
 
+def refresh_statistics(session: Session, key: KeyColumn) -> None:
+    """ANALYZE the swapped column if it has no statistics yet.
+
+    The new column starts without any: the planner then guesses its
+    selectivity, and a join on it (the next step's orphan check on 1M users
+    took 39 s instead of 4) can pick a plan far from the best.  ANALYZE
+    samples a fixed number of rows and takes a lock that blocks neither
+    reads nor writes.
+    """
+    def work(cur: Cursor) -> None:
+        cur.execute("SELECT 1 FROM pg_stats WHERE (schemaname, tablename, attname) "
+                    "= (%s, %s, %s)", (key.table.schema, key.table.name, key.column))
+        if cur.fetchone() is None:
+            cur.execute(sql.SQL("ANALYZE {} ({})").format(key.table.ident,
+                                                          sql.Identifier(key.column)))
+
+    session.ddl(f"analyze {key}", work)
+
+
 def recreate_objects(session: Session, key: KeyColumn) -> None:
     """Indexes and constraints the swap dropped, from the backup's definitions, by name."""
     with session.transaction() as cur:
@@ -312,5 +333,6 @@ def convert(session: Session, key: KeyColumn, run_id: int, rows_before: int = 0)
         if not_null:
             prove_not_null(session, key)
         swap(session, key)
+    refresh_statistics(session, key)
     recreate_objects(session, key)
     return written

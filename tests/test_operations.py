@@ -73,6 +73,22 @@ def test_each_step_of_the_runbook_in_order(any_legacy_db: str) -> None:
     assert execute(any_legacy_db, "SELECT to_regnamespace('migration_backup')") == [(None,)]
 
 
+def test_each_converted_column_has_planner_statistics_after_its_step(legacy_db: str) -> None:
+    """Without them the next step's joins on the new column are planned blind."""
+    seeded(legacy_db)
+
+    def analysed() -> set[str]:
+        rows = execute(legacy_db, "SELECT tablename || '.' || attname FROM pg_stats "
+                                  "WHERE schemaname = 'public' AND attname IN ('id', 'user_id')")
+        return {str(name) for (name,) in rows}
+
+    for step in ("backup_data", "migrate_users"):
+        run_ok(legacy_db, step)
+    assert "users.id" in analysed()
+    run_ok(legacy_db, "migrate_foreign_keys")
+    assert {"journal_entries.user_id", "tags.user_id", "reminders.user_id"} <= analysed()
+
+
 def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:
     seeded(legacy_db, 10)
     run_ok(legacy_db, "full_migration")
