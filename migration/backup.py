@@ -118,7 +118,11 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     """Copy every table of the plan and record what the swap will drop.
 
     Runs in the caller's transaction with the tables locked against writes,
-    so the copy is one consistent snapshot, verified before commit.
+    so the copy is one consistent snapshot.  Before commit, the rows copied
+    and the rows in the copy are counted against the table (the runbook's
+    criterion); the copy's checksum is recorded for the rollback to prove its
+    restore against.  Checksumming the table too would compare a snapshot
+    with itself: it doubled the backup's time for nothing.
     """
     if exists(cur):
         return reuse(cur, plan)
@@ -130,16 +134,17 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     for table in plan.tables:
         copy = backup_name(table)
         cur.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(copy, table.ident))
-        columns = columns_of(cur, copy)
-        source_sum = table_checksum(cur, table.ident, columns)
-        copy_sum = table_checksum(cur, copy, columns)
-        if source_sum != copy_sum:
-            raise MigrationError(f"backup of {table} does not match the table "
-                                 f"(rows/checksum {source_sum} vs {copy_sum})",
+        copied = cur.rowcount
+        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
+        source_rows = int((cur.fetchone() or [-1])[0])
+        copy_sum = table_checksum(cur, copy, columns_of(cur, copy))
+        if not source_rows == copied == copy_sum[0]:
+            raise MigrationError(f"backup of {table} does not match the table ({source_rows} "
+                                 f"rows, {copied} copied, {copy_sum[0]} in the copy)",
                                  hint="nothing was kept; check the server log and run again")
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s)").format(
-            meta("backup_tables")), (table.schema, table.name, copy.strings[1], *source_sum))
-        total += source_sum[0]
+            meta("backup_tables")), (table.schema, table.name, copy.strings[1], *copy_sum))
+        total += copied
     for key in plan.columns:
         save_definitions(cur, key)
     for fk in catalog.foreign_keys_to(cur.connection, plan.parent):
