@@ -9,6 +9,7 @@ objects the swap cannot carry over.  Each finding names the table and up to
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from psycopg2 import sql
@@ -25,12 +26,20 @@ from migration.sqlexpr import UuidReader, column_list, is_uuid, prepare_uuid_che
 def samples_query(
     cur: Cursor, key: KeyColumn, pk: list[str], where: sql.Composable
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Count the rows matching ``where`` and return up to 20 of them by primary key."""
+    """Count the rows matching ``where`` and return up to 20 of them by primary key.
+
+    The matching rows are gathered by one scan first (a materialized CTE):
+    asked for in key order directly, the planner may walk the whole primary
+    key index and fetch every row in random order to count them.
+    """
+    keys = [f"k{i}" for i in range(len(pk))]  # the key column may be part of the pk
     cur.execute(
-        sql.SQL("SELECT count(*) OVER (), {pk}, {col} FROM {table} t WHERE {where} "
-                "ORDER BY {pk} LIMIT %s").format(
-            pk=column_list(pk, "t"), col=sql.Identifier("t", key.column),
-            table=key.table.ident, where=where),
+        sql.SQL("WITH m ({keys}, v) AS MATERIALIZED ("
+                "SELECT {pk}, {col} FROM {table} t WHERE {where}) "
+                "SELECT (SELECT count(*) FROM m), {keys}, v FROM m "
+                "ORDER BY {keys} LIMIT %s").format(
+            keys=column_list(keys), pk=column_list(pk, "t"),
+            col=sql.Identifier("t", key.column), table=key.table.ident, where=where),
         (SAMPLE_LIMIT,),
     )
     rows = cur.fetchall()
@@ -60,14 +69,19 @@ def orphan_condition(cur: Cursor, key: KeyColumn, parent: KeyColumn,
                             cuuid=child_reader.cast(col))
 
 
-def value_findings(session: Session, cur: Cursor, key: KeyColumn, *,
-                   warnings: bool) -> list[Finding]:
+def value_findings(session: Session, cur: Cursor, key: KeyColumn,
+                   read: Callable[[KeyColumn], UuidReader], *, warnings: bool) -> list[Finding]:
     """Invalid, colliding, orphaned values of one string column; with ``warnings`` also
-    the non-canonical spellings and the children that spell their parent differently."""
+    the non-canonical spellings and the children that spell their parent differently.
+
+    ``read`` gives a column's reader, probed once per pre-flight.  The checks
+    that find nothing on clean data cost one scan each; the sample queries
+    run only where a count says there is something to show.
+    """
     conn = session.conn
     pk = catalog.primary_key(conn, key.table)
     col = sql.Identifier("t", key.column)
-    values = key_reader(cur, key)
+    values = read(key)
     findings: list[Finding] = []
 
     def add(check: str, status: Status, where: sql.Composable, message: str, hint: str) -> int:
@@ -82,18 +96,19 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn, *,
             sql.SQL("{} IS NOT NULL AND NOT {}").format(col, is_uuid(conn, col)),
             "{count} value(s) are not UUIDs PostgreSQL accepts",
             "correct or remove these rows, then run validate_schema again")
-    if warnings:
+    if warnings and values.non_canonical:
         add("non_canonical", Status.WARN,
             sql.SQL("({})::text <> {}").format(values.cast(col), col),
             "{count} value(s) are spelled non-canonically (case, braces or hyphens); "
             "the uuid type keeps only the value, the original spelling stays in the backup",
             "nothing to do unless the application compares these strings verbatim")
-    for index in unique_indexes(conn, key):
-        findings += collision_findings(cur, key, values, index)
+    if values.non_canonical:  # otherwise the cast maps distinct strings to distinct uuids
+        for index in unique_indexes(conn, key):
+            findings += collision_findings(cur, key, values, index)
     if key == session.plan.parent:
         return findings
     parent = session.plan.parent
-    parents = key_reader(cur, parent)
+    parents = read(parent)
     quarantine = session.settings.orphans == "quarantine"
     add("orphans", Status.WARN if quarantine else Status.FAIL,
         orphan_condition(cur, key, parent, (values, parents)),
@@ -101,7 +116,8 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn, *,
         + (" and will be moved to quarantine" if quarantine else ""),
         "delete them or point them at existing users, or run migrate_foreign_keys "
         "with --orphans=quarantine (kept in migration_backup, restored by rollback)")
-    if warnings and catalog.column_state(conn, parent) is not ColumnState.UUID:
+    if (warnings and catalog.column_state(conn, parent) is not ColumnState.UUID
+            and (values.non_canonical or parents.non_canonical)):  # else text = uuid equality
         add("respelled_reference", Status.INFO, sql.SQL(
             "{col} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {parent} p WHERE {pcol} = {col})"
             " AND EXISTS (SELECT 1 FROM {parent} p WHERE {puuid} = {cuuid})").format(
@@ -190,15 +206,22 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
     """Schema and data findings for the given key columns (read-only); the steps ask
     only for what blocks them, validate_schema for the warnings too."""
     findings: list[Finding] = []
+    readers: dict[KeyColumn, UuidReader] = {}
     with session.transaction() as cur:
         prepare_uuid_checker(cur)
+
+        def read(key: KeyColumn) -> UuidReader:
+            if key not in readers:
+                readers[key] = key_reader(cur, key)
+            return readers[key]
+
         for key in keys:
             column = schema_findings(session, key)
             findings += column
             if any(f.status is Status.FAIL for f in column):
                 continue
             if catalog.column_state(session.conn, key) is not ColumnState.UUID:
-                findings += value_findings(session, cur, key, warnings=warnings)
+                findings += value_findings(session, cur, key, read, warnings=warnings)
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
     return findings
 

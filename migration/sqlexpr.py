@@ -53,7 +53,7 @@ def uuid_of(conn: Connection, value: sql.Composable) -> sql.Composable:
 
 @dataclass(frozen=True)
 class UuidReader:
-    """How to read one string column as uuid.
+    """How to read one string column as uuid, and what its one scan found.
 
     Where every value of the column casts (the usual case, found by one bulk
     cast) a plain cast is used, which is fast; otherwise each value is tested
@@ -62,6 +62,10 @@ class UuidReader:
 
     conn: Connection
     every_value_casts: bool
+    non_canonical: int = 0
+    """Rows whose string is a UUID but not the uuid type's own spelling of it
+    (lower case, hyphenated).  While it is 0, casting is one-to-one on the
+    column: two rows that a unique index keeps apart stay apart as uuids."""
 
     def valid(self, value: sql.Composable) -> sql.Composable:
         if self.every_value_casts:
@@ -75,16 +79,24 @@ class UuidReader:
 
 
 def reader(cur: Cursor, table: sql.Identifier, column: str) -> UuidReader:
-    """Try the bulk cast of the column in a savepoint and say how to read it."""
+    """Read the column once: does every value cast, and how many are non-canonical.
+
+    The bulk cast runs in a savepoint; the first invalid value aborts it, and
+    the count is then taken again with the per-value test.
+    """
+    col = sql.Identifier(column)
+    count = sql.SQL("SELECT count(*) FILTER (WHERE ({})::text <> {}) FROM {}")
     cur.execute("SAVEPOINT bulk_cast")
     try:
-        cur.execute(sql.SQL("SELECT count(({})::uuid) FROM {}").format(
-            sql.Identifier(column), table))
+        cur.execute(count.format(sql.SQL("({})::uuid").format(col), col, table))
     except psycopg2.errors.InvalidTextRepresentation:
         cur.execute("ROLLBACK TO SAVEPOINT bulk_cast")
-        return UuidReader(cur.connection, every_value_casts=False)
+        cur.execute(count.format(uuid_of(cur.connection, col), col, table))
+        return UuidReader(cur.connection, every_value_casts=False,
+                          non_canonical=int((cur.fetchone() or [0])[0]))
+    non_canonical = int((cur.fetchone() or [0])[0])
     cur.execute("RELEASE SAVEPOINT bulk_cast")
-    return UuidReader(cur.connection, every_value_casts=True)
+    return UuidReader(cur.connection, every_value_casts=True, non_canonical=non_canonical)
 
 
 def column_list(names: list[str], prefix: str | None = None) -> sql.Composable:
