@@ -255,7 +255,7 @@ def backup_comparison(ctx: Context) -> list[Finding]:
 
 
 def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Finding]:
-    """Count the rows of the backup, the quarantine and the live table in one aggregate.
+    """Compare the live table with its backup and quarantine: digests first, rows if they differ.
 
     Rows are matched on their primary key and key columns (the backup's
     strings cast to uuid where the live column is uuid now); a table without
@@ -279,16 +279,21 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     present = [c for c, state in states.items() if state is not ColumnState.MISSING]
     compared = list(dict.fromkeys([*catalog.primary_key(conn, table), *present]))
 
+    values = sql.SQL(", ").join(
+        sql.SQL("({})::uuid" if states.get(c) is ColumnState.UUID
+                else "({})::text").format(sql.Identifier("r", c)) for c in compared)
+    relations = [copy, table.ident, *([quarantined] if _exists(cur, quarantined) else [])]
+    if _digests_agree(cur, values, *relations):
+        return []
+
     def side(relation: sql.Identifier, tally: tuple[int, int, int]) -> sql.Composable:
         """One side of the union: the compared columns as comparable values, and what the
         row counts for: (backup, quarantine, live)."""
-        values = [sql.SQL("({})::uuid" if states.get(c) is ColumnState.UUID
-                          else "({})::text").format(sql.Identifier("r", c)) for c in compared]
         return sql.SQL("SELECT {}, {} FROM {} r").format(
-            sql.SQL(", ").join(values), sql.SQL(", ").join(map(sql.Literal, tally)), relation)
+            values, sql.SQL(", ").join(map(sql.Literal, tally)), relation)
 
     sides = [side(copy, (1, 0, 0)), side(table.ident, (0, 0, 1))]
-    if _exists(cur, quarantined):
+    if len(relations) == 3:
         sides.append(side(quarantined, (0, 1, 0)))
     cols = column_list(compared)
     row_json = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
@@ -331,6 +336,31 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
                                               if missing else ""),
             hint="investigate the listed rows; rollback restores the original data"))
     return findings
+
+
+def _digests_agree(cur: Cursor, values: sql.Composable, backup_copy: sql.Identifier,
+                   live: sql.Identifier, quarantined: sql.Identifier | None = None) -> bool:
+    """Whether backup minus quarantine and live hold the same multiset of compared rows.
+
+    Each side is reduced to its row count and the sum of a 64-bit hash of each
+    row's compared values: one scan per relation, where matching the rows
+    themselves groups both tables together (at 1M users the journal's 6M rows
+    took 17 s, spilling to disk).  A difference that leaves both equal would
+    need a 64-bit hash collision; any disagreement falls through to the
+    row-by-row comparison, which finds and names the rows.
+    """
+    tallies = []
+    for relation in (backup_copy, live, quarantined):
+        if relation is None:
+            tallies.append((0, 0))
+            continue
+        cur.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtextextended("
+                            "ROW({})::text, 0)::numeric), 0) FROM {} r").format(values, relation))
+        row = cur.fetchone()
+        assert row is not None
+        tallies.append((int(row[0]), int(row[1])))
+    (backup_rows, backup_sum), (live_rows, live_sum), (gone_rows, gone_sum) = tallies
+    return (backup_rows - gone_rows, backup_sum - gone_sum) == (live_rows, live_sum)
 
 
 def _exists(cur: Cursor, relation: sql.Identifier) -> bool:

@@ -205,6 +205,15 @@ MUTATIONS = {
         f"WHERE id <> (SELECT user_id FROM public.journal_entries WHERE id = {FIRST_JOURNAL}) "
         f"ORDER BY id LIMIT 1) WHERE id = {FIRST_JOURNAL}",
         frozenset({"uuid_values"})),
+    "user_ids_swapped_between_two_rows": Mutation(  # every count and every value set intact
+        """
+        UPDATE public.journal_entries j
+        SET user_id = CASE WHEN j.id = a.id THEN b.user_id ELSE a.user_id END
+        FROM (SELECT id, user_id FROM public.journal_entries ORDER BY id LIMIT 1) a,
+             (SELECT id, user_id FROM public.journal_entries ORDER BY user_id DESC, id
+              LIMIT 1) b
+        WHERE j.id IN (a.id, b.id) AND a.user_id <> b.user_id
+        """, frozenset({"uuid_values"})),
     "unfinished_log_entry": Mutation(
         "INSERT INTO public.migration_log (operation, status) VALUES ('migrate_users', 'running')",
         frozenset({"migration_log"})),
