@@ -24,6 +24,7 @@ whole sequence can be run again after an interruption at any point.
 from __future__ import annotations
 
 import re
+import time
 from functools import partial
 
 import psycopg2.errors
@@ -38,6 +39,10 @@ from migration.log import logger
 from migration.model import KeyColumn
 from migration.session import Session
 from migration.sqlexpr import column_list, row_of
+
+# How often a backfill writes its row count to migration_log (its checkpoint
+# is saved with every batch; this is only what an operator watching sees).
+PROGRESS_LOG_SECONDS = 1.0
 
 # A string-typed default wrapping a uuid expression, as deparsed:
 # "(gen_random_uuid())::text" or "(uuid_generate_v4())::character varying".
@@ -71,7 +76,8 @@ def _pk_after(pk: list[str], key: KeyColumn) -> sql.Composable:
 
 
 def batch_statement(key: KeyColumn, pk: list[str], *, first: bool) -> sql.Composable:
-    """One batch: the next ``n`` keys after the checkpoint, filled by a range update.
+    """One batch: the next ``n`` keys after the checkpoint, filled by a range update,
+    and the new checkpoint saved, in one statement (one round trip per batch).
 
     The range (after, upper] is found on the primary key index and the update
     is a range scan of it: each batch costs the same wherever it is in the
@@ -93,24 +99,31 @@ def batch_statement(key: KeyColumn, pk: list[str], *, first: bool) -> sql.Compos
             UPDATE {table} x SET {temp} = ({source})::uuid
             WHERE {x_after} AND {x_pk} <= {upper}
             RETURNING 1
+        ), counted AS (
+            SELECT count(*) AS n, (SELECT to_jsonb(u) FROM upper u) AS last_key FROM done
+        ), saved AS (
+            UPDATE {progress} SET last_key = c.last_key, rows_done = rows_done + c.n,
+                   updated_at = clock_timestamp()
+            FROM counted c
+            WHERE c.n > 0 AND (table_schema, table_name, column_name) = %(column)s
         )
-        SELECT (SELECT count(*) FROM done), (SELECT to_jsonb(u) FROM upper u)
+        SELECT n, last_key FROM counted
         """
     ).format(pk=column_list(pk), table=key.table.ident, after=after, descending=descending,
              temp=sql.Identifier(key.temp), source=sql.Identifier("x", key.column),
-             x_after=x_after, x_pk=row_of(pk, "x"), upper=upper)
+             x_after=x_after, x_pk=row_of(pk, "x"), upper=upper,
+             progress=backup.meta("backfill_progress"))
 
 
 def backfill(session: Session, key: KeyColumn, run_id: int, rows_before: int) -> int:
     """Fill the temporary column batch by batch from the saved checkpoint; rows written."""
     conn = session.conn
     pk = catalog.primary_key(conn, key.table)
-    progress_table = backup.meta("backfill_progress")
     where = (key.table.schema, key.table.name, key.column)
     with session.transaction() as cur:
         cur.execute(sql.SQL("SELECT last_key, rows_done FROM {} WHERE "
                             "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
-            progress_table), where)
+            backup.meta("backfill_progress")), where)
         row = cur.fetchone()
         cur.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
                     "WHERE oid = to_regclass(%s)", (catalog.regclass(key.table),))
@@ -122,22 +135,24 @@ def backfill(session: Session, key: KeyColumn, run_id: int, rows_before: int) ->
     progress = session.progress(f"{key}", int(estimate[0]) if estimate else 0)
     progress.advance(done)
     written = 0
+    logged_at = time.monotonic()
     while True:
         with session.transaction(f"batch {key}") as cur:
             cur.execute(statements[last_key is None],
-                        {"n": session.settings.batch_size, "after": psycopg2.extras.Json(last_key)})
+                        {"n": session.settings.batch_size, "column": where,
+                         "after": psycopg2.extras.Json(last_key)})
             count, new_key = cur.fetchone() or (0, None)
             if not count:
                 break
             done += count
             written += count
-            cur.execute(sql.SQL("UPDATE {} SET last_key = %s, rows_done = %s, "
-                                "updated_at = clock_timestamp() WHERE "
-                                "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
-                progress_table), (psycopg2.extras.Json(new_key), done, *where))
-            session.log.progress(cur, run_id, rows_before + written)
+            if time.monotonic() - logged_at >= PROGRESS_LOG_SECONDS:
+                session.log.progress(cur, run_id, rows_before + written)
+                logged_at = time.monotonic()
         last_key = new_key
         progress.advance(count)
+    with session.transaction() as cur:
+        session.log.progress(cur, run_id, rows_before + written)
     progress.close()
     logger.info("%s: backfill done, %s rows", key, done)
     return written

@@ -65,6 +65,10 @@ class Session:
                 # Deparsed definitions come out fully qualified and replay identically.
                 cur.execute("SET search_path = pg_catalog, pg_temp")
                 cur.execute("SET synchronous_commit = off")
+                # For every transaction; a step that must scan a whole table
+                # lifts it with SET LOCAL for its own transaction only.
+                cur.execute("SELECT set_config('statement_timeout', %s, false)",
+                            (str(settings.statement_timeout_ms),))
             session = cls(conn, build_plan(conn, schema), settings)
             if lock:
                 session._lock()
@@ -123,7 +127,6 @@ class Session:
         """
         cur = self.conn.cursor()
         try:
-            cur.execute("SET LOCAL statement_timeout = %s", (self.settings.statement_timeout_ms,))
             yield cur
             if label is not None:
                 self.point(label)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
@@ -12,7 +13,7 @@ from migration.connection import connect
 from migration.fingerprint import expected_after_migration
 from migration.sandbox import Sandbox, schema_sql, with_credentials
 from migration.seed import seed
-from migration.session import ADVISORY_KEYS
+from migration.session import ADVISORY_KEYS, Session, Settings
 from tests.operate import (
     MIGRATED_DEFAULTS,
     PLAN_KEYS,
@@ -291,6 +292,16 @@ def test_a_lock_never_released_fails_cleanly(legacy_db: str) -> None:
     assert result.exit_code == 1
     assert "could not lock" in result.output
     assert column_types(legacy_db)["users.id"] == "character varying"
+
+
+def test_every_engine_statement_runs_under_the_statement_timeout(legacy_db: str) -> None:
+    """A runaway query is cut off; only the whole-table scans lift it, each for itself."""
+    with (Session.open(legacy_db, Settings(statement_timeout_ms=1234)) as session,
+          session.transaction() as cur):
+        cur.execute("SHOW statement_timeout")
+        assert cur.fetchone() == ("1234ms",)
+        with pytest.raises(psycopg2.errors.QueryCanceled):
+            cur.execute("SELECT pg_sleep(2)")
 
 
 def test_the_owner_is_no_superuser(legacy_db: str) -> None:

@@ -248,6 +248,26 @@ def test_a_killed_process_resumes(scenario: Callable[..., Scenario], point: str)
     s.assert_migrated()
 
 
+def test_an_interrupted_backfill_resumes_after_its_last_committed_batch(
+        scenario: Callable[..., Scenario]) -> None:
+    """Batches of 7: killed before the third commit, two batches and their checkpoint stay."""
+    s = scenario()
+    for step in ("backup_data", "migrate_users"):
+        run_ok(s.dsn, step)
+    s.crash("migrate_foreign_keys", "batch public.journal_entries.user_id#3")
+    saved = execute(s.dsn, "SELECT rows_done, last_key ->> 'id' FROM migration_backup."
+                           "backfill_progress WHERE table_name = 'journal_entries'")
+    filled = execute(s.dsn, "SELECT count(user_id_uuid), max(id) FILTER (WHERE user_id_uuid "
+                            "IS NOT NULL), count(*) FROM journal_entries")
+    assert saved == [(14, filled[0][1])]
+    assert filled[0][0] == 14 < filled[0][2]
+    resumed: list[str] = []
+    run_in_process(s.dsn, "migrate_foreign_keys", reached=resumed)
+    batches = [p for p in resumed if p.startswith("batch public.journal_entries")]
+    assert len(batches) == -(-(int(filled[0][2]) - 14) // 7) + 1  # the rest, then the empty one
+    s.assert_migrated()
+
+
 def test_rollback_after_cleanup_refuses_and_says_what_to_do(
         scenario: Callable[..., Scenario]) -> None:
     s = scenario()
