@@ -259,3 +259,12 @@ def table_exists(conn: Connection, table: Table) -> bool:
 
 def server_version(conn: Connection) -> int:
     return int(conn.server_version)
+
+
+def estimated_rows(conn: Connection, table: Table) -> int:
+    """The planner's row estimate (pg_class.reltuples): free, for progress and ordering."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
+                    "WHERE oid = to_regclass(%s)", (regclass(table),))
+        row = cur.fetchone()
+    return int(row[0]) if row else 0

@@ -34,7 +34,7 @@ OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
 CRASH_VARIABLE = "UUID_MIGRATION_CRASH_AT"
 
 
-def _crash_at(point: str | None) -> Callable[[str], None] | None:
+def _crash_at(point: str | None) -> Callable[[str, int], None] | None:
     """Testing aid: SIGKILL this process on reaching ``point`` (``batch public.users.id#2``).
 
     The crash tests use it to prove that a run killed anywhere resumes or
@@ -43,7 +43,7 @@ def _crash_at(point: str | None) -> Callable[[str], None] | None:
     if not point:
         return None
 
-    def crash(reached: str) -> None:
+    def crash(reached: str, pid: int) -> None:
         if reached == point:
             os.kill(os.getpid(), signal.SIGKILL)
 
@@ -84,6 +84,9 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
                    "server).")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Rows per batch (one commit each) when filling the uuid columns.")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="migrate_foreign_keys: connections filling the tables' uuid columns at "
+                   "once (1: one table after the other).")
 @click.option("--schema", default="public", show_default=True,
               help="Schema holding users and the runbook's tables.")
 @click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
@@ -131,7 +134,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     settings = Settings(batch_size=options["batch_size"],
                         lock_timeout_ms=options["lock_timeout_ms"],
                         orphans=options["orphans"], force=options["force"],
-                        keep_changes=options["keep_changes"],
+                        keep_changes=options["keep_changes"], jobs=options["jobs"],
                         show_progress=not options["quiet"])
     try:
         with Session.open(database_url, settings, schema=options["schema"],

@@ -106,10 +106,11 @@ class OperationLog:
         logger.info("%s: started (run %s)", operation, row[0])
         return int(row[0])
 
-    def progress(self, cur: Cursor, run_id: int, rows: int) -> None:
-        """Inside the caller's batch transaction: rows done so far."""
-        cur.execute(sql.SQL("UPDATE {} SET rows_processed = %s WHERE id = %s").format(self.table),
-                    (rows, run_id))
+    def progress(self, cur: Cursor, run_id: int, added: int) -> None:
+        """Inside the caller's batch transaction: ``added`` more rows done (an increment,
+        so that connections filling columns side by side each add their own)."""
+        cur.execute(sql.SQL("UPDATE {} SET rows_processed = rows_processed + %s "
+                            "WHERE id = %s").format(self.table), (added, run_id))
 
     def finish(self, cur: Cursor, run_id: int, *, status: str, message: str, rows: int,
                details: dict[str, Any]) -> None:

@@ -119,9 +119,9 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     refuse_on_failures(findings, "migrate_foreign_keys")
     quarantined = quarantine_orphans(session, findings) \
         if session.settings.orphans == "quarantine" else 0
-    rows = 0
+    rows = convert.fill_side_by_side(session, pending, run_id)
     for key in session.plan.children:
-        rows += convert.convert(session, key, run_id, rows)
+        rows += convert.convert(session, key, run_id)
     message = (f"{len(pending)} column(s) converted to uuid ({rows:,} rows)" if pending
                else "every foreign key column was already uuid; constraints checked")
     if quarantined:

@@ -98,10 +98,11 @@ class RehearsalOptions:
     schema: str = "public"
     orphans: str = "abort"  # validate_schema's first look; orphans found switch to quarantine
     lock_timeout_ms: int = 3000
+    jobs: int = 2
 
     def settings(self, *, batch_size: int, orphans: str) -> Settings:
         return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
-                        orphans=orphans, show_progress=False)
+                        orphans=orphans, jobs=self.jobs, show_progress=False)
 
 
 # --- pure parts: options and arithmetic ----------------------------------------------------------
@@ -569,7 +570,7 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any]) -> in
         production=(None if options["production_rows"] is None
                     else _option(options, "production_rows", parse_production_rows)),
         schema=options["schema"], orphans=options["orphans"],
-        lock_timeout_ms=options["lock_timeout_ms"])
+        lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"])
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         report = rehearse(database_url, rehearsal, say)

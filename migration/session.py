@@ -8,6 +8,7 @@ politely for a busy table instead of queueing every other query behind it.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -39,17 +40,33 @@ class Settings:
     force: bool = False
     keep_changes: bool = False  # rollback: keep rows written after the migration
     show_progress: bool = True
+    jobs: int = 2  # connections filling temporary columns at once (migrate_foreign_keys)
+
+
+def _configure(conn: Connection, settings: Settings) -> None:
+    """The session settings every engine connection runs with."""
+    with conn, conn.cursor() as cur:
+        # Deparsed definitions come out fully qualified and replay identically.
+        cur.execute("SET search_path = pg_catalog, pg_temp")
+        cur.execute("SET synchronous_commit = off")
+        # For every transaction; a step that must scan a whole table
+        # lifts it with SET LOCAL for its own transaction only.
+        cur.execute("SELECT set_config('statement_timeout', %s, false)",
+                    (str(settings.statement_timeout_ms),))
 
 
 class Session:
-    def __init__(self, conn: Connection, plan: Plan, settings: Settings) -> None:
+    def __init__(self, conn: Connection, plan: Plan, settings: Settings, dsn: str) -> None:
         self.conn = conn
         self.plan = plan
         self.settings = settings
         self.log = OperationLog(conn, plan.schema)
         self.active_runs: list[int] = []  # log rows of this process's operations under way
-        self.fault: Callable[[str], None] | None = None
+        self.fault: Callable[[str, int], None] | None = None
+        """Called at each fault point with its name and the backend pid that reached it."""
+        self._dsn = dsn
         self._points: dict[str, int] = {}
+        self._points_lock = threading.Lock()
 
     @classmethod
     @contextmanager
@@ -61,19 +78,29 @@ class Session:
         """
         conn = connect(dsn)
         try:
-            with conn, conn.cursor() as cur:
-                # Deparsed definitions come out fully qualified and replay identically.
-                cur.execute("SET search_path = pg_catalog, pg_temp")
-                cur.execute("SET synchronous_commit = off")
-                # For every transaction; a step that must scan a whole table
-                # lifts it with SET LOCAL for its own transaction only.
-                cur.execute("SELECT set_config('statement_timeout', %s, false)",
-                            (str(settings.statement_timeout_ms),))
-            session = cls(conn, build_plan(conn, schema), settings)
+            _configure(conn, settings)
+            session = cls(conn, build_plan(conn, schema), settings, dsn)
             if lock:
                 session._lock()
                 session.log.ensure()
             yield session
+        finally:
+            conn.close()
+
+    @contextmanager
+    def worker(self) -> Iterator[Session]:
+        """A second connection working alongside this session, from another thread.
+
+        It shares the plan, the settings, the fault hook and the count of
+        fault points; the run lock stays with this session, which waits for it.
+        """
+        conn = connect(self._dsn)
+        try:
+            _configure(conn, self.settings)
+            worker = Session(conn, self.plan, self.settings, self._dsn)
+            worker.fault = self.fault
+            worker._points, worker._points_lock = self._points, self._points_lock
+            yield worker
         finally:
             conn.close()
 
@@ -115,9 +142,10 @@ class Session:
         kill the connection or the process at each point in turn (the label
         carries a count, ``batch public.users.id#3``, so every batch is its own point).
         """
-        count = self._points[label] = self._points.get(label, 0) + 1
+        with self._points_lock:
+            count = self._points[label] = self._points.get(label, 0) + 1
         if self.fault is not None:
-            self.fault(f"{label}#{count}")
+            self.fault(f"{label}#{count}", self.conn.get_backend_pid())
 
     @contextmanager
     def transaction(self, label: str | None = None) -> Iterator[Cursor]:

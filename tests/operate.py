@@ -75,15 +75,15 @@ def run_in_process(dsn: str, operation: str, *, admin_dsn: str | None = None,
     """Run an operation through the engine's API.
 
     ``crash_at`` names a fault point (``batch public.users.id#2``), ``crash_after``
-    counts them: when the engine gets there, a second session kills the engine's
-    connection with pg_terminate_backend, as a network failure or an
-    administrator would.  ``reached`` collects every point passed.
+    counts them: when the engine gets there, a second session kills the
+    connection that reached it (the engine's, or one of its fill workers')
+    with pg_terminate_backend, as a network failure or an administrator
+    would.  ``reached`` collects every point passed.
     """
     passed = reached if reached is not None else []
     with Session.open(dsn, settings or Settings(batch_size=7, show_progress=False)) as session:
-        pid = session.conn.get_backend_pid()
 
-        def fault(point: str) -> None:
+        def fault(point: str, pid: int) -> None:
             passed.append(point)
             if point == crash_at or len(passed) == crash_after:
                 assert admin_dsn is not None, "killing a backend needs the superuser DSN"

@@ -11,6 +11,7 @@ from psycopg2 import sql
 
 from migration.connection import connect
 from migration.fingerprint import expected_after_migration
+from migration.operations import OPERATIONS, run
 from migration.sandbox import Sandbox, schema_sql, with_credentials
 from migration.seed import seed
 from migration.session import ADVISORY_KEYS, Session, Settings
@@ -88,6 +89,44 @@ def test_each_converted_column_has_planner_statistics_after_its_step(legacy_db: 
     assert "users.id" in analysed()
     run_ok(legacy_db, "migrate_foreign_keys")
     assert {"journal_entries.user_id", "tags.user_id", "reminders.user_id"} <= analysed()
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_the_child_tables_fill_side_by_side_with_two_jobs(legacy_db: str, jobs: int) -> None:
+    """With two jobs the first two tables wait for each other's first batch (a barrier that
+    times out, failing the run, if they fill one after the other); with one job they never
+    overlap.  Either way the end is the same."""
+    seeded(legacy_db)
+    with connected(legacy_db, autocommit=False) as conn:
+        expected = expected_after_migration(conn, PLAN_KEYS, defaults=MIGRATED_DEFAULTS)
+    for step in ("backup_data", "migrate_users"):
+        run_ok(legacy_db, step)
+    barrier = threading.Barrier(2, timeout=20)
+    first_batches: dict[str, int] = {}  # table -> backend pid of its first batch
+    filling: list[str] = []  # tables whose fill has begun and not ended
+
+    def fault(point: str, pid: int) -> None:
+        if not point.startswith("batch "):
+            return
+        table = point.split()[1].split("#")[0]
+        if table not in first_batches:
+            first_batches[table] = pid
+            filling.append(table)
+            if jobs == 2 and len(first_batches) <= 2:
+                barrier.wait()
+        if jobs == 1:
+            assert filling[-1] == table, f"{table} filled while {filling[-1]} was not done"
+
+    with Session.open(legacy_db, Settings(batch_size=7, jobs=jobs, show_progress=False)) as s:
+        s.fault = fault
+        run(s, "migrate_foreign_keys", OPERATIONS["migrate_foreign_keys"])
+        own_pid = s.conn.get_backend_pid()
+    pids = set(first_batches.values())
+    assert len(first_batches) == 3
+    assert len(pids) == (3 if jobs == 2 else 1)  # a connection per fill, or the engine's own
+    assert (own_pid in pids) == (jobs == 1)
+    after = print_of(legacy_db)
+    assert after == expected, "\n".join(expected.diff(after))
 
 
 def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:

@@ -22,6 +22,7 @@ from migration.errors import MigrationError
 from migration.fingerprint import Fingerprint
 from migration.sandbox import Sandbox
 from migration.seed import seed
+from migration.session import Settings
 from tests.operate import connected, execute, operate, print_of, run_in_process
 
 OPERATIONS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
@@ -71,9 +72,13 @@ class MigrationMachine(RuleBasedStateMachine):
 
     @rule(operation=st.sampled_from(OPERATIONS[1:]), point=st.integers(1, 40))
     def crash(self, operation: str, point: int) -> None:
-        """Kill the engine's connection at the n-th fault point it reaches (if it gets there)."""
+        """Kill the engine's connection at the n-th fault point it reaches (if it gets there).
+
+        One fill connection, so that the n-th point is the same on every replay.
+        """
         with contextlib.suppress(psycopg2.OperationalError, MigrationError):
-            run_in_process(self.dsn, operation, admin_dsn=self.admin_dsn, crash_after=point)
+            run_in_process(self.dsn, operation, admin_dsn=self.admin_dsn, crash_after=point,
+                           settings=Settings(batch_size=7, jobs=1, show_progress=False))
 
     @rule()
     def status(self) -> None:
