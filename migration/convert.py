@@ -5,7 +5,8 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 1. add ``c_uuid uuid`` and a trigger that keeps it equal to ``c::uuid`` for
    rows anyone else writes meanwhile (instant DDL);
 2. fill ``c_uuid`` in batches that walk the primary key, a commit per batch,
-   the position saved with each batch so an interruption resumes there;
+   the position saved with each batch so an interruption resumes there; the
+   key is cut into slices (one per ``--jobs``) filled on as many connections;
 3. for a NOT NULL column, prove no ``c_uuid`` is NULL with a CHECK constraint
    added NOT VALID then validated (no exclusive lock while it scans);
 4. the swap, one short transaction: drop the FKs that reference ``c``, drop
@@ -27,12 +28,15 @@ import re
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass
 from functools import partial
+from typing import Any
 
 import psycopg2.errors
 import psycopg2.extras
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
+from psycopg2.extras import Json
 
 from migration import backup, catalog
 from migration.catalog import ColumnState
@@ -52,6 +56,7 @@ _STRING_CAST = re.compile(r"^\((?P<inner>.*)\)::(text|character varying(\(\d+\))
 
 
 def add_temporary_column(session: Session, key: KeyColumn) -> None:
+    """The uuid column, its sync trigger, and the slices its backfill will walk."""
     def work(cur: Cursor) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} uuid").format(
             key.table.ident, sql.Identifier(key.temp)))
@@ -61,40 +66,77 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
             sql.Identifier(key.helper("sync")), sql.Identifier(key.column),
             key.table.ident, backup.meta("sync_uuid_column"),
             sql.Literal(key.column), sql.Literal(key.temp)))
-        cur.execute(sql.SQL(
-            "INSERT INTO {} (table_schema, table_name, column_name) VALUES (%s, %s, %s) "
-            "ON CONFLICT (table_schema, table_name, column_name) "
-            "DO UPDATE SET last_key = NULL, rows_done = 0").format(
-            backup.meta("backfill_progress")), (key.table.schema, key.table.name, key.column))
+        progress = backup.meta("backfill_progress")
+        cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name, column_name) "
+                            "= (%s, %s, %s)").format(progress),
+                    (key.table.schema, key.table.name, key.column))
+        bounds = slice_bounds(cur, key, session.settings.jobs)
+        psycopg2.extras.execute_values(cur, sql.SQL(
+            "INSERT INTO {} (table_schema, table_name, column_name, slice, last_key, upper_key) "
+            "VALUES %s").format(progress).as_string(cur),
+            [(key.table.schema, key.table.name, key.column, number,
+              Json(lower) if lower is not None else None,
+              Json(upper) if upper is not None else None)
+             for number, (lower, upper) in enumerate(zip([None, *bounds], [*bounds, None],
+                                                         strict=True))])
 
     session.ddl(f"add {key.temp} to {key.table}", work)
 
 
-def _pk_after(pk: list[str], key: KeyColumn) -> sql.Composable:
-    """ROW(...) of the saved position: the checkpoint's key values typed as the table's."""
+# Rows of the primary key sampled to cut a table into slices of about equal size.
+SLICE_SAMPLE_ROWS = 10_000
+
+
+def slice_bounds(cur: Cursor, key: KeyColumn, slices: int) -> list[Any]:
+    """Primary key values (as jsonb objects) that cut the table into ``slices`` ranges.
+
+    They are quantiles of a sample of the key (the same sample every time, so
+    that runs are repeatable): memory stays that of the sample, whatever the
+    table's size.  A table too small to sample gets one slice.
+    """
+    if slices < 2:
+        return []
+    pk = catalog.primary_key(cur.connection, key.table)
+    estimate = catalog.estimated_rows(cur.connection, key.table)
+    percent = 100.0 if estimate <= SLICE_SAMPLE_ROWS else 100.0 * SLICE_SAMPLE_ROWS / estimate
+    cur.execute(sql.SQL("SELECT to_jsonb(s) FROM (SELECT {pk} FROM {table} "
+                        "TABLESAMPLE SYSTEM (%s) REPEATABLE (0)) s ORDER BY {s_pk}").format(
+        pk=column_list(pk), table=key.table.ident, s_pk=column_list(pk, "s")), (percent,))
+    sample = [value for (value,) in cur.fetchall()]
+    cuts = {len(sample) * n // slices for n in range(1, slices)}
+    return [sample[i - 1] for i in sorted(cuts) if i > 0]
+
+
+def _pk_value(pk: list[str], key: KeyColumn, param: str) -> sql.Composable:
+    """ROW(...) of a saved key (jsonb parameter ``param``) typed as the table's key."""
     return sql.SQL("ROW({})").format(sql.SQL(", ").join(
-        sql.SQL("(SELECT c.{} FROM jsonb_populate_record(NULL::{}, %(after)s) c)").format(
-            sql.Identifier(p), key.table.ident) for p in pk))
+        sql.SQL("(SELECT c.{} FROM jsonb_populate_record(NULL::{}, {}) c)").format(
+            sql.Identifier(p), key.table.ident, sql.Placeholder(param)) for p in pk))
 
 
-def batch_statement(key: KeyColumn, pk: list[str], *, first: bool) -> sql.Composable:
-    """One batch: the next ``n`` keys after the checkpoint, filled by a range update,
-    and the new checkpoint saved, in one statement (one round trip per batch).
+def batch_statement(key: KeyColumn, pk: list[str], *, first: bool,
+                    bounded: bool) -> sql.Composable:
+    """One batch: the next ``n`` keys of the slice after its checkpoint, filled by a range
+    update, and the new checkpoint saved, in one statement (one round trip per batch).
 
     The range (after, upper] is found on the primary key index and the update
     is a range scan of it: each batch costs the same wherever it is in the
     table, and nothing but the count and the new checkpoint comes back.
     """
-    after = sql.SQL("true") if first else sql.SQL("{} > {}").format(row_of(pk), _pk_after(pk, key))
+    conditions = []
+    if not first:
+        conditions.append(sql.SQL("{} > {}").format(row_of(pk), _pk_value(pk, key, "after")))
+    if bounded:
+        conditions.append(sql.SQL("{} <= {}").format(row_of(pk), _pk_value(pk, key, "upper")))
     x_after = (sql.SQL("true") if first
-               else sql.SQL("{} > {}").format(row_of(pk, "x"), _pk_after(pk, key)))
+               else sql.SQL("{} > {}").format(row_of(pk, "x"), _pk_value(pk, key, "after")))
     descending = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(p)) for p in pk)
     upper = sql.SQL("ROW({})").format(sql.SQL(", ").join(
         sql.SQL("(SELECT u.{} FROM upper u)").format(sql.Identifier(p)) for p in pk))
     return sql.SQL(
         """
         WITH batch AS MATERIALIZED (
-            SELECT {pk} FROM {table} WHERE {after} ORDER BY {pk} LIMIT %(n)s
+            SELECT {pk} FROM {table} WHERE {within} ORDER BY {pk} LIMIT %(n)s
         ), upper AS (
             SELECT {pk} FROM batch ORDER BY {descending} LIMIT 1
         ), done AS (
@@ -107,48 +149,77 @@ def batch_statement(key: KeyColumn, pk: list[str], *, first: bool) -> sql.Compos
             UPDATE {progress} SET last_key = c.last_key, rows_done = rows_done + c.n,
                    updated_at = clock_timestamp()
             FROM counted c
-            WHERE c.n > 0 AND (table_schema, table_name, column_name) = %(column)s
+            WHERE c.n > 0 AND (table_schema, table_name, column_name, slice) = %(slice)s
         )
         SELECT n, last_key FROM counted
         """
-    ).format(pk=column_list(pk), table=key.table.ident, after=after, descending=descending,
-             temp=sql.Identifier(key.temp), source=sql.Identifier("x", key.column),
-             x_after=x_after, x_pk=row_of(pk, "x"), upper=upper,
-             progress=backup.meta("backfill_progress"))
+    ).format(pk=column_list(pk), table=key.table.ident,
+             within=sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true"),
+             descending=descending, temp=sql.Identifier(key.temp),
+             source=sql.Identifier("x", key.column), x_after=x_after, x_pk=row_of(pk, "x"),
+             upper=upper, progress=backup.meta("backfill_progress"))
 
 
-def backfill(session: Session, key: KeyColumn, run_id: int,
+@dataclass(frozen=True)
+class Slice:
+    """A primary key range of one column's backfill, walked by one connection."""
+
+    key: KeyColumn
+    number: int
+    last_key: Any  # the checkpoint (jsonb object of the key), None before the first batch
+    upper_key: Any  # inclusive upper bound, None for the last slice
+    rows_done: int
+    share: float  # of the table's rows, to start the largest slices first
+
+    def __str__(self) -> str:
+        return f"{self.key} slice {self.number}"
+
+
+def slices_of(session: Session, key: KeyColumn) -> list[Slice]:
+    """The column's slices still to fill."""
+    with session.transaction() as cur:
+        cur.execute(sql.SQL("SELECT slice, last_key, upper_key, rows_done, finished, "
+                            "count(*) OVER () FROM {} WHERE (table_schema, table_name, "
+                            "column_name) = (%s, %s, %s) ORDER BY slice").format(
+            backup.meta("backfill_progress")), (key.table.schema, key.table.name, key.column))
+        rows = cur.fetchall()
+    return [Slice(key, number, last_key, upper_key, int(done), 1 / count)
+            for number, last_key, upper_key, done, finished, count in rows if not finished]
+
+
+def backfill(session: Session, part: Slice, run_id: int,
              stop: threading.Event | None = None) -> int:
-    """Fill the temporary column batch by batch from the saved checkpoint; rows written.
+    """Fill one slice batch by batch from its checkpoint; rows written.
 
-    ``stop`` ends it between two batches (a sibling fill failed); the
+    ``stop`` ends it between two batches (a sibling slice failed); the
     checkpoint is then where the next run resumes.
     """
-    conn = session.conn
-    pk = catalog.primary_key(conn, key.table)
-    where = (key.table.schema, key.table.name, key.column)
-    with session.transaction() as cur:
-        cur.execute(sql.SQL("SELECT last_key, rows_done FROM {} WHERE "
-                            "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
-            backup.meta("backfill_progress")), where)
-        row = cur.fetchone()
-    last_key, done = (row[0], int(row[1])) if row else (None, 0)
-    if last_key is not None:
-        logger.info("%s: resuming the backfill after %s (%s rows done)", key, last_key, done)
-    statements = {first: batch_statement(key, pk, first=first) for first in (True, False)}
-    progress = session.progress(f"{key}", catalog.estimated_rows(conn, key.table))
-    progress.advance(done)
-    written = unlogged = 0
+    key = part.key
+    pk = catalog.primary_key(session.conn, key.table)
+    if part.last_key is not None:
+        logger.info("%s: resuming after %s (%s rows done)", part, part.last_key, part.rows_done)
+    statements = {first: batch_statement(key, pk, first=first,
+                                         bounded=part.upper_key is not None)
+                  for first in (True, False)}
+    total = int(catalog.estimated_rows(session.conn, key.table) * part.share)
+    progress = session.progress(str(part) if part.share < 1 else str(key), total)
+    progress.advance(part.rows_done)
+    last_key, written, unlogged = part.last_key, 0, 0
     logged_at = time.monotonic()
     while stop is None or not stop.is_set():
         with session.transaction(f"batch {key}") as cur:
-            cur.execute(statements[last_key is None],
-                        {"n": session.settings.batch_size, "column": where,
-                         "after": psycopg2.extras.Json(last_key)})
+            cur.execute(statements[last_key is None], {
+                "n": session.settings.batch_size, "after": Json(last_key),
+                "upper": Json(part.upper_key),
+                "slice": (key.table.schema, key.table.name, key.column, part.number)})
             count, new_key = cur.fetchone() or (0, None)
             if not count:
+                cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
+                                    "clock_timestamp() WHERE (table_schema, table_name, "
+                                    "column_name, slice) = %s").format(
+                    backup.meta("backfill_progress")),
+                    ((key.table.schema, key.table.name, key.column, part.number),))
                 break
-            done += count
             written += count
             unlogged += count
             if time.monotonic() - logged_at >= PROGRESS_LOG_SECONDS:
@@ -159,44 +230,45 @@ def backfill(session: Session, key: KeyColumn, run_id: int,
     with session.transaction() as cur:
         session.log.progress(cur, run_id, unlogged)
     progress.close()
-    logger.info("%s: backfill %s, %s rows", key,
-                "stopped" if stop is not None and stop.is_set() else "done", done)
+    logger.info("%s: backfill %s, %s rows", part,
+                "stopped" if stop is not None and stop.is_set() else "done",
+                part.rows_done + written)
     return written
 
 
-def fill_side_by_side(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
-    """Add and fill the temporary columns of ``keys`` on ``jobs`` connections at once.
+def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
+    """Add the temporary columns of ``keys`` and fill them; rows written.
 
-    The batched UPDATE keeps one core of the server busy; on a server with
-    cores to spare, several tables fill in the time of the largest.  Each
-    column keeps its own checkpoint, so an interruption resumes every one of
-    them; the swaps stay one at a time, in ``convert``.  Largest table first,
-    so that the others share the remaining connections.  Rows written.
+    Every slice of every column goes to a queue served by ``jobs``
+    connections, largest first: the batched UPDATE keeps one core of the
+    server busy, and a server with cores to spare fills several slices in the
+    time of one.  Each slice keeps its own checkpoint, so an interruption
+    resumes every one of them.  With one job the engine's own connection
+    does it all, slice after slice.
     """
-    if session.settings.jobs < 2:
-        return 0
     for key in keys:
         if catalog.column_state(session.conn, key) is ColumnState.STRING:
             add_temporary_column(session, key)
-    filling = sorted((k for k in keys
-                      if catalog.column_state(session.conn, k) is ColumnState.BACKFILLING),
-                     key=lambda k: -catalog.estimated_rows(session.conn, k.table))
+    parts = sorted((part for key in keys
+                    if catalog.column_state(session.conn, key) is ColumnState.BACKFILLING
+                    for part in slices_of(session, key)),
+                   key=lambda p: -catalog.estimated_rows(session.conn, p.key.table) * p.share)
     session.conn.rollback()  # no snapshot held open on this connection while they work
-    if len(filling) < 2:
-        return 0
+    if session.settings.jobs < 2 or len(parts) < 2:
+        return sum(backfill(session, part, run_id) for part in parts)
     stop = threading.Event()
 
-    def fill(key: KeyColumn) -> int:
+    def work(part: Slice) -> int:
         try:
             with session.worker() as worker:
-                return backfill(worker, key, run_id, stop)
+                return backfill(worker, part, run_id, stop)
         except BaseException:
             stop.set()  # the others stop at their next batch
             raise
 
-    with ThreadPoolExecutor(max_workers=min(session.settings.jobs, len(filling)),
+    with ThreadPoolExecutor(max_workers=min(session.settings.jobs, len(parts)),
                             thread_name_prefix="fill") as pool:
-        futures = [pool.submit(fill, key) for key in filling]
+        futures = [pool.submit(work, part) for part in parts]
         try:
             wait(futures)
         finally:
@@ -388,11 +460,8 @@ def convert(session: Session, key: KeyColumn, run_id: int) -> int:
     """Take the column from whatever stage it is in to uuid; rows backfilled."""
     state = catalog.column_state(session.conn, key)
     written = 0
-    if state is ColumnState.STRING:
-        add_temporary_column(session, key)
-        state = ColumnState.BACKFILLING
-    if state is ColumnState.BACKFILLING:
-        written = backfill(session, key, run_id)
+    if state in (ColumnState.STRING, ColumnState.BACKFILLING):
+        written = fill(session, (key,), run_id)
         with session.transaction() as cur:
             not_null = backup.saved_column(cur, key).not_null
         if not_null:

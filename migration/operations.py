@@ -119,7 +119,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     refuse_on_failures(findings, "migrate_foreign_keys")
     quarantined = quarantine_orphans(session, findings) \
         if session.settings.orphans == "quarantine" else 0
-    rows = convert.fill_side_by_side(session, pending, run_id)
+    rows = convert.fill(session, pending, run_id)
     for key in session.plan.children:
         rows += convert.convert(session, key, run_id)
     message = (f"{len(pending)} column(s) converted to uuid ({rows:,} rows)" if pending
@@ -202,8 +202,8 @@ def status(session: Session) -> Outcome:
         has_backup = backup.exists(cur)
         progress = []
         if has_backup:
-            cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, rows_done, "
-                                "updated_at FROM {} ORDER BY updated_at").format(
+            cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, sum(rows_done), "
+                                "max(updated_at) FROM {} GROUP BY 1, 2, 3 ORDER BY 5").format(
                 backup.meta("backfill_progress")))
             progress = cur.fetchall()
     session.conn.rollback()

@@ -129,6 +129,28 @@ def test_the_child_tables_fill_side_by_side_with_two_jobs(legacy_db: str, jobs: 
     assert after == expected, "\n".join(expected.diff(after))
 
 
+def test_a_table_is_cut_into_one_slice_per_job_each_filled_by_its_own_connection(
+        legacy_db: str) -> None:
+    seeded(legacy_db, users=60)
+    run_ok(legacy_db, "backup_data")
+    pids: set[int] = set()
+
+    def fault(point: str, pid: int) -> None:
+        if point.startswith("batch public.users.id#"):
+            pids.add(pid)
+
+    with Session.open(legacy_db, Settings(batch_size=7, jobs=3, show_progress=False)) as s:
+        s.fault = fault
+        run(s, "migrate_users", OPERATIONS["migrate_users"])
+    slices = execute(legacy_db, "SELECT slice, rows_done, finished FROM "
+                                "migration_backup.backfill_progress WHERE table_name = 'users' "
+                                "ORDER BY slice")
+    assert [number for number, _, _ in slices] == [0, 1, 2]
+    assert all(done > 0 and finished for _, done, finished in slices), slices
+    assert sum(int(str(done)) for _, done, _ in slices) == 60
+    assert len(pids) == 3
+
+
 def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:
     seeded(legacy_db, 10)
     run_ok(legacy_db, "full_migration")
