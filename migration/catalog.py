@@ -194,6 +194,7 @@ def blockers(conn: Connection, key: KeyColumn) -> list[str]:
     Views and rules, triggers, policies, CHECK and exclusion constraints and
     generated columns that mention the column would make ``DROP COLUMN`` fail
     or silently change meaning; they must be dealt with by a person first.
+    The engine's own sync trigger and fill proof are not counted.
     """
     with conn.cursor() as cur:
         cur.execute(
@@ -229,9 +230,13 @@ def blockers(conn: Connection, key: KeyColumn) -> list[str]:
                     SELECT oid FROM pg_constraint WHERE contype IN ('p', 'u', 'f', 'n')))
               AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
                     SELECT oid FROM pg_trigger WHERE tgname = %(sync)s))
+              AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_constraint WHERE conrelid = col.attrelid
+                    AND contype = 'c' AND conname = %(filled)s))
             ORDER BY 1
             """,
-            {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync")},
+            {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync"),
+             "filled": key.helper("filled")},
         )
         found = [text for (text,) in cur.fetchall()]
     found += [f"expression index {ix.name}" for ix in indexes_on(conn, key) if ix.uses_expression]

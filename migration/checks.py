@@ -71,9 +71,10 @@ def no_leftovers(ctx: Context) -> list[Finding]:
             WHERE tgrelid = to_regclass(%(t)s) AND tgname = %(sync)s
             UNION ALL
             SELECT 'constraint ' || conname FROM pg_constraint
-            WHERE conrelid = to_regclass(%(t)s) AND conname = %(not_null)s
+            WHERE conrelid = to_regclass(%(t)s) AND conname IN (%(filled)s, %(not_null)s)
             """,
             {"t": catalog.regclass(key.table), "sync": key.helper("sync"),
+             "filled": key.helper("filled"),
              "not_null": key.helper("not_null")},
         )
         left += [f"{text} on {key.table}" for (text,) in cur.fetchall()]
@@ -400,7 +401,7 @@ CHECKS: tuple[Check, ...] = (
     Check(key_columns_uuid, {
         "key_columns_uuid": "users.id and every column referencing it are uuid"}),
     Check(no_leftovers, {
-        "no_leftovers": "no temporary columns, sync triggers, NOT NULL helpers or invalid "
+        "no_leftovers": "no temporary columns, sync triggers, fill or NOT NULL proofs or invalid "
                         "indexes remain"}),
     Check(primary_key, {"primary_key": "users has its primary key on id"}),
     Check(foreign_keys, {

@@ -7,8 +7,9 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 2. fill ``c_uuid`` in batches that walk the primary key, a commit per batch,
    the position saved with each batch so an interruption resumes there; the
    key is cut into slices (one per ``--jobs``) filled on as many connections;
-3. for a NOT NULL column, prove no ``c_uuid`` is NULL with a CHECK constraint
-   added NOT VALID then validated (no exclusive lock while it scans);
+3. prove ``c_uuid = c::uuid`` in every row (and, for a NOT NULL column, that
+   ``c_uuid`` is NOT NULL) with CHECK constraints added NOT VALID then
+   validated (no exclusive lock while they scan);
 4. the swap, one short transaction: drop the FKs that reference ``c``, drop
    ``c``, rename ``c_uuid`` to ``c``, SET NOT NULL (free, thanks to step 3),
    convert the default;
@@ -33,10 +34,9 @@ from functools import partial
 from typing import Any
 
 import psycopg2.errors
-import psycopg2.extras
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
-from psycopg2.extras import Json
+from psycopg2.extras import Json, execute_values
 
 from migration import backup, catalog
 from migration.catalog import ColumnState
@@ -71,7 +71,7 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
                             "= (%s, %s, %s)").format(progress),
                     (key.table.schema, key.table.name, key.column))
         bounds = slice_bounds(cur, key, session.settings.jobs)
-        psycopg2.extras.execute_values(cur, sql.SQL(
+        execute_values(cur, sql.SQL(
             "INSERT INTO {} (table_schema, table_name, column_name, slice, last_key, upper_key) "
             "VALUES %s").format(progress).as_string(cur),
             [(key.table.schema, key.table.name, key.column, number,
@@ -280,29 +280,52 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     return sum(future.result() for future in futures)
 
 
-def prove_not_null(session: Session, key: KeyColumn) -> None:
-    """A validated CHECK (temp IS NOT NULL), so the swap's SET NOT NULL needs no scan."""
-    name = key.helper("not_null")
+def prove_filled(session: Session, key: KeyColumn) -> None:
+    """Validated CHECKs that the fill is complete and right, before anything is dropped.
 
-    def add(cur: Cursor) -> None:
-        cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                    "AND conname = %s", (catalog.regclass(key.table), name))
-        if cur.fetchone() is None:
-            cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({} IS NOT NULL) "
-                                "NOT VALID").format(key.table.ident, sql.Identifier(name),
-                                                    sql.Identifier(key.temp)))
+    ``filled``: every row's uuid column holds its string cast to uuid.  A row
+    the batches missed (its primary key moved behind a checkpoint while the
+    fill ran) stops the migration here instead of losing its reference.  It
+    names the old column, so the swap's DROP COLUMN drops it too.
+    ``not_null`` (NOT NULL columns): the uuid column has no NULL, which lets
+    the swap's SET NOT NULL skip its scan; it must name the uuid column only
+    to outlive that drop, and SET NOT NULL must come after the rename so that
+    PostgreSQL 18 names the constraint it creates after the column's name.
+    Each is added NOT VALID then validated: no exclusive lock while it scans.
+    """
+    temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
+    with session.transaction() as cur:
+        not_null = backup.saved_column(cur, key).not_null
+    proofs = {key.helper("filled"): sql.SQL("{} IS NOT DISTINCT FROM ({})::uuid").format(
+        temp, column)}
+    if not_null:
+        proofs[key.helper("not_null")] = sql.SQL("{} IS NOT NULL").format(temp)
+    for name, condition in proofs.items():
+        session.ddl(f"add {name}", partial(_add_check, key=key, name=name, condition=condition))
+        try:
+            session.ddl(f"validate {name}", partial(_validate_check, key=key, name=name))
+        except psycopg2.errors.CheckViolation:
+            raise MigrationError(
+                f"{key.temp} is still NULL in some rows of {key.table} after the backfill"
+                if name == key.helper("not_null") else
+                f"{key.temp} is not {key.column} cast to uuid in some rows of {key.table} "
+                "after the backfill (rows whose primary key changed while it ran?)",
+                hint="rollback, then run the migration again with the application stopped, "
+                     "as the runbook requires") from None
 
-    def validate(cur: Cursor) -> None:
-        cur.execute("SET LOCAL statement_timeout = 0")  # a scan as long as the table
-        cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
-            key.table.ident, sql.Identifier(name)))
 
-    session.ddl(f"add {name}", add)
-    try:
-        session.ddl(f"validate {name}", validate)
-    except psycopg2.errors.CheckViolation:
-        raise MigrationError(f"{key.temp} is still NULL in some rows of {key.table} after the "
-                             "backfill", hint="run the same operation again; it resumes") from None
+def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:
+    cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                "AND conname = %s", (catalog.regclass(key.table), name))
+    if cur.fetchone() is None:
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
+            key.table.ident, sql.Identifier(name), condition))
+
+
+def _validate_check(cur: Cursor, key: KeyColumn, name: str) -> None:
+    cur.execute("SET LOCAL statement_timeout = 0")  # a scan as long as the table
+    cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
+        key.table.ident, sql.Identifier(name)))
 
 
 def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
@@ -361,7 +384,7 @@ def swap(session: Session, key: KeyColumn) -> None:
                 fk.table.ident, sql.Identifier(fk.name)))
         execute(sql.SQL("DROP TRIGGER {} ON {}").format(
             sql.Identifier(key.helper("sync")), key.table.ident))
-        execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+        execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(  # "filled" goes with it
             key.table.ident, sql.Identifier(key.column)))
         execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
             key.table.ident, sql.Identifier(key.temp), sql.Identifier(key.column)))
@@ -462,10 +485,7 @@ def convert(session: Session, key: KeyColumn, run_id: int) -> int:
     written = 0
     if state in (ColumnState.STRING, ColumnState.BACKFILLING):
         written = fill(session, (key,), run_id)
-        with session.transaction() as cur:
-            not_null = backup.saved_column(cur, key).not_null
-        if not_null:
-            prove_not_null(session, key)
+        prove_filled(session, key)
         swap(session, key)
     refresh_statistics(session, key)
     recreate_objects(session, key)

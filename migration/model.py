@@ -36,7 +36,7 @@ class KeyColumn:
 
     def helper(self, kind: str) -> str:
         """Names of the engine's temporary objects for this column (``sync``
-        trigger, ``not_null`` check), within PostgreSQL's 63 bytes."""
+        trigger, ``filled`` and ``not_null`` checks), within PostgreSQL's 63 bytes."""
         return f"migration_{kind}_{self.column}"[:63]
 
     def __str__(self) -> str:

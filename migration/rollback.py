@@ -128,8 +128,9 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
 def _drop_helpers(cur: Cursor, key: KeyColumn) -> None:
     cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
         sql.Identifier(key.helper("sync")), key.table.ident))
-    cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-        key.table.ident, sql.Identifier(key.helper("not_null"))))
+    for check in ("filled", "not_null"):
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
+            key.table.ident, sql.Identifier(key.helper(check))))
     cur.execute(sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
         key.table.ident, sql.Identifier(key.temp)))
 

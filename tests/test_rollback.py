@@ -275,6 +275,43 @@ def test_an_interrupted_backfill_resumes_after_its_last_committed_batch(
     s.assert_migrated()
 
 
+def test_a_row_the_fill_missed_stops_the_swap_of_its_column(
+        scenario: Callable[..., Scenario]) -> None:
+    """reminders.user_id is nullable: without the proof, the swap would turn a missed
+    row's reference into NULL.  Killed before the first proof, one uuid is cleared."""
+    s = scenario()
+    for step in ("backup_data", "migrate_users"):
+        run_ok(s.dsn, step)
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(s.dsn, "migrate_foreign_keys", admin_dsn=s.admin_dsn,
+                       settings=Settings(batch_size=7, jobs=1, show_progress=False),
+                       crash_at="add migration_filled_user_id#1")
+    missed = execute(s.dsn, "UPDATE reminders SET user_id_uuid = NULL WHERE id = (SELECT min(id) "
+                            "FROM reminders WHERE user_id IS NOT NULL) RETURNING id, user_id")
+    result = operate(s.dsn, "migrate_foreign_keys")
+    assert result.exit_code == 1
+    assert "user_id_uuid is not user_id cast to uuid" in result.output
+    assert "public.reminders" in result.output
+    kept = execute(s.dsn, "SELECT id, user_id FROM reminders WHERE id = %s", (missed[0][0],))
+    assert kept == missed  # still the string column, with its value
+    run_ok(s.dsn, "rollback")
+    s.assert_original()
+
+
+def test_the_fill_proof_spares_the_swap_a_not_null_scan(scenario: Callable[..., Scenario]) -> None:
+    """Killed in the swap, after the proofs were validated: SET NOT NULL on the uuid column,
+    tried by hand, is proved by a constraint (the server says so at DEBUG1)."""
+    s = scenario()
+    run_ok(s.dsn, "backup_data")
+    s.crash("migrate_users", "swap public.users.id#1")
+    with connected(s.dsn, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SET client_min_messages = debug1")
+        cur.execute("ALTER TABLE users ALTER COLUMN id_uuid SET NOT NULL")
+        proofs = [n for n in conn.notices if "sufficient to prove" in n]
+        conn.rollback()
+    assert proofs, conn.notices
+
+
 def test_rollback_after_cleanup_refuses_and_says_what_to_do(
         scenario: Callable[..., Scenario]) -> None:
     s = scenario()
