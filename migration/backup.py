@@ -243,6 +243,23 @@ def saved_column(cur: Cursor, key: KeyColumn) -> catalog.ColumnInfo:
     return catalog.ColumnInfo(*row)
 
 
+def quarantined_rows(cur: Cursor) -> dict[str, int]:
+    """Rows held in each quarantine table now (they exist nowhere else)."""
+    if not exists(cur):
+        return {}
+    cur.execute(sql.SQL("SELECT quarantine_table FROM {} ORDER BY 1").format(meta("quarantine")))
+    held = {}
+    for (name,) in cur.fetchall():
+        relation = sql.Identifier(SCHEMA, name)
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (relation.as_string(cur.connection),))
+        if (cur.fetchone() or [False])[0]:
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(relation))
+            rows = int((cur.fetchone() or [0])[0])
+            if rows:
+                held[f"{SCHEMA}.{name}"] = rows
+    return held
+
+
 def require(cur: Cursor, operation: str) -> None:
     if not exists(cur):
         raise MigrationError(f"{operation} needs the backup in {SCHEMA}, and there is none",

@@ -97,7 +97,7 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
               "before it is retried with backoff.")
 @click.option("--force", is_flag=True, help="cleanup_backup: drop the backup without a "
-              "passing validate_migration (logged).")
+              "passing validate_migration, or with quarantined rows in it (logged).")
 @click.option("--keep-changes", is_flag=True, help="rollback: keep rows written after the "
               "backup (their ids as canonical text) instead of refusing.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),

@@ -163,6 +163,16 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
             f"({last_change.operation if last_change else 'none'})",
             hint="run validate_migration first; --force drops the backup anyway (logged)")
 
+    with session.transaction() as cur:
+        quarantined = backup.quarantined_rows(cur)
+    if quarantined and not session.settings.force:
+        raise MigrationError(
+            f"cleanup_backup refused: {sum(quarantined.values())} quarantined row(s) exist "
+            "only in the backup schema (" + ", ".join(
+                f"{name}: {rows}" for name, rows in quarantined.items()) + ")",
+            hint="put them back or delete them yourself, then run cleanup_backup again; "
+                 "--force drops them with the backup (logged)")
+
     def drop(cur: Any) -> bool:
         if not backup.exists(cur):
             return False
@@ -173,7 +183,10 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
     message = f"{backup.SCHEMA} dropped" if dropped else "there was no backup to drop"
     if session.settings.force and not validated:
         message += " (forced without a passing validate_migration)"
-    return Outcome(message, details={"forced": session.settings.force and not validated})
+    if quarantined:
+        message += f" with {sum(quarantined.values())} quarantined row(s) (forced)"
+    return Outcome(message, details={"forced": session.settings.force and not validated,
+                                     "quarantined_rows_dropped": quarantined})
 
 
 def full_migration(session: Session, run_id: int) -> Outcome:

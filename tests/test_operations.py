@@ -240,6 +240,13 @@ def test_orphans_quarantined_on_request_are_kept_not_deleted(legacy_no_fk_db: st
                    "WHERE user_id = %s", (orphan,)) == [(1,)]
     assert execute(legacy_no_fk_db, "SELECT count(*) FROM reminders")[0][0] == total - 1
     run_ok(legacy_no_fk_db, "validate_migration")
+    before = print_of(legacy_no_fk_db, include_backup=True)
+    refused = operate(legacy_no_fk_db, "cleanup_backup")  # the quarantine lives only there
+    assert refused.exit_code == 1
+    assert 'migration_backup.quarantine.public.reminders: 1' in refused.output
+    assert print_of(legacy_no_fk_db, include_backup=True) == before
+    forced = run_ok(legacy_no_fk_db, "cleanup_backup", "--force")
+    assert "with 1 quarantined row(s) (forced)" in forced.output
 
 
 @pytest.mark.parametrize("problem", ["invalid", "collision"])
