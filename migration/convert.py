@@ -56,7 +56,15 @@ _STRING_CAST = re.compile(r"^\((?P<inner>.*)\)::(text|character varying(\(\d+\))
 
 
 def add_temporary_column(session: Session, key: KeyColumn) -> None:
-    """The uuid column, its sync trigger, and the slices its backfill will walk."""
+    """The uuid column, its sync trigger, and the slices its backfill will walk.
+
+    The slices' bounds are sampled first, in a transaction of their own, so
+    that the DDL holds its ACCESS EXCLUSIVE lock for catalog changes only
+    (sampling inside it held the lock for 90 to 130 ms at 100k rows).
+    """
+    with session.transaction() as cur:
+        bounds = slice_bounds(cur, key, session.settings.jobs)
+
     def work(cur: Cursor) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} uuid").format(
             key.table.ident, sql.Identifier(key.temp)))
@@ -70,7 +78,6 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
         cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name, column_name) "
                             "= (%s, %s, %s)").format(progress),
                     (key.table.schema, key.table.name, key.column))
-        bounds = slice_bounds(cur, key, session.settings.jobs)
         execute_values(cur, sql.SQL(
             "INSERT INTO {} (table_schema, table_name, column_name, slice, last_key, upper_key) "
             "VALUES %s").format(progress).as_string(cur),
