@@ -203,7 +203,7 @@ def backfill(session: Session, part: Slice, run_id: int,
     """
     key = part.key
     pk = catalog.primary_key(session.conn, key.table)
-    if part.last_key is not None:
+    if part.rows_done:
         logger.info("%s: resuming after %s (%s rows done)", part, part.last_key, part.rows_done)
     statements = {first: batch_statement(key, pk, first=first,
                                          bounded=part.upper_key is not None)
