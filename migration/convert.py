@@ -42,7 +42,7 @@ from migration import backup, catalog
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.log import logger
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.session import Session
 from migration.sqlexpr import column_list, row_of
 
@@ -211,6 +211,7 @@ def backfill(session: Session, part: Slice, run_id: int,
     total = int(catalog.estimated_rows(session.conn, key.table) * part.share)
     progress = session.progress(str(part) if part.share < 1 else str(key), total)
     progress.advance(part.rows_done)
+    identity = (key.table.schema, key.table.name, key.column, part.number)
     last_key, written, unlogged = part.last_key, 0, 0
     logged_at = time.monotonic()
     while stop is None or not stop.is_set():
@@ -218,14 +219,13 @@ def backfill(session: Session, part: Slice, run_id: int,
             cur.execute(statements[last_key is None], {
                 "n": session.settings.batch_size, "after": Json(last_key),
                 "upper": Json(part.upper_key),
-                "slice": (key.table.schema, key.table.name, key.column, part.number)})
+                "slice": identity})
             count, new_key = cur.fetchone() or (0, None)
             if not count:
                 cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
                                     "clock_timestamp() WHERE (table_schema, table_name, "
                                     "column_name, slice) = %s").format(
-                    backup.meta("backfill_progress")),
-                    ((key.table.schema, key.table.name, key.column, part.number),))
+                    backup.meta("backfill_progress")), (identity,))
                 break
             written += count
             unlogged += count
@@ -256,10 +256,10 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     for key in keys:
         if catalog.column_state(session.conn, key) is ColumnState.STRING:
             add_temporary_column(session, key)
-    parts = sorted((part for key in keys
-                    if catalog.column_state(session.conn, key) is ColumnState.BACKFILLING
-                    for part in slices_of(session, key)),
-                   key=lambda p: -catalog.estimated_rows(session.conn, p.key.table) * p.share)
+    rows = {key: catalog.estimated_rows(session.conn, key.table) for key in keys
+            if catalog.column_state(session.conn, key) is ColumnState.BACKFILLING}
+    parts = sorted((part for key in rows for part in slices_of(session, key)),
+                   key=lambda p: -rows[p.key] * p.share)
     session.conn.rollback()  # no snapshot held open on this connection while they work
     if session.settings.jobs < 2 or len(parts) < 2:
         return sum(backfill(session, part, run_id) for part in parts)
@@ -310,7 +310,7 @@ def prove_filled(session: Session, key: KeyColumn) -> None:
     for name, condition in proofs.items():
         session.ddl(f"add {name}", partial(_add_check, key=key, name=name, condition=condition))
         try:
-            session.ddl(f"validate {name}", partial(_validate_check, key=key, name=name))
+            session.ddl(f"validate {name}", partial(_validate, table=key.table, name=name))
         except psycopg2.errors.CheckViolation:
             raise MigrationError(
                 f"{key.temp} is still NULL in some rows of {key.table} after the backfill"
@@ -322,17 +322,9 @@ def prove_filled(session: Session, key: KeyColumn) -> None:
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:
-    cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                "AND conname = %s", (catalog.regclass(key.table), name))
-    if cur.fetchone() is None:
+    if not _has_constraint(cur, key.table, name):
         cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
             key.table.ident, sql.Identifier(name), condition))
-
-
-def _validate_check(cur: Cursor, key: KeyColumn, name: str) -> None:
-    cur.execute("SET LOCAL statement_timeout = 0")  # a scan as long as the table
-    cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
-        key.table.ident, sql.Identifier(name)))
 
 
 def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
@@ -441,12 +433,17 @@ def recreate_objects(session: Session, key: KeyColumn) -> None:
     for fk in foreign_keys:
         session.ddl(f"recreate {fk.name}", partial(_foreign_key, fk=fk))
         if fk.validated:
-            session.ddl(f"validate {fk.name}", partial(_validate, fk=fk))
+            session.ddl(f"validate {fk.name}", partial(_validate, table=fk.table, name=fk.name))
 
 
 def _exists(cur: Cursor, query: str, *params: str) -> bool:
     cur.execute(query, params)
     return cur.fetchone() is not None
+
+
+def _has_constraint(cur: Cursor, table: Table, name: str) -> bool:
+    return _exists(cur, "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                        "AND conname = %s", catalog.regclass(table), name)
 
 
 def recreate_index(cur: Cursor, index: catalog.IndexDef) -> None:
@@ -457,9 +454,7 @@ def recreate_index(cur: Cursor, index: catalog.IndexDef) -> None:
                         "(SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
                    index.name, table):
         cur.execute(sql.SQL(index.definition))  # as pg_get_indexdef printed it
-    if index.constraint_type and not _exists(
-            cur, "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) AND conname = %s",
-            table, index.name):
+    if index.constraint_type and not _has_constraint(cur, index.table, index.name):
         kind = sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE")
         timing = sql.SQL("")
         if index.deferrable:
@@ -471,8 +466,7 @@ def recreate_index(cur: Cursor, index: catalog.IndexDef) -> None:
 
 
 def _foreign_key(cur: Cursor, fk: catalog.ForeignKeyDef) -> None:
-    if _exists(cur, "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                    "AND conname = %s", catalog.regclass(fk.table), fk.name):
+    if _has_constraint(cur, fk.table, fk.name):
         return
     definition = fk.definition if fk.definition.endswith("NOT VALID") \
         else fk.definition + " NOT VALID"  # validated in its own step, without blocking writes
@@ -480,10 +474,11 @@ def _foreign_key(cur: Cursor, fk: catalog.ForeignKeyDef) -> None:
         fk.table.ident, sql.Identifier(fk.name), sql.SQL(definition)))
 
 
-def _validate(cur: Cursor, fk: catalog.ForeignKeyDef) -> None:
+def _validate(cur: Cursor, table: Table, name: str) -> None:
+    """VALIDATE CONSTRAINT: a scan as long as the table, under a lock that lets writes on."""
     cur.execute("SET LOCAL statement_timeout = 0")
     cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
-        fk.table.ident, sql.Identifier(fk.name)))
+        table.ident, sql.Identifier(name)))
 
 
 def convert(session: Session, key: KeyColumn, run_id: int) -> int:

@@ -40,7 +40,7 @@ class Settings:
     force: bool = False
     keep_changes: bool = False  # rollback: keep rows written after the migration
     show_progress: bool = True
-    jobs: int = 2  # connections filling temporary columns at once (migrate_foreign_keys)
+    jobs: int = 2  # connections filling temporary columns at once, one slice each
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
