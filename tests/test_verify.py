@@ -210,9 +210,9 @@ MUTATIONS = {
         UPDATE public.journal_entries j
         SET user_id = CASE WHEN j.id = a.id THEN b.user_id ELSE a.user_id END
         FROM (SELECT id, user_id FROM public.journal_entries ORDER BY id LIMIT 1) a,
-             (SELECT id, user_id FROM public.journal_entries ORDER BY user_id DESC, id
-              LIMIT 1) b
-        WHERE j.id IN (a.id, b.id) AND a.user_id <> b.user_id
+             LATERAL (SELECT id, user_id FROM public.journal_entries k
+                      WHERE k.user_id <> a.user_id ORDER BY k.id LIMIT 1) b
+        WHERE j.id IN (a.id, b.id)
         """, frozenset({"uuid_values"})),
     "unfinished_log_entry": Mutation(
         "INSERT INTO public.migration_log (operation, status) VALUES ('migrate_users', 'running')",
