@@ -43,6 +43,7 @@ from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
+from migration.progress import Progress
 from migration.session import Session
 from migration.sqlexpr import column_list, row_of
 
@@ -194,7 +195,7 @@ def slices_of(session: Session, key: KeyColumn) -> list[Slice]:
             for number, last_key, upper_key, done, finished, count in rows if not finished]
 
 
-def backfill(session: Session, part: Slice, run_id: int,
+def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
              stop: threading.Event | None = None) -> int:
     """Fill one slice batch by batch from its checkpoint; rows written.
 
@@ -208,9 +209,6 @@ def backfill(session: Session, part: Slice, run_id: int,
     statements = {first: batch_statement(key, pk, first=first,
                                          bounded=part.upper_key is not None)
                   for first in (True, False)}
-    total = int(catalog.estimated_rows(session.conn, key.table) * part.share)
-    progress = session.progress(str(part) if part.share < 1 else str(key), total)
-    progress.advance(part.rows_done)
     identity = (key.table.schema, key.table.name, key.column, part.number)
     last_key, written, unlogged = part.last_key, 0, 0
     logged_at = time.monotonic()
@@ -236,7 +234,6 @@ def backfill(session: Session, part: Slice, run_id: int,
         progress.advance(count)
     with session.transaction() as cur:
         session.log.progress(cur, run_id, unlogged)
-    progress.close()
     logger.info("%s: backfill %s, %s rows", part,
                 "stopped" if stop is not None and stop.is_set() else "done",
                 part.rows_done + written)
@@ -261,14 +258,27 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     parts = sorted((part for key in rows for part in slices_of(session, key)),
                    key=lambda p: -rows[p.key] * p.share)
     session.conn.rollback()  # no snapshot held open on this connection while they work
+    if not parts:
+        return 0
+    progress = session.progress("fill " + ", ".join(str(key) for key in rows),
+                                sum(rows.values()),
+                                resumed=sum(part.rows_done for part in parts))
+    try:
+        return _fill_slices(session, parts, run_id, progress)
+    finally:
+        progress.close()
+
+
+def _fill_slices(session: Session, parts: list[Slice], run_id: int,
+                 progress: Progress) -> int:
     if session.settings.jobs < 2 or len(parts) < 2:
-        return sum(backfill(session, part, run_id) for part in parts)
+        return sum(backfill(session, part, run_id, progress) for part in parts)
     stop = threading.Event()
 
     def work(part: Slice) -> int:
         try:
             with session.worker() as worker:
-                return backfill(worker, part, run_id, stop)
+                return backfill(worker, part, run_id, progress, stop)
         except BaseException:
             stop.set()  # the others stop at their next batch
             raise

@@ -194,8 +194,8 @@ class Session:
                 pause = min(pause * 2, 5.0)
         raise AssertionError("unreachable")
 
-    def progress(self, label: str, total: int) -> Progress:
-        return Progress(label, total, enabled=self.settings.show_progress)
+    def progress(self, label: str, total: int, *, resumed: int = 0) -> Progress:
+        return Progress(label, total, resumed=resumed, enabled=self.settings.show_progress)
 
     def other_sessions(self) -> list[str]:
         """Other sessions connected to this database (the swap expects none)."""

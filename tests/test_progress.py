@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 
+from migration.operations import OPERATIONS, run
 from migration.progress import Progress
+from migration.seed import seed
+from migration.session import Session, Settings
+from tests.operate import connected, execute, run_ok
 
 
 def test_the_line_shows_rows_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -20,3 +26,39 @@ def test_nothing_is_drawn_when_not_on_a_terminal(capsys: pytest.CaptureFixture[s
     progress.advance(5)
     progress.close()
     assert capsys.readouterr().err == ""
+
+
+def test_rows_resumed_from_an_earlier_run_count_as_done_but_not_in_the_rate(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = iter([100.0, 110.0])
+    monkeypatch.setattr("migration.progress.time.monotonic", lambda: next(clock))
+    progress = Progress("x", 3000, resumed=1000, enabled=False)
+    progress.done = 1000
+    assert progress.line() == "x: 2,000 rows, 100 rows/s, ETA 10 s"
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_the_connections_of_a_fill_share_one_line(legacy_db: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two jobs filling three tables draw one line with every row of the three, not a line
+    per slice overwriting each other."""
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 60)
+    for step in ("backup_data", "migrate_users"):
+        run_ok(legacy_db, step)
+    terminal = Terminal()
+    monkeypatch.setattr("migration.progress.sys.stderr", terminal)
+    with Session.open(legacy_db, Settings(batch_size=7, jobs=2)) as session:
+        run(session, "migrate_foreign_keys", OPERATIONS["migrate_foreign_keys"])
+    [(children,)] = execute(legacy_db, "SELECT (SELECT count(*) FROM journal_entries) + "
+                                       "(SELECT count(*) FROM tags) + "
+                                       "(SELECT count(*) FROM reminders)")
+    drawn = [part for part in terminal.getvalue().split("\r") if part]
+    label = "fill public.journal_entries.user_id, public.tags.user_id, public.reminders.user_id"
+    assert drawn and all(part.startswith(label + ": ") for part in drawn), drawn
+    assert terminal.getvalue().count("\n") == 1
+    assert drawn[-1].startswith(f"{label}: {children:,} rows, ")
