@@ -10,6 +10,7 @@ Exit codes:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -32,6 +33,26 @@ OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
 
 
 CRASH_VARIABLE = "UUID_MIGRATION_CRASH_AT"
+
+
+class ConsoleWarnings(logging.Handler):
+    """The engine's warnings on stderr as they happen, not only in the log file.
+
+    An operator at the console must see a lock being retried, sessions still
+    connected at a swap, rows the fill missed.  Errors are not repeated here:
+    the command reports its failure itself.  The stream is looked up at each
+    record, so the handler follows whatever stderr is current.
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno == logging.WARNING:
+            start = "\r\x1b[K" if sys.stderr.isatty() else ""  # over a progress line
+            click.echo(f"{start}warning: {record.getMessage()}", err=True)
+
+
+def setup_console_warnings() -> None:
+    if not any(isinstance(handler, ConsoleWarnings) for handler in logger.handlers):
+        logger.addHandler(ConsoleWarnings())
 
 
 def _crash_at(point: str | None) -> Callable[[str, int], None] | None:
@@ -125,6 +146,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     """Migrate string UUID keys (VARCHAR(36)) to PostgreSQL's native uuid type,
     following the operators' runbook step by step."""
     setup_file_log(options["log_file"])
+    setup_console_warnings()
     fmt, verbose = options["fmt"], options["verbose"]
     if operation == "rehearse":
         from migration.rehearse import rehearse_command

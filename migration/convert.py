@@ -9,7 +9,8 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
    key is cut into slices (one per ``--jobs``) filled on as many connections;
 3. prove ``c_uuid = c::uuid`` in every row (and, for a NOT NULL column, that
    ``c_uuid`` is NOT NULL) with CHECK constraints added NOT VALID then
-   validated (no exclusive lock while they scan);
+   validated (no exclusive lock while they scan); rows the batches missed
+   are filled by one scan first;
 4. the swap, one short transaction: drop the FKs that reference ``c``, drop
    ``c``, rename ``c_uuid`` to ``c``, SET NOT NULL (free, thanks to step 3),
    convert the default;
@@ -297,13 +298,13 @@ def _fill_slices(session: Session, parts: list[Slice], run_id: int,
     return sum(future.result() for future in futures)
 
 
-def prove_filled(session: Session, key: KeyColumn) -> None:
+def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
     """Validated CHECKs that the fill is complete and right, before anything is dropped.
 
-    ``filled``: every row's uuid column holds its string cast to uuid.  A row
-    the batches missed (its primary key moved behind a checkpoint while the
-    fill ran) stops the migration here instead of losing its reference.  It
-    names the old column, so the swap's DROP COLUMN drops it too.
+    ``filled``: every row's uuid column holds its string cast to uuid.  It
+    names the old column, so the swap's DROP COLUMN drops it too.  When rows
+    fail it, the batches missed them, and they are filled before it is
+    validated again (see ``fill_missed_rows``).
     ``not_null`` (NOT NULL columns): the uuid column has no NULL, which lets
     the swap's SET NOT NULL skip its scan; it must name the uuid column only
     to outlive that drop, and SET NOT NULL must come after the rename so that
@@ -319,16 +320,36 @@ def prove_filled(session: Session, key: KeyColumn) -> None:
         proofs[key.helper("not_null")] = sql.SQL("{} IS NOT NULL").format(temp)
     for name, condition in proofs.items():
         session.ddl(f"add {name}", partial(_add_check, key=key, name=name, condition=condition))
+        validate = partial(_validate, table=key.table, name=name)
         try:
-            session.ddl(f"validate {name}", partial(_validate, table=key.table, name=name))
+            session.ddl(f"validate {name}", validate)
         except psycopg2.errors.CheckViolation:
-            raise MigrationError(
-                f"{key.temp} is still NULL in some rows of {key.table} after the backfill"
-                if name == key.helper("not_null") else
-                f"{key.temp} is not {key.column} cast to uuid in some rows of {key.table} "
-                "after the backfill (rows whose primary key changed while it ran?)",
-                hint="rollback, then run the migration again with the application stopped, "
-                     "as the runbook requires") from None
+            if name != key.helper("filled"):
+                raise
+            fill_missed_rows(session, key, run_id)
+            session.ddl(f"validate {name}", validate)
+
+
+def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> int:
+    """Fill the rows the batches missed, in one scan; rows filled.
+
+    A row is missed when a write moves its primary key behind a slice's
+    checkpoint while the fill runs: the sync trigger follows writes to the
+    string column, not to the key.  Left so, a nullable reference would
+    become NULL at the swap.  The ``filled`` CHECK, already in force for new
+    writes, keeps any more from appearing, so after this scan it validates.
+    """
+    with session.transaction(f"fill missed {key}") as cur:
+        cur.execute("SET LOCAL statement_timeout = 0")
+        cur.execute(sql.SQL("UPDATE {table} SET {temp} = ({column})::uuid "
+                            "WHERE {temp} IS DISTINCT FROM ({column})::uuid").format(
+            table=key.table.ident, temp=sql.Identifier(key.temp),
+            column=sql.Identifier(key.column)))
+        missed = cur.rowcount
+        session.log.progress(cur, run_id, missed)
+    logger.warning("%s: %s rows were missed by the batches (their primary key changed while "
+                   "the fill ran); filled them in one scan", key, missed)
+    return int(missed)
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:
@@ -497,7 +518,7 @@ def convert(session: Session, key: KeyColumn, run_id: int) -> int:
     written = 0
     if state in (ColumnState.STRING, ColumnState.BACKFILLING):
         written = fill(session, (key,), run_id)
-        prove_filled(session, key)
+        prove_filled(session, key, run_id)
         swap(session, key)
     refresh_statistics(session, key)
     recreate_objects(session, key)

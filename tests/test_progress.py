@@ -59,6 +59,7 @@ def test_the_connections_of_a_fill_share_one_line(legacy_db: str,
                                        "(SELECT count(*) FROM reminders)")
     drawn = [part for part in terminal.getvalue().split("\r") if part]
     label = "fill public.journal_entries.user_id, public.tags.user_id, public.reminders.user_id"
-    assert drawn and all(part.startswith(label + ": ") for part in drawn), drawn
+    assert drawn
+    assert all(part.startswith(label + ": ") for part in drawn), drawn
     assert terminal.getvalue().count("\n") == 1
     assert drawn[-1].startswith(f"{label}: {children:,} rows, ")
