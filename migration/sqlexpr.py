@@ -66,6 +66,13 @@ class UuidReader:
     """Rows whose string is a UUID but not the uuid type's own spelling of it
     (lower case, hyphenated).  While it is 0, casting is one-to-one on the
     column: two rows that a unique index keeps apart stay apart as uuids."""
+    string: bool = True  # False: the column is uuid already
+
+    @property
+    def canonical_strings(self) -> bool:
+        """Every value is a string spelled as the uuid type spells it: two such
+        strings are equal exactly when their uuids are."""
+        return self.string and self.every_value_casts and not self.non_canonical
 
     def valid(self, value: sql.Composable) -> sql.Composable:
         if self.every_value_casts:
