@@ -262,7 +262,7 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     if not parts:
         return 0
     progress = session.progress("fill " + ", ".join(str(key) for key in rows),
-                                sum(rows.values()),
+                                int(sum(rows[part.key] * part.share for part in parts)),
                                 resumed=sum(part.rows_done for part in parts))
     try:
         return _fill_slices(session, parts, run_id, progress)
