@@ -330,8 +330,8 @@ def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
             session.ddl(f"validate {name}", validate)
 
 
-def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> int:
-    """Fill the rows the batches missed, in one scan; rows filled.
+def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
+    """Fill the rows the batches missed, in one scan.
 
     A row is missed when a write moves its primary key behind a slice's
     checkpoint while the fill runs: the sync trigger follows writes to the
@@ -349,7 +349,6 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> int:
         session.log.progress(cur, run_id, missed)
     logger.warning("%s: %s rows were missed by the batches (their primary key changed while "
                    "the fill ran); filled them in one scan", key, missed)
-    return int(missed)
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:
