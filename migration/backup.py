@@ -251,8 +251,7 @@ def quarantined_rows(cur: Cursor) -> dict[str, int]:
     held = {}
     for (name,) in cur.fetchall():
         relation = sql.Identifier(SCHEMA, name)
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (relation.as_string(cur.connection),))
-        if (cur.fetchone() or [False])[0]:
+        if catalog.relation_exists(cur.connection, relation):
             cur.execute(sql.SQL("SELECT count(*) FROM {}").format(relation))
             rows = int((cur.fetchone() or [0])[0])
             if rows:

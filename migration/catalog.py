@@ -12,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+from psycopg2 import sql
+
 from migration.connection import Connection
 from migration.model import KeyColumn, Table
 
@@ -255,11 +257,16 @@ def relation_bytes(conn: Connection, table: Table) -> tuple[int, int]:
     return int(row[0] or 0), int(row[1] or 0)
 
 
-def table_exists(conn: Connection, table: Table) -> bool:
+def relation_exists(conn: Connection, relation: sql.Composable) -> bool:
+    """Whether ``relation`` (a name built with psycopg2.sql) names a table or view now."""
     with conn.cursor() as cur:
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (regclass(table),))
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (relation.as_string(conn),))
         row = cur.fetchone()
     return bool(row and row[0])
+
+
+def table_exists(conn: Connection, table: Table) -> bool:
+    return relation_exists(conn, table.ident)
 
 
 def server_version(conn: Connection) -> int:

@@ -105,7 +105,7 @@ def primary_key(ctx: Context) -> list[Finding]:
 def recorded_expectations(ctx: Context) -> dict[str, Any] | None:
     """What backup_data recorded in migration_log: it outlives the backup itself."""
     log = sql.Identifier(ctx.plan.schema, LOG_TABLE)
-    if not _exists(ctx.cur, log):
+    if not catalog.relation_exists(ctx.cur.connection, log):
         return None
     ctx.cur.execute(sql.SQL("SELECT details FROM {} WHERE operation = 'backup_data' "
                             "AND status = 'completed' AND details ? 'foreign_keys' "
@@ -267,7 +267,7 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     """
     conn = cur.connection
     copy, quarantined = backup.backup_name(table), backup.quarantine_name(table)
-    if not _exists(cur, copy):
+    if not catalog.relation_exists(cur.connection, copy):
         reason = f"the backup has no copy of {table} (added to the plan after the backup?)"
         return [Finding(check, Status.SKIP, reason, subject=str(table))
                 for check in ("row_counts", "uuid_values")]
@@ -283,7 +283,9 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     values = sql.SQL(", ").join(
         sql.SQL("({})::uuid" if states.get(c) is ColumnState.UUID
                 else "({})::text").format(sql.Identifier("r", c)) for c in compared)
-    relations = [copy, table.ident, *([quarantined] if _exists(cur, quarantined) else [])]
+    relations = [copy, table.ident]
+    if catalog.relation_exists(cur.connection, quarantined):
+        relations.append(quarantined)
     if _digests_agree(cur, values, *relations):
         return []
 
@@ -364,14 +366,9 @@ def _digests_agree(cur: Cursor, values: sql.Composable, backup_copy: sql.Identif
     return (backup_rows - gone_rows, backup_sum - gone_sum) == (live_rows, live_sum)
 
 
-def _exists(cur: Cursor, relation: sql.Identifier) -> bool:
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (relation.as_string(cur.connection),))
-    return bool((cur.fetchone() or [False])[0])
-
-
 def migration_log(ctx: Context) -> list[Finding]:
     cur, log = ctx.cur, sql.Identifier(ctx.plan.schema, LOG_TABLE)
-    if not _exists(cur, log):
+    if not catalog.relation_exists(cur.connection, log):
         return [Finding("migration_log", Status.FAIL, "no migration_log table",
                         expected="a log of a completed migration", found="none",
                         hint="this database was not migrated with this tool")]

@@ -18,6 +18,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json
 
+from migration import catalog
 from migration.connection import Connection
 
 LOG_TABLE = "migration_log"
@@ -76,10 +77,7 @@ class OperationLog:
                 """).format(self.table))
 
     def exists(self) -> bool:
-        with self.conn.cursor() as cur:
-            cur.execute("SELECT to_regclass(%s) IS NOT NULL", (self.table.as_string(self.conn),))
-            row = cur.fetchone()
-        return bool(row and row[0])
+        return catalog.relation_exists(self.conn, self.table)
 
     def begin(self, operation: str, details: dict[str, Any], active: list[int]) -> int:
         """Insert and commit the ``running`` row of a new run.

@@ -90,9 +90,8 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
                     else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
             for k in keys)
         quarantined = backup.quarantine_name(table)
-        cur.execute("SELECT to_regclass(%s) IS NOT NULL", (quarantined.as_string(conn),))
         in_quarantine: sql.Composable = sql.SQL("false")
-        if (cur.fetchone() or [False])[0]:
+        if catalog.relation_exists(conn, quarantined):
             in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
                 quarantined, sql.SQL(" AND ").join(
                     sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
@@ -165,8 +164,7 @@ def _respell(cur: Cursor, table: Table, keys: list[KeyColumn], pk: list[str]) ->
 
 def _restore_quarantine(cur: Cursor, table: Table) -> int:
     target = backup.quarantine_name(table)
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (target.as_string(cur.connection),))
-    if not (cur.fetchone() or [False])[0]:
+    if not catalog.relation_exists(cur.connection, target):
         return 0
     columns = backup.columns_of(cur, target)
     cur.execute(sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {}").format(
