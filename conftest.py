@@ -17,8 +17,14 @@ from pathlib import Path
 import pytest
 
 from migration.connection import describe_dsn
-from migration.sandbox import Sandbox, prepare
-from migration.throwaway import BACKENDS, DEFAULT_IMAGE, Server, ServerUnavailable, start_server
+from migration.rehearsal.sandbox import Sandbox, prepare
+from migration.rehearsal.throwaway import (
+    BACKENDS,
+    DEFAULT_IMAGE,
+    Server,
+    ServerUnavailable,
+    start_server,
+)
 
 _state: dict[str, object] = {}
 

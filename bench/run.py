@@ -8,7 +8,7 @@ What it does, per scale S (``--scales``):
 
 1. builds one template database with the legacy schema and S users, 3S journal
    entries (~200 bytes of text each), S tags and S reminders, generated inside the
-   server (``migration.seed``), then ``VACUUM (FREEZE, ANALYZE)`` so every copy starts
+   server (``migration.rehearsal.seed``), then ``VACUUM (FREEZE, ANALYZE)`` so every copy starts
    with the same visibility state;
 2. for each measured method, a fresh clone of it (``CREATE DATABASE ... TEMPLATE``),
    a ``CHECKPOINT``, then the method in its own process:
@@ -68,9 +68,9 @@ from psycopg2 import sql
 from bench import probe
 from migration.connection import connect
 from migration.plan import build_plan
-from migration.sandbox import OWNER_ROLE, Sandbox, prepare
-from migration.seed import seed
-from migration.throwaway import Server, embedded_bin_dir, from_dsn, start_cluster
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
+from migration.rehearsal.seed import seed
+from migration.rehearsal.throwaway import Server, embedded_bin_dir, from_dsn, start_cluster
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_PG15 = Path("/usr/lib/postgresql/15/bin")

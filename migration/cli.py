@@ -149,7 +149,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     setup_console_warnings()
     fmt, verbose = options["fmt"], options["verbose"]
     if operation == "rehearse":
-        from migration.rehearse import rehearse_command
+        from migration.rehearsal.rehearse import rehearse_command
         ctx.exit(rehearse_command(database_url, options))
     if not database_url:
         raise click.UsageError("no database: pass --database-url or set DATABASE_URL")

@@ -12,8 +12,8 @@ from psycopg2 import sql
 
 from migration.cli import main
 from migration.connection import Connection, connect
-from migration.fingerprint import Fingerprint, fingerprint
 from migration.operations import OPERATIONS, Outcome, run, status
+from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.session import Session, Settings
 
 RUNBOOK_STEPS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",

@@ -18,8 +18,8 @@ import pytest
 from bench import methods, probe
 from bench.run import DEFAULT_BATCH, RUNBOOK_STEPS, render_markdown, run_benchmark
 from migration.connection import connect
-from migration.sandbox import Sandbox
-from migration.seed import seed
+from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.seed import seed
 
 USERS = 200
 ROWS = 6 * USERS  # S users, 3S journal entries, S tags, S reminders

@@ -14,8 +14,8 @@ from psycopg2 import sql
 from psycopg2.extensions import connection as Connection
 
 from migration.connection import connect
-from migration.fingerprint import ColumnRef, expected_after_migration, fingerprint
-from migration.sandbox import OWNER_ROLE, Sandbox
+from migration.rehearsal.fingerprint import ColumnRef, expected_after_migration, fingerprint
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
 from tests.loader import load
 from tests.strategies import Dataset, JournalEntry, Reminder, Tag, User, datasets
 

@@ -10,10 +10,10 @@ import pytest
 from psycopg2 import sql
 
 from migration.connection import connect
-from migration.fingerprint import expected_after_migration
 from migration.operations import OPERATIONS, run
-from migration.sandbox import Sandbox, schema_sql, with_credentials
-from migration.seed import seed
+from migration.rehearsal.fingerprint import expected_after_migration
+from migration.rehearsal.sandbox import Sandbox, schema_sql, with_credentials
+from migration.rehearsal.seed import seed
 from migration.session import ADVISORY_KEYS, Session, Settings
 from tests.operate import (
     MIGRATED_DEFAULTS,

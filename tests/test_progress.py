@@ -8,7 +8,7 @@ import pytest
 
 from migration.operations import OPERATIONS, run
 from migration.progress import Progress
-from migration.seed import seed
+from migration.rehearsal.seed import seed
 from migration.session import Session, Settings
 from tests.operate import connected, execute, run_ok
 

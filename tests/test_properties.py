@@ -14,8 +14,8 @@ from contextlib import contextmanager
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from migration.fingerprint import expected_after_migration
-from migration.sandbox import Sandbox
+from migration.rehearsal.fingerprint import expected_after_migration
+from migration.rehearsal.sandbox import Sandbox
 from tests.loader import load
 from tests.operate import (
     MIGRATED_DEFAULTS,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from migration.throwaway import embedded_bin_dir
+from migration.rehearsal.throwaway import embedded_bin_dir
 from tests.operate import execute
 
 PROJECT = Path(__file__).resolve().parents[1]

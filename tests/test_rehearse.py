@@ -13,15 +13,15 @@ import pytest
 from click.testing import CliRunner
 from psycopg2.extensions import parse_dsn
 
-from migration import rehearse as rehearse_module
-from migration import throwaway
 from migration.cli import main
 from migration.connection import ConnectError, connect, connected
 from migration.errors import MigrationError
-from migration.fingerprint import fingerprint
 from migration.operations import OPERATIONS, run
 from migration.plan import build_plan
-from migration.rehearse import (
+from migration.rehearsal import rehearse as rehearse_module
+from migration.rehearsal import throwaway
+from migration.rehearsal.fingerprint import fingerprint
+from migration.rehearsal.rehearse import (
     STAGES,
     RehearsalOptions,
     Report,
@@ -37,11 +37,11 @@ from migration.rehearse import (
     render_text,
     rollback_copy,
 )
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
+from migration.rehearsal.seed import Planted, seed
+from migration.rehearsal.throwaway import Server
 from migration.report import Finding, Status
-from migration.sandbox import OWNER_ROLE, Sandbox
-from migration.seed import Planted, seed
 from migration.session import Session, Settings
-from migration.throwaway import Server
 
 # Rehearsals start their own throwaway servers: once per tox run is enough.
 pytestmark = pytest.mark.once

@@ -20,9 +20,9 @@ import psycopg2
 import pytest
 
 from migration.cli import CRASH_VARIABLE
-from migration.fingerprint import Fingerprint, expected_after_migration
-from migration.sandbox import Sandbox
-from migration.seed import seed
+from migration.rehearsal.fingerprint import Fingerprint, expected_after_migration
+from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.operate import (
     MIGRATED_DEFAULTS,

@@ -19,9 +19,9 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 from psycopg2 import sql
 
 from migration.errors import MigrationError
-from migration.fingerprint import Fingerprint
-from migration.sandbox import Sandbox
-from migration.seed import seed
+from migration.rehearsal.fingerprint import Fingerprint
+from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.operate import connected, execute, operate, print_of, run_in_process
 

@@ -15,7 +15,7 @@ from psycopg2.extensions import connection as Connection
 from psycopg2.extensions import cursor as Cursor
 
 from migration.connection import connect
-from migration.sandbox import Sandbox
+from migration.rehearsal.sandbox import Sandbox
 from tests.loader import load
 from tests.strategies import (
     ALL_UPPER,

@@ -1,7 +1,7 @@
 """verify: each check catches the fault it exists for, verify changes nothing, its reports agree.
 
 Each test gets its own copy of a database migrated once per module (50
-users from ``migration.seed``, the whole runbook through the CLI), breaks it
+users from ``migration.rehearsal.seed``, the whole runbook through the CLI), breaks it
 in one named way, and runs ``verify`` as an operator would.
 """
 
@@ -27,10 +27,10 @@ from psycopg2 import sql
 
 from migration import checks, cli, verify
 from migration.connection import connect
-from migration.fingerprint import Fingerprint, fingerprint
+from migration.rehearsal.fingerprint import Fingerprint, fingerprint
+from migration.rehearsal.sandbox import Sandbox, with_credentials
+from migration.rehearsal.seed import seed
 from migration.report import Finding, Status
-from migration.sandbox import Sandbox, with_credentials
-from migration.seed import seed
 from tests.operate import execute
 
 USERS = 50

@@ -4,7 +4,7 @@ The runbook asks for a staging run of the full migration, rollback tested at
 each step, timing measured for the production data size and the batch size
 tuned.  A rehearsal does all of it on scratch databases it makes itself:
 
-1. a generated legacy dataset (``migration.seed``), with the problems the
+1. a generated legacy dataset (``migration.rehearsal.seed``), with the problems the
    toolkit exists to catch planted in it unless ``clean``; the dirty dataset
    uses the schema variant without foreign keys on tags and reminders, so
    orphans can exist;
@@ -46,15 +46,16 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extensions import make_dsn
 
-from migration import preflight, throwaway, verify
+from migration import preflight, verify
 from migration.connection import ConnectError, connected, describe_dsn, redact_dsn
 from migration.errors import MigrationError
-from migration.fingerprint import Fingerprint, fingerprint
 from migration.log import logger
 from migration.model import KeyColumn
 from migration.operations import OPERATIONS, quarantine_orphans, run
 from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan
-from migration.rehearse_report import (
+from migration.rehearsal import throwaway
+from migration.rehearsal.fingerprint import Fingerprint, fingerprint
+from migration.rehearsal.report import (
     BATCHED_STEPS,
     PlantedCheck,
     Projection,
@@ -66,9 +67,9 @@ from migration.rehearse_report import (
     render_markdown,
     render_text,
 )
+from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
+from migration.rehearsal.seed import Planted, seed
 from migration.report import Finding, Status, failures
-from migration.sandbox import OWNER_ROLE, prepare, schema_sql
-from migration.seed import Planted, seed
 from migration.session import Session, Settings
 from migration.sqlexpr import is_uuid, prepare_uuid_checker, uuid_of
 
