@@ -26,7 +26,7 @@ import sys
 
 from psycopg2 import sql
 
-from migration import catalog, convert
+from migration import backup, catalog, convert
 from migration.connection import Connection, connect
 from migration.model import KeyColumn, Table
 from migration.plan import build_plan
@@ -152,7 +152,7 @@ def _swap_literally(conn: Connection, key: KeyColumn, parent: KeyColumn,
         if info.default is not None:
             convert.converted_default(cur, key, info.default)
         for index in indexes:
-            convert.recreate_index(cur, index)
+            backup.restore_index(cur, index)
         for fk in outgoing:
             cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                 fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))

@@ -280,3 +280,76 @@ def estimated_rows(conn: Connection, table: Table) -> int:
                     "WHERE oid = to_regclass(%s)", (regclass(table),))
         row = cur.fetchone()
     return int(row[0]) if row else 0
+
+
+@dataclass(frozen=True)
+class ForeignKeyRules:
+    """What an FK does besides pointing: its match type, actions and timing."""
+
+    match: str  # pg_constraint.confmatchtype: f (full), s (simple), p (partial)
+    on_update: str  # confupdtype / confdeltype: a, r, c, n, d
+    on_delete: str
+    deferrable: bool
+    deferred: bool
+    columns: int  # how many columns it spans
+
+
+def foreign_key_rules(conn: Connection, fk: ForeignKeyDef) -> ForeignKeyRules | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT confmatchtype, confupdtype, confdeltype, condeferrable, condeferred, "
+                    "cardinality(conkey) FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                    "AND conname = %s AND contype = 'f'", (regclass(fk.table), fk.name))
+        row = cur.fetchone()
+    return None if row is None else ForeignKeyRules(*row)
+
+
+def index_validity(conn: Connection, table: Table, name: str) -> bool | None:
+    """Whether the index ``name`` of ``table`` is valid and ready; None if there is none.
+
+    An index that ``CREATE INDEX CONCURRENTLY`` left behind when it was
+    interrupted exists but is not valid.
+    """
+    with conn.cursor() as cur:
+        cur.execute("SELECT i.indisvalid AND i.indisready FROM pg_index i "
+                    "JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE i.indrelid = to_regclass(%s) AND c.relname = %s",
+                    (regclass(table), name))
+        row = cur.fetchone()
+    return None if row is None else bool(row[0])
+
+
+def constraint_validity(conn: Connection, table: Table, name: str) -> bool | None:
+    """Whether the constraint ``name`` of ``table`` is validated; None if there is none."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass(%s) "
+                    "AND conname = %s", (regclass(table), name))
+        row = cur.fetchone()
+    return None if row is None else bool(row[0])
+
+
+def replica_identity_index(conn: Connection, table: Table) -> str | None:
+    """The index named by ``REPLICA IDENTITY USING INDEX``, if the table has one."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE i.indrelid = to_regclass(%s) AND i.indisreplident",
+                    (regclass(table),))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def comments(conn: Connection, table: Table, column: str) -> dict[tuple[str, str], str]:
+    """Comments a swap must carry, by (kind, name): on the column (``("column", name)``),
+    and on each ``index`` and ``constraint`` of the table."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT 'column', a.attname, col_description(a.attrelid, a.attnum) FROM pg_attribute a
+            WHERE a.attrelid = to_regclass(%(t)s) AND a.attname = %(c)s
+            UNION ALL
+            SELECT 'index', c.relname, obj_description(c.oid, 'pg_class') FROM pg_index i
+            JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%(t)s)
+            UNION ALL
+            SELECT 'constraint', conname, obj_description(oid, 'pg_constraint') FROM pg_constraint
+            WHERE conrelid = to_regclass(%(t)s)
+            """, {"t": regclass(table), "c": column})
+        return {(kind, name): text for kind, name, text in cur.fetchall() if text is not None}

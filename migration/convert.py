@@ -1,4 +1,4 @@
-"""Converting one key column to uuid: the runbook's temporary-column sequence.
+"""Filling a key column's uuid copy: the runbook's temporary column, and its proofs.
 
 For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 
@@ -10,18 +10,11 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 3. prove ``c_uuid = c::uuid`` in every row (and, for a NOT NULL column, that
    ``c_uuid`` is NOT NULL) with CHECK constraints added NOT VALID then
    validated (no exclusive lock while they scan); rows the batches missed
-   are filled by one scan first;
-4. the swap, one short transaction: drop the FKs that reference ``c``, drop
-   ``c``, rename ``c_uuid`` to ``c``, SET NOT NULL (free, thanks to step 3),
-   convert the default;
-5. gather planner statistics for the new column (it has none, and without
-   them every plan that joins on it, the FK validation's included, guesses);
-6. recreate, from the definitions the backup recorded, every index and
-   constraint that the drop took with it, each under a SHARE lock (reads go
-   on), and re-add foreign keys NOT VALID, then validate them.
+   are filled by one scan first.
 
-Every step looks at the catalog to see whether it is already done, so the
-whole sequence can be run again after an interruption at any point.
+What follows is ``expand`` (indexes and foreign keys built beside the
+column), then ``swap``.  Every step looks at the catalog to see whether it is
+already done, so the whole sequence can be run again after an interruption.
 """
 
 from __future__ import annotations
@@ -320,7 +313,7 @@ def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
         proofs[key.helper("not_null")] = sql.SQL("{} IS NOT NULL").format(temp)
     for name, condition in proofs.items():
         session.ddl(f"add {name}", partial(_add_check, key=key, name=name, condition=condition))
-        validate = partial(_validate, table=key.table, name=name)
+        validate = partial(validate_constraint, table=key.table, name=name)
         try:
             session.ddl(f"validate {name}", validate)
         except psycopg2.errors.CheckViolation:
@@ -352,7 +345,7 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:
-    if not _has_constraint(cur, key.table, name):
+    if catalog.constraint_validity(cur.connection, key.table, name) is None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
             key.table.ident, sql.Identifier(name), condition))
 
@@ -392,45 +385,6 @@ def grant_statement(key: KeyColumn, grant: catalog.ColumnGrant) -> sql.Composabl
         sql.SQL(" WITH GRANT OPTION") if grant.grantable else sql.SQL(""))
 
 
-def swap(session: Session, key: KeyColumn) -> None:
-    """The one short exclusive moment: the uuid column takes the old column's place."""
-    others = session.other_sessions()
-    if others:
-        logger.warning("%s: other sessions are connected during the swap (the runbook "
-                       "expects downtime): %s", key, "; ".join(others))
-
-    def work(cur: Cursor) -> None:
-        def execute(statement: sql.Composable) -> None:
-            cur.execute(statement)
-            session.point(f"swap {key}")
-
-        saved = backup.saved_column(cur, key)
-        referencing = catalog.foreign_keys_to(cur.connection, key)
-        for table in sorted({key.table, *(fk.table for fk in referencing)}):
-            execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
-        for fk in referencing:
-            execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                fk.table.ident, sql.Identifier(fk.name)))
-        execute(sql.SQL("DROP TRIGGER {} ON {}").format(
-            sql.Identifier(key.helper("sync")), key.table.ident))
-        execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(  # "filled" goes with it
-            key.table.ident, sql.Identifier(key.column)))
-        execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
-            key.table.ident, sql.Identifier(key.temp), sql.Identifier(key.column)))
-        if saved.not_null:
-            execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
-                key.table.ident, sql.Identifier(key.column)))
-            execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                key.table.ident, sql.Identifier(key.helper("not_null"))))
-        if saved.default is not None:
-            converted_default(cur, key, saved.default)
-        for grant in backup.saved_grants(cur, key):
-            execute(grant_statement(key, grant))
-
-    session.ddl(f"swap {key}", work)
-    logger.info("%s: swapped to uuid", key)
-
-
 def refresh_statistics(session: Session, key: KeyColumn) -> None:
     """ANALYZE the swapped column if it has no statistics yet.
 
@@ -450,75 +404,8 @@ def refresh_statistics(session: Session, key: KeyColumn) -> None:
     session.ddl(f"analyze {key}", work)
 
 
-def recreate_objects(session: Session, key: KeyColumn) -> None:
-    """Indexes and constraints the swap dropped, from the backup's definitions, by name."""
-    with session.transaction() as cur:
-        indexes = backup.saved_indexes(cur, key)
-        foreign_keys = backup.saved_foreign_keys(cur, key)
-    for index in indexes:
-        session.ddl(f"recreate index {index.name}", partial(recreate_index, index=index))
-    parent = session.plan.parent
-    if key != parent and catalog.column_state(session.conn, parent) is not ColumnState.UUID:
-        return  # its FKs come back once the parent is uuid too
-    for fk in foreign_keys:
-        session.ddl(f"recreate {fk.name}", partial(_foreign_key, fk=fk))
-        if fk.validated:
-            session.ddl(f"validate {fk.name}", partial(_validate, table=fk.table, name=fk.name))
-
-
-def _exists(cur: Cursor, query: str, *params: str) -> bool:
-    cur.execute(query, params)
-    return cur.fetchone() is not None
-
-
-def _has_constraint(cur: Cursor, table: Table, name: str) -> bool:
-    return _exists(cur, "SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                        "AND conname = %s", catalog.regclass(table), name)
-
-
-def recreate_index(cur: Cursor, index: catalog.IndexDef) -> None:
-    """The index (and the constraint it backs) as recorded, if it is missing."""
-    table = catalog.regclass(index.table)
-    cur.execute("SET LOCAL statement_timeout = 0")  # an index build as long as the table
-    if not _exists(cur, "SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = "
-                        "(SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
-                   index.name, table):
-        cur.execute(sql.SQL(index.definition))  # as pg_get_indexdef printed it
-    if index.constraint_type and not _has_constraint(cur, index.table, index.name):
-        kind = sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE")
-        timing = sql.SQL("")
-        if index.deferrable:
-            timing = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if index.deferred
-                             else " DEFERRABLE INITIALLY IMMEDIATE")
-        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}{}").format(
-            index.table.ident, sql.Identifier(index.name), kind, sql.Identifier(index.name),
-            timing))
-
-
-def _foreign_key(cur: Cursor, fk: catalog.ForeignKeyDef) -> None:
-    if _has_constraint(cur, fk.table, fk.name):
-        return
-    definition = fk.definition if fk.definition.endswith("NOT VALID") \
-        else fk.definition + " NOT VALID"  # validated in its own step, without blocking writes
-    cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-        fk.table.ident, sql.Identifier(fk.name), sql.SQL(definition)))
-
-
-def _validate(cur: Cursor, table: Table, name: str) -> None:
+def validate_constraint(cur: Cursor, table: Table, name: str) -> None:
     """VALIDATE CONSTRAINT: a scan as long as the table, under a lock that lets writes on."""
     cur.execute("SET LOCAL statement_timeout = 0")
     cur.execute(sql.SQL("ALTER TABLE {} VALIDATE CONSTRAINT {}").format(
         table.ident, sql.Identifier(name)))
-
-
-def convert(session: Session, key: KeyColumn, run_id: int) -> int:
-    """Take the column from whatever stage it is in to uuid; rows backfilled."""
-    state = catalog.column_state(session.conn, key)
-    written = 0
-    if state in (ColumnState.STRING, ColumnState.BACKFILLING):
-        written = fill(session, (key,), run_id)
-        prove_filled(session, key, run_id)
-        swap(session, key)
-    refresh_statistics(session, key)
-    recreate_objects(session, key)
-    return written

@@ -1,7 +1,9 @@
-"""Names of the things the tool works on: tables and the key columns it converts."""
+"""Names of the things the tool works on: tables, the key columns it converts, and the
+objects the engine creates beside them."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from psycopg2 import sql
@@ -41,3 +43,13 @@ class KeyColumn:
 
     def __str__(self) -> str:
         return f"{self.table}.{self.column}"
+
+
+def shadow_name(kind: str, table: Table, original: str) -> str:
+    """The name of the copy the engine builds beside an original index or constraint.
+
+    Derived from what it copies, so a resumed run finds the copy it had begun,
+    and short enough for PostgreSQL's 63 bytes whatever the original's length.
+    """
+    digest = hashlib.sha1(f"{table.schema}\0{table.name}\0{original}".encode()).hexdigest()
+    return f"migration_{kind}_{digest[:16]}"

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from migration import backup, catalog, checks, convert, preflight, rollback
+from migration import backup, catalog, checks, convert, expand, preflight, rollback, swap
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
@@ -95,35 +95,59 @@ def backup_data(session: Session, run_id: int) -> Outcome:
 
 
 def migrate_users(session: Session, run_id: int) -> Outcome:
+    """Expand ``users.id``: its uuid copy filled and proven, its indexes built beside it.
+
+    The column changes type at the swap, in migrate_foreign_keys, together
+    with every column that refers to it: no foreign key is ever dropped
+    without its copy already enforced.
+    """
     parent = session.plan.parent
     with session.transaction() as cur:
         backup.require(cur, "migrate_users")
-    before = catalog.column_state(session.conn, parent)
-    if before is not ColumnState.UUID:
-        refuse_on_failures(preflight.check_columns(session, (parent,)), "migrate_users")
-    rows = convert.convert(session, parent, run_id)
-    if before is ColumnState.UUID:
-        return Outcome(f"{parent} was already uuid; its indexes and constraints are in place")
-    return Outcome(f"{parent} converted to uuid ({rows:,} rows)", rows=rows)
+    if catalog.column_state(session.conn, parent) is ColumnState.UUID:
+        return Outcome(f"{parent} is uuid already: nothing to do")
+    refuse_on_failures(preflight.check_columns(session, (parent,)), "migrate_users")
+    rows = convert.fill(session, (parent,), run_id)
+    convert.prove_filled(session, parent, run_id)
+    built = expand.build_indexes(session, parent)
+    return Outcome(f"{parent} expanded: {parent.temp} filled ({rows:,} rows) and proven, "
+                   f"{built} index(es) built beside it; it becomes uuid at the swap, in "
+                   "migrate_foreign_keys", rows=rows)
 
 
 def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
-    parent = session.plan.parent
+    """Expand every child column, copy the foreign keys between the uuid columns, swap."""
+    plan = session.plan
+    parent = plan.parent
     with session.transaction() as cur:
         backup.require(cur, "migrate_foreign_keys")
-    if catalog.column_state(session.conn, parent) is not ColumnState.UUID:
-        raise MigrationError(f"{parent} is not uuid yet", hint="run migrate_users first")
-    pending = tuple(k for k in session.plan.children
-                    if catalog.column_state(session.conn, k) is not ColumnState.UUID)
+    states = {key: catalog.column_state(session.conn, key) for key in plan.columns}
+    if all(state is ColumnState.UUID for state in states.values()):
+        for key in plan.columns:
+            convert.refresh_statistics(session, key)
+        return Outcome("every key column is uuid already: nothing to do")
+    if expand.stage(session.conn, parent, plan) not in swap.READY:
+        raise MigrationError(f"{parent} is not expanded yet", hint="run migrate_users first")
+    unsupported = expand.unsupported_foreign_keys(session.conn, plan)
+    if unsupported:
+        raise MigrationError("migrate_foreign_keys refused, nothing was changed: foreign keys "
+                             "the engine cannot copy: " + ", ".join(unsupported),
+                             hint="drop them before the migration and recreate them after")
+    pending = tuple(key for key in plan.children if states[key] is not ColumnState.UUID)
     findings = preflight.check_columns(session, pending)
     refuse_on_failures(findings, "migrate_foreign_keys")
     quarantined = quarantine_orphans(session, findings) \
         if session.settings.orphans == "quarantine" else 0
     rows = convert.fill(session, pending, run_id)
-    for key in session.plan.children:
-        rows += convert.convert(session, key, run_id)
-    message = (f"{len(pending)} column(s) converted to uuid ({rows:,} rows)" if pending
-               else "every foreign key column was already uuid; constraints checked")
+    for key in pending:
+        convert.prove_filled(session, key, run_id)
+    built = sum(expand.build_indexes(session, key) for key in pending)
+    references = expand.reference(session, plan)
+    swap.swap(session, plan)
+    for key in plan.columns:
+        convert.refresh_statistics(session, key)
+    message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
+               f"{built} index(es) and {references} foreign key(s) built beside them)")
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {backup.SCHEMA}"
     return Outcome(message, rows=rows, findings=findings, details={"quarantined": quarantined})
@@ -210,7 +234,8 @@ def full_migration(session: Session, run_id: int) -> Outcome:
 def status(session: Session) -> Outcome:
     """Where the migration stands, from the catalog and migration_log (reads only)."""
     conn = session.conn
-    lines = [f"{key}: {catalog.column_state(conn, key)}" for key in session.plan.columns]
+    stages = {key: expand.stage(conn, key, session.plan) for key in session.plan.columns}
+    lines = [f"{key}: {where}" for key, where in stages.items()]
     with session.transaction() as cur:
         has_backup = backup.exists(cur)
         progress = []
@@ -244,13 +269,13 @@ def _log_line(entry: LogEntry) -> str:
 
 
 def _stage(session: Session) -> str:
-    states = {key: catalog.column_state(session.conn, key) for key in session.plan.columns}
-    converted = sum(s is ColumnState.UUID for s in states.values())
-    if converted == len(states):
+    stages = {key: expand.stage(session.conn, key, session.plan)
+              for key in session.plan.columns}
+    if all(where == ColumnState.UUID for where in stages.values()):
         return "migrated"
-    if converted or ColumnState.BACKFILLING in states.values():
-        return f"partly migrated ({converted} of {len(states)} columns uuid)"
-    return "not migrated"
+    if all(where == ColumnState.STRING for where in stages.values()):
+        return "not migrated"
+    return "expanding (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"
 
 
 def rollback_operation(session: Session, run_id: int) -> Outcome:

@@ -17,9 +17,8 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog
+from migration import backup, catalog, expand
 from migration.catalog import ColumnState
-from migration.convert import recreate_index
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
 from migration.preflight import orphan_condition
@@ -176,20 +175,6 @@ def _restore_quarantine(cur: Cursor, table: Table) -> int:
     return restored
 
 
-def _nothing_to_undo(cur: Cursor, session: Session) -> bool:
-    conn = cur.connection
-    if any(catalog.column_state(conn, k) is not ColumnState.STRING for k in session.plan.columns):
-        return False
-    cur.execute(sql.SQL("SELECT count(*) FROM {}").format(backup.meta("quarantine")))
-    if (cur.fetchone() or [0])[0]:
-        return False
-    present_fks = {(fk.table, fk.name) for k in session.plan.columns
-                   for fk in catalog.foreign_keys_from(conn, k)}
-    if any((fk.table, fk.name) not in present_fks for fk in backup.saved_foreign_keys(cur)):
-        return False
-    return _checksums_match(cur) == []
-
-
 def _checksums_match(cur: Cursor) -> list[str]:
     """Tables whose content differs from the backup's recorded checksum."""
     return [str(table) for table, count, checksum in backup.recorded_checksums(cur)
@@ -200,19 +185,21 @@ def _checksums_match(cur: Cursor) -> list[str]:
 
 def rollback(session: Session) -> RollbackResult:
     with session.transaction() as cur:
-        untouched = all(catalog.column_state(cur.connection, key) is ColumnState.STRING
-                        for key in session.plan.columns)
-        if not backup.exists(cur) and untouched:
-            return RollbackResult("nothing to undo: no backup was taken and no key column "
-                                  "was changed")
-        if not backup.exists(cur):
-            raise MigrationError(
-                f"nothing to roll back to: there is no backup in {backup.SCHEMA} "
-                "(cleanup_backup dropped it, or backup_data never ran)",
-                hint="restore from the database backup taken before the migration "
-                     "(pg_dump / PITR), as the runbook's prerequisites require")
-        if _nothing_to_undo(cur, session):
-            return RollbackResult("nothing to undo: the tables already match the backup")
+        states = [catalog.column_state(cur.connection, key) for key in session.plan.columns]
+        has_backup = backup.exists(cur)
+    session.conn.rollback()
+    if not has_backup and all(state is ColumnState.STRING for state in states):
+        return RollbackResult("nothing to undo: no backup was taken and no key column "
+                              "was changed")
+    if not has_backup:
+        raise MigrationError(
+            f"nothing to roll back to: there is no backup in {backup.SCHEMA} "
+            "(cleanup_backup dropped it, or backup_data never ran)",
+            hint="restore from the database backup taken before the migration "
+                 "(pg_dump / PITR), as the runbook's prerequisites require")
+    if ColumnState.UUID not in states:
+        return discard(session)
+    with session.transaction() as cur:
         changes = changed_rows(cur, session)
     session.conn.rollback()
     if changes and not session.settings.keep_changes:
@@ -222,6 +209,32 @@ def rollback(session: Session) -> RollbackResult:
             findings=changes)
     return session.ddl("rollback", partial(_rollback, session=session,
                                            keeping_changes=bool(changes)))
+
+
+def discard(session: Session) -> RollbackResult:
+    """Rollback before the swap: the original columns were never touched, so dropping what
+    the migration built beside them, and putting quarantined rows back, undoes it all.
+
+    Each drop is a short transaction of its own, so the application is never
+    held up for longer than one of them; none touches the application's rows,
+    so none of its writes can be lost.  Run again after an interruption, it
+    finishes what is left.
+    """
+    plan = session.plan
+    dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
+    restored = sum(session.ddl(f"restore quarantine of {table}",
+                               partial(_restore_quarantine, table=table))
+                   for table in plan.tables)
+    with session.transaction("rollback") as cur:
+        cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
+    if not dropped and not restored:
+        return RollbackResult("nothing to undo: no key column was expanded or swapped, "
+                              "and no row is in quarantine")
+    return RollbackResult(
+        f"rolled back before the swap: {dropped} object(s) the migration built beside the "
+        f"original columns dropped, {restored:,} quarantined row(s) restored; the original "
+        "columns were never changed", rows=restored,
+        details={"dropped": dropped, "restored": restored})
 
 
 def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> RollbackResult:
@@ -249,7 +262,7 @@ def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> Rollba
         session.point("rollback")
     for key in session.plan.columns:
         for index in backup.saved_indexes(cur, key):
-            recreate_index(cur, index)
+            backup.restore_index(cur, index)
     for fk in backup.saved_foreign_keys(cur):
         cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
                     "AND conname = %s", (catalog.regclass(fk.table), fk.name))

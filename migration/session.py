@@ -213,3 +213,28 @@ class Session:
             rows = [text for (text,) in cur.fetchall()]
         self.conn.rollback()
         return rows
+
+    @contextmanager
+    def unbounded(self, label: str) -> Iterator[Cursor]:
+        """Statements that cannot run in a transaction (``CREATE INDEX CONCURRENTLY``), on
+        this session's connection in autocommit mode, without a statement or lock timeout.
+
+        They scan a whole table under a lock that lets the application read and
+        write, so neither timeout protects anyone: waiting is harmless and the
+        scan takes as long as the table.  ``label`` is the fault point after them.
+        """
+        self.conn.rollback()
+        self.conn.autocommit = True
+        cur = self.conn.cursor()
+        try:
+            cur.execute("SET statement_timeout = 0")
+            cur.execute("SET lock_timeout = 0")
+            yield cur
+            self.point(label)
+        finally:
+            if not self.conn.closed:
+                cur.execute("SELECT set_config('statement_timeout', %s, false)",
+                            (str(self.settings.statement_timeout_ms),))
+                cur.execute("RESET lock_timeout")
+                cur.close()
+                self.conn.autocommit = False

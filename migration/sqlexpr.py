@@ -7,6 +7,7 @@ inside a plpgsql exception block (a function in ``pg_temp``) before that.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import psycopg2.errors
@@ -116,3 +117,66 @@ def column_list(names: list[str], prefix: str | None = None) -> sql.Composable:
 def row_of(names: list[str], prefix: str | None = None) -> sql.Composable:
     """``ROW(a, b)``, a comparable tuple even for one column."""
     return sql.SQL("ROW({})").format(column_list(names, prefix))
+
+
+# A definition as the server deparses it, token by token: string literals and
+# quoted identifiers whole, so that nothing inside them is ever taken for a name.
+_TOKEN = re.compile(r"""
+      (?P<string>[Ee]?'(?:[^']|'')*')
+    | (?P<quoted>"(?:[^"]|"")*")
+    | (?P<word>[^\W\d][\w$]*)
+    | (?P<space>\s+)
+    | (?P<other>::|.)
+""", re.VERBOSE | re.DOTALL)
+
+
+def quote_ident(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    found = [(m.lastgroup or "other", m.group()) for m in _TOKEN.finditer(text)]
+    if "".join(value for _, value in found) != text:
+        raise ValueError(f"cannot read the definition: {text}")
+    return found
+
+
+def _names(token: tuple[str, str]) -> str | None:
+    """The identifier a token spells, or None for anything else."""
+    kind, value = token
+    if kind == "quoted":
+        return value[1:-1].replace('""', '"')
+    return value.lower() if kind == "word" else None
+
+
+def rename_column(definition: str, column: str, new: str) -> str:
+    """``definition`` (deparsed by the server) with every reference to ``column`` renamed.
+
+    A word is a column reference unless it is qualified (next to a ``.``), a
+    function name (before ``(``) or a type (after ``::``); literals and quoted
+    identifiers are read whole.  The server checks the result when it runs it.
+    """
+    tokens = _tokens(definition)
+    out = []
+    for i, token in enumerate(tokens):
+        before = next((t for t in reversed(tokens[:i]) if t[0] != "space"), ("", ""))
+        after = next((t for t in tokens[i + 1:] if t[0] != "space"), ("", ""))
+        is_reference = (_names(token) == column and before[1] not in (".", "::")
+                        and after[1] not in (".", "("))
+        out.append(quote_ident(new) if is_reference else token[1])
+    return "".join(out)
+
+
+def concurrent_copy(index_definition: str, name: str, column: str, new_column: str) -> str:
+    """``CREATE [UNIQUE] INDEX CONCURRENTLY name ...`` on ``new_column``: the deparsed
+    definition of an index on ``column``, built again under another name."""
+    tokens = _tokens(rename_column(index_definition, column, new_column))
+    words = [i for i, (kind, _) in enumerate(tokens) if kind != "space"]
+    keywords = [tokens[i][1].upper() for i in words[:6]]
+    head = ["CREATE", "UNIQUE", "INDEX"] if keywords[1:2] == ["UNIQUE"] else ["CREATE", "INDEX"]
+    at = len(head)  # where the index's name stands
+    if (keywords[:at] != head or keywords[at + 1] != "ON"
+            or keywords[at + 2] == "ONLY"):
+        raise ValueError(f"not an index of a plain table: {index_definition}")
+    return ("".join(value for _, value in tokens[:words[at]]) + "CONCURRENTLY "
+            + quote_ident(name) + "".join(value for _, value in tokens[words[at] + 1:]))

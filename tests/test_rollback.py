@@ -17,7 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import psycopg2
+import psycopg2.errors
 import pytest
+from psycopg2 import sql
 
 from migration.cli import CRASH_VARIABLE
 from migration.rehearsal.fingerprint import Fingerprint, expected_after_migration
@@ -140,7 +142,10 @@ STAGES: dict[str, tuple[str, Callable[[Scenario], None], str]] = {
     # name: (schema variant, how to get there, what status must say)
     "after backup_data": ("legacy", _to_backup, "not migrated"),
     "during migrate_users": ("legacy", _mid_users, "interrupted during migrate_users"),
-    "after migrate_users": ("legacy", _users, "partly migrated (1 of 4 columns uuid)"),
+    "after migrate_users": ("legacy", _users,
+                            "expanding (public.users.id: indexed, public.journal_entries.user_id: "
+                            "string, public.tags.user_id: string, public.reminders.user_id: "
+                            "string)"),
     "during migrate_foreign_keys": ("legacy", _mid_foreign_keys,
                                     "interrupted during migrate_foreign_keys"),
     "after migrate_foreign_keys": ("legacy", _foreign_keys, "migrated"),
@@ -191,13 +196,30 @@ def test_every_fault_point_resumes_to_the_same_end(
         scenario: Callable[..., Scenario], fault_points: list[str]) -> None:
     """Kill the connection at each point of a full migration, then run it again."""
     kinds = {p.split(" ")[0].rstrip("#0123456789") for p in fault_points}
-    assert {"batch", "swap", "finish", "backup_data", "recreate", "validate"} <= kinds
+    assert {"batch", "index", "fk", "swap", "finish", "backup_data", "validate"} <= kinds
     for point in fault_points:
         s = scenario()
         s.crash("full_migration", point)
         assert s.stage().startswith("interrupted during"), point
+        assert_foreign_keys_enforced(s.dsn)
         run_ok(s.dsn, "full_migration")
         s.assert_migrated()
+        assert_foreign_keys_enforced(s.dsn)
+
+
+ORPHAN_ROWS = {"journal_entries": {"title": "x"}, "tags": {"name": "x"},
+               "reminders": {"remind_at": "2026-01-01T00:00:00Z"}}
+
+
+def assert_foreign_keys_enforced(dsn: str) -> None:
+    """Every child of the legacy schema refuses a row that refers to no user."""
+    for table, values in ORPHAN_ROWS.items():
+        row = {"user_id": ORPHAN, **values}
+        statement = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            sql.Identifier(table), sql.SQL(", ").join(map(sql.Identifier, row)),
+            sql.SQL(", ").join(sql.Placeholder() * len(row)))
+        with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+            execute(dsn, statement, tuple(row.values()))
 
 
 @pytest.mark.once
@@ -232,9 +254,10 @@ def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
         s.assert_original()
 
 
-@pytest.mark.parametrize("point", ["batch public.users.id#2", "swap public.users.id#4",
+@pytest.mark.parametrize("point", ["batch public.users.id#2", "index users_pkey#1",
                                    "batch public.journal_entries.user_id#3",
-                                   "recreate index users_pkey#1"])
+                                   "fk journal_entries_user_id_fkey#1",
+                                   "swap public.users.id#4"])
 def test_a_killed_process_resumes(scenario: Callable[..., Scenario], point: str) -> None:
     """SIGKILL of the whole data-migration process, then the same command again."""
     s = scenario()
@@ -305,8 +328,8 @@ def test_the_fill_proof_spares_the_swap_a_not_null_scan(scenario: Callable[..., 
     """Killed in the swap, after the proofs were validated: SET NOT NULL on the uuid column,
     tried by hand, is proved by a constraint (the server says so at DEBUG1)."""
     s = scenario()
-    run_ok(s.dsn, "backup_data")
-    s.crash("migrate_users", "swap public.users.id#1")
+    _users(s)
+    s.crash("migrate_foreign_keys", "swap public.users.id#1")
     with connected(s.dsn, autocommit=False) as conn, conn.cursor() as cur:
         cur.execute("SET client_min_messages = debug1")
         cur.execute("ALTER TABLE users ALTER COLUMN id_uuid SET NOT NULL")

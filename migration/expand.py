@@ -1,0 +1,224 @@
+"""Expand: what the swap needs, built beside each key column while the application writes.
+
+The fill and its proofs (``convert``) give each key column a proven uuid
+copy.  Then, for each column:
+
+- every index that involves it is built again on the copy with
+  ``CREATE INDEX CONCURRENTLY`` (a primary key or unique constraint as a unique
+  index, which the swap turns back into the constraint);
+- every foreign key that refers to the parent key is added again between the
+  copies, ``NOT VALID`` then validated, each under a short lock taken parent
+  first.
+
+From then on the old and the new references are both enforced, and the swap
+only drops and renames.  ``discard`` is the inverse: it drops all of it, the
+copy included, and the original columns, never touched, are as they were.
+
+The copies' names derive from the originals' (``model.shadow_name``), so a
+resumed run finds what an interrupted one built; an index that an interrupted
+``CREATE INDEX CONCURRENTLY`` left invalid is dropped and built again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration import catalog, sqlexpr
+from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
+from migration.connection import Connection
+from migration.convert import validate_constraint
+from migration.errors import MigrationError
+from migration.log import logger
+from migration.model import KeyColumn, shadow_name
+from migration.plan import Plan
+from migration.session import Session
+
+ACTIONS = {"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL",
+           "d": "SET DEFAULT"}
+MATCH = {"f": " MATCH FULL", "s": "", "p": " MATCH PARTIAL"}
+
+
+@dataclass(frozen=True)
+class ShadowIndex:
+    """An index on a key column, and the name of its copy on the uuid column."""
+
+    original: IndexDef
+    name: str
+
+    def statement(self, key: KeyColumn) -> str:
+        """The copy's ``CREATE INDEX CONCURRENTLY``, from the server's own definition of the
+        original with the column renamed (predicates and INCLUDE lists follow)."""
+        return sqlexpr.concurrent_copy(self.original.definition, self.name, key.column, key.temp)
+
+
+@dataclass(frozen=True)
+class ShadowForeignKey:
+    """A foreign key to the parent key, and the name of its copy between the uuid columns."""
+
+    original: ForeignKeyDef
+    name: str
+
+    @property
+    def child(self) -> KeyColumn:
+        return KeyColumn(self.original.table, self.original.column)
+
+
+def shadow_indexes(conn: Connection, key: KeyColumn) -> list[ShadowIndex]:
+    return [ShadowIndex(index, shadow_name("ix", key.table, index.name))
+            for index in catalog.indexes_on(conn, key)]
+
+
+def shadow_foreign_keys(conn: Connection, plan: Plan) -> list[ShadowForeignKey]:
+    return [ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name))
+            for fk in catalog.foreign_keys_to(conn, plan.parent)]
+
+
+def unsupported_foreign_keys(conn: Connection, plan: Plan) -> list[str]:
+    """FKs to the parent key that the copy between uuid columns cannot reproduce."""
+    found = []
+    for shadow in shadow_foreign_keys(conn, plan):
+        rules = catalog.foreign_key_rules(conn, shadow.original)
+        if rules is not None and rules.columns != 1:
+            found.append(f"{shadow.original.table}.{shadow.original.name} "
+                         f"(spans {rules.columns} columns)")
+        elif shadow.child not in plan.columns:
+            found.append(f"{shadow.original.table}.{shadow.original.name} "
+                         f"(from {shadow.child}, which is not in the plan)")
+    return found
+
+
+def build_indexes(session: Session, key: KeyColumn) -> int:
+    """Build the copy of every index on ``key`` that is not built yet; how many were built."""
+    built = 0
+    for shadow in shadow_indexes(session.conn, key):
+        valid = catalog.index_validity(session.conn, key.table, shadow.name)
+        if valid:
+            continue
+        with session.unbounded(f"index {shadow.original.name}") as cur:
+            if valid is False:
+                logger.warning("%s: index %s was left invalid by an interrupted build; "
+                               "building it again", key, shadow.name)
+                cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                    sql.Identifier(key.table.schema, shadow.name)))
+            cur.execute(sql.SQL(shadow.statement(key)))
+        logger.info("%s: index %s built as %s", key, shadow.original.name, shadow.name)
+        built += 1
+    return built
+
+
+def add_statement(conn: Connection, shadow: ShadowForeignKey,
+                  parent: KeyColumn) -> sql.Composable:
+    """The copy of an FK between the uuid columns, with the original's rules, NOT VALID."""
+    rules = catalog.foreign_key_rules(conn, shadow.original)
+    if rules is None:
+        raise MigrationError(f"foreign key {shadow.original.name} of {shadow.original.table} "
+                             "disappeared during the migration", hint="run the step again")
+    timing = ""
+    if rules.deferrable:
+        timing = " DEFERRABLE INITIALLY DEFERRED" if rules.deferred else " DEFERRABLE"
+    return sql.SQL("ALTER TABLE {child} ADD CONSTRAINT {name} FOREIGN KEY ({column}) "
+                   "REFERENCES {parent} ({parent_column}){rules} NOT VALID").format(
+        child=shadow.child.table.ident, name=sql.Identifier(shadow.name),
+        column=sql.Identifier(shadow.child.temp), parent=parent.table.ident,
+        parent_column=sql.Identifier(parent.temp),
+        rules=sql.SQL(MATCH[rules.match] + f" ON UPDATE {ACTIONS[rules.on_update]} "
+                      f"ON DELETE {ACTIONS[rules.on_delete]}" + timing))
+
+
+def reference(session: Session, plan: Plan) -> int:
+    """Add and validate the copy of every FK to the parent key; how many were added.
+
+    Adding takes SHARE ROW EXCLUSIVE on both tables for an instant: they are
+    locked parent first, the order in which an application writes a user and
+    then its rows, under the session's short lock_timeout.  Validating scans
+    the child under a lock that lets writes go on.
+    """
+    added = 0
+    for shadow in shadow_foreign_keys(session.conn, plan):
+        child = shadow.child.table
+        state = catalog.constraint_validity(session.conn, child, shadow.name)
+        session.conn.rollback()
+        if state is None:
+            statement = add_statement(session.conn, shadow, plan.parent)
+            session.conn.rollback()
+            session.ddl(f"fk {shadow.original.name}",
+                        partial(_add_locked, tables=(plan.parent.table.ident, child.ident),
+                                statement=statement))
+            added += 1
+        if shadow.original.validated and not state:
+            session.ddl(f"validate {shadow.original.name}",
+                        partial(validate_constraint, table=child, name=shadow.name))
+    return added
+
+
+def _add_locked(cur: Cursor, tables: tuple[sql.Identifier, ...],
+                statement: sql.Composable) -> None:
+    for table in tables:
+        cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(table))
+    cur.execute(statement)
+
+
+def stage(conn: Connection, key: KeyColumn, plan: Plan) -> str:
+    """Where the column stands: string, filling, proven, indexed, referenced or uuid."""
+    state = catalog.column_state(conn, key)
+    if state is not ColumnState.BACKFILLING:
+        return str(state)
+    if not catalog.constraint_validity(conn, key.table, key.helper("filled")):
+        return "filling"
+    if not all(catalog.index_validity(conn, key.table, shadow.name)
+               for shadow in shadow_indexes(conn, key)):
+        return "proven"
+    references = [shadow for shadow in shadow_foreign_keys(conn, plan)
+                  if key in (shadow.child, plan.parent)]
+    if references and all(catalog.constraint_validity(conn, shadow.child.table, shadow.name)
+                          for shadow in references):
+        return "referenced"
+    return "indexed"
+
+
+def discard(session: Session, key: KeyColumn) -> int:
+    """Drop everything expand built for ``key`` (the inverse of the fill and of this module);
+    how many objects were dropped.
+
+    Each drop is catalog work under a short lock; the copy's indexes go with
+    the copy.  The original column and its objects are not touched.
+    """
+    def work(cur: Cursor) -> int:
+        cur.execute(
+            """
+            SELECT n.nspname, c.relname, k.conname
+            FROM pg_constraint k
+            JOIN pg_class c ON c.oid = k.conrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN pg_attribute a ON (a.attrelid, a.attnum) IN ((k.conrelid, k.conkey[1]),
+                                                              (k.confrelid, k.confkey[1]))
+            WHERE k.contype = 'f' AND a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1, 2, 3
+            """, (catalog.regclass(key.table), key.temp))
+        dropped = 0
+        for schema, table, name in cur.fetchall():
+            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                sql.Identifier(schema, table), sql.Identifier(name)))
+            dropped += 1
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                    "AND tgname = %s", (catalog.regclass(key.table), key.helper("sync")))
+        dropped += int((cur.fetchone() or [0])[0])
+        cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
+            sql.Identifier(key.helper("sync")), key.table.ident))
+        for check in ("filled", "not_null"):
+            if catalog.constraint_validity(cur.connection, key.table,
+                                           key.helper(check)) is not None:
+                cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                    key.table.ident, sql.Identifier(key.helper(check))))
+                dropped += 1
+        if catalog.column_info(cur.connection, key.table, key.temp) is not None:
+            cur.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(
+                key.table.ident, sql.Identifier(key.temp)))
+            dropped += 1
+        return dropped
+
+    return session.ddl(f"discard {key}", work)

@@ -1,0 +1,164 @@
+"""The swap: one short transaction in which the parent key and every column that refers
+to it take their uuid copies' places.
+
+Everything that scans or builds was done by ``expand`` while the application
+wrote; what is left is catalog work, so the exclusive locks are held for
+milliseconds whatever the tables' sizes:
+
+1. lock the tables, parent first, then the children in name order;
+2. drop the old foreign keys to the parent key (their copies are in force);
+3. for each column: drop its sync trigger and the old column (its indexes,
+   constraints and the fill proof go with it), rename the copy, ``SET NOT
+   NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
+   column grants and comments; each index copy takes its original's name, and
+   a primary key or unique constraint comes back ``USING INDEX``; replica
+   identity follows its index;
+4. the FK copies take their originals' names.
+
+No foreign key is ever missing: until the commit the old ones are enforced,
+after it the copies, which were validated before.  The transaction runs
+under the session's ``lock_timeout`` and is retried on a lock timeout or a
+deadlock, so the application waits at most that long for it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration import catalog
+from migration.connection import Connection
+from migration.convert import converted_default, grant_statement
+from migration.errors import MigrationError
+from migration.expand import ShadowIndex, shadow_foreign_keys, shadow_indexes, stage
+from migration.log import logger
+from migration.model import KeyColumn
+from migration.plan import Plan
+from migration.session import Session
+
+READY = ("indexed", "referenced")
+
+
+@dataclass(frozen=True)
+class ColumnSwap:
+    """What one column's swap carries over, read inside the swap's transaction."""
+
+    key: KeyColumn
+    info: catalog.ColumnInfo
+    grants: list[catalog.ColumnGrant]
+    comments: dict[tuple[str, str], str]
+    indexes: list[ShadowIndex]
+    replica_identity: str | None
+
+
+def not_ready(session: Session, plan: Plan) -> list[str]:
+    """Columns of the plan that are not yet ready for the swap, with their stage."""
+    stages = {key: stage(session.conn, key, plan) for key in plan.columns}
+    session.conn.rollback()
+    return [f"{key} ({where})" for key, where in stages.items() if where not in READY]
+
+
+def swap(session: Session, plan: Plan) -> None:
+    """The parent key and all its children to uuid, in one short transaction."""
+    waiting = not_ready(session, plan)
+    if waiting:
+        raise MigrationError("the swap needs every column expanded: " + ", ".join(waiting),
+                             hint="run migrate_users, then migrate_foreign_keys")
+    session.ddl("swap", lambda cur: _swap(cur, session, plan))
+    logger.info("%s and %s column(s) referring to it swapped to uuid", plan.parent,
+                len(plan.children))
+
+
+def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
+    conn = cur.connection
+    children = sorted({key.table for key in plan.children} - {plan.parent.table})
+    for table in (plan.parent.table, *children):
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+    references = shadow_foreign_keys(conn, plan)
+    fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
+                   .get(("constraint", fk.original.name)) for fk in references}
+    columns = [ColumnSwap(key, _info(conn, key), catalog.column_grants(conn, key.table,
+                                                                      key.column),
+                          catalog.comments(conn, key.table, key.column),
+                          shadow_indexes(conn, key), catalog.replica_identity_index(conn,
+                                                                                   key.table))
+               for key in plan.columns]
+    for fk in references:
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            fk.child.table.ident, sql.Identifier(fk.original.name)))
+    session.point("swap")
+    for column in columns:
+        _swap_column(cur, session, column)
+    for fk in references:
+        cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+            fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)))
+        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
+            sql.Identifier(fk.original.name), fk.child.table.ident), fk_comments[fk.original.name])
+    session.point("swap")
+
+
+def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
+    info = catalog.column_info(conn, key.table, key.column)
+    if info is None:
+        raise MigrationError(f"{key} disappeared during the migration",
+                             hint="run --operation=status, then rollback")
+    return info
+
+
+def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
+    key, table, name = column.key, column.key.table.ident, sql.Identifier(column.key.column)
+
+    def execute(statement: sql.Composable) -> None:
+        cur.execute(statement)
+        session.point(f"swap {key}")
+
+    execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(key.helper("sync")), table))
+    execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, name))
+    execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+        table, sql.Identifier(key.temp), name))
+    if column.info.not_null:  # after the rename: PostgreSQL 18 names the constraint after it
+        execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(table, name))
+        execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            table, sql.Identifier(key.helper("not_null"))))
+    if column.info.default is not None:
+        converted_default(cur, key, column.info.default)
+    for grant in column.grants:
+        execute(grant_statement(key, grant))
+    _comment(cur, sql.SQL("COLUMN {}").format(sql.Identifier(*table.strings, key.column)),
+             column.comments.get(("column", key.column)))
+    for index in column.indexes:
+        _take_name(cur, key, index, column.comments)
+        session.point(f"swap {key}")
+    if column.replica_identity in {index.original.name for index in column.indexes}:
+        execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+            table, sql.Identifier(column.replica_identity or "")))
+
+
+def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
+               comments: dict[tuple[str, str], str]) -> None:
+    """The index copy becomes the original: its name, and the constraint it backed."""
+    original = index.original
+    if original.constraint_type:
+        kind = "PRIMARY KEY" if original.constraint_type == "p" else "UNIQUE"
+        timing = ""
+        if original.deferrable:
+            timing = (" DEFERRABLE INITIALLY DEFERRED" if original.deferred
+                      else " DEFERRABLE INITIALLY IMMEDIATE")
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + kind + " USING INDEX {}"
+                            + timing).format(key.table.ident, sql.Identifier(original.name),
+                                             sql.Identifier(index.name)))
+        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
+            sql.Identifier(original.name), key.table.ident),
+            comments.get(("constraint", original.name)))
+    else:
+        cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+            sql.Identifier(key.table.schema, index.name), sql.Identifier(original.name)))
+    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(key.table.schema, original.name)),
+             comments.get(("index", original.name)))
+
+
+def _comment(cur: Cursor, target: sql.Composable, text: str | None) -> None:
+    if text is not None:
+        cur.execute(sql.SQL("COMMENT ON {} IS %s").format(target), (text,))
