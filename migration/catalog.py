@@ -210,11 +210,17 @@ def blockers(conn: Connection, key: KeyColumn) -> list[str]:
                     'view or rule ' || (SELECT ev_class::regclass::text FROM pg_rewrite
                                         WHERE oid = d.objid)
                 WHEN 'pg_trigger'::regclass THEN
-                    'trigger ' || (SELECT tgname FROM pg_trigger WHERE oid = d.objid)
+                    (SELECT 'trigger ' || tgname || CASE WHEN tgrelid = col.attrelid THEN ''
+                            ELSE ' on ' || tgrelid::regclass::text END
+                     FROM pg_trigger WHERE oid = d.objid)
                 WHEN 'pg_policy'::regclass THEN
-                    'policy ' || (SELECT polname FROM pg_policy WHERE oid = d.objid)
+                    (SELECT 'policy ' || polname || CASE WHEN polrelid = col.attrelid THEN ''
+                            ELSE ' on ' || polrelid::regclass::text END
+                     FROM pg_policy WHERE oid = d.objid)
                 WHEN 'pg_constraint'::regclass THEN
-                    'constraint ' || (SELECT conname FROM pg_constraint WHERE oid = d.objid)
+                    (SELECT 'constraint ' || conname || CASE WHEN conrelid = col.attrelid THEN ''
+                            ELSE ' on ' || conrelid::regclass::text END
+                     FROM pg_constraint WHERE oid = d.objid)
                 WHEN 'pg_statistic_ext'::regclass THEN
                     'statistics ' || (SELECT stxname FROM pg_statistic_ext WHERE oid = d.objid)
                 WHEN 'pg_class'::regclass THEN
@@ -241,8 +247,34 @@ def blockers(conn: Connection, key: KeyColumn) -> list[str]:
              "filled": key.helper("filled")},
         )
         found = [text for (text,) in cur.fetchall()]
+    found += [f"generated column {name}" for name in generated_columns(conn, key)]
     found += [f"expression index {ix.name}" for ix in indexes_on(conn, key) if ix.uses_expression]
     return found
+
+
+def generated_columns(conn: Connection, key: KeyColumn) -> list[str]:
+    """Generated columns of the key's table whose expression uses the key column.
+
+    Their expression is a ``pg_attrdef`` row that depends on the column
+    (PostgreSQL 15 to 18; ``blockers`` leaves ``pg_attrdef`` aside, for the
+    key's own default is one too).  Dropping the key would drop them.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT g.attname
+            FROM pg_attribute a
+            JOIN pg_attrdef ad ON ad.adrelid = a.attrelid
+            JOIN pg_attribute g ON g.attrelid = ad.adrelid AND g.attnum = ad.adnum
+            JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+                 AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+              AND g.attgenerated <> '' AND g.attnum <> a.attnum
+            ORDER BY 1
+            """,
+            (regclass(key.table), key.column),
+        )
+        return [name for (name,) in cur.fetchall()]
 
 
 def relation_bytes(conn: Connection, table: Table) -> tuple[int, int]:
@@ -353,3 +385,89 @@ def comments(conn: Connection, table: Table, column: str) -> dict[tuple[str, str
             WHERE conrelid = to_regclass(%(t)s)
             """, {"t": regclass(table), "c": column})
         return {(kind, name): text for kind, name, text in cur.fetchall() if text is not None}
+
+
+@dataclass(frozen=True)
+class TriggerDef:
+    """An application trigger on a table, as the fill and the swap see it."""
+
+    table: Table
+    name: str
+    function: str  # signature, schema-qualified (regprocedure)
+    source: str  # the function's body (pg_proc.prosrc)
+    timing: str  # BEFORE, AFTER or INSTEAD OF
+    row_level: bool
+    events: str  # INSERT OR UPDATE ...
+    enabled: str  # pg_trigger.tgenabled: O origin, A always, R replica, D disabled
+    on_temp_update: bool  # no column list, or its list includes the temporary column
+
+    def fires_for_fill(self, *, replica: bool) -> bool:
+        """Whether an UPDATE of the temporary column alone fires it, the session's
+        ``session_replication_role`` being ``replica`` or not."""
+        modes = "AR" if replica else "AO"
+        return "UPDATE" in self.events.split(" OR ") and self.on_temp_update \
+            and self.enabled in modes
+
+    def __str__(self) -> str:
+        level = "ROW" if self.row_level else "STATEMENT"
+        return (f"trigger {self.name} on {self.table} ({self.timing} {self.events} "
+                f"FOR EACH {level}, function {self.function})")
+
+
+def application_triggers(conn: Connection, key: KeyColumn) -> list[TriggerDef]:
+    """The triggers on the key's table that are not PostgreSQL's own (FK triggers
+    are internal) nor the engine's sync trigger for the column."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT t.tgname, t.tgfoid::regprocedure::text, p.prosrc,
+                   CASE WHEN t.tgtype & 2 <> 0 THEN 'BEFORE'
+                        WHEN t.tgtype & 64 <> 0 THEN 'INSTEAD OF' ELSE 'AFTER' END,
+                   t.tgtype & 1 <> 0,
+                   concat_ws(' OR ', CASE WHEN t.tgtype & 4 <> 0 THEN 'INSERT' END,
+                             CASE WHEN t.tgtype & 16 <> 0 THEN 'UPDATE' END,
+                             CASE WHEN t.tgtype & 8 <> 0 THEN 'DELETE' END,
+                             CASE WHEN t.tgtype & 32 <> 0 THEN 'TRUNCATE' END),
+                   t.tgenabled::text,
+                   cardinality(t.tgattr::int2[]) = 0 OR coalesce((
+                       SELECT a.attnum = ANY (t.tgattr::int2[]) FROM pg_attribute a
+                       WHERE a.attrelid = t.tgrelid AND a.attname = %(temp)s
+                         AND NOT a.attisdropped), false)
+            FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+            WHERE t.tgrelid = to_regclass(%(table)s) AND NOT t.tgisinternal
+              AND t.tgname <> %(sync)s
+            ORDER BY t.tgname
+            """,
+            {"table": regclass(key.table), "temp": key.temp, "sync": key.helper("sync")},
+        )
+        rows = cur.fetchall()
+    return [TriggerDef(key.table, *row) for row in rows]
+
+
+def update_rules(conn: Connection, table: Table, *, replica: bool) -> list[str]:
+    """Rules ``ON UPDATE`` of the table that an UPDATE would fire; the fill's batch
+    (an UPDATE in a WITH) fails with any of them."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT rulename FROM pg_rewrite
+            WHERE ev_class = to_regclass(%s) AND ev_type = '2' AND rulename <> '_RETURN'
+              AND ev_enabled::text = ANY (%s)
+            ORDER BY 1
+            """,
+            (regclass(table), ["A", "R"] if replica else ["A", "O"]),
+        )
+        return [name for (name,) in cur.fetchall()]
+
+
+def may_skip_triggers(conn: Connection) -> bool:
+    """Whether the role may ``SET session_replication_role``: superuser, or
+    (PostgreSQL 15 and later) granted ``SET`` on the parameter."""
+    query = ("SELECT rolsuper OR has_parameter_privilege(current_user, "
+             "'session_replication_role', 'SET') FROM pg_roles WHERE rolname = current_user"
+             if server_version(conn) >= 150000
+             else "SELECT rolsuper FROM pg_roles WHERE rolname = current_user")
+    with conn.cursor() as cur:
+        cur.execute(query)
+        row = cur.fetchone()
+    return bool(row and row[0])

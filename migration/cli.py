@@ -121,6 +121,10 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
               "passing validate_migration, or with quarantined rows in it (logged).")
 @click.option("--keep-changes", is_flag=True, help="rollback: keep rows written after the "
               "backup (their ids as canonical text) instead of refusing.")
+@click.option("--allow-triggers", is_flag=True, help="Accept application triggers that "
+              "the fill of the uuid columns fires (when the role may not set "
+              "session_replication_role) or whose bodies use the key column; they are named "
+              "as warnings, and the fill runs with the role's default search_path.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log.")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
@@ -157,6 +161,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         lock_timeout_ms=options["lock_timeout_ms"],
                         orphans=options["orphans"], force=options["force"],
                         keep_changes=options["keep_changes"], jobs=options["jobs"],
+                        allow_triggers=options["allow_triggers"],
                         show_progress=not options["quiet"])
     try:
         with Session.open(database_url, settings, schema=options["schema"],

@@ -189,6 +189,20 @@ def slices_of(session: Session, key: KeyColumn) -> list[Slice]:
             for number, last_key, upper_key, done, finished, count in rows if not finished]
 
 
+def fill_settings(session: Session) -> list[str]:
+    """SET LOCALs for a transaction of the engine's fill: application triggers kept
+    quiet where the role may (the fill sets the uuid column itself, so the engine's
+    sync trigger need not fire either); with ``--allow-triggers`` the role's own
+    search_path, so that unqualified names in the triggers that do fire resolve.
+    The pre-flight has named (and, without the option, refused) any that fire."""
+    statements = []
+    if catalog.may_skip_triggers(session.conn):
+        statements.append("SET LOCAL session_replication_role = replica")
+    if session.settings.allow_triggers:
+        statements.append("SET LOCAL search_path TO DEFAULT")
+    return statements
+
+
 def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
              stop: threading.Event | None = None) -> int:
     """Fill one slice batch by batch from its checkpoint; rows written.
@@ -198,6 +212,7 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
     """
     key = part.key
     pk = catalog.primary_key(session.conn, key.table)
+    settings = fill_settings(session)
     if part.rows_done:
         logger.info("%s: resuming after %s (%s rows done)", part, part.last_key, part.rows_done)
     statements = {first: batch_statement(key, pk, first=first,
@@ -208,6 +223,8 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
     logged_at = time.monotonic()
     while stop is None or not stop.is_set():
         with session.transaction(f"batch {key}") as cur:
+            for setting in settings:
+                cur.execute(setting)
             cur.execute(statements[last_key is None], {
                 "n": session.settings.batch_size, "after": Json(last_key),
                 "upper": Json(part.upper_key),
@@ -334,6 +351,8 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
     """
     with session.transaction(f"fill missed {key}") as cur:
         cur.execute("SET LOCAL statement_timeout = 0")
+        for setting in fill_settings(session):
+            cur.execute(setting)
         cur.execute(sql.SQL("UPDATE {table} SET {temp} = ({column})::uuid "
                             "WHERE {temp} IS DISTINCT FROM ({column})::uuid").format(
             table=key.table.ident, temp=sql.Identifier(key.temp),

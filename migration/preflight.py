@@ -9,7 +9,9 @@ objects the swap cannot carry over.  Each finding names the table and up to
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from psycopg2 import sql
@@ -17,6 +19,7 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import catalog
 from migration.catalog import ColumnState
+from migration.log import logger
 from migration.model import KeyColumn
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
@@ -138,12 +141,24 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn,
     return findings
 
 
-def unique_indexes(conn: Any, key: KeyColumn) -> list[list[str]]:
-    """Column lists of the unique indexes that include the key column as a plain column."""
+@dataclass(frozen=True)
+class UniqueIndex:
+    """A unique index that includes the key column as a plain column."""
+
+    columns: list[str]
+    nulls_distinct: bool  # as UNIQUE is by default: rows with a NULL in it never collide
+    predicate: str | None  # a partial index's WHERE, as the server deparses it
+
+
+def unique_indexes(conn: Any, key: KeyColumn) -> list[UniqueIndex]:
+    """The unique indexes that include the key column as a plain column."""
+    nulls_distinct = ("NOT i.indnullsnotdistinct" if catalog.server_version(conn) >= 150000
+                      else "true")  # NULLS NOT DISTINCT exists from PostgreSQL 15
     with conn.cursor() as cur:
         cur.execute(
-            """
-            SELECT array_agg(a.attname ORDER BY k.pos)
+            sql.SQL("""
+            SELECT array_agg(a.attname ORDER BY k.pos), {nulls_distinct},
+                   pg_get_expr(i.indpred, i.indrelid)
             FROM pg_index i
             CROSS JOIN LATERAL unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY k(attnum, pos)
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
@@ -151,34 +166,45 @@ def unique_indexes(conn: Any, key: KeyColumn) -> list[list[str]]:
             GROUP BY i.indexrelid
             HAVING %s = ANY (array_agg(a.attname))
             ORDER BY 1
-            """,
+            """).format(nulls_distinct=sql.SQL(nulls_distinct)),
             (catalog.regclass(key.table), key.column),
         )
-        return [list(cols) for (cols,) in cur.fetchall()]
+        return [UniqueIndex(list(cols), distinct, predicate)
+                for cols, distinct, predicate in cur.fetchall()]
 
 
 def collision_findings(cur: Cursor, key: KeyColumn, values: UuidReader,
-                       unique_cols: list[str]) -> list[Finding]:
-    """Rows whose unique key becomes equal once the key column is a uuid."""
+                       index: UniqueIndex) -> list[Finding]:
+    """Rows whose unique key becomes equal once the key column is a uuid.
+
+    Only rows the index constrains can collide: those its predicate keeps,
+    and (unless it is NULLS NOT DISTINCT) those with no NULL in its columns;
+    GROUP BY alone would put rows whose other columns are NULL together.
+    """
     keyed = [values.cast(sql.Identifier(c)) if c == key.column else sql.Identifier(c)
-             for c in unique_cols]
+             for c in index.columns]
+    conditions = [values.valid(sql.Identifier(key.column))]
+    if index.nulls_distinct:
+        conditions += [sql.SQL("{} IS NOT NULL").format(sql.Identifier(c))
+                       for c in index.columns if c != key.column]
+    if index.predicate is not None:  # the server's own text of the index's WHERE
+        conditions.append(sql.SQL("({})").format(sql.SQL(index.predicate)))
     cur.execute(
         sql.SQL(
             "SELECT count(*) OVER (), {cols} FROM ("
             "  SELECT array_agg({col} ORDER BY {col}) AS {cols}"
-            "  FROM {table} WHERE {valid}"
-            "  GROUP BY {keyed} HAVING count(*) > 1) g ORDER BY 2 LIMIT %s").format(
+            "  FROM {table} WHERE {where}"
+            "  GROUP BY {keyed} HAVING count(*) > 1) g ORDER BY 2 LIMIT {limit}").format(
             cols=sql.Identifier("spellings"), col=sql.Identifier(key.column),
-            table=key.table.ident, valid=values.valid(sql.Identifier(key.column)),
-            keyed=sql.SQL(", ").join(keyed)),
-        (SAMPLE_LIMIT,),
-    )
+            table=key.table.ident, where=sql.SQL(" AND ").join(conditions),
+            keyed=sql.SQL(", ").join(keyed), limit=sql.Literal(SAMPLE_LIMIT)),
+    )  # no parameters: a % in the predicate's text stays a %
     rows = cur.fetchall()
     if not rows:
         return []
     return [Finding(
         "collision", Status.FAIL,
-        f"{rows[0][0]} group(s) of rows become equal on ({', '.join(unique_cols)}) once "
+        f"{rows[0][0]} group(s) of rows become equal on ({', '.join(index.columns)}) once "
         f"{key.column} is a uuid (the same UUID spelled differently)",
         subject=str(key), count=int(rows[0][0]),
         samples=[{"table": str(key.table), key.column: list(spellings)} for _, spellings in rows],
@@ -206,6 +232,66 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
         findings.append(Finding(
             "blocker", Status.FAIL, f"{blocker} depends on the column", subject=str(key),
             hint="drop it before the migration and recreate it for the uuid column after"))
+    if state in (ColumnState.STRING, ColumnState.BACKFILLING):
+        findings += trigger_findings(session, key)
+    return findings
+
+
+def mentions(source: str, column: str) -> bool:
+    """Whether a function body names the column as a word (``NEW.id``, not ``user_id``)."""
+    return re.search(rf"(?<![\w$]){re.escape(column)}(?![\w$])", source,
+                     re.IGNORECASE) is not None
+
+
+def trigger_findings(session: Session, key: KeyColumn) -> list[Finding]:
+    """What the fill's UPDATE of the temporary column would set off, and the
+    trigger bodies that the uuid type may break.
+
+    The fill runs with ``session_replication_role = replica`` where the role
+    may set it: ordinary triggers then stay quiet, ALWAYS and REPLICA ones
+    fire.  Triggers that fire, and bodies that use the key, are refused
+    unless ``--allow-triggers`` accepts them (a warning each); an ON UPDATE
+    rule always is, for the fill's batch statement cannot run with one.
+    """
+    conn = session.conn
+    replica = catalog.may_skip_triggers(conn)
+    allow = session.settings.allow_triggers
+    status = Status.WARN if allow else Status.FAIL
+    subject = str(key)
+    triggers = catalog.application_triggers(conn, key)
+    findings: list[Finding] = []
+    for trigger in triggers:
+        if trigger.fires_for_fill(replica=replica):
+            findings.append(Finding(
+                "trigger_fires", status,
+                f"{trigger} fires for every row the fill of {key.temp} updates"
+                + (" (accepted by --allow-triggers)" if allow else ""), subject=subject,
+                hint="" if allow else
+                "grant the role SET on session_replication_role (PostgreSQL 15+: GRANT SET ON "
+                "PARAMETER session_replication_role TO ...) so that the fill skips it, or "
+                "disable it around the migration (ALTER TABLE ... DISABLE TRIGGER), or pass "
+                "--allow-triggers to let it fire"
+                + (" (it is ENABLE ALWAYS or REPLICA: it fires even so)" if replica else "")))
+        elif replica and trigger.fires_for_fill(replica=False):
+            findings.append(Finding(
+                "trigger_quiet", Status.INFO,
+                f"{trigger} will not fire for the fill (session_replication_role = replica)",
+                subject=subject))
+        if mentions(trigger.source, key.column):
+            findings.append(Finding(
+                "trigger_uses_key", status,
+                f"{trigger} names {key.column} in its function's body; once {key.column} is "
+                "uuid, text operations on it fail or change meaning"
+                + (" (accepted by --allow-triggers)" if allow else ""), subject=subject,
+                hint="" if allow else
+                f"review the body for text operations on {key.column} (lower(), ||, "
+                "comparisons with text); drop the trigger before the migration and recreate "
+                "it after, or pass --allow-triggers when the body is right for uuid"))
+    findings += [Finding("rule_fires", Status.FAIL,
+                         f"rule {rule} on {key.table} rewrites the fill's UPDATE "
+                         f"(the batches cannot run with it)", subject=subject,
+                         hint="drop it before the migration and recreate it after")
+                 for rule in catalog.update_rules(conn, key.table, replica=replica)]
     return findings
 
 
@@ -224,13 +310,17 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
             return readers[key]
 
         for key in keys:
-            column = schema_findings(session, key)
-            findings += column
-            if any(f.status is Status.FAIL for f in column):
-                continue
-            if catalog.column_state(session.conn, key) is not ColumnState.UUID:
+            findings += schema_findings(session, key)
+            if (catalog.column_state(session.conn, key) in (ColumnState.STRING,
+                                                            ColumnState.BACKFILLING)
+                    and catalog.primary_key(session.conn, key.table)):
+                # a blocker does not hide bad values: the operator sees all at once
                 findings += value_findings(session, cur, key, read, warnings=warnings)
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
+    if not warnings:  # a step's report shows only its refusal: what it accepts, it says here
+        for finding in findings:
+            if finding.status is Status.WARN:
+                logger.warning("%s: %s", finding.subject, finding.message)
     return findings
 
 

@@ -41,6 +41,7 @@ class Settings:
     keep_changes: bool = False  # rollback: keep rows written after the migration
     show_progress: bool = True
     jobs: int = 2  # connections filling temporary columns at once, one slice each
+    allow_triggers: bool = False  # the fill may fire application triggers (see preflight)
 
 
 def _configure(conn: Connection, settings: Settings) -> None:

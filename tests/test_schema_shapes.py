@@ -1,0 +1,236 @@
+"""Application schemas the pre-flight must see whole: triggers the fill would fire,
+trigger bodies that use the key, generated columns, unique indexes with NULLs.
+
+Each shape is added to the legacy schema before the migration; a refusal must
+name everything at once and change nothing (the fingerprint proves it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+from psycopg2 import sql
+
+from migration.connection import connect
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
+from migration.rehearsal.seed import seed
+from tests.operate import execute, operate, print_of, run_ok
+
+USERS = 6
+
+UPDATED_AT = """
+ALTER TABLE users ADD COLUMN updated_at timestamptz NOT NULL DEFAULT '2000-01-01';
+CREATE FUNCTION touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END$$;
+CREATE TRIGGER users_updated_at BEFORE UPDATE ON users
+    FOR EACH ROW EXECUTE FUNCTION touch_updated_at();
+"""
+
+# The body names its table without a schema, as applications do.
+AUDIT = """
+CREATE TABLE audit_log (email text, op text);
+CREATE FUNCTION audit_users() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN INSERT INTO audit_log (email, op) VALUES (NEW.email, TG_OP); RETURN NEW; END$$;
+CREATE TRIGGER users_audit AFTER UPDATE ON users
+    FOR EACH ROW EXECUTE FUNCTION audit_users();
+"""
+
+LOWER_ID = """
+CREATE FUNCTION lower_id() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.id := lower(NEW.id); RETURN NEW; END$$;
+CREATE TRIGGER users_lower_id BEFORE INSERT ON users
+    FOR EACH ROW EXECUTE FUNCTION lower_id();
+"""
+
+STAMPS = "SELECT id::text, updated_at FROM users ORDER BY id::text"
+
+
+def seeded(dsn: str, *shapes: str) -> None:
+    conn = connect(dsn, autocommit=False)
+    try:
+        seed(conn, USERS)
+    finally:
+        conn.close()
+    for shape in shapes:
+        execute(dsn, shape)
+
+
+@contextmanager
+def may_set_replication_role(sandbox: Sandbox) -> Iterator[None]:
+    """The owner granted SET on session_replication_role (PostgreSQL 15+), for a with-block:
+    the grant is the cluster's, so it is taken back after."""
+    role = sql.Identifier(OWNER_ROLE)
+    sandbox.admin_execute(sql.SQL(
+        "GRANT SET ON PARAMETER session_replication_role TO {}").format(role))
+    try:
+        yield
+    finally:
+        sandbox.admin_execute(sql.SQL(
+            "REVOKE SET ON PARAMETER session_replication_role FROM {}").format(role))
+
+
+def test_a_role_that_may_set_the_replication_role_fills_without_firing_the_triggers(
+        legacy_db: str, sandbox: Sandbox) -> None:
+    seeded(legacy_db, UPDATED_AT, AUDIT)
+    stamps = execute(legacy_db, STAMPS)
+    with may_set_replication_role(sandbox):
+        report = run_ok(legacy_db, "validate_schema", "--verbose").output
+        run_ok(legacy_db, "full_migration")
+    assert ("[INFO] trigger_quiet public.users.id: trigger users_updated_at on public.users "
+            "(BEFORE UPDATE FOR EACH ROW, function public.touch_updated_at()) will not fire "
+            "for the fill (session_replication_role = replica)") in report
+    assert execute(legacy_db, STAMPS) == stamps
+    assert execute(legacy_db, "SELECT count(*) FROM audit_log") == [(0,)]
+    assert execute(legacy_db, "SELECT data_type FROM information_schema.columns "
+                              "WHERE table_name = 'users' AND column_name = 'id'") == [("uuid",)]
+
+
+def test_without_that_privilege_the_triggers_the_fill_fires_are_refused_by_name(
+        legacy_db: str) -> None:
+    seeded(legacy_db, UPDATED_AT, AUDIT)
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    for name, timing, function in (("users_updated_at", "BEFORE", "public.touch_updated_at()"),
+                                   ("users_audit", "AFTER", "public.audit_users()")):
+        assert (f"trigger_fires public.users.id: trigger {name} on public.users ({timing} "
+                f"UPDATE FOR EACH ROW, function {function}) fires for every row the fill "
+                "of id_uuid updates") in result.output
+    assert "GRANT SET ON PARAMETER session_replication_role" in result.output
+    assert print_of(legacy_db, include_backup=True) == before
+
+
+def test_allow_triggers_lets_them_fire_with_the_roles_own_search_path(legacy_db: str) -> None:
+    """The audit trigger names audit_log without a schema: under the engine's
+    search_path (pg_catalog) the fill would fail on it."""
+    seeded(legacy_db, UPDATED_AT, AUDIT)
+    result = run_ok(legacy_db, "full_migration", "--allow-triggers")
+    assert ("warning: public.users.id: trigger users_audit on public.users (AFTER UPDATE FOR "
+            "EACH ROW, function public.audit_users()) fires for every row the fill of id_uuid "
+            "updates (accepted by --allow-triggers)") in result.output
+    assert execute(legacy_db, "SELECT count(*), count(DISTINCT email) FROM audit_log") == [
+        (USERS, USERS)]
+    assert execute(legacy_db, "SELECT count(*) FROM users "
+                              "WHERE updated_at = '2000-01-01'") == [(0,)]
+
+
+def test_a_trigger_whose_body_uses_the_key_is_refused_unless_accepted(legacy_db: str) -> None:
+    seeded(legacy_db, LOWER_ID)
+    before = print_of(legacy_db, include_backup=True)
+    refused = operate(legacy_db, "full_migration")
+    assert refused.exit_code == 1, refused.output
+    assert ("[FAIL] trigger_uses_key public.users.id: trigger users_lower_id on public.users "
+            "(BEFORE INSERT FOR EACH ROW, function public.lower_id()) names id in its "
+            "function's body") in refused.output
+    assert "review the body for text operations on id" in refused.output
+    assert print_of(legacy_db, include_backup=True) == before
+    accepted = run_ok(legacy_db, "full_migration", "--allow-triggers")
+    assert ("warning: public.users.id: trigger users_lower_id on public.users (BEFORE INSERT "
+            "FOR EACH ROW, function public.lower_id()) names id") in accepted.output
+
+
+def test_a_generated_column_on_a_key_is_refused_by_name(legacy_db: str) -> None:
+    seeded(legacy_db, "ALTER TABLE journal_entries ADD COLUMN user_key text "
+                      "GENERATED ALWAYS AS (upper(user_id)) STORED")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    assert ("blocker public.journal_entries.user_id: generated column user_key depends on "
+            "the column") in result.output
+    assert print_of(legacy_db, include_backup=True) == before
+
+
+def test_every_blocker_of_every_column_is_named_in_one_refusal(legacy_db: str) -> None:
+    seeded(legacy_db, UPDATED_AT,
+           "ALTER TABLE users ADD CONSTRAINT users_id_length CHECK (length(id) = 36)",
+           "ALTER TABLE reminders ENABLE ROW LEVEL SECURITY;"
+           "CREATE POLICY own_reminders ON reminders USING (user_id = current_user)",
+           "CREATE POLICY tagged_users ON tags USING "
+           "(EXISTS (SELECT 1 FROM users u WHERE u.id = user_id AND u.is_active))",
+           "ALTER TABLE journal_entries ADD COLUMN user_key text "
+           "GENERATED ALWAYS AS (upper(user_id)) STORED")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    for line in (
+            "[FAIL] blocker public.users.id: constraint users_id_length depends on the column",
+            "[FAIL] blocker public.users.id: policy tagged_users on public.tags depends on "
+            "the column",
+            "[FAIL] blocker public.reminders.user_id: policy own_reminders depends on the column",
+            "[FAIL] blocker public.journal_entries.user_id: generated column user_key depends "
+            "on the column",
+            "[FAIL] trigger_fires public.users.id: trigger users_updated_at on public.users"):
+        assert line in result.output
+    assert ("[FAIL] blocker public.tags.user_id: policy tagged_users depends on the column"
+            in result.output)
+    assert "6 problem(s) found" in result.output
+    assert print_of(legacy_db, include_backup=True) == before
+
+
+def test_a_rule_on_update_of_a_plan_table_is_refused(legacy_db: str) -> None:
+    """The fill's batch is an UPDATE inside a WITH, which no rule may rewrite."""
+    seeded(legacy_db, "CREATE TABLE tag_changes (name text);"
+                      "CREATE RULE log_tag_change AS ON UPDATE TO tags "
+                      "DO ALSO INSERT INTO tag_changes VALUES (NEW.name)")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    assert ("[FAIL] rule_fires public.tags.user_id: rule log_tag_change on public.tags "
+            "rewrites the fill's UPDATE") in result.output
+    assert print_of(legacy_db, include_backup=True) == before
+
+
+CLIENT_COLUMNS = ("ALTER TABLE tags ADD COLUMN client_id text, ADD COLUMN client_ref text;"
+                  "UPDATE tags SET client_id = 'web', client_ref = id")
+
+
+def spelled_twice(dsn: str) -> str:
+    """Two tags of one user, one spelling its id in upper case, both for a local
+    client (client columns NULL); the user's id."""
+    user = str(execute(dsn, "SELECT min(id) FROM users")[0][0])
+    execute(dsn, "INSERT INTO tags (user_id, name) VALUES (%s, 'local a'), (%s, 'local b')",
+            (user, user.upper()))
+    return user
+
+
+def test_rows_with_a_null_in_a_nulls_distinct_unique_index_do_not_collide(
+        legacy_no_fk_db: str) -> None:
+    seeded(legacy_no_fk_db, CLIENT_COLUMNS, "CREATE UNIQUE INDEX tags_consent "
+                                            "ON tags (user_id, client_id, client_ref)")
+    user = spelled_twice(legacy_no_fk_db)
+    run_ok(legacy_no_fk_db, "full_migration")
+    assert execute(legacy_no_fk_db, "SELECT count(*) FROM tags WHERE user_id = %s "
+                                    "AND client_id IS NULL AND client_ref IS NULL",
+                   (user,)) == [(2,)]
+
+
+def test_a_nulls_not_distinct_unique_index_collides_on_nulls(legacy_no_fk_db: str) -> None:
+    seeded(legacy_no_fk_db, CLIENT_COLUMNS, "CREATE UNIQUE INDEX tags_consent "
+                                            "ON tags (user_id, client_id, client_ref) "
+                                            "NULLS NOT DISTINCT")
+    user = spelled_twice(legacy_no_fk_db)
+    before = print_of(legacy_no_fk_db, include_backup=True)
+    result = operate(legacy_no_fk_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    assert ("collision public.tags.user_id: 1 group(s) of rows become equal on "
+            "(user_id, client_id, client_ref)") in result.output
+    assert f"user_id=[{user.upper()!r}, {user!r}]" in result.output
+    assert print_of(legacy_no_fk_db, include_backup=True) == before
+
+
+@pytest.mark.parametrize("second", ["other", "local b"], ids=["outside", "inside"])
+def test_a_partial_unique_index_constrains_only_the_rows_it_covers(
+        legacy_no_fk_db: str, second: str) -> None:
+    """The second spelling of one user's id on a row the index leaves out, or covers."""
+    outside = second == "other"
+    seeded(legacy_no_fk_db, CLIENT_COLUMNS, "CREATE UNIQUE INDEX tags_one_local "
+                                            "ON tags (user_id) WHERE client_id IS NULL "
+                                            "AND name LIKE 'local%%'")  # % escaped for psycopg2
+    user = str(execute(legacy_no_fk_db, "SELECT min(id) FROM users")[0][0])
+    execute(legacy_no_fk_db, "INSERT INTO tags (user_id, name) VALUES (%s, 'local a'), "
+                             "(%s, %s)", (user, user.upper(), second))
+    result = operate(legacy_no_fk_db, "validate_schema")
+    assert result.exit_code == (0 if outside else 1), result.output
+    assert ("collision public.tags.user_id" in result.output) is not outside
