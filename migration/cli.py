@@ -119,8 +119,6 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
               "before it is retried with backoff.")
 @click.option("--force", is_flag=True, help="cleanup_backup: drop the backup without a "
               "passing validate_migration, or with quarantined rows in it (logged).")
-@click.option("--keep-changes", is_flag=True, help="rollback: keep rows written after the "
-              "backup (their ids as canonical text) instead of refusing.")
 @click.option("--allow-triggers", is_flag=True, help="Accept application triggers that "
               "the fill of the uuid columns fires (when the role may not set "
               "session_replication_role) or whose bodies use the key column; they are named "
@@ -160,7 +158,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     settings = Settings(batch_size=options["batch_size"],
                         lock_timeout_ms=options["lock_timeout_ms"],
                         orphans=options["orphans"], force=options["force"],
-                        keep_changes=options["keep_changes"], jobs=options["jobs"],
+                        jobs=options["jobs"],
                         allow_triggers=options["allow_triggers"],
                         show_progress=not options["quiet"])
     try:

@@ -33,7 +33,6 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
 from migration import backup, catalog
-from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -59,10 +58,11 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
     """
     with session.transaction() as cur:
         bounds = slice_bounds(cur, key, session.settings.jobs)
+        copy_type = sql.SQL(backup.saved_column(cur, key).type) if key.back else key.copy_type
 
     def work(cur: Cursor) -> None:
-        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} uuid").format(
-            key.table.ident, sql.Identifier(key.temp)))
+        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+            key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL(
             "CREATE TRIGGER {} BEFORE INSERT OR UPDATE OF {} ON {} FOR EACH ROW "
             "EXECUTE FUNCTION {}({}, {})").format(
@@ -142,7 +142,7 @@ def batch_statement(key: KeyColumn, pk: list[str], *, first: bool,
         ), upper AS (
             SELECT {pk} FROM batch ORDER BY {descending} LIMIT 1
         ), done AS (
-            UPDATE {table} x SET {temp} = ({source})::uuid
+            UPDATE {table} x SET {temp} = ({source})::{copy_type}
             WHERE {x_after} AND {x_pk} <= {upper}
             RETURNING 1
         ), counted AS (
@@ -157,7 +157,7 @@ def batch_statement(key: KeyColumn, pk: list[str], *, first: bool,
         """
     ).format(pk=column_list(pk), table=key.table.ident,
              within=sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true"),
-             descending=descending, temp=sql.Identifier(key.temp),
+             descending=descending, temp=sql.Identifier(key.temp), copy_type=key.copy_type,
              source=sql.Identifier("x", key.column), x_after=x_after, x_pk=row_of(pk, "x"),
              upper=upper, progress=backup.meta("backfill_progress"))
 
@@ -262,10 +262,9 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     does it all, slice after slice.
     """
     for key in keys:
-        if catalog.column_state(session.conn, key) is ColumnState.STRING:
+        if catalog.column_info(session.conn, key.table, key.temp) is None:
             add_temporary_column(session, key)
-    rows = {key: catalog.estimated_rows(session.conn, key.table) for key in keys
-            if catalog.column_state(session.conn, key) is ColumnState.BACKFILLING}
+    rows = {key: catalog.estimated_rows(session.conn, key.table) for key in keys}
     parts = sorted((part for key in rows for part in slices_of(session, key)),
                    key=lambda p: -rows[p.key] * p.share)
     session.conn.rollback()  # no snapshot held open on this connection while they work
@@ -324,8 +323,7 @@ def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
     temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
     with session.transaction() as cur:
         not_null = backup.saved_column(cur, key).not_null
-    proofs = {key.helper("filled"): sql.SQL("{} IS NOT DISTINCT FROM ({})::uuid").format(
-        temp, column)}
+    proofs = {key.helper("filled"): key.same_value(temp, column)}
     if not_null:
         proofs[key.helper("not_null")] = sql.SQL("{} IS NOT NULL").format(temp)
     for name, condition in proofs.items():
@@ -353,10 +351,11 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
         cur.execute("SET LOCAL statement_timeout = 0")
         for setting in fill_settings(session):
             cur.execute(setting)
-        cur.execute(sql.SQL("UPDATE {table} SET {temp} = ({column})::uuid "
-                            "WHERE {temp} IS DISTINCT FROM ({column})::uuid").format(
-            table=key.table.ident, temp=sql.Identifier(key.temp),
-            column=sql.Identifier(key.column)))
+        temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
+        cur.execute(sql.SQL("UPDATE {table} SET {temp} = ({column})::{copy_type} "
+                            "WHERE NOT {same}").format(
+            table=key.table.ident, temp=temp, column=column, copy_type=key.copy_type,
+            same=key.same_value(temp, column)))
         missed = cur.rowcount
         session.log.progress(cur, run_id, missed)
     logger.warning("%s: %s rows were missed by the batches (their primary key changed while "

@@ -28,7 +28,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from migration import catalog, sqlexpr
-from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
+from migration.catalog import ForeignKeyDef, IndexDef
 from migration.connection import Connection
 from migration.convert import validate_constraint
 from migration.errors import MigrationError
@@ -57,14 +57,11 @@ class ShadowIndex:
 
 @dataclass(frozen=True)
 class ShadowForeignKey:
-    """A foreign key to the parent key, and the name of its copy between the uuid columns."""
+    """A foreign key to the parent key, and the name of its copy between the copies."""
 
     original: ForeignKeyDef
     name: str
-
-    @property
-    def child(self) -> KeyColumn:
-        return KeyColumn(self.original.table, self.original.column)
+    child: KeyColumn  # the referencing column, going the same way as the parent
 
 
 def shadow_indexes(conn: Connection, key: KeyColumn) -> list[ShadowIndex]:
@@ -73,7 +70,8 @@ def shadow_indexes(conn: Connection, key: KeyColumn) -> list[ShadowIndex]:
 
 
 def shadow_foreign_keys(conn: Connection, plan: Plan) -> list[ShadowForeignKey]:
-    return [ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name))
+    return [ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name),
+                             KeyColumn(fk.table, fk.column, back=plan.parent.back))
             for fk in catalog.foreign_keys_to(conn, plan.parent)]
 
 
@@ -163,10 +161,10 @@ def _add_locked(cur: Cursor, tables: tuple[sql.Identifier, ...],
 
 
 def stage(conn: Connection, key: KeyColumn, plan: Plan) -> str:
-    """Where the column stands: string, filling, proven, indexed, referenced or uuid."""
-    state = catalog.column_state(conn, key)
-    if state is not ColumnState.BACKFILLING:
-        return str(state)
+    """Where the column stands: string, filling, proven, indexed, referenced or uuid (on the
+    way back too: a uuid column whose string copy is filling, proven, ...)."""
+    if catalog.column_info(conn, key.table, key.temp) is None:
+        return str(catalog.column_state(conn, key))
     if not catalog.constraint_validity(conn, key.table, key.helper("filled")):
         return "filling"
     if not all(catalog.index_validity(conn, key.table, shadow.name)

@@ -3,12 +3,14 @@ objects the engine creates beside them."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 
 from psycopg2 import sql
 
 TEMP_SUFFIX = "_uuid"
+BACK_SUFFIX = "_text"
 
 
 @dataclass(frozen=True, order=True)
@@ -26,15 +28,36 @@ class Table:
 
 @dataclass(frozen=True, order=True)
 class KeyColumn:
-    """A string column holding UUIDs, to be converted to ``uuid``."""
+    """A string column holding UUIDs, to be converted to ``uuid``.
+
+    ``back`` is the same column on its way back to its string type (the
+    rollback after the swap): the same engine, filling a string copy.
+    """
 
     table: Table
     column: str
+    back: bool = False
 
     @property
     def temp(self) -> str:
-        """The temporary uuid column the runbook fills before the swap (``id_uuid``)."""
-        return self.column + TEMP_SUFFIX
+        """The temporary column filled before the swap: the runbook's ``id_uuid``, or on
+        the way back ``id_text``."""
+        return self.column + (BACK_SUFFIX if self.back else TEMP_SUFFIX)
+
+    def reversed(self) -> KeyColumn:
+        return dataclasses.replace(self, back=not self.back)
+
+    @property
+    def copy_type(self) -> sql.Composable:
+        """What a value of the column is cast to for its copy."""
+        return sql.SQL("text" if self.back else "uuid")
+
+    def same_value(self, copy: sql.Composable, column: sql.Composable) -> sql.Composable:
+        """True where the copy holds the column's value: the uuid of the string, or on the
+        way back a string (any spelling) of the uuid."""
+        if self.back:
+            return sql.SQL("({})::uuid IS NOT DISTINCT FROM {}").format(copy, column)
+        return sql.SQL("{} IS NOT DISTINCT FROM ({})::uuid").format(copy, column)
 
     def helper(self, kind: str) -> str:
         """Names of the engine's temporary objects for this column (``sync``

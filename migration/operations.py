@@ -279,7 +279,7 @@ def _stage(session: Session) -> str:
 
 
 def rollback_operation(session: Session, run_id: int) -> Outcome:
-    result = rollback.rollback(session)
+    result = rollback.rollback(session, run_id)
     return Outcome(result.message, rows=result.rows, details=result.details)
 
 

@@ -7,6 +7,7 @@ that point at the parent key join the plan, so nothing that references
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 from migration.catalog import foreign_keys_to
@@ -38,6 +39,13 @@ class Plan:
         for key in self.columns:
             seen.setdefault(key.table, None)
         return tuple(seen)
+
+    def reversed(self) -> Plan:
+        """The same columns on their way back to their string types."""
+        return dataclasses.replace(
+            self, parent=self.parent.reversed(),
+            children=tuple(key.reversed() for key in self.children),
+            discovered=tuple(key.reversed() for key in self.discovered))
 
     @property
     def schema(self) -> str:

@@ -17,14 +17,14 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, expand
+from migration import backup, catalog, convert, expand, swap
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
 from migration.preflight import orphan_condition
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
-from migration.sqlexpr import column_list
+from migration.sqlexpr import column_list, prepare_uuid_checker, uuid_of
 
 
 def quarantine(session: Session, cur: Cursor, *, key: KeyColumn) -> int:
@@ -123,44 +123,6 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
     return findings
 
 
-def _drop_helpers(cur: Cursor, key: KeyColumn) -> None:
-    cur.execute(sql.SQL("DROP TRIGGER IF EXISTS {} ON {}").format(
-        sql.Identifier(key.helper("sync")), key.table.ident))
-    for check in ("filled", "not_null"):
-        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT IF EXISTS {}").format(
-            key.table.ident, sql.Identifier(key.helper(check))))
-    cur.execute(sql.SQL("ALTER TABLE {} DROP COLUMN IF EXISTS {}").format(
-        key.table.ident, sql.Identifier(key.temp)))
-
-
-def _restore_type(cur: Cursor, key: KeyColumn) -> None:
-    """uuid back to the recorded string type and default (indexes follow the type)."""
-    saved = backup.saved_column(cur, key)
-    column = sql.Identifier(key.column)
-    cur.execute(sql.SQL("ALTER TABLE {t} ALTER COLUMN {c} DROP DEFAULT, "
-                        "ALTER COLUMN {c} TYPE {type} USING ({c})::text").format(
-        t=key.table.ident, c=column, type=sql.SQL(saved.type)))  # type as format_type printed
-    if saved.default is not None:
-        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-            key.table.ident, column, sql.SQL(saved.default)))
-
-
-def _respell(cur: Cursor, table: Table, keys: list[KeyColumn], pk: list[str]) -> int:
-    """Give each key its original spelling from the backup, where it denotes the same UUID."""
-    names = [k.column for k in keys]
-    assignments = sql.SQL(", ").join(
-        sql.SQL("{c} = CASE WHEN l.{c} = ((b.{c})::uuid)::text THEN b.{c} ELSE l.{c} END").format(
-            c=sql.Identifier(c)) for c in names)
-    join = sql.SQL(" AND ").join(
-        sql.SQL("l.{p} = ((b.{p})::uuid)::text" if p in names else "l.{p} = b.{p}").format(
-            p=sql.Identifier(p)) for p in pk)
-    differs = sql.SQL(" OR ").join(
-        sql.SQL("l.{c} IS DISTINCT FROM b.{c}").format(c=sql.Identifier(c)) for c in names)
-    cur.execute(sql.SQL("UPDATE {t} l SET {set} FROM {b} b WHERE {join} AND ({differs})").format(
-        t=table.ident, set=assignments, b=backup.backup_name(table), join=join, differs=differs))
-    return int(cur.rowcount)
-
-
 def _restore_quarantine(cur: Cursor, table: Table) -> int:
     target = backup.quarantine_name(table)
     if not catalog.relation_exists(cur.connection, target):
@@ -183,7 +145,7 @@ def _checksums_match(cur: Cursor) -> list[str]:
             != (count, checksum)]
 
 
-def rollback(session: Session) -> RollbackResult:
+def rollback(session: Session, run_id: int) -> RollbackResult:
     with session.transaction() as cur:
         states = [catalog.column_state(cur.connection, key) for key in session.plan.columns]
         has_backup = backup.exists(cur)
@@ -202,13 +164,7 @@ def rollback(session: Session) -> RollbackResult:
     with session.transaction() as cur:
         changes = changed_rows(cur, session)
     session.conn.rollback()
-    if changes and not session.settings.keep_changes:
-        raise MigrationError(
-            "rollback refused, nothing was changed: rows changed after the backup would be lost",
-            hint="stop the application; rerun with --keep-changes to keep those rows",
-            findings=changes)
-    return session.ddl("rollback", partial(_rollback, session=session,
-                                           keeping_changes=bool(changes)))
+    return revert(session, run_id, changes)
 
 
 def discard(session: Session) -> RollbackResult:
@@ -237,51 +193,86 @@ def discard(session: Session) -> RollbackResult:
         details={"dropped": dropped, "restored": restored})
 
 
-def _rollback(cur: Cursor, *, session: Session, keeping_changes: bool) -> RollbackResult:
-    conn = cur.connection
-    cur.execute("SET LOCAL statement_timeout = 0")  # type changes rewrite whole tables
-    grouped = _keys_by_table(session)
-    for table in sorted(grouped):
-        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
-    for key in session.plan.columns:  # every FK among the plan's columns, as it is now
-        for fk in catalog.foreign_keys_from(conn, key):
-            cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-                fk.table.ident, sql.Identifier(fk.name)))
-    session.point("rollback")
-    respelled = restored = 0
-    for table, keys in grouped.items():
-        pk = _primary_key(cur, table, keys)
-        converted = [k for k in keys if catalog.column_state(conn, k) is ColumnState.UUID]
-        for key in keys:
-            _drop_helpers(cur, key)
-        for key in converted:
-            _restore_type(cur, key)
-        if converted:
-            respelled += _respell(cur, table, converted, pk)
-        restored += _restore_quarantine(cur, table)
-        session.point("rollback")
-    for key in session.plan.columns:
-        for index in backup.saved_indexes(cur, key):
-            backup.restore_index(cur, index)
-    for fk in backup.saved_foreign_keys(cur):
-        cur.execute("SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                    "AND conname = %s", (catalog.regclass(fk.table), fk.name))
-        if cur.fetchone() is None:
-            cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-                fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
-    cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
-    session.point("rollback")
-    differing = _checksums_match(cur)
-    if differing and not keeping_changes:
-        raise MigrationError(f"rollback undone: {', '.join(differing)} would not match the backup",
-                             hint="nothing was changed; report this with the log file")
-    message = (f"rolled back to the backup: {respelled:,} ids respelled, "
-               f"{restored:,} quarantined rows restored")
-    if keeping_changes:
-        message += "; rows changed after the backup were kept"
-    return RollbackResult(message, rows=respelled + restored,
+def revert(session: Session, run_id: int, changes: list[Finding]) -> RollbackResult:
+    """Rollback after the swap: the same engine run the other way.
+
+    A string copy of each key column is filled in batches (canonical text),
+    then given each row's original spelling from the backup where the row
+    still holds the same UUID; it is proven, its indexes and foreign keys are
+    built beside it, and one short swap puts the string columns back.  The
+    application's rows written since the backup are kept (with canonical
+    text where they have no original); ``changes`` are those rows, reported.
+    Interrupted, it resumes like the migration does.
+    """
+    plan = session.plan.reversed()
+    rows = convert.fill(session, plan.columns, run_id)
+    respelled = sum(respell(session, key) for key in plan.columns)
+    for key in plan.columns:
+        convert.prove_filled(session, key, run_id)
+    for key in plan.columns:
+        expand.build_indexes(session, key)
+    expand.reference(session, plan)
+    swap.swap(session, plan)
+    for key in plan.columns:
+        convert.refresh_statistics(session, key)
+    restored = sum(session.ddl(f"restore quarantine of {table}",
+                               partial(_restore_quarantine, table=table))
+                   for table in plan.tables)
+    with session.transaction("rollback") as cur:
+        cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
+        differing = _checksums_match(cur) if not changes else []
+    if differing:
+        raise MigrationError(
+            f"rolled back to the string columns, but {', '.join(differing)} differ from the "
+            "backup although the application changed nothing since it",
+            hint=f"the backup is kept in {backup.SCHEMA}: compare the tables with it, and "
+                 "report this with the log file")
+    message = (f"rolled back to the string columns: {rows:,} rows filled, {respelled:,} ids "
+               f"given their original spelling, {restored:,} quarantined rows restored")
+    changed = sum(finding.count or 0 for finding in changes)
+    if changed:
+        message += f"; {changed:,} row(s) the application changed since the backup were kept"
+    return RollbackResult(message, rows=rows + restored,
                           details={"respelled": respelled, "restored": restored,
-                                   "kept_changes": keeping_changes})
+                                   "kept_changes": changed})
+
+
+def respell(session: Session, key: KeyColumn) -> int:
+    """Give each row's string copy its original spelling from the backup, where the row
+    still holds the same UUID; rows updated.
+
+    Only the backup's non-canonical spellings are read back (canonical ones
+    are what the fill wrote already), each row found by its primary key.
+    """
+    pk = catalog.primary_key(session.conn, key.table)
+    converted = {k.column for k in session.plan.columns if k.table == key.table}
+    session.conn.rollback()
+    with session.transaction(f"respell {key}") as cur:
+        cur.execute("SET LOCAL statement_timeout = 0")
+        for setting in convert.fill_settings(session):
+            cur.execute(setting)
+        prepare_uuid_checker(cur)
+        conn = cur.connection
+
+        keys = [f"k{i}" for i in range(len(pk))]  # the key column may be part of the pk
+        join = sql.SQL(" AND ").join(
+            sql.SQL("x.{} = {}").format(
+                sql.Identifier(p), uuid_of(conn, sql.Identifier("s", k)) if p in converted
+                else sql.Identifier("s", k)) for p, k in zip(pk, keys, strict=True))
+        column = sql.Identifier(key.column)
+        cur.execute(sql.SQL(
+            """
+            WITH spelled ({keys}, spelling) AS MATERIALIZED (
+                SELECT {pk}, {column} FROM {backup}
+                WHERE {column} IS NOT NULL AND ({parsed})::text IS DISTINCT FROM {column}
+            )
+            UPDATE {table} x SET {temp} = s.spelling FROM spelled s
+            WHERE {join} AND x.{column} = {original} AND x.{temp} IS DISTINCT FROM s.spelling
+            """).format(keys=column_list(keys), pk=column_list(pk), column=column,
+                        backup=backup.backup_name(key.table), parsed=uuid_of(conn, column),
+                        table=key.table.ident, temp=sql.Identifier(key.temp), join=join,
+                        original=uuid_of(conn, sql.Identifier("s", "spelling"))))
+        return int(cur.rowcount)
 
 
 def _primary_key(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[str]:

@@ -38,7 +38,6 @@ class Settings:
     ddl_attempts: int = 6
     orphans: str = "abort"  # or "quarantine"
     force: bool = False
-    keep_changes: bool = False  # rollback: keep rows written after the migration
     show_progress: bool = True
     jobs: int = 2  # connections filling temporary columns at once, one slice each
     allow_triggers: bool = False  # the fill may fire application triggers (see preflight)

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog
+from migration import backup, catalog
 from migration.connection import Connection
 from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
@@ -61,14 +61,15 @@ def not_ready(session: Session, plan: Plan) -> list[str]:
 
 
 def swap(session: Session, plan: Plan) -> None:
-    """The parent key and all its children to uuid, in one short transaction."""
+    """The parent key and all its children to uuid (or back), in one short transaction."""
     waiting = not_ready(session, plan)
     if waiting:
         raise MigrationError("the swap needs every column expanded: " + ", ".join(waiting),
                              hint="run migrate_users, then migrate_foreign_keys")
     session.ddl("swap", lambda cur: _swap(cur, session, plan))
-    logger.info("%s and %s column(s) referring to it swapped to uuid", plan.parent,
-                len(plan.children))
+    logger.info("%s and %s column(s) referring to it swapped %s", plan.parent,
+                len(plan.children), "back to their string types" if plan.parent.back
+                else "to uuid")
 
 
 def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
@@ -122,7 +123,9 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(table, name))
         execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             table, sql.Identifier(key.helper("not_null"))))
-    if column.info.default is not None:
+    if key.back:
+        _recorded_default(cur, key)
+    elif column.info.default is not None:
         converted_default(cur, key, column.info.default)
     for grant in column.grants:
         execute(grant_statement(key, grant))
@@ -134,6 +137,14 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
     if column.replica_identity in {index.original.name for index in column.indexes}:
         execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
             table, sql.Identifier(column.replica_identity or "")))
+
+
+def _recorded_default(cur: Cursor, key: KeyColumn) -> None:
+    """On the way back, the string column's default as the backup recorded it."""
+    default = backup.saved_column(cur, key).default
+    if default is not None:  # as pg_get_expr printed it at backup time
+        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+            key.table.ident, sql.Identifier(key.column), sql.SQL(default)))
 
 
 def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
