@@ -306,12 +306,22 @@ def server_version(conn: Connection) -> int:
 
 
 def estimated_rows(conn: Connection, table: Table) -> int:
-    """The planner's row estimate (pg_class.reltuples): free, for progress and ordering."""
+    """The planner's row estimate (pg_class.reltuples): free, for progress and ordering.
+
+    A table never analyzed has none (reltuples -1, or 0 on no pages before
+    PostgreSQL 14), as right after pg_restore: it is counted instead.
+    """
     with conn.cursor() as cur:
-        cur.execute("SELECT greatest(reltuples, 0)::bigint FROM pg_class "
+        cur.execute("SELECT CASE WHEN reltuples < 0 OR (relpages = 0 AND reltuples <= 0) "
+                    "THEN NULL ELSE reltuples::bigint END FROM pg_class "
                     "WHERE oid = to_regclass(%s)", (regclass(table),))
         row = cur.fetchone()
-    return int(row[0]) if row else 0
+        if row is None:
+            return 0
+        if row[0] is not None:
+            return int(row[0])
+        cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
+        return int((cur.fetchone() or [0])[0])
 
 
 @dataclass(frozen=True)

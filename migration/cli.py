@@ -20,6 +20,7 @@ from typing import Any
 
 import click
 import psycopg2
+import psycopg2.errors
 
 from migration.connection import ConnectError, redact_dsn
 from migration.errors import MigrationError
@@ -114,9 +115,14 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> 
               show_default=True,
               help="migrate_foreign_keys: refuse on rows referring to no user, or move them "
                    "to migration_backup (rollback restores them).")
-@click.option("--lock-timeout", "lock_timeout_ms", default=3000, show_default=True,
+@click.option("--lock-timeout", "lock_timeout_ms", default=100, show_default=True,
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
-              "before it is retried with backoff.")
+              "before it is retried with backoff (the application's queries queue behind "
+              "it that long at most).")
+@click.option("--statement-timeout", "statement_timeout_ms", default=300_000,
+              show_default=True, type=click.IntRange(min=0),
+              help="Milliseconds an ordinary statement may run (0: no limit); the steps "
+                   "that read or rewrite whole tables are not limited.")
 @click.option("--force", is_flag=True, help="cleanup_backup: drop the backup without a "
               "passing validate_migration, or with quarantined rows in it (logged).")
 @click.option("--allow-triggers", is_flag=True, help="Accept application triggers that "
@@ -157,6 +163,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
         raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
     settings = Settings(batch_size=options["batch_size"],
                         lock_timeout_ms=options["lock_timeout_ms"],
+                        statement_timeout_ms=options["statement_timeout_ms"],
                         orphans=options["orphans"], force=options["force"],
                         jobs=options["jobs"],
                         allow_triggers=options["allow_triggers"],
@@ -173,6 +180,11 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     except ConnectError as exc:
         _print_error(str(exc), "check the URL, the server and the credentials", [], fmt)
         ctx.exit(EXIT_USAGE)
+    except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but no connection lost
+        _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
+                     "nothing of the failed step was committed; run it again, with a longer "
+                     "--statement-timeout if a statement ran out of time (0: no limit)", [], fmt)
+        ctx.exit(EXIT_REFUSED)
     except psycopg2.OperationalError as exc:
         logger.error("%s: connection lost: %s", operation, redact_dsn(str(exc)))
         _print_error(f"{operation}: the connection was lost: {redact_dsn(str(exc)).strip()}",

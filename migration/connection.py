@@ -6,7 +6,9 @@ uses :func:`redact_dsn`.
 
 from __future__ import annotations
 
+import os
 import re
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TypeAlias
@@ -17,6 +19,10 @@ import psycopg2.extensions
 Connection: TypeAlias = psycopg2.extensions.connection
 
 APPLICATION_NAME = "uuid-migration"
+# The engine's application_name: which process on which host a backend works
+# for, so that a rerun can tell a run whose client was killed from one still
+# going.  The server keeps 63 bytes of it; the host name comes last.
+_CLIENT_NAME = re.compile(r"uuid-migration pid ([0-9]+) on .*")
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@]*@")
 _KV_PASSWORD = re.compile(r"(password\s*=\s*)('(?:[^'\\]|\\.)*'|\S+)", re.IGNORECASE)
@@ -43,20 +49,40 @@ def describe_dsn(dsn: str) -> str:
     return f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}"
 
 
+def engine_application_name(pid: int | None = None) -> str:
+    """``uuid-migration pid 1234 on host``, as the server will show it (63 bytes, ASCII)."""
+    name = f"{APPLICATION_NAME} pid {os.getpid() if pid is None else pid} on {socket.gethostname()}"
+    return name.encode("ascii", "replace").decode("ascii")[:63]
+
+
+def client_pid(application_name: str) -> int | None:
+    """The client pid an engine application_name names; None for any other client."""
+    match = _CLIENT_NAME.fullmatch(application_name)
+    return None if match is None else int(match[1])
+
+
+def lift_statement_timeout(cur: psycopg2.extensions.cursor) -> None:
+    """No statement timeout for the rest of this transaction: for a step that reads or
+    rewrites a whole table, whose time grows with the table, not with a runaway query."""
+    cur.execute("SET LOCAL statement_timeout = 0")
+
+
 def connect(
     dsn: str,
     *,
-    application_name: str = APPLICATION_NAME,
+    application_name: str | None = None,
     readonly: bool = False,
     autocommit: bool = False,
 ) -> Connection:
     """Open a connection with the tool's session settings.
 
     ``readonly`` makes every transaction of the session read-only on the
-    server side, so a read-only command cannot write even by mistake.
+    server side, so a read-only command cannot write even by mistake.  The
+    application_name defaults to :func:`engine_application_name`.
     """
     try:
-        conn = psycopg2.connect(dsn, application_name=application_name, connect_timeout=10)
+        conn = psycopg2.connect(dsn, application_name=application_name or engine_application_name(),
+                                connect_timeout=10)
     except psycopg2.OperationalError as exc:
         raise ConnectError(
             f"cannot connect to {describe_dsn(dsn)}: {redact_dsn(str(exc)).strip()}"

@@ -8,6 +8,7 @@ transaction of the operation's last change: a crash can never leave a
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime
@@ -24,6 +25,12 @@ from migration.connection import Connection
 LOG_TABLE = "migration_log"
 DEFAULT_LOG_FILE = Path("logs/migration/data_migration.log")
 logger = logging.getLogger("migration")
+
+
+def as_json(value: Any) -> Json:
+    """``value`` as a jsonb parameter; dates, times, Decimals, UUIDs and any other value
+    JSON has no type for are written as their text (a sample's primary key may hold any)."""
+    return Json(value, dumps=lambda obj: json.dumps(obj, default=str))
 
 
 def setup_file_log(path: Path | None) -> None:
@@ -90,7 +97,7 @@ class OperationLog:
             cur.execute(
                 sql.SQL("INSERT INTO {} (operation, status, details) "
                         "VALUES (%s, 'running', %s) RETURNING id").format(self.table),
-                (operation, Json(details)),
+                (operation, as_json(details)),
             )
             row = cur.fetchone()
             assert row is not None
@@ -117,7 +124,7 @@ class OperationLog:
             sql.SQL("UPDATE {} SET status = %s, completed_at = clock_timestamp(), "
                     "rows_processed = %s, message = %s, details = details || %s "
                     "WHERE id = %s").format(self.table),
-            (status, rows, message, Json(details), run_id),
+            (status, rows, message, as_json(details), run_id),
         )
         level = logging.INFO if status == "completed" else logging.ERROR
         logger.log(level, "run %s %s: %s", run_id, status, message)

@@ -22,7 +22,7 @@ from migration.catalog import ColumnState
 from migration.log import logger
 from migration.model import KeyColumn
 from migration.report import SAMPLE_LIMIT, Finding, Status
-from migration.session import Session
+from migration.session import Session, lift_statement_timeout
 from migration.sqlexpr import UuidReader, column_list, is_uuid, prepare_uuid_checker, reader
 
 
@@ -302,6 +302,7 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
     findings: list[Finding] = []
     readers: dict[KeyColumn, UuidReader] = {}
     with session.transaction() as cur:
+        lift_statement_timeout(cur)  # counts and scans of whole tables
         prepare_uuid_checker(cur)
 
         def read(key: KeyColumn) -> UuidReader:

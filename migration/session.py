@@ -8,6 +8,8 @@ politely for a busy table instead of queueing every other query behind it.
 
 from __future__ import annotations
 
+import os
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +20,9 @@ from typing import TypeVar
 import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
 
-from migration.connection import Connection, connect
+from migration import catalog
+from migration.connection import Connection, client_pid, connect, engine_application_name
+from migration.connection import lift_statement_timeout as lift_statement_timeout
 from migration.errors import MigrationError
 from migration.log import OperationLog, logger
 from migration.plan import Plan, build_plan
@@ -29,13 +33,20 @@ T = TypeVar("T")
 # Two int4 keys for pg_advisory_lock: "uuid" in ASCII, and the lock's purpose.
 ADVISORY_KEYS = (0x75756964, 1)
 
+# How often the server looks, during a statement, whether the client is still
+# there: a killed run's backend ends its statement and lets go of its locks.
+CLIENT_CHECK_INTERVAL = "1s"
+
 
 @dataclass(frozen=True)
 class Settings:
     batch_size: int = 1000
-    lock_timeout_ms: int = 3000
-    statement_timeout_ms: int = 300_000
-    ddl_attempts: int = 6
+    # Short: an application query queued behind a waiting DDL waits at most this long.
+    lock_timeout_ms: int = 100
+    statement_timeout_ms: int = 300_000  # 0: none
+    ddl_attempts: int = 30  # with the backoff below, about half a minute of retries
+    ddl_pause_cap_s: float = 2.0
+    dead_run_wait_s: float = 30.0  # for the run lock of a run whose client is gone
     orphans: str = "abort"  # or "quarantine"
     force: bool = False
     show_progress: bool = True
@@ -53,6 +64,34 @@ def _configure(conn: Connection, settings: Settings) -> None:
         # lifts it with SET LOCAL for its own transaction only.
         cur.execute("SELECT set_config('statement_timeout', %s, false)",
                     (str(settings.statement_timeout_ms),))
+        if conn.server_version >= 140000:
+            cur.execute("SELECT set_config('client_connection_check_interval', %s, false)",
+                        (CLIENT_CHECK_INTERVAL,))
+
+
+def ddl_pause(attempt: int, cap: float) -> float:
+    """The pause after a failed attempt: doubling from 100 ms up to ``cap``, its upper half
+    at random (jitter, so that retries do not fall into step with the application)."""
+    ceiling = min(0.05 * 2.0 ** attempt, cap)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def client_gone(application_name: str) -> bool:
+    """Does this application_name name an engine process of this host that no longer runs?
+
+    The name carries the host, so a pid is only looked up on the machine it
+    belongs to; a run on another host is never taken for dead.
+    """
+    pid = client_pid(application_name)
+    if pid is None or application_name != engine_application_name(pid):
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: only whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it exists, as another user's process
+        return False
+    return False
 
 
 class Session:
@@ -106,12 +145,18 @@ class Session:
 
     def lock_holder(self) -> str | None:
         """Who holds the run lock, other than this session; None when nobody does."""
+        holder = self._holder()
+        return None if holder is None else holder[0]
+
+    def _holder(self) -> tuple[str, str] | None:
+        """The run lock's holder, other than this session: its description and its
+        application_name; None when nobody holds it."""
         with self.conn.cursor() as cur:
             cur.execute(
                 """
                 SELECT format('pid %%s, user %%s, application %%L, client %%s, since %%s',
                               a.pid, a.usename, a.application_name, a.client_addr,
-                              a.backend_start)
+                              a.backend_start), a.application_name
                 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
                 WHERE l.locktype = 'advisory' AND l.granted AND l.pid <> pg_backend_pid()
                   AND l.classid = %s AND l.objid = %s AND l.database = (
@@ -121,19 +166,40 @@ class Session:
             )
             row = cur.fetchone()
         self.conn.rollback()
-        return None if row is None else str(row[0])
+        return None if row is None else (str(row[0]), str(row[1]))
 
-    def _lock(self) -> None:
+    def _try_lock(self) -> bool:
         with self.conn, self.conn.cursor() as cur:
             cur.execute("SELECT pg_try_advisory_lock(%s, %s)", ADVISORY_KEYS)
             row = cur.fetchone()
-        if row and row[0]:
-            return
-        raise MigrationError(
-            "another migration run holds the lock on this database "
-            f"({self.lock_holder() or 'a session that has just ended'})",
-            hint="wait for it to finish, or stop it, then run this command again",
-        )
+        return bool(row and row[0])
+
+    def _lock(self) -> None:
+        """Take the run lock, or refuse at once while another run holds it.
+
+        Only a run whose client process is gone (killed, say, in the middle of
+        an index build) is waited for, a bounded time: the server ends its
+        backend within ``CLIENT_CHECK_INTERVAL`` of its next check.
+        """
+        deadline = time.monotonic() + self.settings.dead_run_wait_s
+        waiting = False
+        while not self._try_lock():
+            description, application = self._holder() or ("a session that has just ended", "")
+            gone = client_gone(application)
+            if not gone or time.monotonic() >= deadline:
+                raise MigrationError(
+                    f"another migration run holds the lock on this database ({description})",
+                    hint=("its client process is gone but the server has not ended its "
+                          "backend; end it with pg_terminate_backend(pid), then run this "
+                          "command again" if gone else
+                          "wait for it to finish, or stop it, then run this command again"),
+                )
+            if not waiting:
+                logger.warning("the run lock is held by %s, whose client process is gone; "
+                               "waiting up to %.0f s for the server to end it",
+                               description, self.settings.dead_run_wait_s)
+                waiting = True
+            time.sleep(0.2)
 
     def point(self, label: str) -> None:
         """A named place where the engine is about to commit or has just run DDL.
@@ -170,29 +236,56 @@ class Session:
     def ddl(self, what: str, work: Callable[[Cursor], T]) -> T:
         """Run ``work`` in a transaction whose locks wait at most ``lock_timeout``.
 
-        When a lock cannot be had in time the transaction is rolled back and
-        tried again after a growing pause; other sessions are never blocked
-        behind us for longer than the timeout.
+        When a lock cannot be had in time, or the server broke a deadlock with
+        an application's transaction by cancelling ours, the transaction is
+        rolled back and tried again after a growing, jittered pause (so that
+        retries do not fall into step with the application's own); other
+        sessions are never blocked behind us for longer than the timeout.
         """
-        pause = 0.2
-        for attempt in range(1, self.settings.ddl_attempts + 1):
+        attempts = self.settings.ddl_attempts
+        for attempt in range(1, attempts + 1):
             try:
                 with self.transaction(what) as cur:
                     cur.execute("SET LOCAL lock_timeout = %s", (self.settings.lock_timeout_ms,))
                     return work(cur)
-            except psycopg2.errors.LockNotAvailable:
-                if attempt == self.settings.ddl_attempts:
+            except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DeadlockDetected) as exc:
+                reason = ("deadlock" if isinstance(exc, psycopg2.errors.DeadlockDetected)
+                          else "lock not granted")
+                if attempt == attempts:
+                    holders = "; ".join(self.lock_holders()) or "another session"
                     raise MigrationError(
                         f"{what}: could not lock the tables after {attempt} attempts "
-                        f"of {self.settings.lock_timeout_ms} ms",
-                        hint="another session holds a lock on them; stop the application "
-                             "(the runbook requires downtime) and run again",
+                        f"of {self.settings.lock_timeout_ms} ms ({reason})",
+                        hint=f"{holders} held a lock on them; run this command again "
+                             "(or with a longer --lock-timeout)",
                     ) from None
-                logger.warning("%s: lock not granted (attempt %s), retrying in %.1f s",
-                               what, attempt, pause)
+                pause = ddl_pause(attempt, self.settings.ddl_pause_cap_s)
+                logger.warning("%s: %s (attempt %s of %s), retrying in %.2f s",
+                               what, reason, attempt, attempts, pause)
                 time.sleep(pause)
-                pause = min(pause * 2, 5.0)
         raise AssertionError("unreachable")
+
+    def lock_holders(self) -> list[str]:
+        """Other sessions holding a lock on a table of the plan, as the operator should
+        know them."""
+        with self.conn.cursor() as cur:
+            cur.execute(
+                """
+                SELECT format('pid %%s (user %%s, application %%L, %%s, %%s since %%s)',
+                              a.pid, a.usename, a.application_name, a.state,
+                              string_agg(DISTINCT l.mode || ' on ' || l.relation::regclass,
+                                         ', '), a.xact_start)
+                FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
+                  AND l.relation IN (SELECT to_regclass(t) FROM unnest(%s::text[]) t)
+                GROUP BY a.pid, a.usename, a.application_name, a.state, a.xact_start
+                ORDER BY a.pid
+                """,
+                ([catalog.regclass(table) for table in self.plan.tables],),
+            )
+            rows = [text for (text,) in cur.fetchall()]
+        self.conn.rollback()
+        return rows
 
     def progress(self, label: str, total: int, *, resumed: int = 0) -> Progress:
         return Progress(label, total, resumed=resumed, enabled=self.settings.show_progress)

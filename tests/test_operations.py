@@ -10,6 +10,7 @@ import pytest
 from psycopg2 import sql
 
 from migration.connection import connect
+from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.rehearsal.fingerprint import expected_after_migration
 from migration.rehearsal.sandbox import Sandbox, schema_sql, with_credentials
@@ -23,6 +24,7 @@ from tests.operate import (
     execute,
     operate,
     print_of,
+    run_in_process,
     run_ok,
 )
 
@@ -344,21 +346,27 @@ def test_a_locked_table_makes_ddl_time_out_and_retry(legacy_db: str, tmp_path: P
         releaser.join()
         blocker.close()
     assert result.exit_code == 0, result.output
-    assert "lock not granted (attempt 1)" in log.read_text()  # it waited, then went on
+    assert "lock not granted (attempt 1 of 30)" in log.read_text()  # it waited, went on
 
 
 def test_a_lock_never_released_fails_cleanly(legacy_db: str) -> None:
+    """Three short attempts (the default is 30): the failure names who held the lock."""
     seeded(legacy_db, 5)
     run_ok(legacy_db, "backup_data")
-    blocker = connect(legacy_db, autocommit=False)
+    blocker = connect(legacy_db, application_name="the-application", autocommit=False)
+    blocker_pid = blocker.get_backend_pid()
     try:
         with blocker.cursor() as cur:
             cur.execute("LOCK TABLE users IN ACCESS SHARE MODE")
-        result = operate(legacy_db, "migrate_users", "--lock-timeout=20")
+        with pytest.raises(MigrationError) as failed:
+            run_in_process(legacy_db, "migrate_users", settings=Settings(
+                lock_timeout_ms=20, ddl_attempts=3, show_progress=False))
     finally:
         blocker.close()
-    assert result.exit_code == 1
-    assert "could not lock" in result.output
+    assert "could not lock" in failed.value.message
+    assert f"pid {blocker_pid} " in failed.value.hint
+    assert "'the-application'" in failed.value.hint
+    assert "stop the application" not in failed.value.hint
     assert column_types(legacy_db)["users.id"] == "character varying"
 
 
