@@ -20,6 +20,7 @@ from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
 from migration.log import LogEntry, logger
+from migration.model import KeyColumn
 from migration.report import Finding, Status, failures
 from migration.session import Session
 
@@ -216,6 +217,7 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
 def full_migration(session: Session, run_id: int) -> Outcome:
     """The five steps in order, each logged as its own operation, stopping at the first failure."""
     done: list[str] = []
+    rows = 0
     for name in ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
                  "validate_migration"):
         try:
@@ -228,13 +230,14 @@ def full_migration(session: Session, run_id: int) -> Outcome:
                      f"or --operation=rollback. {exc.hint}", findings=exc.findings) from None
         logger.info("%s: %s", name, outcome.message)
         done.append(name)
-    return Outcome("migration complete and validated: " + ", ".join(done))
+        if name in ("migrate_users", "migrate_foreign_keys"):
+            rows += outcome.rows  # the rows converted, as the steps count them
+    return Outcome("migration complete and validated: " + ", ".join(done), rows=rows)
 
 
 def status(session: Session) -> Outcome:
     """Where the migration stands, from the catalog and migration_log (reads only)."""
-    conn = session.conn
-    stages = {key: expand.stage(conn, key, session.plan) for key in session.plan.columns}
+    stages = _stages(session)
     lines = [f"{key}: {where}" for key, where in stages.items()]
     with session.transaction() as cur:
         has_backup = backup.exists(cur)
@@ -255,7 +258,7 @@ def status(session: Session) -> Outcome:
               f"{e.rows_processed:,} rows done)" for e in unfinished]
     lines.append("recent operations:")
     lines += [_log_line(e) for e in reversed(entries[:20])]
-    stage = f"{verb} {unfinished[0].operation}" if unfinished else _stage(session)
+    stage = f"{verb} {unfinished[0].operation}" if unfinished else _stage(stages)
     return Outcome(f"stage: {stage}\n" + "\n".join(lines), details={"stage": stage})
 
 
@@ -268,14 +271,28 @@ def _log_line(entry: LogEntry) -> str:
             f"{entry.rows_processed:>12,} rows  {first_line}")
 
 
-def _stage(session: Session) -> str:
-    stages = {key: expand.stage(session.conn, key, session.plan)
-              for key in session.plan.columns}
+def _stages(session: Session) -> dict[KeyColumn, str]:
+    """Each column's stage (``expand.stage``); a uuid column on its way back to its string
+    type says how far back it is."""
+    conn, plan = session.conn, session.plan
+    stages = {}
+    for key in plan.columns:
+        back = key.reversed()
+        stages[key] = (f"uuid, on its way back: {expand.stage(conn, back, plan.reversed())}"
+                       if catalog.column_info(conn, key.table, back.temp) is not None
+                       else expand.stage(conn, key, plan))
+    conn.rollback()
+    return stages
+
+
+def _stage(stages: dict[KeyColumn, str]) -> str:
     if all(where == ColumnState.UUID for where in stages.values()):
         return "migrated"
     if all(where == ColumnState.STRING for where in stages.values()):
         return "not migrated"
-    return "expanding (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"
+    going = "rolling back" if any("way back" in where for where in stages.values()) \
+        else "expanding"
+    return f"{going} (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"
 
 
 def rollback_operation(session: Session, run_id: int) -> Outcome:

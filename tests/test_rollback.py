@@ -22,6 +22,7 @@ import pytest
 from psycopg2 import sql
 
 from migration.cli import CRASH_VARIABLE
+from migration.model import Table, shadow_name
 from migration.rehearsal.fingerprint import Fingerprint, expected_after_migration
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
@@ -372,3 +373,38 @@ def test_rollback_keeps_the_rows_the_application_wrote_after_the_migration(
     assert execute(s.dsn, "SELECT count(*) FROM reminders WHERE id = %s", (gone,)) == [(0,)]
     after = print_of(s.dsn)
     assert after.schema == s.original.schema, "\n".join(s.original.diff(after))
+
+
+def test_rollback_before_the_swap_keeps_the_application_s_writes(
+        scenario: Callable[..., Scenario]) -> None:
+    """Before the swap the original columns were never touched: rollback drops what was
+    built beside them, and the application's writes in the meantime stay as they are."""
+    s = scenario()
+    _users(s)
+    new_id = execute(s.dsn, "INSERT INTO users (email) VALUES ('during@example.com') "
+                            "RETURNING id")[0][0]
+    execute(s.dsn, "INSERT INTO journal_entries (user_id, title) VALUES (%s, 'during')",
+            (new_id,))
+    [(gone,)] = execute(s.dsn, "DELETE FROM reminders WHERE id = (SELECT min(id) FROM reminders)"
+                               " RETURNING id")
+    result = run_ok(s.dsn, "rollback")
+    assert "rolled back before the swap" in result.output
+    after = print_of(s.dsn)
+    assert after.schema == s.original.schema, "\n".join(s.original.diff(after))
+    assert execute(s.dsn, "SELECT title FROM journal_entries WHERE user_id = %s",
+                   (new_id,)) == [("during",)]
+    assert execute(s.dsn, "SELECT count(*) FROM reminders WHERE id = %s", (gone,)) == [(0,)]
+
+
+def test_an_index_build_left_invalid_is_built_again(scenario: Callable[..., Scenario]) -> None:
+    """An interrupted CREATE INDEX CONCURRENTLY leaves an invalid index behind (simulated
+    here by marking the copy of users_pkey invalid): the next run drops and rebuilds it."""
+    s = scenario()
+    _users(s)
+    copy = shadow_name("ix", Table("public", "users"), "users_pkey")
+    execute(s.admin_dsn, "UPDATE pg_index SET indisvalid = false "
+                         "WHERE indexrelid = to_regclass(%s)", (f"public.{copy}",))
+    assert "users.id: proven" in run_ok(s.dsn, "status").output
+    result = run_ok(s.dsn, "full_migration")
+    assert f"index {copy} was left invalid by an interrupted build" in result.output
+    s.assert_migrated()
