@@ -132,9 +132,10 @@ def _against_record(ctx: Context, how: Comparison) -> list[Finding]:
     entries = record.get(how.kind.key)
     if entries is None:
         return _nothing_recorded(ctx, how.check, how.kind.key)
+    tables = record.get("tables")  # absent from the records of older versions (FKs only)
     findings = [Finding(how.check, Status.SKIP, "not in the record (added to the plan after "
                         "backup_data?): nothing to compare with", subject=str(table))
-                for table in ctx.plan.tables if str(table) not in record.get("tables", [])]
+                for table in ctx.plan.tables if tables is not None and str(table) not in tables]
     for entry in entries:
         identity, want = how.kind.split(entry)
         have = how.kind.now(ctx.cur, identity)
