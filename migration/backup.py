@@ -16,7 +16,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json
 
-from migration import catalog
+from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -132,6 +132,7 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     for table in plan.tables:
         cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table.ident))
     cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
+    cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(SCHEMA)))
     cur.execute(sql.SQL(_META).format(schema=sql.Identifier(SCHEMA)))
     total = 0
     for table in plan.tables:
@@ -154,18 +155,58 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
             meta("saved_foreign_keys")),
             (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition, fk.validated))
+    make_private(cur)
     return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows",
                         expectations(cur, plan))
 
 
 def expectations(cur: Cursor, plan: Plan) -> dict[str, Any]:
-    """The recorded FKs and the child columns that had an index, kept in migration_log
-    so that verify knows them after cleanup_backup dropped the backup."""
-    return {
-        "foreign_keys": [{"table": str(fk.table), "name": fk.name, "definition": fk.definition,
-                          "validated": fk.validated} for fk in saved_foreign_keys(cur)],
-        "indexed_columns": [str(key) for key in plan.children if saved_indexes(cur, key)],
-    }
+    """What the migrated database must have again, by name (``recorded.record``), kept in
+    migration_log so that verify knows it after cleanup_backup dropped the backup."""
+    return recorded.record(cur, plan)
+
+
+_SHARED = """
+    SELECT 'schema ' || quote_ident(n.nspname) AS target, n.nspowner AS owner, g.grantee,
+           g.privilege_type
+    FROM pg_namespace n CROSS JOIN LATERAL aclexplode(n.nspacl) g
+    WHERE n.nspname = %(schema)s
+    UNION ALL
+    SELECT 'table ' || c.oid::regclass::text, c.relowner, g.grantee, g.privilege_type
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL aclexplode(c.relacl) g
+    WHERE n.nspname = %(schema)s
+"""
+
+
+@dataclass(frozen=True)
+class SharedPrivilege:
+    """A privilege on the backup schema or one of its tables held by another than its owner."""
+
+    target: str  # "schema migration_backup" or "table migration_backup.\"public.users\""
+    grantee: str | None  # None: PUBLIC
+    privilege: str
+
+
+def shared_privileges(cur: Cursor) -> list[SharedPrivilege]:
+    """Who else may use the backup (it holds every original id): read from the catalog only."""
+    cur.execute(sql.SQL(
+        "SELECT target, CASE WHEN grantee = 0 THEN NULL ELSE pg_get_userbyid(grantee) END, "
+        "string_agg(privilege_type, ', ' ORDER BY privilege_type) FROM ({}) p "
+        "WHERE grantee <> owner GROUP BY 1, 2 ORDER BY 1, 2 NULLS FIRST").format(
+        sql.SQL(_SHARED)), {"schema": SCHEMA})
+    return [SharedPrivilege(*row) for row in cur.fetchall()]
+
+
+def make_private(cur: Cursor) -> None:
+    """Revoke what default privileges (ALTER DEFAULT PRIVILEGES) gave others on the backup
+    schema and its tables as they were created: the backup is the migrating role's alone."""
+    schema = sql.Identifier(SCHEMA)
+    for grantee in sorted({p.grantee or "" for p in shared_privileges(cur)}):
+        role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
+        cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM {r}; "
+                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}").format(
+            s=schema, r=role))
 
 
 def reuse(cur: Cursor, plan: Plan) -> BackupResult:

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog
+from migration import backup, catalog, recorded
 from migration.catalog import ColumnState
 from migration.log import LOG_TABLE
 from migration.model import KeyColumn, Table
 from migration.plan import Plan
 from migration.preflight import samples_query
+from migration.recorded import Entry
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.sqlexpr import column_list
 
@@ -91,19 +93,8 @@ def no_leftovers(ctx: Context) -> list[Finding]:
                     hint="run the interrupted operation again to finish it, or rollback")]
 
 
-def primary_key(ctx: Context) -> list[Finding]:
-    parent = ctx.plan.parent
-    found = catalog.primary_key(ctx.cur.connection, parent.table)
-    if found == [parent.column]:
-        return _ok("primary_key", f"{parent.table} has its primary key on {parent.column}")
-    return [Finding("primary_key", Status.FAIL, "primary key missing or on other columns",
-                    subject=str(parent.table), expected=f"PRIMARY KEY ({parent.column})",
-                    found=f"PRIMARY KEY ({', '.join(found)})" if found else "none",
-                    hint="run migrate_users again to recreate it, or rollback")]
-
-
 def recorded_expectations(ctx: Context) -> dict[str, Any] | None:
-    """What backup_data recorded in migration_log: it outlives the backup itself."""
+    """What the last completed backup_data recorded in migration_log (it outlives the backup)."""
     log = sql.Identifier(ctx.plan.schema, LOG_TABLE)
     if not catalog.relation_exists(ctx.cur.connection, log):
         return None
@@ -114,35 +105,131 @@ def recorded_expectations(ctx: Context) -> dict[str, Any] | None:
     return None if row is None else dict(row[0])
 
 
-def foreign_keys(ctx: Context) -> list[Finding]:
-    """The FKs recorded before the migration (all FKs to users found now, if none were)."""
-    cur = ctx.cur
-    parent = ctx.plan.parent
-    recorded = recorded_expectations(ctx)
-    if recorded is not None:
-        expected = {(fk["table"], fk["name"]): (fk["definition"], fk["validated"])
-                    for fk in recorded["foreign_keys"]}
-    else:
-        expected = {(str(fk.table), fk.name): (fk.definition, fk.validated)
-                    for fk in catalog.foreign_keys_to(cur.connection, parent)}
-    present = {(str(fk.table), fk.name): fk
-               for fk in catalog.foreign_keys_to(cur.connection, parent)}
-    problems = []
-    for (table, constraint), (definition, validated) in sorted(expected.items()):
-        have = present.get((table, constraint))
-        name = f"{table}.{constraint}"
-        if have is None:
-            problems.append({"constraint": name, "problem": f"missing (want {definition})"})
-        elif validated and not have.validated:
-            problems.append({"constraint": name, "problem": "NOT VALID (convalidated = false)"})
-    if not problems:
-        return _ok("foreign_keys", f"{len(expected)} foreign key(s) to {parent} present"
-                   + (" and validated" if expected else ""))
-    return [Finding("foreign_keys", Status.FAIL, f"{len(problems)} foreign key problem(s)",
-                    count=len(problems), samples=problems,
-                    expected=f"every recorded FK to {parent} present and validated",
-                    found="; ".join(f"{p['constraint']}: {p['problem']}" for p in problems),
-                    hint="run migrate_foreign_keys again (it recreates and validates them)")]
+@dataclass(frozen=True)
+class Comparison:
+    """How one check judges a kind of recorded object against what is there now."""
+
+    check: str
+    kind: recorded.Kind
+    what: str  # "index", "foreign key", ...
+    describe: Callable[[Entry], str]  # a recorded or current state, as people read it
+    judge: Callable[[Entry, Entry], bool]  # (recorded, now): is now what the record wants?
+    want: Callable[[Entry], str]  # the expected state, from the recorded one
+    hint: str
+
+
+def _same(want: Entry, have: Entry) -> bool:
+    return want == have
+
+
+def _against_record(ctx: Context, how: Comparison) -> list[Finding]:
+    """One FAIL per recorded object that is gone or changed, with what was wanted and found.
+
+    Nothing recorded is no pass: SKIP with the reason while the plan's tables
+    exist, FAIL when they do not either (there is nothing to check against).
+    """
+    record = recorded_expectations(ctx) or {}
+    entries = record.get(how.kind.key)
+    if entries is None:
+        return _nothing_recorded(ctx, how.check, how.kind.key)
+    tables = record.get("tables")  # absent from the records of older versions (FKs only)
+    findings = [Finding(how.check, Status.SKIP, "not in the record (added to the plan after "
+                        "backup_data?): nothing to compare with", subject=str(table))
+                for table in ctx.plan.tables if tables is not None and str(table) not in tables]
+    for entry in entries:
+        identity, want = how.kind.split(entry)
+        have = how.kind.now(ctx.cur, identity)
+        if have is not None and how.judge(want, have):
+            continue
+        subject = " ".join(str(identity[k]) for k in how.kind.identity)
+        findings.append(Finding(
+            how.check, Status.FAIL, f"{how.what} {'missing' if have is None else 'changed'} "
+            "since the backup", subject=subject, expected=how.want(want),
+            found="none" if have is None else how.describe(have), hint=how.hint))
+    compared = f"{len(entries)} recorded {how.what}(s) as before the migration"
+    if not any(f.status is Status.FAIL for f in findings):
+        return _ok(how.check, compared) + findings
+    return findings
+
+
+def _nothing_recorded(ctx: Context, check: str, kind: str) -> list[Finding]:
+    missing = [str(t) for t in ctx.plan.tables if not catalog.table_exists(ctx.cur.connection, t)]
+    reason = (f"nothing recorded to compare with: no completed backup_data in "
+              f"{ctx.plan.schema}.{LOG_TABLE} that recorded {kind}")
+    if not missing:
+        return [Finding(check, Status.SKIP, reason)]
+    return [Finding(check, Status.FAIL, f"{reason}, and table(s) missing",
+                    expected="the plan's tables, and a record of them from backup_data",
+                    found=f"missing: {', '.join(missing)}",
+                    hint="this database was not migrated with this tool, or not in this schema "
+                         "(--schema)")]
+
+
+def _index_text(state: Entry) -> str:
+    flags = [] if state["valid"] else ["INVALID"]
+    flags += [] if state["ready"] else ["not ready"]
+    return f"{state['definition']}" + (f" ({', '.join(flags)})" if flags else "")
+
+
+def _foreign_key_text(state: Entry) -> str:
+    return f"{state['definition']}{'' if state['validated'] else recorded.NOT_VALID}"
+
+
+_REPLICA_IDENTITY = {"d": "DEFAULT", "n": "NOTHING", "f": "FULL", "i": "USING INDEX"}
+
+
+def _replica_identity_text(state: Entry) -> str:
+    text = f"{_REPLICA_IDENTITY.get(state['mode'], state['mode'])}"
+    return f"{text} {state['index'] or '(no index flagged)'}" if state["mode"] == "i" else text
+
+
+def _publication_text(state: Entry) -> str:
+    columns = "all columns" if state["columns"] is None else f"({', '.join(state['columns'])})"
+    return columns + (f" WHERE {state['row_filter']}" if state["row_filter"] else "")
+
+
+def _policy_text(state: Entry) -> str:
+    text = (f"{'PERMISSIVE' if state['permissive'] == 'PERMISSIVE' else 'RESTRICTIVE'} "
+            f"FOR {state['command']} TO {', '.join(state['roles'])}")
+    text += f" USING ({state['qual']})" if state["qual"] is not None else ""
+    return text + (f" WITH CHECK ({state['with_check']})" if state["with_check"] else "")
+
+
+def _primary_key_text(state: Entry) -> str:
+    return "none" if state["name"] is None else f"CONSTRAINT {state['name']} {state['definition']}"
+
+
+COMPARISONS = {
+    "primary_key": Comparison(
+        "primary_key", recorded.PRIMARY_KEYS, "primary key", _primary_key_text, _same,
+        _primary_key_text, "run the interrupted operation again to recreate it, or rollback"),
+    "indexes": Comparison(
+        "indexes", recorded.INDEXES, "index", _index_text,
+        lambda want, have: (have["definition"] == want["definition"]
+                            and have["valid"] and have["ready"]),
+        lambda want: _index_text({**want, "valid": True, "ready": True}),
+        "recreate it from the recorded definition (CREATE INDEX CONCURRENTLY, or REINDEX "
+        "an invalid one), or rollback"),
+    "foreign_keys": Comparison(
+        "foreign_keys", recorded.FOREIGN_KEYS, "foreign key", _foreign_key_text,
+        lambda want, have: (have["definition"] == want["definition"]
+                            and (have["validated"] or not want["validated"])),
+        _foreign_key_text,
+        "run migrate_foreign_keys again (it recreates and validates them), or recreate it "
+        "from the recorded definition"),
+    "replica_identity": Comparison(
+        "replica_identity", recorded.REPLICA_IDENTITY, "replica identity",
+        _replica_identity_text, _same, _replica_identity_text,
+        "ALTER TABLE ... REPLICA IDENTITY as recorded, before logical replication needs it"),
+    "publications": Comparison(
+        "publications", recorded.PUBLICATIONS, "publication membership", _publication_text,
+        _same, _publication_text,
+        "ALTER PUBLICATION ... ADD TABLE (or SET TABLE) as recorded; subscribers may need "
+        "ALTER SUBSCRIPTION ... REFRESH PUBLICATION"),
+    "policies": Comparison(
+        "policies", recorded.POLICIES, "policy", _policy_text, _same, _policy_text,
+        "recreate the policy as recorded (CREATE POLICY)"),
+}
 
 
 def no_orphans(ctx: Context) -> list[Finding]:
@@ -169,41 +256,46 @@ def no_orphans(ctx: Context) -> list[Finding]:
 
 
 def fk_indexes(ctx: Context) -> list[Finding]:
+    """Advice, never a failure: a child column no lookup by it can use an index for.
+
+    Losing an index is the ``indexes`` check's to report; a column that had
+    only a partial index, or one where it is not first, before the migration
+    has the same after it, and nothing the migration does would change that.
+    """
     cur, findings = ctx.cur, []
-    recorded = recorded_expectations(ctx)
     for key in ctx.plan.children:
-        cur.execute(
-            """
-            SELECT ic.relname FROM pg_index i
-            JOIN pg_class ic ON ic.oid = i.indexrelid
-            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
-            WHERE i.indrelid = to_regclass(%s) AND a.attname = %s
-              AND i.indisvalid AND i.indisready
-            ORDER BY i.indpred IS NOT NULL, ic.relname
-            """,
-            (catalog.regclass(key.table), key.column),
-        )
-        names = [n for (n,) in cur.fetchall()]
-        used = _indexes_used_by_lookup(cur, key) if names else set()
-        if not names and recorded is not None and str(key) not in recorded["indexed_columns"]:
+        if not catalog.table_exists(cur.connection, key.table):
+            findings.append(Finding("fk_indexes", Status.SKIP, "the table is missing "
+                                    "(see key_columns_uuid)", subject=str(key)))
+            continue
+        leading = _indexes_leading_with(cur, key)
+        used = _indexes_used_by_lookup(cur, key) & set(leading) if leading else set()
+        if not used:
             findings.append(Finding(
-                "fk_indexes", Status.WARN, "no index on the column, nor was there one before "
-                "the migration", subject=str(key),
-                hint="consider CREATE INDEX CONCURRENTLY on it: lookups and ON DELETE "
-                     "actions scan the table"))
-        elif not used & set(names):
-            findings.append(Finding(
-                "fk_indexes", Status.FAIL,
-                "no valid index leads with the column" if not names
-                else "a lookup by this column does not use its index"
-                + (f" (it uses {', '.join(sorted(used))})" if used else ""),
-                subject=str(key), expected="a valid, ready index on the column, used by lookups",
-                found=", ".join(names) or "none",
-                hint="recreate the index (REINDEX or run migrate_foreign_keys again)"))
-    if any(f.status is Status.FAIL for f in findings):
-        return findings
-    return _ok("fk_indexes", "every indexed FK column has a valid index the planner uses") \
-        + findings
+                "fk_indexes", Status.WARN,
+                "no index leads with the column" if not leading
+                else "a lookup by the column uses none of its indexes", subject=str(key),
+                expected="an index a lookup by the column uses",
+                found=", ".join(leading) or "none",
+                hint="consider CREATE INDEX CONCURRENTLY on the column: lookups by it and "
+                     f"ON DELETE actions on {ctx.plan.parent.table} scan the table"))
+    return _ok("fk_indexes", "checked which FK columns a lookup finds by index") + findings
+
+
+def _indexes_leading_with(cur: Cursor, key: KeyColumn) -> list[str]:
+    """Valid, ready indexes whose first column is the key column, partial ones last."""
+    cur.execute(
+        """
+        SELECT ic.relname FROM pg_index i
+        JOIN pg_class ic ON ic.oid = i.indexrelid
+        JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = i.indkey[0]
+        WHERE i.indrelid = to_regclass(%s) AND a.attname = %s
+          AND i.indisvalid AND i.indisready
+        ORDER BY i.indpred IS NOT NULL, ic.relname
+        """,
+        (catalog.regclass(key.table), key.column),
+    )
+    return [name for (name,) in cur.fetchall()]
 
 
 def _indexes_used_by_lookup(cur: Cursor, key: KeyColumn) -> set[str]:
@@ -366,6 +458,27 @@ def _digests_agree(cur: Cursor, values: sql.Composable, backup_copy: sql.Identif
     return (backup_rows - gone_rows, backup_sum - gone_sum) == (live_rows, live_sum)
 
 
+def backup_private(ctx: Context) -> list[Finding]:
+    """Nobody but its owner may use the backup: it holds every original id and quarantined
+    row.  Reads the catalog only, so a read-only role can run it."""
+    if not ctx.has_backup:
+        return [Finding("backup_private", Status.SKIP,
+                        f"no backup in {backup.SCHEMA} (cleaned up?)")]
+    shared = backup.shared_privileges(ctx.cur)
+    if not shared:
+        return _ok("backup_private", f"only the owner has privileges on {backup.SCHEMA}")
+    return [Finding("backup_private", Status.FAIL,
+                    f"{len(shared)} grant(s) on the backup to others than its owner",
+                    count=len(shared), samples=[{"object": p.target,
+                                                 "grantee": p.grantee or "PUBLIC",
+                                                 "privileges": p.privilege} for p in shared],
+                    expected="privileges for the owner only",
+                    found="; ".join(f"{p.grantee or 'PUBLIC'}: {p.privilege} on {p.target}"
+                                    for p in shared),
+                    hint=f"REVOKE ALL ON SCHEMA {backup.SCHEMA} and ON ALL TABLES IN SCHEMA "
+                         f"{backup.SCHEMA} FROM each grantee listed")]
+
+
 def migration_log(ctx: Context) -> list[Finding]:
     cur, log = ctx.cur, sql.Identifier(ctx.plan.schema, LOG_TABLE)
     if not catalog.relation_exists(cur.connection, log):
@@ -394,21 +507,40 @@ def migration_log(ctx: Context) -> list[Finding]:
     return _ok("migration_log", "a completed migration, no unfinished operation")
 
 
+def _compare(check: str) -> Callable[[Context], list[Finding]]:
+    return partial(_against_record, how=COMPARISONS[check])
+
+
 CHECKS: tuple[Check, ...] = (
     Check(key_columns_uuid, {
         "key_columns_uuid": "users.id and every column referencing it are uuid"}),
     Check(no_leftovers, {
         "no_leftovers": "no temporary columns, sync triggers, fill or NOT NULL proofs or invalid "
                         "indexes remain"}),
-    Check(primary_key, {"primary_key": "users has its primary key on id"}),
-    Check(foreign_keys, {
-        "foreign_keys": "every foreign key to users.id is present and validated"}),
+    Check(_compare("primary_key"), {
+        "primary_key": "every table of the plan has the primary key recorded by backup_data "
+                       "(name and definition)"}),
+    Check(_compare("indexes"), {
+        "indexes": "every index recorded on a key column exists, with the same name and "
+                   "definition, valid and ready"}),
+    Check(_compare("foreign_keys"), {
+        "foreign_keys": "every foreign key recorded to or from a key column exists with the "
+                        "same definition (ON DELETE/UPDATE included), validated"}),
+    Check(_compare("replica_identity"), {
+        "replica_identity": "each table's replica identity (and its index) is the recorded one"}),
+    Check(_compare("publications"), {
+        "publications": "each table is in the recorded publications, with the same column "
+                        "lists and row filters"}),
+    Check(_compare("policies"), {
+        "policies": "each recorded row level security policy exists unchanged"}),
     Check(no_orphans, {"no_orphans": "no child row refers to a missing user"}),
     Check(fk_indexes, {
-        "fk_indexes": "each FK column has a valid index that a lookup by it uses"}),
+        "fk_indexes": "advice (warnings only): which FK columns a lookup cannot find by index"}),
     Check(backup_comparison, {
         "row_counts": "row counts equal the backup's, quarantined rows excepted",
         "uuid_values": "every key equals its original string from the backup cast to uuid"}),
+    Check(backup_private, {
+        "backup_private": f"only its owner has privileges on {backup.SCHEMA} and its tables"}),
     Check(migration_log, {
         "migration_log": "migration_log shows a completed migration and nothing unfinished"}),
 )

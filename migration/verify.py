@@ -8,7 +8,9 @@ Exit codes:
 
 It runs the checks of validate_migration in one read-only REPEATABLE READ
 transaction (one snapshot), rolled back at the end, and needs no more than
-SELECT on the tables and USAGE on their schemas and on migration_backup.
+SELECT on the tables and USAGE on their schemas.  While migration_backup
+exists, comparing with it needs the migrating role itself: the backup is
+private to it (the backup_private check fails on any other grant).
 """
 
 from __future__ import annotations
@@ -194,8 +196,9 @@ def main(*, database_url: str | None, schema: str, fmt: str, junit: Path | None,
         fail_to_run(str(exc), "check the URL, the server and the credentials", fmt, junit)
     except psycopg2.errors.InsufficientPrivilege as exc:
         fail_to_run(f"verify could not read {target}: {exc}",
-                    "grant the role SELECT on the tables and USAGE on their schemas and on "
-                    "migration_backup", fmt, junit)
+                    "grant the role SELECT on the tables and USAGE on their schemas; while "
+                    "migration_backup exists, run verify as the migrating role (the backup is "
+                    "private to it)", fmt, junit)
     except psycopg2.Error as exc:
         fail_to_run(f"verify could not run on {target}: {exc}",
                     "check the server and the connection, then run verify again", fmt, junit)

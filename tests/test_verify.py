@@ -44,6 +44,14 @@ class Outcome:
     output: str
 
 
+# What the migration must carry through besides the tables, in every migrated copy: a
+# publication (with a column list on tags) and a policy, recorded by backup_data.
+EXTRAS = """
+CREATE PUBLICATION uuidmig_verify FOR TABLE public.users, public.reminders, public.tags (id, name);
+CREATE POLICY reminders_open ON public.reminders FOR SELECT USING (NOT done);
+"""
+
+
 def migrate(dsn: str, log: Path) -> None:
     """Seed the empty legacy tables and run the whole runbook."""
     conn = connect(dsn)
@@ -103,8 +111,9 @@ def templates(sandbox: Sandbox,
     try:
         for variant, name in names.items():
             sandbox.drop_database(name)
-            migrate(sandbox.create_database(name, variant=variant),
-                    tmp_path_factory.mktemp("migration") / "migration.log")
+            dsn = sandbox.create_database(name, variant=variant)
+            execute(dsn, EXTRAS)
+            migrate(dsn, tmp_path_factory.mktemp("migration") / "migration.log")
         yield names
     finally:
         for name in names.values():
@@ -142,12 +151,14 @@ def dbname(dsn: str) -> str:
 
 @dataclass(frozen=True)
 class Mutation:
-    """One way to break a migrated database, and the checks that must fail because of it."""
+    """One way to break a migrated database, the checks that must fail because of it, and
+    those that must warn (advice checks, which never fail)."""
 
     statement: str
     fails: frozenset[str]
     variant: str = "legacy"
     superuser: bool = False
+    warns: frozenset[str] = frozenset()
 
 
 FIRST_JOURNAL = "(SELECT min(id) FROM public.journal_entries)"
@@ -163,7 +174,15 @@ MUTATIONS = {
         ALTER TABLE public.users ADD CONSTRAINT users_id_key UNIQUE (id);
         ALTER TABLE public.journal_entries ADD CONSTRAINT journal_entries_user_id_fkey
             FOREIGN KEY (user_id) REFERENCES public.users (id) ON DELETE CASCADE;
-        """, frozenset({"primary_key"}), variant="legacy_no_fk"),
+        """, frozenset({"primary_key", "indexes"}), variant="legacy_no_fk"),
+    "child_primary_key_dropped": Mutation(
+        "ALTER TABLE public.tags DROP CONSTRAINT tags_pkey", frozenset({"primary_key"})),
+    "foreign_key_lost_on_delete_cascade": Mutation(
+        """
+        ALTER TABLE public.journal_entries DROP CONSTRAINT journal_entries_user_id_fkey;
+        ALTER TABLE public.journal_entries ADD CONSTRAINT journal_entries_user_id_fkey
+            FOREIGN KEY (user_id) REFERENCES public.users (id);
+        """, frozenset({"foreign_keys"})),
     "foreign_key_dropped": Mutation(
         "ALTER TABLE public.tags DROP CONSTRAINT tags_user_id_fkey",
         frozenset({"foreign_keys"})),
@@ -186,17 +205,42 @@ MUTATIONS = {
         "WHERE id = (SELECT min(id) FROM public.tags)",
         frozenset({"no_orphans", "uuid_values"}), variant="legacy_no_fk"),
     "index_dropped": Mutation(  # the only index on reminders.user_id
-        "DROP INDEX public.ix_reminders_user_id", frozenset({"fk_indexes"})),
+        "DROP INDEX public.ix_reminders_user_id", frozenset({"indexes"}),
+        warns=frozenset({"fk_indexes"})),
+    "index_definition_changed": Mutation(  # same name, another predicate
+        """
+        DROP INDEX public.ix_tags_user_id;
+        CREATE INDEX ix_tags_user_id ON public.tags (user_id) WHERE color IS NOT NULL;
+        """, frozenset({"indexes"})),
     "index_invalid": Mutation(  # as a failed CREATE INDEX CONCURRENTLY leaves it
         "UPDATE pg_index SET indisvalid = false "
         "WHERE indexrelid = 'public.ix_reminders_user_id'::regclass",
-        frozenset({"fk_indexes", "no_leftovers"}), superuser=True),
+        frozenset({"indexes", "no_leftovers"}), superuser=True,
+        warns=frozenset({"fk_indexes"})),
     "index_unusable_for_lookups": Mutation(  # valid, leads with the column, never used:
         """
         DROP INDEX public.ix_reminders_user_id;
         CREATE INDEX ix_reminders_user_id ON public.reminders (user_id) WHERE done;
         CREATE INDEX ix_reminders_done_user_id ON public.reminders (done, user_id);
-        """, frozenset({"fk_indexes"})),  # a lookup scans the other index from end to end
+        """, frozenset({"indexes"}),  # a lookup scans the other index from end to end
+        warns=frozenset({"fk_indexes"})),
+    "replica_identity_changed": Mutation(
+        "ALTER TABLE public.reminders REPLICA IDENTITY FULL", frozenset({"replica_identity"})),
+    "table_removed_from_publication": Mutation(
+        "ALTER PUBLICATION uuidmig_verify DROP TABLE public.reminders",
+        frozenset({"publications"})),
+    "publication_column_list_changed": Mutation(
+        "ALTER PUBLICATION uuidmig_verify SET TABLE public.users, public.reminders, "
+        "public.tags (id)", frozenset({"publications"})),
+    "policy_dropped": Mutation(
+        "DROP POLICY reminders_open ON public.reminders", frozenset({"policies"})),
+    "policy_changed": Mutation(
+        "ALTER POLICY reminders_open ON public.reminders USING (done)", frozenset({"policies"})),
+    "backup_granted_to_public": Mutation(
+        """
+        GRANT USAGE ON SCHEMA migration_backup TO PUBLIC;
+        GRANT SELECT ON migration_backup."public.users" TO PUBLIC;
+        """, frozenset({"backup_private"})),
     "row_deleted": Mutation(
         "DELETE FROM public.reminders WHERE id = (SELECT min(id) FROM public.reminders)",
         frozenset({"row_counts"})),
@@ -219,12 +263,20 @@ MUTATIONS = {
         frozenset({"migration_log"})),
     "table_dropped": Mutation(  # a failure, not a crash
         "DROP TABLE public.reminders",
-        frozenset({"key_columns_uuid", "foreign_keys", "fk_indexes", "row_counts"})),
+        frozenset({"key_columns_uuid", "primary_key", "indexes", "foreign_keys",
+                   "replica_identity", "publications", "policies", "row_counts"})),
 }
+RECORDED_CHECKS = {"primary_key", "indexes", "foreign_keys", "replica_identity", "publications",
+                   "policies"}
 
 
 def test_every_check_has_a_mutation() -> None:
-    assert set().union(*(m.fails for m in MUTATIONS.values())) == set(CHECK_NAMES)
+    assert set().union(*(m.fails | m.warns for m in MUTATIONS.values())) == set(CHECK_NAMES)
+
+
+def warned(report: dict[str, Any]) -> set[str]:
+    return {check["name"] for check in report["checks"]
+            if any(f["status"] == "warn" for f in check["findings"])}
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -233,6 +285,7 @@ def test_a_correct_migration_passes_every_check(
     code, report = verify_json(migrated_db(variant))
     assert code == 0, report
     assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+    assert warned(report) == set()
     assert report["passed"] is True
 
 
@@ -246,6 +299,7 @@ def test_each_fault_fails_its_check(
     code, report = verify_json(dsn)
     assert code == 1, report
     assert failed(report) == mutation.fails, json.dumps(report, indent=2)
+    assert warned(report) == mutation.warns, json.dumps(report, indent=2)
     assert report["passed"] is False
     for check in report["checks"]:
         if check["result"] == "fail":
@@ -287,11 +341,12 @@ def test_without_backup_the_comparison_is_skipped_and_strict_fails(
     code, report = verify_json(migrated)
     assert code == 0
     skipped = {n for n, r in results_of(report).items() if r == "skip"}
-    assert skipped == {"row_counts", "uuid_values"}
+    assert skipped == {"row_counts", "uuid_values", "backup_private"}
     assert "no backup" in results_by_name(report)["row_counts"]["detail"]
+    assert "no backup" in results_by_name(report)["backup_private"]["detail"]
     code, report = verify_json(migrated, "--strict")
     assert code == 1
-    assert failed(report) == {"row_counts", "uuid_values"}
+    assert failed(report) == {"row_counts", "uuid_values", "backup_private"}
 
 
 TABLE_ROW = re.compile(r"^(\w+)\s+(pass|fail|skip)\s+(.*)$")
@@ -318,7 +373,7 @@ def test_json_table_and_junit_reports_agree(migrated: str, tmp_path: Path) -> No
     cases = suite.findall("testcase")
     assert [case.get("name") for case in cases] == CHECK_NAMES
     assert {case.get("name") for case in cases if case.find("failure") is not None} \
-        == failed(report) == {"fk_indexes", "row_counts"}
+        == failed(report) == {"indexes", "row_counts"}
     assert suite.get("tests") == str(len(CHECK_NAMES))
     assert suite.get("failures") == "2"
 
@@ -382,6 +437,8 @@ def reader(sandbox: Sandbox, migrated: str) -> Iterator[tuple[str, str]]:
 
 def test_a_select_only_role_is_enough_and_nothing_changes(
         sandbox: Sandbox, migrated: str, reader: tuple[str, str]) -> None:
+    """The backup is private to the migrating role: a reader given access to it can run
+    every check, backup_private (catalog only) included, which names the reader."""
     role, dsn = reader
     with pytest.raises(psycopg2.errors.InsufficientPrivilege):
         execute(dsn, "DELETE FROM public.migration_log")
@@ -392,8 +449,9 @@ def test_a_select_only_role_is_enough_and_nothing_changes(
     execute(sandbox.admin_dsn_for(dbname(migrated)), sql.SQL(
         "GRANT USAGE ON SCHEMA migration_backup TO {}").format(sql.Identifier(role)))
     code, report = verify_json(dsn)
-    assert code == 0, report
-    assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+    assert code == 1, report
+    assert results_of(report) == {**dict.fromkeys(CHECK_NAMES, "pass"), "backup_private": "fail"}
+    assert role in json.dumps(results_by_name(report)["backup_private"]["findings"])
     after = state(migrated)
     assert before[0].diff(after[0]) == []
     assert before == after
@@ -426,3 +484,59 @@ def test_a_dropped_foreign_key_is_caught_after_the_backup_is_gone(
     assert code == 1
     assert failed(report) == {"foreign_keys"}
     assert "tags_user_id_fkey" in json.dumps(results_by_name(report)["foreign_keys"])
+
+
+def test_record_checks_do_not_pass_without_a_record(migrated: str) -> None:
+    """No completed backup_data in migration_log: each check says so, and skips."""
+    execute(migrated, "DELETE FROM public.migration_log WHERE operation = 'backup_data'")
+    code, report = verify_json(migrated)
+    assert code == 0, report  # skipped, not failed: --strict fails them
+    checks_by_name = results_by_name(report)
+    for name in RECORDED_CHECKS:
+        assert checks_by_name[name]["result"] == "skip", checks_by_name[name]
+        assert "nothing recorded" in checks_by_name[name]["detail"]
+    assert failed(verify_json(migrated, "--strict")[1]) == RECORDED_CHECKS
+
+
+def test_record_checks_fail_on_a_database_without_the_tables(
+        sandbox: Sandbox, request: pytest.FixtureRequest) -> None:
+    with sandbox.database(f"{sandbox.prefix}_verify_empty_{next(_COPIES)}",
+                          variant=None) as dsn:
+        code, report = verify_json(dsn)
+    assert code == 1
+    checks_by_name = results_by_name(report)
+    for name in RECORDED_CHECKS:
+        assert checks_by_name[name]["result"] == "fail", checks_by_name[name]
+        assert "nothing recorded" in checks_by_name[name]["detail"]
+    assert "public.users" in json.dumps(checks_by_name["foreign_keys"])
+
+
+@pytest.mark.parametrize("index", [
+    "CREATE INDEX ix_reminders_user_id ON reminders (user_id) WHERE remind_at IS NOT NULL",
+    "CREATE INDEX ix_reminders_remind_at_user_id ON reminders (remind_at, user_id)",
+], ids=["partial", "second_column"])
+def test_an_index_lookups_cannot_use_is_advice_not_failure(
+        legacy_db: str, index: str, tmp_path: Path) -> None:
+    """The only index on reminders.user_id was already one a lookup cannot use: the
+    migration keeps it as it was, full_migration and verify pass, verify advises."""
+    execute(legacy_db, f"DROP INDEX ix_reminders_user_id; {index}")
+    migrate(legacy_db, tmp_path / "migration.log")
+    code, report = verify_json(legacy_db)
+    assert code == 0, report
+    assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+    assert warned(report) == {"fk_indexes"}
+    assert "public.reminders.user_id" in json.dumps(results_by_name(report)["fk_indexes"])
+
+
+def test_the_backup_stays_private_despite_default_privileges(
+        legacy_db: str, tmp_path: Path) -> None:
+    """Default privileges would give PUBLIC and another role the backup as it is created."""
+    execute(legacy_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC, pg_monitor; "
+                       "ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO PUBLIC")
+    migrate(legacy_db, tmp_path / "migration.log")
+    code, report = verify_json(legacy_db, "--check", "backup_private")
+    assert code == 0, report
+    assert results_of(report) == {"backup_private": "pass"}
+    assert execute(legacy_db, "SELECT has_schema_privilege('pg_monitor', 'migration_backup', "
+                              "'USAGE'), has_table_privilege('pg_monitor', "
+                              "'migration_backup.\"public.users\"', 'SELECT')") == [(False, False)]
