@@ -14,6 +14,7 @@ connection is killed reports each of those.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 from psycopg2 import sql
 
-from bench.run import LoadSettings, measure_live, method_command, render_live
+from bench.run import LoadSettings, render_markdown, run_benchmark
 from migration.connection import connect
 from migration.rehearsal.load import LiveLoad, LoadReport, parse_log_line, phase_stats
 from migration.rehearsal.sandbox import Sandbox
@@ -72,10 +73,9 @@ def exited(name: str, proc: subprocess.CompletedProcess[str]) -> list[str]:
     return [f"{name} exited {proc.returncode}: " + " | ".join(telling[:12] or said[-6:])]
 
 
-def settle(load: LiveLoad, seconds: float = 1.0) -> None:
+def settle(seconds: float = 1.0) -> None:
     """Let the load run a moment in its current phase."""
     time.sleep(seconds)
-    assert load.report is None
 
 
 # -- the instrument ---------------------------------------------------------------------------
@@ -83,10 +83,20 @@ def settle(load: LiveLoad, seconds: float = 1.0) -> None:
 @pytest.fixture
 def quiet_report(seeded_db: str) -> Iterator[LoadReport]:
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
-        settle(load, 2.0)
+        settle(2.0)
         load.phase("quiet")
-        settle(load, 2.0)
+        for body in ("first", "second"):  # one row written twice: its last write counts
+            execute(seeded_db, _LEDGERED_UPDATE, (body,))
+        settle(2.0)
         yield load.stop()
+
+
+_LEDGERED_UPDATE = """
+WITH e AS (UPDATE journal_entries SET body = %s
+           WHERE id = (SELECT min(id) FROM journal_entries) RETURNING id, user_id, body)
+INSERT INTO live_load.ledger (kind, row_id, user_id, payload)
+SELECT 'entry', id::text, user_id::text, body FROM e
+"""
 
 
 def test_a_quiet_load_is_clean_and_writes_every_kind(quiet_report: LoadReport) -> None:
@@ -104,24 +114,51 @@ def test_the_instrument_sees_an_unenforced_fk_a_lost_write_and_a_failed_client(
         seeded_db: str, sandbox: Sandbox) -> None:
     admin = sandbox.admin_dsn_for(urlsplit(seeded_db).path.lstrip("/"))
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
-        settle(load)
+        settle()
         execute(seeded_db, "ALTER TABLE tags DROP CONSTRAINT tags_user_id_fkey")
-        settle(load, 0.5)
+        settle(0.5)
         execute(seeded_db, "ALTER TABLE tags ADD CONSTRAINT tags_user_id_fkey "
                            "FOREIGN KEY (user_id) REFERENCES users (id) NOT VALID")
-        lost = execute(seeded_db, "SELECT row_id FROM live_load.ledger WHERE kind = 'tag' "
-                                  "ORDER BY seq LIMIT 1")[0][0]
-        execute(seeded_db, "DELETE FROM tags WHERE id = %s", (lost,))
+        for statement in _UNDO_ONE_WRITE_OF_EACH_KIND:
+            execute(seeded_db, statement)
         execute(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                        "WHERE application_name = 'uuidmig-live-load' LIMIT 1")
-        settle(load, 0.5)
+        settle(0.5)
         report = load.stop()
     assert {o.table for o in report.orphans_accepted} == {"tags"}
     assert report.fk_unenforced_s > 0
-    assert [m.row_id for m in report.missing_writes] == [lost]
+    assert sorted(m.kind for m in report.missing_writes) == sorted(LEDGER_KINDS)
     assert len(report.failures) == 1, report.failures
     assert "terminat" in report.failures[0].reason
     assert len(report.problems()) == 4, report.problems()  # failures, orphans, lost, exit
+
+
+def test_an_error_in_the_block_propagates_and_ends_the_load(seeded_db: str) -> None:
+    load = LiveLoad(seeded_db, rate=RATE, clients=CLIENTS)
+
+    def migrate_and_break() -> None:
+        with load:
+            assert load.running
+            raise RuntimeError("the migration broke")
+
+    with pytest.raises(RuntimeError, match="the migration broke"):
+        migrate_and_break()
+    assert not load.running
+    assert load.report is None  # no ledger check on a database in an unknown state
+
+
+# Behind the load's back (loaded users and their entries are not among its picks).
+_UNDO_ONE_WRITE_OF_EACH_KIND = (
+    "DELETE FROM tags WHERE id = (SELECT row_id FROM live_load.ledger WHERE kind = 'tag' "
+    "ORDER BY seq LIMIT 1)",
+    "UPDATE users SET email = 'changed-' || email WHERE id = "
+    "(SELECT row_id FROM live_load.ledger WHERE kind = 'user' ORDER BY seq LIMIT 1)",
+    "UPDATE journal_entries SET body = 'changed' WHERE id = (SELECT row_id FROM "
+    "live_load.ledger WHERE kind = 'entry' AND user_id IN (SELECT row_id FROM live_load.ledger "
+    "WHERE kind = 'user') ORDER BY seq LIMIT 1)",
+    "INSERT INTO reminders (id, user_id, remind_at) SELECT row_id, user_id, now() "
+    "FROM live_load.ledger WHERE kind = 'reminder_deleted' ORDER BY seq LIMIT 1",
+)
 
 
 def test_a_deadlocked_application_transaction_is_counted_not_retried(
@@ -129,7 +166,7 @@ def test_a_deadlocked_application_transaction_is_counted_not_retried(
     """The cycle today's swaps make: a new user holds its users row, waits for journal_entries."""
     admin = sandbox.admin_dsn_for(urlsplit(seeded_db).path.lstrip("/"))
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
-        settle(load)
+        settle()
         conn = connect(admin)  # superuser: deadlock_timeout is the superuser's to set
         try:
             with conn, conn.cursor() as cur:
@@ -140,7 +177,7 @@ def test_a_deadlocked_application_transaction_is_counted_not_retried(
                 cur.execute("LOCK TABLE users IN SHARE MODE")
         finally:
             conn.close()
-        settle(load, 0.5)
+        settle(0.5)
         report = load.stop()
     assert {(f.script, f.reason) for f in report.failures} == {("new_user", "deadlock")}
     assert report.missing_writes == []  # what the failed transactions wrote was rolled back
@@ -169,32 +206,39 @@ def test_stalls_and_latencies_come_from_the_transaction_log() -> None:
                                        "read_user"]
 
 
-def test_the_benchmark_reports_what_the_application_saw(seeded_db: str) -> None:
-    """``bench/run.py --live-load``: the one-shot rewrite under the load, in figures."""
-    result = measure_live(seeded_db, "one_shot", method_command("one_shot"),
-                          LoadSettings(rate=RATE, clients=CLIENTS, warmup=1.0))
-    assert result["exit_code"] == 0, result["stderr_tail"]
-    assert result["before"]["transactions"] > 0
-    assert result["before"]["p99_ms"] is not None
-    assert result["longest_stall_s"] > 0
+def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> None:
+    """``bench/run.py --live-load``: one_shot and full_migration again, under the load."""
+    report = run_benchmark(sandbox, [300], [100], sample_interval=0.002,
+                           live_load=LoadSettings(rate=RATE, clients=CLIENTS, warmup=1.0))
+    live = {r["label"]: r for r in report["scales"][0]["live_load"]}
+    assert list(live) == ["one_shot", "full_migration"]
+    assert report["parameters"]["live_load"] == {"rate": RATE, "clients": CLIENTS,
+                                                 "warmup": 1.0}
+    one_shot = live["one_shot"]
+    assert one_shot["exit_code"] == 0, one_shot["stderr_tail"]
+    for result in live.values():
+        assert result["before"]["transactions"] > 0
+        assert result["before"]["p99_ms"] is not None
+        assert result["probes"] > 0
+        assert result["ledger_rows"] > 0
     # One transaction drops and re-adds the FKs: no other session ever sees them missing.
-    assert (result["fk_unenforced_s"], result["orphans_accepted"]) == (0, 0)
-    assert result["probes"] > 0
-    assert (result["failed_transactions"], result["missing_writes"]) == (0, 0)
-    assert result["ledger_rows"] > 0
-    table = "\n".join(render_live([result]))
-    assert "| one_shot | 0 |" in table
+    assert (one_shot["fk_unenforced_s"], one_shot["orphans_accepted"]) == (0, 0)
+    assert (one_shot["failed_transactions"], one_shot["missing_writes"]) == (0, 0)
+    text = render_markdown(report)
+    assert "Under load (150 tps, 4 clients" in text
+    assert "| one_shot | 0 |" in text
+    assert render_markdown(json.loads(json.dumps(report, default=str))) == text
 
 
 # -- the migration under load -----------------------------------------------------------------
 
 def test_full_migration_under_load_is_online(seeded_db: str, tmp_path: Path) -> None:
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
-        settle(load)
+        settle()
         load.phase("migration")
         migrated = data_migration(seeded_db, "full_migration", tmp_path / "migration.log")
         load.phase("after")
-        settle(load)
+        settle()
         report = load.stop()
     checked = verify(seeded_db)
     problems = [*exited("full_migration", migrated), *exited("verify", checked),
@@ -205,14 +249,14 @@ def test_full_migration_under_load_is_online(seeded_db: str, tmp_path: Path) -> 
 def test_rollback_under_load_keeps_the_applications_writes(seeded_db: str,
                                                            tmp_path: Path) -> None:
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
-        settle(load)
+        settle()
         load.phase("migration")
         migrated = data_migration(seeded_db, "full_migration", tmp_path / "migration.log")
         load.phase("rollback")
         rolled_back = data_migration(seeded_db, "rollback", tmp_path / "rollback.log",
                                      "--keep-changes")
         load.phase("after")
-        settle(load)
+        settle()
         report = load.stop()
     still_text = execute(seeded_db, sql.SQL(
         "SELECT data_type FROM information_schema.columns "
