@@ -477,8 +477,8 @@ class LiveLoad:
 
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        try:
-            if self.report is None and self._proc is not None:
+        try:  # after an error in the block, only clean up: the error is the news
+            if kind is None and self.report is None and self._proc is not None:
                 self.stop()
         finally:
             self._cleanup()
@@ -496,6 +496,11 @@ class LiveLoad:
         self._wait_connected()
         self.prober.start()
         self.marks.append(("before", time.time()))
+
+    @property
+    def running(self) -> bool:
+        """pgbench is running (the prober runs as long as it does)."""
+        return self._proc is not None and self._proc.poll() is None
 
     def phase(self, name: str) -> None:
         """From now on, transactions count in phase ``name``."""
@@ -580,7 +585,8 @@ class LiveLoad:
         return missing, counts
 
     def _cleanup(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
+        if self.running:
+            assert self._proc is not None
             self._proc.kill()
             self._proc.wait()
         if self.prober._thread.is_alive():
