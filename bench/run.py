@@ -288,11 +288,11 @@ def failed_step(owner_dsn: str, schema: str = "public") -> str | None:
                         (sql.Identifier(schema, "migration_log").as_string(conn),))
             if not (cur.fetchone() or [False])[0]:
                 return None
-            cur.execute(sql.SQL("SELECT operation || ': ' || coalesce(message, '') FROM {} "
+            cur.execute(sql.SQL("SELECT coalesce(message, operation) FROM {} "
                                 "WHERE status = 'failed' ORDER BY id DESC LIMIT 1").format(
                 sql.Identifier(schema, "migration_log")))
             row = cur.fetchone()
-            return str(row[0]) if row else None
+            return str(row[0]).splitlines()[0] if row else None
     finally:
         conn.close()
 
