@@ -35,7 +35,14 @@ What it does, per scale S (``--scales``):
    columns by name, keys compared as uuid), and that the rollback restores the
    original text exactly;
 5. prints Markdown tables and the targets of issue 6, and writes everything, with
-   the server version and settings, to ``--json``.
+   the server version and settings, to ``--json``;
+6. with ``--live-load``: ``one_shot`` and ``full_migration`` (default batch) again, each
+   on a fresh clone under the same application load (``migration.rehearsal.load``:
+   pgbench at ``--load-rate`` with ``--load-clients``, plus the orphan prober), started
+   ``--load-warmup`` seconds before the method: the longest write stall during it (no
+   application transaction completing), p99 and max latency before and during it, the
+   seconds some foreign key was unenforced, failed application transactions and
+   committed writes missing afterwards.  The method's exit code is recorded, not raised.
 
 By default it starts its own throwaway server: the local PostgreSQL 15 binaries
 (/usr/lib/postgresql/15/bin) with shared_buffers=512MB when present, else the
@@ -56,6 +63,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -68,6 +76,7 @@ from psycopg2 import sql
 from bench import probe
 from migration.connection import connect
 from migration.plan import build_plan
+from migration.rehearsal.load import LiveLoad, PhaseStats
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, embedded_bin_dir, from_dsn, start_cluster
@@ -217,6 +226,77 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     }
 
 
+@dataclass(frozen=True)
+class LoadSettings:
+    """The application load of ``--live-load``."""
+
+    rate: float = 150.0  # transactions per second, all clients together
+    clients: int = 4
+    warmup: float = 3.0  # seconds of load before the method starts ("before" phase)
+
+
+def _phase(stats: PhaseStats) -> dict[str, Any]:
+    return {"seconds": stats.seconds, "transactions": stats.transactions,
+            "failures": stats.failures, "p50_ms": stats.latency_p50_ms,
+            "p99_ms": stats.latency_p99_ms, "max_ms": stats.latency_max_ms,
+            "longest_stall_s": stats.longest_stall_s}
+
+
+def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
+                 ) -> dict[str, Any]:
+    """Run ``argv`` under the application load; what the application saw."""
+    with LiveLoad(owner_dsn, rate=load.rate, clients=load.clients) as live:
+        time.sleep(load.warmup)
+        live.phase("during")
+        proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
+        live.phase("after")
+        time.sleep(1.0)  # the transactions the method held up complete in "after"
+        report = live.stop()
+    before, during = report.phase("before"), report.phase("during")
+    reasons = sorted({f"{f.script}: {f.reason}" for f in report.failures})
+    return {
+        "label": label, "exit_code": proc.exit_code, "wall_s": proc.wall,
+        "rate": load.rate, "clients": load.clients,
+        "before": _phase(before), "during": _phase(during),
+        "after": _phase(report.phase("after")),
+        "longest_stall_s": during.longest_stall_s,
+        "fk_unenforced_s": report.fk_unenforced_s,
+        "orphans_accepted": len(report.orphans_accepted),
+        "probe_errors": len(report.probe_errors), "probes": report.probes,
+        "failed_transactions": len(report.failures), "failure_reasons": reasons[:10],
+        "transactions": report.transactions,
+        "missing_writes": len(report.missing_writes),
+        "ledger_rows": sum(report.ledger_rows.values()),
+        "problems": report.problems(),
+        "error": (failed_step(owner_dsn) or _last_error(proc.stderr)) if proc.exit_code else None,
+        "stdout_tail": proc.stdout[-1000:], "stderr_tail": proc.stderr[-1000:],
+    }
+
+
+def _last_error(stderr: str) -> str:
+    """The last line of a process's stderr that names an error (a traceback's last line)."""
+    lines = [line.strip() for line in stderr.splitlines() if "error" in line.lower()]
+    return lines[-1] if lines else stderr.strip()[-200:]
+
+
+def failed_step(owner_dsn: str, schema: str = "public") -> str | None:
+    """The message of the last failed migration_log operation, if there is one."""
+    conn = connect(owner_dsn, readonly=True)
+    try:
+        with conn, conn.cursor() as cur:
+            cur.execute("SELECT to_regclass(%s) IS NOT NULL",
+                        (sql.Identifier(schema, "migration_log").as_string(conn),))
+            if not (cur.fetchone() or [False])[0]:
+                return None
+            cur.execute(sql.SQL("SELECT coalesce(message, operation) FROM {} "
+                                "WHERE status = 'failed' ORDER BY id DESC LIMIT 1").format(
+                sql.Identifier(schema, "migration_log")))
+            row = cur.fetchone()
+            return str(row[0]).splitlines()[0] if row else None
+    finally:
+        conn.close()
+
+
 def migration_steps(owner_dsn: str, schema: str = "public") -> list[dict[str, Any]]:
     """Every migration_log row, oldest first, with its duration."""
     conn = connect(owner_dsn, readonly=True)
@@ -276,7 +356,7 @@ def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[s
 
 def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
-              workdir: Path | None = None,
+              workdir: Path | None = None, live_load: LoadSettings | None = None,
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every method on fresh clones of one seeded scale; the figures as a dict."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
@@ -285,6 +365,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
     say(f"S={users:,}: {scale['rows']:,} rows seeded in {scale['seed_s']:.1f} s, "
         f"{scale['size']['total'] / MiB:.0f} MiB")
     results: list[dict[str, Any]] = []
+    live: list[dict[str, Any]] = []
     template = scale["template"]
     created: list[str] = []
 
@@ -331,6 +412,12 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
         result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
         _check_data(box, kept, scale, result, original=True)
         box.drop_database(kept)
+        if live_load is not None:
+            for label, argv in live_methods(workdir / f"s{users}_live.log"):
+                name = f"{template}_live_{label}"
+                say(f"S={users:,}: {label} under load")
+                live.append(measure_live(fresh(name), label, argv, live_load))
+                box.drop_database(name)
     finally:
         for name in [*created, template]:
             box.drop_database(name)
@@ -339,7 +426,13 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
                                if k not in ("expected_digest", "original_digest")},
             "digests": {"migrated": scale["expected_digest"],
                         "original": scale["original_digest"]},
-            "results": results}
+            "results": results, "live_load": live}
+
+
+def live_methods(log_file: Path) -> list[tuple[str, list[str]]]:
+    """What ``--live-load`` runs under the load: the one-shot, and ours at the default batch."""
+    return [("one_shot", method_command("one_shot")),
+            ("full_migration", migration_command("full_migration", log_file))]
 
 
 def _derive(results: list[dict[str, Any]]) -> None:
@@ -397,7 +490,7 @@ def _git_commit() -> str | None:
 
 def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int], *,
                   server: Server | None = None, start_settings: Sequence[str] = (),
-                  sample_interval: float = 0.005,
+                  sample_interval: float = 0.005, live_load: LoadSettings | None = None,
                   say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
     """Every scale in turn; ``partial`` gets the report so far after each one."""
@@ -410,12 +503,14 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
         "server": server_info(box, server, start_settings),
         "parameters": {"scales": list(scales), "batch_sizes": list(batch_sizes),
                        "default_batch_size": DEFAULT_BATCH, "lock_sample_interval_s":
-                       sample_interval},
+                       sample_interval,
+                       "live_load": asdict(live_load) if live_load else None},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
-                                          sample_interval=sample_interval, say=say))
+                                          sample_interval=sample_interval,
+                                          live_load=live_load, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -497,6 +592,34 @@ def _lock(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
 
 
+def _opt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def render_live(live: list[dict[str, Any]]) -> list[str]:
+    """The live-load table of one scale (no lines when it was not run)."""
+    if not live:
+        return []
+    lines = ["", f"Under load ({live[0]['rate']:g} tps, {live[0]['clients']} clients; "
+                 "latency in ms, before / during the method):", "",
+             "| method | exit | wall s | longest write stall s | p99 | max | "
+             "FK unenforced s | failed tx | committed writes missing |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in live:
+        before, during = r["before"], r["during"]
+        lines.append(
+            f"| {r['label']} | {r['exit_code']} | {r['wall_s']:.2f} | "
+            f"{r['longest_stall_s']:.2f} | {_opt_ms(before['p99_ms'])} / "
+            f"{_opt_ms(during['p99_ms'])} | {_opt_ms(before['max_ms'])} / "
+            f"{_opt_ms(during['max_ms'])} | {r['fk_unenforced_s']:.1f} | "
+            f"{r['failed_transactions']} of {r['transactions'] + r['failed_transactions']} | "
+            f"{r['missing_writes']} of {r['ledger_rows']} |")
+    reasons = sorted({reason for r in live for reason in r["failure_reasons"]})
+    return (lines + [f"- {r['label']} exited {r['exit_code']}: {r['error']}" for r in live
+                     if r["exit_code"] and r.get("error")]
+            + [f"- failed: {reason}" for reason in reasons])
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     server = report["server"]
     lines = [f"PostgreSQL {server['version']} ({server['backend']}); "
@@ -535,6 +658,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['label']} | " + " | ".join(
                     f"{steps[s]:.2f}" if steps.get(s) is not None else "-"
                     for s in RUNBOOK_STEPS) + " |")
+        lines += render_live(scale.get("live_load") or [])
         lines.append("")
     if report.get("targets"):
         lines += ["### Targets (issue 6)", "", "| target | measured | limit | goal | met |",
@@ -608,6 +732,17 @@ def main(argv: list[str] | None = None) -> int:
                              f"(always: {', '.join(DEFAULT_SETTINGS)})")
     parser.add_argument("--sample-ms", type=float, default=5.0,
                         help="pg_locks sampling period in ms (default 5)")
+    parser.add_argument("--live-load", action="store_true",
+                        help="also run one_shot and full_migration under an application "
+                             "load (pgbench) and report what the application saw")
+    parser.add_argument("--load-rate", type=float, default=LoadSettings.rate,
+                        help=f"--live-load: transactions per second (default "
+                             f"{LoadSettings.rate:g})")
+    parser.add_argument("--load-clients", type=int, default=LoadSettings.clients,
+                        help=f"--live-load: pgbench clients (default {LoadSettings.clients})")
+    parser.add_argument("--load-warmup", type=float, default=LoadSettings.warmup,
+                        help="--live-load: seconds of load before the method starts "
+                             f"(default {LoadSettings.warmup:g})")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="print the Markdown of an earlier --json report and exit")
     args = parser.parse_args(argv)
@@ -633,6 +768,9 @@ def main(argv: list[str] | None = None) -> int:
             report = run_benchmark(box, args.scales, args.batch_sizes, server=server,
                                    start_settings=settings,
                                    sample_interval=args.sample_ms / 1000, say=say,
+                                   live_load=LoadSettings(args.load_rate, args.load_clients,
+                                                          args.load_warmup)
+                                   if args.live_load else None,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):

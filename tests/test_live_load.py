@@ -1,0 +1,270 @@
+"""Online means online: the application keeps writing while the migration runs.
+
+``LiveLoad`` (pgbench at a fixed rate, a ledger of every committed write, an orphan
+prober) runs while ``data-migration`` works, as a subprocess, as an operator would
+run it.  Afterwards: the migration and ``verify`` succeeded, no application
+transaction failed, no orphan was ever accepted, and every committed write is in
+the tables with its values.  No timing is asserted here (stalls and latencies are
+the benchmark's: ``bench/run.py --live-load``).
+
+The first tests prove the instrument: a quiet load is reported clean, and a load
+during which a foreign key is dropped, a committed write is undone and a client's
+connection is killed reports each of those.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import pytest
+from psycopg2 import sql
+
+from bench.run import LoadSettings, render_markdown, run_benchmark
+from migration.connection import connect
+from migration.rehearsal.load import LiveLoad, LoadReport, parse_log_line, phase_stats
+from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.seed import seed
+from tests.operate import execute
+
+USERS = 10_000
+BATCH = 100  # small batches: the migration lasts a few seconds under the load
+RATE, CLIENTS = 150, 4
+REPO = Path(__file__).resolve().parent.parent
+LEDGER_KINDS = {"user", "entry", "tag", "reminder_deleted"}
+
+
+@pytest.fixture
+def seeded_db(legacy_db: str) -> str:
+    conn = connect(legacy_db)
+    try:
+        seed(conn, USERS)
+    finally:
+        conn.close()
+    return legacy_db
+
+
+def data_migration(dsn: str, operation: str, log: Path, *args: str
+                   ) -> subprocess.CompletedProcess[str]:
+    """``data-migration --operation=...`` in its own process, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "migration.cli", f"--operation={operation}", "--database-url",
+         dsn, "--batch-size", str(BATCH), "--quiet", "--log-file", str(log), *args],
+        capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+
+
+def verify(dsn: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "migration.verify", "--database-url", dsn],
+                          capture_output=True, text=True, cwd=REPO, timeout=900, check=False)
+
+
+def exited(name: str, proc: subprocess.CompletedProcess[str]) -> list[str]:
+    """A problem line when the process did not exit 0, with the end of what it said."""
+    if proc.returncode == 0:
+        return []
+    said = (proc.stdout + proc.stderr).strip().splitlines()
+    telling = [line.strip() for line in said if re.search(r"\b(error|fail|FAIL)", line)]
+    return [f"{name} exited {proc.returncode}: " + " | ".join(telling[:12] or said[-6:])]
+
+
+def settle(seconds: float = 1.0) -> None:
+    """Let the load run a moment in its current phase."""
+    time.sleep(seconds)
+
+
+# -- the instrument ---------------------------------------------------------------------------
+
+@pytest.fixture
+def quiet_report(seeded_db: str) -> Iterator[LoadReport]:
+    with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
+        settle(2.0)
+        load.phase("quiet")
+        for body in ("first", "second"):  # one row written twice: its last write counts
+            execute(seeded_db, _LEDGERED_UPDATE, (body,))
+        settle(2.0)
+        yield load.stop()
+
+
+_LEDGERED_UPDATE = """
+WITH e AS (UPDATE journal_entries SET body = %s
+           WHERE id = (SELECT min(id) FROM journal_entries) RETURNING id, user_id, body)
+INSERT INTO live_load.ledger (kind, row_id, user_id, payload)
+SELECT 'entry', id::text, user_id::text, body FROM e
+"""
+
+
+def test_a_quiet_load_is_clean_and_writes_every_kind(quiet_report: LoadReport) -> None:
+    report = quiet_report
+    assert report.problems() == [], "\n".join(report.problems())
+    assert report.transactions > 0
+    assert [p.name for p in report.phases] == ["before", "quiet"]
+    assert all(p.transactions > 0 and p.latency_max_ms is not None for p in report.phases)
+    assert set(report.ledger_rows) == LEDGER_KINDS, report.ledger_rows
+    assert report.probes > 0
+    assert report.fk_unenforced_s == 0
+
+
+def test_the_instrument_sees_an_unenforced_fk_a_lost_write_and_a_failed_client(
+        seeded_db: str, sandbox: Sandbox) -> None:
+    admin = sandbox.admin_dsn_for(urlsplit(seeded_db).path.lstrip("/"))
+    with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
+        settle()
+        execute(seeded_db, "ALTER TABLE tags DROP CONSTRAINT tags_user_id_fkey")
+        settle(0.5)
+        execute(seeded_db, "ALTER TABLE tags ADD CONSTRAINT tags_user_id_fkey "
+                           "FOREIGN KEY (user_id) REFERENCES users (id) NOT VALID")
+        for statement in _UNDO_ONE_WRITE_OF_EACH_KIND:
+            execute(seeded_db, statement)
+        execute(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = 'uuidmig-live-load' LIMIT 1")
+        settle(0.5)
+        report = load.stop()
+    assert {o.table for o in report.orphans_accepted} == {"tags"}
+    assert report.fk_unenforced_s > 0
+    assert sorted(m.kind for m in report.missing_writes) == sorted(LEDGER_KINDS)
+    assert len(report.failures) == 1, report.failures
+    assert "terminat" in report.failures[0].reason
+    assert len(report.problems()) == 4, report.problems()  # failures, orphans, lost, exit
+
+
+def test_an_error_in_the_block_propagates_and_ends_the_load(seeded_db: str) -> None:
+    load = LiveLoad(seeded_db, rate=RATE, clients=CLIENTS)
+
+    def migrate_and_break() -> None:
+        with load:
+            assert load.running
+            raise RuntimeError("the migration broke")
+
+    with pytest.raises(RuntimeError, match="the migration broke"):
+        migrate_and_break()
+    assert not load.running
+    assert load.report is None  # no ledger check on a database in an unknown state
+
+
+# Behind the load's back (loaded users and their entries are not among its picks).
+_UNDO_ONE_WRITE_OF_EACH_KIND = (
+    "DELETE FROM tags WHERE id = (SELECT row_id FROM live_load.ledger WHERE kind = 'tag' "
+    "ORDER BY seq LIMIT 1)",
+    "UPDATE users SET email = 'changed-' || email WHERE id = "
+    "(SELECT row_id FROM live_load.ledger WHERE kind = 'user' ORDER BY seq LIMIT 1)",
+    "UPDATE journal_entries SET body = 'changed' WHERE id = (SELECT row_id FROM "
+    "live_load.ledger WHERE kind = 'entry' AND user_id IN (SELECT row_id FROM live_load.ledger "
+    "WHERE kind = 'user') ORDER BY seq LIMIT 1)",
+    "INSERT INTO reminders (id, user_id, remind_at) SELECT row_id, user_id, now() "
+    "FROM live_load.ledger WHERE kind = 'reminder_deleted' ORDER BY seq LIMIT 1",
+)
+
+
+def test_a_deadlocked_application_transaction_is_counted_not_retried(
+        seeded_db: str, sandbox: Sandbox) -> None:
+    """The cycle today's swaps make: a new user holds its users row, waits for journal_entries."""
+    admin = sandbox.admin_dsn_for(urlsplit(seeded_db).path.lstrip("/"))
+    with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
+        settle()
+        conn = connect(admin)  # superuser: deadlock_timeout is the superuser's to set
+        try:
+            with conn, conn.cursor() as cur:
+                cur.execute("SET LOCAL deadlock_timeout = '60s'")  # the application's side gives
+                cur.execute("LOCK TABLE journal_entries IN SHARE MODE")
+                while not execute(admin, _NEW_USER_WAITING)[0][0]:
+                    time.sleep(0.02)
+                cur.execute("LOCK TABLE users IN SHARE MODE")
+        finally:
+            conn.close()
+        settle(0.5)
+        report = load.stop()
+    assert {(f.script, f.reason) for f in report.failures} == {("new_user", "deadlock")}
+    assert report.missing_writes == []  # what the failed transactions wrote was rolled back
+    assert report.transactions > 0
+
+
+_NEW_USER_WAITING = """
+SELECT EXISTS (SELECT 1 FROM pg_locks w JOIN pg_locks h ON h.pid = w.pid
+               WHERE NOT w.granted AND w.relation = 'public.journal_entries'::regclass
+                 AND h.granted AND h.relation = 'public.users'::regclass
+                 AND h.mode = 'RowExclusiveLock')
+"""
+
+
+def test_stalls_and_latencies_come_from_the_transaction_log() -> None:
+    lines = ["0 1 5000 0 100 0", "1 1 7000 1 100 500000", "0 2 deadlock 0 101 0",
+             "2 1 3000 4 103 0", "3 9 1000 4 98 0", "short line"]
+    txs = [tx for tx in map(parse_log_line, lines) if tx]
+    stats = phase_stats("during", 99.0, 104.0, txs)
+    assert (stats.transactions, stats.failures) == (3, 1)
+    assert (stats.latency_p50_ms, stats.latency_p99_ms, stats.latency_max_ms) == (5, 7, 7)
+    # The failed transaction completes nothing: the stall runs from 100.5 to 103.
+    assert stats.longest_stall_s == pytest.approx(2.5)
+    assert stats.longest_stall_at == pytest.approx(1.5)
+    assert [t.script for t in txs] == ["new_user", "update_entry", "new_user", "read_user",
+                                       "read_user"]
+
+
+def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> None:
+    """``bench/run.py --live-load``: one_shot and full_migration again, under the load."""
+    report = run_benchmark(sandbox, [300], [100], sample_interval=0.002,
+                           live_load=LoadSettings(rate=RATE, clients=CLIENTS, warmup=1.0))
+    live = {r["label"]: r for r in report["scales"][0]["live_load"]}
+    assert list(live) == ["one_shot", "full_migration"]
+    assert report["parameters"]["live_load"] == {"rate": RATE, "clients": CLIENTS,
+                                                 "warmup": 1.0}
+    one_shot = live["one_shot"]
+    for result in live.values():
+        assert result["before"]["transactions"] > 0
+        assert result["before"]["p99_ms"] is not None
+        assert result["probes"] > 0
+        assert result["ledger_rows"] > 0
+        # A failed run names its failed step from migration_log (the one-shot keeps none).
+        assert (result["error"] is None) == (result["exit_code"] == 0), result["error"]
+    # One transaction drops and re-adds the FKs: no other session ever sees them missing,
+    # and it writes no application row (it may die in a deadlock with the readers).
+    assert (one_shot["fk_unenforced_s"], one_shot["orphans_accepted"]) == (0, 0)
+    assert one_shot["missing_writes"] == 0
+    text = render_markdown(report)
+    assert "Under load (150 tps, 4 clients" in text
+    assert f"| one_shot | {one_shot['exit_code']} |" in text
+    assert render_markdown(json.loads(json.dumps(report, default=str))) == text
+
+
+# -- the migration under load -----------------------------------------------------------------
+
+def test_full_migration_under_load_is_online(seeded_db: str, tmp_path: Path) -> None:
+    with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
+        settle()
+        load.phase("migration")
+        migrated = data_migration(seeded_db, "full_migration", tmp_path / "migration.log")
+        load.phase("after")
+        settle()
+        report = load.stop()
+    checked = verify(seeded_db)
+    problems = [*exited("full_migration", migrated), *exited("verify", checked),
+                *report.problems()]
+    assert not problems, "\n".join([*problems, report.describe()])
+
+
+def test_rollback_under_load_keeps_the_applications_writes(seeded_db: str,
+                                                           tmp_path: Path) -> None:
+    with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
+        settle()
+        load.phase("migration")
+        migrated = data_migration(seeded_db, "full_migration", tmp_path / "migration.log")
+        load.phase("rollback")
+        rolled_back = data_migration(seeded_db, "rollback", tmp_path / "rollback.log",
+                                     "--keep-changes")
+        load.phase("after")
+        settle()
+        report = load.stop()
+    still_text = execute(seeded_db, sql.SQL(
+        "SELECT data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name = 'users' AND column_name = 'id'"))
+    problems = [*exited("full_migration", migrated), *exited("rollback", rolled_back),
+                *report.problems()]
+    if still_text != [("character varying",)]:
+        problems.append(f"users.id after the rollback: {still_text}")
+    assert not problems, "\n".join([*problems, report.describe()])
