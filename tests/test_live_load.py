@@ -255,8 +255,7 @@ def test_rollback_under_load_keeps_the_applications_writes(seeded_db: str,
         load.phase("migration")
         migrated = data_migration(seeded_db, "full_migration", tmp_path / "migration.log")
         load.phase("rollback")
-        rolled_back = data_migration(seeded_db, "rollback", tmp_path / "rollback.log",
-                                     "--keep-changes")
+        rolled_back = data_migration(seeded_db, "rollback", tmp_path / "rollback.log")
         load.phase("after")
         settle()
         report = load.stop()
