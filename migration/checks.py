@@ -20,7 +20,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import backup, catalog, recorded
 from migration.catalog import ColumnState
 from migration.log import LOG_TABLE
-from migration.model import KeyColumn, Table
+from migration.model import SHADOW_NAME, KeyColumn, Table
 from migration.plan import Plan
 from migration.preflight import samples_query
 from migration.recorded import Entry
@@ -65,19 +65,23 @@ def no_leftovers(ctx: Context) -> list[Finding]:
     for key in ctx.plan.columns:
         if not catalog.table_exists(cur.connection, key.table):
             continue
-        if catalog.column_info(cur.connection, key.table, key.temp) is not None:
-            left.append(f"column {key.table}.{key.temp}")
+        left += [f"column {key.table}.{copy.temp}" for copy in (key, key.reversed())
+                 if catalog.column_info(cur.connection, key.table, copy.temp) is not None]
         cur.execute(
             """
             SELECT 'trigger ' || tgname FROM pg_trigger
             WHERE tgrelid = to_regclass(%(t)s) AND tgname = %(sync)s
             UNION ALL
             SELECT 'constraint ' || conname FROM pg_constraint
-            WHERE conrelid = to_regclass(%(t)s) AND conname IN (%(filled)s, %(not_null)s)
+            WHERE conrelid = to_regclass(%(t)s)
+              AND (conname IN (%(filled)s, %(not_null)s) OR conname ~ %(shadow)s)
+            UNION ALL
+            SELECT 'index ' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+            WHERE i.indrelid = to_regclass(%(t)s) AND c.relname ~ %(shadow)s
             """,
             {"t": catalog.regclass(key.table), "sync": key.helper("sync"),
-             "filled": key.helper("filled"),
-             "not_null": key.helper("not_null")},
+             "filled": key.helper("filled"), "not_null": key.helper("not_null"),
+             "shadow": SHADOW_NAME},
         )
         left += [f"{text} on {key.table}" for (text,) in cur.fetchall()]
     cur.execute("SELECT 'invalid index ' || indexrelid::regclass::text FROM pg_index "
@@ -86,7 +90,8 @@ def no_leftovers(ctx: Context) -> list[Finding]:
                                 if catalog.table_exists(cur.connection, t)],))
     left += [text for (text,) in cur.fetchall()]
     if not left:
-        return _ok("no_leftovers", "no temporary columns, triggers, constraints or invalid indexes")
+        return _ok("no_leftovers", "no temporary columns, triggers, constraints, copies of "
+                   "indexes or foreign keys, or invalid indexes")
     return [Finding("no_leftovers", Status.FAIL, f"{len(left)} leftover object(s)",
                     count=len(left), samples=[{"object": o} for o in left],
                     expected="none", found=", ".join(left),
@@ -515,8 +520,8 @@ CHECKS: tuple[Check, ...] = (
     Check(key_columns_uuid, {
         "key_columns_uuid": "users.id and every column referencing it are uuid"}),
     Check(no_leftovers, {
-        "no_leftovers": "no temporary columns, sync triggers, fill or NOT NULL proofs or invalid "
-                        "indexes remain"}),
+        "no_leftovers": "no temporary columns, sync triggers, fill or NOT NULL proofs, copies "
+                        "of indexes or foreign keys, or invalid indexes remain"}),
     Check(_compare("primary_key"), {
         "primary_key": "every table of the plan has the primary key recorded by backup_data "
                        "(name and definition)"}),

@@ -68,6 +68,10 @@ class KeyColumn:
         return f"{self.table}.{self.column}"
 
 
+SHADOW_NAME = r"^migration_(ix|fk)_[0-9a-f]{16}$"
+"""What every name ``shadow_name`` makes looks like (a POSIX regular expression)."""
+
+
 def shadow_name(kind: str, table: Table, original: str) -> str:
     """The name of the copy the engine builds beside an original index or constraint.
 

@@ -168,6 +168,9 @@ MUTATIONS = {
         frozenset({"key_columns_uuid"}), variant="legacy_no_fk"),
     "temporary_column_left": Mutation(
         "ALTER TABLE public.tags ADD COLUMN user_id_uuid uuid", frozenset({"no_leftovers"})),
+    "copy_of_an_index_left": Mutation(  # as an interrupted rollback before its swap leaves it
+        "CREATE INDEX migration_ix_0123456789abcdef ON public.tags (name)",
+        frozenset({"no_leftovers"})),
     "primary_key_replaced_by_unique": Mutation(
         """
         ALTER TABLE public.users DROP CONSTRAINT users_pkey CASCADE;
