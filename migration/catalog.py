@@ -12,8 +12,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
+import psycopg2.errors
 from psycopg2 import sql
 
+from migration import sqlexpr
 from migration.connection import Connection
 from migration.model import KeyColumn, Table
 
@@ -190,12 +192,30 @@ def _foreign_keys(conn: Connection, key: KeyColumn, rel: str, cols: str) -> list
             for s, t, col, name, definition, valid in rows]
 
 
-def blockers(conn: Connection, key: KeyColumn) -> list[str]:
+@dataclass(frozen=True)
+class Blocker:
+    """An object that depends on a key column and that the swap cannot carry over."""
+
+    what: str  # "policy own_rows", "view public.v", ...
+    reason: str = ""  # why, when it is not just its kind: "would not compile ..."
+    hint: str = ("drop it before the migration and recreate it for the uuid column after")
+
+
+UUID_FORMAT_HINT = (
+    "the uuid type accepts only UUIDs: a CHECK of the format (length, pattern) has nothing "
+    "left to check, drop it before the migration; otherwise rewrite it so that it holds for "
+    "the uuid column (compare with ::text where text is meant), then run again")
+
+
+def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
     """Objects that depend on the column and that the swap cannot carry over.
 
-    Views and rules, triggers, policies, CHECK and exclusion constraints and
+    Views and rules, triggers, exclusion constraints, statistics objects and
     generated columns that mention the column would make ``DROP COLUMN`` fail
     or silently change meaning; they must be dealt with by a person first.
+    CHECK constraints, row-level security policies and expression indexes are
+    carried when their definitions compile with the column as uuid
+    (``compiles_as_uuid``), and are blockers only when they do not.
     The engine's own sync trigger and fill proof are not counted.
     """
     with conn.cursor() as cur:
@@ -240,16 +260,171 @@ def blockers(conn: Connection, key: KeyColumn) -> list[str]:
                     SELECT oid FROM pg_trigger WHERE tgname = %(sync)s))
               AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
                     SELECT oid FROM pg_constraint WHERE conrelid = col.attrelid
-                    AND contype = 'c' AND conname = %(filled)s))
+                    AND contype = 'c'))
+              AND NOT (d.classid = 'pg_policy'::regclass)
             ORDER BY 1
             """,
-            {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync"),
-             "filled": key.helper("filled")},
+            {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync")},
         )
-        found = [text for (text,) in cur.fetchall()]
-    found += [f"generated column {name}" for name in generated_columns(conn, key)]
-    found += [f"expression index {ix.name}" for ix in indexes_on(conn, key) if ix.uses_expression]
+        found = [Blocker(text) for (text,) in cur.fetchall()]
+    found += [Blocker(f"generated column {name}") for name in generated_columns(conn, key)]
+    return found + uncompilable(conn, key)
+
+
+def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
+    """The CHECK constraints, policies and expression indexes on the column whose
+    definitions would not compile with the column as uuid."""
+    found = []
+    for check in check_constraints_on(conn, key):
+        reason = compiles_as_uuid(conn, key, key.table, where=check.expression)
+        if reason:
+            found.append(Blocker(f"constraint {check.name} (CHECK {check.expression})", reason,
+                                 UUID_FORMAT_HINT))
+    for policy in policies_on(conn, key):
+        reason = next((reason for reason in (
+            compiles_as_uuid(conn, key, policy.table, where=expression)
+            for expression in (policy.using, policy.with_check) if expression) if reason), "")
+        if reason:
+            on = "" if policy.table == key.table else f" on {policy.table}"
+            found.append(Blocker(f"policy {policy.name}{on}", reason,
+                                 "rewrite the policy so that it holds for the uuid column "
+                                 "(drop it before the migration and create it again after, "
+                                 "keeping the table protected), then run again"))
+    for index in expression_indexes_on(conn, key):
+        reason = compiles_as_uuid(conn, key, key.table, select=index.expressions,
+                                  where=index.predicate)
+        if reason:
+            found.append(Blocker(f"expression index {index.name}", reason))
     return found
+
+
+NOT_COMPILING = (psycopg2.errors.UndefinedFunction, psycopg2.errors.DatatypeMismatch,
+                 psycopg2.errors.CannotCoerce, psycopg2.errors.AmbiguousFunction,
+                 psycopg2.errors.IndeterminateDatatype)
+"""What the server answers when an expression does not compile for the types it is given:
+no such function or operator (``uuid ~ unknown``), types that cannot be matched (CASE,
+COALESCE, IN), no cast, an ambiguous call.  Anything else is an error of its own."""
+
+
+def compiles_as_uuid(conn: Connection, key: KeyColumn, table: Table, *,
+                     select: str | None = None, where: str | None = None) -> str:
+    """Whether expressions deparsed by the server on ``table`` (a list to select, a
+    condition) still compile once ``key`` is uuid: "" when they do, else why not.
+
+    Each reference to the column becomes ``(column)::uuid`` (``sqlexpr.substitute_column``)
+    and the server parses and plans ``EXPLAIN SELECT <select> FROM <table> WHERE <where>``
+    in a savepoint rolled back: nothing is changed, nothing is read.  A dependency the text
+    does not show as a reference (through an alias) cannot be judged and is refused.
+    """
+    parts, replaced = [], 0
+    for text in (select or "1", where or "true"):
+        substituted, count = sqlexpr.substitute_column(
+            text, key.column, "({})::uuid", key.table.name, unqualified=table == key.table)
+        parts.append(sql.SQL(substituted))
+        replaced += count
+    if not replaced:
+        return (f"cannot be judged: its definition refers to {key.column} in a way the "
+                "pre-flight cannot follow")
+    query = sql.SQL("EXPLAIN SELECT {} FROM {} WHERE {}").format(parts[0], table.ident, parts[1])
+    with conn.cursor() as cur:
+        cur.execute("SAVEPOINT compile_oracle")
+        try:
+            cur.execute(query)  # no parameters: a % in the text stays a %
+        except NOT_COMPILING as error:
+            cur.execute("ROLLBACK TO SAVEPOINT compile_oracle")
+            return (f"would not compile once {key.column} is uuid: "
+                    f"{error.diag.message_primary}")
+        cur.execute("ROLLBACK TO SAVEPOINT compile_oracle")
+    return ""
+
+
+@dataclass(frozen=True)
+class CheckDef:
+    """A CHECK constraint of the key's table that uses the key column."""
+
+    name: str
+    expression: str  # pg_get_expr of its condition
+    validated: bool
+    no_inherit: bool
+
+
+def check_constraints_on(conn: Connection, key: KeyColumn) -> list[CheckDef]:
+    """The table's CHECK constraints that use the column, the engine's own left out."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT k.conname, pg_get_expr(k.conbin, k.conrelid), k.convalidated, k.connoinherit
+            FROM pg_constraint k JOIN pg_attribute a ON a.attrelid = k.conrelid
+            WHERE k.conrelid = to_regclass(%s) AND a.attname = %s AND k.contype = 'c'
+              AND a.attnum = ANY (k.conkey) AND k.conname <> ALL (%s)
+            ORDER BY 1
+            """,
+            (regclass(key.table), key.column,
+             [key.helper("filled"), key.helper("not_null")]))
+        return [CheckDef(*row) for row in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class PolicyDef:
+    """A row-level security policy whose expressions use a key column."""
+
+    table: Table
+    name: str
+    permissive: bool
+    command: str  # ALL, SELECT, INSERT, UPDATE, DELETE
+    roles: tuple[str | None, ...]  # None: PUBLIC
+    using: str | None
+    with_check: str | None
+    comment: str | None
+
+
+def policies_on(conn: Connection, key: KeyColumn) -> list[PolicyDef]:
+    """The policies, on any table, that depend on the column."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT n.nspname, c.relname, p.polname, p.polpermissive,
+                   CASE p.polcmd WHEN 'r' THEN 'SELECT' WHEN 'a' THEN 'INSERT'
+                        WHEN 'w' THEN 'UPDATE' WHEN 'd' THEN 'DELETE' ELSE 'ALL' END,
+                   ARRAY(SELECT CASE WHEN r = 0 THEN NULL ELSE pg_get_userbyid(r) END
+                         FROM unnest(p.polroles) r ORDER BY 1),
+                   pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid),
+                   obj_description(p.oid, 'pg_policy')
+            FROM pg_attribute a
+            JOIN pg_depend d ON d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+                 AND d.classid = 'pg_policy'::regclass
+            JOIN pg_policy p ON p.oid = d.objid
+            JOIN pg_class c ON c.oid = p.polrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1, 2, 3
+            """, (regclass(key.table), key.column))
+        return [PolicyDef(Table(schema, table), name, permissive, command, tuple(roles),
+                          *rest)
+                for schema, table, name, permissive, command, roles, *rest in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class ExpressionIndex:
+    name: str
+    expressions: str | None  # pg_get_expr of its expressions, comma-separated
+    predicate: str | None
+
+
+def expression_indexes_on(conn: Connection, key: KeyColumn) -> list[ExpressionIndex]:
+    """The indexes whose expressions use the column (``indexes_on``, ``uses_expression``)."""
+    names = [ix.name for ix in indexes_on(conn, key) if ix.uses_expression]
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT c.relname, pg_get_expr(i.indexprs, i.indrelid),
+                   pg_get_expr(i.indpred, i.indrelid)
+            FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+            WHERE i.indrelid = to_regclass(%s) AND c.relname = ANY (%s)
+            ORDER BY 1
+            """, (regclass(key.table), names))
+        return [ExpressionIndex(name, expressions, predicate)
+                for name, expressions, predicate in cur.fetchall()]
 
 
 def generated_columns(conn: Connection, key: KeyColumn) -> list[str]:

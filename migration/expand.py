@@ -108,6 +108,50 @@ def build_indexes(session: Session, key: KeyColumn) -> int:
     return built
 
 
+@dataclass(frozen=True)
+class ShadowCheck:
+    """A CHECK constraint on a key column, and the name of its copy on the copy column."""
+
+    original: catalog.CheckDef
+    name: str
+
+
+def shadow_checks(conn: Connection, key: KeyColumn) -> list[ShadowCheck]:
+    return [ShadowCheck(check, shadow_name("ck", key.table, check.name))
+            for check in catalog.check_constraints_on(conn, key)]
+
+
+def copy_checks(session: Session, key: KeyColumn) -> int:
+    """Add, ``NOT VALID`` then validated, the copy of every CHECK on ``key`` on its copy
+    column; how many were added.
+
+    A CHECK that names the old column goes with it at the swap, which only
+    renames its copy: the validation scan is done here, under a lock that lets
+    writes on, and no row is ever unchecked.  The copy depends on the copy
+    column, so ``discard`` drops it with the column.
+    """
+    added = 0
+    for shadow in shadow_checks(session.conn, key):
+        state = catalog.constraint_validity(session.conn, key.table, shadow.name)
+        session.conn.rollback()
+        if state is None:
+            condition = sqlexpr.rename_column(shadow.original.expression, key.column, key.temp)
+            session.ddl(f"check {shadow.original.name}", partial(
+                _execute, statement=sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}){} "
+                                            "NOT VALID").format(
+                    key.table.ident, sql.Identifier(shadow.name), sql.SQL(condition),
+                    sql.SQL(" NO INHERIT" if shadow.original.no_inherit else ""))))
+            added += 1
+        if shadow.original.validated and not state:
+            session.ddl(f"validate {shadow.original.name}",
+                        partial(validate_constraint, table=key.table, name=shadow.name))
+    return added
+
+
+def _execute(cur: Cursor, statement: sql.Composable) -> None:
+    cur.execute(statement)
+
+
 def add_statement(conn: Connection, shadow: ShadowForeignKey,
                   parent: KeyColumn) -> sql.Composable:
     """The copy of an FK between the uuid columns, with the original's rules, NOT VALID."""
@@ -182,8 +226,8 @@ def discard(session: Session, key: KeyColumn) -> int:
     """Drop everything expand built for ``key`` (the inverse of the fill and of this module);
     how many objects were dropped.
 
-    Each drop is catalog work under a short lock; the copy's indexes go with
-    the copy.  The original column and its objects are not touched.
+    Each drop is catalog work under a short lock; the copy's indexes and CHECK
+    copies go with the copy.  The original column and its objects are not touched.
     """
     def work(cur: Cursor) -> int:
         cur.execute(

@@ -229,9 +229,10 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
                                 "the table has no primary key to walk in batches",
                                 subject=str(key.table), hint="add a primary key first"))
     for blocker in catalog.blockers(conn, key):
-        findings.append(Finding(
-            "blocker", Status.FAIL, f"{blocker} depends on the column", subject=str(key),
-            hint="drop it before the migration and recreate it for the uuid column after"))
+        reason = f" and {blocker.reason}" if blocker.reason else ""
+        findings.append(Finding("blocker", Status.FAIL,
+                                f"{blocker.what} depends on the column{reason}",
+                                subject=str(key), hint=blocker.hint))
     if state in (ColumnState.STRING, ColumnState.BACKFILLING):
         findings += trigger_findings(session, key)
     return findings

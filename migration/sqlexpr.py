@@ -156,15 +156,44 @@ def rename_column(definition: str, column: str, new: str) -> str:
     function name (before ``(``) or a type (after ``::``); literals and quoted
     identifiers are read whole.  The server checks the result when it runs it.
     """
+    return substitute_column(definition, column, quote_ident(new))[0]
+
+
+def substitute_column(definition: str, column: str, replacement: str,
+                      qualifier: str | None = None, *, unqualified: bool = True
+                      ) -> tuple[str, int]:
+    """``definition`` with each reference to ``column`` replaced by ``replacement``
+    (``{}`` in it standing for the reference as written), and how many were replaced.
+
+    References are the unqualified words ``rename_column`` renames (unless
+    ``unqualified`` is false) and, when ``qualifier`` is given, ``qualifier.column``.
+    """
     tokens = _tokens(definition)
-    out = []
-    for i, token in enumerate(tokens):
-        before = next((t for t in reversed(tokens[:i]) if t[0] != "space"), ("", ""))
-        after = next((t for t in tokens[i + 1:] if t[0] != "space"), ("", ""))
-        is_reference = (_names(token) == column and before[1] not in (".", "::")
-                        and after[1] not in (".", "("))
-        out.append(quote_ident(new) if is_reference else token[1])
-    return "".join(out)
+    solid = [i for i, token in enumerate(tokens) if token[0] != "space"]
+    out = [value for _, value in tokens]
+    replaced = 0
+    for at, i in enumerate(solid):
+        if _names(tokens[i]) != column:
+            continue
+        before = [tokens[j] for j in solid[max(at - 3, 0):at]]
+        after = tokens[solid[at + 1]][1] if at + 1 < len(solid) else ""
+        if after in (".", "("):
+            continue
+        if before[-1:] and before[-1][1] in (".", "::"):
+            if (qualifier is None or before[-1][1] != "." or len(before) < 2
+                    or _names(before[-2]) != qualifier
+                    or (len(before) == 3 and before[0][1] == ".")):
+                continue
+            start = solid[at - 2]
+            reference = "".join(out[start:i + 1])
+            out[start:i] = [""] * (i - start)
+        elif not unqualified:
+            continue
+        else:
+            reference = quote_ident(column) if tokens[i][0] == "quoted" else tokens[i][1]
+        out[i] = replacement.replace("{}", reference) if "{}" in replacement else replacement
+        replaced += 1
+    return "".join(out), replaced
 
 
 def concurrent_copy(index_definition: str, name: str, column: str, new_column: str) -> str:

@@ -32,7 +32,15 @@ from migration import backup, catalog
 from migration.connection import Connection
 from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
-from migration.expand import ShadowIndex, shadow_foreign_keys, shadow_indexes, stage
+from migration.expand import (
+    ShadowCheck,
+    ShadowIndex,
+    copy_checks,
+    shadow_checks,
+    shadow_foreign_keys,
+    shadow_indexes,
+    stage,
+)
 from migration.log import logger
 from migration.model import KeyColumn
 from migration.plan import Plan
@@ -51,6 +59,7 @@ class ColumnSwap:
     comments: dict[tuple[str, str], str]
     indexes: list[ShadowIndex]
     replica_identity: str | None
+    checks: list[ShadowCheck]
 
 
 def not_ready(session: Session, plan: Plan) -> list[str]:
@@ -66,6 +75,8 @@ def swap(session: Session, plan: Plan) -> None:
     if waiting:
         raise MigrationError("the swap needs every column expanded: " + ", ".join(waiting),
                              hint="run migrate_users, then migrate_foreign_keys")
+    for key in plan.columns:  # the last of the expand: its scans are done before the swap
+        copy_checks(session, key)
     session.ddl("swap", lambda cur: _swap(cur, session, plan))
     logger.info("%s and %s column(s) referring to it swapped %s", plan.parent,
                 len(plan.children), "back to their string types" if plan.parent.back
@@ -77,6 +88,7 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
     for table in (plan.parent.table, *children):
         cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+    policies = _lock_policy_tables(cur, plan)
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
                    .get(("constraint", fk.original.name)) for fk in references}
@@ -84,8 +96,12 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
                                                                       key.column),
                           catalog.comments(conn, key.table, key.column),
                           shadow_indexes(conn, key), catalog.replica_identity_index(conn,
-                                                                                   key.table))
+                                                                                   key.table),
+                          shadow_checks(conn, key))
                for key in plan.columns]
+    for policy in policies:
+        cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
+                                                           policy.table.ident))
     for fk in references:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             fk.child.table.ident, sql.Identifier(fk.original.name)))
@@ -97,7 +113,39 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
             fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)))
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
             sql.Identifier(fk.original.name), fk.child.table.ident), fk_comments[fk.original.name])
+    for policy in policies:
+        _create_policy(cur, policy)
     session.point("swap")
+
+
+def _lock_policy_tables(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
+    """The policies that depend on the plan's columns, their tables locked too (after the
+    plan's, in name order): they are dropped before the columns and created again, from
+    the definitions read here, after the renames, so no table is ever unprotected."""
+    def read() -> list[catalog.PolicyDef]:
+        return sorted({policy for key in plan.columns
+                       for policy in catalog.policies_on(cur.connection, key)},
+                      key=lambda policy: (policy.table, policy.name))
+
+    for table in sorted({policy.table for policy in read()} - set(plan.tables)):
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+    return read()
+
+
+def _create_policy(cur: Cursor, policy: catalog.PolicyDef) -> None:
+    roles = sql.SQL(", ").join(sql.SQL("PUBLIC") if role is None else sql.Identifier(role)
+                               for role in policy.roles)
+    statement = sql.SQL("CREATE POLICY {} ON {} AS {} FOR {} TO {}").format(
+        sql.Identifier(policy.name), policy.table.ident,
+        sql.SQL("PERMISSIVE" if policy.permissive else "RESTRICTIVE"),
+        sql.SQL(policy.command), roles)
+    if policy.using is not None:  # the server's own text, read in this transaction
+        statement += sql.SQL(" USING ({})").format(sql.SQL(policy.using))
+    if policy.with_check is not None:
+        statement += sql.SQL(" WITH CHECK ({})").format(sql.SQL(policy.with_check))
+    cur.execute(statement)
+    _comment(cur, sql.SQL("POLICY {} ON {}").format(sql.Identifier(policy.name),
+                                                    policy.table.ident), policy.comment)
 
 
 def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
@@ -134,6 +182,12 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
     for index in column.indexes:
         _take_name(cur, key, index, column.comments)
         session.point(f"swap {key}")
+    for check in column.checks:
+        execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+            table, sql.Identifier(check.name), sql.Identifier(check.original.name)))
+        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
+            sql.Identifier(check.original.name), table),
+            column.comments.get(("constraint", check.original.name)))
     if column.replica_identity in {index.original.name for index in column.indexes}:
         execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
             table, sql.Identifier(column.replica_identity or "")))
