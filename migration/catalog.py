@@ -316,13 +316,14 @@ def compiles_as_uuid(conn: Connection, key: KeyColumn, table: Table, *,
     in a savepoint rolled back: nothing is changed, nothing is read.  A dependency the text
     does not show as a reference (through an alias) cannot be judged and is refused.
     """
-    parts, replaced = [], 0
+    parts, replaced, unsure = [], 0, 0
     for text in (select or "1", where or "true"):
         substituted, count = sqlexpr.substitute_column(
             text, key.column, "({})::uuid", key.table.name, unqualified=table == key.table)
         parts.append(sql.SQL(substituted))
         replaced += count
-    if not replaced:
+        unsure += sqlexpr.foreign_references(text, key.column, key.table.name)
+    if not replaced or unsure:
         return (f"cannot be judged: its definition refers to {key.column} in a way the "
                 "pre-flight cannot follow")
     query = sql.SQL("EXPLAIN SELECT {} FROM {} WHERE {}").format(parts[0], table.ident, parts[1])

@@ -68,7 +68,7 @@ class KeyColumn:
         return f"{self.table}.{self.column}"
 
 
-SHADOW_NAME = r"^migration_(ix|fk)_[0-9a-f]{16}$"
+SHADOW_NAME = r"^migration_(ix|fk|ck)_[0-9a-f]{16}$"
 """What every name ``shadow_name`` makes looks like (a POSIX regular expression)."""
 
 

@@ -196,6 +196,14 @@ def substitute_column(definition: str, column: str, replacement: str,
     return "".join(out), replaced
 
 
+def foreign_references(definition: str, column: str, table: str) -> int:
+    """How many times ``definition`` names ``column`` behind a qualifier other than
+    ``table`` (``alias.column``): the text alone cannot tell which table that is."""
+    solid = [token for token in _tokens(definition) if token[0] != "space"]
+    return sum(1 for qualifier, dot, token in zip(solid, solid[1:], solid[2:], strict=False)
+               if dot[1] == "." and _names(token) == column and _names(qualifier) != table)
+
+
 def concurrent_copy(index_definition: str, name: str, column: str, new_column: str) -> str:
     """``CREATE [UNIQUE] INDEX CONCURRENTLY name ...`` on ``new_column``: the deparsed
     definition of an index on ``column``, built again under another name."""
