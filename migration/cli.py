@@ -5,6 +5,8 @@ Exit codes:
   1  refused or failed because of the data or the database state; the report
      names the rows or objects and says what to do next
   2  usage error, or the database could not be reached (or the connection was lost)
+  130  interrupted (Ctrl-C); like a failure, it prints where the migration stands
+     and the command that resumes it
 """
 
 from __future__ import annotations
@@ -25,11 +27,11 @@ import psycopg2.errors
 from migration.connection import ConnectError, redact_dsn
 from migration.errors import MigrationError
 from migration.log import DEFAULT_LOG_FILE, logger, setup_file_log
-from migration.operations import OPERATIONS, Outcome, run, status
+from migration.operations import OPERATIONS, Outcome, run, stage_of, status
 from migration.report import Finding, render
 from migration.session import Session, Settings
 
-EXIT_OK, EXIT_REFUSED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
 
 
@@ -84,17 +86,30 @@ def _print_outcome(outcome: Outcome, fmt: str, *, verbose: bool) -> None:
     click.echo(outcome.message)
 
 
-def _print_error(message: str, hint: str, findings: list[Finding], fmt: str) -> None:
+def _print_error(message: str, hint: str, findings: list[Finding], fmt: str,
+                 state: str | None = None) -> None:
     if fmt == "json":
-        click.echo(json.dumps({"ok": False, "error": message, "next": hint,
+        click.echo(json.dumps({"ok": False, "error": message, "next": hint, "state": state,
                                "findings": [f.as_dict() for f in findings]},
                               default=str, indent=2))
         return
     if findings:
         click.echo(render([f for f in findings if f.status in ("fail", "warn")]))
     click.echo(f"error: {message}", err=True)
+    if state:
+        click.echo(f"state: {state}", err=True)
     if hint:
         click.echo(f"next: {hint}", err=True)
+
+
+def _state_now(database_url: str, schema: str) -> str:
+    """Where the migration stands, read afresh after a failure: each column's stage."""
+    try:
+        with Session.open(database_url, Settings(show_progress=False), schema=schema,
+                          lock=False) as session:
+            return stage_of(session)
+    except (psycopg2.Error, ConnectError, MigrationError) as exc:
+        return f"unknown: the database could not be read ({redact_dsn(str(exc)).strip()})"
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__)
@@ -175,15 +190,18 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
             outcome = (status(session) if operation == "status"
                        else run(session, operation, OPERATIONS[operation]))
     except MigrationError as exc:
-        _print_error(exc.message, exc.hint, exc.findings, fmt)
+        _print_error(exc.message, exc.hint, exc.findings, fmt,
+                     _state_now(database_url, options["schema"]))
         ctx.exit(EXIT_REFUSED)
     except ConnectError as exc:
         _print_error(str(exc), "check the URL, the server and the credentials", [], fmt)
         ctx.exit(EXIT_USAGE)
     except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but no connection lost
         _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
-                     "nothing of the failed step was committed; run it again, with a longer "
-                     "--statement-timeout if a statement ran out of time (0: no limit)", [], fmt)
+                     f"run --operation={operation} again (it resumes), with a longer "
+                     "--statement-timeout if a statement ran out of time (0: no limit); "
+                     "or --operation=rollback", [], fmt,
+                     _state_now(database_url, options["schema"]))
         ctx.exit(EXIT_REFUSED)
     except psycopg2.OperationalError as exc:
         logger.error("%s: connection lost: %s", operation, redact_dsn(str(exc)))
@@ -193,9 +211,16 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
         ctx.exit(EXIT_USAGE)
     except psycopg2.Error as exc:
         _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
-                     "nothing of the failed step was committed; fix the cause and run again, "
-                     "or --operation=rollback", [], fmt)
+                     f"the statement that failed was rolled back, earlier steps stay; fix the "
+                     f"cause and run --operation={operation} again (it resumes), or "
+                     "--operation=rollback", [], fmt, _state_now(database_url, options["schema"]))
         ctx.exit(EXIT_REFUSED)
+    except KeyboardInterrupt:
+        logger.error("%s: interrupted", operation)
+        _print_error(f"{operation} interrupted", f"run --operation={operation} again (it "
+                     "resumes where it stopped), or --operation=rollback", [], fmt,
+                     _state_now(database_url, options["schema"]))
+        ctx.exit(EXIT_INTERRUPTED)
     _print_outcome(outcome, fmt, verbose=verbose)
 
 

@@ -285,6 +285,11 @@ def _stages(session: Session) -> dict[KeyColumn, str]:
     return stages
 
 
+def stage_of(session: Session) -> str:
+    """Where the migration stands, from the catalog alone: one line for an operator."""
+    return _stage(_stages(session))
+
+
 def _stage(stages: dict[KeyColumn, str]) -> str:
     if all(where == ColumnState.UUID for where in stages.values()):
         return "migrated"

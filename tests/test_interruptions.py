@@ -1,0 +1,50 @@
+"""A step that fails or is interrupted after something was committed says exactly where the
+migration stands (each column's stage) and the command that goes on from there."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from tests.operate import execute, operate, run_ok
+from tests.test_operations import seeded
+
+STATE = ("state: expanding (public.users.id: indexed, public.journal_entries.user_id: string, "
+         "public.tags.user_id: string, public.reminders.user_id: string)")
+
+
+def test_a_refusal_after_the_expansion_says_where_the_migration_stands(legacy_db: str) -> None:
+    seeded(legacy_db)
+    run_ok(legacy_db, "backup_data")
+    run_ok(legacy_db, "migrate_users")
+    execute(legacy_db, "CREATE VIEW tag_owners AS SELECT user_id FROM tags")
+    result = operate(legacy_db, "migrate_foreign_keys")
+    assert result.exit_code == 1
+    assert STATE in result.output
+    assert "view or rule public.tag_owners" in result.output
+
+
+def test_ctrl_c_stops_with_the_state_and_the_command_that_resumes(legacy_db: str) -> None:
+    """SIGINT in the middle of the users' fill: exit 130, the stage, the next command; the
+    same command then finishes the step."""
+    seeded(legacy_db, 3000)
+    run_ok(legacy_db, "backup_data")
+    command = [sys.executable, "-m", "migration.cli", "--operation=migrate_users",
+               "--database-url", legacy_db, "--batch-size=1", "--jobs=1", "--quiet",
+               "--log-file", os.devnull]
+    with subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as process:
+        while not execute(legacy_db, "SELECT 1 FROM migration_backup.backfill_progress "
+                                     "WHERE rows_done > 0"):
+            assert process.poll() is None, "migrate_users ended before it could be interrupted"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 130, stderr
+    assert "error: migrate_users interrupted" in stderr
+    assert "state: expanding (public.users.id: filling" in stderr
+    assert "next: run --operation=migrate_users again" in stderr
+    run_ok(legacy_db, "migrate_users")
+    assert "public.users.id: indexed" in run_ok(legacy_db, "status").output
