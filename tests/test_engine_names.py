@@ -124,7 +124,7 @@ def test_an_unmarked_copy_is_not_filled_over(legacy_db: str) -> None:
     seeded(legacy_db)
     run_ok(legacy_db, "full_migration")
     execute(legacy_db, "ALTER TABLE tags ADD COLUMN user_id_text text")
-    execute(legacy_db, "UPDATE tags SET user_id_text = 'the application''s'")
+    execute(legacy_db, "UPDATE tags SET user_id_text = upper(user_id::text)")  # casts, too
     before = print_of(legacy_db)
 
     assert "column user_id_text on public.tags" in operate(legacy_db, "validate_schema").output
