@@ -33,6 +33,7 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
 from migration import backup, catalog
+from migration.connection import Connection
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -63,6 +64,8 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
     def work(cur: Cursor) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
             key.table.ident, sql.Identifier(key.temp), copy_type))
+        cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
+            sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
         cur.execute(sql.SQL(
             "CREATE TRIGGER {} BEFORE INSERT OR UPDATE OF {} ON {} FOR EACH ROW "
             "EXECUTE FUNCTION {}({}, {})").format(
@@ -83,6 +86,17 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
                                                          strict=True))])
 
     session.ddl(f"add {key.temp} to {key.table}", work)
+
+
+def is_engines(conn: Connection, key: KeyColumn) -> bool:
+    """Whether the table has a temporary column of ``key`` that the engine created (it
+    bears the engine's mark); False when there is none, or when it is the application's."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT col_description(attrelid, attnum) = %s FROM pg_attribute "
+                    "WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
+                    (key.mark, catalog.regclass(key.table), key.temp))
+        row = cur.fetchone()
+    return bool(row and row[0])
 
 
 # Rows of the primary key sampled to cut a table into slices of about equal size.
@@ -261,6 +275,12 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     resumes every one of them.  With one job the engine's own connection
     does it all, slice after slice.
     """
+    taken = [key for key in keys if not is_engines(session.conn, key)
+             and catalog.column_info(session.conn, key.table, key.temp) is not None]
+    if taken:  # the pre-flight refuses these; a rollback after the swap has none
+        raise MigrationError("refused, nothing was changed: " + ", ".join(
+            f"{key.table}.{key.temp}" for key in taken) + " is the application's, not a "
+            "copy the migration made", hint="rename the application's column, then run again")
     for key in keys:
         if catalog.column_info(session.conn, key.table, key.temp) is None:
             add_temporary_column(session, key)

@@ -30,7 +30,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import catalog, sqlexpr
 from migration.catalog import ForeignKeyDef, IndexDef
 from migration.connection import Connection
-from migration.convert import validate_constraint
+from migration.convert import is_engines, validate_constraint
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, shadow_name
@@ -227,9 +227,17 @@ def discard(session: Session, key: KeyColumn) -> int:
     how many objects were dropped.
 
     Each drop is catalog work under a short lock; the copy's indexes and CHECK
-    copies go with the copy.  The original column and its objects are not touched.
+    copies go with the copy.  The original column and its objects are not touched, nor
+    is a column of the copy's name that the engine did not create (it bears no mark):
+    it is the application's, and so are a trigger or checks of the engine's names
+    beside it (the engine creates those with its column only).
     """
     def work(cur: Cursor) -> int:
+        if not is_engines(cur.connection, key):
+            if catalog.column_info(cur.connection, key.table, key.temp) is not None:
+                logger.warning("%s: column %s is not the migration's (it bears no mark); "
+                               "left as it is", key, key.temp)
+            return 0
         cur.execute(
             """
             SELECT n.nspname, c.relname, k.conname

@@ -11,6 +11,28 @@ from psycopg2 import sql
 
 TEMP_SUFFIX = "_uuid"
 BACK_SUFFIX = "_text"
+NAME_BYTES = 63
+"""PostgreSQL's longest identifier (NAMEDATALEN - 1), in bytes of UTF-8: a longer one is
+truncated by the server, and a catalog lookup by the full name then finds nothing."""
+HASH_CHARS = 8
+
+
+def fit_name(head: str, tail: str = "") -> str:
+    """``head + tail`` as a name of the engine's, within PostgreSQL's 63 bytes.
+
+    A name that fits is kept as it is (``id_uuid``, ``migration_sync_user_id``,
+    as the runbook names them).  A longer one keeps ``tail``, and ``head`` is
+    cut on a character boundary to make room for ``_`` and a short hash of the
+    full name: two long columns that share their first 59 bytes still get
+    different names, and the same column always gets the same one.
+    """
+    full = head + tail
+    if len(full.encode()) <= NAME_BYTES:
+        return full
+    digest = hashlib.sha1(full.encode()).hexdigest()[:HASH_CHARS]
+    room = NAME_BYTES - len(f"_{digest}{tail}".encode())
+    cut = head.encode()[:room].decode(errors="ignore")  # drops a split last character
+    return f"{cut}_{digest}{tail}"
 
 
 @dataclass(frozen=True, order=True)
@@ -42,7 +64,14 @@ class KeyColumn:
     def temp(self) -> str:
         """The temporary column filled before the swap: the runbook's ``id_uuid``, or on
         the way back ``id_text``."""
-        return self.column + (BACK_SUFFIX if self.back else TEMP_SUFFIX)
+        return fit_name(self.column, BACK_SUFFIX if self.back else TEMP_SUFFIX)
+
+    @property
+    def mark(self) -> str:
+        """The comment the engine gives the temporary column it creates: what tells its
+        own column from an application's of the same name (the trigger and the checks
+        are only ever created with the column, so the column's mark covers them)."""
+        return f"uuid-migration: copy of {self.column}"
 
     def reversed(self) -> KeyColumn:
         return dataclasses.replace(self, back=not self.back)
@@ -62,7 +91,7 @@ class KeyColumn:
     def helper(self, kind: str) -> str:
         """Names of the engine's temporary objects for this column (``sync``
         trigger, ``filled`` and ``not_null`` checks), within PostgreSQL's 63 bytes."""
-        return f"migration_{kind}_{self.column}"[:63]
+        return fit_name(f"migration_{kind}_{self.column}")
 
     def __str__(self) -> str:
         return f"{self.table}.{self.column}"
@@ -79,4 +108,4 @@ def shadow_name(kind: str, table: Table, original: str) -> str:
     and short enough for PostgreSQL's 63 bytes whatever the original's length.
     """
     digest = hashlib.sha1(f"{table.schema}\0{table.name}\0{original}".encode()).hexdigest()
-    return f"migration_{kind}_{digest[:16]}"
+    return fit_name(f"migration_{kind}_{digest[:16]}")

@@ -177,8 +177,9 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         converted_default(cur, key, column.info.default)
     for grant in column.grants:
         execute(grant_statement(key, grant))
-    _comment(cur, sql.SQL("COLUMN {}").format(sql.Identifier(*table.strings, key.column)),
-             column.comments.get(("column", key.column)))
+    # exactly the original's comment, none if it had none: the copy's mark must not stay
+    cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
+        sql.Identifier(*table.strings, key.column)), (column.comments.get(("column", key.column)),))
     for index in column.indexes:
         _take_name(cur, key, index, column.comments)
         session.point(f"swap {key}")

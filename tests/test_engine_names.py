@@ -1,0 +1,175 @@
+"""The names the engine creates are its own.
+
+Its temporary column, sync trigger and fill proofs fit PostgreSQL's 63 bytes
+whatever the key column's name (a longer name would be truncated by the
+server, and the engine's lookups by the full name would find nothing), and
+an application object that happens to bear one of those names is refused
+before anything changes, and never dropped by a rollback.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from psycopg2 import sql
+
+from migration.model import SHADOW_NAME, KeyColumn, Table, fit_name, shadow_name
+from migration.rehearsal.seed import seed
+from tests.operate import connected, execute, operate, print_of, run_ok
+
+TAGS = Table("public", "tags")
+USERS = Table("public", "users")
+LONG = "u" * 52 + "_user_id"  # 60 bytes: "_uuid" after it is 65
+MULTIBYTE = "é" * 25 + "_user"  # 55 bytes, 30 characters: its helpers are cut mid-é
+
+
+def names_of(key: KeyColumn) -> list[str]:
+    return [key.temp, key.reversed().temp,
+            *(key.helper(kind) for kind in ("sync", "filled", "not_null"))]
+
+
+def test_short_names_are_the_runbook_s() -> None:
+    assert KeyColumn(USERS, "id").temp == "id_uuid"
+    assert KeyColumn(USERS, "id", back=True).temp == "id_text"
+    assert KeyColumn(TAGS, "user_id").temp == "user_id_uuid"
+    assert KeyColumn(TAGS, "user_id").helper("sync") == "migration_sync_user_id"
+    assert KeyColumn(TAGS, "user_id").helper("not_null") == "migration_not_null_user_id"
+
+
+@pytest.mark.parametrize("column", [LONG, MULTIBYTE, "é" * 31 + "x", "x" * 63])
+def test_every_name_fits_63_bytes(column: str) -> None:
+    key = KeyColumn(TAGS, column)
+    for name in names_of(key):
+        assert len(name.encode()) <= 63, name
+    assert key.temp.endswith("_uuid")
+    assert key.reversed().temp.endswith("_text")
+    assert len(set(names_of(key))) == 5
+    assert column not in names_of(key)
+
+
+def test_the_cut_is_on_a_character_boundary() -> None:
+    """Every length of a multibyte name: within 63 bytes, and all different."""
+    names = [name for n in range(20, 32) for name in names_of(KeyColumn(TAGS, "é" * n))]
+    assert all(len(name.encode()) <= 63 for name in names)
+    assert len(set(names)) == len(names)
+
+
+def test_long_names_sharing_their_first_bytes_differ() -> None:
+    first, second = KeyColumn(TAGS, "p" * 59 + "_a"), KeyColumn(TAGS, "p" * 59 + "_b")
+    for mine, theirs in zip(names_of(first), names_of(second), strict=True):
+        assert mine != theirs
+    assert fit_name("q" * 70) != fit_name("q" * 71)
+    assert fit_name("q" * 70) == fit_name("q" * 70)  # a resumed run finds its objects again
+
+
+def test_shadow_names_keep_their_form() -> None:
+    for name in (shadow_name("ix", USERS, "users_pkey"),
+                 shadow_name("fk", Table("public", "t" * 63), "k" * 63)):
+        assert re.fullmatch(SHADOW_NAME.strip("^$"), name), name
+
+
+def comment_of(dsn: str, table: str, column: str) -> object:
+    rows = execute(dsn, "SELECT col_description(to_regclass(%s), attnum) FROM pg_attribute "
+                        "WHERE attrelid = to_regclass(%s) AND attname = %s",
+                   (table, table, column))
+    assert rows, f"no column {table}.{column}"
+    return rows[0][0]
+
+
+def seeded(dsn: str) -> None:
+    with connected(dsn, autocommit=False) as conn:
+        seed(conn, 12)
+
+
+APPLICATION_OBJECTS = {
+    "column": ["ALTER TABLE tags ADD COLUMN user_id_uuid text",
+               "UPDATE tags SET user_id_uuid = 'the application''s ' || name"],
+    "trigger": ["CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$BEGIN RETURN NEW; END$$",
+                "CREATE TRIGGER migration_sync_user_id BEFORE INSERT ON tags "
+                "FOR EACH ROW EXECUTE FUNCTION touch()"],
+    "constraint": ["ALTER TABLE tags ADD CONSTRAINT migration_filled_user_id "
+                   "CHECK (length(name) > 0)"],
+}
+TAKEN = {"column": "column user_id_uuid", "trigger": "trigger migration_sync_user_id",
+         "constraint": "constraint migration_filled_user_id"}
+
+
+@pytest.mark.parametrize("kind", sorted(APPLICATION_OBJECTS))
+def test_an_application_object_with_an_engine_name_is_refused_and_kept(
+        legacy_db: str, kind: str) -> None:
+    seeded(legacy_db)
+    for statement in APPLICATION_OBJECTS[kind]:
+        execute(legacy_db, statement)
+    before = print_of(legacy_db)
+
+    refused = operate(legacy_db, "full_migration")
+    assert refused.exit_code == 1, refused.output
+    assert f"{TAKEN[kind]} on public.tags" in refused.output
+    assert "rename the application's" in refused.output
+    assert print_of(legacy_db) == before
+
+    operate(legacy_db, "rollback")  # no backup yet: it may refuse, it must not drop
+    assert print_of(legacy_db) == before
+    run_ok(legacy_db, "backup_data")
+    run_ok(legacy_db, "rollback")  # a discard: the column is not the migration's
+    after = print_of(legacy_db)
+    assert after == before, "\n".join(before.diff(after))
+
+
+def test_an_unmarked_copy_is_not_filled_over(legacy_db: str) -> None:
+    """The engine's own refusal, below the pre-flight: the fill never writes into a column
+    it did not create (the rollback after the swap runs no pre-flight)."""
+    seeded(legacy_db)
+    run_ok(legacy_db, "full_migration")
+    execute(legacy_db, "ALTER TABLE tags ADD COLUMN user_id_text text")
+    execute(legacy_db, "UPDATE tags SET user_id_text = upper(user_id::text)")  # casts, too
+    before = print_of(legacy_db)
+
+    assert "column user_id_text on public.tags" in operate(legacy_db, "validate_schema").output
+    refused = operate(legacy_db, "rollback")
+    assert refused.exit_code == 1, refused.output
+    assert "public.tags.user_id_text is the application's" in refused.output
+    assert print_of(legacy_db) == before
+
+
+@pytest.mark.parametrize("column", [LONG, MULTIBYTE])
+def test_a_long_key_column_migrates_and_rolls_back(legacy_db: str, column: str) -> None:
+    """A discovered child with a long FK column (and a twin sharing its first 59 bytes),
+    migrated and rolled back; the engine's mark never stays on a converted column."""
+    seeded(legacy_db)
+    twin = column[:-1] + "_"  # the same name but its last character
+    execute(legacy_db, sql.SQL(
+        "CREATE TABLE notes (id varchar(36) PRIMARY KEY DEFAULT gen_random_uuid()::text, "
+        "{c} varchar(36) NOT NULL REFERENCES users (id), "
+        "{t} varchar(36) REFERENCES users (id))").format(
+        c=sql.Identifier(column), t=sql.Identifier(twin)))
+    execute(legacy_db, sql.SQL("INSERT INTO notes ({c}, {t}) SELECT id, id FROM users")
+            .format(c=sql.Identifier(column), t=sql.Identifier(twin)))
+    execute(legacy_db, "COMMENT ON COLUMN tags.user_id IS 'owner of the tag'")
+    before = print_of(legacy_db)
+
+    run_ok(legacy_db, "validate_schema")
+    run_ok(legacy_db, "backup_data")
+    run_ok(legacy_db, "migrate_users")
+    assert comment_of(legacy_db, "users", "id_uuid") == "uuid-migration: copy of id"
+    run_ok(legacy_db, "migrate_foreign_keys")
+    run_ok(legacy_db, "validate_migration")
+    types = execute(legacy_db, "SELECT attname, format_type(atttypid, atttypmod) "
+                               "FROM pg_attribute WHERE attrelid = 'notes'::regclass "
+                               "AND attnum > 0 AND NOT attisdropped ORDER BY attnum")
+    assert dict(types) == {"id": "character varying(36)", column: "uuid", twin: "uuid"}
+    assert execute(legacy_db, sql.SQL("SELECT count(*) FROM notes n JOIN users u "
+                                      "ON u.id = n.{c} AND u.id = n.{t}").format(
+        c=sql.Identifier(column), t=sql.Identifier(twin))) == execute(
+        legacy_db, "SELECT count(*) FROM users")
+    comments = {(t, c): comment_of(legacy_db, t, c)
+                for t, c in (("users", "id"), ("tags", "user_id"), ("notes", column))}
+    assert comments == {("users", "id"): None, ("tags", "user_id"): "owner of the tag",
+                        ("notes", column): None}
+
+    run_ok(legacy_db, "rollback")
+    after = print_of(legacy_db)
+    assert after == before, "\n".join(before.diff(after))
+    assert {(t, c): comment_of(legacy_db, t, c) for t, c in comments} == comments
