@@ -78,50 +78,104 @@ def _pk_join(pk: list[str], converted: set[str]) -> sql.Composable:
 
 
 def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
-    """Rows inserted, changed or deleted since the backup, table by table."""
+    """Rows inserted, changed or deleted since the backup, table by table.
+
+    The application's writes are counted from the change log; any other
+    difference from the backup (a write the log did not see) is reported
+    apart, and either makes the rollback refuse without --keep-changes.
+    """
     findings = []
-    conn = cur.connection
     for table, keys in _keys_by_table(session).items():
-        pk = _primary_key(cur, table, keys)
-        converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
+        log = backup.change_log(cur, table, keys)
         ignored = [k.column for k in keys] + [k.temp for k in keys]
-        same_keys = sql.SQL(" AND ").join(
-            sql.SQL("l.{c} IS NOT DISTINCT FROM (b.{c})::uuid" if k.column in converted
-                    else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
-            for k in keys)
-        quarantined = backup.quarantine_name(table)
-        in_quarantine: sql.Composable = sql.SQL("false")
-        if catalog.relation_exists(conn, quarantined):
-            in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
-                quarantined, sql.SQL(" AND ").join(
-                    sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
-        cur.execute(sql.SQL(
-            """
-            SELECT kind, count(*) OVER (), row_data FROM (
-                SELECT CASE WHEN b IS NULL THEN 'inserted'
-                            WHEN l IS NULL THEN 'deleted' ELSE 'changed' END AS kind,
-                       coalesce(to_jsonb(l), to_jsonb(b)) - %(ignored)s::text[] AS row_data,
-                       coalesce(to_jsonb(l), to_jsonb(b)) AS ordering
-                FROM {backup} b FULL JOIN {live} l ON {join}
-                WHERE (b IS NULL) OR (l IS NULL AND NOT {in_quarantine})
-                   OR (NOT (l IS NULL) AND NOT (b IS NULL) AND (
-                        NOT ({same_keys})
-                        OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[]))
-            ) d ORDER BY kind, ordering LIMIT %(n)s
-            """).format(backup=backup.backup_name(table), live=table.ident,
-                        join=_pk_join(pk, converted), in_quarantine=in_quarantine,
-                        same_keys=same_keys),
-            {"ignored": ignored, "n": SAMPLE_LIMIT})
-        rows = cur.fetchall()
-        if rows:
-            findings.append(Finding(
-                "changed_after_backup", Status.FAIL,
-                f"{rows[0][1]} row(s) were inserted, changed or deleted after the backup",
-                subject=str(table), count=int(rows[0][1]),
-                samples=[{"change": kind, "row": data} for kind, _, data in rows],
-                hint="rollback --keep-changes keeps them (new ids as text); without it the "
-                     "rollback would lose them"))
+        findings += _logged_changes(cur, table, log, ignored)
+        findings += _unlogged_changes(cur, table, keys, log, ignored)
     return findings
+
+
+def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
+                    ignored: list[str]) -> list[Finding]:
+    """The rows in the change log, each with its last logged write and its row now
+    (or in the backup, once deleted)."""
+    if not log.columns:
+        return []
+    cur.execute(sql.SQL(
+        """
+        WITH {logged}, last AS (
+            SELECT g.row_key, (SELECT c.operation FROM {change_log} c
+                               WHERE (c.table_schema, c.table_name, c.row_key)
+                                     = (%(log_schema)s, %(log_table)s, g.row_key)
+                               ORDER BY c.id DESC LIMIT 1) AS operation
+            FROM logged g)
+        SELECT kind, total, coalesce(
+                   (SELECT to_jsonb(l) - %(ignored)s::text[] FROM {live} l WHERE {in_live} LIMIT 1),
+                   (SELECT to_jsonb(b) - %(ignored)s::text[] FROM {copy} b WHERE {in_copy} LIMIT 1),
+                   g.row_key)
+        FROM (SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
+                                    ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
+              FROM last ORDER BY 1, row_key LIMIT %(n)s) g
+        ORDER BY kind, g.row_key
+        """).format(logged=log.cte(), change_log=backup.meta("change_log"), live=table.ident,
+                    copy=backup.backup_name(table), in_live=log.matches("l", "g"),
+                    in_copy=log.matches("b", "g")),
+        {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
+    rows = cur.fetchall()
+    if not rows:
+        return []
+    return [Finding(
+        "changed_after_backup", Status.FAIL,
+        f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
+        "the backup (change log)", subject=str(table), count=int(rows[0][1]),
+        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        hint="rollback --keep-changes keeps them (new ids as text); without it the "
+             "rollback would lose them")]
+
+
+def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
+                      log: backup.ChangeLog, ignored: list[str]) -> list[Finding]:
+    """Rows that differ from the backup without being in the change log."""
+    conn = cur.connection
+    pk = _primary_key(cur, table, keys)
+    converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
+    same_keys = sql.SQL(" AND ").join(
+        sql.SQL("l.{c} IS NOT DISTINCT FROM (b.{c})::uuid" if k.column in converted
+                else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
+        for k in keys)
+    quarantined = backup.quarantine_name(table)
+    in_quarantine: sql.Composable = sql.SQL("false")
+    if catalog.relation_exists(conn, quarantined):
+        in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
+            quarantined, sql.SQL(" AND ").join(
+                sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
+    cur.execute(sql.SQL(
+        """
+        WITH {logged}
+        SELECT kind, count(*) OVER (), row_data FROM (
+            SELECT CASE WHEN b IS NULL THEN 'inserted'
+                        WHEN l IS NULL THEN 'deleted' ELSE 'changed' END AS kind,
+                   coalesce(to_jsonb(l), to_jsonb(b)) - %(ignored)s::text[] AS row_data,
+                   coalesce(to_jsonb(l), to_jsonb(b)) AS ordering
+            FROM {backup} b FULL JOIN {live} l ON {join}
+            WHERE ((b IS NULL) OR (l IS NULL AND NOT {in_quarantine})
+               OR (NOT (l IS NULL) AND NOT (b IS NULL) AND (
+                    NOT ({same_keys})
+                    OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[])))
+              AND NOT {logged_b} AND NOT {logged_l}
+        ) d ORDER BY kind, ordering LIMIT %(n)s
+        """).format(logged=log.cte(), backup=backup.backup_name(table), live=table.ident,
+                    join=_pk_join(pk, converted), in_quarantine=in_quarantine,
+                    same_keys=same_keys, logged_b=log.holds("b"), logged_l=log.holds("l")),
+        {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
+    rows = cur.fetchall()
+    if not rows:
+        return []
+    return [Finding(
+        "changed_after_backup", Status.FAIL,
+        f"{rows[0][1]} row(s) differ from the backup without a write in the change log",
+        subject=str(table), count=int(rows[0][1]),
+        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        hint="find out who changed them; rollback --keep-changes keeps them as they are, "
+             "without it the rollback would not match the backup")]
 
 
 def _drop_helpers(cur: Cursor, key: KeyColumn) -> None:
