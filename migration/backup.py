@@ -141,15 +141,20 @@ def columns_of(cur: Cursor, relation: sql.Identifier) -> list[str]:
     return [name for (name,) in cur.fetchall()]
 
 
-def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str]) -> tuple[int, int]:
-    """(row count, order-independent sum of row hashes) over ``columns`` in that order.
+def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str],
+                   unlogged: ChangeLog | None = None) -> tuple[int, int]:
+    """(row count, order-independent sum of row hashes) over ``columns`` in that order,
+    of every row, or of the rows not in the change log ``unlogged``.
 
     Naming the columns makes the sum independent of their physical order,
     which the temporary-column swap changes.
     """
+    log = unlogged or ChangeLog(Table("", ""), (), frozenset())
     cur.execute(sql.SQL(
-        "SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-        "FROM {rel} r").format(cols=column_list(columns, "r"), rel=relation))
+        "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)"
+        "::numeric), 0) FROM {rel} r WHERE NOT {holds}").format(
+        logged=log.cte(), cols=column_list(columns, "r"), rel=relation, holds=log.holds("r")),
+        log.params)
     row = cur.fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
@@ -310,16 +315,29 @@ def expectations(cur: Cursor, plan: Plan) -> dict[str, Any]:
 
 
 def reuse(cur: Cursor, plan: Plan) -> BackupResult:
-    """A backup exists: keep it if it is this data's backup, refuse otherwise."""
+    """A backup exists: keep it if it is this data's backup, refuse otherwise.
+
+    This data's backup: the table equals it, or every row outside the change
+    log does (the application writes while the migration is under way).
+    """
     states = {catalog.column_state(cur.connection, key) for key in plan.columns}
     if states != {ColumnState.STRING}:
         return BackupResult(0, "backup kept: the migration is under way")
+    written = []
     for table, count, checksum in recorded_checksums(cur):
         columns = columns_of(cur, backup_name(table))
-        if table_checksum(cur, table.ident, columns) != (count, checksum):
+        if table_checksum(cur, table.ident, columns) == (count, checksum):
+            continue
+        written.append(str(table))
+        log = change_log(cur, table, [key for key in plan.columns if key.table == table])
+        if not log.columns or (table_checksum(cur, table.ident, columns, log)
+                               != table_checksum(cur, backup_name(table), columns, log)):
             raise MigrationError(
                 f"a backup already exists in {SCHEMA} and {table} no longer matches it",
                 hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
+    if written:
+        return BackupResult(0, "backup already present and identical to the data, rows the "
+                               f"application changed since excepted ({', '.join(written)}); kept")
     return BackupResult(0, "backup already present and identical to the data; kept")
 
 
