@@ -50,8 +50,10 @@ CREATE INDEX IF NOT EXISTS change_log_row
 CREATE TABLE IF NOT EXISTS {schema}.logged_tables (
     table_schema text NOT NULL, table_name text NOT NULL, key_columns text[] NOT NULL,
     PRIMARY KEY (table_schema, table_name));
+-- SECURITY DEFINER: the application's role writes the log without any right
+-- on this schema; the search path is pinned and every name qualified.
 CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
 DECLARE
     rows_of text;
 BEGIN

@@ -9,10 +9,12 @@ through the application's logged writes must still fail the checks.
 from __future__ import annotations
 
 import pytest
+from psycopg2 import sql
 
 from migration import backup, verify
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
+from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
 from migration.report import Finding, Status
 from migration.session import Session, Settings
@@ -95,6 +97,18 @@ def test_application_writes_are_logged_and_engine_writes_are_not(db: str) -> Non
                 "UPDATE tags SET name = 'engine' WHERE id = (SELECT max(id) FROM tags)")
     run_ok(db, "migrate_users")  # the engine's batches, under its marker
     assert logged(db) == application
+
+
+def test_an_application_role_without_rights_on_the_backup_writes_and_is_logged(
+        db: str, sandbox: Sandbox) -> None:
+    run_ok(db, "backup_data")
+    admin = sandbox.admin_dsn_for(db.rsplit("/", 1)[1])
+    execute(admin, "DO $$BEGIN CREATE ROLE uuidmig_app; "
+                   "EXCEPTION WHEN duplicate_object THEN NULL; END$$")
+    execute(db, sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON users, journal_entries, tags, "
+                        "reminders TO {}").format(sql.Identifier("uuidmig_app")))
+    execute(admin, "SET ROLE uuidmig_app; INSERT INTO public.users (email) VALUES ('app@x.org')")
+    assert logged(db) == [("users", "INSERT", 1)]
 
 
 def application_writes(dsn: str, step: int) -> None:
