@@ -30,8 +30,6 @@ from migration.plan import Plan
 from migration.sqlexpr import column_list
 
 SCHEMA = "migration_backup"
-ENGINE_SETTING = "uuid_migration.engine"
-"""Set to 'on' on every engine session: the change log ignores the engine's own writes."""
 CHANGE_LOG_FUNCTION = "log_change"
 
 # Started before the copy, so that every write the copy's snapshot misses is

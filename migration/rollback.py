@@ -107,14 +107,14 @@ def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
                                      = (%(log_schema)s, %(log_table)s, g.row_key)
                                ORDER BY c.id DESC LIMIT 1) AS operation
             FROM logged g)
-        SELECT kind, total, coalesce(
-                   (SELECT to_jsonb(l) - %(ignored)s::text[] FROM {live} l WHERE {in_live} LIMIT 1),
-                   (SELECT to_jsonb(b) - %(ignored)s::text[] FROM {copy} b WHERE {in_copy} LIMIT 1),
-                   g.row_key)
+        SELECT g.kind, g.total, coalesce(to_jsonb(l) - %(ignored)s::text[],
+                                         to_jsonb(b) - %(ignored)s::text[], g.row_key)
         FROM (SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
                                     ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
               FROM last ORDER BY 1, row_key LIMIT %(n)s) g
-        ORDER BY kind, g.row_key
+        LEFT JOIN {live} l ON {in_live}
+        LEFT JOIN {copy} b ON {in_copy}
+        ORDER BY g.kind, g.row_key
         """).format(logged=log.cte(), change_log=backup.meta("change_log"), live=table.ident,
                     copy=backup.backup_name(table), in_live=log.matches("l", "g"),
                     in_copy=log.matches("b", "g")),

@@ -341,6 +341,7 @@ def test_rollback_refuses_to_lose_rows_written_after_the_migration(
     assert refused.exit_code == 1
     for word in ("inserted", "changed", "deleted", "late@example.com", "--keep-changes"):
         assert word in refused.output
+    assert refused.output.count("by the application after the backup (change log)") == 3
     assert print_of(s.dsn) == before
     run_ok(s.dsn, "rollback", "--keep-changes")
     assert execute(s.dsn, "SELECT id, pg_typeof(id)::text FROM users "
