@@ -80,6 +80,23 @@ def test_backup_copies_while_a_writer_holds_its_transaction_and_takes_access_sha
     assert logged(db) == [("tags", "UPDATE", 1), ("users", "INSERT", 1)]
 
 
+def test_a_writer_open_before_the_backup_makes_it_give_up_cleanly_and_rerun(db: str) -> None:
+    """CREATE TRIGGER needs SHARE ROW EXCLUSIVE for an instant: it waits for a writer's open
+    transaction, at most lock_timeout per attempt, then gives up and leaves nothing."""
+    settings = Settings(show_progress=False, lock_timeout_ms=100, ddl_attempts=2)
+    with connected(db, autocommit=False) as writer:
+        with writer.cursor() as cur:
+            cur.execute("UPDATE users SET display_name = 'open' WHERE id = (SELECT min(id) "
+                        "FROM users)")
+        with pytest.raises(MigrationError, match="could not lock the tables"):
+            run_in_process(db, "backup_data", settings=settings)
+        assert execute(db, "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal") == [(0,)]
+        assert execute(db, "SELECT to_regnamespace('migration_backup')") == [(None,)]
+        writer.commit()
+    run_in_process(db, "backup_data", settings=settings)
+    assert logged(db) == []
+
+
 def test_application_writes_are_logged_and_engine_writes_are_not(db: str) -> None:
     parent = execute(db, PARENT)[0][0]
     run_ok(db, "backup_data")
