@@ -63,6 +63,9 @@ def test_backup_copies_while_a_writer_holds_its_transaction_and_takes_access_sha
             if point == "backup_data: change log started#1":
                 with writer.cursor() as cur:
                     cur.execute("INSERT INTO users (email) VALUES ('open@example.com')")
+                # committed before the snapshot: in the copy, so not left in the log
+                execute(db, "UPDATE reminders SET note = 'before' "
+                            "WHERE id = (SELECT min(id) FROM reminders)")
             if point == "backup_data#1":  # the snapshot's transaction, before its commit
                 seen["locks"] = {str(mode) for (mode,) in execute(
                     db, "SELECT DISTINCT mode FROM pg_locks WHERE pid = %s AND relation = ANY "
@@ -78,6 +81,8 @@ def test_backup_copies_while_a_writer_holds_its_transaction_and_takes_access_sha
     assert execute(db, "SELECT count(*) FROM migration_backup.\"public.users\" "
                        "WHERE email = 'open@example.com'") == [(0,)]
     assert logged(db) == [("tags", "UPDATE", 1), ("users", "INSERT", 1)]
+    assert execute(db, "SELECT count(*) FROM migration_backup.\"public.reminders\" "
+                       "WHERE note = 'before'") == [(1,)]
 
 
 def test_a_writer_open_before_the_backup_makes_it_give_up_cleanly_and_rerun(db: str) -> None:
