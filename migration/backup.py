@@ -5,6 +5,12 @@ every definition the swap drops and later recreates (indexes, primary and
 unique constraints, foreign keys, column defaults), the quarantine of orphan
 rows, and the backfill checkpoints.  The swap and the rollback both replay
 from here, so one record serves both directions.
+
+The copy is taken while the application keeps writing: a change log started
+first (statement triggers on the plan's tables) records the primary key of
+every row the application writes from then on, and the copy is read from one
+REPEATABLE READ snapshot taken after the log started, under ACCESS SHARE
+locks only.  A row is either in the copy as it is now, or in the change log.
 """
 
 from __future__ import annotations
@@ -24,6 +30,46 @@ from migration.plan import Plan
 from migration.sqlexpr import column_list
 
 SCHEMA = "migration_backup"
+CHANGE_LOG_FUNCTION = "log_change"
+
+# Started before the copy, so that every write the copy's snapshot misses is
+# in the log.  The triggers pass the table's key columns (its primary key);
+# the key of every row a statement touched, before and after an update, is
+# logged once per statement.  Statement triggers with transition tables cost
+# one insert per statement, not per row, and see cascaded writes of FKs too.
+_CHANGE_LOG = """
+CREATE TABLE IF NOT EXISTS {schema}.change_log (
+    id bigserial PRIMARY KEY, table_schema text NOT NULL, table_name text NOT NULL,
+    operation text NOT NULL, row_key jsonb NOT NULL,
+    changed_at timestamptz NOT NULL DEFAULT clock_timestamp());
+CREATE INDEX IF NOT EXISTS change_log_row
+    ON {schema}.change_log (table_schema, table_name, row_key);
+-- The columns each table's rows are logged by (the trigger arguments).
+CREATE TABLE IF NOT EXISTS {schema}.logged_tables (
+    table_schema text NOT NULL, table_name text NOT NULL, key_columns text[] NOT NULL,
+    PRIMARY KEY (table_schema, table_name));
+-- SECURITY DEFINER: the application's role writes the log without any right
+-- on this schema; the search path is pinned and every name qualified.
+CREATE OR REPLACE FUNCTION {function}() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+DECLARE
+    rows_of text;
+BEGIN
+    IF current_setting('uuid_migration.engine', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
+    rows_of := CASE TG_OP WHEN 'INSERT' THEN 'SELECT * FROM new_rows'
+                          WHEN 'DELETE' THEN 'SELECT * FROM old_rows'
+                          ELSE 'SELECT * FROM old_rows UNION ALL SELECT * FROM new_rows' END;
+    EXECUTE format(
+        'INSERT INTO %I.change_log (table_schema, table_name, operation, row_key) '
+        'SELECT DISTINCT $1, $2, $3, (SELECT jsonb_object_agg(k, to_jsonb(r) -> k) '
+        '                             FROM unnest($4) AS k) '
+        'FROM (%s) AS r', {schema_name}, rows_of)
+    USING TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP, TG_ARGV;
+    RETURN NULL;
+END $$;
+"""
 
 _META = """
 CREATE TABLE {schema}.backup_tables (
@@ -95,15 +141,20 @@ def columns_of(cur: Cursor, relation: sql.Identifier) -> list[str]:
     return [name for (name,) in cur.fetchall()]
 
 
-def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str]) -> tuple[int, int]:
-    """(row count, order-independent sum of row hashes) over ``columns`` in that order.
+def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str],
+                   unlogged: ChangeLog | None = None) -> tuple[int, int]:
+    """(row count, order-independent sum of row hashes) over ``columns`` in that order,
+    of every row, or of the rows not in the change log ``unlogged``.
 
     Naming the columns makes the sum independent of their physical order,
     which the temporary-column swap changes.
     """
+    log = unlogged or ChangeLog(Table("", ""), (), frozenset())
     cur.execute(sql.SQL(
-        "SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)::numeric), 0) "
-        "FROM {rel} r").format(cols=column_list(columns, "r"), rel=relation))
+        "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)"
+        "::numeric), 0) FROM {rel} r WHERE NOT {holds}").format(
+        logged=log.cte(), cols=column_list(columns, "r"), rel=relation, holds=log.holds("r")),
+        log.params)
     row = cur.fetchone()
     assert row is not None
     return int(row[0]), int(row[1])
@@ -117,23 +168,118 @@ class BackupResult:
     """What the migrated database must have again (FKs, indexed columns), for the log."""
 
 
+CHANGE_LOG_TRIGGERS = {"INSERT": ("migration_change_log_insert", "NEW TABLE AS new_rows"),
+                       "UPDATE": ("migration_change_log_update",
+                                  "OLD TABLE AS old_rows NEW TABLE AS new_rows"),
+                       "DELETE": ("migration_change_log_delete", "OLD TABLE AS old_rows")}
+"""One trigger per event: PostgreSQL allows transition tables only on single-event triggers."""
+
+
+def start_change_log(cur: Cursor, plan: Plan) -> None:
+    """Create the change log and its triggers on the plan's tables (idempotent).
+
+    CREATE TRIGGER takes SHARE ROW EXCLUSIVE on each table: it waits for the
+    writers under way and blocks new ones until commit, so the caller runs
+    this with a short lock_timeout; the tables are locked in a fixed order.
+    """
+    function = sql.Identifier(SCHEMA, CHANGE_LOG_FUNCTION)
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
+    cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(SCHEMA)))
+    cur.execute(sql.SQL(_CHANGE_LOG).format(schema=sql.Identifier(SCHEMA), function=function,
+                                            schema_name=sql.Literal(SCHEMA)))
+    for table in sorted(plan.tables):
+        columns = logged_columns(cur, plan, table)
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT "
+                            "(table_schema, table_name) DO UPDATE SET key_columns = "
+                            "excluded.key_columns").format(meta("logged_tables")),
+                    (table.schema, table.name, columns))
+        for event, (name, transitions) in CHANGE_LOG_TRIGGERS.items():
+            cur.execute(sql.SQL(
+                "CREATE OR REPLACE TRIGGER {name} AFTER {event} ON {table} "
+                "REFERENCING {transitions} FOR EACH STATEMENT EXECUTE FUNCTION {function}({args})"
+            ).format(name=sql.Identifier(name), event=sql.SQL(event), table=table.ident,
+                     transitions=sql.SQL(transitions), function=function,
+                     args=sql.SQL(", ").join(map(sql.Literal, columns))))
+
+
+def logged_columns(cur: Cursor, plan: Plan, table: Table) -> list[str]:
+    """What identifies a row of ``table`` in the change log: its primary key, or else
+    its key columns (the columns a table without a primary key is compared by)."""
+    return catalog.primary_key(cur.connection, table) or [
+        key.column for key in plan.columns if key.table == table]
+
+
+@dataclass(frozen=True)
+class ChangeLog:
+    """The rows of one table the application wrote since the backup, as SQL to match rows with.
+
+    A row is in the log when each of its logged columns equals the logged
+    key: key columns of the plan as uuid (the backup holds strings, the live
+    table uuid after the swap, and the application may have written any
+    spelling), other columns by value.  Queries using it start with
+    ``WITH {cte}`` and pass ``params``.
+    """
+
+    table: Table
+    columns: tuple[str, ...]  # empty: the table is not logged (a backup older than the log)
+    converted: frozenset[str]
+
+    def cte(self) -> sql.Composable:
+        """``logged``: the distinct keys logged for the table, read once per query."""
+        if not self.columns:
+            return sql.SQL("logged AS MATERIALIZED (SELECT NULL::jsonb AS row_key WHERE false)")
+        return sql.SQL("logged AS MATERIALIZED (SELECT DISTINCT row_key FROM {} WHERE "
+                       "(table_schema, table_name) = (%(log_schema)s, %(log_table)s))").format(
+            meta("change_log"))
+
+    @property
+    def params(self) -> dict[str, str]:
+        return {"log_schema": self.table.schema, "log_table": self.table.name}
+
+    def holds(self, row: str) -> sql.Composable:
+        """Whether the row aliased ``row`` is one the log names."""
+        if not self.columns:
+            return sql.SQL("false")
+        return sql.SQL("EXISTS (SELECT 1 FROM logged g WHERE {})").format(self.matches(row, "g"))
+
+    def matches(self, row: str, logged: str) -> sql.Composable:
+        """Whether the row aliased ``row`` has the key in ``logged.row_key``."""
+        return sql.SQL(" AND ").join(
+            sql.SQL("({g}.row_key ->> {k})::uuid = ({c})::uuid" if column in self.converted
+                    else "{g}.row_key -> {k} = to_jsonb({c})").format(
+                g=sql.Identifier(logged), k=sql.Literal(column), c=sql.Identifier(row, column))
+            for column in self.columns)
+
+
+def change_log(cur: Cursor, table: Table, keys: list[KeyColumn]) -> ChangeLog:
+    """The change log of ``table``, whose key columns are ``keys``."""
+    columns: tuple[str, ...] = ()
+    if catalog.relation_exists(cur.connection, meta("logged_tables")):
+        cur.execute(sql.SQL("SELECT key_columns FROM {} WHERE (table_schema, table_name) = "
+                            "(%s, %s)").format(meta("logged_tables")), (table.schema, table.name))
+        row = cur.fetchone()
+        columns = tuple(row[0]) if row else ()
+    return ChangeLog(table, columns, frozenset(key.column for key in keys))
+
+
 def create(cur: Cursor, plan: Plan) -> BackupResult:
     """Copy every table of the plan and record what the swap will drop.
 
-    Runs in the caller's transaction with the tables locked against writes,
-    so the copy is one consistent snapshot.  Before commit, the rows copied
-    and the rows in the copy are counted against the table (the runbook's
-    criterion); the copy's checksum is recorded for the rollback to prove its
-    restore against.  Checksumming the table too would compare a snapshot
-    with itself: it doubled the backup's time for nothing.
+    Runs as the first statements of the caller's transaction, after the
+    change log has started: the transaction becomes REPEATABLE READ, so every
+    copy, count and checksum comes from one snapshot, and takes no lock
+    stronger than ACCESS SHARE on the tables: the application keeps writing,
+    and what it writes from now on is in the change log.  Log entries the
+    snapshot already sees are deleted: their rows are in the copy as they are.
+    Before commit, the rows copied and the rows in the copy are counted
+    against the table (the runbook's criterion); the copy's checksum is
+    recorded for the rollback to prove its restore against.
     """
+    cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     if exists(cur):
         return reuse(cur, plan)
-    for table in plan.tables:
-        cur.execute(sql.SQL("LOCK TABLE {} IN SHARE MODE").format(table.ident))
-    cur.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(SCHEMA)))
-    cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(SCHEMA)))
     cur.execute(sql.SQL(_META).format(schema=sql.Identifier(SCHEMA)))
+    cur.execute(sql.SQL("DELETE FROM {}").format(meta("change_log")))
     total = 0
     for table in plan.tables:
         copy = backup_name(table)
@@ -210,16 +356,29 @@ def make_private(cur: Cursor) -> None:
 
 
 def reuse(cur: Cursor, plan: Plan) -> BackupResult:
-    """A backup exists: keep it if it is this data's backup, refuse otherwise."""
+    """A backup exists: keep it if it is this data's backup, refuse otherwise.
+
+    This data's backup: the table equals it, or every row outside the change
+    log does (the application writes while the migration is under way).
+    """
     states = {catalog.column_state(cur.connection, key) for key in plan.columns}
     if states != {ColumnState.STRING}:
         return BackupResult(0, "backup kept: the migration is under way")
+    written = []
     for table, count, checksum in recorded_checksums(cur):
         columns = columns_of(cur, backup_name(table))
-        if table_checksum(cur, table.ident, columns) != (count, checksum):
+        if table_checksum(cur, table.ident, columns) == (count, checksum):
+            continue
+        written.append(str(table))
+        log = change_log(cur, table, [key for key in plan.columns if key.table == table])
+        if not log.columns or (table_checksum(cur, table.ident, columns, log)
+                               != table_checksum(cur, backup_name(table), columns, log)):
             raise MigrationError(
                 f"a backup already exists in {SCHEMA} and {table} no longer matches it",
                 hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
+    if written:
+        return BackupResult(0, "backup already present and identical to the data, rows the "
+                               f"application changed since excepted ({', '.join(written)}); kept")
     return BackupResult(0, "backup already present and identical to the data; kept")
 
 

@@ -346,10 +346,12 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         keys_by_table.setdefault(key.table, []).append(key)
     for table, keys in keys_by_table.items():
         findings += _compare_table(cur, table, keys)
-    counts = [f for f in findings if f.check == "row_counts"]
+    changed = [f for f in findings if f.status is Status.INFO]
+    counts = [f for f in findings if f.check == "row_counts" and f.status is not Status.INFO]
     values = [f for f in findings if f.check == "uuid_values"]
     return (counts or _ok("row_counts", "row counts equal the backup's")) + \
-        (values or _ok("uuid_values", "every key equals its original string cast to uuid"))
+        (values or _ok("uuid_values", "every key equals its original string cast to uuid")) + \
+        changed
 
 
 def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Finding]:
@@ -360,7 +362,9 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     a primary key is compared as a multiset of its keys.  A backup row no
     live row matches is missing (row_counts); a live row no backup row
     matches has a key that is not its original (uuid_values).  Quarantined
-    rows are expected to be missing.
+    rows are expected to be missing.  Rows the application wrote since the
+    backup (in the change log) are left out on both sides and reported as
+    INFO: the other checks (key type, orphans, constraints) cover them.
     """
     conn = cur.connection
     copy, quarantined = backup.backup_name(table), backup.quarantine_name(table)
@@ -383,14 +387,16 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     relations = [copy, table.ident]
     if catalog.relation_exists(cur.connection, quarantined):
         relations.append(quarantined)
-    if _digests_agree(cur, values, *relations):
-        return []
+    log = backup.change_log(cur, table, keys)
+    changed = _changed_by_application(cur, log)
+    if _digests_agree(cur, values, log, *relations):
+        return changed
 
     def side(relation: sql.Identifier, tally: tuple[int, int, int]) -> sql.Composable:
         """One side of the union: the compared columns as comparable values, and what the
-        row counts for: (backup, quarantine, live)."""
-        return sql.SQL("SELECT {}, {} FROM {} r").format(
-            values, sql.SQL(", ").join(map(sql.Literal, tally)), relation)
+        row counts for: (backup, quarantine, live); rows in the change log left out."""
+        return sql.SQL("SELECT {}, {} FROM {} r WHERE NOT {}").format(
+            values, sql.SQL(", ").join(map(sql.Literal, tally)), relation, log.holds("r"))
 
     sides = [side(copy, (1, 0, 0)), side(table.ident, (0, 0, 1))]
     if len(relations) == 3:
@@ -400,6 +406,7 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
         sql.SQL("{}, {}").format(sql.Literal(c), sql.Identifier(c)) for c in compared))
     cur.execute(sql.SQL(
         """
+        WITH {logged}
         SELECT coalesce(sum(nb), 0)::bigint, coalesce(sum(nq), 0)::bigint,
                coalesce(sum(nl), 0)::bigint,
                coalesce(sum(nb - nq - nl) FILTER (WHERE nb - nq > nl), 0)::bigint,
@@ -409,13 +416,14 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
         FROM (SELECT {cols}, sum(nb) AS nb, sum(nq) AS nq, sum(nl) AS nl
               FROM ({sides}) AS u ({cols}, nb, nq, nl)
               GROUP BY {cols}) AS g
-        """).format(cols=cols, sides=sql.SQL(" UNION ALL ").join(sides), row_json=row_json),
-        {"n": SAMPLE_LIMIT})
+        """).format(cols=cols, sides=sql.SQL(" UNION ALL ").join(sides), row_json=row_json,
+                    logged=log.cte()),
+        {"n": SAMPLE_LIMIT, **log.params})
     row = cur.fetchone()
     assert row is not None
     backup_rows, quarantine_rows, live_rows, missing, extra, lost, odd = row
     expected_rows = backup_rows - quarantine_rows
-    findings = []
+    findings = list(changed)
     if expected_rows != live_rows:
         findings.append(Finding(
             "row_counts", Status.FAIL, f"{live_rows} rows, the backup has {expected_rows} "
@@ -438,9 +446,22 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     return findings
 
 
-def _digests_agree(cur: Cursor, values: sql.Composable, backup_copy: sql.Identifier,
-                   live: sql.Identifier, quarantined: sql.Identifier | None = None) -> bool:
-    """Whether backup minus quarantine and live hold the same multiset of compared rows.
+def _changed_by_application(cur: Cursor, log: backup.ChangeLog) -> list[Finding]:
+    """The INFO finding naming how many rows the change log holds for the table."""
+    cur.execute(sql.SQL("WITH {} SELECT count(*) FROM logged").format(log.cte()), log.params)
+    changed = int((cur.fetchone() or [0])[0])
+    if not changed:
+        return []
+    return [Finding("row_counts", Status.INFO,
+                    f"{changed} rows changed by the application since the backup: "
+                    "checked, not compared", subject=str(log.table), count=changed)]
+
+
+def _digests_agree(cur: Cursor, values: sql.Composable, log: backup.ChangeLog,
+                   backup_copy: sql.Identifier, live: sql.Identifier,
+                   quarantined: sql.Identifier | None = None) -> bool:
+    """Whether backup minus quarantine and live hold the same multiset of compared rows,
+    the rows in the change log left out of each.
 
     Each side is reduced to its row count and the sum of a 64-bit hash of each
     row's compared values: one scan per relation, where matching the rows
@@ -454,8 +475,9 @@ def _digests_agree(cur: Cursor, values: sql.Composable, backup_copy: sql.Identif
         if relation is None:
             tallies.append((0, 0))
             continue
-        cur.execute(sql.SQL("SELECT count(*), coalesce(sum(hashtextextended("
-                            "ROW({})::text, 0)::numeric), 0) FROM {} r").format(values, relation))
+        cur.execute(sql.SQL("WITH {} SELECT count(*), coalesce(sum(hashtextextended("
+                            "ROW({})::text, 0)::numeric), 0) FROM {} r WHERE NOT {}").format(
+            log.cte(), values, relation, log.holds("r")), log.params)
         row = cur.fetchone()
         assert row is not None
         tallies.append((int(row[0]), int(row[1])))

@@ -91,6 +91,13 @@ def validate_schema(session: Session, run_id: int) -> Outcome:
 
 
 def backup_data(session: Session, run_id: int) -> Outcome:
+    """Start the change log (a short lock per table), then copy from one snapshot (no lock)."""
+    with session.transaction() as cur:
+        taken = backup.exists(cur)
+    if not taken:
+        session.ddl("backup_data: change log",
+                    lambda cur: backup.start_change_log(cur, session.plan))
+        session.point("backup_data: change log started")
     result = session.ddl("backup_data", lambda cur: backup.create(cur, session.plan))
     return Outcome(result.message, rows=result.rows, details=result.expectations)
 
@@ -199,10 +206,11 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
                  "--force drops them with the backup (logged)")
 
     def drop(cur: Any) -> bool:
-        if not backup.exists(cur):
-            return False
-        cur.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(backup.SCHEMA)))
-        return True
+        """The schema, and with its change-log function the triggers on the tables."""
+        existed = backup.exists(cur)
+        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
+            sql.Identifier(backup.SCHEMA)))
+        return existed
 
     dropped = session.ddl("cleanup_backup", drop)
     message = f"{backup.SCHEMA} dropped" if dropped else "there was no backup to drop"
@@ -302,7 +310,8 @@ def _stage(stages: dict[KeyColumn, str]) -> str:
 
 def rollback_operation(session: Session, run_id: int) -> Outcome:
     result = rollback.rollback(session, run_id)
-    return Outcome(result.message, rows=result.rows, details=result.details)
+    return Outcome(result.message, rows=result.rows, findings=result.findings,
+                   details=result.details)
 
 
 OPERATIONS: dict[str, Operation] = {

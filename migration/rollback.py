@@ -1,11 +1,13 @@
 """Undoing the migration from any stage, and the orphan quarantine it restores.
 
-A rollback is one transaction: it either leaves the tables exactly as the
-backup recorded them (types, defaults, constraints and indexes by name, every
-row with the original spelling of every id, quarantined rows back in place)
-or changes nothing.  Being atomic makes it resumable for free: an
-interrupted rollback has not happened, and running it again does all of it.
-Before it commits it compares each table with the backup's checksum.
+Before the swap, ``discard`` drops what the migration built beside the
+untouched columns.  After it, ``revert`` runs the engine the other way.  Both
+work in short steps that never hold a lock the application waits on for
+longer than a swap, both resume after an interruption, and neither touches a
+row the application wrote: the tables come back as the backup recorded them
+(types, defaults, constraints and indexes by name, every id with its original
+spelling, quarantined rows in place), with the application's own writes since
+the backup kept and reported from the change log.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class RollbackResult:
     message: str
     rows: int = 0
     details: dict[str, Any] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
 
 
 def _keys_by_table(session: Session) -> dict[Table, list[KeyColumn]]:
@@ -77,50 +80,104 @@ def _pk_join(pk: list[str], converted: set[str]) -> sql.Composable:
 
 
 def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
-    """Rows inserted, changed or deleted since the backup, table by table."""
+    """Rows inserted, changed or deleted since the backup, table by table.
+
+    The application's writes are counted from the change log (INFO: the
+    rollback keeps them); any other difference from the backup, a write the log
+    did not see, is reported apart (WARN).
+    """
     findings = []
-    conn = cur.connection
     for table, keys in _keys_by_table(session).items():
-        pk = _primary_key(cur, table, keys)
-        converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
+        log = backup.change_log(cur, table, keys)
         ignored = [k.column for k in keys] + [k.temp for k in keys]
-        same_keys = sql.SQL(" AND ").join(
-            sql.SQL("l.{c} IS NOT DISTINCT FROM (b.{c})::uuid" if k.column in converted
-                    else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
-            for k in keys)
-        quarantined = backup.quarantine_name(table)
-        in_quarantine: sql.Composable = sql.SQL("false")
-        if catalog.relation_exists(conn, quarantined):
-            in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
-                quarantined, sql.SQL(" AND ").join(
-                    sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
-        cur.execute(sql.SQL(
-            """
-            SELECT kind, count(*) OVER (), row_data FROM (
-                SELECT CASE WHEN b IS NULL THEN 'inserted'
-                            WHEN l IS NULL THEN 'deleted' ELSE 'changed' END AS kind,
-                       coalesce(to_jsonb(l), to_jsonb(b)) - %(ignored)s::text[] AS row_data,
-                       coalesce(to_jsonb(l), to_jsonb(b)) AS ordering
-                FROM {backup} b FULL JOIN {live} l ON {join}
-                WHERE (b IS NULL) OR (l IS NULL AND NOT {in_quarantine})
-                   OR (NOT (l IS NULL) AND NOT (b IS NULL) AND (
-                        NOT ({same_keys})
-                        OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[]))
-            ) d ORDER BY kind, ordering LIMIT %(n)s
-            """).format(backup=backup.backup_name(table), live=table.ident,
-                        join=_pk_join(pk, converted), in_quarantine=in_quarantine,
-                        same_keys=same_keys),
-            {"ignored": ignored, "n": SAMPLE_LIMIT})
-        rows = cur.fetchall()
-        if rows:
-            findings.append(Finding(
-                "changed_after_backup", Status.FAIL,
-                f"{rows[0][1]} row(s) were inserted, changed or deleted after the backup",
-                subject=str(table), count=int(rows[0][1]),
-                samples=[{"change": kind, "row": data} for kind, _, data in rows],
-                hint="rollback --keep-changes keeps them (new ids as text); without it the "
-                     "rollback would lose them"))
+        findings += _logged_changes(cur, table, log, ignored)
+        findings += _unlogged_changes(cur, table, keys, log, ignored)
     return findings
+
+
+def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
+                    ignored: list[str]) -> list[Finding]:
+    """The rows in the change log, each with its last logged write and its row now
+    (or in the backup, once deleted)."""
+    if not log.columns:
+        return []
+    cur.execute(sql.SQL(
+        """
+        WITH {logged}, last AS (
+            SELECT g.row_key, (SELECT c.operation FROM {change_log} c
+                               WHERE (c.table_schema, c.table_name, c.row_key)
+                                     = (%(log_schema)s, %(log_table)s, g.row_key)
+                               ORDER BY c.id DESC LIMIT 1) AS operation
+            FROM logged g)
+        SELECT g.kind, g.total, coalesce(to_jsonb(l) - %(ignored)s::text[],
+                                         to_jsonb(b) - %(ignored)s::text[], g.row_key)
+        FROM (SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
+                                    ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
+              FROM last ORDER BY 1, row_key LIMIT %(n)s) g
+        LEFT JOIN {live} l ON {in_live}
+        LEFT JOIN {copy} b ON {in_copy}
+        ORDER BY g.kind, g.row_key
+        """).format(logged=log.cte(), change_log=backup.meta("change_log"), live=table.ident,
+                    copy=backup.backup_name(table), in_live=log.matches("l", "g"),
+                    in_copy=log.matches("b", "g")),
+        {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
+    rows = cur.fetchall()
+    if not rows:
+        return []
+    return [Finding(
+        "changed_after_backup", Status.INFO,
+        f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
+        "the backup (change log)", subject=str(table), count=int(rows[0][1]),
+        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        hint="the rollback keeps them as the application left them (new ids as canonical "
+             "text)")]
+
+
+def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
+                      log: backup.ChangeLog, ignored: list[str]) -> list[Finding]:
+    """Rows that differ from the backup without being in the change log."""
+    conn = cur.connection
+    pk = _primary_key(cur, table, keys)
+    converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
+    same_keys = sql.SQL(" AND ").join(
+        sql.SQL("l.{c} IS NOT DISTINCT FROM (b.{c})::uuid" if k.column in converted
+                else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
+        for k in keys)
+    quarantined = backup.quarantine_name(table)
+    in_quarantine: sql.Composable = sql.SQL("false")
+    if catalog.relation_exists(conn, quarantined):
+        in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
+            quarantined, sql.SQL(" AND ").join(
+                sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
+    cur.execute(sql.SQL(
+        """
+        WITH {logged}
+        SELECT kind, count(*) OVER (), row_data FROM (
+            SELECT CASE WHEN b IS NULL THEN 'inserted'
+                        WHEN l IS NULL THEN 'deleted' ELSE 'changed' END AS kind,
+                   coalesce(to_jsonb(l), to_jsonb(b)) - %(ignored)s::text[] AS row_data,
+                   coalesce(to_jsonb(l), to_jsonb(b)) AS ordering
+            FROM {backup} b FULL JOIN {live} l ON {join}
+            WHERE ((b IS NULL) OR (l IS NULL AND NOT {in_quarantine})
+               OR (NOT (l IS NULL) AND NOT (b IS NULL) AND (
+                    NOT ({same_keys})
+                    OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[])))
+              AND NOT {logged_b} AND NOT {logged_l}
+        ) d ORDER BY kind, ordering LIMIT %(n)s
+        """).format(logged=log.cte(), backup=backup.backup_name(table), live=table.ident,
+                    join=_pk_join(pk, converted), in_quarantine=in_quarantine,
+                    same_keys=same_keys, logged_b=log.holds("b"), logged_l=log.holds("l")),
+        {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
+    rows = cur.fetchall()
+    if not rows:
+        return []
+    return [Finding(
+        "unlogged_change", Status.WARN,
+        f"{rows[0][1]} row(s) differ from the backup without a write in the change log",
+        subject=str(table), count=int(rows[0][1]),
+        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        hint="find out who changed them (triggers disabled, or the engine's own setting); "
+             "the rollback keeps them as they are")]
 
 
 def _restore_quarantine(cur: Cursor, table: Table) -> int:
@@ -161,10 +218,7 @@ def rollback(session: Session, run_id: int) -> RollbackResult:
                  "(pg_dump / PITR), as the runbook's prerequisites require")
     if ColumnState.UUID not in states:
         return discard(session)
-    with session.transaction() as cur:
-        changes = changed_rows(cur, session)
-    session.conn.rollback()
-    return revert(session, run_id, changes)
+    return revert(session, run_id)
 
 
 def discard(session: Session) -> RollbackResult:
@@ -193,7 +247,7 @@ def discard(session: Session) -> RollbackResult:
         details={"dropped": dropped, "restored": restored})
 
 
-def revert(session: Session, run_id: int, changes: list[Finding]) -> RollbackResult:
+def revert(session: Session, run_id: int) -> RollbackResult:
     """Rollback after the swap: the same engine run the other way.
 
     A string copy of each key column is filled in batches (canonical text),
@@ -201,8 +255,9 @@ def revert(session: Session, run_id: int, changes: list[Finding]) -> RollbackRes
     still holds the same UUID; it is proven, its indexes and foreign keys are
     built beside it, and one short swap puts the string columns back.  The
     application's rows written since the backup are kept (with canonical
-    text where they have no original); ``changes`` are those rows, reported.
-    Interrupted, it resumes like the migration does.
+    text where they have no original) and reported; without any, the tables
+    must equal the backup's checksums.  Interrupted, it resumes like the
+    migration does.
     """
     plan = session.plan.reversed()
     rows = convert.fill(session, plan.columns, run_id)
@@ -220,6 +275,7 @@ def revert(session: Session, run_id: int, changes: list[Finding]) -> RollbackRes
                    for table in plan.tables)
     with session.transaction("rollback") as cur:
         cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
+        changes = changed_rows(cur, session)
         differing = _checksums_match(cur) if not changes else []
     if differing:
         raise MigrationError(
@@ -229,12 +285,16 @@ def revert(session: Session, run_id: int, changes: list[Finding]) -> RollbackRes
                  "report this with the log file")
     message = (f"rolled back to the string columns: {rows:,} rows filled, {respelled:,} ids "
                f"given their original spelling, {restored:,} quarantined rows restored")
-    changed = sum(finding.count or 0 for finding in changes)
+    changed = sum(f.count or 0 for f in changes if f.status is Status.INFO)
+    unlogged = sum(f.count or 0 for f in changes if f.status is Status.WARN)
     if changed:
         message += f"; {changed:,} row(s) the application changed since the backup were kept"
-    return RollbackResult(message, rows=rows + restored,
+    if unlogged:
+        message += (f"; {unlogged:,} row(s) differ from the backup without a logged write, "
+                    "kept as they are (see the warnings)")
+    return RollbackResult(message, rows=rows + restored, findings=changes,
                           details={"respelled": respelled, "restored": restored,
-                                   "kept_changes": changed})
+                                   "kept_changes": changed, "unlogged_changes": unlogged})
 
 
 def respell(session: Session, key: KeyColumn) -> int:

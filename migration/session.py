@@ -60,6 +60,7 @@ def _configure(conn: Connection, settings: Settings) -> None:
         # Deparsed definitions come out fully qualified and replay identically.
         cur.execute("SET search_path = pg_catalog, pg_temp")
         cur.execute("SET synchronous_commit = off")
+        cur.execute("SET uuid_migration.engine = 'on'")  # the change log ignores our writes
         # For every transaction; a step that must scan a whole table
         # lifts it with SET LOCAL for its own transaction only.
         cur.execute("SELECT set_config('statement_timeout', %s, false)",

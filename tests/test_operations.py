@@ -299,7 +299,11 @@ def test_backup_is_verified_and_never_overwritten(legacy_db: str) -> None:
                                 "ORDER BY 1")
     assert dict(counts) == {"journal_entries": 30, "reminders": 10, "tags": 10, "users": 10}
     execute(legacy_db, "UPDATE users SET display_name = 'changed' "
-                       "WHERE id = (SELECT min(id) FROM users)")
+                       "WHERE id = (SELECT min(id) FROM users)")  # the application's: logged
+    assert "application changed since excepted (public.users); kept" in run_ok(
+        legacy_db, "backup_data").output
+    execute(legacy_db, "SET uuid_migration.engine = 'on'; UPDATE users SET "
+                       "display_name = 'unlogged' WHERE id = (SELECT max(id) FROM users)")
     result = operate(legacy_db, "backup_data")
     assert result.exit_code == 1
     assert "no longer matches" in result.output

@@ -365,7 +365,9 @@ def test_rollback_keeps_the_rows_the_application_wrote_after_the_migration(
                    "(SELECT min(id) FROM tags WHERE name <> 'late')")
     [(gone,)] = execute(s.dsn, "DELETE FROM reminders WHERE id = (SELECT min(id) FROM reminders)"
                                " RETURNING id")
-    run_ok(s.dsn, "rollback")
+    result = run_ok(s.dsn, "rollback")
+    assert "4 row(s) the application changed since the backup were kept" in result.output
+    assert result.output.count("by the application after the backup (change log)") == 3
     assert execute(s.dsn, "SELECT id, pg_typeof(id)::text FROM users "
                           "WHERE email = 'late@example.com'") == [(new_id, "character varying")]
     assert execute(s.dsn, "SELECT user_id FROM tags WHERE name = 'late'") == [(new_id,)]

@@ -162,6 +162,10 @@ class Mutation:
 
 
 FIRST_JOURNAL = "(SELECT min(id) FROM public.journal_entries)"
+# Mutations of rows are real losses, not the application's writes: made as the
+# engine makes its own, the change log does not see them, and the comparison
+# with the backup must.  (An application's write would be left out of it.)
+UNLOGGED = "SET uuid_migration.engine = 'on';\n"
 MUTATIONS = {
     "column_reverted_to_text": Mutation(  # tags.user_id has no FK in this variant
         "ALTER TABLE public.tags ALTER COLUMN user_id TYPE text",
@@ -198,13 +202,14 @@ MUTATIONS = {
     "orphan_inserted_behind_not_valid_foreign_key": Mutation(
         """
         ALTER TABLE public.reminders DROP CONSTRAINT reminders_user_id_fkey;
+        SET uuid_migration.engine = 'on';
         INSERT INTO public.reminders (id, user_id, remind_at)
             VALUES ('orphan', gen_random_uuid(), now());
         ALTER TABLE public.reminders ADD CONSTRAINT reminders_user_id_fkey
             FOREIGN KEY (user_id) REFERENCES public.users (id) ON DELETE SET NULL NOT VALID;
         """, frozenset({"foreign_keys", "no_orphans", "row_counts", "uuid_values"})),
     "orphan_in_table_without_foreign_key": Mutation(  # the key differs from the backup too
-        "UPDATE public.tags SET user_id = gen_random_uuid() "
+        UNLOGGED + "UPDATE public.tags SET user_id = gen_random_uuid() "
         "WHERE id = (SELECT min(id) FROM public.tags)",
         frozenset({"no_orphans", "uuid_values"}), variant="legacy_no_fk"),
     "index_dropped": Mutation(  # the only index on reminders.user_id
@@ -245,15 +250,15 @@ MUTATIONS = {
         GRANT SELECT ON migration_backup."public.users" TO PUBLIC;
         """, frozenset({"backup_private"})),
     "row_deleted": Mutation(
-        "DELETE FROM public.reminders WHERE id = (SELECT min(id) FROM public.reminders)",
+        UNLOGGED + "DELETE FROM public.reminders WHERE id = (SELECT min(id) FROM public.reminders)",
         frozenset({"row_counts"})),
     "uuid_changed": Mutation(  # another existing user: no orphan, counts unchanged
-        "UPDATE public.journal_entries SET user_id = (SELECT id FROM public.users "
+        UNLOGGED + "UPDATE public.journal_entries SET user_id = (SELECT id FROM public.users "
         f"WHERE id <> (SELECT user_id FROM public.journal_entries WHERE id = {FIRST_JOURNAL}) "
         f"ORDER BY id LIMIT 1) WHERE id = {FIRST_JOURNAL}",
         frozenset({"uuid_values"})),
     "user_ids_swapped_between_two_rows": Mutation(  # every count and every value set intact
-        """
+        UNLOGGED + """
         UPDATE public.journal_entries j
         SET user_id = CASE WHEN j.id = a.id THEN b.user_id ELSE a.user_id END
         FROM (SELECT id, user_id FROM public.journal_entries ORDER BY id LIMIT 1) a,
