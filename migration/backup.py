@@ -25,11 +25,11 @@ from psycopg2.extras import Json
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
 from migration.errors import MigrationError
-from migration.model import KeyColumn, Table
+from migration.model import BACKUP_SCHEMA, KeyColumn, Table
 from migration.plan import Plan
 from migration.sqlexpr import column_list
 
-SCHEMA = "migration_backup"
+SCHEMA = BACKUP_SCHEMA
 CHANGE_LOG_FUNCTION = "log_change"
 
 # Started before the copy, so that every write the copy's snapshot misses is

@@ -17,7 +17,7 @@ from psycopg2 import sql
 
 from migration import sqlexpr
 from migration.connection import Connection
-from migration.model import KeyColumn, Table
+from migration.model import BACKUP_SCHEMA, KeyColumn, Table
 
 
 class ColumnState(StrEnum):
@@ -602,7 +602,8 @@ class TriggerDef:
 
 def application_triggers(conn: Connection, key: KeyColumn) -> list[TriggerDef]:
     """The triggers on the key's table that are not PostgreSQL's own (FK triggers
-    are internal) nor the engine's sync trigger for the column."""
+    are internal) nor the engine's: the sync trigger for the column, and any whose
+    function lives in the backup schema (the change log's)."""
     with conn.cursor() as cur:
         cur.execute(
             """
@@ -622,9 +623,11 @@ def application_triggers(conn: Connection, key: KeyColumn) -> list[TriggerDef]:
             FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
             WHERE t.tgrelid = to_regclass(%(table)s) AND NOT t.tgisinternal
               AND t.tgname <> %(sync)s
+              AND p.pronamespace <> coalesce(to_regnamespace(%(backup)s), 0)
             ORDER BY t.tgname
             """,
-            {"table": regclass(key.table), "temp": key.temp, "sync": key.helper("sync")},
+            {"table": regclass(key.table), "temp": key.temp, "sync": key.helper("sync"),
+             "backup": BACKUP_SCHEMA},
         )
         rows = cur.fetchall()
     return [TriggerDef(key.table, *row) for row in rows]

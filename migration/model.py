@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from psycopg2 import sql
 
+BACKUP_SCHEMA = "migration_backup"
+"""Where the engine keeps its backup, change log and functions."""
 TEMP_SUFFIX = "_uuid"
 BACK_SUFFIX = "_text"
 NAME_BYTES = 63
