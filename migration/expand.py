@@ -274,7 +274,6 @@ def discard(session: Session, key: KeyColumn) -> int:
             JOIN pg_attribute a ON (a.attrelid, a.attnum) IN ((k.conrelid, k.conkey[1]),
                                                               (k.confrelid, k.confkey[1]))
             WHERE k.contype = 'f' AND a.attrelid = to_regclass(%s) AND a.attname = %s
-              AND k.conparentid = 0  -- a partition's clone goes with its table's FK
             ORDER BY 1, 2, 3
             """, (catalog.regclass(key.table), key.temp))
         dropped = 0

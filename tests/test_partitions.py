@@ -17,6 +17,7 @@ import psycopg2
 import psycopg2.errors
 import pytest
 from click.testing import CliRunner
+from psycopg2 import sql
 
 from migration import verify
 from migration.model import Table, shadow_name
@@ -237,3 +238,25 @@ def test_partitioned_unique_constraint_on_the_key_is_refused(clone: tuple[str, s
     execute(dsn, "ALTER TABLE journal_entries ADD CONSTRAINT journal_entries_one_a_day "
                  "UNIQUE (user_id, created_at)")
     refused(dsn, "public.journal_entries")
+
+
+def test_sync_trigger_reaches_every_partition(clone: tuple[str, str]) -> None:
+    """The copy column's sync trigger, created on the table, fires for rows written
+    straight into a partition while the fill is under way."""
+    dsn, admin_dsn = clone
+    run_ok(dsn, "backup_data")
+    run_ok(dsn, "migrate_users")
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(dsn, "migrate_foreign_keys", admin_dsn=admin_dsn,
+                       crash_at="batch public.journal_entries.user_id#1")
+    (user,), (other,) = execute(dsn, "SELECT id FROM users ORDER BY id LIMIT 2")
+    for partition in PARTITIONS:
+        execute(dsn, sql.SQL("UPDATE {} SET user_id = %s, title = 'moved' "
+                             "WHERE ctid = (SELECT min(ctid) FROM {})").format(
+            sql.Identifier(partition), sql.Identifier(partition)), (other,))
+    execute(dsn, "INSERT INTO journal_entries_late (user_id, title, created_at) "
+                 "VALUES (%s, 'new', '2024-06-01')", (user,))
+    copies = execute(dsn, "SELECT tableoid::regclass::text, user_id_uuid = user_id::uuid "
+                          "FROM journal_entries WHERE title IN ('moved', 'new') ORDER BY 1")
+    assert sorted(table for table, _ in copies) == sorted([*PARTITIONS, PARTITIONS[-1]])
+    assert all(same for _, same in copies), copies
