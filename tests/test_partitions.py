@@ -260,3 +260,13 @@ def test_sync_trigger_reaches_every_partition(clone: tuple[str, str]) -> None:
                           "FROM journal_entries WHERE title IN ('moved', 'new') ORDER BY 1")
     assert sorted(table for table, _ in copies) == sorted([*PARTITIONS, PARTITIONS[-1]])
     assert all(same for _, same in copies), copies
+
+
+def test_partition_with_a_foreign_key_of_its_own_is_refused(clone: tuple[str, str]) -> None:
+    """An FK of a partition's own brings the partition into the plan: refused, since its
+    column is its table's and is migrated with it."""
+    dsn, _ = clone
+    execute(dsn, "ALTER TABLE journal_entries_mid ADD CONSTRAINT journal_entries_mid_own_fkey "
+                 "FOREIGN KEY (user_id) REFERENCES users (id)")
+    refused(dsn, "public.journal_entries_mid")
+    assert "partition of public.journal_entries" in operate(dsn, "validate_schema").output
