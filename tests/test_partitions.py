@@ -270,3 +270,25 @@ def test_partition_with_a_foreign_key_of_its_own_is_refused(clone: tuple[str, st
                  "FOREIGN KEY (user_id) REFERENCES users (id)")
     refused(dsn, "public.journal_entries_mid")
     assert "partition of public.journal_entries" in operate(dsn, "validate_schema").output
+
+
+def test_unique_index_with_the_partition_key_is_carried(clone: tuple[str, str]) -> None:
+    """A partitioned table's unique index holds its partition key: its copy does too,
+    built per partition, and stays unique after the swap."""
+    dsn, _ = clone
+    execute(dsn, "CREATE UNIQUE INDEX ix_journal_entries_user_moment "
+                 "ON journal_entries (user_id, created_at)")
+    original, migrated = print_of(dsn), expected(dsn)
+    run_ok(dsn, "full_migration")
+    assert_print(dsn, migrated)
+    unique = execute(dsn, "SELECT c.relname, i.indisunique, i.indisvalid FROM pg_index i "
+                          "JOIN pg_class c ON c.oid = i.indexrelid "
+                          "WHERE c.relname LIKE '%%user_id_created_at_idx1' "
+                          "OR c.relname = 'ix_journal_entries_user_moment' ORDER BY 1")
+    assert unique == sorted([("ix_journal_entries_user_moment", True, True)]
+                            + [(f"{p}_user_id_created_at_idx1", True, True) for p in PARTITIONS])
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        execute(dsn, "INSERT INTO journal_entries (user_id, title, created_at) "
+                     "SELECT user_id, 'twin', created_at FROM journal_entries LIMIT 1")
+    run_ok(dsn, "rollback")
+    assert_print(dsn, original)
