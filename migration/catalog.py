@@ -183,6 +183,7 @@ def _foreign_keys(conn: Connection, key: KeyColumn, rel: str, cols: str) -> list
         JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
         JOIN pg_attribute ka ON ka.attrelid = k.{rel} AND ka.attnum = ANY (k.{cols})
         WHERE k.contype = 'f' AND k.{rel} = to_regclass(%s) AND ka.attname = %s
+          AND k.conparentid = 0  -- a partition's clone of its table's FK is not one of its own
         ORDER BY n.nspname, c.relname, k.conname
     """  # rel/cols are one of two fixed catalog column pairs chosen above, never input
     with conn.cursor() as cur:
@@ -660,3 +661,92 @@ def may_skip_triggers(conn: Connection) -> bool:
         cur.execute(query)
         row = cur.fetchone()
     return bool(row and row[0])
+
+
+def is_partitioned(conn: Connection, table: Table) -> bool:
+    """Whether the table is partitioned (``PARTITION BY``): it holds no rows of its own."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass(%s)",
+                    (regclass(table),))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def index_partitions(conn: Connection, index: IndexDef) -> list[IndexDef]:
+    """The indexes attached to a partitioned table's index, one per partition, each as
+    the server prints it (on the partition, a plain table or partitioned in turn)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT n.nspname, t.relname, ic.relname, pg_get_indexdef(i.indexrelid), k.contype,
+                   coalesce(k.condeferrable, false), coalesce(k.condeferred, false)
+            FROM pg_inherits h
+            JOIN pg_index i ON i.indexrelid = h.inhrelid
+            JOIN pg_class ic ON ic.oid = i.indexrelid
+            JOIN pg_class t ON t.oid = i.indrelid
+            JOIN pg_namespace n ON n.oid = t.relnamespace
+            LEFT JOIN pg_constraint k ON k.conindid = i.indexrelid
+                 AND k.conrelid = i.indrelid AND k.contype IN ('p', 'u')
+            WHERE h.inhparent = to_regclass(%s)
+            ORDER BY 1, 2, 3
+            """,
+            (regclass(Table(index.table.schema, index.name)),),
+        )
+        rows = cur.fetchall()
+    return [IndexDef(Table(schema, table), name, definition, contype, deferrable, deferred,
+                     index.uses_expression)
+            for schema, table, name, definition, contype, deferrable, deferred in rows]
+
+
+def foreign_key_partitions(conn: Connection, fk: ForeignKeyDef) -> list[ForeignKeyDef]:
+    """The clones of a partitioned table's FK on its partitions (``conparentid``)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT n.nspname, c.relname, a.attname, k.conname, pg_get_constraintdef(k.oid),
+                   k.convalidated
+            FROM pg_constraint p
+            JOIN pg_constraint k ON k.conparentid = p.oid AND k.conrelid <> p.conrelid
+            JOIN pg_class c ON c.oid = k.conrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
+            WHERE p.conrelid = to_regclass(%s) AND p.conname = %s AND p.contype = 'f'
+            ORDER BY 1, 2, 4
+            """,
+            (regclass(fk.table), fk.name),
+        )
+        rows = cur.fetchall()
+    return [ForeignKeyDef(Table(s, t), col, name, definition, valid)
+            for s, t, col, name, definition, valid in rows]
+
+
+@dataclass(frozen=True)
+class Family:
+    """Where a table stands among partitions and inheritance (``INHERITS``)."""
+
+    partitioned: bool
+    partition_of: str | None  # the partitioned table it is a partition of
+    inherits: list[str]  # INHERITS parents
+    inherited_by: list[str]  # INHERITS children
+
+
+def family(conn: Connection, table: Table) -> Family:
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT c.relkind = 'p',
+                   (SELECT h.inhparent::regclass::text FROM pg_inherits h
+                    WHERE h.inhrelid = c.oid AND c.relispartition),
+                   ARRAY(SELECT h.inhparent::regclass::text FROM pg_inherits h
+                         WHERE h.inhrelid = c.oid AND NOT c.relispartition ORDER BY 1),
+                   ARRAY(SELECT h.inhrelid::regclass::text FROM pg_inherits h
+                         JOIN pg_class k ON k.oid = h.inhrelid
+                         WHERE h.inhparent = c.oid AND NOT k.relispartition ORDER BY 1)
+            FROM pg_class c WHERE c.oid = to_regclass(%s)
+            """,
+            (regclass(table),),
+        )
+        row = cur.fetchone()
+    if row is None:
+        return Family(partitioned=False, partition_of=None, inherits=[], inherited_by=[])
+    return Family(bool(row[0]), row[1], list(row[2]), list(row[3]))

@@ -44,15 +44,23 @@ MATCH = {"f": " MATCH FULL", "s": "", "p": " MATCH PARTIAL"}
 
 @dataclass(frozen=True)
 class ShadowIndex:
-    """An index on a key column, and the name of its copy on the uuid column."""
+    """An index on a key column, and the name of its copy on the uuid column.
+
+    A partitioned table's index has ``parts``: the copies of the indexes of
+    its partitions (partitioned in turn, or plain tables, which have none).
+    """
 
     original: IndexDef
     name: str
+    partitioned: bool = False
+    parts: tuple[ShadowIndex, ...] = ()
 
     def statement(self, key: KeyColumn) -> str:
-        """The copy's ``CREATE INDEX CONCURRENTLY``, from the server's own definition of the
-        original with the column renamed (predicates and INCLUDE lists follow)."""
-        return sqlexpr.concurrent_copy(self.original.definition, self.name, key.column, key.temp)
+        """The copy's ``CREATE INDEX CONCURRENTLY`` (a partitioned table's: ``CREATE INDEX
+        ... ON ONLY``), from the server's own definition of the original with the column
+        renamed (predicates, INCLUDE lists and a unique index's partition key follow)."""
+        copy = sqlexpr.partitioned_copy if self.partitioned else sqlexpr.concurrent_copy
+        return copy(self.original.definition, self.name, key.column, key.temp)
 
 
 @dataclass(frozen=True)
@@ -62,17 +70,31 @@ class ShadowForeignKey:
     original: ForeignKeyDef
     name: str
     child: KeyColumn  # the referencing column, going the same way as the parent
+    parts: tuple[ShadowForeignKey, ...] = ()  # a partitioned child's: its partitions' clones
 
 
 def shadow_indexes(conn: Connection, key: KeyColumn) -> list[ShadowIndex]:
-    return [ShadowIndex(index, shadow_name("ix", key.table, index.name))
-            for index in catalog.indexes_on(conn, key)]
+    return [_shadow_index(conn, index) for index in catalog.indexes_on(conn, key)]
+
+
+def _shadow_index(conn: Connection, index: IndexDef) -> ShadowIndex:
+    partitioned = catalog.is_partitioned(conn, index.table)
+    parts = (tuple(_shadow_index(conn, part) for part in catalog.index_partitions(conn, index))
+             if partitioned else ())
+    return ShadowIndex(index, shadow_name("ix", index.table, index.name), partitioned, parts)
 
 
 def shadow_foreign_keys(conn: Connection, plan: Plan) -> list[ShadowForeignKey]:
-    return [ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name),
-                             KeyColumn(fk.table, fk.column, back=plan.parent.back))
+    return [_shadow_foreign_key(conn, fk, back=plan.parent.back)
             for fk in catalog.foreign_keys_to(conn, plan.parent)]
+
+
+def _shadow_foreign_key(conn: Connection, fk: ForeignKeyDef, *,
+                        back: bool) -> ShadowForeignKey:
+    parts = tuple(_shadow_foreign_key(conn, part, back=back)
+                  for part in catalog.foreign_key_partitions(conn, fk))
+    return ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name),
+                            KeyColumn(fk.table, fk.column, back=back), parts)
 
 
 def unsupported_foreign_keys(conn: Connection, plan: Plan) -> list[str]:
@@ -91,20 +113,40 @@ def unsupported_foreign_keys(conn: Connection, plan: Plan) -> list[str]:
 
 def build_indexes(session: Session, key: KeyColumn) -> int:
     """Build the copy of every index on ``key`` that is not built yet; how many were built."""
-    built = 0
-    for shadow in shadow_indexes(session.conn, key):
-        valid = catalog.index_validity(session.conn, key.table, shadow.name)
-        if valid:
-            continue
-        with session.unbounded(f"index {shadow.original.name}") as cur:
-            if valid is False:
-                logger.warning("%s: index %s was left invalid by an interrupted build; "
-                               "building it again", key, shadow.name)
-                cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
-                    sql.Identifier(key.table.schema, shadow.name)))
-            cur.execute(sql.SQL(shadow.statement(key)))
-        logger.info("%s: index %s built as %s", key, shadow.original.name, shadow.name)
-        built += 1
+    return sum(build_index(session, key, shadow) for shadow in shadow_indexes(session.conn, key))
+
+
+def build_index(session: Session, key: KeyColumn, shadow: ShadowIndex) -> int:
+    """Build one index copy, unless it is built and valid; how many indexes were built.
+
+    An index is built by building its partitions' indexes and attaching them:
+    PostgreSQL cannot build a partitioned table's index ``CONCURRENTLY``, so
+    the copy is created empty ``ON ONLY`` the table (catalog work, under the
+    short lock_timeout), each partition's copy is built the same way and
+    attached (``ALTER INDEX ... ATTACH PARTITION``), and the server makes the
+    copy valid when the last one is.  A plain table is the case with no
+    partitions: the copy is built ``CONCURRENTLY``.  A resumed run finds
+    what an interrupted one built or attached.
+    """
+    table = shadow.original.table
+    valid = catalog.index_validity(session.conn, table, shadow.name)
+    session.conn.rollback()
+    if valid:
+        return 0
+    if not shadow.partitioned:
+        _build_concurrently(session, key, shadow, left_invalid=valid is False)
+        return 1
+    if valid is None:
+        session.ddl(f"index {shadow.original.name}",
+                    lambda cur: cur.execute(sql.SQL(shadow.statement(key))))
+    built = 1
+    for part in shadow.parts:
+        built += build_index(session, key, part)
+        session.ddl(f"attach {part.name}", partial(
+            _attach, index=sql.Identifier(table.schema, shadow.name),
+            part=sql.Identifier(part.original.table.schema, part.name)))
+    logger.info("%s: index %s built as %s, %s partition(s) attached", key,
+                shadow.original.name, shadow.name, len(shadow.parts))
     return built
 
 
@@ -152,9 +194,28 @@ def _execute(cur: Cursor, statement: sql.Composable) -> None:
     cur.execute(statement)
 
 
+def _build_concurrently(session: Session, key: KeyColumn, shadow: ShadowIndex, *,
+                        left_invalid: bool) -> None:
+    table = shadow.original.table
+    with session.unbounded(f"index {shadow.original.name}") as cur:
+        if left_invalid:
+            logger.warning("%s: index %s was left invalid by an interrupted build; "
+                           "building it again", key, shadow.name)
+            cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(
+                sql.Identifier(table.schema, shadow.name)))
+        cur.execute(sql.SQL(shadow.statement(key)))
+    logger.info("%s: index %s built as %s", key, shadow.original.name, shadow.name)
+
+
+def _attach(cur: Cursor, index: sql.Identifier, part: sql.Identifier) -> None:
+    """Attach a partition's index to its table's (nothing when it is attached already)."""
+    cur.execute(sql.SQL("ALTER INDEX {} ATTACH PARTITION {}").format(index, part))
+
+
 def add_statement(conn: Connection, shadow: ShadowForeignKey,
                   parent: KeyColumn) -> sql.Composable:
-    """The copy of an FK between the uuid columns, with the original's rules, NOT VALID."""
+    """The copy of an FK between the uuid columns, with the original's rules, NOT VALID
+    (a partitioned table's: validated, see ``reference_one``)."""
     rules = catalog.foreign_key_rules(conn, shadow.original)
     if rules is None:
         raise MigrationError(f"foreign key {shadow.original.name} of {shadow.original.table} "
@@ -163,12 +224,13 @@ def add_statement(conn: Connection, shadow: ShadowForeignKey,
     if rules.deferrable:
         timing = " DEFERRABLE INITIALLY DEFERRED" if rules.deferred else " DEFERRABLE"
     return sql.SQL("ALTER TABLE {child} ADD CONSTRAINT {name} FOREIGN KEY ({column}) "
-                   "REFERENCES {parent} ({parent_column}){rules} NOT VALID").format(
+                   "REFERENCES {parent} ({parent_column}){rules}{not_valid}").format(
         child=shadow.child.table.ident, name=sql.Identifier(shadow.name),
         column=sql.Identifier(shadow.child.temp), parent=parent.table.ident,
         parent_column=sql.Identifier(parent.temp),
         rules=sql.SQL(MATCH[rules.match] + f" ON UPDATE {ACTIONS[rules.on_update]} "
-                      f"ON DELETE {ACTIONS[rules.on_delete]}" + timing))
+                      f"ON DELETE {ACTIONS[rules.on_delete]}" + timing),
+        not_valid=sql.SQL("" if shadow.parts and shadow.original.validated else " NOT VALID"))
 
 
 def reference(session: Session, plan: Plan) -> int:
@@ -179,21 +241,38 @@ def reference(session: Session, plan: Plan) -> int:
     then its rows, under the session's short lock_timeout.  Validating scans
     the child under a lock that lets writes go on.
     """
-    added = 0
-    for shadow in shadow_foreign_keys(session.conn, plan):
-        child = shadow.child.table
+    return sum(reference_one(session, shadow, plan.parent)
+               for shadow in shadow_foreign_keys(session.conn, plan))
+
+
+def reference_one(session: Session, shadow: ShadowForeignKey, parent: KeyColumn) -> int:
+    """Add and validate one FK copy; how many constraints were added.
+
+    A partitioned table's FK is added by adding its partitions' first:
+    PostgreSQL 15 to 17 refuse ``NOT VALID`` on a partitioned table's FK,
+    and adding it valid would scan every partition under SHARE ROW EXCLUSIVE.
+    So each partition's copy is added ``NOT VALID`` and validated (no write
+    blocked), and then the table's, valid: the server takes over the
+    partitions' equal FKs (attaches them) instead of scanning, so it is
+    catalog work under an instant lock.  A plain table is the case with no
+    partitions.
+    """
+    added = sum(reference_one(session, part, parent) for part in shadow.parts)
+    child = shadow.child.table
+    state = catalog.constraint_validity(session.conn, child, shadow.name)
+    session.conn.rollback()
+    if state is None:
+        statement = add_statement(session.conn, shadow, parent)
+        session.conn.rollback()
+        session.ddl(f"fk {shadow.original.name}",
+                    partial(_add_locked, tables=(parent.table.ident, child.ident),
+                            statement=statement))
+        added += 1
         state = catalog.constraint_validity(session.conn, child, shadow.name)
         session.conn.rollback()
-        if state is None:
-            statement = add_statement(session.conn, shadow, plan.parent)
-            session.conn.rollback()
-            session.ddl(f"fk {shadow.original.name}",
-                        partial(_add_locked, tables=(plan.parent.table.ident, child.ident),
-                                statement=statement))
-            added += 1
-        if shadow.original.validated and not state:
-            session.ddl(f"validate {shadow.original.name}",
-                        partial(validate_constraint, table=child, name=shadow.name))
+    if shadow.original.validated and not state:
+        session.ddl(f"validate {shadow.original.name}",
+                    partial(validate_constraint, table=child, name=shadow.name))
     return added
 
 

@@ -238,6 +238,7 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
     if state in (ColumnState.STRING, ColumnState.BACKFILLING):
         findings += trigger_findings(session, key)
     findings += name_findings(conn, key.reversed() if state is ColumnState.UUID else key)
+    findings += family_findings(session, key)
     return findings
 
 
@@ -273,6 +274,40 @@ def name_findings(conn: Connection, key: KeyColumn) -> list[Finding]:
                     subject=str(key),
                     hint=f"rename the application's {thing.split()[0]} (the migration would "
                          "overwrite or drop it), then run again") for thing in taken]
+
+
+def family_findings(session: Session, key: KeyColumn) -> list[Finding]:
+    """Partitions and inheritance the engine cannot carry, refused before anything is done.
+
+    A partitioned child table is carried (its copies are added on the table
+    and reach its partitions).  Refused: a partitioned parent key (the FK
+    copies would have to reference a partitioned unique index built by
+    attaching, and the swap's ``ADD CONSTRAINT ... USING INDEX`` does not
+    exist for partitioned tables), a partitioned table whose primary key or
+    unique constraint includes the key column (for the same reason), a
+    partition migrated on its own, and inheritance (``INHERITS``), whose
+    children get a new column but not its indexes, constraints or trigger.
+    """
+    conn = session.conn
+    family = catalog.family(conn, key.table)
+    reasons = []
+    if family.partitioned and key == session.plan.parent:
+        reasons.append("it is partitioned and holds the key every foreign key refers to")
+    elif family.partitioned:
+        reasons += [f"it is partitioned and its constraint {ix.name} includes {key.column} "
+                    "(a partitioned table's constraint cannot be put back on a prebuilt index)"
+                    for ix in catalog.indexes_on(conn, key) if ix.constraint_type]
+    if family.partition_of:
+        reasons.append(f"it is a partition of {family.partition_of}: migrate that table")
+    if family.inherits:
+        reasons.append(f"it inherits from {', '.join(family.inherits)} (INHERITS)")
+    if family.inherited_by:
+        reasons.append(f"{', '.join(family.inherited_by)} inherit(s) from it (INHERITS)")
+    return [Finding("table_family", Status.FAIL, f"{key.table} cannot be migrated: {reason}",
+                    subject=str(key),
+                    hint="the engine carries partitioned child tables only; convert this "
+                         "table by hand, or detach its children first")
+            for reason in reasons]
 
 
 def mentions(source: str, column: str) -> bool:

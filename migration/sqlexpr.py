@@ -207,13 +207,27 @@ def foreign_references(definition: str, column: str, table: str) -> int:
 def concurrent_copy(index_definition: str, name: str, column: str, new_column: str) -> str:
     """``CREATE [UNIQUE] INDEX CONCURRENTLY name ...`` on ``new_column``: the deparsed
     definition of an index on ``column``, built again under another name."""
+    return _index_copy(index_definition, name, column, new_column, partitioned=False)
+
+
+def partitioned_copy(index_definition: str, name: str, column: str, new_column: str) -> str:
+    """``CREATE [UNIQUE] INDEX name ON ONLY ...`` on ``new_column``: the deparsed
+    definition of a partitioned table's index on ``column``, created again empty (and
+    invalid) under another name, for its partitions' copies to be attached to it."""
+    return _index_copy(index_definition, name, column, new_column, partitioned=True)
+
+
+def _index_copy(index_definition: str, name: str, column: str, new_column: str, *,
+                partitioned: bool) -> str:
     tokens = _tokens(rename_column(index_definition, column, new_column))
     words = [i for i, (kind, _) in enumerate(tokens) if kind != "space"]
     keywords = [tokens[i][1].upper() for i in words[:6]]
     head = ["CREATE", "UNIQUE", "INDEX"] if keywords[1:2] == ["UNIQUE"] else ["CREATE", "INDEX"]
     at = len(head)  # where the index's name stands
     if (keywords[:at] != head or keywords[at + 1] != "ON"
-            or keywords[at + 2] == "ONLY"):
-        raise ValueError(f"not an index of a plain table: {index_definition}")
-    return ("".join(value for _, value in tokens[:words[at]]) + "CONCURRENTLY "
+            or (keywords[at + 2] == "ONLY") is not partitioned):
+        kind = "a partitioned" if partitioned else "a plain"
+        raise ValueError(f"not an index of {kind} table: {index_definition}")
+    return ("".join(value for _, value in tokens[:words[at]])
+            + ("" if partitioned else "CONCURRENTLY ")
             + quote_ident(name) + "".join(value for _, value in tokens[words[at] + 1:]))

@@ -34,6 +34,7 @@ from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
 from migration.expand import (
     ShadowCheck,
+    ShadowForeignKey,
     ShadowIndex,
     copy_checks,
     shadow_checks,
@@ -109,8 +110,7 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     for column in columns:
         _swap_column(cur, session, column)
     for fk in references:
-        cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
-            fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)))
+        _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
             sql.Identifier(fk.original.name), fk.child.table.ident), fk_comments[fk.original.name])
     for policy in policies:
@@ -219,10 +219,28 @@ def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
             sql.Identifier(original.name), key.table.ident),
             comments.get(("constraint", original.name)))
     else:
-        cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-            sql.Identifier(key.table.schema, index.name), sql.Identifier(original.name)))
+        _rename_index(cur, index)
     _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(key.table.schema, original.name)),
              comments.get(("index", original.name)))
+
+
+def _rename_index(cur: Cursor, index: ShadowIndex) -> None:
+    """The index copy takes its original's name; a partitioned table's, and each of its
+    partitions' (the old ones went with the old column)."""
+    cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+        sql.Identifier(index.original.table.schema, index.name),
+        sql.Identifier(index.original.name)))
+    for part in index.parts:
+        _rename_index(cur, part)
+
+
+def _take_fk_name(cur: Cursor, fk: ShadowForeignKey) -> None:
+    """The FK copy takes its original's name; a partitioned table's, and each of its
+    partitions' (PostgreSQL does not rename those with their table's)."""
+    cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+        fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)))
+    for part in fk.parts:
+        _take_fk_name(cur, part)
 
 
 def _comment(cur: Cursor, target: sql.Composable, text: str | None) -> None:
