@@ -8,6 +8,7 @@ upper-case ids, so the rollback has spellings to give back.
 
 from __future__ import annotations
 
+import json
 from urllib.parse import urlsplit
 
 import psycopg2
@@ -174,3 +175,42 @@ def test_a_crash_in_a_unique_key_walk_resumes(no_pk_db: str, sandbox: Sandbox) -
     run_ok(no_pk_db, "rollback", *SMALL)
     after = print_of(no_pk_db)
     assert after == original, "\n".join(original.diff(after))
+
+
+def test_the_pre_flight_names_bad_rows_by_walk_key_or_ctid(no_pk_db: str) -> None:
+    """An id PostgreSQL does not take for a uuid, in both tables: the findings' samples
+    name the user_devices row by its device, the user_roles row by its ctid."""
+    execute(no_pk_db, "INSERT INTO users (id, email) VALUES ('not-a-uuid', 'bad@example.com');"
+                      "INSERT INTO user_roles VALUES ('not-a-uuid', 'reader');"
+                      "INSERT INTO user_devices VALUES ('not-a-uuid', 'bad-device')")
+    [(where,)] = execute(no_pk_db, "SELECT ctid::text FROM user_roles "
+                                   "WHERE user_id = 'not-a-uuid'")
+    checked = operate(no_pk_db, "validate_schema", "--format", "json")
+    assert checked.exit_code != 0
+    samples = {finding["subject"]: finding["samples"]
+               for finding in json.loads(checked.output)["findings"]
+               if finding["check"] == "invalid_uuid"}
+    assert samples["public.user_roles.user_id"] == [
+        {"table": "public.user_roles", "ctid": where, "user_id": "not-a-uuid"}]
+    assert samples["public.user_devices.user_id"] == [
+        {"table": "public.user_devices", "device": "bad-device", "user_id": "not-a-uuid"}]
+
+
+def test_rollback_keeps_the_application_s_rows_in_a_table_without_a_key(
+        no_pk_db: str) -> None:
+    """After the migration the application deletes one of two identical rows and adds a
+    row: the rollback counts both as changes (duplicates are counted, not merged),
+    the copy left gets back its upper-case spelling, the new row keeps its text."""
+    run_ok(no_pk_db, "full_migration", *SMALL)
+    [(doubled,)] = execute(no_pk_db, "DELETE FROM user_roles WHERE ctid = (SELECT min(ctid) "
+                                     "FROM user_roles WHERE role = 'reader' AND user_id IN ("
+                                     "SELECT user_id FROM user_roles GROUP BY user_id, role "
+                                     "HAVING count(*) = 2)) RETURNING user_id::text")
+    [(single,)] = execute(no_pk_db, "SELECT min(id::text) FROM users WHERE email LIKE 'user%%'")
+    execute(no_pk_db, "INSERT INTO user_roles (user_id, role) VALUES (%s, 'guest')", (single,))
+    rolled = run_ok(no_pk_db, "rollback", *SMALL)
+    assert "2 row(s) the application changed since the backup were kept" in rolled.output
+    assert execute(no_pk_db, "SELECT user_id FROM user_roles WHERE role = 'reader' "
+                             "AND lower(user_id) = %s", (doubled,)) == [(str(doubled).upper(),)]
+    assert execute(no_pk_db, "SELECT user_id FROM user_roles WHERE role = 'guest'") \
+        == [(single,)]
