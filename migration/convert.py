@@ -110,7 +110,10 @@ class Walk:
     copy is still empty is not walked again: the fill proof
     (``prove_filled``) finds it and ``fill_missed_rows`` fills it, which is what
     makes the page walk complete, as it does for a key moved behind a key
-    checkpoint.
+    checkpoint.  The walk ends at the table's last page when the column was
+    added: the fill's own updates move rows to new pages past it, and are not
+    walked again; a row the fill moves onto a page still ahead (free space
+    there) is filled a second time, a wasted write and nothing worse.
     """
 
     columns: tuple[str, ...]
