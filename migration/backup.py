@@ -91,11 +91,14 @@ CREATE TABLE {schema}.saved_foreign_keys (
     table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
     name text NOT NULL, definition text NOT NULL, validated boolean NOT NULL,
     PRIMARY KEY (table_schema, table_name, name));
--- One row per slice of a column's backfill: the primary key range
--- (last_key, upper_key] still to fill, upper_key NULL for the last slice.
+-- One row per slice of a column's backfill, walked by walk_key (chosen once per
+-- column, so a resumed run walks the same way): the key range (last_key, upper_key]
+-- still to fill, upper_key NULL for the last slice; or, for the walk key ctid, the
+-- pages [last_key, upper_key).
 CREATE TABLE {schema}.backfill_progress (
     table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
-    slice int NOT NULL, last_key jsonb, upper_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
+    slice int NOT NULL, walk_key text[] NOT NULL,
+    last_key jsonb, upper_key jsonb, rows_done bigint NOT NULL DEFAULT 0,
     finished boolean NOT NULL DEFAULT false,
     updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
     PRIMARY KEY (table_schema, table_name, column_name, slice));

@@ -136,6 +136,47 @@ def primary_key(conn: Connection, table: Table) -> list[str]:
         return [name for (name,) in cur.fetchall()]
 
 
+PAGES = "ctid"
+"""The walk key of a table with no unique key over NOT NULL columns: its physical
+pages, walked in ranges of ``ctid`` (no user column can be named ``ctid``)."""
+
+
+def walk_key(conn: Connection, table: Table) -> list[str]:
+    """The columns a fill walks the table by, in index order: the primary key; else the
+    unique index with the fewest columns that is valid, immediate, not partial, without
+    expressions, over NOT NULL columns only (so that it names each row once); else
+    ``[PAGES]``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT array_agg(a.attname ORDER BY k.pos)
+            FROM pg_index i
+            JOIN pg_class ic ON ic.oid = i.indexrelid
+            CROSS JOIN LATERAL unnest(i.indkey[0:i.indnkeyatts - 1]) WITH ORDINALITY k(attnum, pos)
+            JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+            WHERE i.indrelid = to_regclass(%s) AND i.indisunique AND i.indisvalid
+              AND i.indimmediate AND i.indexprs IS NULL AND i.indpred IS NULL
+            GROUP BY i.indexrelid, i.indisprimary, i.indnkeyatts, ic.relname
+            HAVING bool_and(a.attnotnull)
+            ORDER BY i.indisprimary DESC, i.indnkeyatts, ic.relname
+            LIMIT 1
+            """,
+            (regclass(table),),
+        )
+        row = cur.fetchone()
+    return list(row[0]) if row else [PAGES]
+
+
+def heap_pages(conn: Connection, table: Table) -> int:
+    """The table's size in pages now (exact and free, unlike ``relpages``, which is
+    only as recent as the last VACUUM or ANALYZE)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_relation_size(to_regclass(%s)) "
+                    "/ current_setting('block_size')::bigint", (regclass(table),))
+        row = cur.fetchone()
+    return int(row[0]) if row and row[0] is not None else 0
+
+
 def indexes_on(conn: Connection, key: KeyColumn) -> list[IndexDef]:
     """Indexes that use the column: as a key, an INCLUDE column, in an expression or predicate."""
     with conn.cursor() as cur:

@@ -4,9 +4,10 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 
 1. add ``c_uuid uuid`` and a trigger that keeps it equal to ``c::uuid`` for
    rows anyone else writes meanwhile (instant DDL);
-2. fill ``c_uuid`` in batches that walk the primary key, a commit per batch,
-   the position saved with each batch so an interruption resumes there; the
-   key is cut into slices (one per ``--jobs``) filled on as many connections;
+2. fill ``c_uuid`` in batches that walk the table's walk key (``Walk``: the
+   primary key, else a unique key, else its pages), a commit per batch, the
+   position saved with each batch so an interruption resumes there; the
+   table is cut into slices (one per ``--jobs``) filled on as many connections;
 3. prove ``c_uuid = c::uuid`` in every row (and, for a NOT NULL column, that
    ``c_uuid`` is NOT NULL) with CHECK constraints added NOT VALID then
    validated (no exclusive lock while they scan); rows the batches missed
@@ -58,7 +59,8 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
     (sampling inside it held the lock for 90 to 130 ms at 100k rows).
     """
     with session.transaction() as cur:
-        bounds = slice_bounds(cur, key, session.settings.jobs)
+        walk = Walk(tuple(catalog.walk_key(cur.connection, key.table)))
+        bounds = slice_bounds(cur, key, walk, session.settings.jobs)
         copy_type = sql.SQL(backup.saved_column(cur, key).type) if key.back else key.copy_type
 
     def work(cur: Cursor) -> None:
@@ -72,17 +74,22 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
             sql.Identifier(key.helper("sync")), sql.Identifier(key.column),
             key.table.ident, backup.meta("sync_uuid_column"),
             sql.Literal(key.column), sql.Literal(key.temp)))
+        # Pages are walked up to the table's end now, under this lock: rows written
+        # later are the sync trigger's, and the fill's own updates, which move rows
+        # to new pages at the end, are not walked again.
+        first, last = ((0, catalog.heap_pages(cur.connection, key.table)) if walk.pages
+                       else (None, None))
         progress = backup.meta("backfill_progress")
         cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name, column_name) "
                             "= (%s, %s, %s)").format(progress),
                     (key.table.schema, key.table.name, key.column))
         execute_values(cur, sql.SQL(
-            "INSERT INTO {} (table_schema, table_name, column_name, slice, last_key, upper_key) "
-            "VALUES %s").format(progress).as_string(cur),
-            [(key.table.schema, key.table.name, key.column, number,
+            "INSERT INTO {} (table_schema, table_name, column_name, slice, walk_key, "
+            "last_key, upper_key) VALUES %s").format(progress).as_string(cur),
+            [(key.table.schema, key.table.name, key.column, number, list(walk.columns),
               Json(lower) if lower is not None else None,
               Json(upper) if upper is not None else None)
-             for number, (lower, upper) in enumerate(zip([None, *bounds], [*bounds, None],
+             for number, (lower, upper) in enumerate(zip([first, *bounds], [*bounds, last],
                                                          strict=True))])
 
     session.ddl(f"add {key.temp} to {key.table}", work)
@@ -103,16 +110,49 @@ def is_engines(conn: Connection, key: KeyColumn) -> bool:
 SLICE_SAMPLE_ROWS = 10_000
 
 
-def slice_bounds(cur: Cursor, key: KeyColumn, slices: int) -> list[Any]:
-    """Primary key values (as jsonb objects) that cut the table into ``slices`` ranges.
+@dataclass(frozen=True)
+class Walk:
+    """What a fill walks a table by, chosen once per column (``catalog.walk_key``) and
+    recorded with its slices, so that a resumed run walks the same way.
 
-    They are quantiles of a sample of the key (the same sample every time, so
+    Columns (the primary key, else a unique key over NOT NULL columns): a batch
+    is the next ``n`` keys after the checkpoint, the checkpoint the last key.
+    ``PAGES`` (a table without either): a batch is the rows whose ``ctid`` is in
+    ``[(p,0), (p+n,0))``, read by a TID range scan (PostgreSQL 14 and later),
+    the checkpoint the next page ``p+n``.  A row that an application's UPDATE
+    moves to a page behind the checkpoint (or past the walk's end) while its
+    copy is still empty is not walked again: the fill proof
+    (``prove_filled``) finds it and ``fill_missed_rows`` fills it, which is what
+    makes the page walk complete, as it does for a key moved behind a key
+    checkpoint.  The walk ends at the table's last page when the column was
+    added: the fill's own updates move rows to new pages past it, and are not
+    walked again; a row the fill moves onto a page still ahead (free space
+    there) is filled a second time, a wasted write and nothing worse.
+    """
+
+    columns: tuple[str, ...]
+
+    @property
+    def pages(self) -> bool:
+        return self.columns == (catalog.PAGES,)
+
+
+def slice_bounds(cur: Cursor, key: KeyColumn, walk: Walk, slices: int) -> list[Any]:
+    """Walk key values (jsonb objects; page numbers for ``PAGES``) that cut the table
+    into ``slices`` ranges.
+
+    Keys: quantiles of a sample of the key (the same sample every time, so
     that runs are repeatable): memory stays that of the sample, whatever the
-    table's size.  A table too small to sample gets one slice.
+    table's size.  A table too small to sample gets one slice.  Pages: equal
+    shares of the table's pages now (exact, where ``relpages`` is only as
+    recent as the last VACUUM).
     """
     if slices < 2:
         return []
-    pk = catalog.primary_key(cur.connection, key.table)
+    if walk.pages:
+        pages = catalog.heap_pages(cur.connection, key.table)
+        return sorted({pages * n // slices for n in range(1, slices)} - {0})
+    pk = list(walk.columns)
     estimate = catalog.estimated_rows(cur.connection, key.table)
     percent = 100.0 if estimate <= SLICE_SAMPLE_ROWS else 100.0 * SLICE_SAMPLE_ROWS / estimate
     cur.execute(sql.SQL("SELECT to_jsonb(s) FROM (SELECT {pk} FROM {table} "
@@ -124,21 +164,51 @@ def slice_bounds(cur: Cursor, key: KeyColumn, slices: int) -> list[Any]:
 
 
 def _pk_value(pk: list[str], key: KeyColumn, param: str) -> sql.Composable:
-    """ROW(...) of a saved key (jsonb parameter ``param``) typed as the table's key."""
+    """ROW(...) of a saved walk key (jsonb parameter ``param``) typed as the table's columns."""
     return sql.SQL("ROW({})").format(sql.SQL(", ").join(
         sql.SQL("(SELECT c.{} FROM jsonb_populate_record(NULL::{}, {}) c)").format(
             sql.Identifier(p), key.table.ident, sql.Placeholder(param)) for p in pk))
 
 
-def batch_statement(key: KeyColumn, pk: list[str], *, first: bool,
+def batch_statement(key: KeyColumn, walk: Walk, *, first: bool,
                     bounded: bool) -> sql.Composable:
-    """One batch: the next ``n`` keys of the slice after its checkpoint, filled by a range
+    """One batch: the next stretch of the slice after its checkpoint filled by a range
     update, and the new checkpoint saved, in one statement (one round trip per batch).
 
-    The range (after, upper] is found on the primary key index and the update
-    is a range scan of it: each batch costs the same wherever it is in the
-    table, and nothing but the count and the new checkpoint comes back.
+    The range is found on the walk key's index (or is a TID range scan of
+    pages) and the update is a range scan of it: each batch costs the same
+    wherever it is in the table, and nothing but the count and the new
+    checkpoint comes back.  The checkpoint is NULL when the slice is walked.
     """
+    ranges, within, checkpoint = (_page_range() if walk.pages
+                                  else _key_range(key, list(walk.columns), first=first,
+                                                  bounded=bounded))
+    return sql.SQL(
+        """
+        WITH {ranges}, done AS (
+            UPDATE {table} x SET {temp} = ({source})::{copy_type}
+            WHERE {within}
+            RETURNING 1
+        ), counted AS (
+            SELECT count(*) AS n, {checkpoint} AS last_key FROM done
+        ), saved AS (
+            UPDATE {progress} SET last_key = c.last_key, rows_done = rows_done + c.n,
+                   updated_at = clock_timestamp()
+            FROM counted c
+            WHERE c.last_key IS NOT NULL
+              AND (table_schema, table_name, column_name, slice) = %(slice)s
+        )
+        SELECT n, last_key FROM counted
+        """
+    ).format(ranges=ranges, table=key.table.ident, temp=sql.Identifier(key.temp),
+             copy_type=key.copy_type, source=sql.Identifier("x", key.column), within=within,
+             checkpoint=checkpoint, progress=backup.meta("backfill_progress"))
+
+
+def _key_range(key: KeyColumn, pk: list[str], *, first: bool,
+               bounded: bool) -> tuple[sql.Composable, sql.Composable, sql.Composable]:
+    """The next ``n`` keys after the checkpoint (up to the slice's inclusive upper
+    bound): the CTEs that find them, the update's condition, the new checkpoint."""
     conditions = []
     if not first:
         conditions.append(sql.SQL("{} > {}").format(row_of(pk), _pk_value(pk, key, "after")))
@@ -149,31 +219,30 @@ def batch_statement(key: KeyColumn, pk: list[str], *, first: bool,
     descending = sql.SQL(", ").join(sql.SQL("{} DESC").format(sql.Identifier(p)) for p in pk)
     upper = sql.SQL("ROW({})").format(sql.SQL(", ").join(
         sql.SQL("(SELECT u.{} FROM upper u)").format(sql.Identifier(p)) for p in pk))
-    return sql.SQL(
-        """
-        WITH batch AS MATERIALIZED (
+    ranges = sql.SQL(
+        """batch AS MATERIALIZED (
             SELECT {pk} FROM {table} WHERE {within} ORDER BY {pk} LIMIT %(n)s
         ), upper AS (
             SELECT {pk} FROM batch ORDER BY {descending} LIMIT 1
-        ), done AS (
-            UPDATE {table} x SET {temp} = ({source})::{copy_type}
-            WHERE {x_after} AND {x_pk} <= {upper}
-            RETURNING 1
-        ), counted AS (
-            SELECT count(*) AS n, (SELECT to_jsonb(u) FROM upper u) AS last_key FROM done
-        ), saved AS (
-            UPDATE {progress} SET last_key = c.last_key, rows_done = rows_done + c.n,
-                   updated_at = clock_timestamp()
-            FROM counted c
-            WHERE c.n > 0 AND (table_schema, table_name, column_name, slice) = %(slice)s
-        )
-        SELECT n, last_key FROM counted
-        """
-    ).format(pk=column_list(pk), table=key.table.ident,
-             within=sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true"),
-             descending=descending, temp=sql.Identifier(key.temp), copy_type=key.copy_type,
-             source=sql.Identifier("x", key.column), x_after=x_after, x_pk=row_of(pk, "x"),
-             upper=upper, progress=backup.meta("backfill_progress"))
+        )""").format(pk=column_list(pk), table=key.table.ident,
+                     within=sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true"),
+                     descending=descending)
+    within = sql.SQL("{} AND {} <= {}").format(x_after, row_of(pk, "x"), upper)
+    return ranges, within, sql.SQL("(SELECT to_jsonb(u) FROM upper u)")
+
+
+def _page_range() -> tuple[sql.Composable, sql.Composable, sql.Composable]:
+    """Pages ``[after, least(after + n, upper))``: the CTE that computes them, the
+    update's condition (a TID range), the new checkpoint (the next page)."""
+    ranges = sql.SQL(
+        """pages AS (
+            SELECT format('(%%s,0)', s)::tid AS start, format('(%%s,0)', e)::tid AS stop, e
+            FROM (SELECT (%(after)s::jsonb)::bigint, (%(upper)s::jsonb)::bigint) b (s, u)
+            CROSS JOIN LATERAL (SELECT least(s + %(n)s, u)) l (e)
+            WHERE s < u
+        )""")
+    within = sql.SQL("x.ctid >= (SELECT start FROM pages) AND x.ctid < (SELECT stop FROM pages)")
+    return ranges, within, sql.SQL("(SELECT to_jsonb(e) FROM pages)")
 
 
 @dataclass(frozen=True)
@@ -181,9 +250,11 @@ class Slice:
     """A primary key range of one column's backfill, walked by one connection."""
 
     key: KeyColumn
+    walk: Walk
     number: int
-    last_key: Any  # the checkpoint (jsonb object of the key), None before the first batch
-    upper_key: Any  # inclusive upper bound, None for the last slice
+    last_key: Any  # the checkpoint (jsonb object of the key), None before the first batch;
+    # for pages, the next page
+    upper_key: Any  # inclusive upper bound, None for the last slice; for pages, exclusive
     rows_done: int
     share: float  # of the table's rows, to start the largest slices first
 
@@ -194,13 +265,14 @@ class Slice:
 def slices_of(session: Session, key: KeyColumn) -> list[Slice]:
     """The column's slices still to fill."""
     with session.transaction() as cur:
-        cur.execute(sql.SQL("SELECT slice, last_key, upper_key, rows_done, finished, "
+        cur.execute(sql.SQL("SELECT slice, walk_key, last_key, upper_key, rows_done, finished, "
                             "count(*) OVER () FROM {} WHERE (table_schema, table_name, "
                             "column_name) = (%s, %s, %s) ORDER BY slice").format(
             backup.meta("backfill_progress")), (key.table.schema, key.table.name, key.column))
         rows = cur.fetchall()
-    return [Slice(key, number, last_key, upper_key, int(done), 1 / count)
-            for number, last_key, upper_key, done, finished, count in rows if not finished]
+    return [Slice(key, Walk(tuple(walk)), number, last_key, upper_key, int(done), 1 / count)
+            for number, walk, last_key, upper_key, done, finished, count in rows
+            if not finished]
 
 
 def fill_settings(session: Session) -> list[str]:
@@ -225,13 +297,13 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
     checkpoint is then where the next run resumes.
     """
     key = part.key
-    pk = catalog.primary_key(session.conn, key.table)
     settings = fill_settings(session)
     if part.rows_done:
         logger.info("%s: resuming after %s (%s rows done)", part, part.last_key, part.rows_done)
-    statements = {first: batch_statement(key, pk, first=first,
+    statements = {first: batch_statement(key, part.walk, first=first,
                                          bounded=part.upper_key is not None)
                   for first in (True, False)}
+    size = batch_pages(session, key) if part.walk.pages else session.settings.batch_size
     identity = (key.table.schema, key.table.name, key.column, part.number)
     last_key, written, unlogged = part.last_key, 0, 0
     logged_at = time.monotonic()
@@ -240,11 +312,11 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
             for setting in settings:
                 cur.execute(setting)
             cur.execute(statements[last_key is None], {
-                "n": session.settings.batch_size, "after": Json(last_key),
+                "n": size, "after": Json(last_key),
                 "upper": Json(part.upper_key),
                 "slice": identity})
             count, new_key = cur.fetchone() or (0, None)
-            if not count:
+            if new_key is None:
                 cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
                                     "clock_timestamp() WHERE (table_schema, table_name, "
                                     "column_name, slice) = %s").format(
@@ -263,6 +335,14 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
                 "stopped" if stop is not None and stop.is_set() else "done",
                 part.rows_done + written)
     return written
+
+
+def batch_pages(session: Session, key: KeyColumn) -> int:
+    """Pages in a batch of a page walk: about ``--batch-size`` rows, at least one page."""
+    pages = catalog.heap_pages(session.conn, key.table)
+    rows = catalog.estimated_rows(session.conn, key.table)
+    session.conn.rollback()
+    return max(1, session.settings.batch_size * pages // rows) if rows else 1
 
 
 def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
@@ -361,11 +441,13 @@ def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
 def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
     """Fill the rows the batches missed, in one scan.
 
-    A row is missed when a write moves its primary key behind a slice's
-    checkpoint while the fill runs: the sync trigger follows writes to the
-    string column, not to the key.  Left so, a nullable reference would
-    become NULL at the swap.  The ``filled`` CHECK, already in force for new
-    writes, keeps any more from appearing, so after this scan it validates.
+    A row is missed when a write moves it behind a slice's checkpoint while
+    the fill runs: it changes its walk key, or (a page walk) an UPDATE puts
+    its new version on a page already walked or past the walk's end.  The
+    sync trigger follows writes to the string column, not to the rest.  Left
+    so, a nullable reference would become NULL at the swap.  The ``filled``
+    CHECK, already in force for new writes, keeps any more from appearing, so
+    after this scan it validates.
     """
     with session.transaction(f"fill missed {key}") as cur:
         cur.execute("SET LOCAL statement_timeout = 0")
@@ -378,8 +460,8 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
             same=key.same_value(temp, column)))
         missed = cur.rowcount
         session.log.progress(cur, run_id, missed)
-    logger.warning("%s: %s rows were missed by the batches (their primary key changed while "
-                   "the fill ran); filled them in one scan", key, missed)
+    logger.warning("%s: %s rows were missed by the batches (a write moved them behind the "
+                   "fill's checkpoint while it ran); filled them in one scan", key, missed)
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:

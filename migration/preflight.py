@@ -4,7 +4,8 @@ It reads only (plus a ``pg_temp`` helper function on servers older than 16)
 and reports, per key column, what would make the conversion fail or lose
 meaning: invalid strings, ids that collide once normalised, orphans, and
 objects the swap cannot carry over.  Each finding names the table and up to
-20 offending rows by primary key.
+20 offending rows by the table's walk key (``catalog.walk_key``: the primary
+key, else a unique key, else ``ctid``).
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from migration.sqlexpr import UuidReader, column_list, is_uuid, prepare_uuid_che
 def samples_query(
     cur: Cursor, key: KeyColumn, pk: list[str], where: sql.Composable
 ) -> tuple[int, list[dict[str, Any]]]:
-    """Count the rows matching ``where`` and return up to 20 of them by primary key.
+    """Count the rows matching ``where`` and return up to 20 of them by ``pk`` (the
+    walk key: a ``ctid`` names a row of a table with no unique key, for now).
 
     A bare count is what clean data needs, and the planner can run it in
     parallel and from an index alone.  Only when it finds rows are they
@@ -92,7 +94,7 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn,
     run only where a count says there is something to show.
     """
     conn = session.conn
-    pk = catalog.primary_key(conn, key.table)
+    pk = catalog.walk_key(conn, key.table)
     col = sql.Identifier("t", key.column)
     values = read(key)
     findings: list[Finding] = []
@@ -227,9 +229,13 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
                               f"type {info.type if info else '?'} is neither a string nor uuid",
                               subject=str(key))
     if state is not ColumnState.UUID and not catalog.primary_key(conn, key.table):
-        findings.append(Finding("primary_key", Status.FAIL,
-                                "the table has no primary key to walk in batches",
-                                subject=str(key.table), hint="add a primary key first"))
+        walk = catalog.walk_key(conn, key.table)
+        findings.append(Finding(
+            "walk_key", Status.INFO, "the table has no primary key: the fill walks "
+            + (f"its unique key ({', '.join(walk)})" if walk != [catalog.PAGES] else
+               "its pages (ctid ranges); rows an update moves behind the walk are "
+               "found by the fill's proof and filled in one more scan"),
+            subject=str(key)))
     for blocker in catalog.blockers(conn, key):
         reason = f" and {blocker.reason}" if blocker.reason else ""
         findings.append(Finding("blocker", Status.FAIL,
@@ -385,9 +391,8 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
 
         for key in keys:
             findings += schema_findings(session, key)
-            if (catalog.column_state(session.conn, key) in (ColumnState.STRING,
-                                                            ColumnState.BACKFILLING)
-                    and catalog.primary_key(session.conn, key.table)):
+            if catalog.column_state(session.conn, key) in (ColumnState.STRING,
+                                                           ColumnState.BACKFILLING):
                 # a blocker does not hide bad values: the operator sees all at once
                 findings += value_findings(session, cur, key, read, warnings=warnings)
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included

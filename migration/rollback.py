@@ -12,6 +12,7 @@ the backup kept and reported from the change log.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -79,6 +80,34 @@ def _pk_join(pk: list[str], converted: set[str]) -> sql.Composable:
             p=sql.Identifier(p)) for p in pk)
 
 
+_CONTENT_COLUMNS = ["migration_row", "migration_nth"]
+
+
+def _numbered_content(cur: Cursor, table: Table, converted: set[str]) -> tuple[
+        sql.Composable, sql.Composable, sql.Composable, sql.Composable]:
+    """For ``changed_rows``, a table whose rows have only their content: the backup and
+    the live table with each row's ``content`` and its number among equal rows, the
+    join on both (so that one more or one fewer duplicate shows), and the condition
+    that a quarantined row q is the backup's row b."""
+    columns = backup.columns_of(cur, backup.backup_name(table))
+
+    def as_uuid(value: sql.Composable) -> sql.Composable:
+        return sql.SQL("({})::uuid").format(value)
+
+    def numbered(relation: sql.Identifier, text: sql.Composable) -> sql.Composable:
+        return sql.SQL("(SELECT r.*, {text} AS {row}, row_number() OVER (PARTITION BY {text}) "
+                       "AS {nth} FROM {relation} r)").format(
+            text=text, relation=relation, row=sql.Identifier(_CONTENT_COLUMNS[0]),
+            nth=sql.Identifier(_CONTENT_COLUMNS[1]))
+
+    frozen = frozenset(converted)
+    row, nth = (sql.Identifier(c) for c in _CONTENT_COLUMNS)
+    return (numbered(backup.backup_name(table), content(columns, "r", as_uuid, frozen)),
+            numbered(table.ident, content(columns, "r")),
+            sql.SQL("l.{row} = b.{row} AND l.{nth} = b.{nth}").format(row=row, nth=nth),
+            sql.SQL("{} = b.{}").format(content(columns, "q", as_uuid, frozen), row))
+
+
 def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
     """Rows inserted, changed or deleted since the backup, table by table.
 
@@ -144,11 +173,20 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
                 else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
         for k in keys)
     quarantined = backup.quarantine_name(table)
+    saved: sql.Composable = backup.backup_name(table)
+    live: sql.Composable = table.ident
+    join: sql.Composable
+    same_row: sql.Composable
+    if pk:
+        join, same_row = _pk_join(pk, converted), sql.SQL(" AND ").join(
+            sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk)
+    else:  # rows told apart by their content alone
+        saved, live, join, same_row = _numbered_content(cur, table, converted)
+        ignored = ignored + _CONTENT_COLUMNS
     in_quarantine: sql.Composable = sql.SQL("false")
     if catalog.relation_exists(conn, quarantined):
         in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
-            quarantined, sql.SQL(" AND ").join(
-                sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk))
+            quarantined, same_row)
     cur.execute(sql.SQL(
         """
         WITH {logged}
@@ -164,9 +202,9 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
                     OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[])))
               AND NOT {logged_b} AND NOT {logged_l}
         ) d ORDER BY kind, ordering LIMIT %(n)s
-        """).format(logged=log.cte(), backup=backup.backup_name(table), live=table.ident,
-                    join=_pk_join(pk, converted), in_quarantine=in_quarantine,
-                    same_keys=same_keys, logged_b=log.holds("b"), logged_l=log.holds("l")),
+        """).format(logged=log.cte(), backup=saved, live=live, join=join,
+                    in_quarantine=in_quarantine, same_keys=same_keys,
+                    logged_b=log.holds("b"), logged_l=log.holds("l")),
         {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
     rows = cur.fetchall()
     if not rows:
@@ -301,10 +339,13 @@ def respell(session: Session, key: KeyColumn) -> int:
     """Give each row's string copy its original spelling from the backup, where the row
     still holds the same UUID; rows updated.
 
-    Only the backup's non-canonical spellings are read back (canonical ones
-    are what the fill wrote already), each row found by its primary key.
+    Each row is found in the backup by its walk key (``catalog.walk_key``: the
+    primary key, else a unique key over NOT NULL columns), and only the
+    backup's non-canonical spellings are read back (canonical ones are what
+    the fill wrote already).  A table with neither key is respelled by
+    content (``_respell_by_content``).
     """
-    pk = catalog.primary_key(session.conn, key.table)
+    pk = catalog.walk_key(session.conn, key.table)
     converted = {k.column for k in session.plan.columns if k.table == key.table}
     session.conn.rollback()
     with session.transaction(f"respell {key}") as cur:
@@ -313,6 +354,8 @@ def respell(session: Session, key: KeyColumn) -> int:
             cur.execute(setting)
         prepare_uuid_checker(cur)
         conn = cur.connection
+        if pk == [catalog.PAGES]:
+            return _respell_by_content(cur, key, converted)
 
         keys = [f"k{i}" for i in range(len(pk))]  # the key column may be part of the pk
         join = sql.SQL(" AND ").join(
@@ -335,13 +378,68 @@ def respell(session: Session, key: KeyColumn) -> int:
         return int(cur.rowcount)
 
 
+def content(columns: list[str], alias: str,
+            as_uuid: Callable[[sql.Composable], sql.Composable] | None = None,
+            converted: frozenset[str] = frozenset()) -> sql.Composable:
+    """A row as one text, for a table with no unique key, where content alone tells
+    rows apart: each column as text, the ``converted`` ones through ``as_uuid`` (a
+    backup row's strings read as the uuids the live row holds now).  Two rows have
+    the same text exactly when each column IS NOT DISTINCT FROM the other's (a
+    NULL prints apart from any string), and one text is hashable, where a join
+    on many IS NOT DISTINCT FROM conditions would compare every pair."""
+    return sql.SQL("(ROW({}))::text").format(sql.SQL(", ").join(
+        sql.SQL("({})::text").format(
+            as_uuid(sql.Identifier(alias, c)) if as_uuid and c in converted
+            else sql.Identifier(alias, c)) for c in columns))
+
+
+def _respell_by_content(cur: Cursor, key: KeyColumn, converted: set[str]) -> int:
+    """``respell`` for a table with no unique key: its rows have nothing but their content
+    to be told apart by, so a live row is matched with a backup row equal in every
+    column, key columns compared as uuids (``content``).
+
+    Rows equal in all but the spelling of an id are indistinguishable: a group
+    of them is numbered on both sides (the backup's by spelling, the live ones
+    by ``ctid``) and paired one to one, so the group gets back exactly the
+    spellings the backup holds, each row one of them in some order.  Nothing
+    can tell which row had which, and the table's content (its checksum) is the
+    backup's again.  Matching on the key alone would give every row of a group
+    the same spelling.  Live rows that no backup row matches (written since
+    the backup) keep the canonical text.  Every backup row is read: all
+    spellings count in the numbering.
+    """
+    columns = backup.columns_of(cur, backup.backup_name(key.table))
+    conn = cur.connection
+    live = content(columns, "l")
+    saved = content(columns, "b", partial(uuid_of, conn), frozenset(converted))
+    cur.execute(sql.SQL(
+        """
+        WITH spelled AS MATERIALIZED (
+            SELECT {saved} AS row, b.{column} AS spelling,
+                   row_number() OVER (PARTITION BY {saved} ORDER BY b.{column}) AS nth
+            FROM {backup} b
+        ), numbered AS MATERIALIZED (
+            SELECT l.ctid AS row_id, {live} AS row,
+                   row_number() OVER (PARTITION BY {live} ORDER BY l.ctid) AS nth
+            FROM {table} l
+        )
+        UPDATE {table} x SET {temp} = s.spelling
+        FROM numbered l JOIN spelled s ON (s.row, s.nth) = (l.row, l.nth)
+        WHERE x.ctid = l.row_id AND x.{temp} IS DISTINCT FROM s.spelling
+        """).format(saved=saved, live=live, column=sql.Identifier(key.column),
+                    backup=backup.backup_name(key.table), table=key.table.ident,
+                    temp=sql.Identifier(key.temp)))
+    return int(cur.rowcount)
+
+
 def _primary_key(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[str]:
-    """The table's primary key columns, also when a swap dropped it and it is not back yet."""
+    """The table's primary key columns, also when a swap dropped it and it is not back yet;
+    without one, its walk key's, or none: the rows have only their content."""
     found = catalog.primary_key(cur.connection, table)
     if found:
         return found
     for key in keys:  # the key column itself backed the primary key the backup recorded
         if any(ix.constraint_type == "p" for ix in backup.saved_indexes(cur, key)):
             return [key.column]
-    raise MigrationError(f"{table} has no primary key to match rows with the backup",
-                         hint="recreate the primary key, then run rollback again")
+    walk = catalog.walk_key(cur.connection, table)
+    return [] if walk == [catalog.PAGES] else walk  # []: rows told apart by content
