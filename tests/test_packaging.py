@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+import tomllib
 import venv
 from pathlib import Path
 
@@ -47,6 +48,10 @@ def test_console_scripts_work_in_a_clean_virtualenv(tmp_path: Path) -> None:
         assert shown.returncode == 0, shown.stderr
         assert "--database-url" in shown.stdout
         assert "DATABASE_URL" in shown.stdout
+    version = subprocess.run([str(bin_dir / "data-migration"), "--version"],
+                             capture_output=True, text=True, timeout=60, check=False)
+    project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
+    assert version.stdout == f"data-migration {project['version']}\n", version.stderr
     module = subprocess.run([str(bin_dir / "python"), "-m", "migration.verify", "--help"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert module.returncode == 0, module.stderr

