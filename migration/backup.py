@@ -114,6 +114,22 @@ BEGIN
         TG_ARGV[1], (to_jsonb(NEW) ->> TG_ARGV[0])::uuid));
     RETURN NEW;
 END $$;
+-- On the way back, a referencing column's string copy takes the spelling of the
+-- row it refers to (a foreign key between strings compares them byte for byte):
+-- TG_ARGV = (source column, copy column, parent schema, parent table, parent key,
+-- parent's copy column).
+CREATE FUNCTION {schema}.sync_reference_column() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    spelled text;
+BEGIN
+    EXECUTE format('SELECT %I::text FROM %I.%I WHERE %I = $1',
+                   TG_ARGV[5], TG_ARGV[2], TG_ARGV[3], TG_ARGV[4])
+        INTO spelled USING (to_jsonb(NEW) ->> TG_ARGV[0])::uuid;
+    NEW := jsonb_populate_record(NEW, jsonb_build_object(
+        TG_ARGV[1], coalesce(spelled, to_jsonb(NEW) ->> TG_ARGV[0])));
+    RETURN NEW;
+END $$;
 """
 
 

@@ -51,8 +51,12 @@ PROGRESS_LOG_SECONDS = 1.0
 _STRING_CAST = re.compile(r"^\((?P<inner>.*)\)::(text|character varying(\(\d+\))?)$")
 
 
-def add_temporary_column(session: Session, key: KeyColumn) -> None:
+def add_temporary_column(session: Session, key: KeyColumn,
+                         follows: KeyColumn | None = None) -> None:
     """The uuid column, its sync trigger, and the slices its backfill will walk.
+
+    ``follows``: on the way back, the parent key whose string copy the rows
+    this column refers to have; rows written meanwhile take its spelling.
 
     The slices' bounds are sampled first, in a transaction of their own, so
     that the DDL holds its ACCESS EXCLUSIVE lock for catalog changes only
@@ -68,12 +72,16 @@ def add_temporary_column(session: Session, key: KeyColumn) -> None:
             key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
             sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
+        sync, arguments = backup.meta("sync_uuid_column"), [key.column, key.temp]
+        if follows is not None:
+            sync = backup.meta("sync_reference_column")
+            arguments += [follows.table.schema, follows.table.name, follows.column,
+                          follows.temp]
         cur.execute(sql.SQL(
             "CREATE TRIGGER {} BEFORE INSERT OR UPDATE OF {} ON {} FOR EACH ROW "
-            "EXECUTE FUNCTION {}({}, {})").format(
+            "EXECUTE FUNCTION {}({})").format(
             sql.Identifier(key.helper("sync")), sql.Identifier(key.column),
-            key.table.ident, backup.meta("sync_uuid_column"),
-            sql.Literal(key.column), sql.Literal(key.temp)))
+            key.table.ident, sync, sql.SQL(", ").join(map(sql.Literal, arguments))))
         # Pages are walked up to the table's end now, under this lock: rows written
         # later are the sync trigger's, and the fill's own updates, which move rows
         # to new pages at the end, are not walked again.
@@ -345,7 +353,8 @@ def batch_pages(session: Session, key: KeyColumn) -> int:
     return max(1, session.settings.batch_size * pages // rows) if rows else 1
 
 
-def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
+def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int,
+         follows: dict[KeyColumn, KeyColumn] | None = None) -> int:
     """Add the temporary columns of ``keys`` and fill them; rows written.
 
     Every slice of every column goes to a queue served by ``jobs``
@@ -353,7 +362,8 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
     server busy, and a server with cores to spare fills several slices in the
     time of one.  Each slice keeps its own checkpoint, so an interruption
     resumes every one of them.  With one job the engine's own connection
-    does it all, slice after slice.
+    does it all, slice after slice.  ``follows`` maps a column, on the way
+    back, to the parent key whose spelling its rows take (``add_temporary_column``).
     """
     taken = [key for key in keys if not is_engines(session.conn, key)
              and catalog.column_info(session.conn, key.table, key.temp) is not None]
@@ -363,7 +373,7 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int) -> int:
             "copy the migration made", hint="rename the application's column, then run again")
     for key in keys:
         if catalog.column_info(session.conn, key.table, key.temp) is None:
-            add_temporary_column(session, key)
+            add_temporary_column(session, key, (follows or {}).get(key))
     rows = {key: catalog.estimated_rows(session.conn, key.table) for key in keys}
     parts = sorted((part for key in rows for part in slices_of(session, key)),
                    key=lambda p: -rows[p.key] * p.share)

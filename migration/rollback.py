@@ -290,7 +290,10 @@ def revert(session: Session, run_id: int) -> RollbackResult:
 
     A string copy of each key column is filled in batches (canonical text),
     then given each row's original spelling from the backup where the row
-    still holds the same UUID; it is proven, its indexes and foreign keys are
+    still holds the same UUID.  The parent key goes first: a column that refers
+    to it through a foreign key takes, row by row, the spelling of the row it
+    refers to (strings are compared byte for byte), whatever the application
+    writes meanwhile (``follow``).  Each copy is proven, its indexes and foreign keys are
     built beside it, and one short swap puts the string columns back.  The
     application's rows written since the backup are kept (with canonical
     text where they have no original) and reported; without any, the tables
@@ -298,8 +301,15 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     migration does.
     """
     plan = session.plan.reversed()
-    rows = convert.fill(session, plan.columns, run_id)
-    respelled = sum(respell(session, key) for key in plan.columns)
+    parent = plan.parent
+    referencing = {shadow.child for shadow in expand.shadow_foreign_keys(session.conn, plan)}
+    session.conn.rollback()
+    rows = convert.fill(session, (parent,), run_id)
+    respelled = respell(session, parent)  # before any child copy exists: they follow it
+    rows += convert.fill(session, plan.children, run_id,
+                         follows={key: parent for key in plan.children if key in referencing})
+    respelled += sum(follow(session, key, parent) if key in referencing
+                     else respell(session, key) for key in plan.children)
     for key in plan.columns:
         convert.prove_filled(session, key, run_id)
     for key in plan.columns:
@@ -333,6 +343,24 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     return RollbackResult(message, rows=rows + restored, findings=changes,
                           details={"respelled": respelled, "restored": restored,
                                    "kept_changes": changed, "unlogged_changes": unlogged})
+
+
+def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:
+    """Give each row of a referencing column's string copy the spelling its parent row has
+    now; rows updated.  Only parents whose spelling is not canonical are read (the fill
+    wrote canonical text); rows written meanwhile took it from the sync trigger."""
+    with session.transaction(f"respell {key}") as cur:
+        cur.execute("SET LOCAL statement_timeout = 0")
+        for setting in convert.fill_settings(session):
+            cur.execute(setting)
+        cur.execute(sql.SQL(
+            "UPDATE {child} c SET {copy} = p.{parent_copy} FROM {parent} p "
+            "WHERE p.{parent_copy} <> (p.{parent_key})::text AND c.{key} = p.{parent_key} "
+            "AND c.{copy} IS DISTINCT FROM p.{parent_copy}").format(
+            child=key.table.ident, copy=sql.Identifier(key.temp), parent=parent.table.ident,
+            parent_copy=sql.Identifier(parent.temp), parent_key=sql.Identifier(parent.column),
+            key=sql.Identifier(key.column)))
+        return int(cur.rowcount)
 
 
 def respell(session: Session, key: KeyColumn) -> int:

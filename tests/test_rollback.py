@@ -410,3 +410,31 @@ def test_an_index_build_left_invalid_is_built_again(scenario: Callable[..., Scen
     result = run_ok(s.dsn, "full_migration")
     assert f"index {copy} was left invalid by an interrupted build" in result.output
     s.assert_migrated()
+
+
+UPPER = "ABCDEF01-2345-4678-9ABC-DEF012345678"
+
+
+def test_rows_written_after_the_swap_take_their_parent_s_original_spelling(
+        scenario: Callable[..., Scenario]) -> None:
+    """A user whose id was spelled in upper case, and journal entries the application
+    writes for it after the swap (the uuid has no spelling): on the way back the
+    entries must spell it as the user does, or the foreign key between strings fails.
+    One is written before the rollback, one once the foreign key between the string
+    copies is in force (the rollback interrupted there)."""
+    s = scenario()
+    execute(s.dsn, "INSERT INTO users (id, email) VALUES (%s, 'upper@example.com')", (UPPER,))
+    execute(s.dsn, "INSERT INTO journal_entries (user_id, title) VALUES (%s, 'before')",
+            (UPPER,))
+    run_ok(s.dsn, "full_migration")
+    execute(s.dsn, "INSERT INTO journal_entries (user_id, title) VALUES (%s, 'after')",
+            (UPPER.lower(),))
+    s.crash("rollback", "validate journal_entries_user_id_fkey#1")  # its copy is in force
+    execute(s.dsn, "INSERT INTO journal_entries (user_id, title) VALUES (%s, 'during')",
+            (UPPER.lower(),))
+    run_ok(s.dsn, "rollback")
+    assert execute(s.dsn, "SELECT title, user_id FROM journal_entries WHERE user_id ILIKE %s "
+                          "ORDER BY title", (UPPER,)) == [
+        ("after", UPPER), ("before", UPPER), ("during", UPPER)]
+    assert execute(s.dsn, "SELECT id FROM users WHERE email = 'upper@example.com'") == [
+        (UPPER,)]
