@@ -31,7 +31,7 @@ def test_help_lists_the_exit_codes_one_per_line() -> None:
     lines = [line.strip() for line in result.output.splitlines()]
     start = lines.index("Exit codes:")
     assert [line[:3] for line in lines[start + 1:]
-            if line[:1].isdigit()] == ["0  ", "1  ", "2  "]
+            if line[:1].isdigit()] == ["0  ", "1  ", "2  ", "130"]
     assert lines[start + 1].startswith("0  the operation finished")
     assert any(line.startswith("2  usage error") for line in lines[start + 1:])
 

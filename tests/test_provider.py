@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from migration.rehearsal.throwaway import embedded_bin_dir
+from migration.rehearsal.throwaway import embedded_bin_dir, local_bin_dir
 from tests.operate import execute
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -79,10 +79,19 @@ def test_a_bad_dsn_stops_the_session_with_a_readable_message(tmp_path: Path) -> 
 
 
 @pytest.mark.once
-def test_bin_without_a_folder_says_what_is_missing(tmp_path: Path) -> None:
+def test_bin_without_a_folder_takes_the_system_s_or_says_what_is_missing(
+        tmp_path: Path) -> None:
+    """``--pg=bin`` alone uses the system's binaries where the machine has them (Debian's
+    /usr/lib/postgresql/N/bin), and otherwise stops and says what is missing."""
     result = run_pytest(tmp_path, "--pg=bin")
-    assert result.returncode == 3
-    assert "--pg=bin needs --pg-bin DIR" in result.stdout + result.stderr
+    system = local_bin_dir()
+    if system is None:
+        assert result.returncode == 3
+        assert "--pg=bin needs --pg-bin DIR" in result.stdout + result.stderr
+    else:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "postgresql: bin: PostgreSQL" in result.stdout
+        assert str(system) in result.stdout
 
 
 @pytest.mark.parametrize("turn", ["first", "second"])
