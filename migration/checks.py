@@ -22,9 +22,9 @@ from migration.catalog import ColumnState
 from migration.log import LOG_TABLE
 from migration.model import SHADOW_NAME, KeyColumn, Table
 from migration.plan import Plan
-from migration.preflight import samples_query
 from migration.recorded import Entry
 from migration.report import SAMPLE_LIMIT, Finding, Status
+from migration.rows import samples_query
 from migration.sqlexpr import column_list
 
 

@@ -24,8 +24,8 @@ from migration import backup, catalog, convert, expand, swap
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
-from migration.preflight import orphan_condition
 from migration.report import SAMPLE_LIMIT, Finding, Status
+from migration.rows import orphan_condition
 from migration.session import Session
 from migration.sqlexpr import column_list, prepare_uuid_checker, uuid_of
 
