@@ -47,6 +47,7 @@ class Settings:
     ddl_attempts: int = 30  # with the backoff below, about half a minute of retries
     ddl_pause_cap_s: float = 2.0
     dead_run_wait_s: float = 30.0  # for the run lock of a run whose client is gone
+    vacuum_wait_s: float = 900.0  # for an autovacuum that holds a table (not attempts)
     orphans: str = "abort"  # or "quarantine"
     force: bool = False
     show_progress: bool = True
@@ -244,7 +245,8 @@ class Session:
         sessions are never blocked behind us for longer than the timeout.
         """
         attempts = self.settings.ddl_attempts
-        for attempt in range(1, attempts + 1):
+        attempt, vacuum_deadline = 1, time.monotonic() + self.settings.vacuum_wait_s
+        while True:
             try:
                 with self.transaction(what) as cur:
                     cur.execute("SET LOCAL lock_timeout = %s", (self.settings.lock_timeout_ms,))
@@ -252,6 +254,15 @@ class Session:
             except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DeadlockDetected) as exc:
                 reason = ("deadlock" if isinstance(exc, psycopg2.errors.DeadlockDetected)
                           else "lock not granted")
+                vacuums = self.vacuums()
+                if vacuums and time.monotonic() < vacuum_deadline:
+                    # An autovacuum yields only to a lock request that waits longer than
+                    # deadlock_timeout, which ours never does: wait it out between
+                    # attempts, blocking nobody, without spending an attempt.
+                    logger.warning("%s: %s; autovacuum holds the table (%s): waiting for it "
+                                   "to finish", what, reason, "; ".join(vacuums))
+                    time.sleep(self.settings.ddl_pause_cap_s)
+                    continue
                 if attempt == attempts:
                     holders = "; ".join(self.lock_holders()) or "another session"
                     raise MigrationError(
@@ -264,11 +275,15 @@ class Session:
                 logger.warning("%s: %s (attempt %s of %s), retrying in %.2f s",
                                what, reason, attempt, attempts, pause)
                 time.sleep(pause)
-        raise AssertionError("unreachable")
+                attempt += 1
 
-    def lock_holders(self) -> list[str]:
-        """Other sessions holding a lock on a table of the plan, as the operator should
-        know them."""
+    def vacuums(self) -> list[str]:
+        """Autovacuum workers holding a lock on a table of the plan."""
+        return self.lock_holders(backend_type="autovacuum worker")
+
+    def lock_holders(self, *, backend_type: str | None = None) -> list[str]:
+        """Other sessions (of ``backend_type`` only, if given) holding a lock on a table of
+        the plan, as the operator should know them."""
         with self.conn.cursor() as cur:
             cur.execute(
                 """
@@ -279,10 +294,11 @@ class Session:
                 FROM pg_locks l JOIN pg_stat_activity a USING (pid)
                 WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
                   AND l.relation IN (SELECT to_regclass(t) FROM unnest(%s::text[]) t)
+                  AND a.backend_type = coalesce(%s, a.backend_type)
                 GROUP BY a.pid, a.usename, a.application_name, a.state, a.xact_start
                 ORDER BY a.pid
                 """,
-                ([catalog.regclass(table) for table in self.plan.tables],),
+                ([catalog.regclass(table) for table in self.plan.tables], backend_type),
             )
             rows = [text for (text,) in cur.fetchall()]
         self.conn.rollback()
@@ -290,23 +306,6 @@ class Session:
 
     def progress(self, label: str, total: int, *, resumed: int = 0) -> Progress:
         return Progress(label, total, resumed=resumed, enabled=self.settings.show_progress)
-
-    def other_sessions(self) -> list[str]:
-        """Other sessions connected to this database (the swap expects none)."""
-        with self.conn.cursor() as cur:
-            cur.execute(
-                """
-                SELECT format('pid %s, user %s, application %L, state %s',
-                              pid, usename, application_name, state)
-                FROM pg_stat_activity
-                WHERE datname = current_database() AND pid <> pg_backend_pid()
-                  AND backend_type = 'client backend'
-                ORDER BY pid
-                """
-            )
-            rows = [text for (text,) in cur.fetchall()]
-        self.conn.rollback()
-        return rows
 
     @contextmanager
     def unbounded(self, label: str) -> Iterator[Cursor]:
