@@ -288,6 +288,11 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                 WHEN 'pg_class'::regclass THEN
                     CASE WHEN d.objid = col.attrelid THEN 'generated column'
                          ELSE 'object ' || d.objid::regclass::text END
+                WHEN 'pg_publication_rel'::regclass THEN
+                    (SELECT 'publication ' || p.pubname || ' (its column list)'
+                     FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+                     WHERE r.oid = d.objid)
+                ELSE pg_describe_object(d.classid, d.objid, d.objsubid)
                 END
             FROM col
             JOIN pg_depend d ON d.refobjid = col.attrelid AND d.refobjsubid = col.attnum

@@ -266,3 +266,15 @@ def test_replica_identity_publication_and_comments_are_carried_through(legacy_db
     execute(legacy_db, "UPDATE tags SET color = NULL")
     after = print_of(legacy_db)
     assert after.schema == original.schema, "\n".join(original.diff(after))
+
+
+def test_a_publication_column_list_with_the_key_is_refused_by_its_name(legacy_db: str) -> None:
+    """A publication's column list depends on the column (DROP COLUMN would fail): refused
+    up front, named (it was named "None")."""
+    seeded(legacy_db, "CREATE PUBLICATION tag_columns FOR TABLE tags (id, user_id, name)")
+    before = print_of(legacy_db)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1
+    assert "blocker public.tags.user_id: publication tag_columns (its column list)" \
+        in result.output
+    assert print_of(legacy_db) == before
