@@ -353,6 +353,21 @@ def batch_pages(session: Session, key: KeyColumn) -> int:
     return max(1, session.settings.batch_size * pages // rows) if rows else 1
 
 
+def refuse_taken(session: Session, keys: tuple[KeyColumn, ...]) -> None:
+    """Refuse when a column of a copy's name exists and is not the engine's (no mark).
+
+    The pre-flight refuses these; a rollback after the swap runs none, so it
+    asks for all its columns before it changes anything, and the fill asks again.
+    """
+    taken = [key for key in keys if not is_engines(session.conn, key)
+             and catalog.column_info(session.conn, key.table, key.temp) is not None]
+    session.conn.rollback()
+    if taken:
+        raise MigrationError("refused, nothing was changed: " + ", ".join(
+            f"{key.table}.{key.temp}" for key in taken) + " is the application's, not a "
+            "copy the migration made", hint="rename the application's column, then run again")
+
+
 def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int,
          follows: dict[KeyColumn, KeyColumn] | None = None) -> int:
     """Add the temporary columns of ``keys`` and fill them; rows written.
@@ -365,12 +380,7 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int,
     does it all, slice after slice.  ``follows`` maps a column, on the way
     back, to the parent key whose spelling its rows take (``add_temporary_column``).
     """
-    taken = [key for key in keys if not is_engines(session.conn, key)
-             and catalog.column_info(session.conn, key.table, key.temp) is not None]
-    if taken:  # the pre-flight refuses these; a rollback after the swap has none
-        raise MigrationError("refused, nothing was changed: " + ", ".join(
-            f"{key.table}.{key.temp}" for key in taken) + " is the application's, not a "
-            "copy the migration made", hint="rename the application's column, then run again")
+    refuse_taken(session, keys)
     for key in keys:
         if catalog.column_info(session.conn, key.table, key.temp) is None:
             add_temporary_column(session, key, (follows or {}).get(key))

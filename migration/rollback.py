@@ -302,6 +302,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     """
     plan = session.plan.reversed()
     parent = plan.parent
+    convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
     referencing = {shadow.child for shadow in expand.shadow_foreign_keys(session.conn, plan)}
     session.conn.rollback()
     rows = convert.fill(session, (parent,), run_id)
