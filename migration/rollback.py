@@ -293,11 +293,13 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     still holds the same UUID.  The parent key goes first: a column that refers
     to it through a foreign key takes, row by row, the spelling of the row it
     refers to (strings are compared byte for byte), whatever the application
-    writes meanwhile (``follow``).  Each copy is proven, its indexes and foreign keys are
-    built beside it, and one short swap puts the string columns back.  The
-    application's rows written since the backup are kept (with canonical
-    text where they have no original) and reported; without any, the tables
-    must equal the backup's checksums.  Interrupted, it resumes like the
+    writes meanwhile (``follow``), then each row that the backup holds its own
+    original spelling (the same, under a validated foreign key; under a
+    ``NOT VALID`` one, old rows may spell it otherwise).  Each copy is proven,
+    its indexes and foreign keys are built beside it, and one short swap puts
+    the string columns back.  The application's rows written since the backup
+    are kept (with the parent's spelling, or canonical text) and reported;
+    without any, the tables must equal the backup's checksums.  Interrupted, it resumes like the
     migration does.
     """
     plan = session.plan.reversed()
@@ -309,8 +311,9 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     respelled = respell(session, parent)  # before any child copy exists: they follow it
     rows += convert.fill(session, plan.children, run_id,
                          follows={key: parent for key in plan.children if key in referencing})
-    respelled += sum(follow(session, key, parent) if key in referencing
-                     else respell(session, key) for key in plan.children)
+    for key in plan.children:  # the parent's spelling first, then a row's own original
+        respelled += (follow(session, key, parent) if key in referencing else 0) \
+            + respell(session, key)
     for key in plan.columns:
         convert.prove_filled(session, key, run_id)
     for key in plan.columns:
