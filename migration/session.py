@@ -96,6 +96,21 @@ def client_gone(application_name: str) -> bool:
     return False
 
 
+def _unlock(conn: Connection) -> None:
+    """Release the run lock now, before the connection closes: the server ends a closed
+    connection's backend, and frees its locks, only a moment later, and a run started
+    right after this one (the next step of a script) would find the lock still held."""
+    if conn.closed:
+        return  # a lost connection's backend is gone or going, with its locks
+    try:
+        conn.rollback()
+        with conn.cursor() as cur:
+            cur.execute("SELECT pg_advisory_unlock(%s, %s)", ADVISORY_KEYS)
+        conn.commit()
+    except psycopg2.OperationalError:
+        pass  # lost on the way: its locks go with its backend
+
+
 class Session:
     def __init__(self, conn: Connection, plan: Plan, settings: Settings, dsn: str) -> None:
         self.conn = conn
@@ -126,6 +141,8 @@ class Session:
                 session.log.ensure()
             yield session
         finally:
+            if lock:
+                _unlock(conn)
             conn.close()
 
     @contextmanager

@@ -303,3 +303,37 @@ def test_an_autovacuum_holding_a_table_is_waited_for_without_spending_attempts(
             "ALTER TABLE public.tags ADD CONSTRAINT tags_name_set CHECK (name <> '') NOT VALID"))
     assert execute(legacy_db, "SELECT count(*) FROM pg_constraint "
                               "WHERE conname = 'tags_name_set'") == [(1,)]
+
+
+class Lingering(psycopg2.extensions.connection):
+    """A connection whose close is held back, as a backend's end is on the server."""
+
+    def close(self) -> None:
+        pass
+
+    def really_close(self) -> None:
+        super().close()
+
+
+def test_the_run_lock_is_released_before_the_connection_closes(
+        legacy_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The server frees a closed connection's locks only once its backend has ended, a
+    moment later: the next step of a script found the lock still held (seen on CI).  The
+    session gives it back itself; here the close is held back to show it."""
+    opened: list[Lingering] = []
+
+    def lingering(dsn: str, **_: object) -> Lingering:
+        conn = psycopg2.connect(dsn, connection_factory=Lingering)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr("migration.session.connect", lingering)
+    with Session.open(legacy_db, Settings(show_progress=False)):
+        pass
+    try:
+        assert execute(legacy_db, "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                  "AND (classid, objid) = (%s, %s) AND granted",
+                       ADVISORY_KEYS) == [(0,)]
+    finally:
+        for conn in opened:
+            conn.really_close()
