@@ -184,12 +184,16 @@ def test_a_deadlocked_application_transaction_is_counted_not_retried(
         settle()
         conn = connect(admin)  # superuser: deadlock_timeout is the superuser's to set
         try:
-            with conn, conn.cursor() as cur:
-                cur.execute("SET LOCAL deadlock_timeout = '60s'")  # the application's side gives
-                cur.execute("LOCK TABLE journal_entries IN SHARE MODE")
-                while not execute(admin, _NEW_USER_WAITING)[0][0]:
-                    time.sleep(0.02)
-                cur.execute("LOCK TABLE users IN SHARE MODE")
+            for _ in range(50):  # until a new user's transaction is caught in the middle
+                with conn, conn.cursor() as cur:
+                    cur.execute("SET LOCAL deadlock_timeout = '60s'")  # the application gives
+                    cur.execute("LOCK TABLE journal_entries IN SHARE MODE")
+                    if _new_user_waits(admin, seconds=2.0):
+                        cur.execute("LOCK TABLE users IN SHARE MODE")
+                        break
+                settle(0.2)  # every client was in another script: let them go, try again
+            else:
+                pytest.fail("no new user's transaction waited on journal_entries in 50 tries")
         finally:
             conn.close()
         settle(0.5)
@@ -197,6 +201,16 @@ def test_a_deadlocked_application_transaction_is_counted_not_retried(
     assert {(f.script, f.reason) for f in report.failures} == {("new_user", "deadlock")}
     assert report.missing_writes == []  # what the failed transactions wrote was rolled back
     assert report.transactions > 0
+
+
+def _new_user_waits(admin: str, seconds: float) -> bool:
+    """Whether, within ``seconds``, a transaction holding users waits for journal_entries."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if execute(admin, _NEW_USER_WAITING)[0][0]:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 _NEW_USER_WAITING = """
