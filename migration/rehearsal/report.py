@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Protocol
 
+from migration.rehearsal.inventory import Dependent
 from migration.report import Finding, Status, failures
 
 BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
@@ -73,6 +77,52 @@ class Projection:
         return sum(self.by_step.values())
 
 
+class SmokeOutcome(Protocol):
+    """One smoke write as ``migration.rehearsal.smoke`` reports it."""
+
+    table: str
+    operation: str
+    binding: str
+    ok: bool
+    error: str | None
+
+
+VARCHAR_BINDING = "varchar"
+"""The smoke writes' binding of the key as a varchar-typed parameter (JDBC's setString);
+the other binding leaves the parameter's type to the server (stringtype=unspecified)."""
+
+
+@dataclass(frozen=True)
+class SmokeWrite:
+    table: str
+    operation: str  # INSERT, UPDATE, DELETE
+    binding: str
+    ok: bool
+    error: str = ""
+
+
+@dataclass
+class SmokeRun:
+    """The smoke writes on every table of the plan at one point of the rehearsal."""
+
+    after: str  # "full_migration", "rollback after migrate_users", ...
+    key_is_uuid: bool
+    writes: list[SmokeWrite] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, after: str, results: Sequence[SmokeOutcome], *, key_is_uuid: bool) -> SmokeRun:
+        return cls(after, key_is_uuid, [SmokeWrite(r.table, r.operation, r.binding, r.ok,
+                                                   r.error or "") for r in results])
+
+    def broken(self, write: SmokeWrite) -> bool:
+        """A failure the rehearsal fails on; a varchar binding refused by the uuid key is
+        the application-compatibility note instead."""
+        return not write.ok and not self.compatibility(write)
+
+    def compatibility(self, write: SmokeWrite) -> bool:
+        return not write.ok and self.key_is_uuid and write.binding == VARCHAR_BINDING
+
+
 @dataclass
 class Report:
     server: str
@@ -91,6 +141,13 @@ class Report:
     verify: list[Finding] = field(default_factory=list)
     projection: Projection | None = None
     seconds: float = 0.0
+    # --schema-from: where the schema came from, the key, what was left out of it,
+    # what depends on the key columns, and the smoke writes.
+    schema_source: str = ""
+    key: str = ""
+    schema_skipped: list[str] = field(default_factory=list)
+    dependents: list[Dependent] = field(default_factory=list)
+    smoke: list[SmokeRun] = field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Everything that makes the rehearsal fail; none means exit code 0."""
@@ -108,7 +165,22 @@ class Report:
         elif self.final.error:
             problems.append(f"final migration: {self.final.error}")
         problems += [f"verify: {f.render().splitlines()[0]}" for f in failures(self.verify)]
+        problems += [f"smoke write after {run.after}: {w.operation} {w.table} "
+                     f"(key bound {w.binding}): {w.error}"
+                     for run in self.smoke for w in run.writes if run.broken(w)]
         return problems
+
+    def compatibility_notes(self) -> list[str]:
+        """Tables whose smoke writes failed after the swap only with the varchar binding."""
+        tables = sorted({w.table for run in self.smoke for w in run.writes
+                         if run.compatibility(w)})
+        if not tables:
+            return []
+        return [f"after the swap the key is uuid: a client binding it as a varchar/text "
+                f"parameter gets 'operator does not exist: uuid = character varying' "
+                f"({', '.join(tables)}). JDBC's setString does this unless the connection "
+                "sets stringtype=unspecified; string literals and untyped parameters keep "
+                "working"]
 
     @property
     def passed(self) -> bool:
@@ -191,6 +263,34 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
                              header=("step", "time", "rows", "rows/s"),
                              rows=_steps_rows(report.final.steps)))
     parts.append(_projection_section(report.projection))
+    return parts + schema_from_sections(report)
+
+
+# --- --schema-from: the objects on the key columns, and the smoke writes -------------------------
+
+def schema_from_sections(report: Report) -> list[Section]:
+    parts = []
+    if report.schema_source:
+        parts.append(Section(f"Schema from {report.schema_source}, key {report.key}",
+                             [f"left out: {line}" for line in report.schema_skipped]
+                             or ["every statement applied"]))
+    if report.dependents:
+        parts.append(Section(
+            "Objects depending on the key columns: carried or refused",
+            header=("column", "object", "migration", "how / why"),
+            rows=[(d.column, d.what, "carried" if d.carried else "REFUSED", d.how)
+                  for d in report.dependents]))
+    for run in report.smoke:
+        parts.append(Section(
+            f"Smoke writes after {run.after} (INSERT, UPDATE, DELETE of a generated row per "
+            "table, rolled back)",
+            header=("table", "write", "key bound as", "result"),
+            rows=[(w.table, w.operation, w.binding,
+                   "ok" if w.ok else ("compatibility note: " if run.compatibility(w)
+                                      else "FAILED: ") + w.error) for w in run.writes]))
+    notes = report.compatibility_notes()
+    if notes:
+        parts.append(Section("Application compatibility", notes))
     return parts
 
 
@@ -213,6 +313,9 @@ def _headline(report: Report) -> list[str]:
     lines = [f"UUID migration rehearsal: {verdict} in {duration(report.seconds)}",
              f"server: {report.server}",
              f"dataset: {report.users:,} generated users, {data}"]
+    if report.schema_source:
+        lines[-1] = (f"dataset: the schema of {report.schema_source}, {report.users:,} generated "
+                     f"rows of {report.key.rsplit('.', 1)[0]}, {data}")
     if report.rows:
         lines.append("rows after remedies: " + ", ".join(f"{t} {n:,}"
                                                          for t, n in report.rows.items()))
@@ -254,9 +357,102 @@ def render_markdown(report: Report, *, verbose: bool = False) -> str:
 
 
 def as_json(report: Report) -> str:
-    data = {"passed": report.passed, "problems": report.problems(), **asdict(report)}
+    data = {"passed": report.passed, "problems": report.problems(),
+            "compatibility": report.compatibility_notes(), **asdict(report)}
     if report.projection is not None:
         data["projection"]["seconds"] = report.projection.seconds
     return json.dumps(data, default=str, indent=2)
 
 
+
+
+# --- the report as JUnit XML, and the report file by its suffix ----------------------------------
+
+def _case(suite: ET.Element, classname: str, name: str, *, seconds: float = 0.0,
+          failure: str | None = None, skipped: str | None = None,
+          output: Sequence[str] = ()) -> None:
+    case = ET.SubElement(suite, "testcase", classname=classname, name=name,
+                         time=f"{seconds:.3f}")
+    if failure is not None:
+        ET.SubElement(case, "failure", message=failure.splitlines()[0] if failure else "failed",
+                      type="RehearsalFailure").text = failure
+    if skipped is not None:
+        ET.SubElement(case, "skipped", message=skipped)
+    if output:
+        ET.SubElement(case, "system-out").text = "\n".join(output)
+
+
+def _junit_cases(report: Report, suite: ET.Element) -> None:
+    """One test case per proof the rehearsal makes."""
+    for p in report.planted:
+        _case(suite, "rehearsal.planted", f"validate_schema names {p.check} {p.subject} "
+              f"{p.value!r}", failure=None if p.found else "planted but not reported")
+    left = [f.render() for f in [*report.unremedied, *failures(report.ready)]]
+    _case(suite, "rehearsal.validate", "validate_schema after the remedies",
+          failure="\n".join(left) if left else None,
+          output=[*report.remedies, report.ready_message])
+    for d in report.dependents:
+        _case(suite, "rehearsal.objects", f"{d.column}: {d.what}",
+              failure=None if d.carried else f"refused: {d.what}\nnext: {d.how}",
+              output=[d.how] if d.carried else ())
+    for t in report.trials:
+        _case(suite, "rehearsal.batch_size", f"batch size {t.batch_size}",
+              seconds=t.batched_seconds, failure=t.error or None)
+    for r in report.rollbacks:
+        _case(suite, "rehearsal.rollback", f"rollback after {r.stage}", seconds=r.seconds,
+              failure=None if r.passed else "\n".join([r.message, *r.differences]),
+              output=[r.message] if r.passed else ())
+    if report.final is None:
+        _case(suite, "rehearsal.final", "full_migration", failure="the final migration did "
+              "not run (see the failures above)")
+    else:
+        for step in report.final.steps:
+            _case(suite, "rehearsal.final", step.step, seconds=step.seconds)
+        if report.final.error:
+            _case(suite, "rehearsal.final", "full_migration", failure=report.final.error)
+    for f in report.verify:
+        _case(suite, "rehearsal.verify", f"verify {f.check} {f.subject}".strip(),
+              failure=f.render() if f.status is Status.FAIL else None,
+              skipped=f.message if f.status is Status.SKIP else None)
+    for run in report.smoke:
+        for w in run.writes:
+            _case(suite, f"rehearsal.smoke.{run.after.replace(' ', '_')}",
+                  f"{w.operation} {w.table} (key bound {w.binding})",
+                  failure=w.error if run.broken(w) else None,
+                  skipped=("application compatibility: " + w.error
+                           if run.compatibility(w) else None))
+
+
+def render_junit(report: Report) -> str:
+    """JUnit XML for CI: one test case per proof (planted problem, object, batch size, rollback
+    stage, step, verify check, smoke write); the failures carry the messages."""
+    root = ET.Element("testsuites", name="uuid-migration rehearsal")
+    suite = ET.SubElement(root, "testsuite", name="rehearse", hostname=report.server,
+                          time=f"{report.seconds:.3f}")
+    _junit_cases(report, suite)
+    cases = suite.findall("testcase")
+    suite.set("tests", str(len(cases)))
+    suite.set("failures", str(sum(c.find("failure") is not None for c in cases)))
+    suite.set("skipped", str(sum(c.find("skipped") is not None for c in cases)))
+    suite.set("errors", "0")
+    ET.SubElement(suite, "system-out").text = render_text(report)
+    ET.indent(root)
+    return ET.tostring(root, encoding="unicode", xml_declaration=True) + "\n"
+
+
+REPORT_FORMATS = {".md": "Markdown", ".json": "JSON", ".xml": "JUnit XML"}
+
+
+def report_format(path: Path) -> str:
+    """The format a report file's suffix names; ValueError for any other suffix."""
+    if path.suffix.lower() not in REPORT_FORMATS:
+        raise ValueError(f"{path.name}: the report's format follows its suffix: "
+                         + ", ".join(f"{s} ({n})" for s, n in REPORT_FORMATS.items()))
+    return path.suffix.lower()
+
+
+def write_report(path: Path, report: Report, *, verbose: bool = False) -> None:
+    suffix = report_format(path)
+    text = (render_markdown(report, verbose=verbose) if suffix == ".md"
+            else as_json(report) + "\n" if suffix == ".json" else render_junit(report))
+    path.write_text(text, encoding="utf-8")
