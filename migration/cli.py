@@ -38,8 +38,8 @@ OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
 # Options only some operations use: given with another one they would be
 # silently ignored, so they are a usage error there.
 OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
-    **dict.fromkeys(("users", "clean", "batch_sizes", "production_rows", "report"),
-                    ("rehearse",)),
+    **dict.fromkeys(("users", "clean", "batch_sizes", "production_rows", "report",
+                     "schema_from"), ("rehearse",)),
     "force": ("cleanup_backup",),
 }
 # --orphans=quarantine: the operations that quarantine, and those that judge
@@ -197,7 +197,14 @@ def _state_now(database_url: str, schema: str) -> str:
               help="rehearse: project the downtime for N users (other tables in the "
                    "rehearsal's proportions), or for users=N,journal_entries=M,...")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
-              help="rehearse: also write the report to this file, as Markdown.")
+              help="rehearse: also write the report to this file, in the format its suffix "
+                   "names: .md Markdown, .json JSON, .xml JUnit XML (one test case per proof, "
+                   "for CI).")
+@click.option("--schema-from", "schema_from", metavar="DSN|FILE.sql",
+              help="rehearse: rehearse on this schema instead of the runbook's fixture: a "
+                   "database's (pg_dump --schema-only; the password is passed in the "
+                   "environment) or a SQL file's. Every table gets generated rows; --key "
+                   "names the key to convert, --users the rows of its table.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context
