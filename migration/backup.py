@@ -25,12 +25,13 @@ from psycopg2.extras import Json
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
 from migration.errors import MigrationError
-from migration.model import BACKUP_SCHEMA, KeyColumn, Table
+from migration.model import BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE, KeyColumn, Table
 from migration.plan import Plan
 from migration.sqlexpr import column_list
 
-SCHEMA = BACKUP_SCHEMA
 CHANGE_LOG_FUNCTION = "log_change"
+KEY_TABLE = "backup_key"
+"""The one row naming the key whose backup the schema holds (``--key`` spelling)."""
 
 # Started before the copy, so that every write the copy's snapshot misses is
 # in the log.  The trigger passes the table's key columns (its primary key);
@@ -136,23 +137,42 @@ END $$;
 """
 
 
-def backup_name(table: Table) -> sql.Identifier:
+# Every function here takes the backup schema it works in, the plan's
+# (``Plan.backup_schema``): each key has its own.
+
+
+def backup_name(schema: str, table: Table) -> sql.Identifier:
     """The copy of ``schema.table``: ``migration_backup."schema.table"``."""
-    return sql.Identifier(SCHEMA, str(table))
+    return sql.Identifier(schema, str(table))
 
 
-def quarantine_name(table: Table) -> sql.Identifier:
-    return sql.Identifier(SCHEMA, f"quarantine.{table}")
+def quarantine_name(schema: str, table: Table) -> sql.Identifier:
+    return sql.Identifier(schema, f"quarantine.{table}")
 
 
-def meta(name: str) -> sql.Identifier:
-    return sql.Identifier(SCHEMA, name)
+def meta(schema: str, name: str) -> sql.Identifier:
+    return sql.Identifier(schema, name)
 
 
-def exists(cur: Cursor) -> bool:
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{SCHEMA}".backup_tables',))
+def exists(cur: Cursor, schema: str) -> bool:
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (meta(schema, "backup_tables").as_string(
+        cur.connection),))
     row = cur.fetchone()
     return bool(row and row[0])
+
+
+def recorded_keys(cur: Cursor) -> dict[str, str]:
+    """The key each backup schema of the database belongs to: {key spelled as --key takes
+    it: backup schema}.  The runbook's ``migration_backup`` of an older version, which
+    records no key, is left out (it is the runbook key's)."""
+    cur.execute("SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s "
+                "ORDER BY nspname", (BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE))
+    keys: dict[str, str] = {}
+    for (schema,) in cur.fetchall():
+        if catalog.relation_exists(cur.connection, meta(schema, KEY_TABLE)):
+            cur.execute(sql.SQL("SELECT key FROM {}").format(meta(schema, KEY_TABLE)))
+            keys.update((key, schema) for (key,) in cur.fetchall())
+    return keys
 
 
 def columns_of(cur: Cursor, relation: sql.Identifier) -> list[str]:
@@ -171,7 +191,7 @@ def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str],
     Naming the columns makes the sum independent of their physical order,
     which the temporary-column swap changes.
     """
-    log = unlogged or ChangeLog(Table("", ""), (), frozenset())
+    log = unlogged or ChangeLog("", Table("", ""), (), frozenset())
     cur.execute(sql.SQL(
         "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)"
         "::numeric), 0) FROM {rel} r WHERE NOT {holds}").format(
@@ -200,16 +220,17 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
     writers under way and blocks new ones until commit, so the caller runs
     this with a short lock_timeout; the tables are locked in a fixed order.
     """
-    function = sql.Identifier(SCHEMA, CHANGE_LOG_FUNCTION)
-    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(SCHEMA)))
-    cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(SCHEMA)))
-    cur.execute(sql.SQL(_CHANGE_LOG).format(schema=sql.Identifier(SCHEMA), function=function,
-                                            schema_name=sql.Literal(SCHEMA)))
+    schema = plan.backup_schema
+    function = sql.Identifier(schema, CHANGE_LOG_FUNCTION)
+    cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(schema)))
+    record_key(cur, plan)
+    cur.execute(sql.SQL(_CHANGE_LOG).format(schema=sql.Identifier(schema), function=function))
     for table in sorted(plan.tables):
         columns = logged_columns(cur, plan, table)
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT "
                             "(table_schema, table_name) DO UPDATE SET key_columns = "
-                            "excluded.key_columns").format(meta("logged_tables")),
+                            "excluded.key_columns").format(meta(schema, "logged_tables")),
                     (table.schema, table.name, columns))
         cur.execute(sql.SQL(
             "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
@@ -217,6 +238,22 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
             "IS DISTINCT FROM 'on') EXECUTE FUNCTION {function}({args})"
         ).format(name=sql.Identifier(CHANGE_LOG_TRIGGER), table=table.ident,
                  function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
+
+
+def record_key(cur: Cursor, plan: Plan) -> None:
+    """Write down which key the backup schema belongs to; refuse a schema of another key's
+    (two keys whose names make the same schema name)."""
+    table = meta(plan.backup_schema, KEY_TABLE)
+    cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (key text PRIMARY KEY)").format(table))
+    cur.execute(sql.SQL("SELECT key FROM {}").format(table))
+    other = [key for (key,) in cur.fetchall() if key != plan.key]
+    if other:
+        raise MigrationError(f"the backup schema {plan.backup_schema} belongs to the key "
+                             f"{other[0]}, not to {plan.key}",
+                             hint=f"finish that key's migration and its cleanup_backup first "
+                                  f"(--key {other[0]})")
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s) ON CONFLICT DO NOTHING").format(table),
+                (plan.key,))
 
 
 def logged_columns(cur: Cursor, plan: Plan, table: Table) -> list[str]:
@@ -237,6 +274,7 @@ class ChangeLog:
     ``WITH {cte}`` and pass ``params``.
     """
 
+    schema: str  # the backup schema
     table: Table
     columns: tuple[str, ...]  # empty: the table is not logged (a backup older than the log)
     converted: frozenset[str]
@@ -247,7 +285,7 @@ class ChangeLog:
             return sql.SQL("logged AS MATERIALIZED (SELECT NULL::jsonb AS row_key WHERE false)")
         return sql.SQL("logged AS MATERIALIZED (SELECT DISTINCT row_key FROM {} WHERE "
                        "(table_schema, table_name) = (%(log_schema)s, %(log_table)s))").format(
-            meta("change_log"))
+            meta(self.schema, "change_log"))
 
     @property
     def params(self) -> dict[str, str]:
@@ -268,15 +306,16 @@ class ChangeLog:
             for column in self.columns)
 
 
-def change_log(cur: Cursor, table: Table, keys: list[KeyColumn]) -> ChangeLog:
-    """The change log of ``table``, whose key columns are ``keys``."""
+def change_log(cur: Cursor, schema: str, table: Table, keys: list[KeyColumn]) -> ChangeLog:
+    """The change log of ``table``, whose key columns are ``keys``, in backup ``schema``."""
     columns: tuple[str, ...] = ()
-    if catalog.relation_exists(cur.connection, meta("logged_tables")):
+    logged = meta(schema, "logged_tables")
+    if catalog.relation_exists(cur.connection, logged):
         cur.execute(sql.SQL("SELECT key_columns FROM {} WHERE (table_schema, table_name) = "
-                            "(%s, %s)").format(meta("logged_tables")), (table.schema, table.name))
+                            "(%s, %s)").format(logged), (table.schema, table.name))
         row = cur.fetchone()
         columns = tuple(row[0]) if row else ()
-    return ChangeLog(table, columns, frozenset(key.column for key in keys))
+    return ChangeLog(schema, table, columns, frozenset(key.column for key in keys))
 
 
 def create(cur: Cursor, plan: Plan) -> BackupResult:
@@ -293,13 +332,14 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     recorded for the rollback to prove its restore against.
     """
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-    if exists(cur):
+    schema = plan.backup_schema
+    if exists(cur, schema):
         return reuse(cur, plan)
-    cur.execute(sql.SQL(_META).format(schema=sql.Identifier(SCHEMA)))
-    cur.execute(sql.SQL("DELETE FROM {}").format(meta("change_log")))
+    cur.execute(sql.SQL(_META).format(schema=sql.Identifier(schema)))
+    cur.execute(sql.SQL("DELETE FROM {}").format(meta(schema, "change_log")))
     total = 0
     for table in plan.tables:
-        copy = backup_name(table)
+        copy = backup_name(schema, table)
         cur.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(copy, table.ident))
         copied = cur.rowcount
         cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
@@ -310,15 +350,15 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
                                  f"rows, {copied} copied, {copy_sum[0]} in the copy)",
                                  hint="nothing was kept; check the server log and run again")
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s)").format(
-            meta("backup_tables")), (table.schema, table.name, copy.strings[1], *copy_sum))
+            meta(schema, "backup_tables")), (table.schema, table.name, copy.strings[1], *copy_sum))
         total += copied
     for key in plan.columns:
-        save_definitions(cur, key)
+        save_definitions(cur, schema, key)
     for fk in catalog.foreign_keys_to(cur.connection, plan.parent):
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
-            meta("saved_foreign_keys")),
+            meta(schema, "saved_foreign_keys")),
             (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition, fk.validated))
-    make_private(cur)
+    make_private(cur, schema)
     return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows",
                         expectations(cur, plan))
 
@@ -351,21 +391,21 @@ class SharedPrivilege:
     privilege: str
 
 
-def shared_privileges(cur: Cursor) -> list[SharedPrivilege]:
+def shared_privileges(cur: Cursor, schema: str) -> list[SharedPrivilege]:
     """Who else may use the backup (it holds every original id): read from the catalog only."""
     cur.execute(sql.SQL(
         "SELECT target, CASE WHEN grantee = 0 THEN NULL ELSE pg_get_userbyid(grantee) END, "
         "string_agg(privilege_type, ', ' ORDER BY privilege_type) FROM ({}) p "
         "WHERE grantee <> owner GROUP BY 1, 2 ORDER BY 1, 2 NULLS FIRST").format(
-        sql.SQL(_SHARED)), {"schema": SCHEMA})
+        sql.SQL(_SHARED)), {"schema": schema})
     return [SharedPrivilege(*row) for row in cur.fetchall()]
 
 
-def make_private(cur: Cursor) -> None:
+def make_private(cur: Cursor, name: str) -> None:
     """Revoke what default privileges (ALTER DEFAULT PRIVILEGES) gave others on the backup
     schema and its tables as they were created: the backup is the migrating role's alone."""
-    schema = sql.Identifier(SCHEMA)
-    for grantee in sorted({p.grantee or "" for p in shared_privileges(cur)}):
+    schema = sql.Identifier(name)
+    for grantee in sorted({p.grantee or "" for p in shared_privileges(cur, name)}):
         role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
         cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM {r}; "
                             "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}").format(
@@ -382,16 +422,17 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
     if states != {ColumnState.STRING}:
         return BackupResult(0, "backup kept: the migration is under way")
     written = []
-    for table, count, checksum in recorded_checksums(cur):
-        columns = columns_of(cur, backup_name(table))
+    schema = plan.backup_schema
+    for table, count, checksum in recorded_checksums(cur, schema):
+        columns = columns_of(cur, backup_name(schema, table))
         if table_checksum(cur, table.ident, columns) == (count, checksum):
             continue
         written.append(str(table))
-        log = change_log(cur, table, [key for key in plan.columns if key.table == table])
+        log = change_log(cur, schema, table, [key for key in plan.columns if key.table == table])
         if not log.columns or (table_checksum(cur, table.ident, columns, log)
-                               != table_checksum(cur, backup_name(table), columns, log)):
+                               != table_checksum(cur, backup_name(schema, table), columns, log)):
             raise MigrationError(
-                f"a backup already exists in {SCHEMA} and {table} no longer matches it",
+                f"a backup already exists in {schema} and {table} no longer matches it",
                 hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
     if written:
         return BackupResult(0, "backup already present and identical to the data, rows the "
@@ -399,59 +440,61 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
     return BackupResult(0, "backup already present and identical to the data; kept")
 
 
-def recorded_checksums(cur: Cursor) -> list[tuple[Table, int, int]]:
+def recorded_checksums(cur: Cursor, schema: str) -> list[tuple[Table, int, int]]:
     cur.execute(sql.SQL("SELECT table_schema, table_name, row_count, checksum FROM {} "
-                        "ORDER BY 1, 2").format(meta("backup_tables")))
+                        "ORDER BY 1, 2").format(meta(schema, "backup_tables")))
     return [(Table(s, t), int(n), int(c)) for s, t, n, c in cur.fetchall()]
 
 
-def save_definitions(cur: Cursor, key: KeyColumn) -> None:
+def save_definitions(cur: Cursor, schema: str, key: KeyColumn) -> None:
     conn = cur.connection
     info = catalog.column_info(conn, key.table, key.column)
     assert info is not None
     grants = [asdict(g) for g in catalog.column_grants(conn, key.table, key.column)]
     cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s)").format(
-        meta("key_columns")),
+        meta(schema, "key_columns")),
         (key.table.schema, key.table.name, key.column, info.type, info.not_null, info.default,
          Json(grants)))
     for ix in catalog.indexes_on(conn, key):
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
-                            "ON CONFLICT DO NOTHING").format(meta("saved_indexes")),
+                            "ON CONFLICT DO NOTHING").format(meta(schema, "saved_indexes")),
                     (key.table.schema, key.table.name, key.column, ix.name, ix.definition,
                      ix.constraint_type, ix.deferrable, ix.deferred))
 
 
-def saved_indexes(cur: Cursor, key: KeyColumn) -> list[IndexDef]:
+def saved_indexes(cur: Cursor, schema: str, key: KeyColumn) -> list[IndexDef]:
     cur.execute(sql.SQL("SELECT name, definition, constraint_type, is_deferrable, is_deferred "
                         "FROM {} WHERE table_schema = %s AND table_name = %s "
                         "AND column_name = %s ORDER BY constraint_type NULLS LAST, name").format(
-        meta("saved_indexes")), (key.table.schema, key.table.name, key.column))
+        meta(schema, "saved_indexes")), (key.table.schema, key.table.name, key.column))
     return [IndexDef(key.table, name, definition, contype, deferrable, deferred,
                      uses_expression=False)
             for name, definition, contype, deferrable, deferred in cur.fetchall()]
 
 
-def saved_foreign_keys(cur: Cursor, key: KeyColumn | None = None) -> list[ForeignKeyDef]:
+def saved_foreign_keys(cur: Cursor, schema: str,
+                       key: KeyColumn | None = None) -> list[ForeignKeyDef]:
     """FKs to the parent recorded at backup time: all of them, or those from ``key``."""
     cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, name, definition, "
-                        "validated FROM {} ORDER BY 1, 2, 4").format(meta("saved_foreign_keys")))
+                        "validated FROM {} ORDER BY 1, 2, 4").format(
+                            meta(schema, "saved_foreign_keys")))
     found = [ForeignKeyDef(Table(s, t), c, n, d, v) for s, t, c, n, d, v in cur.fetchall()]
     return [fk for fk in found
             if key is None or (fk.table, fk.column) == (key.table, key.column)]
 
 
-def saved_grants(cur: Cursor, key: KeyColumn) -> list[catalog.ColumnGrant]:
+def saved_grants(cur: Cursor, schema: str, key: KeyColumn) -> list[catalog.ColumnGrant]:
     cur.execute(sql.SQL("SELECT column_grants FROM {} WHERE "
                         "(table_schema, table_name, column_name) = (%s, %s, %s)").format(
-        meta("key_columns")), (key.table.schema, key.table.name, key.column))
+        meta(schema, "key_columns")), (key.table.schema, key.table.name, key.column))
     row = cur.fetchone()
     return [catalog.ColumnGrant(**grant) for grant in (row[0] if row else [])]
 
 
-def saved_column(cur: Cursor, key: KeyColumn) -> catalog.ColumnInfo:
+def saved_column(cur: Cursor, schema: str, key: KeyColumn) -> catalog.ColumnInfo:
     cur.execute(sql.SQL("SELECT type, true, not_null, default_expr FROM {} "
                         "WHERE (table_schema, table_name, column_name) = (%s, %s, %s)").format(
-        meta("key_columns")), (key.table.schema, key.table.name, key.column))
+        meta(schema, "key_columns")), (key.table.schema, key.table.name, key.column))
     row = cur.fetchone()
     if row is None:
         raise MigrationError(f"the backup has no record of {key}",
@@ -460,25 +503,26 @@ def saved_column(cur: Cursor, key: KeyColumn) -> catalog.ColumnInfo:
     return catalog.ColumnInfo(*row)
 
 
-def quarantined_rows(cur: Cursor) -> dict[str, int]:
+def quarantined_rows(cur: Cursor, schema: str) -> dict[str, int]:
     """Rows held in each quarantine table now (they exist nowhere else)."""
-    if not exists(cur):
+    if not exists(cur, schema):
         return {}
-    cur.execute(sql.SQL("SELECT quarantine_table FROM {} ORDER BY 1").format(meta("quarantine")))
+    cur.execute(sql.SQL("SELECT quarantine_table FROM {} ORDER BY 1").format(
+        meta(schema, "quarantine")))
     held = {}
     for (name,) in cur.fetchall():
-        relation = sql.Identifier(SCHEMA, name)
+        relation = sql.Identifier(schema, name)
         if catalog.relation_exists(cur.connection, relation):
             cur.execute(sql.SQL("SELECT count(*) FROM {}").format(relation))
             rows = int((cur.fetchone() or [0])[0])
             if rows:
-                held[f"{SCHEMA}.{name}"] = rows
+                held[f"{schema}.{name}"] = rows
     return held
 
 
-def require(cur: Cursor, operation: str) -> None:
-    if not exists(cur):
-        raise MigrationError(f"{operation} needs the backup in {SCHEMA}, and there is none",
+def require(cur: Cursor, schema: str, operation: str) -> None:
+    if not exists(cur, schema):
+        raise MigrationError(f"{operation} needs the backup in {schema}, and there is none",
                              hint="run --operation=backup_data first")
 
 

@@ -17,7 +17,7 @@ from psycopg2 import sql
 
 from migration import sqlexpr
 from migration.connection import Connection
-from migration.model import BACKUP_SCHEMA, KeyColumn, Table
+from migration.model import BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE, KeyColumn, Table
 
 
 class ColumnState(StrEnum):
@@ -670,11 +670,12 @@ def application_triggers(conn: Connection, key: KeyColumn) -> list[TriggerDef]:
             FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
             WHERE t.tgrelid = to_regclass(%(table)s) AND NOT t.tgisinternal
               AND t.tgname <> %(sync)s
-              AND p.pronamespace <> coalesce(to_regnamespace(%(backup)s), 0)
+              AND p.pronamespace NOT IN (SELECT oid FROM pg_namespace
+                                         WHERE nspname = %(backup)s OR nspname LIKE %(like)s)
             ORDER BY t.tgname
             """,
             {"table": regclass(key.table), "temp": key.temp, "sync": key.helper("sync"),
-             "backup": BACKUP_SCHEMA},
+             "backup": BACKUP_SCHEMA, "like": BACKUP_SCHEMA_LIKE},
         )
         rows = cur.fetchall()
     return [TriggerDef(key.table, *row) for row in rows]

@@ -19,7 +19,7 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, recorded
 from migration.catalog import ColumnState
-from migration.log import LOG_TABLE
+from migration.log import LOG_TABLE, of_key
 from migration.model import SHADOW_NAME, KeyColumn, Table
 from migration.plan import Plan
 from migration.recorded import Entry
@@ -104,8 +104,9 @@ def recorded_expectations(ctx: Context) -> dict[str, Any] | None:
     if not catalog.relation_exists(ctx.cur.connection, log):
         return None
     ctx.cur.execute(sql.SQL("SELECT details FROM {} WHERE operation = 'backup_data' "
-                            "AND status = 'completed' AND details ? 'foreign_keys' "
-                            "ORDER BY id DESC LIMIT 1").format(log))
+                            "AND status = 'completed' AND details ? 'foreign_keys' AND {} "
+                            "ORDER BY id DESC LIMIT 1").format(
+        log, of_key(ctx.cur.connection, ctx.plan.schema, ctx.plan.key)))
     row = ctx.cur.fetchone()
     return None if row is None else dict(row[0])
 
@@ -337,7 +338,7 @@ def _index_names(node: Any) -> list[str]:
 def backup_comparison(ctx: Context) -> list[Finding]:
     """row_counts and uuid_values, from one pass over each table and its backup."""
     if not ctx.has_backup:
-        reason = f"no backup in {backup.SCHEMA} to compare with (cleaned up?)"
+        reason = f"no backup in {ctx.plan.backup_schema} to compare with (cleaned up?)"
         return [Finding("row_counts", Status.SKIP, reason),
                 Finding("uuid_values", Status.SKIP, reason)]
     cur, findings = ctx.cur, []
@@ -345,7 +346,7 @@ def backup_comparison(ctx: Context) -> list[Finding]:
     for key in ctx.plan.columns:
         keys_by_table.setdefault(key.table, []).append(key)
     for table, keys in keys_by_table.items():
-        findings += _compare_table(cur, table, keys)
+        findings += _compare_table(cur, ctx.plan.backup_schema, table, keys)
     changed = [f for f in findings if f.status is Status.INFO]
     counts = [f for f in findings if f.check == "row_counts" and f.status is not Status.INFO]
     values = [f for f in findings if f.check == "uuid_values"]
@@ -354,7 +355,8 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         changed
 
 
-def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Finding]:
+def _compare_table(cur: Cursor, schema: str, table: Table,
+                   keys: list[KeyColumn]) -> list[Finding]:
     """Compare the live table with its backup and quarantine: digests first, rows if they differ.
 
     Rows are matched on their primary key and key columns (the backup's
@@ -367,7 +369,7 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     INFO: the other checks (key type, orphans, constraints) cover them.
     """
     conn = cur.connection
-    copy, quarantined = backup.backup_name(table), backup.quarantine_name(table)
+    copy, quarantined = backup.backup_name(schema, table), backup.quarantine_name(schema, table)
     if not catalog.relation_exists(cur.connection, copy):
         reason = f"the backup has no copy of {table} (added to the plan after the backup?)"
         return [Finding(check, Status.SKIP, reason, subject=str(table))
@@ -387,7 +389,7 @@ def _compare_table(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[Fin
     relations = [copy, table.ident]
     if catalog.relation_exists(cur.connection, quarantined):
         relations.append(quarantined)
-    log = backup.change_log(cur, table, keys)
+    log = backup.change_log(cur, schema, table, keys)
     changed = _changed_by_application(cur, log)
     if _digests_agree(cur, values, log, *relations):
         return changed
@@ -490,10 +492,11 @@ def backup_private(ctx: Context) -> list[Finding]:
     row.  Reads the catalog only, so a read-only role can run it."""
     if not ctx.has_backup:
         return [Finding("backup_private", Status.SKIP,
-                        f"no backup in {backup.SCHEMA} (cleaned up?)")]
-    shared = backup.shared_privileges(ctx.cur)
+                        f"no backup in {ctx.plan.backup_schema} (cleaned up?)")]
+    shared = backup.shared_privileges(ctx.cur, ctx.plan.backup_schema)
     if not shared:
-        return _ok("backup_private", f"only the owner has privileges on {backup.SCHEMA}")
+        return _ok("backup_private",
+                   f"only the owner has privileges on {ctx.plan.backup_schema}")
     return [Finding("backup_private", Status.FAIL,
                     f"{len(shared)} grant(s) on the backup to others than its owner",
                     count=len(shared), samples=[{"object": p.target,
@@ -502,8 +505,8 @@ def backup_private(ctx: Context) -> list[Finding]:
                     expected="privileges for the owner only",
                     found="; ".join(f"{p.grantee or 'PUBLIC'}: {p.privilege} on {p.target}"
                                     for p in shared),
-                    hint=f"REVOKE ALL ON SCHEMA {backup.SCHEMA} and ON ALL TABLES IN SCHEMA "
-                         f"{backup.SCHEMA} FROM each grantee listed")]
+                    hint=f"REVOKE ALL ON SCHEMA {ctx.plan.backup_schema} and ON ALL TABLES IN "
+                         f"SCHEMA {ctx.plan.backup_schema} FROM each grantee listed")]
 
 
 def migration_log(ctx: Context) -> list[Finding]:
@@ -514,9 +517,10 @@ def migration_log(ctx: Context) -> list[Finding]:
                         hint="this database was not migrated with this tool")]
     cur.execute(sql.SQL(
         "SELECT (SELECT count(*) FROM {log} WHERE status = 'completed' AND operation IN "
-        "('migrate_foreign_keys', 'full_migration')), "
+        "('migrate_foreign_keys', 'full_migration') AND {mine}), "
         "(SELECT array_agg(format('%%s #%%s since %%s', operation, id, started_at) ORDER BY id) "
-        " FROM {log} WHERE status = 'running' AND NOT id = ANY (%s))").format(log=log),
+        " FROM {log} WHERE status = 'running' AND NOT id = ANY (%s))").format(
+        log=log, mine=of_key(cur.connection, ctx.plan.schema, ctx.plan.key)),
         (list(ctx.active_runs),))
     row = cur.fetchone()
     assert row is not None
@@ -567,7 +571,8 @@ CHECKS: tuple[Check, ...] = (
         "row_counts": "row counts equal the backup's, quarantined rows excepted",
         "uuid_values": "every key equals its original string from the backup cast to uuid"}),
     Check(backup_private, {
-        "backup_private": f"only its owner has privileges on {backup.SCHEMA} and its tables"}),
+        "backup_private": "only its owner has privileges on the backup schema and its "
+                          "tables"}),
     Check(migration_log, {
         "migration_log": "migration_log shows a completed migration and nothing unfinished"}),
 )
@@ -578,7 +583,7 @@ CHECK_NAMES: dict[str, str] = {name: text for check in CHECKS
 def run_checks(cur: Cursor, plan: Plan, *, only: set[str] | None = None,
                active_runs: list[int] | None = None) -> list[Finding]:
     """Run the checks (all, or those named in ``only``) and return their findings."""
-    ctx = Context(cur, plan, backup.exists(cur), tuple(active_runs or ()))
+    ctx = Context(cur, plan, backup.exists(cur, plan.backup_schema), tuple(active_runs or ()))
     findings: list[Finding] = []
     for check in CHECKS:
         if only is not None and not only & check.describes.keys():

@@ -26,12 +26,15 @@ import psycopg2
 import psycopg2.errors
 from click.core import ParameterSource
 
-from migration.connection import ConnectError, redact_dsn
+from migration.connection import ConnectError, connected, redact_dsn
+from migration.discover import discover_command
 from migration.errors import MigrationError
 from migration.log import DEFAULT_LOG_FILE, logger, setup_file_log
+from migration.model import KeyColumn
 from migration.operations import OPERATIONS, Outcome, run, stage_of, status
+from migration.plan import BadKey, parse_key, runbook_key
 from migration.report import Finding, render
-from migration.session import Session, Settings
+from migration.session import AmbiguousKey, Session, Settings, recorded_key
 
 EXIT_OK, EXIT_REFUSED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
@@ -41,7 +44,11 @@ OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("users", "clean", "batch_sizes", "production_rows", "report",
                      "schema_from"), ("rehearse",)),
     "force": ("cleanup_backup",),
+    "discover": ("validate_schema",),
 }
+# Without --key, these work on the key the backup records (the runbook's key when there
+# is no backup); with backups of several keys, --key must say which.
+RECORDED_OPERATIONS = ("status", "rollback", "cleanup_backup", "validate_migration")
 # --orphans=quarantine: the operations that quarantine, and those that judge
 # orphans by it (validate_schema reports them as to be quarantined).
 QUARANTINE_OPERATIONS = ("migrate_foreign_keys", "full_migration", "validate_schema", "rehearse")
@@ -134,14 +141,35 @@ def _print_error(message: str, hint: str, findings: list[Finding], fmt: str,
         click.echo(f"next: {hint}", err=True)
 
 
-def _state_now(database_url: str, schema: str) -> str:
+def _state_now(database_url: str, schema: str, key: KeyColumn | None) -> str:
     """Where the migration stands, read afresh after a failure: each column's stage."""
     try:
-        with Session.open(database_url, Settings(show_progress=False), schema=schema,
+        with Session.open(database_url, Settings(show_progress=False), key=key, schema=schema,
                           lock=False) as session:
             return stage_of(session)
     except (psycopg2.Error, ConnectError, MigrationError) as exc:
         return f"unknown: the database could not be read ({redact_dsn(str(exc)).strip()})"
+
+
+def _parsed_key(text: str | None, schema: str) -> KeyColumn | None:
+    if text is None:
+        return None
+    try:
+        return parse_key(text, schema)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--key") from None
+
+
+def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | None:
+    """The key of an operation run without --key: the recorded one (None: Session.open
+    finds it) for those that follow the backup, else the runbook's."""
+    if operation not in RECORDED_OPERATIONS:
+        return runbook_key(schema)
+    with connected(database_url) as conn:
+        try:
+            return recorded_key(conn, schema, strict=True)
+        except AmbiguousKey as exc:
+            raise click.UsageError(str(exc)) from None
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__)
@@ -162,6 +190,14 @@ def _state_now(database_url: str, schema: str) -> str:
                    "connection).")
 @click.option("--schema", default="public", show_default=True,
               help="Schema holding users and the runbook's tables.")
+@click.option("--key", metavar="SCHEMA.TABLE.COLUMN",
+              help="The parent key to convert (TABLE.COLUMN: in --schema; double-quote names "
+                   "with dots or capitals). Every column referring to it through a foreign "
+                   "key joins the plan. Default: the runbook's users.id; status, rollback, "
+                   "cleanup_backup and validate_migration: the key the backup records.")
+@click.option("--discover", is_flag=True, help="validate_schema: list every string column "
+              "holding only UUIDs, with row counts, keys and the foreign keys between them, "
+              "and the --key to pass for each (reads only).")
 @click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
               show_default=True,
               help="migrate_foreign_keys: refuse on rows referring to no user, or move them "
@@ -222,6 +258,9 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     setup_file_log(options["log_file"])
     if not database_url:
         raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
+    key = _parsed_key(options["key"], options["schema"])
+    if options["discover"]:
+        ctx.exit(discover_command(database_url, fmt))
     settings = Settings(batch_size=options["batch_size"],
                         lock_timeout_ms=options["lock_timeout_ms"],
                         statement_timeout_ms=options["statement_timeout_ms"],
@@ -230,14 +269,15 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         allow_triggers=options["allow_triggers"],
                         show_progress=not options["quiet"])
     try:
-        with Session.open(database_url, settings, schema=options["schema"],
+        key = key or _default_key(database_url, operation, options["schema"])
+        with Session.open(database_url, settings, key=key, schema=options["schema"],
                           lock=operation != "status") as session:
             session.fault = _crash_at(os.environ.get(CRASH_VARIABLE))
             outcome = (status(session) if operation == "status"
                        else run(session, operation, OPERATIONS[operation]))
     except MigrationError as exc:
-        _print_error(exc.message, exc.hint, exc.findings, fmt,
-                     _state_now(database_url, options["schema"]))
+        _print_error(exc.message, exc.hint, exc.findings, fmt, None if isinstance(exc, BadKey)
+                     else _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_REFUSED)
     except ConnectError as exc:
         _print_error(str(exc), "check the URL, the server and the credentials", [], fmt)
@@ -247,7 +287,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                      f"run --operation={operation} again (it resumes), with a longer "
                      "--statement-timeout if a statement ran out of time (0: no limit); "
                      "or --operation=rollback", [], fmt,
-                     _state_now(database_url, options["schema"]))
+                     _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_REFUSED)
     except psycopg2.OperationalError as exc:
         logger.error("%s: connection lost: %s", operation, redact_dsn(str(exc)))
@@ -259,13 +299,14 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
         _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
                      f"the statement that failed was rolled back, earlier steps stay; fix the "
                      f"cause and run --operation={operation} again (it resumes), or "
-                     "--operation=rollback", [], fmt, _state_now(database_url, options["schema"]))
+                     "--operation=rollback", [], fmt,
+                     _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_REFUSED)
     except KeyboardInterrupt:
         logger.error("%s: interrupted", operation)
         _print_error(f"{operation} interrupted", f"run --operation={operation} again (it "
                      "resumes where it stopped), or --operation=rollback", [], fmt,
-                     _state_now(database_url, options["schema"]))
+                     _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_INTERRUPTED)
     _print_outcome(outcome, fmt, verbose=verbose)
 

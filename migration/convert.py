@@ -62,19 +62,21 @@ def add_temporary_column(session: Session, key: KeyColumn,
     that the DDL holds its ACCESS EXCLUSIVE lock for catalog changes only
     (sampling inside it held the lock for 90 to 130 ms at 100k rows).
     """
+    schema = session.plan.backup_schema
     with session.transaction() as cur:
         walk = Walk(tuple(catalog.walk_key(cur.connection, key.table)))
         bounds = slice_bounds(cur, key, walk, session.settings.jobs)
-        copy_type = sql.SQL(backup.saved_column(cur, key).type) if key.back else key.copy_type
+        copy_type = (sql.SQL(backup.saved_column(cur, schema, key).type) if key.back
+                     else key.copy_type)
 
     def work(cur: Cursor) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
             key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
             sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
-        sync, arguments = backup.meta("sync_uuid_column"), [key.column, key.temp]
+        sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
         if follows is not None:
-            sync = backup.meta("sync_reference_column")
+            sync = backup.meta(schema, "sync_reference_column")
             arguments += [follows.table.schema, follows.table.name, follows.column,
                           follows.temp]
         cur.execute(sql.SQL(
@@ -87,7 +89,7 @@ def add_temporary_column(session: Session, key: KeyColumn,
         # to new pages at the end, are not walked again.
         first, last = ((0, catalog.heap_pages(cur.connection, key.table)) if walk.pages
                        else (None, None))
-        progress = backup.meta("backfill_progress")
+        progress = backup.meta(schema, "backfill_progress")
         cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name, column_name) "
                             "= (%s, %s, %s)").format(progress),
                     (key.table.schema, key.table.name, key.column))
@@ -178,8 +180,8 @@ def _pk_value(pk: list[str], key: KeyColumn, param: str) -> sql.Composable:
             sql.Identifier(p), key.table.ident, sql.Placeholder(param)) for p in pk))
 
 
-def batch_statement(key: KeyColumn, walk: Walk, *, first: bool,
-                    bounded: bool) -> sql.Composable:
+def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
+                    backup_schema: str) -> sql.Composable:
     """One batch: the next stretch of the slice after its checkpoint filled by a range
     update, and the new checkpoint saved, in one statement (one round trip per batch).
 
@@ -210,7 +212,7 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool,
         """
     ).format(ranges=ranges, table=key.table.ident, temp=sql.Identifier(key.temp),
              copy_type=key.copy_type, source=sql.Identifier("x", key.column), within=within,
-             checkpoint=checkpoint, progress=backup.meta("backfill_progress"))
+             checkpoint=checkpoint, progress=backup.meta(backup_schema, "backfill_progress"))
 
 
 def _key_range(key: KeyColumn, pk: list[str], *, first: bool,
@@ -276,7 +278,8 @@ def slices_of(session: Session, key: KeyColumn) -> list[Slice]:
         cur.execute(sql.SQL("SELECT slice, walk_key, last_key, upper_key, rows_done, finished, "
                             "count(*) OVER () FROM {} WHERE (table_schema, table_name, "
                             "column_name) = (%s, %s, %s) ORDER BY slice").format(
-            backup.meta("backfill_progress")), (key.table.schema, key.table.name, key.column))
+            backup.meta(session.plan.backup_schema, "backfill_progress")),
+            (key.table.schema, key.table.name, key.column))
         rows = cur.fetchall()
     return [Slice(key, Walk(tuple(walk)), number, last_key, upper_key, int(done), 1 / count)
             for number, walk, last_key, upper_key, done, finished, count in rows
@@ -309,7 +312,8 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
     if part.rows_done:
         logger.info("%s: resuming after %s (%s rows done)", part, part.last_key, part.rows_done)
     statements = {first: batch_statement(key, part.walk, first=first,
-                                         bounded=part.upper_key is not None)
+                                         bounded=part.upper_key is not None,
+                                         backup_schema=session.plan.backup_schema)
                   for first in (True, False)}
     size = batch_pages(session, key) if part.walk.pages else session.settings.batch_size
     identity = (key.table.schema, key.table.name, key.column, part.number)
@@ -328,7 +332,7 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
                 cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
                                     "clock_timestamp() WHERE (table_schema, table_name, "
                                     "column_name, slice) = %s").format(
-                    backup.meta("backfill_progress")), (identity,))
+                    backup.meta(session.plan.backup_schema, "backfill_progress")), (identity,))
                 break
             written += count
             unlogged += count
@@ -442,7 +446,7 @@ def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
     """
     temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
     with session.transaction() as cur:
-        not_null = backup.saved_column(cur, key).not_null
+        not_null = backup.saved_column(cur, session.plan.backup_schema, key).not_null
     proofs = {key.helper("filled"): key.same_value(temp, column)}
     if not_null:
         proofs[key.helper("not_null")] = sql.SQL("{} IS NOT NULL").format(temp)

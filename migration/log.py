@@ -21,8 +21,12 @@ from psycopg2.extras import Json
 
 from migration import catalog
 from migration.connection import Connection
+from migration.model import RUNBOOK_KEY, Table, quote_ident
 
 LOG_TABLE = "migration_log"
+KEY_COLUMN = "key_column"
+"""The log's column naming the key each entry belongs to, as ``--key`` spells it: each key
+migrated in the database reads and writes only its own entries."""
 DEFAULT_LOG_FILE = Path("logs/migration/data_migration.log")
 logger = logging.getLogger("migration")
 
@@ -58,16 +62,46 @@ class LogEntry:
     details: dict[str, Any]
 
 
-class OperationLog:
-    """Rows of ``<schema>.migration_log``, one per operation run."""
+def runbook_key_spec(schema: str) -> str:
+    """The runbook's key, ``users.id`` in ``schema``, as the log names it: what an entry
+    written before the log named keys belongs to."""
+    return ".".join(quote_ident(part) for part in (schema, *RUNBOOK_KEY))
 
-    def __init__(self, conn: Connection, schema: str) -> None:
+
+def of_key(conn: Connection, schema: str, key: str) -> sql.Composable:
+    """The condition on a row of ``schema.migration_log`` that it belongs to ``key``.
+
+    A log of an older version has no key column: all of its rows are the
+    runbook key's.  (Such a log gains the column, filled with the runbook's
+    key, at the next run that writes to it.)
+    """
+    if catalog.column_info(conn, Table(schema, LOG_TABLE), KEY_COLUMN) is None:
+        return sql.SQL("true" if key == runbook_key_spec(schema) else "false")
+    return sql.SQL("{} = {}").format(sql.Identifier(KEY_COLUMN), sql.Literal(key))
+
+
+class OperationLog:
+    """Rows of ``<schema>.migration_log``, one per operation run, of one key's."""
+
+    def __init__(self, conn: Connection, schema: str, key: str) -> None:
         self.conn = conn
         self.table = sql.Identifier(schema, LOG_TABLE)
         self.schema = schema
+        self.key = key
 
     def ensure(self) -> None:
+        """Create the log, or give an older one its key column (its rows are the runbook
+        key's: the column's default).  Looked up first, so that an up-to-date log is not
+        locked by an ALTER TABLE at every run."""
+        default = sql.Literal(runbook_key_spec(self.schema))
         with self.conn, self.conn.cursor() as cur:
+            if catalog.relation_exists(self.conn, self.table):
+                if catalog.column_info(self.conn, Table(self.schema, LOG_TABLE),
+                                       KEY_COLUMN) is None:
+                    cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} text "
+                                        "NOT NULL DEFAULT {}").format(
+                        self.table, sql.Identifier(KEY_COLUMN), default))
+                return
             cur.execute(sql.SQL(
                 """
                 CREATE TABLE IF NOT EXISTS {} (
@@ -79,9 +113,10 @@ class OperationLog:
                     completed_at   timestamptz,
                     rows_processed bigint NOT NULL DEFAULT 0,
                     message        text,
-                    details        jsonb NOT NULL DEFAULT '{{}}'
+                    details        jsonb NOT NULL DEFAULT '{{}}',
+                    {}             text NOT NULL DEFAULT {}
                 )
-                """).format(self.table))
+                """).format(self.table, sql.Identifier(KEY_COLUMN), default))
 
     def exists(self) -> bool:
         return catalog.relation_exists(self.conn, self.table)
@@ -95,9 +130,10 @@ class OperationLog:
         """
         with self.conn, self.conn.cursor() as cur:
             cur.execute(
-                sql.SQL("INSERT INTO {} (operation, status, details) "
-                        "VALUES (%s, 'running', %s) RETURNING id").format(self.table),
-                (operation, as_json(details)),
+                sql.SQL("INSERT INTO {} (operation, status, details, {}) "
+                        "VALUES (%s, 'running', %s, %s) RETURNING id").format(
+                    self.table, sql.Identifier(KEY_COLUMN)),
+                (operation, as_json(details), self.key),
             )
             row = cur.fetchone()
             assert row is not None
@@ -130,14 +166,15 @@ class OperationLog:
         logger.log(level, "run %s %s: %s", run_id, status, message)
 
     def entries(self, limit: int = 200) -> list[LogEntry]:
-        """The newest entries first."""
+        """The key's entries, the newest first."""
         if not self.exists():
             return []
+        mine = of_key(self.conn, self.schema, self.key)
         with self.conn.cursor() as cur:
             cur.execute(
                 sql.SQL("SELECT id, operation, status, started_at, completed_at, "
-                        "rows_processed, message, details FROM {} "
-                        "ORDER BY id DESC LIMIT %s").format(self.table),
+                        "rows_processed, message, details FROM {} WHERE {} "
+                        "ORDER BY id DESC LIMIT %s").format(self.table, mine),
                 (limit,),
             )
             return [LogEntry(*row) for row in cur.fetchall()]

@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import re
 from dataclasses import dataclass
 
 from psycopg2 import sql
 
 BACKUP_SCHEMA = "migration_backup"
-"""Where the engine keeps its backup, change log and functions."""
+"""Where the engine keeps the runbook key's backup, change log and functions (the runbook
+names it); another key's backup is kept in a schema of its own (``backup_schema``)."""
+BACKUP_SCHEMA_LIKE = r"migration\_backup\_%"
+"""A LIKE pattern matching every other key's backup schema (besides ``BACKUP_SCHEMA``)."""
+RUNBOOK_KEY = ("users", "id")
+"""The runbook's parent key (table, column), in the ``--schema`` given."""
 TEMP_SUFFIX = "_uuid"
 BACK_SUFFIX = "_text"
 NAME_BYTES = 63
@@ -97,6 +103,42 @@ class KeyColumn:
 
     def __str__(self) -> str:
         return f"{self.table}.{self.column}"
+
+    @property
+    def spec(self) -> str:
+        """The key as ``--key`` takes it (``schema.table.column``, quoted where needed);
+        what ``migration_log`` and the backup record it as."""
+        return ".".join(quote_ident(part)
+                        for part in (self.table.schema, self.table.name, self.column))
+
+
+def is_backup_schema(name: str) -> bool:
+    """Whether ``name`` is the name of a backup schema of the engine's (any key's)."""
+    return name == BACKUP_SCHEMA or name.startswith(BACKUP_SCHEMA + "_")
+
+
+def backup_schema(key: KeyColumn) -> str:
+    """Where the backup of the plan whose parent is ``key`` is kept.
+
+    The runbook's key keeps the runbook's ``migration_backup``; any other key
+    gets its own schema, named after it, so that two keys migrated one after
+    the other in one database each keep their own backup.  The schema records
+    the key it belongs to (``backup.KEY_TABLE``): a name is only a name.
+    """
+    if (key.table.name, key.column) == RUNBOOK_KEY:
+        return BACKUP_SCHEMA
+    return fit_name(f"{BACKUP_SCHEMA}_{key.table.schema}_{key.table.name}_{key.column}")
+
+
+_PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
+
+
+def quote_ident(name: str) -> str:
+    """``name`` as PostgreSQL's quote_ident writes it: double-quoted unless it is a plain
+    lower-case identifier."""
+    if _PLAIN_IDENTIFIER.fullmatch(name):
+        return name
+    return '"' + name.replace('"', '""') + '"'
 
 
 SHADOW_NAME = r"^migration_(ix|fk|ck)_[0-9a-f]{16}$"

@@ -93,7 +93,7 @@ def validate_schema(session: Session, run_id: int) -> Outcome:
 def backup_data(session: Session, run_id: int) -> Outcome:
     """Start the change log (a short lock per table), then copy from one snapshot (no lock)."""
     with session.transaction() as cur:
-        taken = backup.exists(cur)
+        taken = backup.exists(cur, session.plan.backup_schema)
     if not taken:
         session.ddl("backup_data: change log",
                     lambda cur: backup.start_change_log(cur, session.plan))
@@ -111,7 +111,7 @@ def migrate_users(session: Session, run_id: int) -> Outcome:
     """
     parent = session.plan.parent
     with session.transaction() as cur:
-        backup.require(cur, "migrate_users")
+        backup.require(cur, session.plan.backup_schema, "migrate_users")
     if catalog.column_state(session.conn, parent) is ColumnState.UUID:
         return Outcome(f"{parent} is uuid already: nothing to do")
     refuse_on_failures(preflight.check_columns(session, (parent,)), "migrate_users")
@@ -128,7 +128,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     plan = session.plan
     parent = plan.parent
     with session.transaction() as cur:
-        backup.require(cur, "migrate_foreign_keys")
+        backup.require(cur, plan.backup_schema, "migrate_foreign_keys")
     states = {key: catalog.column_state(session.conn, key) for key in plan.columns}
     if all(state is ColumnState.UUID for state in states.values()):
         for key in plan.columns:
@@ -157,7 +157,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
                f"{built} index(es) and {references} foreign key(s) built beside them)")
     if quarantined:
-        message += f"; {quarantined} orphan row(s) moved to quarantine in {backup.SCHEMA}"
+        message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
     return Outcome(message, rows=rows, findings=findings, details={"quarantined": quarantined})
 
 
@@ -196,7 +196,7 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
             hint="run validate_migration first; --force drops the backup anyway (logged)")
 
     with session.transaction() as cur:
-        quarantined = backup.quarantined_rows(cur)
+        quarantined = backup.quarantined_rows(cur, session.plan.backup_schema)
     if quarantined and not session.settings.force:
         raise MigrationError(
             f"cleanup_backup refused: {sum(quarantined.values())} quarantined row(s) exist "
@@ -207,13 +207,13 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
 
     def drop(cur: Any) -> bool:
         """The schema, and with its change-log function the triggers on the tables."""
-        existed = backup.exists(cur)
+        existed = backup.exists(cur, session.plan.backup_schema)
         cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-            sql.Identifier(backup.SCHEMA)))
+            sql.Identifier(session.plan.backup_schema)))
         return existed
 
     dropped = session.ddl("cleanup_backup", drop)
-    message = f"{backup.SCHEMA} dropped" if dropped else "there was no backup to drop"
+    message = f"{session.plan.backup_schema} dropped" if dropped else "there was no backup to drop"
     if session.settings.force and not validated:
         message += " (forced without a passing validate_migration)"
     if quarantined:
@@ -248,15 +248,16 @@ def status(session: Session) -> Outcome:
     stages = _stages(session)
     lines = [f"{key}: {where}" for key, where in stages.items()]
     with session.transaction() as cur:
-        has_backup = backup.exists(cur)
+        has_backup = backup.exists(cur, session.plan.backup_schema)
         progress = []
         if has_backup:
             cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, sum(rows_done), "
                                 "max(updated_at) FROM {} GROUP BY 1, 2, 3 ORDER BY 5").format(
-                backup.meta("backfill_progress")))
+                backup.meta(session.plan.backup_schema, "backfill_progress")))
             progress = cur.fetchall()
     session.conn.rollback()
-    lines.append(f"backup: {'present' if has_backup else 'none'} ({backup.SCHEMA})")
+    lines.insert(0, f"key: {session.plan.key}")
+    lines.append(f"backup: {'present' if has_backup else 'none'} ({session.plan.backup_schema})")
     for schema, table, column, rows, at in progress:
         lines.append(f"backfill {schema}.{table}.{column}: {rows:,} rows done (at {at})")
     entries = session.log.entries(limit=50)

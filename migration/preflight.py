@@ -76,7 +76,8 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn,
         "{count} row(s) refer to no " + str(parent)
         + (" and will be moved to quarantine" if quarantine else ""),
         "delete them or point them at existing users, or run migrate_foreign_keys "
-        "with --orphans=quarantine (kept in migration_backup, restored by rollback)")
+        f"with --orphans=quarantine (kept in {session.plan.backup_schema}, restored by "
+        "rollback)")
     if (warnings and catalog.column_state(conn, parent) is not ColumnState.UUID
             and (values.non_canonical or parents.non_canonical)):  # else text = uuid equality
         add("respelled_reference", Status.INFO, sql.SQL(
@@ -353,7 +354,9 @@ def validate_schema(session: Session) -> list[Finding]:
     """The whole pre-flight: server, plan, every key column, space needed."""
     conn = session.conn
     version = conn.get_parameter_status("server_version")
-    findings = [Finding("server", Status.INFO, f"PostgreSQL {version}")]
+    findings = [Finding("server", Status.INFO, f"PostgreSQL {version}"),
+                Finding("plan", Status.INFO, f"key {session.plan.key}: the backup goes to "
+                        f"{session.plan.backup_schema}", subject=str(session.plan.parent))]
     for key in session.plan.discovered:
         findings.append(Finding("plan", Status.INFO,
                                 f"added to the plan: a foreign key references "

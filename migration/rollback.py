@@ -42,7 +42,8 @@ def quarantine(session: Session, cur: Cursor, *, key: KeyColumn) -> int:
             f"({', '.join(f'{t} ({c})' for c, t in referencing)}), and moving rows would "
             "cascade to them", hint="resolve the orphans by hand, then run again")
     columns = [c for c in backup.columns_of(cur, key.table.ident) if c != key.temp]
-    target = backup.quarantine_name(key.table)
+    schema = session.plan.backup_schema
+    target = backup.quarantine_name(schema, key.table)
     cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
         target, column_list(columns), key.table.ident))
     cur.execute(sql.SQL(
@@ -54,7 +55,8 @@ def quarantine(session: Session, cur: Cursor, *, key: KeyColumn) -> int:
     cur.execute(sql.SQL(
         "INSERT INTO {} VALUES (%s, %s, %s, %s) ON CONFLICT (table_schema, table_name) "
         "DO UPDATE SET row_count = quarantine.row_count + excluded.row_count").format(
-        backup.meta("quarantine")), (key.table.schema, key.table.name, target.strings[1], moved))
+        backup.meta(schema, "quarantine")),
+        (key.table.schema, key.table.name, target.strings[1], moved))
     return int(moved)
 
 
@@ -83,13 +85,13 @@ def _pk_join(pk: list[str], converted: set[str]) -> sql.Composable:
 _CONTENT_COLUMNS = ["migration_row", "migration_nth"]
 
 
-def _numbered_content(cur: Cursor, table: Table, converted: set[str]) -> tuple[
+def _numbered_content(cur: Cursor, schema: str, table: Table, converted: set[str]) -> tuple[
         sql.Composable, sql.Composable, sql.Composable, sql.Composable]:
     """For ``changed_rows``, a table whose rows have only their content: the backup and
     the live table with each row's ``content`` and its number among equal rows, the
     join on both (so that one more or one fewer duplicate shows), and the condition
     that a quarantined row q is the backup's row b."""
-    columns = backup.columns_of(cur, backup.backup_name(table))
+    columns = backup.columns_of(cur, backup.backup_name(schema, table))
 
     def as_uuid(value: sql.Composable) -> sql.Composable:
         return sql.SQL("({})::uuid").format(value)
@@ -102,7 +104,7 @@ def _numbered_content(cur: Cursor, table: Table, converted: set[str]) -> tuple[
 
     frozen = frozenset(converted)
     row, nth = (sql.Identifier(c) for c in _CONTENT_COLUMNS)
-    return (numbered(backup.backup_name(table), content(columns, "r", as_uuid, frozen)),
+    return (numbered(backup.backup_name(schema, table), content(columns, "r", as_uuid, frozen)),
             numbered(table.ident, content(columns, "r")),
             sql.SQL("l.{row} = b.{row} AND l.{nth} = b.{nth}").format(row=row, nth=nth),
             sql.SQL("{} = b.{}").format(content(columns, "q", as_uuid, frozen), row))
@@ -117,7 +119,7 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
     """
     findings = []
     for table, keys in _keys_by_table(session).items():
-        log = backup.change_log(cur, table, keys)
+        log = backup.change_log(cur, session.plan.backup_schema, table, keys)
         ignored = [k.column for k in keys] + [k.temp for k in keys]
         findings += _logged_changes(cur, table, log, ignored)
         findings += _unlogged_changes(cur, table, keys, log, ignored)
@@ -146,9 +148,9 @@ def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
         LEFT JOIN {live} l ON {in_live}
         LEFT JOIN {copy} b ON {in_copy}
         ORDER BY g.kind, g.row_key
-        """).format(logged=log.cte(), change_log=backup.meta("change_log"), live=table.ident,
-                    copy=backup.backup_name(table), in_live=log.matches("l", "g"),
-                    in_copy=log.matches("b", "g")),
+        """).format(logged=log.cte(), change_log=backup.meta(log.schema, "change_log"),
+                    live=table.ident, copy=backup.backup_name(log.schema, table),
+                    in_live=log.matches("l", "g"), in_copy=log.matches("b", "g")),
         {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
     rows = cur.fetchall()
     if not rows:
@@ -166,14 +168,14 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
                       log: backup.ChangeLog, ignored: list[str]) -> list[Finding]:
     """Rows that differ from the backup without being in the change log."""
     conn = cur.connection
-    pk = _primary_key(cur, table, keys)
+    pk = _primary_key(cur, log.schema, table, keys)
     converted = {k.column for k in keys if catalog.column_state(conn, k) is ColumnState.UUID}
     same_keys = sql.SQL(" AND ").join(
         sql.SQL("l.{c} IS NOT DISTINCT FROM (b.{c})::uuid" if k.column in converted
                 else "l.{c} IS NOT DISTINCT FROM b.{c}").format(c=sql.Identifier(k.column))
         for k in keys)
-    quarantined = backup.quarantine_name(table)
-    saved: sql.Composable = backup.backup_name(table)
+    quarantined = backup.quarantine_name(log.schema, table)
+    saved: sql.Composable = backup.backup_name(log.schema, table)
     live: sql.Composable = table.ident
     join: sql.Composable
     same_row: sql.Composable
@@ -181,7 +183,7 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
         join, same_row = _pk_join(pk, converted), sql.SQL(" AND ").join(
             sql.SQL("q.{p} = b.{p}").format(p=sql.Identifier(p)) for p in pk)
     else:  # rows told apart by their content alone
-        saved, live, join, same_row = _numbered_content(cur, table, converted)
+        saved, live, join, same_row = _numbered_content(cur, log.schema, table, converted)
         ignored = ignored + _CONTENT_COLUMNS
     in_quarantine: sql.Composable = sql.SQL("false")
     if catalog.relation_exists(conn, quarantined):
@@ -218,8 +220,8 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
              "the rollback keeps them as they are")]
 
 
-def _restore_quarantine(cur: Cursor, table: Table) -> int:
-    target = backup.quarantine_name(table)
+def _restore_quarantine(cur: Cursor, *, schema: str, table: Table) -> int:
+    target = backup.quarantine_name(schema, table)
     if not catalog.relation_exists(cur.connection, target):
         return 0
     columns = backup.columns_of(cur, target)
@@ -228,29 +230,29 @@ def _restore_quarantine(cur: Cursor, table: Table) -> int:
     restored = int(cur.rowcount)
     cur.execute(sql.SQL("DROP TABLE {}").format(target))
     cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name) = (%s, %s)").format(
-        backup.meta("quarantine")), (table.schema, table.name))
+        backup.meta(schema, "quarantine")), (table.schema, table.name))
     return restored
 
 
-def _checksums_match(cur: Cursor) -> list[str]:
+def _checksums_match(cur: Cursor, schema: str) -> list[str]:
     """Tables whose content differs from the backup's recorded checksum."""
-    return [str(table) for table, count, checksum in backup.recorded_checksums(cur)
+    return [str(table) for table, count, checksum in backup.recorded_checksums(cur, schema)
             if backup.table_checksum(cur, table.ident,
-                                     backup.columns_of(cur, backup.backup_name(table)))
+                                     backup.columns_of(cur, backup.backup_name(schema, table)))
             != (count, checksum)]
 
 
 def rollback(session: Session, run_id: int) -> RollbackResult:
     with session.transaction() as cur:
         states = [catalog.column_state(cur.connection, key) for key in session.plan.columns]
-        has_backup = backup.exists(cur)
+        has_backup = backup.exists(cur, session.plan.backup_schema)
     session.conn.rollback()
     if not has_backup and all(state is ColumnState.STRING for state in states):
         return RollbackResult("nothing to undo: no backup was taken and no key column "
                               "was changed")
     if not has_backup:
         raise MigrationError(
-            f"nothing to roll back to: there is no backup in {backup.SCHEMA} "
+            f"nothing to roll back to: there is no backup in {session.plan.backup_schema} "
             "(cleanup_backup dropped it, or backup_data never ran)",
             hint="restore from the database backup taken before the migration "
                  "(pg_dump / PITR), as the runbook's prerequisites require")
@@ -271,10 +273,12 @@ def discard(session: Session) -> RollbackResult:
     plan = session.plan
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
     restored = sum(session.ddl(f"restore quarantine of {table}",
-                               partial(_restore_quarantine, table=table))
+                               partial(_restore_quarantine, schema=plan.backup_schema,
+                                       table=table))
                    for table in plan.tables)
     with session.transaction("rollback") as cur:
-        cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
+        cur.execute(sql.SQL("DELETE FROM {}").format(
+            backup.meta(plan.backup_schema, "backfill_progress")))
     if not dropped and not restored:
         return RollbackResult("nothing to undo: no key column was expanded or swapped, "
                               "and no row is in quarantine")
@@ -323,17 +327,19 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     for key in plan.columns:
         convert.refresh_statistics(session, key)
     restored = sum(session.ddl(f"restore quarantine of {table}",
-                               partial(_restore_quarantine, table=table))
+                               partial(_restore_quarantine, schema=plan.backup_schema,
+                                       table=table))
                    for table in plan.tables)
     with session.transaction("rollback") as cur:
-        cur.execute(sql.SQL("DELETE FROM {}").format(backup.meta("backfill_progress")))
+        cur.execute(sql.SQL("DELETE FROM {}").format(
+            backup.meta(plan.backup_schema, "backfill_progress")))
         changes = changed_rows(cur, session)
-        differing = _checksums_match(cur) if not changes else []
+        differing = _checksums_match(cur, plan.backup_schema) if not changes else []
     if differing:
         raise MigrationError(
             f"rolled back to the string columns, but {', '.join(differing)} differ from the "
             "backup although the application changed nothing since it",
-            hint=f"the backup is kept in {backup.SCHEMA}: compare the tables with it, and "
+            hint=f"the backup is kept in {plan.backup_schema}: compare the tables with it, and "
                  "report this with the log file")
     message = (f"rolled back to the string columns: {rows:,} rows filled, {respelled:,} ids "
                f"given their original spelling, {restored:,} quarantined rows restored")
@@ -387,7 +393,7 @@ def respell(session: Session, key: KeyColumn) -> int:
         prepare_uuid_checker(cur)
         conn = cur.connection
         if pk == [catalog.PAGES]:
-            return _respell_by_content(cur, key, converted)
+            return _respell_by_content(cur, session.plan.backup_schema, key, converted)
 
         keys = [f"k{i}" for i in range(len(pk))]  # the key column may be part of the pk
         join = sql.SQL(" AND ").join(
@@ -404,7 +410,8 @@ def respell(session: Session, key: KeyColumn) -> int:
             UPDATE {table} x SET {temp} = s.spelling FROM spelled s
             WHERE {join} AND x.{column} = {original} AND x.{temp} IS DISTINCT FROM s.spelling
             """).format(keys=column_list(keys), pk=column_list(pk), column=column,
-                        backup=backup.backup_name(key.table), parsed=uuid_of(conn, column),
+                        backup=backup.backup_name(session.plan.backup_schema, key.table),
+                        parsed=uuid_of(conn, column),
                         table=key.table.ident, temp=sql.Identifier(key.temp), join=join,
                         original=uuid_of(conn, sql.Identifier("s", "spelling"))))
         return int(cur.rowcount)
@@ -425,7 +432,7 @@ def content(columns: list[str], alias: str,
             else sql.Identifier(alias, c)) for c in columns))
 
 
-def _respell_by_content(cur: Cursor, key: KeyColumn, converted: set[str]) -> int:
+def _respell_by_content(cur: Cursor, schema: str, key: KeyColumn, converted: set[str]) -> int:
     """``respell`` for a table with no unique key: its rows have nothing but their content
     to be told apart by, so a live row is matched with a backup row equal in every
     column, key columns compared as uuids (``content``).
@@ -440,7 +447,7 @@ def _respell_by_content(cur: Cursor, key: KeyColumn, converted: set[str]) -> int
     the backup) keep the canonical text.  Every backup row is read: all
     spellings count in the numbering.
     """
-    columns = backup.columns_of(cur, backup.backup_name(key.table))
+    columns = backup.columns_of(cur, backup.backup_name(schema, key.table))
     conn = cur.connection
     live = content(columns, "l")
     saved = content(columns, "b", partial(uuid_of, conn), frozenset(converted))
@@ -459,19 +466,19 @@ def _respell_by_content(cur: Cursor, key: KeyColumn, converted: set[str]) -> int
         FROM numbered l JOIN spelled s ON (s.row, s.nth) = (l.row, l.nth)
         WHERE x.ctid = l.row_id AND x.{temp} IS DISTINCT FROM s.spelling
         """).format(saved=saved, live=live, column=sql.Identifier(key.column),
-                    backup=backup.backup_name(key.table), table=key.table.ident,
+                    backup=backup.backup_name(schema, key.table), table=key.table.ident,
                     temp=sql.Identifier(key.temp)))
     return int(cur.rowcount)
 
 
-def _primary_key(cur: Cursor, table: Table, keys: list[KeyColumn]) -> list[str]:
+def _primary_key(cur: Cursor, schema: str, table: Table, keys: list[KeyColumn]) -> list[str]:
     """The table's primary key columns, also when a swap dropped it and it is not back yet;
     without one, its walk key's, or none: the rows have only their content."""
     found = catalog.primary_key(cur.connection, table)
     if found:
         return found
     for key in keys:  # the key column itself backed the primary key the backup recorded
-        if any(ix.constraint_type == "p" for ix in backup.saved_indexes(cur, key)):
+        if any(ix.constraint_type == "p" for ix in backup.saved_indexes(cur, schema, key)):
             return [key.column]
     walk = catalog.walk_key(cur.connection, table)
     return [] if walk == [catalog.PAGES] else walk  # []: rows told apart by content

@@ -20,12 +20,13 @@ from typing import TypeVar
 import psycopg2.errors
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog
+from migration import backup, catalog
 from migration.connection import Connection, client_pid, connect, engine_application_name
 from migration.connection import lift_statement_timeout as lift_statement_timeout
 from migration.errors import MigrationError
 from migration.log import OperationLog, logger
-from migration.plan import Plan, build_plan
+from migration.model import KeyColumn
+from migration.plan import Plan, build_plan, parse_key
 from migration.progress import Progress
 
 T = TypeVar("T")
@@ -96,6 +97,30 @@ def client_gone(application_name: str) -> bool:
     return False
 
 
+class AmbiguousKey(Exception):
+    """No ``--key`` was given, and the database holds backups of several keys."""
+
+    def __init__(self, choices: list[str]) -> None:
+        super().__init__("backups of several keys are recorded in this database: pass "
+                         + " or ".join(f"--key {choice}" for choice in choices))
+        self.choices = choices
+
+
+def recorded_keys(conn: Connection) -> list[str]:
+    """The keys whose backups the database holds, spelled as ``--key`` takes them."""
+    with conn.cursor() as cur:
+        return list(backup.recorded_keys(cur))
+
+
+def recorded_key(conn: Connection, schema: str, *, strict: bool = False) -> KeyColumn | None:
+    """The key of the database's one backup; None when there is none, or several (with
+    ``strict``, several is AmbiguousKey)."""
+    keys = recorded_keys(conn)
+    if strict and len(keys) > 1:
+        raise AmbiguousKey(keys)
+    return parse_key(keys[0], schema) if len(keys) == 1 else None
+
+
 def _unlock(conn: Connection) -> None:
     """Release the run lock now, before the connection closes: the server ends a closed
     connection's backend, and frees its locks, only a moment later, and a run started
@@ -116,7 +141,7 @@ class Session:
         self.conn = conn
         self.plan = plan
         self.settings = settings
-        self.log = OperationLog(conn, plan.schema)
+        self.log = OperationLog(conn, plan.schema, plan.key)
         self.active_runs: list[int] = []  # log rows of this process's operations under way
         self.fault: Callable[[str, int], None] | None = None
         """Called at each fault point with its name and the backend pid that reached it."""
@@ -126,16 +151,22 @@ class Session:
 
     @classmethod
     @contextmanager
-    def open(cls, dsn: str, settings: Settings, *, schema: str = "public",
-             lock: bool = True) -> Iterator[Session]:
+    def open(cls, dsn: str, settings: Settings, *, key: KeyColumn | None = None,
+             schema: str = "public", lock: bool = True) -> Iterator[Session]:
         """Connect, pin the search path, take the run lock, make sure the log exists.
 
-        ``lock=False`` is for reading the state (status) while a run may be going on.
+        ``key`` is the parent key of the plan; None: the key the backup records
+        when there is exactly one backup in the database, else the runbook's
+        ``users.id`` in ``schema``.  ``lock=False`` is for reading the state
+        (status) while a run may be going on.
         """
         conn = connect(dsn)
         try:
             _configure(conn, settings)
-            session = cls(conn, build_plan(conn, schema), settings, dsn)
+            if key is None:
+                key = recorded_key(conn, schema)
+                conn.rollback()
+            session = cls(conn, build_plan(conn, key, schema), settings, dsn)
             if lock:
                 session._lock()
                 session.log.ensure()

@@ -172,7 +172,7 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             table, sql.Identifier(key.helper("not_null"))))
     if key.back:
-        _recorded_default(cur, key)
+        _recorded_default(cur, session.plan.backup_schema, key)
     elif column.info.default is not None:
         converted_default(cur, key, column.info.default)
     for grant in column.grants:
@@ -194,9 +194,9 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
             table, sql.Identifier(column.replica_identity or "")))
 
 
-def _recorded_default(cur: Cursor, key: KeyColumn) -> None:
+def _recorded_default(cur: Cursor, backup_schema: str, key: KeyColumn) -> None:
     """On the way back, the string column's default as the backup recorded it."""
-    default = backup.saved_column(cur, key).default
+    default = backup.saved_column(cur, backup_schema, key).default
     if default is not None:  # as pg_get_expr printed it at backup time
         cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
             key.table.ident, sql.Identifier(key.column), sql.SQL(default)))

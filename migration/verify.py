@@ -29,8 +29,11 @@ from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 
 from migration import checks
 from migration.connection import ConnectError, connect, describe_dsn, redact_dsn
-from migration.plan import build_plan
+from migration.errors import MigrationError
+from migration.model import KeyColumn
+from migration.plan import build_plan, parse_key
 from migration.report import Finding, Status
+from migration.session import AmbiguousKey, recorded_key
 
 EXIT_PASSED, EXIT_FAILED, EXIT_ERROR = 0, 1, 2
 APPLICATION_NAME = "uuid-migration verify"
@@ -72,15 +75,21 @@ def results(findings: list[Finding], names: list[str], *, strict: bool) -> list[
     return out
 
 
-def run(dsn: str, schema: str, only: set[str] | None) -> list[Finding]:
-    """The checks' findings, read from one snapshot in a read-only transaction."""
+def run(dsn: str, schema: str, only: set[str] | None,
+        key: KeyColumn | None = None) -> list[Finding]:
+    """The checks' findings, read from one snapshot in a read-only transaction.
+
+    ``key`` None: the key the backup records (AmbiguousKey when there are
+    backups of several), or the runbook's ``users.id`` in ``schema``.
+    """
     conn = connect(dsn, readonly=True, application_name=APPLICATION_NAME)
     try:
         conn.set_session(isolation_level=ISOLATION_LEVEL_REPEATABLE_READ, readonly=True)
         with conn.cursor() as cur:
             # The catalog functions expect the deparser's fully qualified output.
             cur.execute("SET LOCAL search_path = pg_catalog, pg_temp")
-            findings = checks.run_checks(cur, build_plan(conn, schema), only=only)
+            key = key or recorded_key(conn, schema, strict=True)
+            findings = checks.run_checks(cur, build_plan(conn, key, schema), only=only)
         conn.rollback()
         return findings
     finally:
@@ -170,6 +179,9 @@ def fail_to_run(message: str, hint: str, fmt: str, junit: Path | None) -> NoRetu
               help="PostgreSQL URL of the migrated database (read only).")
 @click.option("--schema", default="public", show_default=True,
               help="Schema holding users and the runbook's tables.")
+@click.option("--key", metavar="SCHEMA.TABLE.COLUMN",
+              help="The migrated parent key (default: the key the backup records, else the "
+                   "runbook's users.id).")
 @click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table",
               show_default=True, help="Report format on standard output.")
 @click.option("--junit-xml", "junit", type=click.Path(dir_okay=False, path_type=Path),
@@ -179,8 +191,9 @@ def fail_to_run(message: str, hint: str, fmt: str, junit: Path | None) -> NoRetu
               help="Run only this check (repeatable); --list-checks names them.")
 @click.option("--list-checks", is_flag=True, help="List the checks and what each one proves.")
 @click.option("--strict", is_flag=True, help="Count a skipped check as a failure.")
-def main(*, database_url: str | None, schema: str, fmt: str, junit: Path | None,
-         selected: tuple[str, ...], list_checks: bool, strict: bool) -> None:
+def main(*, database_url: str | None, schema: str, key: str | None, fmt: str,
+         junit: Path | None, selected: tuple[str, ...], list_checks: bool,
+         strict: bool) -> None:
     """Check, without changing anything, that a database is completely and
     correctly migrated to uuid keys."""
     if list_checks:
@@ -188,10 +201,18 @@ def main(*, database_url: str | None, schema: str, fmt: str, junit: Path | None,
         return
     if not database_url:
         raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
+    try:
+        parsed = None if key is None else parse_key(key, schema)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--key") from None
     database = describe_dsn(database_url)
     target = f"{database} (schema {schema})"
     try:
-        findings = run(database_url, schema, set(selected) or None)
+        findings = run(database_url, schema, set(selected) or None, parsed)
+    except AmbiguousKey as exc:
+        raise click.UsageError(str(exc)) from None
+    except MigrationError as exc:
+        fail_to_run(exc.message, exc.hint, fmt, junit)
     except ConnectError as exc:
         fail_to_run(str(exc), "check the URL, the server and the credentials", fmt, junit)
     except psycopg2.errors.InsufficientPrivilege as exc:

@@ -93,7 +93,7 @@ def test_a_page_batch_is_a_tid_range_scan(no_pk_db: str) -> None:
     run_ok(no_pk_db, "backup_data")
     execute(no_pk_db, "ALTER TABLE user_roles ADD COLUMN user_id_uuid uuid")
     statement = convert.batch_statement(key, convert.Walk(("ctid",)), first=False,
-                                        bounded=True)
+                                        bounded=True, backup_schema="migration_backup")
     with connected(no_pk_db) as conn, conn.cursor() as cur:
         cur.execute(b"EXPLAIN " + statement.as_string(conn).encode(),
                     {"n": 1, "after": Json(1), "upper": Json(3),

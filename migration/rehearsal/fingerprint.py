@@ -32,8 +32,12 @@ ColumnRef = tuple[str, str, str]
 
 LOG_TABLE = "migration_log"
 BACKUP_SCHEMA = "migration_backup"
-CHANGE_LOG_FUNCTION = f"{BACKUP_SCHEMA}.log_change()"
-"""The triggers calling it, on the migrated tables, belong to the backup: they
+BACKUP_SCHEMA_LIKE = r"migration\_backup\_%"
+"""Every backup schema: the runbook key's ``migration_backup`` and another key's
+``migration_backup_<schema>_<table>_<column>``; all are left out alike."""
+CHANGE_LOG_FUNCTION = "log_change"
+"""The function of each backup schema that the triggers calling it, on the migrated
+tables, run.  They belong to the backup: they
 log the application's writes while the backup exists and go with it.  Like the
 rest of the backup they are left out of a fingerprint unless asked for, so
 that a table compares equal before the backup and after a rollback that keeps
@@ -242,11 +246,13 @@ def _capture(
          WHERE c.relkind IN ('r', 'p')
            AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\\_%%'
            AND (%(schemas)s::name[] IS NULL OR n.nspname = ANY (%(schemas)s::name[]))
-           AND (%(backup)s OR n.nspname <> %(backup_schema)s)
+           AND (%(backup)s OR NOT (n.nspname = %(backup_schema)s
+                                   OR n.nspname LIKE %(backup_like)s))
            AND (%(log)s OR c.relname <> %(log_table)s)
         """,
         {"schemas": None if schemas is None else list(schemas), "backup": include_backup,
-         "backup_schema": BACKUP_SCHEMA, "log": include_log, "log_table": LOG_TABLE},
+         "backup_schema": BACKUP_SCHEMA, "backup_like": BACKUP_SCHEMA_LIKE,
+         "log": include_log, "log_table": LOG_TABLE},
     )
     tables: dict[int, TableRef] = {oid: (nsp, rel) for oid, nsp, rel in cur.fetchall()}
     oids = list(tables)
@@ -286,8 +292,10 @@ def _capture(
         """
         SELECT tgrelid, tgname, pg_get_triggerdef(oid), tgenabled
           FROM pg_trigger WHERE tgrelid = ANY (%s::oid[]) AND NOT tgisinternal
-           AND (%s OR tgfoid IS DISTINCT FROM to_regprocedure(%s))
-        """, (oids, include_backup, CHANGE_LOG_FUNCTION))
+           AND (%s OR tgfoid NOT IN (
+                SELECT p.oid FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                 WHERE p.proname = %s AND (n.nspname = %s OR n.nspname LIKE %s)))
+        """, (oids, include_backup, CHANGE_LOG_FUNCTION, BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE))
     for oid, name, *trigger in cur.fetchall():
         triggers[tables[oid]][name] = Trigger(*trigger)
 

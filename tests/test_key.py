@@ -1,0 +1,259 @@
+"""``--key``: any string-UUID parent key, on schemas that are not the runbook's.
+
+Two shapes: (a) ``app.accounts(uuid text)`` referenced from another table
+of its schema and from a nullable column of another schema (ON DELETE SET
+NULL); (b) a Keycloak-like ``user_entity(id varchar(36))`` referenced from a
+join table whose composite primary key includes the reference.  Each is
+migrated, verified and rolled back to its exact fingerprint; both are then
+migrated in one database one after the other, each with its own log rows and
+backup schema.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from collections.abc import Iterator
+
+import pytest
+from psycopg2 import sql
+
+from migration import cli, verify
+from migration.model import KeyColumn, Table, backup_schema
+from migration.plan import parse_key
+from migration.rehearsal.fingerprint import Fingerprint, fingerprint
+from migration.rehearsal.sandbox import Sandbox
+from tests.operate import connected, execute, operate, run_ok
+
+_numbers = itertools.count()
+
+# Ids in several spellings (upper case, braces), so that the rollback's exact
+# restore of each original string is proven, not only its value.
+_SPELLED = ("CASE mod(i, 3) WHEN 0 THEN upper(u::text) WHEN 1 THEN '{' || u || '}' "
+            "ELSE u::text END")
+
+ACCOUNTS = f"""
+CREATE SCHEMA app;
+CREATE SCHEMA audit;
+CREATE TABLE app.accounts (uuid text PRIMARY KEY, name text NOT NULL);
+CREATE TABLE app.sessions (
+    id serial PRIMARY KEY,
+    account_uuid varchar(64) NOT NULL REFERENCES app.accounts (uuid),
+    token text NOT NULL);
+CREATE INDEX sessions_account ON app.sessions (account_uuid);
+CREATE TABLE audit.events (
+    id bigserial PRIMARY KEY,
+    account text REFERENCES app.accounts (uuid) ON DELETE SET NULL,
+    what text NOT NULL);
+INSERT INTO app.accounts
+    SELECT {_SPELLED}, 'account ' || i
+    FROM (SELECT i, gen_random_uuid() AS u FROM generate_series(1, 120) i) s;
+INSERT INTO app.sessions (account_uuid, token)
+    SELECT uuid, 'token ' || n FROM app.accounts, generate_series(1, 2) n;
+INSERT INTO audit.events (account, what)
+    SELECT CASE WHEN n = 3 THEN NULL ELSE uuid END, 'login' FROM app.accounts,
+           generate_series(1, 3) n;
+"""
+ACCOUNTS_KEY = "app.accounts.uuid"
+ACCOUNTS_COLUMNS = (("app", "accounts", "uuid"), ("app", "sessions", "account_uuid"),
+                    ("audit", "events", "account"))
+
+KEYCLOAK = f"""
+CREATE TABLE public.user_entity (
+    id varchar(36) PRIMARY KEY, username varchar(255) NOT NULL UNIQUE);
+CREATE TABLE public.keycloak_role (id varchar(36) PRIMARY KEY, name varchar(255) NOT NULL);
+CREATE TABLE public.user_role_mapping (
+    role_id varchar(255) NOT NULL REFERENCES public.keycloak_role (id),
+    user_id varchar(36) NOT NULL REFERENCES public.user_entity (id),
+    PRIMARY KEY (role_id, user_id));
+INSERT INTO public.user_entity
+    SELECT {_SPELLED.replace("'{' || u || '}'", "upper(u::text)")}, 'user' || i
+    FROM (SELECT i, gen_random_uuid() AS u FROM generate_series(1, 100) i) s;
+INSERT INTO public.keycloak_role
+    SELECT gen_random_uuid(), 'role ' || i FROM generate_series(1, 3) i;
+INSERT INTO public.user_role_mapping SELECT r.id, u.id FROM public.keycloak_role r,
+    public.user_entity u WHERE mod(length(u.username), 2) = 0 OR r.name = 'role 1';
+"""
+KEYCLOAK_KEY = "user_entity.id"
+KEYCLOAK_COLUMNS = (("public", "user_entity", "id"), ("public", "user_role_mapping", "user_id"))
+
+SHAPES = {"accounts": (ACCOUNTS, ACCOUNTS_KEY, ACCOUNTS_COLUMNS),
+          "keycloak": (KEYCLOAK, KEYCLOAK_KEY, KEYCLOAK_COLUMNS)}
+
+
+@pytest.fixture
+def database(sandbox: Sandbox) -> Iterator[str]:
+    with sandbox.database(f"key_{next(_numbers)}", variant=None) as dsn:
+        yield dsn
+
+
+def print_of(dsn: str) -> Fingerprint:
+    """Everything, the log and the backups included: a refusal must change nothing."""
+    with connected(dsn, autocommit=False) as conn:
+        return fingerprint(conn, include_log=True, include_backup=True)
+
+
+def tables_print(dsn: str) -> Fingerprint:
+    """The application's tables (the tool's log and backups left out)."""
+    with connected(dsn, autocommit=False) as conn:
+        return fingerprint(conn)
+
+
+def types_of(dsn: str, columns: tuple[tuple[str, str, str], ...]) -> set[str]:
+    return {str(execute(dsn, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                             "WHERE attrelid = to_regclass(format('%%I.%%I', %s, %s)) "
+                             "AND attname = %s", column)[0][0]) for column in columns}
+
+
+def values_of(dsn: str, columns: tuple[tuple[str, str, str], ...]) -> dict[str, list[str]]:
+    """Each column's values as uuids (from text or uuid alike), sorted; NULL as "none"."""
+    return {".".join(c): sorted(str(v) for (v,) in execute(dsn, sql.SQL(
+        "SELECT coalesce(({})::text::uuid::text, 'none') FROM {}").format(
+        sql.Identifier(c[2]), sql.Identifier(c[0], c[1])))) for c in columns}
+
+
+def verify_run(dsn: str, *args: str) -> tuple[int, str]:
+    from click.testing import CliRunner
+    result = CliRunner().invoke(verify.main, ["--database-url", dsn, *args])
+    return result.exit_code, result.output
+
+
+# -- parse_key ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("app.accounts.uuid", ("app", "accounts", "uuid")),
+    ("accounts.uuid", ("public", "accounts", "uuid")),
+    ("App.Accounts.UUID", ("app", "accounts", "uuid")),
+    ('app."User Accounts".uuid', ("app", "User Accounts", "uuid")),
+    ('"my.schema"."a""b".Id', ("my.schema", 'a"b', "id")),
+])
+def test_parse_key_reads_names_as_postgresql_does(text: str,
+                                                  expected: tuple[str, str, str]) -> None:
+    key = parse_key(text)
+    assert (key.table.schema, key.table.name, key.column) == expected
+    assert parse_key(key.spec) == key  # the spelling the log records reads back the same
+
+
+@pytest.mark.parametrize("text", ["uuid", "a.b.c.d", 'app."open.uuid', "app..uuid",
+                                  'app."x"y.uuid'])
+def test_a_malformed_key_is_a_usage_error(text: str) -> None:
+    with pytest.raises(ValueError, match="--key"):
+        parse_key(text)
+    result = operate("postgresql://nobody@localhost:1/none", "status", "--key", text)
+    assert result.exit_code == 2, result.output
+
+
+def test_each_key_has_its_own_backup_schema_within_63_bytes() -> None:
+    assert backup_schema(KeyColumn(Table("public", "users"), "id")) == "migration_backup"
+    assert backup_schema(KeyColumn(Table("app", "accounts"), "uuid")) == \
+        "migration_backup_app_accounts_uuid"
+    long = backup_schema(KeyColumn(Table("s" * 60, "t" * 60), "c"))
+    assert len(long.encode()) <= 63
+    assert long != backup_schema(
+        KeyColumn(Table("s" * 60, "t" * 61), "c"))
+
+
+# -- one key ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_another_key_is_migrated_verified_and_rolled_back_exactly(database: str,
+                                                                  shape: str) -> None:
+    schema, key, columns = SHAPES[shape]
+    execute(database, schema)
+    before, values = tables_print(database), values_of(database, columns)
+
+    migrated = run_ok(database, "full_migration", "--key", key)
+    assert "migration complete" in migrated.output
+    assert types_of(database, columns) == {"uuid"}
+    assert values_of(database, columns) == values
+    spec = parse_key(key).spec
+    assert execute(database, "SELECT DISTINCT key_column FROM "
+                             f"{parse_key(key).table.schema}.migration_log") == [(spec,)]
+
+    code, output = verify_run(database)  # the key the backup records
+    assert code == 0, output
+    status = run_ok(database, "status")
+    assert f"key: {spec}" in status.output
+    assert "stage: migrated" in status.output
+    for column in columns:
+        assert f"{'.'.join(column)}: uuid" in status.output
+
+    run_ok(database, "rollback")
+    assert tables_print(database) == before
+    assert "stage: not migrated" in run_ok(database, "status").output
+
+
+@pytest.mark.parametrize(("key", "why"), [
+    ("app.nothing.uuid", "there is no table app.nothing"),
+    ("app.accounts.nothing", "has no column 'nothing'"),
+    ("audit.events.id", "is bigint, not a string type"),
+    ("app.sessions.token", "has no primary key or unique constraint"),
+])
+def test_a_key_that_cannot_be_one_is_refused_and_nothing_changes(database: str, key: str,
+                                                                  why: str) -> None:
+    execute(database, ACCOUNTS)
+    before = print_of(database)
+    for operation in ("validate_schema", "full_migration", "rollback"):
+        result = operate(database, operation, "--key", key)
+        assert result.exit_code == 1, result.output
+        assert why in result.output
+    assert print_of(database) == before
+
+
+# -- two keys in one database ----------------------------------------------------------
+
+
+def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
+    execute(database, ACCOUNTS + KEYCLOAK)
+    before = tables_print(database)
+    run_ok(database, "full_migration", "--key", ACCOUNTS_KEY)
+    only_accounts = run_ok(database, "status")  # one backup: its key, without --key
+    assert "key: app.accounts.uuid" in only_accounts.output
+    run_ok(database, "full_migration", "--key", KEYCLOAK_KEY)
+    assert types_of(database, ACCOUNTS_COLUMNS + KEYCLOAK_COLUMNS) == {"uuid"}
+
+    schemas = execute(database, "SELECT nspname FROM pg_namespace WHERE nspname LIKE "
+                                "'migration\\_backup%%' ORDER BY 1")
+    assert schemas == [("migration_backup_app_accounts_uuid",),
+                       ("migration_backup_public_user_entity_id",)]
+    assert execute(database, "SELECT key FROM migration_backup_app_accounts_uuid.backup_key "
+                             "UNION ALL SELECT key FROM "
+                             "migration_backup_public_user_entity_id.backup_key") == [
+        ("app.accounts.uuid",), ("public.user_entity.id",)]
+    logged = execute(database, "SELECT key_column, count(*) FROM app.migration_log GROUP BY 1 "
+                               "UNION ALL SELECT key_column, count(*) FROM "
+                               "public.migration_log GROUP BY 1 ORDER BY 1")
+    assert [key for key, _ in logged] == ["app.accounts.uuid", "public.user_entity.id"]
+
+    # several recorded keys: without --key, a usage error naming the choices
+    for operation in ("status", "rollback", "validate_migration", "cleanup_backup"):
+        result = operate(database, operation)
+        assert result.exit_code == 2, result.output
+        assert "--key app.accounts.uuid" in result.output
+        assert "--key public.user_entity.id" in result.output
+    code, output = verify_run(database)
+    assert code == 2, output
+    assert "--key public.user_entity.id" in output
+
+    # each key's status and operations read its own log rows only
+    status = run_ok(database, "status", "--key", KEYCLOAK_KEY).output
+    assert "public.user_entity.id: uuid" in status
+    assert "app.accounts" not in status
+    code, output = verify_run(database, "--key", ACCOUNTS_KEY, "--format", "json")
+    assert code == 0, output
+    assert json.loads(output)["passed"]
+
+    run_ok(database, "rollback", "--key", KEYCLOAK_KEY)
+    assert types_of(database, KEYCLOAK_COLUMNS) == {"character varying(36)"}
+    assert types_of(database, ACCOUNTS_COLUMNS) == {"uuid"}
+    run_ok(database, "cleanup_backup", "--key", KEYCLOAK_KEY, "--force")
+    # one backup left: the operations without --key find its key again
+    run_ok(database, "rollback")
+    assert tables_print(database) == before
+
+
+def test_cli_key_option_lands_in_options() -> None:
+    names = {param.name for param in cli.main.params}
+    assert {"key", "discover"} <= names
