@@ -355,8 +355,8 @@ def steering(checks: Sequence[str]) -> dict[str, Steer]:
                 steers.setdefault(_unquote(name), Steer()).bound(op, Decimal(number))
             elif match := _LIST.match(atom):
                 name, items = match.groups()
-                values = [(quoted or "").replace("''", "'") if number is None else number
-                          for quoted, number in _LIST_ITEM.findall(items)]
+                values = [m.group(1).replace("''", "'") if m.group(2) is None else m.group(2)
+                          for m in _LIST_ITEM.finditer(items)]
                 steers.setdefault(_unquote(name), Steer()).choices = values
             elif match := _LENGTH.match(atom):
                 name, op, number = match.groups()
@@ -568,6 +568,8 @@ class _Loader:
     plan: Plan | None
     rows: int
     deferred: set[tuple[Table, ForeignKey]]
+    rejected: dict[str, int] = field(default_factory=dict)
+    """After a load where no row landed: each condition that left rows out, and how many."""
 
     def load(self, spec: TableSpec, count: int, *, start: int = 0,
              overrides: Mapping[str, object] | None = None) -> int:
@@ -680,6 +682,10 @@ class _Loader:
                 for c in spec.columns)))
 
     def _copy(self, spec: TableSpec, columns: list[str], lines: Iterator[str]) -> None:
+        if not columns:  # every column left to its default
+            self.cur.execute(sql.SQL("INSERT INTO pg_temp.{} SELECT FROM generate_series(1, %s)")
+                             .format(STAGING), (sum(1 for _ in lines),))
+            return
         statement = sql.SQL("COPY pg_temp.{} ({}) FROM STDIN").format(
             STAGING, sql.SQL(", ").join(map(sql.Identifier, columns))).as_string(self.cur)
         while True:
@@ -711,15 +717,18 @@ class _Loader:
 
     def _insert(self, spec: TableSpec) -> int:
         """The staged rows that meet the table's CHECKs, its domains' and a partition's bounds,
-        and no unique key's duplicate; how many landed."""
-        conditions = [sql.SQL("({}) IS NOT FALSE").format(sql.SQL(check))
-                      for check in spec.checks]
+        and no unique key's duplicate; how many landed.  When none did, ``rejected`` says
+        which condition left how many staged rows out."""
+        conditions = {check: sql.SQL("({}) IS NOT FALSE").format(sql.SQL(check))
+                      for check in spec.checks}
         for column in spec.columns:
-            conditions += [sql.SQL("({}) IS NOT FALSE").format(
-                sql.SQL(_on_column(check, column.name))) for check in column.type.domain_checks]
+            conditions.update({
+                f"{column.name}: {check}": sql.SQL("({}) IS NOT FALSE").format(
+                    sql.SQL(_on_column(check, column.name)))
+                for check in column.type.domain_checks})
         if spec.partitions:
-            conditions.append(sql.SQL("({})").format(sql.SQL(" OR ").join(
-                sql.SQL("({}) IS TRUE").format(sql.SQL(leaf)) for leaf in spec.partitions)))
+            conditions["a partition's bounds"] = sql.SQL("({})").format(sql.SQL(" OR ").join(
+                sql.SQL("({}) IS TRUE").format(sql.SQL(leaf)) for leaf in spec.partitions))
         if spec.deferrable_unique:
             self._deduplicate(spec)
         names = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
@@ -728,7 +737,7 @@ class _Loader:
             t=spec.table.ident, names=names, s=STAGING,
             overriding=sql.SQL("OVERRIDING SYSTEM VALUE " if any(
                 c.identity_always for c in spec.columns) else ""),
-            where=sql.SQL(" AND ").join(conditions) if conditions else sql.SQL("true"),
+            where=sql.SQL(" AND ").join([sql.SQL("true"), *conditions.values()]),
             conflict=sql.SQL("" if spec.deferrable_unique else " ON CONFLICT DO NOTHING"))
         try:
             self.cur.execute(statement)
@@ -736,6 +745,13 @@ class _Loader:
             raise GenerateError(f"{spec.table}: the generated rows were refused: "
                                 f"{str(exc).strip()}") from exc
         landed = self.cur.rowcount
+        self.rejected = {}
+        if landed == 0 and conditions:
+            self.cur.execute(sql.SQL("SELECT {} FROM pg_temp.{}").format(
+                sql.SQL(", ").join(sql.SQL("count(*) FILTER (WHERE NOT ({}))").format(condition)
+                                   for condition in conditions.values()), STAGING))
+            counts = self.cur.fetchone() or ()
+            self.rejected = {text: n for text, n in zip(conditions, counts, strict=True) if n}
         self.cur.execute(sql.SQL("DROP TABLE pg_temp.{}").format(STAGING))
         return landed
 
@@ -813,9 +829,10 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
             loader = _Loader(cur, seed, plan, rows, deferred)
             for spec in ordered:
                 if loader.load(spec, rows) == 0:
-                    raise GenerateError(
-                        f"{spec.table}: none of the generated rows meets its constraints "
-                        f"({'; '.join(spec.checks) or 'no CHECK'})")
+                    why = "; ".join(f"{condition} left out {n}"
+                                    for condition, n in loader.rejected.items())
+                    raise GenerateError(f"{spec.table}: none of the generated rows meets its "
+                                        f"constraints ({why or 'duplicates of a unique key'})")
             for table, fk in sorted(deferred, key=lambda pair: (pair[0], pair[1].columns)):
                 loader.link(by_table[table], fk)
             if dirty:
