@@ -17,7 +17,11 @@ from psycopg2.extensions import parse_dsn
 
 from migration.cli import main
 from migration.connection import connected
+from migration.plan import parse_key
+from migration.rehearsal import rehearse as rehearse_module
 from migration.rehearsal import schema_source
+from migration.rehearsal.rehearse import RehearsalOptions, rehearse
+from migration.rehearsal.report import Report, write_report
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.schema_source import (
     SchemaSourceError,
@@ -173,3 +177,129 @@ def parse_reports(folder: Path) -> tuple[str, dict[str, Any], ET.Element]:
     """The Markdown, JSON and JUnit reports a rehearsal wrote in ``folder``."""
     return ((folder / "r.md").read_text(), json.loads((folder / "r.json").read_text()),
             ET.parse(folder / "r.xml").getroot())
+
+
+# --- whole rehearsals on schemas the project did not design --------------------------------------
+
+def _rehearse_on(sandbox: Sandbox, source: str, key: str, **kwargs: Any) -> Report:
+    """A rehearsal on scratch databases of the test server (its version is the one tested)."""
+    options = RehearsalOptions(schema_from=source, key=parse_key(key), **kwargs)
+    return rehearse(sandbox.admin_dsn_for("postgres"), options)
+
+
+@pytest.fixture(scope="module")
+def keycloak_report(sandbox: Sandbox) -> Report:
+    return _rehearse_on(sandbox, str(KEYCLOAK), "public.user_entity.id", users=200,
+                        batch_sizes=(100,))
+
+
+@pytest.mark.once
+def test_keycloak_rehearsal_passes_with_smoke_writes(keycloak_report: Report,
+                                                     tmp_path: Path) -> None:
+    report = keycloak_report
+    assert report.problems() == []
+    assert report.key == "public.user_entity.id"
+    assert {p.check for p in report.planted} >= {"invalid_uuid", "collision", "non_canonical"}
+    assert all(p.found for p in report.planted)
+    assert [r.stage for r in report.rollbacks][:2] == ["backup_data", "migrate_users"]
+    assert all(r.passed for r in report.rollbacks)
+    # smoke writes after every rollback and after the final migration, on every plan table
+    assert [run.after for run in report.smoke] == [
+        *(f"rollback after {r.stage}" for r in report.rollbacks), "full_migration"]
+    final = report.smoke[-1]
+    assert {w.table for w in final.writes} == {
+        f"public.{t}" for t in ("user_entity", "credential", "user_attribute",
+                                "user_role_mapping", "user_group_membership",
+                                "federated_identity", "user_consent", "user_required_action")}
+    assert {w.operation for w in final.writes} == {"INSERT", "UPDATE", "DELETE"}
+    assert not any(run.broken(w) for run in report.smoke for w in run.writes)
+    # the varchar binding breaks after the swap: reported, not failed
+    assert any(final.compatibility(w) for w in final.writes)
+    assert "stringtype=unspecified" in " ".join(report.compatibility_notes())
+    # what depends on the key: all carried, and named
+    carried = {d.what.split(" on ")[0] for d in report.dependents if d.carried}
+    assert {"primary key constraint_fb", "foreign key fk_grntcsnt_user",
+            "unique constraint uk_local_consent", "primary key constraint_c",
+            "index idx_user_reqactions"} <= carried
+    assert not [d for d in report.dependents if not d.carried]
+
+    for suffix in (".md", ".json", ".xml"):
+        write_report(tmp_path / f"r{suffix}", report)
+    markdown, data, junit = parse_reports(tmp_path)
+    assert markdown.startswith("# UUID migration rehearsal: PASSED")
+    assert "## Smoke writes after full_migration" in markdown
+    assert "## Objects depending on the key columns: carried or refused" in markdown
+    assert data["passed"] is True
+    assert data["smoke"][-1]["after"] == "full_migration"
+    suite = junit.find("testsuite")
+    assert suite is not None
+    cases = suite.findall("testcase")
+    assert int(suite.get("tests", "0")) == len(cases)
+    assert suite.get("failures") == "0"
+    names = {case.get("name", "") for case in cases}
+    assert "rollback after migrate_users" in names
+    assert "INSERT public.credential (key bound varchar)" in names
+    assert any(name.startswith("validate_schema names invalid_uuid") for name in names)
+    assert int(suite.get("skipped", "0")) >= 1  # the compatibility notes
+
+
+@pytest.mark.once
+def test_the_command_writes_the_report_in_the_format_of_its_suffix(
+        keycloak_report: Report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[RehearsalOptions] = []
+
+    def replay(url: str | None, options: RehearsalOptions, say: Any) -> Report:
+        seen.append(options)
+        return keycloak_report
+
+    monkeypatch.setattr(rehearse_module, "rehearse", replay)
+    result = CliRunner().invoke(main, [
+        "--operation=rehearse", f"--schema-from={KEYCLOAK}", "--key=public.user_entity.id",
+        "--users=200", "--batch-sizes=100", "--report", str(tmp_path / "r.xml"),
+        "--log-file", str(tmp_path / "log"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    (options,) = seen
+    assert options.schema_from == str(KEYCLOAK)
+    assert options.key == parse_key("public.user_entity.id")
+    assert ET.parse(tmp_path / "r.xml").getroot().tag == "testsuites"
+
+
+BREAKS_ON_UUID = """
+CREATE TABLE accounts (uuid varchar(36) PRIMARY KEY, name text NOT NULL);
+CREATE TABLE orders (
+    id serial PRIMARY KEY,
+    account_uuid varchar(36) NOT NULL REFERENCES accounts (uuid),
+    total numeric(10, 2)
+);
+-- Names no column in its body: the catalog cannot see that it takes the reference as text.
+CREATE FUNCTION check_reference() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE spelled text;
+BEGIN
+    EXECUTE format('SELECT upper(($1).%I)', TG_ARGV[0]) INTO spelled USING NEW;
+    RETURN NEW;
+END $$;
+CREATE TRIGGER orders_reference BEFORE INSERT ON orders
+    FOR EACH ROW EXECUTE FUNCTION check_reference('account_uuid');
+"""
+
+
+@pytest.mark.once
+@pytest.mark.parametrize("broken", [True, False])
+def test_a_trigger_that_breaks_on_uuid_fails_the_rehearsal_at_its_smoke_write(
+        sandbox: Sandbox, tmp_path: Path, *, broken: bool) -> None:
+    schema = tmp_path / "app.sql"
+    body = BREAKS_ON_UUID if broken else BREAKS_ON_UUID.replace("upper(($1).%I)",
+                                                                "upper(($1).%I::text)")
+    schema.write_text(body)
+    report = _rehearse_on(sandbox, str(schema), "public.accounts.uuid", users=50,
+                          batch_sizes=(100,), dirty=False)
+    failed = [p for p in report.problems() if p.startswith("smoke write")]
+    assert [r.passed for r in report.rollbacks] == [True] * len(report.rollbacks)
+    if not broken:
+        assert report.problems() == []
+        return
+    assert failed, report.problems()
+    assert all(p.startswith("smoke write after full_migration: INSERT public.orders")
+               for p in failed)
+    assert "upper(uuid)" in failed[0]
+    assert not report.passed

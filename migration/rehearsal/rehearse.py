@@ -48,14 +48,17 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extensions import make_dsn, parse_dsn
 
 from migration import preflight, verify
+from migration.catalog import foreign_keys_to, regclass
 from migration.connection import ConnectError, connected, describe_dsn, redact_dsn
 from migration.errors import MigrationError
 from migration.log import DEFAULT_LOG_FILE, logger
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.operations import OPERATIONS, quarantine_orphans, run
-from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan
-from migration.rehearsal import throwaway
+from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan, build_plan, parse_key
+from migration.rehearsal import schema_source, throwaway
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
+from migration.rehearsal.generate import populate
+from migration.rehearsal.inventory import inventory
 from migration.rehearsal.report import (
     BATCHED_STEPS,
     PlantedCheck,
@@ -63,15 +66,19 @@ from migration.rehearsal.report import (
     Report,
     RollbackCheck,
     Run,
+    SmokeRun,
     StepTiming,
     as_json,
-    render_markdown,
     render_text,
+    report_format,
     step_message,
+    write_report,
 )
 from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
+from migration.rehearsal.smoke import smoke_writes
 from migration.report import Finding, Status, failures
+from migration.rows import orphan_condition
 from migration.session import Session, Settings
 from migration.sqlexpr import is_uuid, prepare_uuid_checker, uuid_of
 
@@ -152,6 +159,10 @@ class RehearsalOptions:
     orphans: str = "abort"  # validate_schema's first look; orphans found switch to quarantine
     lock_timeout_ms: int = 3000
     jobs: int = 2
+    schema_from: str | None = None
+    """A DSN or SQL file whose schema replaces the runbook's fixture (schema_source)."""
+    key: KeyColumn | None = None
+    """The parent key of the plan; None: the runbook's users.id in ``schema``."""
 
     def settings(self, *, batch_size: int, orphans: str) -> Settings:
         return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
@@ -175,21 +186,25 @@ def parse_batch_sizes(text: str) -> tuple[int, ...]:
     return tuple(dict.fromkeys(sizes))
 
 
-def parse_production_rows(text: str) -> dict[str, int]:
+def parse_production_rows(text: str, parent_key: KeyColumn | None = None) -> dict[str, int]:
     """``"1000000"`` (users) or ``"users=1000000,journal_entries=3500000"``.
 
     The names are the generated dataset's tables (the runbook's plan); tables
     not named follow users in the rehearsal's proportions, so users must be
-    named unless every table is.
+    named unless every table is.  With ``--key`` the parent is the key's
+    table, and the other tables, known only once the schema is loaded, are
+    not checked here.
     """
     parent, tables = DEFAULT_PARENT[0], (DEFAULT_PARENT[0], *(t for t, _ in DEFAULT_CHILDREN))
+    if parent_key is not None:
+        parent, tables = parent_key.table.name, (parent_key.table.name,)
     if "=" not in text:
         spec = {parent: _count(text)}
     else:
         pairs = [part.partition("=") for part in text.split(",")]
         spec = {table.strip(): _count(count) for table, _, count in pairs}
     unknown = sorted(spec.keys() - set(tables))
-    if unknown:
+    if unknown and parent_key is None:
         raise ValueError(f"unknown table(s) {', '.join(unknown)}; the tables are "
                          f"{', '.join(tables)}")
     if parent not in spec and spec.keys() != set(tables):
@@ -239,7 +254,10 @@ def planted_checks(planted: Planted, findings: Sequence[Finding], plan: Plan) ->
             value = sample.get(column)
             values.update(map(str, value) if isinstance(value, list) else [str(value)])
     parent = str(plan.parent)
-    children = {key.table.name: str(key) for key in plan.children}
+    children: dict[str, str] = {}  # orphans are planted by table name, qualified or not
+    for key in plan.children:
+        for name in (str(key), str(key.table), key.table.name):
+            children.setdefault(name, str(key))
     expected = [("invalid_uuid", parent, v) for v in planted.invalid_ids]
     expected += [("collision", parent, v) for v in planted.colliding_ids]
     expected += [("non_canonical", parent, v) for v in planted.non_canonical_ids]
@@ -340,6 +358,48 @@ def load_dataset(scratch: Scratch, options: RehearsalOptions) -> tuple[str, Plan
     return name, planted
 
 
+# --- --schema-from: the application's schema, generated data, smoke writes ----------------------
+
+def load_application_schema(scratch: Scratch, options: RehearsalOptions, report: Report,
+                            say: Say) -> tuple[str, Planted]:
+    """A new database with the schema of ``options.schema_from``, filled by ``populate``
+    (``options.users`` rows in the key's table, the others in proportion)."""
+    assert options.schema_from is not None
+    text, origin = schema_source.read_schema(options.schema_from)
+    name = scratch.create("prepared")
+    loaded = schema_source.apply_schema(_on(scratch.dsn(name)), text, origin)
+    report.schema_source, report.schema_skipped = origin, loaded.skipped
+    say(f"rehearse: schema of {origin} loaded ({loaded.applied} statements, "
+        f"{len(loaded.skipped)} left out)")
+    # The server's administrator fills it: an orphan is planted past a foreign key with
+    # session_replication_role, which only a superuser may set.
+    with connected(make_dsn(scratch.admin_dsn, dbname=name), autocommit=True) as conn:
+        plan = build_plan(conn, key=options.key, schema=options.schema)
+        report.key = str(plan.parent)
+        planted = populate(conn, plan, rows=options.users, dirty=options.dirty)
+    say(f"rehearse: {options.users:,} rows of {plan.parent.table} generated, every table "
+        "filled" + (", with planted problems" if options.dirty else ""))
+    return name, planted
+
+
+def smoke_run(dsn: str, plan: Plan, after: str, *, key_is_uuid: bool) -> SmokeRun:
+    """The smoke writes on every table of ``plan`` in the database of ``dsn``."""
+    with connected(_on(dsn)) as conn:
+        results = smoke_writes(conn, plan)
+        conn.rollback()
+    return SmokeRun.of(after, results, key_is_uuid=key_is_uuid)
+
+
+def _smoke_summary(run: SmokeRun) -> str:
+    broken = [w for w in run.writes if run.broken(w)]
+    notes = [w for w in run.writes if run.compatibility(w)]
+    return (f"{len(run.writes) - len(broken) - len(notes)} passed"
+            + (f", {len(notes)} refused only with the key bound as varchar" if notes else "")
+            + (f", {len(broken)} FAILED: " + "; ".join(
+                f"{w.operation} {w.table} ({w.binding}): {w.error}" for w in broken)
+               if broken else ""))
+
+
 def validate(session: Session) -> tuple[list[Finding], str]:
     """validate_schema's findings and message, whether it passed or refused."""
     try:
@@ -362,8 +422,12 @@ def apply_remedies(session: Session,
         prepare_uuid_checker(cur)
         for finding in findings:
             key = keys.get(finding.subject)
-            if finding.check == "orphans":
-                done.append(f"{finding.count} row(s) of {finding.subject} refer to no user: "
+            if finding.check == "orphans" and key is not None and _not_movable(cur, session.plan,
+                                                                                key):
+                done.append(_remove_orphans(cur, session.plan, key))
+            elif finding.check == "orphans":
+                done.append(f"{finding.count} row(s) of {finding.subject} refer to no row of "
+                            f"{session.plan.parent.table}: "
                             "--orphans=quarantine (moved to migration_backup by "
                             "migrate_foreign_keys, restored by rollback)")
             elif finding.status is not Status.FAIL:
@@ -378,19 +442,68 @@ def apply_remedies(session: Session,
 
 
 def _remove_invalid(cur: Cursor, plan: Plan, key: KeyColumn) -> str:
-    """Delete the rows whose key is no UUID, and for users the rows referring to them."""
+    """Delete the rows whose key is no UUID, and the rows referring to them, at any depth
+    (an application's schema may hang tables under the plan's children)."""
     column = sql.Identifier(key.column)
     invalid = sql.SQL("{c} IS NOT NULL AND NOT {valid}").format(
         c=column, valid=is_uuid(cur.connection, column))
-    referring = 0
-    if key == plan.parent:
-        for child in plan.children:
-            cur.execute(sql.SQL("DELETE FROM {} WHERE {} IN (SELECT {} FROM {} WHERE {})").format(
-                child.table.ident, sql.Identifier(child.column), column, key.table.ident, invalid))
-            referring += cur.rowcount
+    referring = _delete_referring(cur, key.table, invalid, seen=(key.table,))
     cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(key.table.ident, invalid))
     message = f"removed {cur.rowcount} row(s) of {key.table} whose {key.column} is not a UUID"
     return message + (f", and {referring} row(s) referring to them" if referring else "")
+
+
+def _not_movable(cur: Cursor, plan: Plan, key: KeyColumn) -> bool:
+    """Whether the quarantine could not take ``key``'s orphans and give them back: other
+    tables refer to its table (it refuses to move those rows), or a foreign key guards
+    the column (the orphans were planted past it; the rollback could not restore them)."""
+    cur.execute("SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE contype = 'f' "
+                "AND confrelid = to_regclass(%s) AND conrelid <> confrelid)",
+                (regclass(key.table),))
+    referenced = bool((cur.fetchone() or [False])[0])
+    return referenced or any((fk.table, fk.column) == (key.table, key.column)
+                             for fk in foreign_keys_to(cur.connection, plan.parent))
+
+
+def _remove_orphans(cur: Cursor, plan: Plan, key: KeyColumn) -> str:
+    """Delete the orphans of ``key`` and the rows referring to them, where the quarantine
+    cannot move them (``_not_movable``)."""
+    orphan = sql.SQL("ctid IN (SELECT t.ctid FROM {} t WHERE {})").format(
+        key.table.ident, orphan_condition(cur, key, plan.parent))
+    referring = _delete_referring(cur, key.table, orphan, seen=(key.table,))
+    cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(key.table.ident, orphan))
+    return (f"removed {cur.rowcount} row(s) of {key.table} whose {key.column} refers to no row "
+            f"of {plan.parent.table}, and {referring} row(s) referring to them (planted past a "
+            "foreign key, or referred to by other tables: the quarantine could not move them "
+            "and give them back)")
+
+
+def _delete_referring(cur: Cursor, table: Table, where: sql.Composable,
+                      seen: tuple[Table, ...]) -> int:
+    """Delete the rows of every table whose foreign key refers to the rows of ``table``
+    that ``where`` selects, deepest first; the rows deleted."""
+    cur.execute(
+        "SELECT n.nspname, c.relname, "
+        "  array(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, i) "
+        "        JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY i), "
+        "  array(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY u(n, i) "
+        "        JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY i) "
+        "FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE k.contype = 'f' AND k.confrelid = to_regclass(%s) ORDER BY 1, 2",
+        (regclass(table),))
+    deleted = 0
+    for schema, name, columns, referenced in cur.fetchall():
+        child = Table(schema, name)
+        if child in seen:
+            continue
+        selected = sql.SQL("({}) IN (SELECT {} FROM {} WHERE {})").format(
+            sql.SQL(", ").join(map(sql.Identifier, columns)),
+            sql.SQL(", ").join(map(sql.Identifier, referenced)), table.ident, where)
+        deleted += _delete_referring(cur, child, selected, (*seen, child))
+        cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(child.ident, selected))
+        deleted += cur.rowcount
+    return deleted
 
 
 def _merge_spellings(cur: Cursor, plan: Plan) -> str:
@@ -457,7 +570,7 @@ def migrate(dsn: str, steps: Sequence[str], options: RehearsalOptions, rows: Map
     result = Run(batch_size)
     try:
         with Session.open(_on(dsn), options.settings(batch_size=batch_size, orphans=orphans),
-                          schema=options.schema) as session:
+                          key=options.key, schema=options.schema) as session:
             last = max((e.id for e in session.log.entries(limit=1)), default=0)
             for step in steps:
                 run(session, step, OPERATIONS[step])
@@ -471,7 +584,7 @@ def verify_timed(dsn: str, options: RehearsalOptions, plan: Plan,
                  rows: Mapping[str, int]) -> tuple[list[Finding], StepTiming]:
     """``verify``, the read-only production check, timed."""
     started = time.monotonic()
-    findings = verify.run(_on(dsn), options.schema, None)
+    findings = verify.run(_on(dsn), options.schema, None, key=options.key)
     tables = step_tables("verify", plan)
     return findings, StepTiming("verify", time.monotonic() - started,
                                 sum(rows[t] for t in tables), tables)
@@ -484,8 +597,10 @@ def _quarantine(session: Session) -> None:
 
 def rollbacks_from_each_stage(scratch: Scratch, prepared: str, baseline: Fingerprint,
                               options: RehearsalOptions, *, batch_size: int, orphans: str,
-                              say: Say) -> list[RollbackCheck]:
-    """The runbook step by step on one clone; after each stage a copy of it is rolled back.
+                              say: Say, smoke: list[SmokeRun] | None = None
+                              ) -> list[RollbackCheck]:
+    """The runbook step by step on one clone; after each stage a copy of it is rolled back
+    (and, given ``smoke``, the smoke writes run on it).
 
     Copying the database at each stage runs every step once, where a fresh
     clone per stage would run the first steps again for each later stage.
@@ -498,7 +613,7 @@ def rollbacks_from_each_stage(scratch: Scratch, prepared: str, baseline: Fingerp
             if stage == "quarantine" and orphans != "quarantine":
                 continue
             try:
-                with Session.open(_on(scratch.dsn(chain)), settings,
+                with Session.open(_on(scratch.dsn(chain)), settings, key=options.key,
                                   schema=options.schema) as session:
                     if stage == "quarantine":
                         _quarantine(session)
@@ -508,24 +623,34 @@ def rollbacks_from_each_stage(scratch: Scratch, prepared: str, baseline: Fingerp
                 checks.append(RollbackCheck(stage, passed=False, message=step_message(
                     stage, _error(exc), joiner=" failed: ")))
                 break
-            checks.append(rollback_copy(scratch, chain, stage, baseline, settings, options.schema))
+            runs = len(smoke) if smoke is not None else 0
+            checks.append(rollback_copy(scratch, chain, stage, baseline, settings, options.schema,
+                                        key=options.key, smoke=smoke))
             say(f"rehearse: rollback after {stage}: "
-                + ("passed" if checks[-1].passed else "FAILED"))
+                + ("passed" if checks[-1].passed else "FAILED")
+                + (f"; smoke writes: {_smoke_summary(smoke[-1])}"
+                   if smoke is not None and len(smoke) > runs else ""))
     finally:
         scratch.drop(chain)
     return checks
 
 
 def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerprint,
-                  settings: Settings, schema: str) -> RollbackCheck:
-    """A copy of ``source`` rolled back, its fingerprint compared with ``baseline``."""
+                  settings: Settings, schema: str, *, key: KeyColumn | None = None,
+                  smoke: list[SmokeRun] | None = None) -> RollbackCheck:
+    """A copy of ``source`` rolled back, its fingerprint compared with ``baseline``;
+    given ``smoke``, the smoke writes on the rolled-back copy are added to it."""
     name = scratch.create(f"rollback_{stage}", template=source)
     try:
-        with Session.open(_on(scratch.dsn(name)), settings, schema=schema) as session:
+        with Session.open(_on(scratch.dsn(name)), settings, key=key, schema=schema) as session:
             outcome = run(session, "rollback", OPERATIONS["rollback"])
             entry = session.log.entries(limit=1)[0]
+            plan = session.plan
         with connected(scratch.dsn(name), autocommit=True) as conn:
             differences = baseline.diff(fingerprint(conn))
+        if smoke is not None:
+            smoke.append(smoke_run(scratch.dsn(name), plan, f"rollback after {stage}",
+                                   key_is_uuid=False))
     except (MigrationError, psycopg2.Error) as exc:
         return RollbackCheck(stage, passed=False, message=_error(exc))
     finally:
@@ -563,13 +688,16 @@ def _logged(say: Say) -> Say:
 
 
 def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, say: Say) -> None:
-    prepared, planted = load_dataset(scratch, options)
+    if options.schema_from is None:
+        prepared, planted = load_dataset(scratch, options)
+        say(f"rehearse: {options.users:,} users generated"
+            + (" with planted problems" if options.dirty else ""))
+    else:
+        prepared, planted = load_application_schema(scratch, options, report, say)
     dsn = _on(scratch.dsn(prepared))
-    say(f"rehearse: {options.users:,} users generated"
-        + (" with planted problems" if options.dirty else ""))
     with Session.open(dsn, options.settings(batch_size=options.batch_sizes[0],
                                             orphans=options.orphans),
-                      schema=options.schema) as session:
+                      key=options.key, schema=options.schema) as session:
         report.found, message = validate(session)
         say(f"rehearse: {step_message('validate_schema', message)}")
         report.planted = planted_checks(planted, report.found, session.plan)
@@ -577,9 +705,10 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     orphans = ("quarantine" if any(f.check == "orphans" for f in report.found)
                else options.orphans)
     with Session.open(dsn, options.settings(batch_size=options.batch_sizes[0], orphans=orphans),
-                      schema=options.schema) as session:
+                      key=options.key, schema=options.schema) as session:
         report.ready, report.ready_message = validate(session)
         plan = session.plan
+        report.dependents = inventory(session.conn, plan, report.ready)
     say(f"rehearse: after {len(report.remedies)} remedies, "
         f"{step_message('validate_schema', report.ready_message)}")
     if report.unremedied or failures(report.ready):
@@ -587,6 +716,7 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     with connected(dsn, autocommit=True) as conn:
         baseline = fingerprint(conn)
     report.rows = {t.name: baseline.data[(t.schema, t.name)].rows for t in plan.tables}
+    report.key = str(plan.parent)
 
     for size in options.batch_sizes:
         clone = scratch.create(f"batch_{size}", template=prepared)
@@ -602,11 +732,14 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
         return
     best = fastest(report.trials).batch_size
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
-                                                 batch_size=best, orphans=orphans, say=say)
+                                                 batch_size=best, orphans=orphans, say=say,
+                                                 smoke=report.smoke)
     report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
                            orphans=orphans)
     if report.final.error:
         return
+    report.smoke.append(smoke_run(dsn, plan, "full_migration", key_is_uuid=True))
+    say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
     report.verify, timing = verify_timed(dsn, options, plan, report.rows)
     report.final.steps.append(timing)
     say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
@@ -632,13 +765,19 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
 
     Its log goes to ``log_file``, never to the operator's migration log.
     """
+    key = (None if options.get("key") is None
+           else _option(options, "key", partial(parse_key, schema=options["schema"])))
+    if options["report"] is not None:
+        _option(options, "report", lambda given: report_format(Path(given)))
     rehearsal = RehearsalOptions(
         users=options["users"], dirty=not options["clean"],
         batch_sizes=_option(options, "batch_sizes", parse_batch_sizes),
         production=(None if options["production_rows"] is None
-                    else _option(options, "production_rows", parse_production_rows)),
+                    else _option(options, "production_rows",
+                                 partial(parse_production_rows, parent_key=key))),
         schema=options["schema"], orphans=options["orphans"],
-        lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"])
+        lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"],
+        schema_from=options.get("schema_from"), key=key)
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):
@@ -646,6 +785,9 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
     except (throwaway.ServerUnavailable, ConnectError) as exc:
         click.echo(f"error: {exc}", err=True)
         return EXIT_USAGE
+    except schema_source.SchemaSourceError as exc:  # --schema-from could not be loaded
+        click.echo(f"error: {exc.message}\nnext: {exc.hint}", err=True)
+        return EXIT_FAILED
     except MigrationError as exc:  # --database-url: a role without CREATEDB
         click.echo(f"error: {exc.message}\nnext: {exc.hint}", err=True)
         return EXIT_USAGE
@@ -654,7 +796,7 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         return EXIT_FAILED
     verbose = bool(options["verbose"])
     if options["report"] is not None:
-        Path(options["report"]).write_text(render_markdown(report, verbose=verbose))
+        write_report(Path(options["report"]), report, verbose=verbose)
     click.echo(as_json(report) if options["fmt"] == "json"
                else render_text(report, verbose=verbose))
     return EXIT_OK if report.passed else EXIT_FAILED
