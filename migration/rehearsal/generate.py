@@ -564,7 +564,7 @@ class _Draw:
 
 
 @dataclass
-class _Loader:
+class Loader:
     cur: Cursor
     seed: int
     plan: Plan | None
@@ -854,15 +854,15 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
     ``rows`` rows each that meet its constraints, the plan's keys canonical UUID strings;
     with ``dirty``, plant the problems and say which.  One transaction, committed;
     every table analysed."""
-    specs = read_schema(conn, plan)
-    ordered, deferred = _order(specs)
-    by_table = {spec.table: spec for spec in specs}
     planted = Planted()
     autocommit = conn.autocommit
     conn.autocommit = False
     try:
         with conn, conn.cursor() as cur:
-            loader = _Loader(cur, seed, plan, rows, deferred)
+            specs = read_schema(conn, plan)
+            ordered, deferred = _order(specs)
+            by_table = {spec.table: spec for spec in specs}
+            loader = Loader(cur, seed, plan, rows, deferred)
             for spec in ordered:
                 if loader.load(spec, rows) == 0:
                     why = "; ".join(f"{condition} left out {n}"
@@ -880,7 +880,7 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
     return planted
 
 
-def _plant(loader: _Loader, specs: Mapping[Table, TableSpec], plan: Plan, planted: Planted,
+def _plant(loader: Loader, specs: Mapping[Table, TableSpec], plan: Plan, planted: Planted,
            rng: random.Random) -> None:
     """The problems validate_schema must find: new parent rows with invalid, colliding and
     non-canonical ids, and one orphan in each child (past its foreign key, if it has one)."""
@@ -922,7 +922,7 @@ def _plant(loader: _Loader, specs: Mapping[Table, TableSpec], plan: Plan, plante
                       start + n, planted)
 
 
-def _plant_orphan(loader: _Loader, spec: TableSpec, key: KeyColumn, value: str, start: int,
+def _plant_orphan(loader: Loader, spec: TableSpec, key: KeyColumn, value: str, start: int,
                   planted: Planted) -> None:
     cur = loader.cur
     guarded = any(key.column in fk.columns and fk.name is not None for fk in spec.foreign_keys)
