@@ -55,6 +55,8 @@ STAGING = sql.Identifier("migration_generate_staging")
 """The temporary table the rows of one table go through (in ``pg_temp``)."""
 CHUNK = 5000
 """Rows per COPY: memory holds one chunk, whatever the table's size."""
+CANDIDATES = 20
+"""Rows staged to find one the table accepts (``candidate``)."""
 NULL_SHARE = 0.1
 """Share of NULLs in a nullable column that nothing else constrains."""
 
@@ -562,7 +564,7 @@ class _Draw:
 
 
 @dataclass
-class _Loader:
+class Loader:
     cur: Cursor
     seed: int
     plan: Plan | None
@@ -574,9 +576,36 @@ class _Loader:
     def load(self, spec: TableSpec, count: int, *, start: int = 0,
              overrides: Mapping[str, object] | None = None) -> int:
         """Generate ``count`` candidate rows into ``spec.table``; the number that landed."""
-        overrides = overrides or {}
+        self._stage_rows(spec, count, start=start, overrides=overrides or {})
+        return self._insert(spec)
+
+    def candidate(self, spec: TableSpec, *, start: int,
+                  required: Sequence[str] = ()) -> dict[str, str | None] | None:
+        """One row the table would accept, not inserted: each generated column's value as
+        text (columns left to their defaults are absent); None if no candidate qualifies.
+        Every foreign key is drawn, none left NULL for later; ``required`` are not NULL."""
+        copied = self._stage_rows(spec, CANDIDATES, start=start, overrides={}, draw_all=True)
+        taken = [sql.SQL("NOT EXISTS (SELECT FROM {t} x WHERE ROW({x}) = ROW({s}))").format(
+            t=spec.table.ident, x=sql.SQL(", ").join(sql.Identifier("x", c) for c in cols),
+            s=sql.SQL(", ").join(sql.Identifier("s", c) for c in cols))
+            for cols in spec.uniques if cols]
+        where = [*self._conditions(spec).values(), *taken,
+                 *(sql.SQL("{} IS NOT NULL").format(sql.Identifier("s", c)) for c in required)]
+        self.cur.execute(sql.SQL("SELECT {cols} FROM pg_temp.{staging} s WHERE {where} "
+                                 "ORDER BY s.ctid LIMIT 1").format(
+            cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("s", c))
+                                    for c in copied),
+            staging=STAGING, where=sql.SQL(" AND ").join([sql.SQL("true"), *where])))
+        row = self.cur.fetchone()
+        self.cur.execute(sql.SQL("DROP TABLE pg_temp.{}").format(STAGING))
+        return None if row is None else dict(zip(copied, row, strict=True))
+
+    def _stage_rows(self, spec: TableSpec, count: int, *, start: int,
+                    overrides: Mapping[str, object], draw_all: bool = False) -> list[str]:
+        """Generated rows in the staging table; the columns given values (the others are
+        left to their defaults)."""
         rng = random.Random(f"{self.seed}:{spec.table}:{start}")
-        draws, count = self._draws(spec, count)
+        draws, count = self._draws(spec, count, draw_all=draw_all)
         fk_columns = {c for fk in spec.foreign_keys for c in fk.columns}
         makers = self._makers(spec, rng, skip=fk_columns | set(overrides))
         keys = self._plan_keys(spec)
@@ -588,7 +617,7 @@ class _Loader:
         self._copy(spec, copied, self._lines(spec, count, start, copied, makers, draws, keys,
                                              overrides, rng))
         self._self_references(spec)
-        return self._insert(spec)
+        return copied
 
     def _makers(self, spec: TableSpec, rng: random.Random,
                 skip: set[str]) -> dict[str, ValueMaker]:
@@ -619,12 +648,13 @@ class _Loader:
             return set()
         return {self.plan.parent.column}
 
-    def _draws(self, spec: TableSpec, count: int) -> tuple[dict[ForeignKey, _Draw], int]:
+    def _draws(self, spec: TableSpec, count: int, *,
+               draw_all: bool = False) -> tuple[dict[ForeignKey, _Draw], int]:
         """For each foreign key filled now, the target's rows; and how many rows can be made
         (a unique key made only of foreign keys allows one row per combination)."""
         draws: dict[ForeignKey, _Draw] = {}
         for fk in spec.foreign_keys:
-            if (spec.table, fk) in self.deferred:
+            if (spec.table, fk) in self.deferred and not draw_all:
                 continue
             self.cur.execute(sql.SQL("SELECT DISTINCT {cols} FROM {t} WHERE {present} "
                                      "ORDER BY {cols}").format(
@@ -715,11 +745,11 @@ class _Loader:
                     STAGING, sql.SQL(", ").join(map(sql.Identifier, fk.columns)),
                     sql.SQL(", ").join(map(sql.Identifier, fk.target_columns))))
 
-    def _insert(self, spec: TableSpec) -> int:
-        """The staged rows that meet the table's CHECKs, its domains' and a partition's bounds,
-        and no unique key's duplicate; how many landed.  When none did, ``rejected`` says
-        which condition left how many staged rows out."""
-        conditions = {check: sql.SQL("({}) IS NOT FALSE").format(sql.SQL(check))
+    def _conditions(self, spec: TableSpec) -> dict[str, sql.Composable]:
+        """What a staged row must meet, by name: the table's CHECKs, its domains' CHECKs and
+        (partitioned) one partition's bounds, as the server prints them."""
+        conditions: dict[str, sql.Composable] = {
+            check: sql.SQL("({}) IS NOT FALSE").format(sql.SQL(check))
                       for check in spec.checks}
         for column in spec.columns:
             conditions.update({
@@ -729,6 +759,12 @@ class _Loader:
         if spec.partitions:
             conditions["a partition's bounds"] = sql.SQL("({})").format(sql.SQL(" OR ").join(
                 sql.SQL("({}) IS TRUE").format(sql.SQL(leaf)) for leaf in spec.partitions))
+        return conditions
+
+    def _insert(self, spec: TableSpec) -> int:
+        """The staged rows that meet the conditions and duplicate no unique key go in; how
+        many landed.  When none did, ``rejected`` says which condition left how many out."""
+        conditions = self._conditions(spec)
         if spec.deferrable_unique:
             self._deduplicate(spec)
         names = sql.SQL(", ").join(sql.Identifier(c.name) for c in spec.columns)
@@ -818,15 +854,15 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
     ``rows`` rows each that meet its constraints, the plan's keys canonical UUID strings;
     with ``dirty``, plant the problems and say which.  One transaction, committed;
     every table analysed."""
-    specs = read_schema(conn, plan)
-    ordered, deferred = _order(specs)
-    by_table = {spec.table: spec for spec in specs}
     planted = Planted()
     autocommit = conn.autocommit
     conn.autocommit = False
     try:
         with conn, conn.cursor() as cur:
-            loader = _Loader(cur, seed, plan, rows, deferred)
+            specs = read_schema(conn, plan)
+            ordered, deferred = _order(specs)
+            by_table = {spec.table: spec for spec in specs}
+            loader = Loader(cur, seed, plan, rows, deferred)
             for spec in ordered:
                 if loader.load(spec, rows) == 0:
                     why = "; ".join(f"{condition} left out {n}"
@@ -844,7 +880,7 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
     return planted
 
 
-def _plant(loader: _Loader, specs: Mapping[Table, TableSpec], plan: Plan, planted: Planted,
+def _plant(loader: Loader, specs: Mapping[Table, TableSpec], plan: Plan, planted: Planted,
            rng: random.Random) -> None:
     """The problems validate_schema must find: new parent rows with invalid, colliding and
     non-canonical ids, and one orphan in each child (past its foreign key, if it has one)."""
@@ -886,7 +922,7 @@ def _plant(loader: _Loader, specs: Mapping[Table, TableSpec], plan: Plan, plante
                       start + n, planted)
 
 
-def _plant_orphan(loader: _Loader, spec: TableSpec, key: KeyColumn, value: str, start: int,
+def _plant_orphan(loader: Loader, spec: TableSpec, key: KeyColumn, value: str, start: int,
                   planted: Planted) -> None:
     cur = loader.cur
     guarded = any(key.column in fk.columns and fk.name is not None for fk in spec.foreign_keys)
