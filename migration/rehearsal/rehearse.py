@@ -76,7 +76,7 @@ from migration.rehearsal.report import (
 )
 from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
-from migration.rehearsal.smoke import smoke_writes
+from migration.rehearsal.smoke import binding_failures, smoke_writes
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -382,12 +382,12 @@ def load_application_schema(scratch: Scratch, options: RehearsalOptions, report:
     return name, planted
 
 
-def smoke_run(dsn: str, plan: Plan, after: str, *, key_is_uuid: bool) -> SmokeRun:
+def smoke_run(dsn: str, plan: Plan, after: str) -> SmokeRun:
     """The smoke writes on every table of ``plan`` in the database of ``dsn``."""
     with connected(_on(dsn)) as conn:
         results = smoke_writes(conn, plan)
         conn.rollback()
-    return SmokeRun.of(after, results, key_is_uuid=key_is_uuid)
+    return SmokeRun.of(after, results, binding_failures(results))
 
 
 def _smoke_summary(run: SmokeRun) -> str:
@@ -649,8 +649,7 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
         with connected(scratch.dsn(name), autocommit=True) as conn:
             differences = baseline.diff(fingerprint(conn))
         if smoke is not None:
-            smoke.append(smoke_run(scratch.dsn(name), plan, f"rollback after {stage}",
-                                   key_is_uuid=False))
+            smoke.append(smoke_run(scratch.dsn(name), plan, f"rollback after {stage}"))
     except (MigrationError, psycopg2.Error) as exc:
         return RollbackCheck(stage, passed=False, message=_error(exc))
     finally:
@@ -738,7 +737,7 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
                            orphans=orphans)
     if report.final.error:
         return
-    report.smoke.append(smoke_run(dsn, plan, "full_migration", key_is_uuid=True))
+    report.smoke.append(smoke_run(dsn, plan, "full_migration"))
     say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
     report.verify, timing = verify_timed(dsn, options, plan, report.rows)
     report.final.steps.append(timing)

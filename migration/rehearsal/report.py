@@ -7,9 +7,9 @@ import xml.etree.ElementTree as ET
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
 
 from migration.rehearsal.inventory import Dependent
+from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
 from migration.report import Finding, Status, failures
 
 BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
@@ -77,28 +77,15 @@ class Projection:
         return sum(self.by_step.values())
 
 
-class SmokeOutcome(Protocol):
-    """One smoke write as ``migration.rehearsal.smoke`` reports it."""
-
-    table: str
-    operation: str
-    binding: str
-    ok: bool
-    error: str | None
-
-
-VARCHAR_BINDING = "varchar"
-"""The smoke writes' binding of the key as a varchar-typed parameter (JDBC's setString);
-the other binding leaves the parameter's type to the server (stringtype=unspecified)."""
-
-
 @dataclass(frozen=True)
 class SmokeWrite:
     table: str
-    operation: str  # INSERT, UPDATE, DELETE
-    binding: str
+    operation: str  # insert, update, delete
+    binding: str  # unknown (untyped parameter) or varchar (JDBC's setString)
     ok: bool
     error: str = ""
+    binding_only: bool = False
+    """Refused only for the varchar parameter's type (``smoke.binding_failures``)."""
 
 
 @dataclass
@@ -106,21 +93,21 @@ class SmokeRun:
     """The smoke writes on every table of the plan at one point of the rehearsal."""
 
     after: str  # "full_migration", "rollback after migrate_users", ...
-    key_is_uuid: bool
     writes: list[SmokeWrite] = field(default_factory=list)
 
     @classmethod
-    def of(cls, after: str, results: Sequence[SmokeOutcome], *, key_is_uuid: bool) -> SmokeRun:
-        return cls(after, key_is_uuid, [SmokeWrite(r.table, r.operation, r.binding, r.ok,
-                                                   r.error or "") for r in results])
+    def of(cls, after: str, results: Sequence[SmokeResult],
+           binding_only: Sequence[SmokeResult]) -> SmokeRun:
+        return cls(after, [SmokeWrite(r.table, r.operation, r.binding, r.ok, r.error or "",
+                                      binding_only=r in binding_only) for r in results])
 
     def broken(self, write: SmokeWrite) -> bool:
-        """A failure the rehearsal fails on; a varchar binding refused by the uuid key is
-        the application-compatibility note instead."""
-        return not write.ok and not self.compatibility(write)
+        """A failure the rehearsal fails on; a varchar binding refused for its type is the
+        application-compatibility note instead."""
+        return not write.ok and not write.binding_only
 
     def compatibility(self, write: SmokeWrite) -> bool:
-        return not write.ok and self.key_is_uuid and write.binding == VARCHAR_BINDING
+        return not write.ok and write.binding_only
 
 
 @dataclass
@@ -178,9 +165,8 @@ class Report:
             return []
         return [f"after the swap the key is uuid: a client binding it as a varchar/text "
                 f"parameter gets 'operator does not exist: uuid = character varying' "
-                f"({', '.join(tables)}). JDBC's setString does this unless the connection "
-                "sets stringtype=unspecified; string literals and untyped parameters keep "
-                "working"]
+                f"({', '.join(tables)}); string literals and untyped parameters keep working. "
+                f"{BINDING_ADVICE[0].upper()}{BINDING_ADVICE[1:]}"]
 
     @property
     def passed(self) -> bool:
