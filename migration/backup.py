@@ -25,7 +25,7 @@ from psycopg2.extras import Json
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
 from migration.errors import MigrationError
-from migration.model import BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE, KeyColumn, Table
+from migration.model import BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE, KeyColumn, Table, fit_name
 from migration.plan import Plan
 from migration.sqlexpr import column_list
 
@@ -211,6 +211,14 @@ class BackupResult:
 
 
 CHANGE_LOG_TRIGGER = "migration_change_log"
+"""The change log's trigger of the runbook key's backup (``change_log_trigger``)."""
+
+
+def change_log_trigger(schema: str) -> str:
+    """The name of the change log's trigger of backup ``schema`` on each table: each key's
+    own, so that two keys whose plans share a table each log its writes, and the cleanup of
+    one (its schema dropped, with its triggers) leaves the other's logging."""
+    return fit_name(CHANGE_LOG_TRIGGER + schema.removeprefix(BACKUP_SCHEMA))
 
 
 def start_change_log(cur: Cursor, plan: Plan) -> None:
@@ -236,7 +244,7 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
             "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
             "FOR EACH ROW WHEN (current_setting('uuid_migration.engine', true) "
             "IS DISTINCT FROM 'on') EXECUTE FUNCTION {function}({args})"
-        ).format(name=sql.Identifier(CHANGE_LOG_TRIGGER), table=table.ident,
+        ).format(name=sql.Identifier(change_log_trigger(schema)), table=table.ident,
                  function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
 
 

@@ -205,50 +205,64 @@ def test_a_key_that_cannot_be_one_is_refused_and_nothing_changes(database: str, 
 # -- two keys in one database ----------------------------------------------------------
 
 
+ROLE_KEY = "public.keycloak_role.id"
+
+
 def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
-    execute(database, ACCOUNTS + KEYCLOAK)
+    """Two keys of one schema, one after the other: one migration_log, a table in both
+    plans (user_role_mapping refers to both), each key with its own rows and backup."""
+    execute(database, KEYCLOAK)
     before = tables_print(database)
-    run_ok(database, "full_migration", "--key", ACCOUNTS_KEY)
-    only_accounts = run_ok(database, "status")  # one backup: its key, without --key
-    assert "key: app.accounts.uuid" in only_accounts.output
     run_ok(database, "full_migration", "--key", KEYCLOAK_KEY)
-    assert types_of(database, ACCOUNTS_COLUMNS + KEYCLOAK_COLUMNS) == {"uuid"}
+    only_one = run_ok(database, "status")  # one backup: its key, without --key
+    assert "key: public.user_entity.id" in only_one.output
+    run_ok(database, "full_migration", "--key", ROLE_KEY)
+    assert types_of(database, (*KEYCLOAK_COLUMNS, ("public", "keycloak_role", "id"),
+                               ("public", "user_role_mapping", "role_id"))) == {"uuid"}
 
     schemas = execute(database, "SELECT nspname FROM pg_namespace WHERE nspname LIKE "
                                 "'migration\\_backup%%' ORDER BY 1")
-    assert schemas == [("migration_backup_app_accounts_uuid",),
+    assert schemas == [("migration_backup_public_keycloak_role_id",),
                        ("migration_backup_public_user_entity_id",)]
-    assert execute(database, "SELECT key FROM migration_backup_app_accounts_uuid.backup_key "
-                             "UNION ALL SELECT key FROM "
+    assert execute(database, "SELECT key FROM migration_backup_public_keycloak_role_id."
+                             "backup_key UNION ALL SELECT key FROM "
                              "migration_backup_public_user_entity_id.backup_key") == [
-        ("app.accounts.uuid",), ("public.user_entity.id",)]
-    logged = execute(database, "SELECT key_column, count(*) FROM app.migration_log GROUP BY 1 "
-                               "UNION ALL SELECT key_column, count(*) FROM "
-                               "public.migration_log GROUP BY 1 ORDER BY 1")
-    assert [key for key, _ in logged] == ["app.accounts.uuid", "public.user_entity.id"]
+        (ROLE_KEY,), ("public.user_entity.id",)]
+    # the shared table logs its writes for each backup, by a trigger of each key's
+    assert execute(database, "SELECT tgname FROM pg_trigger WHERE tgrelid = "
+                             "'public.user_role_mapping'::regclass AND tgname LIKE "
+                             "'migration\\_change\\_log%%' ORDER BY 1") == [
+        ("migration_change_log_public_keycloak_role_id",),
+        ("migration_change_log_public_user_entity_id",)]
+    logged = execute(database, "SELECT key_column, count(*) FROM public.migration_log "
+                               "GROUP BY 1 ORDER BY 1")
+    assert logged == [(ROLE_KEY, 6), ("public.user_entity.id", 6)]  # full_migration + 5 steps
 
     # several recorded keys: without --key, a usage error naming the choices
     for operation in ("status", "rollback", "validate_migration", "cleanup_backup"):
         result = operate(database, operation)
         assert result.exit_code == 2, result.output
-        assert "--key app.accounts.uuid" in result.output
+        assert f"--key {ROLE_KEY}" in result.output
         assert "--key public.user_entity.id" in result.output
     code, output = verify_run(database)
     assert code == 2, output
     assert "--key public.user_entity.id" in output
 
-    # each key's status and operations read its own log rows only
+    # each key's status, checks and cleanup read its own log rows only
     status = run_ok(database, "status", "--key", KEYCLOAK_KEY).output
     assert "public.user_entity.id: uuid" in status
-    assert "app.accounts" not in status
-    code, output = verify_run(database, "--key", ACCOUNTS_KEY, "--format", "json")
+    assert "keycloak_role" not in status
+    code, output = verify_run(database, "--key", ROLE_KEY, "--format", "json")
     assert code == 0, output
     assert json.loads(output)["passed"]
+    run_ok(database, "validate_migration", "--key", KEYCLOAK_KEY)
 
-    run_ok(database, "rollback", "--key", KEYCLOAK_KEY)
-    assert types_of(database, KEYCLOAK_COLUMNS) == {"character varying(36)"}
-    assert types_of(database, ACCOUNTS_COLUMNS) == {"uuid"}
-    run_ok(database, "cleanup_backup", "--key", KEYCLOAK_KEY, "--force")
+    # the last key first: its backup was taken with the first key migrated
+    run_ok(database, "rollback", "--key", ROLE_KEY)
+    assert types_of(database, (("public", "user_role_mapping", "role_id"),)) == {
+        "character varying(255)"}
+    assert types_of(database, KEYCLOAK_COLUMNS) == {"uuid"}
+    run_ok(database, "cleanup_backup", "--key", ROLE_KEY, "--force")
     # one backup left: the operations without --key find its key again
     run_ok(database, "rollback")
     assert tables_print(database) == before
