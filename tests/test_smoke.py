@@ -89,6 +89,9 @@ def test_a_trigger_that_uses_the_id_as_text_fails_its_write(
         assert all("tags_normalise" in (r.error or "") for r in failed
                    if r.error and message in r.error), failed
         assert all(r.ok for r in results if r.binding == "unknown" and r.table != "public.tags")
+        # A write that fails untyped too is not the application's binding to change.
+        assert not any(r.table == "public.tags" and r.operation in broken
+                       for r in binding_failures(results))
         assert print_of(migrated, include_backup=True) == before
     finally:
         execute(migrated, sql.SQL("DROP FUNCTION {} CASCADE").format(function))
@@ -99,3 +102,16 @@ def test_it_needs_no_open_transaction(migrated: str) -> None:
         plan = build_plan(conn)
         with pytest.raises(RuntimeError, match="its own transaction"):
             smoke_writes(conn, plan)
+
+
+def test_only_a_type_mismatch_of_a_write_that_passes_untyped_is_the_binding() -> None:
+    def write(binding: str, sqlstate: str | None, table: str = "public.t") -> SmokeResult:
+        return SmokeResult(table, "insert", binding, ok=sqlstate is None,  # type: ignore[arg-type]
+                           error=sqlstate and "refused", sqlstate=sqlstate)
+
+    untyped_ok, mismatch = write("unknown", None), write("varchar", "42883")
+    other = write("varchar", "23505", "public.u")
+    results = [untyped_ok, mismatch, write("unknown", None, "public.u"), other,
+               write("unknown", "42883", "public.v"), write("varchar", "42804", "public.v")]
+    assert binding_failures(results) == [mismatch]
+    assert migration_failures(results) == [other, *results[4:]]
