@@ -515,3 +515,141 @@ def _datasets(draw: st.DrawFn, knobs: _Knobs) -> Dataset:
             null_user_ids=frozenset(link.pk for link in links["reminders"]
                                     if link.user_id is None)),
     )
+
+
+# ---------------------------------------------------------------- schemas for the data generator
+
+COLUMN_TYPES: dict[str, tuple[str, ...]] = {
+    # type -> CHECK templates over the column ({0}); each generator parses some, filters the rest
+    "integer": ("{0} BETWEEN 1 AND 5", "{0} > 10", "{0} IN (2, 3, 5)", "({0} % 2) = 0"),
+    "bigint": ("{0} >= 0", "{0} < 1000"),
+    "smallint": ("{0} BETWEEN -3 AND 3",),
+    "numeric(6,2)": ("{0} >= 0", "{0} BETWEEN 1.5 AND 99"),
+    "double precision": ("{0} > 0",),
+    "text": ("length({0}) >= 3", "{0} IN ('red', 'green', 'blue')", "{0} <> ''",
+             "{0} NOT LIKE '%z%'"),
+    "varchar(5)": ("char_length({0}) <= 3",),
+    "char(3)": (),
+    "boolean": (),
+    "date": ("{0} > '2020-01-01'",),
+    "timestamptz": (),
+    "time": (),
+    "interval": (),
+    "uuid": (),
+    "jsonb": (),
+    "bytea": (),
+    "text[]": (),
+    "integer[]": (),
+    "gen.mood": (),
+    "gen.mood[]": (),
+    "gen.positive": (),
+    "gen.short_code": (),
+}
+"""Column types of generated schemas; ``gen.*`` are made by :data:`SCHEMA_PRELUDE`."""
+SCHEMA_PRELUDE = """
+CREATE SCHEMA gen;
+CREATE TYPE gen.mood AS ENUM ('happy', 'sad', 'meh');
+CREATE DOMAIN gen.positive AS integer CHECK (VALUE > 0);
+CREATE DOMAIN gen.short_code AS varchar(6) CHECK (VALUE <> 'x');
+"""
+KEY_TYPE = "varchar(36)"
+
+
+@dataclass(frozen=True)
+class GenColumn:
+    name: str
+    type: str
+    not_null: bool = False
+    unique: bool = False
+    check: str | None = None  # a template of COLUMN_TYPES[type]
+    references: str | None = None  # a table's name: its id
+
+
+@dataclass(frozen=True)
+class GenTable:
+    name: str
+    id_type: str
+    columns: tuple[GenColumn, ...]
+    composite_unique: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenSchema:
+    """Tables ``t0``, ``t1``, ... of schema ``gen``: each has an ``id`` primary key and may
+    refer to the tables before it (an FK DAG) and to itself; ``t0.id`` is a string UUID
+    key, and the columns referring to it are the plan's children."""
+
+    tables: tuple[GenTable, ...]
+
+    def statements(self) -> list[Any]:
+        """The DDL, composed with psycopg2.sql (names as identifiers)."""
+        from psycopg2 import sql
+
+        out: list[Any] = [sql.SQL(SCHEMA_PRELUDE)]
+        for table in self.tables:
+            parts = [sql.SQL("id {} PRIMARY KEY").format(sql.SQL(table.id_type))]
+            for column in table.columns:
+                part = sql.SQL("{} {}").format(sql.Identifier(column.name), sql.SQL(column.type))
+                if column.not_null:
+                    part += sql.SQL(" NOT NULL")
+                if column.unique:
+                    part += sql.SQL(" UNIQUE")
+                if column.check:
+                    part += sql.SQL(" CHECK ({})").format(
+                        sql.SQL(column.check).format(sql.Identifier(column.name)))
+                if column.references:
+                    part += sql.SQL(" REFERENCES {} (id)").format(
+                        sql.Identifier("gen", column.references))
+                parts.append(part)
+            if table.composite_unique:
+                parts.append(sql.SQL("UNIQUE ({})").format(
+                    sql.SQL(", ").join(map(sql.Identifier, table.composite_unique))))
+            out.append(sql.SQL("CREATE TABLE {} ({})").format(
+                sql.Identifier("gen", table.name), sql.SQL(", ").join(parts)))
+        return out
+
+    def children(self) -> list[tuple[str, str]]:
+        """(table, column) of every column referring to ``t0.id``."""
+        return [(table.name, column.name) for table in self.tables for column in table.columns
+                if column.references == self.tables[0].name]
+
+
+_ID_TYPES = st.sampled_from(["integer", "bigint", "text", KEY_TYPE, "uuid"])
+_COLUMN_NAMES = st.sampled_from(["c", "Col ", "c$"])
+
+
+@st.composite
+def _gen_column(draw: st.DrawFn, name: str) -> GenColumn:
+    kind = draw(st.sampled_from(sorted(COLUMN_TYPES)))
+    checks = COLUMN_TYPES[kind]
+    check = draw(st.none() | st.sampled_from(checks)) if checks else None
+    unique_ok = not kind.endswith("[]") and kind not in ("jsonb",)
+    return GenColumn(name, kind, not_null=draw(st.booleans()),
+                     unique=unique_ok and draw(st.booleans()), check=check)
+
+
+@st.composite
+def gen_schemas(draw: st.DrawFn, *, max_tables: int = 4, max_columns: int = 3) -> GenSchema:
+    """Small schemas with random column types, NOT NULL, UNIQUE (one composite per table at
+    most), simple CHECKs, and foreign keys forming a DAG, plus self-references."""
+    tables: list[GenTable] = []
+    for n in range(draw(st.integers(1, max_tables))):
+        prefix = draw(_COLUMN_NAMES)
+        columns = [draw(_gen_column(f"{prefix}{k}")) for k in range(
+            draw(st.integers(0, max_columns)))]
+        for target in draw(st.lists(st.sampled_from(tables), max_size=2, unique=True)
+                           if tables else st.just([])):
+            columns.append(GenColumn(f"ref_{target.name}", target.id_type,
+                                     not_null=draw(st.booleans()),
+                                     unique=draw(st.booleans()) and n % 3 == 0,
+                                     references=target.name))
+        id_type = KEY_TYPE if n == 0 else draw(_ID_TYPES)
+        if draw(st.booleans()):  # a self-reference, NOT NULL or not
+            columns.append(GenColumn("parent_id", id_type, not_null=draw(st.booleans()),
+                                     references=f"t{n}"))
+        composite: tuple[str, ...] = ()
+        if len(columns) >= 2 and draw(st.booleans()):
+            composite = tuple(draw(st.lists(st.sampled_from([c.name for c in columns]),
+                                            min_size=2, max_size=2, unique=True)))
+        tables.append(GenTable(f"t{n}", id_type, tuple(columns), composite))
+    return GenSchema(tuple(tables))

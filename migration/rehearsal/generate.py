@@ -624,7 +624,7 @@ class Loader:
         """A value maker per column the generator fills (not a sequence's, not a foreign
         key's); a column of a type it cannot make is left to its default, or NULL."""
         steers = steering(spec.checks)
-        unique_columns = {c for cols in spec.uniques for c in cols}
+        unique_columns = _injective(spec, steers, skip)
         makers = {}
         for column in spec.columns:
             if column.from_sequence or column.name in skip:
@@ -833,6 +833,30 @@ class Loader:
         self.cur.execute("RELEASE SAVEPOINT migration_generate_link")
 
 
+_FEW_VALUES = ("bool",)
+
+
+def _injective(spec: TableSpec, steers: Mapping[str, Steer], skip: set[str]) -> set[str]:
+    """The columns whose values are made injective in the row's number: one per unique key
+    (the whole key is then unique), preferring a column with room for many values (not
+    bounded by a CHECK, not an enum or a boolean); a key already covered needs none."""
+    chosen: set[str] = set()
+
+    def room(name: str) -> int:
+        column, steer = spec.column(name), steers.get(name, Steer())
+        few = column.type.labels or column.type.name in _FEW_VALUES or steer.choices
+        bounded = steer.high is not None or (steer.max_length or 99) < 4
+        return 2 * bool(few) + bool(bounded)
+
+    for cols in spec.uniques:
+        if chosen.intersection(cols) or any(spec.column(c).from_sequence for c in cols):
+            continue
+        fillable = [c for c in cols if c not in skip]  # foreign keys: see Loader._draws
+        if fillable:
+            chosen.add(min(fillable, key=room))
+    return chosen
+
+
 def _present(columns: Sequence[str]) -> sql.Composable:
     return sql.SQL(" AND ").join(sql.SQL("{} IS NOT NULL").format(sql.Identifier(c))
                                  for c in columns)
@@ -853,10 +877,11 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
     """Fill every table of the database (the tool's own schemas left out) with up to
     ``rows`` rows each that meet its constraints, the plan's keys canonical UUID strings;
     with ``dirty``, plant the problems and say which.  One transaction, committed;
-    every table analysed."""
+    every table analysed.  A transaction the caller has open is part of it."""
     planted = Planted()
     autocommit = conn.autocommit
-    conn.autocommit = False
+    if autocommit:
+        conn.autocommit = False
     try:
         with conn, conn.cursor() as cur:
             specs = read_schema(conn, plan)
@@ -876,7 +901,8 @@ def populate(conn: Connection, plan: Plan, *, rows: int, dirty: bool, seed: int 
             for spec in ordered:
                 cur.execute(sql.SQL("ANALYZE {}").format(spec.table.ident))
     finally:
-        conn.autocommit = autocommit
+        if autocommit:
+            conn.autocommit = True
     return planted
 
 

@@ -8,7 +8,9 @@ rolled back at the end, a generated row (:mod:`migration.rehearsal.generate`,
 its key columns referring to existing parents) is INSERTed, UPDATEd (a
 non-key column set to itself, the parent key to a new UUID, a child key to
 the parent it already names) and DELETEd, each statement in a savepoint so
-that one failure does not hide the others.
+that one failure does not hide the others: when the INSERT fails, the
+UPDATE is tried on a row already there (its keys set to what they hold),
+and the DELETE is reported not tried.
 
 Each write binds the key values two ways: ``unknown``, an untyped literal
 (psycopg2's ``%s``, JDBC with ``stringtype=unspecified``), which the server
@@ -129,10 +131,10 @@ class _Writes:
         if tid is None:  # the update and delete still need a row: the untyped INSERT's
             tid = self._try(table, "insert", "unknown", self._insert("unknown"),
                             self._values(row))[1]
-        if tid is None:
-            return [*results, *(SmokeResult(table, op, binding, ok=False,
-                                            error="not tried: no row (the INSERT failed)")
-                                for op in ("update", "delete"))]
+        if tid is None:  # an existing row is updated to what it holds; none is deleted
+            return [*results, *self._update_existing(table, binding),
+                    SmokeResult(table, "delete", binding, ok=False,
+                                error="not tried: no row of its own (the INSERT failed)")]
         moved = {key: self._new_key(key, row[key]) for key in self.keys}
         updated = self._try(table, "update", binding, self._update(binding),
                             [*moved.values(), tid, *(row[key] for key in self.keys)])
@@ -142,6 +144,21 @@ class _Writes:
         deleted = self._try(table, "delete", binding, self._delete(binding),
                             [tid, *(row[key] for key in self.keys)])
         return [*results, deleted[0]]
+
+    def _update_existing(self, table: str, binding: Binding) -> list[SmokeResult]:
+        """The UPDATE on a row already there, its keys set to the values they hold (so no
+        foreign key acts): the INSERT failed, and the UPDATE may fail on its own."""
+        self.cur.execute(sql.SQL("SELECT ctid, {} FROM {} WHERE {} ORDER BY ctid LIMIT 1").format(
+            sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in self.keys),
+            self.spec.table.ident, sql.SQL(" AND ").join(
+                sql.SQL("{} IS NOT NULL").format(sql.Identifier(k)) for k in self.keys)))
+        found = self.cur.fetchone()
+        if found is None:
+            return [SmokeResult(table, "update", binding, ok=False,
+                                error="not tried: the INSERT failed and the table has no row")]
+        tid, *keys = found
+        return [self._try(table, "update", binding, self._update(binding),
+                          [*keys, tid, *keys])[0]]
 
     def _try(self, table: str, operation: Operation, binding: Binding,
              statement: sql.Composable, params: list[object]) -> tuple[SmokeResult, str | None]:

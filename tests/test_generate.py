@@ -1,0 +1,226 @@
+"""The generic data generator: any schema gets rows its constraints accept, and dirt on request.
+
+The property test draws small schemas (tests/strategies.py ``gen_schemas``);
+each example gets its own empty database, filled as the owner role.  The
+constraints are checked by the server: a NOT VALID copy of every CHECK and
+foreign key, then VALIDATE, which scans the rows as they are.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psycopg2
+import pytest
+from hypothesis import HealthCheck, given, settings
+from psycopg2 import sql
+
+from migration.connection import Connection
+from migration.model import KeyColumn, Table
+from migration.plan import Plan, build_plan
+from migration.preflight import validate_schema
+from migration.rehearsal.generate import GenerateError, populate
+from migration.rehearsal.rehearse import planted_checks
+from migration.rehearsal.sandbox import Sandbox, schema_sql
+from migration.rehearsal.seed import Planted
+from migration.session import Session, Settings
+from tests.operate import connected, print_of
+from tests.strategies import GenSchema, gen_schemas
+
+_numbers = itertools.count()
+UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+@contextmanager
+def empty_database(sandbox: Sandbox, ddl: str | list[sql.Composable] = ()) -> Iterator[
+        tuple[str, str]]:
+    """A new database holding ``ddl`` (run by the owner): the owner's and the superuser's DSN."""
+    name = f"{sandbox.prefix}_gen_{next(_numbers)}"
+    with sandbox.database(name, variant=None) as dsn:
+        with connected(dsn) as conn, conn.cursor() as cur:
+            for statement in [ddl] if isinstance(ddl, str) else ddl:
+                cur.execute(statement)
+        yield dsn, sandbox.admin_dsn_for(name)
+
+
+def violations(conn: Connection, schema: str) -> list[str]:
+    """Every CHECK and foreign key of ``schema`` that its rows break, by the server's own
+    VALIDATE of a NOT VALID copy (rolled back), and every table left empty."""
+    broken = []
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.conrelid::regclass::text, c.conname, pg_get_constraintdef(c.oid) "
+                    "FROM pg_constraint c JOIN pg_class t ON t.oid = c.conrelid "
+                    "WHERE c.contype IN ('c', 'f') AND t.relnamespace = %s::regnamespace "
+                    "ORDER BY 1, 2", (schema,))
+        for table, name, definition in cur.fetchall():
+            cur.execute("SAVEPOINT copy")
+            try:
+                cur.execute(sql.SQL("ALTER TABLE {t} ADD CONSTRAINT copy {d} NOT VALID; "
+                                    "ALTER TABLE {t} VALIDATE CONSTRAINT copy").format(
+                    t=sql.SQL(table), d=sql.SQL(definition)))
+            except psycopg2.Error as exc:
+                broken.append(f"{table} {name}: {exc.diag.message_primary}")
+            cur.execute("ROLLBACK TO SAVEPOINT copy")
+        cur.execute("SELECT c.oid::regclass::text FROM pg_class c WHERE c.relkind IN ('r', 'p') "
+                    "AND c.relnamespace = %s::regnamespace AND NOT c.relispartition "
+                    "ORDER BY 1", (schema,))
+        for (table,) in cur.fetchall():
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.SQL(table)))
+            if (cur.fetchone() or (0,))[0] == 0:
+                broken.append(f"{table}: no rows")
+    conn.rollback()
+    return broken
+
+
+def non_canonical(conn: Connection, plan: Plan) -> list[str]:
+    """Plan key values that are not canonical lower-case UUID strings."""
+    found = []
+    with conn.cursor() as cur:
+        for key in plan.columns:
+            cur.execute(sql.SQL("SELECT {c} FROM {t} WHERE {c} !~ %s").format(
+                c=sql.Identifier(key.column), t=key.table.ident), (UUID_PATTERN,))
+            found += [f"{key}: {value}" for (value,) in cur.fetchall()]
+    conn.rollback()
+    return found
+
+
+def gen_plan(schema: GenSchema) -> Plan:
+    parent = KeyColumn(Table("gen", schema.tables[0].name), "id")
+    return Plan(parent=parent, children=tuple(
+        KeyColumn(Table("gen", table), column) for table, column in schema.children()))
+
+
+@settings(max_examples=15, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                  HealthCheck.too_slow])
+@given(schema=gen_schemas())
+def test_generated_rows_meet_every_constraint_of_a_generated_schema(
+        sandbox: Sandbox, schema: GenSchema) -> None:
+    """Every table gets rows; CHECKs and FKs hold (the server validates them again); the
+    plan's keys are canonical UUID strings.  As the owner, without superuser."""
+    plan = gen_plan(schema)
+    with (empty_database(sandbox, schema.statements()) as (dsn, _),
+          connected(dsn, autocommit=False) as conn):
+        planted = populate(conn, plan, rows=20, dirty=False)
+        assert planted == Planted()
+        assert violations(conn, "gen") == []
+        assert non_canonical(conn, plan) == []
+
+
+# --- dirty data: what validate_schema must find --------------------------------------------------
+
+def findings_of(dsn: str, plan: Plan) -> list:  # type: ignore[type-arg]
+    with connected(dsn, autocommit=False) as conn:
+        return validate_schema(Session(conn, plan, Settings(show_progress=False), dsn))
+
+
+def assert_all_planted(planted: Planted) -> None:
+    assert len(planted.invalid_ids) == 3
+    assert len(planted.colliding_ids) == 2
+    assert len(planted.non_canonical_ids) == 4
+
+
+def test_the_runbook_schema_dirty_holds_what_validate_schema_finds(sandbox: Sandbox) -> None:
+    """The planted problems are in the data and validate_schema names every one of them."""
+    with empty_database(sandbox, schema_sql("legacy")) as (dsn, admin):
+        with connected(admin, autocommit=False) as conn:
+            plan = build_plan(conn)
+            planted = populate(conn, plan, rows=30, dirty=True)
+        assert_all_planted(planted)
+        assert set(planted.orphans) == {"journal_entries", "tags", "reminders"}
+        checks = planted_checks(planted, findings_of(dsn, plan), plan)
+        assert checks
+        assert [check for check in checks if not check.found] == []
+
+
+COMPOSITE_SCHEMA = """
+CREATE SCHEMA crm;
+CREATE TYPE crm.role AS ENUM ('owner', 'member');
+CREATE TABLE crm.accounts (
+    uuid     varchar(36) PRIMARY KEY,
+    tenant   integer NOT NULL CHECK (tenant BETWEEN 1 AND 3),
+    handle   text NOT NULL,
+    manager  varchar(36) REFERENCES crm.accounts (uuid),
+    UNIQUE (tenant, handle)
+);
+CREATE TABLE crm.orgs (id serial PRIMARY KEY, name varchar(12) NOT NULL UNIQUE);
+CREATE TABLE crm.memberships (
+    account  varchar(36) NOT NULL REFERENCES crm.accounts (uuid),
+    org      integer NOT NULL REFERENCES crm.orgs (id),
+    role     crm.role NOT NULL,
+    PRIMARY KEY (account, org)
+);
+CREATE TABLE crm.member_notes (
+    account  varchar(36),
+    org      integer,
+    id       bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    note     text NOT NULL CHECK (md5(note) <> ''),
+    FOREIGN KEY (account, org) REFERENCES crm.memberships (account, org)
+);
+"""
+COMPOSITE_PLAN = Plan(
+    parent=KeyColumn(Table("crm", "accounts"), "uuid"),
+    children=(KeyColumn(Table("crm", "accounts"), "manager"),
+              KeyColumn(Table("crm", "memberships"), "account"),
+              KeyColumn(Table("crm", "member_notes"), "account")))
+
+
+def test_composite_keys_and_a_self_reference_dirty(sandbox: Sandbox) -> None:
+    with empty_database(sandbox, COMPOSITE_SCHEMA) as (dsn, admin):
+        with connected(admin, autocommit=False) as conn:
+            planted = populate(conn, COMPOSITE_PLAN, rows=25, dirty=True)
+            with conn.cursor() as cur:  # the self-reference was filled after the rows
+                cur.execute("SELECT count(*) FROM crm.accounts WHERE manager IS NOT NULL")
+                assert (cur.fetchone() or (0,))[0] > 0
+            conn.rollback()
+        assert_all_planted(planted)
+        assert set(planted.orphans) == {"accounts", "memberships", "member_notes"}
+        checks = planted_checks(planted, findings_of(dsn, COMPOSITE_PLAN), COMPOSITE_PLAN)
+        assert checks
+        assert [check for check in checks if not check.found] == []
+        with connected(admin, autocommit=False) as conn:
+            # Only the planted orphans break the foreign keys.
+            broken = violations(conn, "crm")
+        assert len(broken) == 3, broken
+        assert all("fkey" in line for line in broken), broken
+
+
+def test_the_same_seed_gives_the_same_data(sandbox: Sandbox) -> None:
+    prints = []
+    for _ in range(2):
+        with empty_database(sandbox, COMPOSITE_SCHEMA) as (dsn, _admin):
+            with connected(dsn, autocommit=False) as conn:
+                populate(conn, COMPOSITE_PLAN, rows=10, dirty=False, seed=7)
+            prints.append(print_of(dsn))
+    assert prints[0] == prints[1], "\n".join(prints[0].diff(prints[1]))
+
+
+def test_orphans_past_a_foreign_key_need_a_superuser(sandbox: Sandbox) -> None:
+    """As the owner, a dirty load stops with a clear error, and nothing is left behind."""
+    with empty_database(sandbox, schema_sql("legacy")) as (dsn, _):
+        with connected(dsn, autocommit=False) as conn:
+            before = print_of(dsn)
+            with pytest.raises(GenerateError, match=r"public\.journal_entries\.user_id: "
+                                                    "planting an orphan .* needs a superuser"):
+                populate(conn, build_plan(conn), rows=5, dirty=True)
+        assert print_of(dsn) == before
+
+
+@pytest.mark.parametrize(("ddl", "message"), [
+    ("CREATE TABLE public.t (id int PRIMARY KEY, p point NOT NULL)",
+     r"public\.t\.p: cannot make values of type point"),
+    ("CREATE TABLE public.t (id int PRIMARY KEY, n int NOT NULL CHECK (n <> n))",
+     r"public\.t: none of the generated rows .*\(n <> n\).* left out 5"),
+    ("CREATE TABLE public.a (id int PRIMARY KEY, b int NOT NULL);"
+     "CREATE TABLE public.b (id int PRIMARY KEY, a int NOT NULL REFERENCES public.a);"
+     "ALTER TABLE public.a ADD FOREIGN KEY (b) REFERENCES public.b",
+     r"a cycle of NOT NULL foreign keys among public\.a, public\.b"),
+])
+def test_what_cannot_be_satisfied_is_named(sandbox: Sandbox, ddl: str, message: str) -> None:
+    users = "CREATE TABLE public.users (id varchar(36) PRIMARY KEY);"
+    plan = Plan(parent=KeyColumn(Table("public", "users"), "id"), children=())
+    with (empty_database(sandbox, users + ddl) as (dsn, _),
+          connected(dsn, autocommit=False) as conn,
+          pytest.raises(GenerateError, match=message)):
+        populate(conn, plan, rows=5, dirty=False)
