@@ -33,10 +33,10 @@ from migration.rehearsal.rehearse import (
     production_rows,
     project_downtime,
     rehearse,
-    render_markdown,
     render_text,
     rollback_copy,
 )
+from migration.rehearsal.report import render_markdown
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.throwaway import Server
@@ -193,6 +193,12 @@ def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
     assert [r.stage for r in report.rollbacks] == list(STAGES)
     assert all(r.passed and r.message.endswith("fingerprint matches") for r in report.rollbacks)
     assert "2 quarantined rows restored" in report.rollbacks[-1].message
+    # the smoke writes, on the runbook's tables too: after each rollback and the migration
+    assert [run.after for run in report.smoke] == [
+        *(f"rollback after {stage}" for stage in STAGES), "full_migration"]
+    assert {w.table for w in report.smoke[-1].writes} == {
+        f"public.{t}" for t in report.rows}
+    assert [w for run in report.smoke for w in run.writes if run.broken(w)] == []
     assert report.rows == {"users": 200, "journal_entries": 600, "tags": 200, "reminders": 200}
     assert report.final is not None
     assert [s.step for s in report.final.steps] == [

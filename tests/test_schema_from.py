@@ -18,8 +18,9 @@ from psycopg2.extensions import parse_dsn
 from migration.cli import main
 from migration.connection import connected
 from migration.plan import parse_key
-from migration.rehearsal import rehearse as rehearse_module
+from migration.preflight import validate_schema
 from migration.rehearsal import schema_source
+from migration.rehearsal.inventory import inventory
 from migration.rehearsal.rehearse import RehearsalOptions, rehearse
 from migration.rehearsal.report import Report, write_report
 from migration.rehearsal.sandbox import Sandbox
@@ -29,6 +30,7 @@ from migration.rehearsal.schema_source import (
     load_schema,
     split_statements,
 )
+from migration.session import Session, Settings
 
 KEYCLOAK = Path(__file__).resolve().parent.parent / "fixtures" / "keycloak.sql"
 
@@ -244,24 +246,21 @@ def test_keycloak_rehearsal_passes_with_smoke_writes(keycloak_report: Report,
 
 
 @pytest.mark.once
-def test_the_command_writes_the_report_in_the_format_of_its_suffix(
-        keycloak_report: Report, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[RehearsalOptions] = []
-
-    def replay(url: str | None, options: RehearsalOptions, say: Any) -> Report:
-        seen.append(options)
-        return keycloak_report
-
-    monkeypatch.setattr(rehearse_module, "rehearse", replay)
+def test_the_command_on_a_throwaway_server(tmp_path: Path) -> None:
+    """The command of the CI recipe, as a user runs it: exit code 0, JSON on standard
+    output, the JUnit report in the file."""
     result = CliRunner().invoke(main, [
         "--operation=rehearse", f"--schema-from={KEYCLOAK}", "--key=public.user_entity.id",
         "--users=200", "--batch-sizes=100", "--report", str(tmp_path / "r.xml"),
-        "--log-file", str(tmp_path / "log"), "--quiet"])
+        "--format=json", "--log-file", str(tmp_path / "log"), "--quiet"])
     assert result.exit_code == 0, result.output
-    (options,) = seen
-    assert options.schema_from == str(KEYCLOAK)
-    assert options.key == parse_key("public.user_entity.id")
-    assert ET.parse(tmp_path / "r.xml").getroot().tag == "testsuites"
+    data = json.loads(result.stdout)
+    assert data["passed"] is True
+    assert data["key"] == "public.user_entity.id"
+    assert data["smoke"][-1]["after"] == "full_migration"
+    suite = ET.parse(tmp_path / "r.xml").getroot().find("testsuite")
+    assert suite is not None
+    assert suite.get("failures") == "0"
 
 
 BREAKS_ON_UUID = """
@@ -304,3 +303,25 @@ def test_a_trigger_that_breaks_on_uuid_fails_the_rehearsal_at_its_smoke_write(
     assert all(p.startswith("smoke write after full_migration: ") and " public.orders " in p
                for p in failed)
     assert not report.passed
+
+
+def test_the_inventory_says_what_is_carried_and_what_is_refused(legacy_db: str) -> None:
+    with connected(legacy_db) as conn, conn, conn.cursor() as cur:
+        cur.execute("CREATE VIEW active_users AS SELECT id FROM users WHERE is_active;"
+                    "ALTER TABLE tags ENABLE ROW LEVEL SECURITY;"
+                    "CREATE POLICY own_tags ON tags "
+                    "USING (user_id = current_setting('app.u', true));"
+                    "CREATE FUNCTION tenant_of(varchar) RETURNS text LANGUAGE sql "
+                    "IMMUTABLE AS $$ SELECT 'x' $$;"
+                    "CREATE POLICY tenant ON tags USING (tenant_of(user_id) = 'x');")
+    with Session.open(legacy_db, Settings(show_progress=False)) as session:
+        found = inventory(session.conn, session.plan, validate_schema(session))
+    by_name = {" ".join(d.what.split()[:2]): d for d in found}
+    assert by_name["primary key"].carried
+    assert by_name["foreign key"].carried
+    assert by_name["policy own_tags"].carried
+    assert not by_name["view or"].carried
+    assert "active_users" in by_name["view or"].what
+    refused = [d for d in found if "tenant" in d.what]
+    assert [d.carried for d in refused] == [False]  # refused, not also listed as carried
+    assert refused[0].how

@@ -22,6 +22,13 @@ tuned.  A rehearsal does all of it on scratch databases it makes itself:
 Clones are ``CREATE DATABASE ... TEMPLATE`` of the prepared database: a file
 copy, far cheaper than generating the data again.
 
+With ``--schema-from`` (``schema_source``) the prepared database holds the
+application's schema instead, filled by ``generate.populate`` for the plan of
+``--key``; the same cycle follows.  After each rollback and after the final
+migration, the smoke writes (``smoke.smoke_writes``) try an INSERT, UPDATE
+and DELETE on every table of the plan; the report lists what depends on the
+key columns, carried or refused (``inventory``).
+
 Where: with no database URL, a throwaway server (Docker when it answers,
 else the embedded wheel) that is removed at the end, also on Ctrl-C.  With a
 URL, the tables of that database are never touched: the URL names a server
