@@ -4,6 +4,7 @@ the rehearsal on it with smoke writes, and its reports as Markdown, JSON and JUn
 from __future__ import annotations
 
 import json
+import shlex
 import stat
 import subprocess
 import xml.etree.ElementTree as ET
@@ -21,7 +22,7 @@ from migration.plan import parse_key
 from migration.preflight import validate_schema
 from migration.rehearsal import schema_source
 from migration.rehearsal.inventory import inventory
-from migration.rehearsal.rehearse import RehearsalOptions, rehearse
+from migration.rehearsal.rehearse import RehearsalOptions, parse_production_rows, rehearse
 from migration.rehearsal.report import Report, write_report
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.schema_source import (
@@ -325,3 +326,27 @@ def test_the_inventory_says_what_is_carried_and_what_is_refused(legacy_db: str) 
     refused = [d for d in found if "tenant" in d.what]
     assert [d.carried for d in refused] == [False]  # refused, not also listed as carried
     assert refused[0].how
+
+
+def test_the_ci_recipes_command_is_one_the_command_line_takes() -> None:
+    """docs/ci-recipe.md's rehearse step, its shell variables given values."""
+    text = (Path(__file__).resolve().parent.parent / "docs" / "ci-recipe.md").read_text()
+    step = text.split("- name: Rehearse the UUID migration", 1)[1].split("- name:", 1)[0]
+    command = step.split("run: >-", 1)[1].replace('"$APP_DATABASE_URL"',
+                                                  "postgresql://app:s@localhost/app")
+    words = shlex.split(command, comments=True)
+    assert words[0] == "data-migration"
+    context = main.make_context("data-migration", words[1:])
+    assert context.params["operation"] == "rehearse"
+    assert context.params["schema_from"] == "postgresql://app:s@localhost/app"
+    assert context.params["key"] == "public.user_entity.id"
+    assert str(context.params["report"]).endswith(".xml")
+
+
+def test_production_rows_name_the_keys_table() -> None:
+    key = parse_key("public.user_entity.id")
+    assert parse_production_rows("5000", key) == {"user_entity": 5000}
+    assert parse_production_rows("user_entity=10,credential=20", key) == {
+        "user_entity": 10, "credential": 20}
+    with pytest.raises(ValueError, match="give user_entity=N"):
+        parse_production_rows("credential=20", key)
