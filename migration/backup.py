@@ -1,4 +1,7 @@
-"""The ``migration_backup`` schema: copies of the tables and what an exact restore needs.
+"""The backup schema: copies of the tables and what an exact restore needs.
+
+Each key has its own (``Plan.backup_schema``): the runbook's ``migration_backup``
+for ``users.id``, a schema named after the key for any other key.
 
 Besides a full copy of each table in the plan, the backup records, by name,
 every definition the swap drops and later recreates (indexes, primary and

@@ -201,7 +201,7 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
               show_default=True,
               help="migrate_foreign_keys: refuse on rows referring to no user, or move them "
-                   "to migration_backup (rollback restores them).")
+                   "to the backup schema (rollback restores them).")
 @click.option("--lock-timeout", "lock_timeout_ms", default=100, show_default=True,
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
               "before it is retried with backoff (the application's queries queue behind "
