@@ -185,6 +185,32 @@ def test_another_key_is_migrated_verified_and_rolled_back_exactly(database: str,
     assert "stage: not migrated" in run_ok(database, "status").output
 
 
+def test_a_quoted_key_is_migrated_and_found_again_from_its_backup(database: str) -> None:
+    """Names with dots, capitals and quotes: the log and the backup record the key as --key
+    spells it, and the operations without --key read it back."""
+    execute(database, """
+        CREATE SCHEMA "My App";
+        CREATE TABLE "My App"."User.Accounts" ("UUID" text PRIMARY KEY);
+        CREATE TABLE "My App"."a""b" (n int PRIMARY KEY,
+            ref text REFERENCES "My App"."User.Accounts" ("UUID"));
+        INSERT INTO "My App"."User.Accounts" SELECT gen_random_uuid() FROM generate_series(1, 20);
+        INSERT INTO "My App"."a""b" SELECT row_number() OVER (), "UUID"
+            FROM "My App"."User.Accounts";
+        """)
+    before = tables_print(database)
+    key = '"My App"."User.Accounts"."UUID"'
+    run_ok(database, "full_migration", "--key", key)
+    assert types_of(database, (("My App", "User.Accounts", "UUID"), ("My App", 'a"b', "ref"))) \
+        == {"uuid"}
+    assert execute(database, 'SELECT DISTINCT key_column FROM "My App".migration_log') == [
+        (key,)]
+    code, output = verify_run(database)
+    assert code == 0, output
+    assert f"key: {key}" in run_ok(database, "status").output
+    run_ok(database, "rollback")
+    assert tables_print(database) == before
+
+
 @pytest.mark.parametrize(("key", "why"), [
     ("app.nothing.uuid", "there is no table app.nothing"),
     ("app.accounts.nothing", "has no column 'nothing'"),
