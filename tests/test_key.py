@@ -297,3 +297,21 @@ def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
 def test_cli_key_option_lands_in_options() -> None:
     names = {param.name for param in cli.main.params}
     assert {"key", "discover"} <= names
+
+
+def test_an_older_backup_and_log_belong_to_the_runbooks_key(legacy_db: str) -> None:
+    """A migration_backup and a migration_log written before keys were recorded are the
+    runbook key's: the log gains its key column, filled with that key, at the next run."""
+    run_ok(legacy_db, "backup_data")
+    execute(legacy_db, "DROP TABLE migration_backup.backup_key; "
+                       "ALTER TABLE public.migration_log DROP COLUMN key_column")
+    assert "backup_data" in run_ok(legacy_db, "status").output  # read without the column
+    execute(legacy_db, ACCOUNTS)
+    run_ok(legacy_db, "backup_data", "--key", ACCOUNTS_KEY)
+    result = operate(legacy_db, "status")
+    assert result.exit_code == 2, result.output
+    assert "--key public.users.id" in result.output
+    assert "--key app.accounts.uuid" in result.output
+    run_ok(legacy_db, "validate_schema")
+    assert execute(legacy_db, "SELECT key_column, count(*) FROM public.migration_log "
+                              "GROUP BY 1") == [("public.users.id", 2)]
