@@ -299,6 +299,17 @@ def test_cli_key_option_lands_in_options() -> None:
     assert {"key", "discover"} <= names
 
 
+def test_a_failure_names_the_key_to_resume_with(database: str) -> None:
+    execute(database, ACCOUNTS)
+    result = operate(database, "migrate_users", "--key", ACCOUNTS_KEY)
+    assert result.exit_code == 1, result.output
+    assert "needs the backup in migration_backup_app_accounts_uuid" in result.output
+    assert "state: not migrated (key app.accounts.uuid: the commands that resume or roll " \
+           "back need --key app.accounts.uuid)" in result.output
+    result = operate(database, "validate_schema", "--discover", "--key", ACCOUNTS_KEY)
+    assert result.exit_code == 2, result.output
+
+
 def test_an_older_backup_and_log_belong_to_the_runbooks_key(legacy_db: str) -> None:
     """A migration_backup and a migration_log written before keys were recorded are the
     runbook key's: the log gains its key column, filled with that key, at the next run."""
