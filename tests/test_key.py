@@ -23,6 +23,7 @@ from migration.model import KeyColumn, Table, backup_schema
 from migration.plan import parse_key
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.sandbox import Sandbox
+from migration.session import Session, Settings
 from tests.operate import connected, execute, operate, run_ok
 
 _numbers = itertools.count()
@@ -174,6 +175,8 @@ def test_another_key_is_migrated_verified_and_rolled_back_exactly(database: str,
 
     code, output = verify_run(database)  # the key the backup records
     assert code == 0, output
+    with Session.open(database, Settings(show_progress=False), lock=False) as session:
+        assert session.plan.parent == parse_key(key)  # the API finds it as well
     status = run_ok(database, "status")
     assert f"key: {spec}" in status.output
     assert "stage: migrated" in status.output
@@ -273,6 +276,8 @@ def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
     code, output = verify_run(database)
     assert code == 2, output
     assert "--key public.user_entity.id" in output
+    with Session.open(database, Settings(show_progress=False), lock=False) as session:
+        assert session.plan.key == "public.users.id"  # the API's default: the runbook's
 
     # each key's status, checks and cleanup read its own log rows only
     status = run_ok(database, "status", "--key", KEYCLOAK_KEY).output
