@@ -1,4 +1,7 @@
-"""The ``migration_backup`` schema: copies of the tables and what an exact restore needs.
+"""The backup schema: copies of the tables and what an exact restore needs.
+
+Each key has its own (``Plan.backup_schema``): the runbook's ``migration_backup``
+for ``users.id``, a schema named after the key for any other key.
 
 Besides a full copy of each table in the plan, the backup records, by name,
 every definition the swap drops and later recreates (indexes, primary and
@@ -25,7 +28,14 @@ from psycopg2.extras import Json
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
 from migration.errors import MigrationError
-from migration.model import BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE, KeyColumn, Table, fit_name
+from migration.model import (
+    BACKUP_SCHEMA,
+    BACKUP_SCHEMA_LIKE,
+    RUNBOOK_KEY,
+    KeyColumn,
+    Table,
+    fit_name,
+)
 from migration.plan import Plan
 from migration.sqlexpr import column_list
 
@@ -163,15 +173,22 @@ def exists(cur: Cursor, schema: str) -> bool:
 
 def recorded_keys(cur: Cursor) -> dict[str, str]:
     """The key each backup schema of the database belongs to: {key spelled as --key takes
-    it: backup schema}.  The runbook's ``migration_backup`` of an older version, which
-    records no key, is left out (it is the runbook key's)."""
+    it: backup schema}.  A ``migration_backup`` of an older version records no key: it is
+    the runbook key's, in the schema its record of ``users.id`` names."""
     cur.execute("SELECT nspname FROM pg_namespace WHERE nspname = %s OR nspname LIKE %s "
                 "ORDER BY nspname", (BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE))
     keys: dict[str, str] = {}
     for (schema,) in cur.fetchall():
+        found: list[str] = []
         if catalog.relation_exists(cur.connection, meta(schema, KEY_TABLE)):
             cur.execute(sql.SQL("SELECT key FROM {}").format(meta(schema, KEY_TABLE)))
-            keys.update((key, schema) for (key,) in cur.fetchall())
+            found = [key for (key,) in cur.fetchall()]
+        elif catalog.relation_exists(cur.connection, meta(schema, "key_columns")):
+            cur.execute(sql.SQL("SELECT table_schema, table_name, column_name FROM {} "
+                                "WHERE (table_name, column_name) = %s").format(
+                meta(schema, "key_columns")), (RUNBOOK_KEY,))
+            found = [KeyColumn(Table(s, t), c).spec for s, t, c in cur.fetchall()]
+        keys.update((key, schema) for key in found)
     return keys
 
 

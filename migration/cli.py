@@ -146,7 +146,10 @@ def _state_now(database_url: str, schema: str, key: KeyColumn | None) -> str:
     try:
         with Session.open(database_url, Settings(show_progress=False), key=key, schema=schema,
                           lock=False) as session:
-            return stage_of(session)
+            if session.plan.parent == runbook_key(schema):
+                return stage_of(session)
+            return (f"{stage_of(session)} (key {session.plan.key}: the commands that resume "
+                    f"or roll back need --key {session.plan.key})")
     except (psycopg2.Error, ConnectError, MigrationError) as exc:
         return f"unknown: the database could not be read ({redact_dsn(str(exc)).strip()})"
 
@@ -201,7 +204,7 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
               show_default=True,
               help="migrate_foreign_keys: refuse on rows referring to no user, or move them "
-                   "to migration_backup (rollback restores them).")
+                   "to the backup schema (rollback restores them).")
 @click.option("--lock-timeout", "lock_timeout_ms", default=100, show_default=True,
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
               "before it is retried with backoff (the application's queries queue behind "
@@ -260,6 +263,9 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
         raise click.UsageError("no database: pass --database-url or set DATABASE_URL")
     key = _parsed_key(options["key"], options["schema"])
     if options["discover"]:
+        if key is not None:
+            raise click.UsageError("--discover lists the candidate keys of every schema: it "
+                                   "takes no --key")
         ctx.exit(discover_command(database_url, fmt))
     settings = Settings(batch_size=options["batch_size"],
                         lock_timeout_ms=options["lock_timeout_ms"],

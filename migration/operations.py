@@ -268,7 +268,8 @@ def status(session: Session) -> Outcome:
     lines.append("recent operations:")
     lines += [_log_line(e) for e in reversed(entries[:20])]
     stage = f"{verb} {unfinished[0].operation}" if unfinished else _stage(stages)
-    return Outcome(f"stage: {stage}\n" + "\n".join(lines), details={"stage": stage})
+    return Outcome(f"stage: {stage}\n" + "\n".join(lines),
+                   details={"stage": stage, "key": session.plan.key})
 
 
 def _log_line(entry: LogEntry) -> str:

@@ -218,7 +218,7 @@ def main(*, database_url: str | None, schema: str, key: str | None, fmt: str,
     except psycopg2.errors.InsufficientPrivilege as exc:
         fail_to_run(f"verify could not read {target}: {exc}",
                     "grant the role SELECT on the tables and USAGE on their schemas; while "
-                    "migration_backup exists, run verify as the migrating role (the backup is "
+                    "the backup schema exists, run verify as the migrating role (the backup is "
                     "private to it)", fmt, junit)
     except psycopg2.Error as exc:
         fail_to_run(f"verify could not run on {target}: {exc}",

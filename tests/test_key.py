@@ -23,6 +23,7 @@ from migration.model import KeyColumn, Table, backup_schema
 from migration.plan import parse_key
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.sandbox import Sandbox
+from migration.session import Session, Settings
 from tests.operate import connected, execute, operate, run_ok
 
 _numbers = itertools.count()
@@ -174,6 +175,8 @@ def test_another_key_is_migrated_verified_and_rolled_back_exactly(database: str,
 
     code, output = verify_run(database)  # the key the backup records
     assert code == 0, output
+    with Session.open(database, Settings(show_progress=False), lock=False) as session:
+        assert session.plan.parent == parse_key(key)  # the API finds it as well
     status = run_ok(database, "status")
     assert f"key: {spec}" in status.output
     assert "stage: migrated" in status.output
@@ -183,6 +186,32 @@ def test_another_key_is_migrated_verified_and_rolled_back_exactly(database: str,
     run_ok(database, "rollback")
     assert tables_print(database) == before
     assert "stage: not migrated" in run_ok(database, "status").output
+
+
+def test_a_quoted_key_is_migrated_and_found_again_from_its_backup(database: str) -> None:
+    """Names with dots, capitals and quotes: the log and the backup record the key as --key
+    spells it, and the operations without --key read it back."""
+    execute(database, """
+        CREATE SCHEMA "My App";
+        CREATE TABLE "My App"."User.Accounts" ("UUID" text PRIMARY KEY);
+        CREATE TABLE "My App"."a""b" (n int PRIMARY KEY,
+            ref text REFERENCES "My App"."User.Accounts" ("UUID"));
+        INSERT INTO "My App"."User.Accounts" SELECT gen_random_uuid() FROM generate_series(1, 20);
+        INSERT INTO "My App"."a""b" SELECT row_number() OVER (), "UUID"
+            FROM "My App"."User.Accounts";
+        """)
+    before = tables_print(database)
+    key = '"My App"."User.Accounts"."UUID"'
+    run_ok(database, "full_migration", "--key", key)
+    assert types_of(database, (("My App", "User.Accounts", "UUID"), ("My App", 'a"b', "ref"))) \
+        == {"uuid"}
+    assert execute(database, 'SELECT DISTINCT key_column FROM "My App".migration_log') == [
+        (key,)]
+    code, output = verify_run(database)
+    assert code == 0, output
+    assert f"key: {key}" in run_ok(database, "status").output
+    run_ok(database, "rollback")
+    assert tables_print(database) == before
 
 
 @pytest.mark.parametrize(("key", "why"), [
@@ -247,6 +276,8 @@ def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
     code, output = verify_run(database)
     assert code == 2, output
     assert "--key public.user_entity.id" in output
+    with Session.open(database, Settings(show_progress=False), lock=False) as session:
+        assert session.plan.key == "public.users.id"  # the API's default: the runbook's
 
     # each key's status, checks and cleanup read its own log rows only
     status = run_ok(database, "status", "--key", KEYCLOAK_KEY).output
@@ -255,6 +286,9 @@ def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
     code, output = verify_run(database, "--key", ROLE_KEY, "--format", "json")
     assert code == 0, output
     assert json.loads(output)["passed"]
+    # the first key's checks read its own backup_data record, not the last one logged
+    code, output = verify_run(database, "--key", KEYCLOAK_KEY, "--strict")
+    assert code == 0, output
     run_ok(database, "validate_migration", "--key", KEYCLOAK_KEY)
 
     # the last key first: its backup was taken with the first key migrated
@@ -271,3 +305,32 @@ def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
 def test_cli_key_option_lands_in_options() -> None:
     names = {param.name for param in cli.main.params}
     assert {"key", "discover"} <= names
+
+
+def test_a_failure_names_the_key_to_resume_with(database: str) -> None:
+    execute(database, ACCOUNTS)
+    result = operate(database, "migrate_users", "--key", ACCOUNTS_KEY)
+    assert result.exit_code == 1, result.output
+    assert "needs the backup in migration_backup_app_accounts_uuid" in result.output
+    assert "state: not migrated (key app.accounts.uuid: the commands that resume or roll " \
+           "back need --key app.accounts.uuid)" in result.output
+    result = operate(database, "validate_schema", "--discover", "--key", ACCOUNTS_KEY)
+    assert result.exit_code == 2, result.output
+
+
+def test_an_older_backup_and_log_belong_to_the_runbooks_key(legacy_db: str) -> None:
+    """A migration_backup and a migration_log written before keys were recorded are the
+    runbook key's: the log gains its key column, filled with that key, at the next run."""
+    run_ok(legacy_db, "backup_data")
+    execute(legacy_db, "DROP TABLE migration_backup.backup_key; "
+                       "ALTER TABLE public.migration_log DROP COLUMN key_column")
+    assert "backup_data" in run_ok(legacy_db, "status").output  # read without the column
+    execute(legacy_db, ACCOUNTS)
+    run_ok(legacy_db, "backup_data", "--key", ACCOUNTS_KEY)
+    result = operate(legacy_db, "status")
+    assert result.exit_code == 2, result.output
+    assert "--key public.users.id" in result.output
+    assert "--key app.accounts.uuid" in result.output
+    run_ok(legacy_db, "validate_schema")
+    assert execute(legacy_db, "SELECT key_column, count(*) FROM public.migration_log "
+                              "GROUP BY 1") == [("public.users.id", 2)]
