@@ -176,7 +176,12 @@ CREATE TABLE crm.accounts (
     manager  varchar(36) REFERENCES crm.accounts (uuid),
     UNIQUE (tenant, handle)
 );
-CREATE TABLE crm.orgs (id serial PRIMARY KEY, name varchar(12) NOT NULL UNIQUE);
+CREATE TABLE crm.orgs (
+    id       serial PRIMARY KEY,
+    name     varchar(12) NOT NULL UNIQUE,
+    rank     smallint NOT NULL UNIQUE CHECK (rank BETWEEN 1 AND 40)
+);
+CREATE TABLE crm.profiles (account varchar(36) PRIMARY KEY REFERENCES crm.accounts (uuid));
 CREATE TABLE crm.memberships (
     account  varchar(36) NOT NULL REFERENCES crm.accounts (uuid),
     org      integer NOT NULL REFERENCES crm.orgs (id),
@@ -205,7 +210,7 @@ def test_composite_keys_and_a_self_reference_dirty(sandbox: Sandbox) -> None:
             with conn.cursor() as cur:
                 cur.execute("SELECT count(*) FROM crm.accounts")
                 counts = [(cur.fetchone() or (0,))[0]]
-                for table in ("orgs", "memberships", "member_notes"):
+                for table in ("orgs", "memberships", "member_notes", "profiles"):
                     cur.execute(sql.SQL("SELECT count(*) FROM {}").format(
                         sql.Identifier("crm", table)))
                     counts.append((cur.fetchone() or (0,))[0])
@@ -214,8 +219,9 @@ def test_composite_keys_and_a_self_reference_dirty(sandbox: Sandbox) -> None:
                             "(SELECT uuid FROM crm.accounts)")
                 managed = (cur.fetchone() or (0,))[0]
             conn.rollback()
-        # Every row made it: 25 each (memberships: 25 distinct pairs), plus what was planted.
-        assert counts == [25 + 7 + 1, 25, 25 + 1, 25 + 1]
+        # Every row made it, plus what was planted: unique values by construction (orgs'
+        # ranks 1 to 25 of 40), one profile per account, 25 distinct membership pairs.
+        assert counts == [25 + 7 + 1, 25, 25 + 1, 25 + 1, 25]
         assert managed == 25
         assert_all_planted(planted)
         assert set(planted.orphans) == {"accounts", "memberships", "member_notes"}
