@@ -108,6 +108,38 @@ def test_generated_rows_meet_every_constraint_of_a_generated_schema(
         assert non_canonical(conn, plan) == []
 
 
+FILTERED_SCHEMA = """
+CREATE SCHEMA f;
+CREATE TABLE f.users (id varchar(36) PRIMARY KEY);
+CREATE DOMAIN f.odd AS integer CHECK (VALUE % 2 = 1);
+CREATE TABLE f.t (
+    id      integer PRIMARY KEY CHECK (id % 3 <> 0),
+    n       f.odd NOT NULL,
+    word    text NOT NULL CHECK (upper(word) <> word),
+    at      date NOT NULL
+);
+CREATE TABLE f.p (id bigint, at date NOT NULL CHECK (extract(dow FROM at) <> 0))
+    PARTITION BY RANGE (at);
+CREATE TABLE f.p_2024 PARTITION OF f.p FOR VALUES FROM ('2024-03-01') TO ('2025-01-01');
+"""
+
+
+def test_rows_that_break_a_check_it_cannot_read_are_left_out(sandbox: Sandbox) -> None:
+    """CHECKs of a table and of a domain, and partition bounds, that the generator does not
+    steer by: the rows that break them are filtered out, the others land."""
+    plan = Plan(parent=KeyColumn(Table("f", "users"), "id"), children=())
+    with (empty_database(sandbox, FILTERED_SCHEMA) as (dsn, _),
+          connected(dsn, autocommit=False) as conn):
+        populate(conn, plan, rows=40, dirty=False)
+        assert violations(conn, "f") == []
+        with conn.cursor() as cur:
+            cur.execute("SELECT (SELECT count(*) FROM f.t), (SELECT count(*) FROM f.p)")
+            kept = cur.fetchone()
+        assert kept is not None
+        assert 0 < kept[0] < 40
+        assert 0 < kept[1] < 40
+
+
 # --- dirty data: what validate_schema must find --------------------------------------------------
 
 def findings_of(dsn: str, plan: Plan) -> list:  # type: ignore[type-arg]
@@ -144,7 +176,12 @@ CREATE TABLE crm.accounts (
     manager  varchar(36) REFERENCES crm.accounts (uuid),
     UNIQUE (tenant, handle)
 );
-CREATE TABLE crm.orgs (id serial PRIMARY KEY, name varchar(12) NOT NULL UNIQUE);
+CREATE TABLE crm.orgs (
+    id       serial PRIMARY KEY,
+    name     varchar(12) NOT NULL UNIQUE,
+    rank     smallint NOT NULL UNIQUE CHECK (rank BETWEEN 1 AND 40)
+);
+CREATE TABLE crm.profiles (account varchar(36) PRIMARY KEY REFERENCES crm.accounts (uuid));
 CREATE TABLE crm.memberships (
     account  varchar(36) NOT NULL REFERENCES crm.accounts (uuid),
     org      integer NOT NULL REFERENCES crm.orgs (id),
@@ -170,10 +207,22 @@ def test_composite_keys_and_a_self_reference_dirty(sandbox: Sandbox) -> None:
     with empty_database(sandbox, COMPOSITE_SCHEMA) as (dsn, admin):
         with connected(admin, autocommit=False) as conn:
             planted = populate(conn, COMPOSITE_PLAN, rows=25, dirty=True)
-            with conn.cursor() as cur:  # the self-reference was filled after the rows
-                cur.execute("SELECT count(*) FROM crm.accounts WHERE manager IS NOT NULL")
-                assert (cur.fetchone() or (0,))[0] > 0
+            with conn.cursor() as cur:
+                cur.execute("SELECT count(*) FROM crm.accounts")
+                counts = [(cur.fetchone() or (0,))[0]]
+                for table in ("orgs", "memberships", "member_notes", "profiles"):
+                    cur.execute(sql.SQL("SELECT count(*) FROM {}").format(
+                        sql.Identifier("crm", table)))
+                    counts.append((cur.fetchone() or (0,))[0])
+                # The self-reference, left NULL at first, points at other accounts after.
+                cur.execute("SELECT count(*) FROM crm.accounts WHERE manager IN "
+                            "(SELECT uuid FROM crm.accounts)")
+                managed = (cur.fetchone() or (0,))[0]
             conn.rollback()
+        # Every row made it, plus what was planted: unique values by construction (orgs'
+        # ranks 1 to 25 of 40), one profile per account, 25 distinct membership pairs.
+        assert counts == [25 + 7 + 1, 25, 25 + 1, 25 + 1, 25]
+        assert managed == 25
         assert_all_planted(planted)
         assert set(planted.orphans) == {"accounts", "memberships", "member_notes"}
         checks = planted_checks(planted, findings_of(dsn, COMPOSITE_PLAN), COMPOSITE_PLAN)
