@@ -350,3 +350,20 @@ def test_production_rows_name_the_keys_table() -> None:
         "user_entity": 10, "credential": 20}
     with pytest.raises(ValueError, match="give user_entity=N"):
         parse_production_rows("credential=20", key)
+
+
+def test_a_schema_that_does_not_load_fails_the_rehearsal_naming_the_statement(
+        sandbox: Sandbox, tmp_path: Path) -> None:
+    schema = tmp_path / "app.sql"
+    schema.write_text("CREATE TABLE accounts (uuid varchar(36) PRIMARY KEY);\n"
+                      "CREATE TABLE orders (account_uuid varchar(36) REFERENCES acounts);\n")
+    result = CliRunner().invoke(main, [
+        "--operation=rehearse", f"--schema-from={schema}", "--key=accounts.uuid",
+        "--database-url", sandbox.admin_dsn_for("postgres"),
+        "--log-file", str(tmp_path / "log"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert f"error: {schema}, line 2: CREATE TABLE orders" in result.output
+    assert 'relation "acounts" does not exist' in result.output
+    with connected(sandbox.admin_dsn_for("postgres")) as conn, conn.cursor() as cur:
+        cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'uuidmig_rehearse%'")
+        assert cur.fetchall() == []  # its scratch database dropped
