@@ -10,7 +10,7 @@ import subprocess
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 from click.testing import CliRunner
@@ -18,9 +18,11 @@ from psycopg2.extensions import parse_dsn
 
 from migration.cli import main
 from migration.connection import connected
-from migration.plan import parse_key
+from migration.plan import build_plan, parse_key
 from migration.preflight import validate_schema
+from migration.rehearsal import rehearse as rehearse_module
 from migration.rehearsal import schema_source
+from migration.rehearsal.generate import GenerateError
 from migration.rehearsal.inventory import inventory
 from migration.rehearsal.rehearse import RehearsalOptions, parse_production_rows, rehearse
 from migration.rehearsal.report import Report, write_report
@@ -367,3 +369,32 @@ def test_a_schema_that_does_not_load_fails_the_rehearsal_naming_the_statement(
     with connected(sandbox.admin_dsn_for("postgres")) as conn, conn.cursor() as cur:
         cur.execute("SELECT datname FROM pg_database WHERE datname LIKE 'uuidmig_rehearse%'")
         assert cur.fetchall() == []  # its scratch database dropped
+
+
+def test_a_schema_no_data_can_be_made_for_fails_the_rehearsal(sandbox: Sandbox,
+                                                              tmp_path: Path) -> None:
+    schema = tmp_path / "app.sql"
+    schema.write_text("CREATE TABLE accounts (uuid varchar(36) PRIMARY KEY,\n"
+                      "    n int NOT NULL CHECK (n > 5 AND n < 3));\n")
+    result = CliRunner().invoke(main, [
+        "--operation=rehearse", f"--schema-from={schema}", "--key=accounts.uuid",
+        "--database-url", sandbox.admin_dsn_for("postgres"),
+        "--log-file", str(tmp_path / "log"), "--quiet"])
+    assert result.exit_code == 1, result.output
+    assert ("error: rehearse could not generate data for the schema: public.accounts"
+            in result.output)
+
+
+def test_smoke_writes_that_cannot_be_made_fail_the_rehearsal(
+        legacy_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_row(*args: Any) -> NoReturn:
+        raise GenerateError("public.tags: the generated rows were refused: ...")
+
+    monkeypatch.setattr(rehearse_module, "smoke_writes", no_row)
+    with connected(legacy_db) as conn:
+        plan = build_plan(conn)
+    run = rehearse_module.smoke_run(legacy_db, plan, "full_migration")
+    report = Report(server="", users=1, dirty=False, smoke=[run])
+    assert report.problems()[1:] == ["smoke write after full_migration: generate public.users "
+                                 "(key bound -): public.tags: the generated rows were "
+                                 "refused: ..."]

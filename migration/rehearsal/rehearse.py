@@ -64,7 +64,7 @@ from migration.operations import OPERATIONS, quarantine_orphans, run
 from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan, build_plan, parse_key
 from migration.rehearsal import schema_source, throwaway
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
-from migration.rehearsal.generate import populate
+from migration.rehearsal.generate import GenerateError, populate
 from migration.rehearsal.inventory import inventory
 from migration.rehearsal.report import (
     BATCHED_STEPS,
@@ -74,6 +74,7 @@ from migration.rehearsal.report import (
     RollbackCheck,
     Run,
     SmokeRun,
+    SmokeWrite,
     StepTiming,
     as_json,
     render_text,
@@ -391,9 +392,12 @@ def load_application_schema(scratch: Scratch, options: RehearsalOptions, report:
 
 def smoke_run(dsn: str, plan: Plan, after: str) -> SmokeRun:
     """The smoke writes on every table of ``plan`` in the database of ``dsn``."""
-    with connected(_on(dsn)) as conn:
-        results = smoke_writes(conn, plan)
-        conn.rollback()
+    try:
+        with connected(_on(dsn)) as conn:
+            results = smoke_writes(conn, plan)
+    except GenerateError as exc:  # no row could be made: no write was tried, say why
+        return SmokeRun(after, [SmokeWrite(str(plan.parent.table), "generate", "-", ok=False,
+                                           error=str(exc))])
     return SmokeRun.of(after, results, binding_failures(results))
 
 
@@ -793,6 +797,9 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         return EXIT_USAGE
     except schema_source.SchemaSourceError as exc:  # --schema-from could not be loaded
         click.echo(f"error: {exc.message}\nnext: {exc.hint}", err=True)
+        return EXIT_FAILED
+    except GenerateError as exc:  # --schema-from: no data could be generated for it
+        click.echo(f"error: rehearse could not generate data for the schema: {exc}", err=True)
         return EXIT_FAILED
     except MigrationError as exc:  # --database-url: a role without CREATEDB
         click.echo(f"error: {exc.message}\nnext: {exc.hint}", err=True)
