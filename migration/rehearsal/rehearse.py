@@ -719,6 +719,8 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
         report.ready, report.ready_message = validate(session)
         plan = session.plan
         report.dependents = inventory(session.conn, plan, report.ready)
+    if not any(f.check == "orphans" for f in report.ready):  # the remedies removed them all
+        orphans = options.orphans
     say(f"rehearse: after {len(report.remedies)} remedies, "
         f"{step_message('validate_schema', report.ready_message)}")
     if report.unremedied or failures(report.ready):
