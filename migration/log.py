@@ -21,7 +21,7 @@ from psycopg2.extras import Json
 
 from migration import catalog
 from migration.connection import Connection
-from migration.model import RUNBOOK_KEY, Table, quote_ident
+from migration.model import RUNBOOK_KEY, KeyColumn, Table
 
 LOG_TABLE = "migration_log"
 KEY_COLUMN = "key_column"
@@ -65,7 +65,8 @@ class LogEntry:
 def runbook_key_spec(schema: str) -> str:
     """The runbook's key, ``users.id`` in ``schema``, as the log names it: what an entry
     written before the log named keys belongs to."""
-    return ".".join(quote_ident(part) for part in (schema, *RUNBOOK_KEY))
+    table, column = RUNBOOK_KEY
+    return KeyColumn(Table(schema, table), column).spec
 
 
 def of_key(conn: Connection, schema: str, key: str) -> sql.Composable:
