@@ -195,7 +195,7 @@ def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
     assert "2 quarantined rows restored" in report.rollbacks[-1].message
     # the smoke writes, on the runbook's tables too: after each rollback and the migration
     assert [run.after for run in report.smoke] == [
-        *(f"rollback after {stage}" for stage in STAGES), "full_migration"]
+        *(f"rollback from {stage}" for stage in STAGES), "full_migration"]
     assert {w.table for w in report.smoke[-1].writes} == {
         f"public.{t}" for t in report.rows}
     assert [w for run in report.smoke for w in run.writes if run.broken(w)] == []

@@ -211,7 +211,7 @@ def test_keycloak_rehearsal_passes_with_smoke_writes(keycloak_report: Report,
     assert all(r.passed for r in report.rollbacks)
     # smoke writes after every rollback and after the final migration, on every plan table
     assert [run.after for run in report.smoke] == [
-        *(f"rollback after {r.stage}" for r in report.rollbacks), "full_migration"]
+        *(f"rollback from {r.stage}" for r in report.rollbacks), "full_migration"]
     final = report.smoke[-1]
     assert {w.table for w in final.writes} == {
         f"public.{t}" for t in ("user_entity", "credential", "user_attribute",
@@ -233,7 +233,8 @@ def test_keycloak_rehearsal_passes_with_smoke_writes(keycloak_report: Report,
         write_report(tmp_path / f"r{suffix}", report)
     markdown, data, junit = parse_reports(tmp_path)
     assert markdown.startswith("# UUID migration rehearsal: PASSED")
-    assert "## Smoke writes after full_migration" in markdown
+    assert "## Smoke writes after full_migration, those refused" in markdown
+    assert "| rollback from migrate_users | 48 | 0 | 0 |" in markdown
     assert "## Objects depending on the key columns: carried or refused" in markdown
     assert data["passed"] is True
     assert data["smoke"][-1]["after"] == "full_migration"

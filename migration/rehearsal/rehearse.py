@@ -660,7 +660,7 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
         with connected(scratch.dsn(name), autocommit=True) as conn:
             differences = baseline.diff(fingerprint(conn))
         if smoke is not None:
-            smoke.append(smoke_run(scratch.dsn(name), plan, f"rollback after {stage}"))
+            smoke.append(smoke_run(scratch.dsn(name), plan, f"rollback from {stage}"))
     except (MigrationError, psycopg2.Error) as exc:
         return RollbackCheck(stage, passed=False, message=_error(exc))
     finally:

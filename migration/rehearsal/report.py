@@ -249,12 +249,12 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
                              header=("step", "time", "rows", "rows/s"),
                              rows=_steps_rows(report.final.steps)))
     parts.append(_projection_section(report.projection))
-    return parts + schema_from_sections(report)
+    return parts + schema_from_sections(report, verbose=verbose)
 
 
 # --- --schema-from: the objects on the key columns, and the smoke writes -------------------------
 
-def schema_from_sections(report: Report) -> list[Section]:
+def schema_from_sections(report: Report, *, verbose: bool = False) -> list[Section]:
     parts = []
     if report.schema_source:
         parts.append(Section(f"Schema from {report.schema_source}, key {report.key}",
@@ -266,14 +266,23 @@ def schema_from_sections(report: Report) -> list[Section]:
             header=("column", "object", "migration", "how / why"),
             rows=[(d.column, d.what, "carried" if d.carried else "REFUSED", d.how)
                   for d in report.dependents]))
-    for run in report.smoke:
+    if report.smoke:
         parts.append(Section(
-            f"Smoke writes after {run.after} (INSERT, UPDATE, DELETE of a generated row per "
-            "table, rolled back)",
-            header=("table", "write", "key bound as", "result"),
-            rows=[(w.table, w.operation, w.binding,
-                   "ok" if w.ok else ("compatibility note: " if run.compatibility(w)
-                                      else "FAILED: ") + w.error) for w in run.writes]))
+            "Smoke writes (INSERT, UPDATE, DELETE of a generated row in each table of the plan, "
+            "rolled back; the key bound untyped and as varchar)",
+            header=("after", "passed", "varchar only (compatibility)", "failed"),
+            rows=[(run.after, str(sum(w.ok for w in run.writes)),
+                   str(sum(run.compatibility(w) for w in run.writes)),
+                   str(sum(run.broken(w) for w in run.writes))) for run in report.smoke]))
+    for run in report.smoke:
+        shown = [w for w in run.writes if verbose or not w.ok]
+        if shown:
+            parts.append(Section(
+                f"Smoke writes after {run.after}" + ("" if verbose else ", those refused"),
+                header=("table", "write", "key bound as", "result"),
+                rows=[(w.table, w.operation, w.binding,
+                       "ok" if w.ok else ("compatibility note: " if run.compatibility(w)
+                                          else "FAILED: ") + w.error) for w in shown]))
     notes = report.compatibility_notes()
     if notes:
         parts.append(Section("Application compatibility", notes))
