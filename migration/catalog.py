@@ -252,9 +252,10 @@ UUID_FORMAT_HINT = (
 def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
     """Objects that depend on the column and that the swap cannot carry over.
 
-    Views and rules, triggers, exclusion constraints, statistics objects and
-    generated columns that mention the column would make ``DROP COLUMN`` fail
-    or silently change meaning; they must be dealt with by a person first.
+    Rules, triggers, exclusion constraints, statistics objects and generated
+    columns that mention the column would make ``DROP COLUMN`` fail or silently
+    change meaning; they must be dealt with by a person first.  Views (and
+    materialized views) are judged by ``views.blockers``.
     CHECK constraints, row-level security policies and expression indexes are
     carried when their definitions compile with the column as uuid
     (``compiles_as_uuid``), and are blockers only when they do not.
@@ -269,8 +270,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
             )
             SELECT DISTINCT CASE d.classid
                 WHEN 'pg_rewrite'::regclass THEN
-                    'view or rule ' || (SELECT ev_class::regclass::text FROM pg_rewrite
-                                        WHERE oid = d.objid)
+                    (SELECT 'rule ' || rulename || ' on ' || ev_class::regclass::text
+                     FROM pg_rewrite WHERE oid = d.objid)
                 WHEN 'pg_trigger'::regclass THEN
                     (SELECT 'trigger ' || tgname || CASE WHEN tgrelid = col.attrelid THEN ''
                             ELSE ' on ' || tgrelid::regclass::text END
@@ -301,6 +302,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                        AND d.objid IN (SELECT indexrelid FROM pg_index
                                        WHERE indrelid = col.attrelid))
               AND NOT (d.classid = 'pg_attrdef'::regclass)
+              AND NOT (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_rewrite WHERE rulename = '_RETURN'))
               AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
                     SELECT oid FROM pg_constraint WHERE contype IN ('p', 'u', 'f', 'n')))
               AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (

@@ -200,6 +200,19 @@ def _policy_text(state: Entry) -> str:
     return text + (f" WITH CHECK ({state['with_check']})" if state["with_check"] else "")
 
 
+def _view_text(state: Entry) -> str:
+    options = f" WITH ({', '.join(state['options'])})" if state["options"] else ""
+    extras = [f"owner {state['owner']}"]
+    extras += [] if state["acl"] is None else [
+        "grants " + ", ".join(f"{privilege} to {grantee or 'PUBLIC'}"
+                              + (" with grant option" if grantable else "")
+                              for grantee, privilege, grantable in state["acl"])]
+    extras += [] if state["comment"] is None else [f"comment {state['comment']!r}"]
+    extras += [f"comment on {column} {text!r}" for column, text in state["column_comments"]]
+    extras += [] if state["works"] else ["a SELECT from it fails"]
+    return f"{options} AS {state['definition']} ({'; '.join(extras)})".lstrip()
+
+
 def _primary_key_text(state: Entry) -> str:
     return "none" if state["name"] is None else f"CONSTRAINT {state['name']} {state['definition']}"
 
@@ -231,6 +244,14 @@ COMPARISONS = {
         _same, _publication_text,
         "ALTER PUBLICATION ... ADD TABLE (or SET TABLE) as recorded; subscribers may need "
         "ALTER SUBSCRIPTION ... REFRESH PUBLICATION"),
+    "views": Comparison(
+        "views", recorded.VIEWS, "view", _view_text,
+        lambda want, have: (recorded.same_view_definition(want["definition"],
+                                                          have["definition"])
+                            and {**want, "definition": ""} == {**have, "definition": ""}),
+        _view_text,
+        "create the view again as recorded (its definition, options, owner, privileges and "
+        "comments are in migration_log), or rollback"),
     "policies": Comparison(
         "policies", recorded.POLICIES, "policy", _policy_text, _same, _policy_text,
         "recreate the policy as recorded (CREATE POLICY)"),
@@ -558,6 +579,10 @@ CHECKS: tuple[Check, ...] = (
     Check(_compare("publications"), {
         "publications": "each table is in the recorded publications, with the same column "
                         "lists and row filters"}),
+    Check(_compare("views"), {
+        "views": "each recorded view over a key column exists with the same definition (up to "
+                 "the column's type), options, owner, privileges and comments, and a SELECT "
+                 "from it runs"}),
     Check(_compare("policies"), {
         "policies": "each recorded row level security policy exists unchanged"}),
     Check(no_orphans, {"no_orphans": "no child row refers to a missing user"}),

@@ -3,9 +3,9 @@
 ``backup_data`` records, for every table of the plan, the objects the swap
 drops and recreates or could disturb: the primary key, the indexes and
 foreign keys that involve a key column, the replica identity, publication
-membership and RLS policies.  The record goes to ``migration_log`` (it
-outlives ``cleanup_backup``), and the checks look each recorded object up
-again by name: one reader for both sides, so a difference is a change in the
+membership, RLS policies and the views over the key columns.  The record goes
+to ``migration_log`` (it outlives ``cleanup_backup``), and the checks look
+each recorded object up again by name: one reader for both sides, so a difference is a change in the
 database, never in how it was read.
 
 Each kind of object is a ``Kind``: how to list the objects of a plan (their
@@ -15,14 +15,16 @@ when it is gone).  A record entry is the identity and the state together.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog
+from migration import catalog, views
 from migration.model import Table
 from migration.plan import Plan
 
@@ -168,6 +170,51 @@ def policy_now(cur: Cursor, entry: Entry) -> Entry | None:
     return None if not found else {k: v for k, v in found[0].items() if k != "name"}
 
 
+# --- views over a key column (and views over those) ----------------------------------------
+
+def _view_names(cur: Cursor, plan: Plan) -> list[Entry]:
+    keys = [key for key in plan.columns if catalog.table_exists(cur.connection, key.table)]
+    return [{"view": str(view.view)} for view in views.dependent_views(cur.connection, keys)
+            if not view.materialized]
+
+
+_CASTS = re.compile(r"::(?:uuid|text|name|bpchar|varchar|character varying|character)"
+                    r"(?:\(\d+\))?(?![\w$])")
+
+
+def same_view_definition(one: str, other: str) -> bool:
+    """Whether two deparsed view definitions are the same up to the key's type: the server
+    prints the casts a string column needs (``(t.user_id)::text = (u.id)::text``) and a
+    uuid one does not (``t.user_id = u.id``)."""
+    def bare(text: str) -> str:
+        return re.sub(r"[\s()]", "", _CASTS.sub("", text))
+
+    return bare(one) == bare(other)
+
+
+def view_now(cur: Cursor, entry: Entry) -> Entry | None:
+    """The view's definition, options, owner, privileges and comments, and whether a
+    SELECT from it runs (``works``)."""
+    name = entry["view"]
+    row = _one(cur, "SELECT oid FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'v'",
+               (catalog.regclass(Table(*name.split(".", 1))),))
+    if row is None:
+        return None
+    view = views.read(cur, row[0])
+    cur.execute("SAVEPOINT view_works")
+    try:
+        cur.execute(sql.SQL("SELECT * FROM {} LIMIT 1").format(view.view.ident))
+        works = True
+    except psycopg2.Error:
+        works = False
+    cur.execute("ROLLBACK TO SAVEPOINT view_works")
+    return {"definition": view.definition, "options": sorted(view.options),
+            "owner": view.owner,
+            "acl": None if view.acl is None else [list(grant) for grant in view.acl],
+            "comment": view.comment,
+            "column_comments": [list(pair) for pair in view.column_comments], "works": works}
+
+
 # --- the kinds, and the record ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -198,7 +245,8 @@ REPLICA_IDENTITY = Kind("replica_identity", ("table",), _table_names, replica_id
 PUBLICATIONS = Kind("publications", ("table", "publication"), _publication_names,
                     publication_now)
 POLICIES = Kind("policies", ("table", "name"), _policy_names, policy_now)
-KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES)
+VIEWS = Kind("views", ("view",), _view_names, view_now)
+KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES, VIEWS)
 
 
 def record(cur: Cursor, plan: Plan) -> dict[str, Any]:

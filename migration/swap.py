@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog
+from migration import backup, catalog, views
 from migration.connection import Connection
 from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
@@ -86,6 +86,7 @@ def swap(session: Session, plan: Plan) -> None:
 
 def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     conn = cur.connection
+    views.lock(cur, views.dependent_views(conn, plan.columns))
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
     for table in (plan.parent.table, *children):
         cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
@@ -100,15 +101,18 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
                                                                                    key.table),
                           shadow_checks(conn, key))
                for key in plan.columns]
+    carried_views = views.dependent_views(conn, plan.columns)  # read under the locks
     for policy in policies:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
                                                            policy.table.ident))
+    views.drop(cur, carried_views)
     for fk in references:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             fk.child.table.ident, sql.Identifier(fk.original.name)))
     session.point("swap")
     for column in columns:
         _swap_column(cur, session, column)
+    views.create(cur, carried_views)
     for fk in references:
         _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(

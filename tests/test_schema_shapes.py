@@ -145,7 +145,7 @@ def test_a_generated_column_on_a_key_is_refused_by_name(legacy_db: str) -> None:
 def test_every_blocker_of_every_column_is_named_in_one_refusal(legacy_db: str) -> None:
     seeded(legacy_db, UPDATED_AT,
            "ALTER TABLE users ADD CONSTRAINT users_id_given CHECK (coalesce(id, '') <> '')",
-           "CREATE VIEW active_reminders AS SELECT user_id, note FROM reminders",
+           "CREATE MATERIALIZED VIEW active_reminders AS SELECT user_id, note FROM reminders",
            "CREATE POLICY tagged_users ON tags USING "
            "(user_id IN (SELECT id FROM users WHERE is_active))",
            "ALTER TABLE journal_entries ADD COLUMN user_key text "
@@ -157,8 +157,8 @@ def test_every_blocker_of_every_column_is_named_in_one_refusal(legacy_db: str) -
             "[FAIL] blocker public.users.id: constraint users_id_given (CHECK",
             "[FAIL] blocker public.users.id: policy tagged_users on public.tags depends on "
             "the column and would not compile once id is uuid",
-            "[FAIL] blocker public.reminders.user_id: view or rule public.active_reminders "
-            "depends on the column",
+            "[FAIL] blocker public.reminders.user_id: materialized view "
+            "public.active_reminders depends on the column",
             "[FAIL] blocker public.journal_entries.user_id: generated column user_key depends "
             "on the column",
             "[FAIL] trigger_fires public.users.id: trigger users_updated_at on public.users"):
