@@ -141,6 +141,21 @@ def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...]) -
     return found
 
 
+def refuse(conn: Connection, columns: tuple[KeyColumn, ...]) -> None:
+    """Refuse (nothing changed) when the swap of ``columns`` could not carry every view
+    over them: the rollback after the swap runs no pre-flight, and asks this first."""
+    found: dict[str, Blocker] = {}
+    for key in columns:
+        found.update((blocker.what, blocker) for blocker in blockers(conn, key, columns))
+    conn.rollback()
+    if found:
+        raise MigrationError(
+            "refused, nothing was changed: " + "; ".join(
+                blocker.what + (f" ({blocker.reason})" if blocker.reason else "")
+                for blocker in found.values()),
+            hint=" / ".join(dict.fromkeys(blocker.hint for blocker in found.values())))
+
+
 def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
     """Objects depending on the views other than the views over them (which are carried),
     and views whose owner this role cannot drop and create them for."""

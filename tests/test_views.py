@@ -141,3 +141,22 @@ def test_views_that_cannot_be_carried_are_refused_at_once_by_name(legacy_db: str
     assert "REFRESH): carrying it would re-run its query" in text
     assert print_of(legacy_db, include_backup=True) == before
     assert execute(legacy_db, SHAPE) == views
+
+
+def test_a_view_that_would_not_compile_back_refuses_the_rollback(legacy_db: str) -> None:
+    """Made on uuid after the migration: on varchar, ``id = gen_random_uuid()`` has no
+    operator.  The rollback names it before it changes anything."""
+    seeded(legacy_db, VIEWS)
+    run_ok(legacy_db, "full_migration")
+    execute(legacy_db, "CREATE VIEW new_users AS SELECT email FROM user_tags "
+                       "WHERE id <> gen_random_uuid()")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "rollback")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert ("refused, nothing was changed: view public.new_users (would not compile once the "
+            "columns have their new types: operator does not exist: character varying <> "
+            "uuid)") in text, text
+    assert print_of(legacy_db, include_backup=True) == before
+    execute(legacy_db, "DROP VIEW new_users")
+    run_ok(legacy_db, "rollback")
