@@ -252,13 +252,13 @@ UUID_FORMAT_HINT = (
 def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
     """Objects that depend on the column and that the swap cannot carry over.
 
-    Rules, triggers, exclusion constraints, statistics objects and generated
-    columns that mention the column would make ``DROP COLUMN`` fail or silently
-    change meaning; they must be dealt with by a person first.  Views (and
-    materialized views) are judged by ``views.blockers``.
-    CHECK constraints, row-level security policies and expression indexes are
-    carried when their definitions compile with the column as uuid
-    (``compiles_as_uuid``), and are blockers only when they do not.
+    Rules, triggers, exclusion constraints and generated columns that mention
+    the column would make ``DROP COLUMN`` fail or silently change meaning; they
+    must be dealt with by a person first.  Views (and materialized views) are
+    judged by ``views.blockers``.  CHECK constraints, row-level security
+    policies, expression indexes and statistics objects are carried when their
+    definitions compile with the column as uuid (``compiles_as_uuid``), and are
+    blockers only when they do not.
     The engine's own sync trigger and fill proof are not counted.
     """
     with conn.cursor() as cur:
@@ -284,8 +284,6 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                     (SELECT 'constraint ' || conname || CASE WHEN conrelid = col.attrelid THEN ''
                             ELSE ' on ' || conrelid::regclass::text END
                      FROM pg_constraint WHERE oid = d.objid)
-                WHEN 'pg_statistic_ext'::regclass THEN
-                    'statistics ' || (SELECT stxname FROM pg_statistic_ext WHERE oid = d.objid)
                 WHEN 'pg_class'::regclass THEN
                     CASE WHEN d.objid = col.attrelid THEN 'generated column'
                          ELSE 'object ' || d.objid::regclass::text END
@@ -312,6 +310,7 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                     SELECT oid FROM pg_constraint WHERE conrelid = col.attrelid
                     AND contype = 'c'))
               AND NOT (d.classid = 'pg_policy'::regclass)
+              AND NOT (d.classid = 'pg_statistic_ext'::regclass)
             ORDER BY 1
             """,
             {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync")},
@@ -345,7 +344,47 @@ def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
                                   where=index.predicate)
         if reason:
             found.append(Blocker(f"expression index {index.name}", reason))
+    for statistics in statistics_on(conn, key):
+        reason = compiles_as_uuid(conn, key, key.table, select=statistics.expressions) \
+            if statistics.expressions else ""
+        if reason:
+            found.append(Blocker(f"statistics {statistics.name}", reason))
     return found
+
+
+@dataclass(frozen=True)
+class StatisticsDef:
+    """An extended statistics object (``CREATE STATISTICS``) over a key column."""
+
+    table: Table
+    schema: str
+    name: str
+    definition: str  # pg_get_statisticsobjdef: CREATE STATISTICS ... ON ... FROM ...
+    expressions: str | None  # its expressions (PostgreSQL 14+), comma-separated
+    target: int | None  # ALTER STATISTICS ... SET STATISTICS; None: the default
+    owner: str
+    comment: str | None
+
+
+def statistics_on(conn: Connection, key: KeyColumn) -> list[StatisticsDef]:
+    """The statistics objects of the key's table that cover the column or use it in an
+    expression (``DROP COLUMN`` would drop them, or narrow them to the other columns)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT n.nspname, s.stxname, pg_get_statisticsobjdef(s.oid),
+                   array_to_string(pg_get_statisticsobjdef_expressions(s.oid), ', '),
+                   nullif(s.stxstattarget, -1), pg_get_userbyid(s.stxowner),
+                   obj_description(s.oid, 'pg_statistic_ext')
+            FROM pg_attribute a
+            JOIN pg_depend d ON d.classid = 'pg_statistic_ext'::regclass
+                 AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+            JOIN pg_statistic_ext s ON s.oid = d.objid
+            JOIN pg_namespace n ON n.oid = s.stxnamespace
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1, 2
+            """, (regclass(key.table), key.column))
+        return [StatisticsDef(key.table, *row) for row in cur.fetchall()]
 
 
 NOT_COMPILING = (psycopg2.errors.UndefinedFunction, psycopg2.errors.DatatypeMismatch,

@@ -200,6 +200,16 @@ def _policy_text(state: Entry) -> str:
     return text + (f" WITH CHECK ({state['with_check']})" if state["with_check"] else "")
 
 
+def _statistics_text(state: Entry) -> str:
+    extras = [f"owner {state['owner']}"]
+    extras += [] if state["target"] is None else [f"statistics target {state['target']}"]
+    extras += [] if state["comment"] is None else [f"comment {state['comment']!r}"]
+    kinds = {"d": "ndistinct", "f": "dependencies", "m": "mcv", "e": "expressions"}
+    what = ", ".join([*state["columns"], *(state["expressions"] or [])])
+    return (f"({', '.join(kinds.get(kind, kind) for kind in state['kinds'])}) ON {what} "
+            f"({'; '.join(extras)})")
+
+
 def _view_text(state: Entry) -> str:
     options = f" WITH ({', '.join(state['options'])})" if state["options"] else ""
     extras = [f"owner {state['owner']}"]
@@ -252,6 +262,9 @@ COMPARISONS = {
         _view_text,
         "create the view again as recorded (its definition, options, owner, privileges and "
         "comments are in migration_log), or rollback"),
+    "statistics": Comparison(
+        "statistics", recorded.STATISTICS, "statistics object", _statistics_text, _same,
+        _statistics_text, "create it again as recorded (CREATE STATISTICS), then ANALYZE"),
     "policies": Comparison(
         "policies", recorded.POLICIES, "policy", _policy_text, _same, _policy_text,
         "recreate the policy as recorded (CREATE POLICY)"),
@@ -583,6 +596,9 @@ CHECKS: tuple[Check, ...] = (
         "views": "each recorded view over a key column exists with the same definition (up to "
                  "the column's type), options, owner, privileges and comments, and a SELECT "
                  "from it runs"}),
+    Check(_compare("statistics"), {
+        "statistics": "each recorded statistics object over a key column exists with the same "
+                      "definition, target, owner and comment"}),
     Check(_compare("policies"), {
         "policies": "each recorded row level security policy exists unchanged"}),
     Check(no_orphans, {"no_orphans": "no child row refers to a missing user"}),

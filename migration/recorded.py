@@ -3,9 +3,10 @@
 ``backup_data`` records, for every table of the plan, the objects the swap
 drops and recreates or could disturb: the primary key, the indexes and
 foreign keys that involve a key column, the replica identity, publication
-membership, RLS policies and the views over the key columns.  The record goes
-to ``migration_log`` (it outlives ``cleanup_backup``), and the checks look
-each recorded object up again by name: one reader for both sides, so a difference is a change in the
+membership, RLS policies, and the views and statistics objects over the key
+columns.  The record goes to ``migration_log`` (it outlives
+``cleanup_backup``), and the checks look each recorded object up again by
+name: one reader for both sides, so a difference is a change in the
 database, never in how it was read.
 
 Each kind of object is a ``Kind``: how to list the objects of a plan (their
@@ -215,6 +216,31 @@ def view_now(cur: Cursor, entry: Entry) -> Entry | None:
             "column_comments": [list(pair) for pair in view.column_comments], "works": works}
 
 
+# --- statistics objects over a key column ---------------------------------------------------
+
+def _statistics_names(cur: Cursor, plan: Plan) -> list[Entry]:
+    found = {(str(key.table), f"{stats.schema}.{stats.name}") for key in plan.columns
+             if catalog.table_exists(cur.connection, key.table)
+             for stats in catalog.statistics_on(cur.connection, key)}
+    return [{"table": table, "name": name} for table, name in sorted(found)]
+
+
+def statistics_now(cur: Cursor, entry: Entry) -> Entry | None:
+    schema, name = entry["name"].split(".", 1)
+    row = _one(cur, "SELECT s.stxkind::text[], ARRAY(SELECT a.attname::text FROM pg_attribute a "
+                    "WHERE a.attrelid = s.stxrelid AND a.attnum = ANY (s.stxkeys) ORDER BY 1), "
+                    "pg_get_statisticsobjdef_expressions(s.oid), nullif(s.stxstattarget, -1), "
+                    "pg_get_userbyid(s.stxowner), obj_description(s.oid, 'pg_statistic_ext') "
+                    "FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace "
+                    "WHERE n.nspname = %s AND s.stxname = %s AND s.stxrelid = to_regclass(%s)",
+               (schema, name, catalog.regclass(_table(entry))))
+    # the columns as a set: the server lists them in the table's order, which the swap
+    # changes (the column swapped moves to the end)
+    return None if row is None else {
+        "kinds": sorted(row[0]), "columns": row[1], "expressions": row[2], "target": row[3],
+        "owner": row[4], "comment": row[5]}
+
+
 # --- the kinds, and the record ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -246,7 +272,9 @@ PUBLICATIONS = Kind("publications", ("table", "publication"), _publication_names
                     publication_now)
 POLICIES = Kind("policies", ("table", "name"), _policy_names, policy_now)
 VIEWS = Kind("views", ("view",), _view_names, view_now)
-KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES, VIEWS)
+STATISTICS = Kind("statistics", ("table", "name"), _statistics_names, statistics_now)
+KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES, VIEWS,
+         STATISTICS)
 
 
 def record(cur: Cursor, plan: Plan) -> dict[str, Any]:

@@ -5,15 +5,22 @@ Everything that scans or builds was done by ``expand`` while the application
 wrote; what is left is catalog work, so the exclusive locks are held for
 milliseconds whatever the tables' sizes:
 
-1. lock the tables, parent first, then the children in name order;
-2. drop the old foreign keys to the parent key (their copies are in force);
+1. lock the views over the columns (``views``), outermost first, then the
+   tables, parent first, then the children in name order;
+2. drop the old foreign keys to the parent key (their copies are in force),
+   the policies, the views and the statistics objects over the columns;
 3. for each column: drop its sync trigger and the old column (its indexes,
    constraints and the fill proof go with it), rename the copy, ``SET NOT
    NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
    column grants and comments; each index copy takes its original's name, and
    a primary key or unique constraint comes back ``USING INDEX``; replica
    identity follows its index;
-4. the FK copies take their originals' names.
+4. the views and statistics objects are created again from the server's own
+   text, read in this transaction; the FK copies take their originals' names;
+   the policies are created again.
+
+After the commit the tables with statistics objects are analyzed (a lock
+that blocks neither reads nor writes): the objects created again are empty.
 
 No foreign key is ever missing: until the commit the old ones are enforced,
 after it the copies, which were validated before.  The transaction runs
@@ -43,7 +50,7 @@ from migration.expand import (
     stage,
 )
 from migration.log import logger
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.plan import Plan
 from migration.session import Session
 
@@ -78,13 +85,17 @@ def swap(session: Session, plan: Plan) -> None:
                              hint="run migrate_users, then migrate_foreign_keys")
     for key in plan.columns:  # the last of the expand: its scans are done before the swap
         copy_checks(session, key)
-    session.ddl("swap", lambda cur: _swap(cur, session, plan))
+    analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan))
+    for table in analyze:  # the statistics objects carried are empty until then
+        with session.transaction() as cur:
+            cur.execute(sql.SQL("ANALYZE {}").format(table.ident))
     logger.info("%s and %s column(s) referring to it swapped %s", plan.parent,
                 len(plan.children), "back to their string types" if plan.parent.back
                 else "to uuid")
 
 
-def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
+def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
+    """The swap's transaction; the tables whose statistics objects it created again."""
     conn = cur.connection
     views.lock(cur, views.dependent_views(conn, plan.columns))
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
@@ -106,6 +117,12 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
                                                            policy.table.ident))
     views.drop(cur, carried_views)
+    statistics = sorted({found for key in plan.columns
+                         for found in catalog.statistics_on(conn, key)},
+                        key=lambda found: (found.schema, found.name))
+    for found in statistics:
+        cur.execute(sql.SQL("DROP STATISTICS {}").format(
+            sql.Identifier(found.schema, found.name)))
     for fk in references:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             fk.child.table.ident, sql.Identifier(fk.original.name)))
@@ -113,6 +130,8 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     for column in columns:
         _swap_column(cur, session, column)
     views.create(cur, carried_views)
+    for found in statistics:
+        _create_statistics(cur, found)
     for fk in references:
         _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
@@ -120,6 +139,22 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     for policy in policies:
         _create_policy(cur, policy)
     session.point("swap")
+    return sorted({found.table for found in statistics})
+
+
+def _create_statistics(cur: Cursor, found: catalog.StatisticsDef) -> None:
+    """A statistics object again, from the server's own text read in this transaction
+    (it names the column, which now has the new type); its target, owner and comment."""
+    name = sql.Identifier(found.schema, found.name)
+    cur.execute(sql.SQL(found.definition))
+    if found.target is not None:
+        cur.execute(sql.SQL("ALTER STATISTICS {} SET STATISTICS {}").format(
+            name, sql.Literal(found.target)))
+    cur.execute("SELECT current_user::text")
+    if (cur.fetchone() or [None])[0] != found.owner:
+        cur.execute(sql.SQL("ALTER STATISTICS {} OWNER TO {}").format(
+            name, sql.Identifier(found.owner)))
+    _comment(cur, sql.SQL("STATISTICS {}").format(name), found.comment)
 
 
 def _lock_policy_tables(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
