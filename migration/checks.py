@@ -211,16 +211,9 @@ def _statistics_text(state: Entry) -> str:
 
 
 def _view_text(state: Entry) -> str:
-    options = f" WITH ({', '.join(state['options'])})" if state["options"] else ""
-    extras = [f"owner {state['owner']}"]
-    extras += [] if state["acl"] is None else [
-        "grants " + ", ".join(f"{privilege} to {grantee or 'PUBLIC'}"
-                              + (" with grant option" if grantable else "")
-                              for grantee, privilege, grantable in state["acl"])]
-    extras += [] if state["comment"] is None else [f"comment {state['comment']!r}"]
-    extras += [f"comment on {column} {text!r}" for column, text in state["column_comments"]]
-    extras += [] if state["works"] else ["a SELECT from it fails"]
-    return f"{options} AS {state['definition']} ({'; '.join(extras)})".lstrip()
+    options = f"WITH ({', '.join(state['options'])}) " if state["options"] else ""
+    return (f"{options}AS {state['definition']}"
+            + ("" if state["works"] else " (a SELECT from it fails)"))
 
 
 def _primary_key_text(state: Entry) -> str:
@@ -260,8 +253,7 @@ COMPARISONS = {
                                                           have["definition"])
                             and {**want, "definition": ""} == {**have, "definition": ""}),
         _view_text,
-        "create the view again as recorded (its definition, options, owner, privileges and "
-        "comments are in migration_log), or rollback"),
+        "create the view again as recorded (CREATE OR REPLACE VIEW), or rollback"),
     "statistics": Comparison(
         "statistics", recorded.STATISTICS, "statistics object", _statistics_text, _same,
         _statistics_text, "create it again as recorded (CREATE STATISTICS), then ANALYZE"),
@@ -594,8 +586,7 @@ CHECKS: tuple[Check, ...] = (
                         "lists and row filters"}),
     Check(_compare("views"), {
         "views": "each recorded view over a key column exists with the same definition (up to "
-                 "the column's type), options, owner, privileges and comments, and a SELECT "
-                 "from it runs"}),
+                 "the column's type) and options, and a SELECT from it runs"}),
     Check(_compare("statistics"), {
         "statistics": "each recorded statistics object over a key column exists with the same "
                       "definition, target, owner and comment"}),

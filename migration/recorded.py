@@ -194,8 +194,9 @@ def same_view_definition(one: str, other: str) -> bool:
 
 
 def view_now(cur: Cursor, entry: Entry) -> Entry | None:
-    """The view's definition, options, owner, privileges and comments, and whether a
-    SELECT from it runs (``works``)."""
+    """The view's definition and options, and whether a SELECT from it runs (``works``).
+    Its owner, privileges and comments are the application's to change afterwards (the
+    swap carries them; the tests prove it)."""
     name = entry["view"]
     row = _one(cur, "SELECT oid FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'v'",
                (catalog.regclass(Table(*name.split(".", 1))),))
@@ -209,11 +210,7 @@ def view_now(cur: Cursor, entry: Entry) -> Entry | None:
     except psycopg2.Error:
         works = False
     cur.execute("ROLLBACK TO SAVEPOINT view_works")
-    return {"definition": view.definition, "options": sorted(view.options),
-            "owner": view.owner,
-            "acl": None if view.acl is None else [list(grant) for grant in view.acl],
-            "comment": view.comment,
-            "column_comments": [list(pair) for pair in view.column_comments], "works": works}
+    return {"definition": view.definition, "options": sorted(view.options), "works": works}
 
 
 # --- statistics objects over a key column ---------------------------------------------------
