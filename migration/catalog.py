@@ -256,9 +256,10 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
     the column would make ``DROP COLUMN`` fail or silently change meaning; they
     must be dealt with by a person first.  Views (and materialized views) are
     judged by ``views.blockers``.  CHECK constraints, row-level security
-    policies, expression indexes and statistics objects are carried when their
-    definitions compile with the column as uuid (``compiles_as_uuid``), and are
-    blockers only when they do not.
+    policies, expression indexes, statistics objects and publications' row
+    filters are carried when their definitions compile with the column as uuid
+    (``compiles_as_uuid``), and are blockers only when they do not; a
+    publication's column list is carried when this role may alter it.
     The engine's own sync trigger and fill proof are not counted.
     """
     with conn.cursor() as cur:
@@ -287,10 +288,6 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                 WHEN 'pg_class'::regclass THEN
                     CASE WHEN d.objid = col.attrelid THEN 'generated column'
                          ELSE 'object ' || d.objid::regclass::text END
-                WHEN 'pg_publication_rel'::regclass THEN
-                    (SELECT 'publication ' || p.pubname || ' (its column list)'
-                     FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
-                     WHERE r.oid = d.objid)
                 ELSE pg_describe_object(d.classid, d.objid, d.objsubid)
                 END
             FROM col
@@ -311,6 +308,7 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                     AND contype = 'c'))
               AND NOT (d.classid = 'pg_policy'::regclass)
               AND NOT (d.classid = 'pg_statistic_ext'::regclass)
+              AND NOT (d.classid = 'pg_publication_rel'::regclass)
             ORDER BY 1
             """,
             {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync")},
@@ -344,12 +342,60 @@ def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
                                   where=index.predicate)
         if reason:
             found.append(Blocker(f"expression index {index.name}", reason))
+    for published in publications_on(conn, key):
+        what = f"publication {published.publication} (its column list or row filter)"
+        if not published.may_alter:
+            found.append(Blocker(what, f"it is owned by {published.owner}, for whom this role "
+                                 "cannot take the table out and add it back in the swap",
+                                 "run the migration as a member of that role, or take the "
+                                 "table out of the publication before and add it back after"))
+        reason = compiles_as_uuid(conn, key, key.table, where=published.row_filter) \
+            if published.row_filter else ""
+        if reason:
+            found.append(Blocker(what, reason))
     for statistics in statistics_on(conn, key):
         reason = compiles_as_uuid(conn, key, key.table, select=statistics.expressions) \
             if statistics.expressions else ""
         if reason:
             found.append(Blocker(f"statistics {statistics.name}", reason))
     return found
+
+
+@dataclass(frozen=True)
+class PublishedTable:
+    """A table in a publication whose column list or row filter (PostgreSQL 15+) uses
+    a key column: dropping the column would take it out of the publication."""
+
+    publication: str
+    table: Table
+    columns: tuple[str, ...] | None  # None: all columns
+    row_filter: str | None
+    owner: str
+    may_alter: bool  # this role is a member of the publication's owner
+
+
+def publications_on(conn: Connection, key: KeyColumn) -> list[PublishedTable]:
+    """The publications whose column list or row filter of the key's table uses the column."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT p.pubname::text,
+                   CASE WHEN r.prattrs IS NULL THEN NULL ELSE ARRAY(
+                       SELECT c.attname::text FROM unnest(r.prattrs) k(attnum)
+                       JOIN pg_attribute c ON c.attrelid = r.prrelid AND c.attnum = k.attnum
+                       ORDER BY c.attnum) END,
+                   pg_get_expr(r.prqual, r.prrelid), pg_get_userbyid(p.pubowner),
+                   pg_has_role(p.pubowner, 'MEMBER')
+            FROM pg_attribute a
+            JOIN pg_depend d ON d.classid = 'pg_publication_rel'::regclass
+                 AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+            JOIN pg_publication_rel r ON r.oid = d.objid
+            JOIN pg_publication p ON p.oid = r.prpubid
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1
+            """, (regclass(key.table), key.column))
+        return [PublishedTable(name, key.table, None if columns is None else tuple(columns),
+                               *rest) for name, columns, *rest in cur.fetchall()]
 
 
 @dataclass(frozen=True)

@@ -8,16 +8,19 @@ milliseconds whatever the tables' sizes:
 1. lock the views over the columns (``views``), outermost first, then the
    tables, parent first, then the children in name order;
 2. drop the old foreign keys to the parent key (their copies are in force),
-   the policies, the views and the statistics objects over the columns;
+   the policies, the views and the statistics objects over the columns, and
+   the tables taken out of the publications whose column lists or row filters
+   use them;
 3. for each column: drop its sync trigger and the old column (its indexes,
    constraints and the fill proof go with it), rename the copy, ``SET NOT
    NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
    column grants and comments; each index copy takes its original's name, and
    a primary key or unique constraint comes back ``USING INDEX``; replica
    identity follows its index;
-4. the views and statistics objects are created again from the server's own
-   text, read in this transaction; the FK copies take their originals' names;
-   the policies are created again.
+4. the views and statistics objects are created again, and the tables put
+   back in their publications, from the server's own text read in this
+   transaction; the FK copies take their originals' names; the policies are
+   created again.
 
 After the commit the tables with statistics objects are analyzed (a lock
 that blocks neither reads nor writes): the objects created again are empty.
@@ -35,7 +38,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, views
+from migration import backup, catalog, sqlexpr, views
 from migration.connection import Connection
 from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
@@ -123,6 +126,12 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
     for found in statistics:
         cur.execute(sql.SQL("DROP STATISTICS {}").format(
             sql.Identifier(found.schema, found.name)))
+    published = sorted({entry for key in plan.columns
+                        for entry in catalog.publications_on(conn, key)},
+                       key=lambda entry: (entry.publication, entry.table))
+    for entry in published:
+        cur.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+            sql.Identifier(entry.publication), entry.table.ident))
     for fk in references:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             fk.child.table.ident, sql.Identifier(fk.original.name)))
@@ -132,6 +141,8 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
     views.create(cur, carried_views)
     for found in statistics:
         _create_statistics(cur, found)
+    for entry in published:
+        _publish(cur, entry)
     for fk in references:
         _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
@@ -140,6 +151,18 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
         _create_policy(cur, policy)
     session.point("swap")
     return sorted({found.table for found in statistics})
+
+
+def _publish(cur: Cursor, found: catalog.PublishedTable) -> None:
+    """The table back in the publication with its column list and row filter (the
+    server's own text, read in this transaction)."""
+    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+        sql.Identifier(found.publication), found.table.ident)
+    if found.columns is not None:
+        statement += sql.SQL(" ({})").format(sqlexpr.column_list(list(found.columns)))
+    if found.row_filter is not None:
+        statement += sql.SQL(" WHERE ({})").format(sql.SQL(found.row_filter))
+    cur.execute(statement)
 
 
 def _create_statistics(cur: Cursor, found: catalog.StatisticsDef) -> None:
