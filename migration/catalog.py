@@ -589,12 +589,14 @@ def generated_columns(conn: Connection, key: KeyColumn) -> list[str]:
 
 
 def relation_bytes(conn: Connection, table: Table) -> tuple[int, int]:
-    """(heap bytes, index bytes) of a table."""
+    """(heap bytes, index bytes) of a table; a partitioned table's are its partitions'
+    (at every level), for it holds no rows of its own."""
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT pg_table_size(to_regclass(%s)), pg_indexes_size(to_regclass(%s))",
-            (regclass(table), regclass(table)),
-        )
+            "SELECT coalesce(sum(pg_table_size(relid)), pg_table_size(to_regclass(%(t)s))), "
+            "coalesce(sum(pg_indexes_size(relid)), pg_indexes_size(to_regclass(%(t)s))) "
+            "FROM pg_partition_tree(to_regclass(%(t)s))",  # no rows for a plain table
+            {"t": regclass(table)})
         row = cur.fetchone()
     assert row is not None
     return int(row[0] or 0), int(row[1] or 0)
@@ -688,6 +690,18 @@ def replica_identity_index(conn: Connection, table: Table) -> str | None:
                     (regclass(table),))
         row = cur.fetchone()
     return None if row is None else str(row[0])
+
+
+def index_comment_and_identity(conn: Connection, table: Table,
+                               name: str) -> tuple[str | None, bool]:
+    """An index's comment, and whether it is its table's replica identity."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT obj_description(i.indexrelid, 'pg_class'), i.indisreplident "
+                    "FROM pg_index i WHERE i.indexrelid = to_regclass(%s) "
+                    "AND i.indrelid = to_regclass(%s)",
+                    (regclass(Table(table.schema, name)), regclass(table)))
+        row = cur.fetchone()
+    return (None, False) if row is None else (row[0], bool(row[1]))
 
 
 def comments(conn: Connection, table: Table, column: str) -> dict[tuple[str, str], str]:

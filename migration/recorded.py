@@ -106,6 +106,22 @@ def foreign_key_now(cur: Cursor, entry: Entry) -> Entry | None:
 
 # --- replica identity ------------------------------------------------------------------------
 
+def _tables_and_partitions(cur: Cursor, plan: Plan) -> list[Entry]:
+    """The plan's tables and, for a partitioned one, its partitions at every level (each
+    has a replica identity of its own)."""
+    found = []
+    for table in plan.tables:
+        found.append({"table": str(table)})
+        if catalog.table_exists(cur.connection, table):
+            cur.execute("SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) t "
+                        "JOIN pg_class c ON c.oid = t.relid "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE t.level > 0 AND c.relkind = 'r' ORDER BY 1, 2",
+                        (catalog.regclass(table),))
+            found += [{"table": str(Table(*row))} for row in cur.fetchall()]
+    return found
+
+
 def replica_identity_now(cur: Cursor, entry: Entry) -> Entry | None:
     """``relreplident`` (d, n, f, i) and the index flagged as identity, if any."""
     row = _one(cur, "SELECT c.relreplident::text, (SELECT ic.relname FROM pg_index i "
@@ -264,7 +280,8 @@ class Kind:
 PRIMARY_KEYS = Kind("primary_keys", ("table",), _table_names, primary_key_now)
 INDEXES = Kind("indexes", ("table", "name"), _index_names, index_now)
 FOREIGN_KEYS = Kind("foreign_keys", ("table", "name"), _foreign_key_names, foreign_key_now)
-REPLICA_IDENTITY = Kind("replica_identity", ("table",), _table_names, replica_identity_now)
+REPLICA_IDENTITY = Kind("replica_identity", ("table",), _tables_and_partitions,
+                        replica_identity_now)
 PUBLICATIONS = Kind("publications", ("table", "publication"), _publication_names,
                     publication_now)
 POLICIES = Kind("policies", ("table", "name"), _policy_names, policy_now)

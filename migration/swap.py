@@ -71,6 +71,9 @@ class ColumnSwap:
     indexes: list[ShadowIndex]
     replica_identity: str | None
     checks: list[ShadowCheck]
+    parts: dict[tuple[Table, str], tuple[str | None, bool]]
+    """A partitioned table's indexes' partitions, by (partition, index name): each one's
+    own comment, and whether it is its partition's replica identity."""
 
 
 def not_ready(session: Session, plan: Plan) -> list[str]:
@@ -108,13 +111,16 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
                    .get(("constraint", fk.original.name)) for fk in references}
-    columns = [ColumnSwap(key, _info(conn, key), catalog.column_grants(conn, key.table,
-                                                                      key.column),
-                          catalog.comments(conn, key.table, key.column),
-                          shadow_indexes(conn, key), catalog.replica_identity_index(conn,
-                                                                                   key.table),
-                          shadow_checks(conn, key))
-               for key in plan.columns]
+    columns = []
+    for key in plan.columns:
+        indexes = shadow_indexes(conn, key)
+        columns.append(ColumnSwap(
+            key, _info(conn, key), catalog.column_grants(conn, key.table, key.column),
+            catalog.comments(conn, key.table, key.column), indexes,
+            catalog.replica_identity_index(conn, key.table), shadow_checks(conn, key),
+            {(part.original.table, part.original.name): catalog.index_comment_and_identity(
+                conn, part.original.table, part.original.name)
+             for index in indexes for part in _parts(index)}))
     carried_views = views.dependent_views(conn, plan.columns)  # read under the locks
     for policy in policies:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
@@ -243,7 +249,7 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
     cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
         sql.Identifier(*table.strings, key.column)), (column.comments.get(("column", key.column)),))
     for index in column.indexes:
-        _take_name(cur, key, index, column.comments)
+        _take_name(cur, key, index, column.comments, column.parts)
         session.point(f"swap {key}")
     for check in column.checks:
         execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
@@ -265,7 +271,8 @@ def _recorded_default(cur: Cursor, key: KeyColumn) -> None:
 
 
 def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
-               comments: dict[tuple[str, str], str]) -> None:
+               comments: dict[tuple[str, str], str],
+               parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
     """The index copy becomes the original: its name, and the constraint it backed."""
     original = index.original
     if original.constraint_type:
@@ -281,19 +288,32 @@ def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
             sql.Identifier(original.name), key.table.ident),
             comments.get(("constraint", original.name)))
     else:
-        _rename_index(cur, index)
+        _rename_index(cur, index, parts)
     _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(key.table.schema, original.name)),
              comments.get(("index", original.name)))
 
 
-def _rename_index(cur: Cursor, index: ShadowIndex) -> None:
+def _parts(index: ShadowIndex) -> list[ShadowIndex]:
+    """A partitioned index's partitions, at every level."""
+    return [found for part in index.parts for found in (part, *_parts(part))]
+
+
+def _rename_index(cur: Cursor, index: ShadowIndex,
+                  parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
     """The index copy takes its original's name; a partitioned table's, and each of its
-    partitions' (the old ones went with the old column)."""
+    partitions' (the old ones went with the old column), with a partition's own comment
+    and replica identity."""
+    original = index.original
     cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-        sql.Identifier(index.original.table.schema, index.name),
-        sql.Identifier(index.original.name)))
+        sql.Identifier(original.table.schema, index.name), sql.Identifier(original.name)))
+    comment, identity = parts.get((original.table, original.name), (None, False))
+    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(original.table.schema,
+                                                            original.name)), comment)
+    if identity:
+        cur.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+            original.table.ident, sql.Identifier(original.name)))
     for part in index.parts:
-        _rename_index(cur, part)
+        _rename_index(cur, part, parts)
 
 
 def _take_fk_name(cur: Cursor, fk: ShadowForeignKey) -> None:
