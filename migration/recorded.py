@@ -16,7 +16,6 @@ when it is gone).  A record entry is the identity and the state together.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -195,24 +194,14 @@ def _view_names(cur: Cursor, plan: Plan) -> list[Entry]:
             if not view.materialized]
 
 
-_CASTS = re.compile(r"::(?:uuid|text|name|bpchar|varchar|character varying|character)"
-                    r"(?:\(\d+\))?(?![\w$])")
-
-
-def same_view_definition(one: str, other: str) -> bool:
-    """Whether two deparsed view definitions are the same up to the key's type: the server
-    prints the casts a string column needs (``(t.user_id)::text = (u.id)::text``) and a
-    uuid one does not (``t.user_id = u.id``)."""
-    def bare(text: str) -> str:
-        return re.sub(r"[\s()]", "", _CASTS.sub("", text))
-
-    return bare(one) == bare(other)
-
-
 def view_now(cur: Cursor, entry: Entry) -> Entry | None:
     """The view's definition and options, and whether a SELECT from it runs (``works``).
-    Its owner, privileges and comments are the application's to change afterwards (the
-    swap carries them; the tests prove it)."""
+
+    The swap creates a view again from the server's own text of it, casts
+    included (``(t.user_id)::text = (u.id)::text``), so its definition reads the
+    same before and after, in either direction.  Its owner, privileges and comments
+    are the application's to change afterwards (the swap carries them; the tests
+    prove it)."""
     name = entry["view"]
     row = _one(cur, "SELECT oid FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'v'",
                (catalog.regclass(Table(*name.split(".", 1))),))
