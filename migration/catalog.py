@@ -252,12 +252,14 @@ UUID_FORMAT_HINT = (
 def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
     """Objects that depend on the column and that the swap cannot carry over.
 
-    Views and rules, triggers, exclusion constraints, statistics objects and
-    generated columns that mention the column would make ``DROP COLUMN`` fail
-    or silently change meaning; they must be dealt with by a person first.
-    CHECK constraints, row-level security policies and expression indexes are
-    carried when their definitions compile with the column as uuid
-    (``compiles_as_uuid``), and are blockers only when they do not.
+    Rules, triggers, exclusion constraints and generated columns that mention
+    the column would make ``DROP COLUMN`` fail or silently change meaning; they
+    must be dealt with by a person first.  Views (and materialized views) are
+    judged by ``views.blockers``.  CHECK constraints, row-level security
+    policies, expression indexes, statistics objects and publications' row
+    filters are carried when their definitions compile with the column as uuid
+    (``compiles_as_uuid``), and are blockers only when they do not; a
+    publication's column list is carried when this role may alter it.
     The engine's own sync trigger and fill proof are not counted.
     """
     with conn.cursor() as cur:
@@ -269,8 +271,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
             )
             SELECT DISTINCT CASE d.classid
                 WHEN 'pg_rewrite'::regclass THEN
-                    'view or rule ' || (SELECT ev_class::regclass::text FROM pg_rewrite
-                                        WHERE oid = d.objid)
+                    (SELECT 'rule ' || rulename || ' on ' || ev_class::regclass::text
+                     FROM pg_rewrite WHERE oid = d.objid)
                 WHEN 'pg_trigger'::regclass THEN
                     (SELECT 'trigger ' || tgname || CASE WHEN tgrelid = col.attrelid THEN ''
                             ELSE ' on ' || tgrelid::regclass::text END
@@ -283,15 +285,9 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                     (SELECT 'constraint ' || conname || CASE WHEN conrelid = col.attrelid THEN ''
                             ELSE ' on ' || conrelid::regclass::text END
                      FROM pg_constraint WHERE oid = d.objid)
-                WHEN 'pg_statistic_ext'::regclass THEN
-                    'statistics ' || (SELECT stxname FROM pg_statistic_ext WHERE oid = d.objid)
                 WHEN 'pg_class'::regclass THEN
                     CASE WHEN d.objid = col.attrelid THEN 'generated column'
                          ELSE 'object ' || d.objid::regclass::text END
-                WHEN 'pg_publication_rel'::regclass THEN
-                    (SELECT 'publication ' || p.pubname || ' (its column list)'
-                     FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
-                     WHERE r.oid = d.objid)
                 ELSE pg_describe_object(d.classid, d.objid, d.objsubid)
                 END
             FROM col
@@ -301,6 +297,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                        AND d.objid IN (SELECT indexrelid FROM pg_index
                                        WHERE indrelid = col.attrelid))
               AND NOT (d.classid = 'pg_attrdef'::regclass)
+              AND NOT (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_rewrite WHERE rulename = '_RETURN'))
               AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
                     SELECT oid FROM pg_constraint WHERE contype IN ('p', 'u', 'f', 'n')))
               AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
@@ -309,6 +307,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                     SELECT oid FROM pg_constraint WHERE conrelid = col.attrelid
                     AND contype = 'c'))
               AND NOT (d.classid = 'pg_policy'::regclass)
+              AND NOT (d.classid = 'pg_statistic_ext'::regclass)
+              AND NOT (d.classid = 'pg_publication_rel'::regclass)
             ORDER BY 1
             """,
             {"table": regclass(key.table), "column": key.column, "sync": key.helper("sync")},
@@ -342,7 +342,95 @@ def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
                                   where=index.predicate)
         if reason:
             found.append(Blocker(f"expression index {index.name}", reason))
+    for published in publications_on(conn, key):
+        what = f"publication {published.publication} (its column list or row filter)"
+        if not published.may_alter:
+            found.append(Blocker(what, f"it is owned by {published.owner}, for whom this role "
+                                 "cannot take the table out and add it back in the swap",
+                                 "run the migration as a member of that role, or take the "
+                                 "table out of the publication before and add it back after"))
+        reason = compiles_as_uuid(conn, key, key.table, where=published.row_filter) \
+            if published.row_filter else ""
+        if reason:
+            found.append(Blocker(what, reason))
+    for statistics in statistics_on(conn, key):
+        reason = compiles_as_uuid(conn, key, key.table, select=statistics.expressions) \
+            if statistics.expressions else ""
+        if reason:
+            found.append(Blocker(f"statistics {statistics.name}", reason))
     return found
+
+
+@dataclass(frozen=True)
+class PublishedTable:
+    """A table in a publication whose column list or row filter (PostgreSQL 15+) uses
+    a key column: dropping the column would take it out of the publication."""
+
+    publication: str
+    table: Table
+    columns: tuple[str, ...] | None  # None: all columns
+    row_filter: str | None
+    owner: str
+    may_alter: bool  # this role is a member of the publication's owner
+
+
+def publications_on(conn: Connection, key: KeyColumn) -> list[PublishedTable]:
+    """The publications whose column list or row filter of the key's table uses the column."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT p.pubname::text,
+                   CASE WHEN r.prattrs IS NULL THEN NULL ELSE ARRAY(
+                       SELECT c.attname::text FROM unnest(r.prattrs) k(attnum)
+                       JOIN pg_attribute c ON c.attrelid = r.prrelid AND c.attnum = k.attnum
+                       ORDER BY c.attnum) END,
+                   pg_get_expr(r.prqual, r.prrelid), pg_get_userbyid(p.pubowner),
+                   pg_has_role(p.pubowner, 'MEMBER')
+            FROM pg_attribute a
+            JOIN pg_depend d ON d.classid = 'pg_publication_rel'::regclass
+                 AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+            JOIN pg_publication_rel r ON r.oid = d.objid
+            JOIN pg_publication p ON p.oid = r.prpubid
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1
+            """, (regclass(key.table), key.column))
+        return [PublishedTable(name, key.table, None if columns is None else tuple(columns),
+                               *rest) for name, columns, *rest in cur.fetchall()]
+
+
+@dataclass(frozen=True)
+class StatisticsDef:
+    """An extended statistics object (``CREATE STATISTICS``) over a key column."""
+
+    table: Table
+    schema: str
+    name: str
+    definition: str  # pg_get_statisticsobjdef: CREATE STATISTICS ... ON ... FROM ...
+    expressions: str | None  # its expressions (PostgreSQL 14+), comma-separated
+    target: int | None  # ALTER STATISTICS ... SET STATISTICS; None: the default
+    owner: str
+    comment: str | None
+
+
+def statistics_on(conn: Connection, key: KeyColumn) -> list[StatisticsDef]:
+    """The statistics objects of the key's table that cover the column or use it in an
+    expression (``DROP COLUMN`` would drop them, or narrow them to the other columns)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT n.nspname, s.stxname, pg_get_statisticsobjdef(s.oid),
+                   array_to_string(pg_get_statisticsobjdef_expressions(s.oid), ', '),
+                   nullif(s.stxstattarget, -1), pg_get_userbyid(s.stxowner),
+                   obj_description(s.oid, 'pg_statistic_ext')
+            FROM pg_attribute a
+            JOIN pg_depend d ON d.classid = 'pg_statistic_ext'::regclass
+                 AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+            JOIN pg_statistic_ext s ON s.oid = d.objid
+            JOIN pg_namespace n ON n.oid = s.stxnamespace
+            WHERE a.attrelid = to_regclass(%s) AND a.attname = %s
+            ORDER BY 1, 2
+            """, (regclass(key.table), key.column))
+        return [StatisticsDef(key.table, *row) for row in cur.fetchall()]
 
 
 NOT_COMPILING = (psycopg2.errors.UndefinedFunction, psycopg2.errors.DatatypeMismatch,
@@ -501,12 +589,14 @@ def generated_columns(conn: Connection, key: KeyColumn) -> list[str]:
 
 
 def relation_bytes(conn: Connection, table: Table) -> tuple[int, int]:
-    """(heap bytes, index bytes) of a table."""
+    """(heap bytes, index bytes) of a table; a partitioned table's are its partitions'
+    (at every level), for it holds no rows of its own."""
     with conn.cursor() as cur:
         cur.execute(
-            "SELECT pg_table_size(to_regclass(%s)), pg_indexes_size(to_regclass(%s))",
-            (regclass(table), regclass(table)),
-        )
+            "SELECT coalesce(sum(pg_table_size(relid)), pg_table_size(to_regclass(%(t)s))), "
+            "coalesce(sum(pg_indexes_size(relid)), pg_indexes_size(to_regclass(%(t)s))) "
+            "FROM pg_partition_tree(to_regclass(%(t)s))",  # no rows for a plain table
+            {"t": regclass(table)})
         row = cur.fetchone()
     assert row is not None
     return int(row[0] or 0), int(row[1] or 0)
@@ -600,6 +690,18 @@ def replica_identity_index(conn: Connection, table: Table) -> str | None:
                     (regclass(table),))
         row = cur.fetchone()
     return None if row is None else str(row[0])
+
+
+def index_comment_and_identity(conn: Connection, table: Table,
+                               name: str) -> tuple[str | None, bool]:
+    """An index's comment, and whether it is its table's replica identity."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT obj_description(i.indexrelid, 'pg_class'), i.indisreplident "
+                    "FROM pg_index i WHERE i.indexrelid = to_regclass(%s) "
+                    "AND i.indrelid = to_regclass(%s)",
+                    (regclass(Table(table.schema, name)), regclass(table)))
+        row = cur.fetchone()
+    return (None, False) if row is None else (row[0], bool(row[1]))
 
 
 def comments(conn: Connection, table: Table, column: str) -> dict[tuple[str, str], str]:

@@ -201,6 +201,22 @@ def _policy_text(state: Entry) -> str:
     return text + (f" WITH CHECK ({state['with_check']})" if state["with_check"] else "")
 
 
+def _statistics_text(state: Entry) -> str:
+    extras = [f"owner {state['owner']}"]
+    extras += [] if state["target"] is None else [f"statistics target {state['target']}"]
+    extras += [] if state["comment"] is None else [f"comment {state['comment']!r}"]
+    kinds = {"d": "ndistinct", "f": "dependencies", "m": "mcv", "e": "expressions"}
+    what = ", ".join([*state["columns"], *(state["expressions"] or [])])
+    return (f"({', '.join(kinds.get(kind, kind) for kind in state['kinds'])}) ON {what} "
+            f"({'; '.join(extras)})")
+
+
+def _view_text(state: Entry) -> str:
+    options = f"WITH ({', '.join(state['options'])}) " if state["options"] else ""
+    return (f"{options}AS {state['definition']}"
+            + ("" if state["works"] else " (a SELECT from it fails)"))
+
+
 def _primary_key_text(state: Entry) -> str:
     return "none" if state["name"] is None else f"CONSTRAINT {state['name']} {state['definition']}"
 
@@ -232,6 +248,12 @@ COMPARISONS = {
         _same, _publication_text,
         "ALTER PUBLICATION ... ADD TABLE (or SET TABLE) as recorded; subscribers may need "
         "ALTER SUBSCRIPTION ... REFRESH PUBLICATION"),
+    "views": Comparison(
+        "views", recorded.VIEWS, "view", _view_text, _same, _view_text,
+        "create the view again as recorded (CREATE OR REPLACE VIEW), or rollback"),
+    "statistics": Comparison(
+        "statistics", recorded.STATISTICS, "statistics object", _statistics_text, _same,
+        _statistics_text, "create it again as recorded (CREATE STATISTICS), then ANALYZE"),
     "policies": Comparison(
         "policies", recorded.POLICIES, "policy", _policy_text, _same, _policy_text,
         "recreate the policy as recorded (CREATE POLICY)"),
@@ -562,6 +584,12 @@ CHECKS: tuple[Check, ...] = (
     Check(_compare("publications"), {
         "publications": "each table is in the recorded publications, with the same column "
                         "lists and row filters"}),
+    Check(_compare("views"), {
+        "views": "each recorded view over a key column exists with the same definition and "
+                 "options, and a SELECT from it runs"}),
+    Check(_compare("statistics"), {
+        "statistics": "each recorded statistics object over a key column exists with the same "
+                      "definition, target, owner and comment"}),
     Check(_compare("policies"), {
         "policies": "each recorded row level security policy exists unchanged"}),
     Check(no_orphans, {"no_orphans": "no child row refers to a missing user"}),

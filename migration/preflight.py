@@ -18,7 +18,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog
+from migration import catalog, views
 from migration.catalog import ColumnState
 from migration.connection import Connection
 from migration.convert import is_engines
@@ -183,7 +183,9 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
                "its pages (ctid ranges); rows an update moves behind the walk are "
                "found by the fill's proof and filled in one more scan"),
             subject=str(key)))
-    for blocker in catalog.blockers(conn, key):
+    converting = state in (ColumnState.STRING, ColumnState.BACKFILLING)
+    for blocker in (*catalog.blockers(conn, key),
+                    *(views.blockers(conn, key, session.plan.columns) if converting else ())):
         reason = f" and {blocker.reason}" if blocker.reason else ""
         findings.append(Finding("blocker", Status.FAIL,
                                 f"{blocker.what} depends on the column{reason}",

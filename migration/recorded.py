@@ -3,9 +3,10 @@
 ``backup_data`` records, for every table of the plan, the objects the swap
 drops and recreates or could disturb: the primary key, the indexes and
 foreign keys that involve a key column, the replica identity, publication
-membership and RLS policies.  The record goes to ``migration_log`` (it
-outlives ``cleanup_backup``), and the checks look each recorded object up
-again by name: one reader for both sides, so a difference is a change in the
+membership, RLS policies, and the views and statistics objects over the key
+columns.  The record goes to ``migration_log`` (it outlives
+``cleanup_backup``), and the checks look each recorded object up again by
+name: one reader for both sides, so a difference is a change in the
 database, never in how it was read.
 
 Each kind of object is a ``Kind``: how to list the objects of a plan (their
@@ -19,10 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog
+from migration import catalog, views
 from migration.model import Table
 from migration.plan import Plan
 
@@ -103,6 +105,22 @@ def foreign_key_now(cur: Cursor, entry: Entry) -> Entry | None:
 
 # --- replica identity ------------------------------------------------------------------------
 
+def _tables_and_partitions(cur: Cursor, plan: Plan) -> list[Entry]:
+    """The plan's tables and, for a partitioned one, its partitions at every level (each
+    has a replica identity of its own)."""
+    found = []
+    for table in plan.tables:
+        found.append({"table": str(table)})
+        if catalog.table_exists(cur.connection, table):
+            cur.execute("SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) t "
+                        "JOIN pg_class c ON c.oid = t.relid "
+                        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                        "WHERE t.level > 0 AND c.relkind = 'r' ORDER BY 1, 2",
+                        (catalog.regclass(table),))
+            found += [{"table": str(Table(*row))} for row in cur.fetchall()]
+    return found
+
+
 def replica_identity_now(cur: Cursor, entry: Entry) -> Entry | None:
     """``relreplident`` (d, n, f, i) and the index flagged as identity, if any."""
     row = _one(cur, "SELECT c.relreplident::text, (SELECT ic.relname FROM pg_index i "
@@ -168,6 +186,63 @@ def policy_now(cur: Cursor, entry: Entry) -> Entry | None:
     return None if not found else {k: v for k, v in found[0].items() if k != "name"}
 
 
+# --- views over a key column (and views over those) ----------------------------------------
+
+def _view_names(cur: Cursor, plan: Plan) -> list[Entry]:
+    keys = [key for key in plan.columns if catalog.table_exists(cur.connection, key.table)]
+    return [{"view": str(view.view)} for view in views.dependent_views(cur.connection, keys)
+            if not view.materialized]
+
+
+def view_now(cur: Cursor, entry: Entry) -> Entry | None:
+    """The view's definition and options, and whether a SELECT from it runs (``works``).
+
+    The swap creates a view again from the server's own text of it, casts
+    included (``(t.user_id)::text = (u.id)::text``), so its definition reads the
+    same before and after, in either direction.  Its owner, privileges and comments
+    are the application's to change afterwards (the swap carries them; the tests
+    prove it)."""
+    name = entry["view"]
+    row = _one(cur, "SELECT oid FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'v'",
+               (catalog.regclass(Table(*name.split(".", 1))),))
+    if row is None:
+        return None
+    view = views.read(cur, row[0])
+    cur.execute("SAVEPOINT view_works")
+    try:
+        cur.execute(sql.SQL("SELECT * FROM {} LIMIT 1").format(view.view.ident))
+        works = True
+    except psycopg2.Error:
+        works = False
+    cur.execute("ROLLBACK TO SAVEPOINT view_works")
+    return {"definition": view.definition, "options": sorted(view.options), "works": works}
+
+
+# --- statistics objects over a key column ---------------------------------------------------
+
+def _statistics_names(cur: Cursor, plan: Plan) -> list[Entry]:
+    found = {(str(key.table), f"{stats.schema}.{stats.name}") for key in plan.columns
+             if catalog.table_exists(cur.connection, key.table)
+             for stats in catalog.statistics_on(cur.connection, key)}
+    return [{"table": table, "name": name} for table, name in sorted(found)]
+
+
+def statistics_now(cur: Cursor, entry: Entry) -> Entry | None:
+    schema, name = entry["name"].split(".", 1)
+    row = _one(cur, "SELECT s.stxkind::text[], ARRAY(SELECT a.attname::text FROM pg_attribute a "
+                    "WHERE a.attrelid = s.stxrelid AND a.attnum = ANY (s.stxkeys) ORDER BY 1), "
+                    "pg_get_statisticsobjdef_expressions(s.oid), nullif(s.stxstattarget, -1), "
+                    "pg_get_userbyid(s.stxowner), obj_description(s.oid, 'pg_statistic_ext') "
+                    "FROM pg_statistic_ext s JOIN pg_namespace n ON n.oid = s.stxnamespace "
+                    "WHERE n.nspname = %s AND s.stxname = %s AND s.stxrelid = to_regclass(%s)",
+               (schema, name, catalog.regclass(_table(entry))))
+    # the columns as a set: the server lists them in the table's order, which the swap
+    # changes (the column swapped moves to the end)
+    return None if row is None else {
+        "kinds": sorted(row[0]), "columns": row[1], "expressions": row[2], "target": row[3],
+        "owner": row[4], "comment": row[5]}
+
+
 # --- the kinds, and the record ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -194,11 +269,15 @@ class Kind:
 PRIMARY_KEYS = Kind("primary_keys", ("table",), _table_names, primary_key_now)
 INDEXES = Kind("indexes", ("table", "name"), _index_names, index_now)
 FOREIGN_KEYS = Kind("foreign_keys", ("table", "name"), _foreign_key_names, foreign_key_now)
-REPLICA_IDENTITY = Kind("replica_identity", ("table",), _table_names, replica_identity_now)
+REPLICA_IDENTITY = Kind("replica_identity", ("table",), _tables_and_partitions,
+                        replica_identity_now)
 PUBLICATIONS = Kind("publications", ("table", "publication"), _publication_names,
                     publication_now)
 POLICIES = Kind("policies", ("table", "name"), _policy_names, policy_now)
-KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES)
+VIEWS = Kind("views", ("view",), _view_names, view_now)
+STATISTICS = Kind("statistics", ("table", "name"), _statistics_names, statistics_now)
+KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES, VIEWS,
+         STATISTICS)
 
 
 def record(cur: Cursor, plan: Plan) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert, expand, swap
+from migration import backup, catalog, convert, expand, swap, views
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -309,6 +309,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     plan = session.plan.reversed()
     parent = plan.parent
     convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
+    views.refuse(session.conn, plan.columns)  # the views over them must compile back
     referencing = {shadow.child for shadow in expand.shadow_foreign_keys(session.conn, plan)}
     session.conn.rollback()
     rows = convert.fill(session, (parent,), run_id)

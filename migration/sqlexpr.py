@@ -231,3 +231,21 @@ def _index_copy(index_definition: str, name: str, column: str, new_column: str, 
     return ("".join(value for _, value in tokens[:words[at]])
             + ("" if partitioned else "CONCURRENTLY ")
             + quote_ident(name) + "".join(value for _, value in tokens[words[at] + 1:]))
+
+
+def replace_relations(definition: str, relations: dict[tuple[str, str], str]) -> str:
+    """``definition`` (deparsed by the server, every relation schema-qualified) with each
+    ``schema.name`` found in ``relations`` replaced by the text given for it."""
+    tokens = _tokens(definition)
+    solid = [i for i, token in enumerate(tokens) if token[0] != "space"]
+    out = [value for _, value in tokens]
+    for at in range(len(solid) - 2):
+        first, dot, last = (tokens[i] for i in solid[at:at + 3])
+        schema, name = _names(first), _names(last)
+        before = tokens[solid[at - 1]][1] if at else ""
+        if (dot[1] != "." or schema is None or name is None or before == "."
+                or (schema, name) not in relations):
+            continue
+        out[solid[at]:solid[at + 2] + 1] = [""] * (solid[at + 2] - solid[at] + 1)
+        out[solid[at]] = relations[(schema, name)]
+    return "".join(out)

@@ -5,15 +5,25 @@ Everything that scans or builds was done by ``expand`` while the application
 wrote; what is left is catalog work, so the exclusive locks are held for
 milliseconds whatever the tables' sizes:
 
-1. lock the tables, parent first, then the children in name order;
-2. drop the old foreign keys to the parent key (their copies are in force);
+1. lock the views over the columns (``views``), outermost first, then the
+   tables, parent first, then the children in name order;
+2. drop the old foreign keys to the parent key (their copies are in force),
+   the policies, the views and the statistics objects over the columns, and
+   the tables taken out of the publications whose column lists or row filters
+   use them;
 3. for each column: drop its sync trigger and the old column (its indexes,
    constraints and the fill proof go with it), rename the copy, ``SET NOT
    NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
    column grants and comments; each index copy takes its original's name, and
    a primary key or unique constraint comes back ``USING INDEX``; replica
    identity follows its index;
-4. the FK copies take their originals' names.
+4. the views and statistics objects are created again, and the tables put
+   back in their publications, from the server's own text read in this
+   transaction; the FK copies take their originals' names; the policies are
+   created again.
+
+After the commit the tables with statistics objects are analyzed (a lock
+that blocks neither reads nor writes): the objects created again are empty.
 
 No foreign key is ever missing: until the commit the old ones are enforced,
 after it the copies, which were validated before.  The transaction runs
@@ -28,7 +38,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog
+from migration import backup, catalog, sqlexpr, views
 from migration.connection import Connection
 from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
@@ -43,7 +53,7 @@ from migration.expand import (
     stage,
 )
 from migration.log import logger
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.plan import Plan
 from migration.session import Session
 
@@ -61,6 +71,9 @@ class ColumnSwap:
     indexes: list[ShadowIndex]
     replica_identity: str | None
     checks: list[ShadowCheck]
+    parts: dict[tuple[Table, str], tuple[str | None, bool]]
+    """A partitioned table's indexes' partitions, by (partition, index name): each one's
+    own comment, and whether it is its partition's replica identity."""
 
 
 def not_ready(session: Session, plan: Plan) -> list[str]:
@@ -78,14 +91,19 @@ def swap(session: Session, plan: Plan) -> None:
                              hint="run migrate_users, then migrate_foreign_keys")
     for key in plan.columns:  # the last of the expand: its scans are done before the swap
         copy_checks(session, key)
-    session.ddl("swap", lambda cur: _swap(cur, session, plan))
+    analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan))
+    for table in analyze:  # the statistics objects carried are empty until then
+        with session.transaction() as cur:
+            cur.execute(sql.SQL("ANALYZE {}").format(table.ident))
     logger.info("%s and %s column(s) referring to it swapped %s", plan.parent,
                 len(plan.children), "back to their string types" if plan.parent.back
                 else "to uuid")
 
 
-def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
+def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
+    """The swap's transaction; the tables whose statistics objects it created again."""
     conn = cur.connection
+    views.lock(cur, views.dependent_views(conn, plan.columns))
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
     for table in (plan.parent.table, *children):
         cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
@@ -93,22 +111,44 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
                    .get(("constraint", fk.original.name)) for fk in references}
-    columns = [ColumnSwap(key, _info(conn, key), catalog.column_grants(conn, key.table,
-                                                                      key.column),
-                          catalog.comments(conn, key.table, key.column),
-                          shadow_indexes(conn, key), catalog.replica_identity_index(conn,
-                                                                                   key.table),
-                          shadow_checks(conn, key))
-               for key in plan.columns]
+    columns = []
+    for key in plan.columns:
+        indexes = shadow_indexes(conn, key)
+        columns.append(ColumnSwap(
+            key, _info(conn, key), catalog.column_grants(conn, key.table, key.column),
+            catalog.comments(conn, key.table, key.column), indexes,
+            catalog.replica_identity_index(conn, key.table), shadow_checks(conn, key),
+            {(part.original.table, part.original.name): catalog.index_comment_and_identity(
+                conn, part.original.table, part.original.name)
+             for index in indexes for part in _parts(index)}))
+    carried_views = views.dependent_views(conn, plan.columns)  # read under the locks
     for policy in policies:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
                                                            policy.table.ident))
+    views.drop(cur, carried_views)
+    statistics = sorted({found for key in plan.columns
+                         for found in catalog.statistics_on(conn, key)},
+                        key=lambda found: (found.schema, found.name))
+    for found in statistics:
+        cur.execute(sql.SQL("DROP STATISTICS {}").format(
+            sql.Identifier(found.schema, found.name)))
+    published = sorted({entry for key in plan.columns
+                        for entry in catalog.publications_on(conn, key)},
+                       key=lambda entry: (entry.publication, entry.table))
+    for entry in published:
+        cur.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+            sql.Identifier(entry.publication), entry.table.ident))
     for fk in references:
         cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             fk.child.table.ident, sql.Identifier(fk.original.name)))
     session.point("swap")
     for column in columns:
         _swap_column(cur, session, column)
+    views.create(cur, carried_views)
+    for found in statistics:
+        _create_statistics(cur, found)
+    for entry in published:
+        _publish(cur, entry)
     for fk in references:
         _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
@@ -116,6 +156,34 @@ def _swap(cur: Cursor, session: Session, plan: Plan) -> None:
     for policy in policies:
         _create_policy(cur, policy)
     session.point("swap")
+    return sorted({found.table for found in statistics})
+
+
+def _publish(cur: Cursor, found: catalog.PublishedTable) -> None:
+    """The table back in the publication with its column list and row filter (the
+    server's own text, read in this transaction)."""
+    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+        sql.Identifier(found.publication), found.table.ident)
+    if found.columns is not None:
+        statement += sql.SQL(" ({})").format(sqlexpr.column_list(list(found.columns)))
+    if found.row_filter is not None:
+        statement += sql.SQL(" WHERE ({})").format(sql.SQL(found.row_filter))
+    cur.execute(statement)
+
+
+def _create_statistics(cur: Cursor, found: catalog.StatisticsDef) -> None:
+    """A statistics object again, from the server's own text read in this transaction
+    (it names the column, which now has the new type); its target, owner and comment."""
+    name = sql.Identifier(found.schema, found.name)
+    cur.execute(sql.SQL(found.definition))
+    if found.target is not None:
+        cur.execute(sql.SQL("ALTER STATISTICS {} SET STATISTICS {}").format(
+            name, sql.Literal(found.target)))
+    cur.execute("SELECT current_user::text")
+    if (cur.fetchone() or [None])[0] != found.owner:
+        cur.execute(sql.SQL("ALTER STATISTICS {} OWNER TO {}").format(
+            name, sql.Identifier(found.owner)))
+    _comment(cur, sql.SQL("STATISTICS {}").format(name), found.comment)
 
 
 def _lock_policy_tables(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
@@ -181,7 +249,7 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
     cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
         sql.Identifier(*table.strings, key.column)), (column.comments.get(("column", key.column)),))
     for index in column.indexes:
-        _take_name(cur, key, index, column.comments)
+        _take_name(cur, key, index, column.comments, column.parts)
         session.point(f"swap {key}")
     for check in column.checks:
         execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
@@ -203,7 +271,8 @@ def _recorded_default(cur: Cursor, backup_schema: str, key: KeyColumn) -> None:
 
 
 def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
-               comments: dict[tuple[str, str], str]) -> None:
+               comments: dict[tuple[str, str], str],
+               parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
     """The index copy becomes the original: its name, and the constraint it backed."""
     original = index.original
     if original.constraint_type:
@@ -219,19 +288,32 @@ def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
             sql.Identifier(original.name), key.table.ident),
             comments.get(("constraint", original.name)))
     else:
-        _rename_index(cur, index)
+        _rename_index(cur, index, parts)
     _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(key.table.schema, original.name)),
              comments.get(("index", original.name)))
 
 
-def _rename_index(cur: Cursor, index: ShadowIndex) -> None:
+def _parts(index: ShadowIndex) -> list[ShadowIndex]:
+    """A partitioned index's partitions, at every level."""
+    return [found for part in index.parts for found in (part, *_parts(part))]
+
+
+def _rename_index(cur: Cursor, index: ShadowIndex,
+                  parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
     """The index copy takes its original's name; a partitioned table's, and each of its
-    partitions' (the old ones went with the old column)."""
+    partitions' (the old ones went with the old column), with a partition's own comment
+    and replica identity."""
+    original = index.original
     cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-        sql.Identifier(index.original.table.schema, index.name),
-        sql.Identifier(index.original.name)))
+        sql.Identifier(original.table.schema, index.name), sql.Identifier(original.name)))
+    comment, identity = parts.get((original.table, original.name), (None, False))
+    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(original.table.schema,
+                                                            original.name)), comment)
+    if identity:
+        cur.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+            original.table.ident, sql.Identifier(original.name)))
     for part in index.parts:
-        _rename_index(cur, part)
+        _rename_index(cur, part, parts)
 
 
 def _take_fk_name(cur: Cursor, fk: ShadowForeignKey) -> None:

@@ -122,7 +122,7 @@ def test_what_does_not_compile_as_uuid_is_refused_at_once_with_a_hint(legacy_db:
            "CREATE POLICY active_only ON tags USING "
            "(user_id IN (SELECT id FROM users WHERE is_active))",
            "CREATE INDEX tags_user_or_none ON tags (coalesce(user_id, 'none'))",
-           "CREATE VIEW active_tags AS SELECT user_id, name FROM tags")
+           "CREATE MATERIALIZED VIEW active_tags AS SELECT user_id, name FROM tags")
     before = print_of(legacy_db, include_backup=True)
     result = operate(legacy_db, "full_migration")
     assert result.exit_code == 1, result.output
@@ -137,8 +137,8 @@ def test_what_does_not_compile_as_uuid_is_refused_at_once_with_a_hint(legacy_db:
             "[FAIL] blocker public.tags.user_id: expression index tags_user_or_none depends on "
             "the column and would not compile once user_id is uuid: COALESCE types uuid and "
             "character varying cannot be matched",
-            "[FAIL] blocker public.tags.user_id: view or rule public.active_tags depends on "
-            "the column"):
+            "[FAIL] blocker public.tags.user_id: materialized view public.active_tags depends "
+            "on the column"):
         assert line in " ".join(result.output.split()), result.output
     assert "a CHECK of the format (length, pattern) has nothing left to check" in " ".join(
         result.output.split())
@@ -149,3 +149,59 @@ def test_what_does_not_compile_as_uuid_is_refused_at_once_with_a_hint(legacy_db:
     assert print_of(legacy_db, include_backup=True) == before
     assert execute(legacy_db, sql.SQL("SELECT count(*) FROM pg_policies")) == [(3,)]
     assert "own_tags" not in result.output
+
+
+STATISTICS = """
+CREATE STATISTICS tags_user_name (ndistinct, dependencies) ON user_id, name FROM tags;
+ALTER STATISTICS tags_user_name SET STATISTICS 500;
+COMMENT ON STATISTICS tags_user_name IS 'names per user';
+CREATE STATISTICS journal_user_lower ON lower(user_id), title FROM journal_entries;
+"""
+STATISTICS_SHAPE = ("SELECT stxname, pg_get_statisticsobjdef(oid), nullif(stxstattarget, -1), "
+                    "obj_description(oid, 'pg_statistic_ext') FROM pg_statistic_ext "
+                    "ORDER BY 1")
+BUILT = "SELECT DISTINCT statistics_name FROM pg_stats_ext ORDER BY 1"
+
+
+def test_statistics_objects_over_the_keys_are_carried_and_built_again(legacy_db: str) -> None:
+    seeded(legacy_db, STATISTICS, "ANALYZE tags; ANALYZE journal_entries")
+    shape = execute(legacy_db, STATISTICS_SHAPE)
+    moved = [(name, definition.replace("ON user_id, name", "ON name, user_id"), *rest)
+             for name, definition, *rest in shape]  # the server lists them in table order
+    assert execute(legacy_db, BUILT) == [("journal_user_lower",), ("tags_user_name",)]
+    original = print_of(legacy_db)
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, STATISTICS_SHAPE) == moved
+    assert execute(legacy_db, BUILT) == [("journal_user_lower",), ("tags_user_name",)]
+    run_ok(legacy_db, "validate_migration")
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, STATISTICS_SHAPE) == moved
+    after = print_of(legacy_db)
+    assert after == original, "\n".join(original.diff(after))
+
+
+def test_a_lost_statistics_object_fails_verify(legacy_db: str) -> None:
+    """Mutation: the statistics check sees one gone or changed."""
+    seeded(legacy_db, STATISTICS)
+    run_ok(legacy_db, "full_migration")
+    execute(legacy_db, "DROP STATISTICS journal_user_lower")
+    execute(legacy_db, "ALTER STATISTICS tags_user_name SET STATISTICS 10")
+    result = operate(legacy_db, "validate_migration")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert ("[FAIL] statistics public.journal_entries public.journal_user_lower: statistics "
+            "object missing since the backup") in text, text
+    assert ("[FAIL] statistics public.tags public.tags_user_name: statistics object changed "
+            "since the backup") in text, text
+
+
+def test_a_statistics_expression_that_does_not_compile_is_refused(legacy_db: str) -> None:
+    seeded(legacy_db, "CREATE STATISTICS tags_user_or_none ON coalesce(user_id, 'none'), name "
+                      "FROM tags")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    assert ("[FAIL] blocker public.tags.user_id: statistics tags_user_or_none depends on the "
+            "column and would not compile once user_id is uuid") in " ".join(
+                result.output.split()), result.output
+    assert print_of(legacy_db, include_backup=True) == before

@@ -460,7 +460,8 @@ def test_a_read_only_role_cannot_run_a_changing_operation(legacy_db: str,
 
 
 @pytest.mark.parametrize(("blocker", "name"), [
-    ("CREATE VIEW user_ids AS SELECT id FROM users", "view or rule public.user_ids"),
+    ("CREATE VIEW user_ids AS SELECT coalesce(id, '') AS id FROM users",
+     "view public.user_ids"),  # uuid and varchar cannot be matched: does not compile
     ("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
      "CREATE TRIGGER users_touch BEFORE UPDATE OF id ON users "
      "FOR EACH ROW EXECUTE FUNCTION touch()", "trigger users_touch"),

@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from psycopg2 import sql
 
 from migration import verify
+from migration.catalog import relation_bytes
 from migration.model import Table, shadow_name
 from migration.rehearsal.fingerprint import Fingerprint, expected_after_migration
 from migration.rehearsal.sandbox import Sandbox
@@ -292,3 +293,77 @@ def test_unique_index_with_the_partition_key_is_carried(clone: tuple[str, str]) 
                      "SELECT user_id, 'twin', created_at FROM journal_entries LIMIT 1")
     run_ok(dsn, "rollback")
     assert_print(dsn, original)
+
+
+SUBPARTITIONED = PARTITIONED_JOURNAL.replace(
+    """CREATE TABLE journal_entries_late PARTITION OF journal_entries
+    FOR VALUES FROM ('2024-01-04') TO (MAXVALUE);""",
+    """CREATE TABLE journal_entries_late PARTITION OF journal_entries
+    FOR VALUES FROM ('2024-01-04') TO (MAXVALUE) PARTITION BY HASH (id);
+CREATE TABLE journal_entries_late_0 PARTITION OF journal_entries_late
+    FOR VALUES WITH (MODULUS 2, REMAINDER 0);
+CREATE TABLE journal_entries_late_1 PARTITION OF journal_entries_late
+    FOR VALUES WITH (MODULUS 2, REMAINDER 1);""") + """
+CREATE UNIQUE INDEX ix_journal_entries_user_entry ON journal_entries (user_id, id, created_at);
+ALTER TABLE journal_entries_mid REPLICA IDENTITY USING INDEX
+    journal_entries_mid_user_id_id_created_at_idx;
+ALTER TABLE journal_entries_late_1 REPLICA IDENTITY USING INDEX
+    journal_entries_late_1_user_id_id_created_at_idx;
+COMMENT ON INDEX journal_entries_early_user_id_idx IS 'early lookups';
+COMMENT ON INDEX journal_entries_late_0_user_id_idx IS 'late lookups';
+CREATE PUBLICATION journal FOR TABLE journal_entries;
+"""
+LEAVES = ("journal_entries_early", "journal_entries_mid", "journal_entries_late_0",
+          "journal_entries_late_1")
+IDENTITIES = """
+SELECT c.relname, c.relreplident::text, (SELECT ic.relname FROM pg_index i
+    JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid AND i.indisreplident)
+FROM pg_class c WHERE c.relname LIKE 'journal_entries%%' AND c.relkind IN ('r', 'p')
+ORDER BY 1
+"""
+INDEX_COMMENTS = ("SELECT relname, obj_description(oid, 'pg_class') FROM pg_class "
+                  "WHERE relkind = 'i' AND obj_description(oid, 'pg_class') IS NOT NULL "
+                  "ORDER BY 1")
+
+
+def test_a_sub_partitioned_child_is_carried_with_its_partitions_own_objects(
+        legacy_db: str) -> None:
+    """A partition partitioned in turn: every level migrated and rolled back; a
+    partition's own index comments and replica identity over the key come back; the
+    disk estimate counts the partitions (a partitioned table holds nothing itself)."""
+    execute(legacy_db, SUBPARTITIONED)
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, SEED_USERS)
+        heap, index = relation_bytes(conn, Table("public", "journal_entries"))
+        assert heap > 0
+        assert index > 0
+        assert relation_bytes(conn, Table("public", "users"))[0] > 0
+    identities, comments = execute(legacy_db, IDENTITIES), execute(legacy_db, INDEX_COMMENTS)
+    assert ("journal_entries_late_1", "i", "journal_entries_late_1_user_id_id_created_at_idx") \
+        in identities
+    assert len(comments) == 2
+    original = print_of(legacy_db)
+    run_ok(legacy_db, "full_migration")
+    types = execute(legacy_db, "SELECT c.relname, format_type(a.atttypid, a.atttypmod) "
+                               "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
+                               "WHERE c.relname LIKE 'journal_entries%%' AND a.attname = 'user_id' "
+                               "AND c.relkind IN ('r', 'p') ORDER BY 1")
+    assert types == sorted((t, "uuid") for t in ("journal_entries", "journal_entries_late",
+                                                  *LEAVES))
+    assert execute(legacy_db, IDENTITIES) == identities
+    assert execute(legacy_db, INDEX_COMMENTS) == comments
+    execute(legacy_db, "UPDATE journal_entries SET title = title")  # published: identity
+    with pytest.raises(psycopg2.errors.ForeignKeyViolation):
+        execute(legacy_db, "INSERT INTO journal_entries (user_id, title, created_at) "
+                           "VALUES (%s, 'orphan', '2024-01-05 12:00')", (ORPHAN,))
+    run_ok(legacy_db, "validate_migration")
+    execute(legacy_db, "ALTER TABLE journal_entries_mid REPLICA IDENTITY DEFAULT")
+    result = operate(legacy_db, "validate_migration")  # mutation: a partition's identity
+    assert "[FAIL] replica_identity public.journal_entries_mid: replica identity changed" \
+        in " ".join(result.output.split()), result.output
+    execute(legacy_db, "ALTER TABLE journal_entries_mid REPLICA IDENTITY USING INDEX "
+                       "journal_entries_mid_user_id_id_created_at_idx")
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, IDENTITIES) == identities
+    assert execute(legacy_db, INDEX_COMMENTS) == comments
+    assert_print(legacy_db, original)

@@ -145,7 +145,7 @@ def test_a_generated_column_on_a_key_is_refused_by_name(legacy_db: str) -> None:
 def test_every_blocker_of_every_column_is_named_in_one_refusal(legacy_db: str) -> None:
     seeded(legacy_db, UPDATED_AT,
            "ALTER TABLE users ADD CONSTRAINT users_id_given CHECK (coalesce(id, '') <> '')",
-           "CREATE VIEW active_reminders AS SELECT user_id, note FROM reminders",
+           "CREATE MATERIALIZED VIEW active_reminders AS SELECT user_id, note FROM reminders",
            "CREATE POLICY tagged_users ON tags USING "
            "(user_id IN (SELECT id FROM users WHERE is_active))",
            "ALTER TABLE journal_entries ADD COLUMN user_key text "
@@ -157,8 +157,8 @@ def test_every_blocker_of_every_column_is_named_in_one_refusal(legacy_db: str) -
             "[FAIL] blocker public.users.id: constraint users_id_given (CHECK",
             "[FAIL] blocker public.users.id: policy tagged_users on public.tags depends on "
             "the column and would not compile once id is uuid",
-            "[FAIL] blocker public.reminders.user_id: view or rule public.active_reminders "
-            "depends on the column",
+            "[FAIL] blocker public.reminders.user_id: materialized view "
+            "public.active_reminders depends on the column",
             "[FAIL] blocker public.journal_entries.user_id: generated column user_key depends "
             "on the column",
             "[FAIL] trigger_fires public.users.id: trigger users_updated_at on public.users"):
@@ -268,13 +268,44 @@ def test_replica_identity_publication_and_comments_are_carried_through(legacy_db
     assert after.schema == original.schema, "\n".join(original.diff(after))
 
 
-def test_a_publication_column_list_with_the_key_is_refused_by_its_name(legacy_db: str) -> None:
-    """A publication's column list depends on the column (DROP COLUMN would fail): refused
-    up front, named (it was named "None")."""
-    seeded(legacy_db, "CREATE PUBLICATION tag_columns FOR TABLE tags (id, user_id, name)")
+PUBLISHED = ("SELECT pubname, tablename, ARRAY(SELECT unnest(attnames) ORDER BY 1), rowfilter "
+             "FROM pg_publication_tables ORDER BY 1, 2")
+
+
+def test_publication_column_lists_and_row_filters_on_the_key_are_carried(legacy_db: str) -> None:
+    """A publication's column list or row filter depends on the column (DROP COLUMN would
+    fail): the swap takes the table out and puts it back as it was, both ways."""
+    seeded(legacy_db, "CREATE PUBLICATION tag_columns FOR TABLE tags (id, user_id, name)",
+           "CREATE PUBLICATION new_tags FOR TABLE tags WHERE (user_id IS NOT NULL) "
+           "WITH (publish = 'insert')",
+           "CREATE PUBLICATION user_emails FOR TABLE users (id, email), reminders")
+    published = execute(legacy_db, PUBLISHED)
+    assert len(published) == 4
+    original = print_of(legacy_db)
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, PUBLISHED) == published
+    execute(legacy_db, "UPDATE tags SET color = color")  # published: needs its identity
+    run_ok(legacy_db, "validate_migration")
+    execute(legacy_db, "ALTER PUBLICATION tag_columns SET TABLE tags (id, name)")
+    result = operate(legacy_db, "validate_migration")  # mutation: the list is compared
+    assert result.exit_code == 1
+    assert "[FAIL] publications public.tags tag_columns: publication membership changed" \
+        in " ".join(result.output.split()), result.output
+    execute(legacy_db, "ALTER PUBLICATION tag_columns SET TABLE tags (id, user_id, name)")
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, PUBLISHED) == published
+    execute(legacy_db, "UPDATE tags SET color = color")
+    after = print_of(legacy_db)
+    assert after == original, "\n".join(original.diff(after))
+
+
+def test_a_row_filter_that_would_not_compile_is_refused_by_its_name(legacy_db: str) -> None:
+    seeded(legacy_db, "CREATE PUBLICATION named_tags FOR TABLE tags "
+                      "WHERE (coalesce(user_id, '') <> '') WITH (publish = 'insert')")
     before = print_of(legacy_db)
     result = operate(legacy_db, "full_migration")
     assert result.exit_code == 1
-    assert "blocker public.tags.user_id: publication tag_columns (its column list)" \
-        in result.output
+    assert ("blocker public.tags.user_id: publication named_tags (its column list or row "
+            "filter) depends on the column and would not compile once user_id is uuid") \
+        in " ".join(result.output.split()), result.output
     assert print_of(legacy_db) == before

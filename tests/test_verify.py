@@ -45,10 +45,13 @@ class Outcome:
 
 
 # What the migration must carry through besides the tables, in every migrated copy: a
-# publication (with a column list on tags) and a policy, recorded by backup_data.
+# publication (with a column list on tags), a policy, a view and a statistics object,
+# recorded by backup_data.
 EXTRAS = """
 CREATE PUBLICATION uuidmig_verify FOR TABLE public.users, public.reminders, public.tags (id, name);
 CREATE POLICY reminders_open ON public.reminders FOR SELECT USING (NOT done);
+CREATE VIEW public.open_reminders AS SELECT user_id, note FROM public.reminders WHERE NOT done;
+CREATE STATISTICS public.reminders_user_done ON user_id, done FROM public.reminders;
 """
 
 
@@ -244,6 +247,11 @@ MUTATIONS = {
         "DROP POLICY reminders_open ON public.reminders", frozenset({"policies"})),
     "policy_changed": Mutation(
         "ALTER POLICY reminders_open ON public.reminders USING (done)", frozenset({"policies"})),
+    "view_changed": Mutation(
+        "CREATE OR REPLACE VIEW public.open_reminders AS SELECT user_id, note "
+        "FROM public.reminders", frozenset({"views"})),
+    "statistics_dropped": Mutation(
+        "DROP STATISTICS public.reminders_user_done", frozenset({"statistics"})),
     "backup_granted_to_public": Mutation(
         """
         GRANT USAGE ON SCHEMA migration_backup TO PUBLIC;
@@ -270,12 +278,13 @@ MUTATIONS = {
         "INSERT INTO public.migration_log (operation, status) VALUES ('migrate_users', 'running')",
         frozenset({"migration_log"})),
     "table_dropped": Mutation(  # a failure, not a crash
-        "DROP TABLE public.reminders",
+        "DROP TABLE public.reminders CASCADE",
         frozenset({"key_columns_uuid", "primary_key", "indexes", "foreign_keys",
-                   "replica_identity", "publications", "policies", "row_counts"})),
+                   "replica_identity", "publications", "policies", "views", "statistics",
+                   "row_counts"})),
 }
 RECORDED_CHECKS = {"primary_key", "indexes", "foreign_keys", "replica_identity", "publications",
-                   "policies"}
+                   "policies", "views", "statistics"}
 
 
 def test_every_check_has_a_mutation() -> None:

@@ -1,0 +1,320 @@
+"""Views over a key column: found before anything changes, carried through the swap.
+
+A view that reads a key column (or a view over such a view) would make
+``DROP COLUMN`` fail.  The swap drops them, outermost first, and creates them
+again after the renames, innermost first, from the server's own deparse of
+each (``pg_get_viewdef``, read in the swap's transaction), with their options
+(``security_barrier``, ``security_invoker``, ``check_option``), owner,
+privileges and comments: catalog work only, no scan.
+
+Whether a definition still compiles once the columns have their new types is
+asked of the server up front (``compile_failures``): in a savepoint rolled
+back, each table of the plan gets an empty temporary twin whose key columns
+have the new type, and each view is created as a temporary view over the
+twins.  Nothing is changed and nothing is read.
+
+Refused, by name: materialized views (carrying one would re-run its query
+while the swap holds the tables' locks), rules, triggers and column defaults
+on the views, anything else that depends on them (functions with a SQL body,
+policies, ...), and views whose owner this role cannot act for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import psycopg2
+from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
+
+from migration import catalog, sqlexpr
+from migration.catalog import Blocker
+from migration.connection import Connection
+from migration.errors import MigrationError
+from migration.model import KeyColumn, Table
+
+MATERIALIZED_HINT = (
+    "drop it before the migration and create it again after (CREATE MATERIALIZED VIEW, or "
+    "REFRESH): carrying it would re-run its query while the swap holds the tables' locks, "
+    "blocking the application's writes for as long")
+VIEW_HINT = ("rewrite the view so that it holds for the new type (compare with ::text where "
+             "text is meant), or drop it before the migration and create it again after")
+DEPENDENT_HINT = ("drop it before the migration and create it again after: the swap drops and "
+                  "recreates the view it depends on")
+PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REFERENCES",
+                        "TRIGGER", "MAINTAIN"})
+"""What aclexplode can name on a view (MAINTAIN from PostgreSQL 17)."""
+
+
+@dataclass(frozen=True)
+class ViewDef:
+    """A view (or materialized view) that depends on a key column, directly or through
+    other views, as the swap must create it again."""
+
+    oid: int
+    view: Table
+    materialized: bool
+    depth: int  # 1: reads a key column; n: over a view of depth n - 1
+    definition: str  # pg_get_viewdef, fully qualified (the engine's search_path)
+    options: tuple[str, ...]  # reloptions: security_barrier=true, check_option=local ...
+    owner: str
+    acl: tuple[tuple[str | None, str, bool], ...] | None  # None: the default privileges
+    comment: str | None
+    column_comments: tuple[tuple[str, str], ...]
+
+
+_CHAIN = """
+    WITH RECURSIVE chain(oid, depth) AS (
+        SELECT r.ev_class, 1
+        FROM pg_attribute a
+        JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = a.attrelid
+             AND d.refobjsubid = a.attnum AND d.classid = 'pg_rewrite'::regclass
+        JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
+        WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND r.ev_class <> a.attrelid
+      UNION
+        SELECT r.ev_class, c.depth + 1
+        FROM chain c
+        JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid
+             AND d.classid = 'pg_rewrite'::regclass
+        JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
+        WHERE r.ev_class <> c.oid AND c.depth < 100
+    )
+    SELECT oid, max(depth) FROM chain GROUP BY oid
+"""
+
+
+def dependent_views(conn: Connection, keys: Iterable[KeyColumn]) -> list[ViewDef]:
+    """The views over the columns, and the views over those, innermost first."""
+    depths: dict[int, int] = {}
+    with conn.cursor() as cur:
+        for key in keys:
+            cur.execute(_CHAIN, (catalog.regclass(key.table), key.column))
+            for oid, depth in cur.fetchall():
+                depths[oid] = max(depth, depths.get(oid, 0))
+        views = [read(cur, oid, depth) for oid, depth in depths.items()]
+    return sorted(views, key=lambda view: (view.depth, view.view))
+
+
+def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
+    """The view of that oid as the swap would create it again."""
+    cur.execute(
+        """
+        SELECT n.nspname, c.relname, c.relkind = 'm', pg_get_viewdef(c.oid),
+               coalesce(c.reloptions, '{}')::text[], pg_get_userbyid(c.relowner),
+               c.relacl IS NULL, obj_description(c.oid, 'pg_class')
+        FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s
+        """, (oid,))
+    row = cur.fetchone()
+    assert row is not None
+    schema, name, materialized, definition, options, owner, default_acl, comment = row
+    cur.execute(
+        """
+        SELECT CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee) END,
+               x.privilege_type, x.is_grantable
+        FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) WITH ORDINALITY x
+        WHERE c.oid = %s ORDER BY x.ordinality  -- granted again in that order: the same acl
+        """, (oid,))
+    acl = None if default_acl else tuple(cur.fetchall())
+    cur.execute("SELECT attname, col_description(attrelid, attnum) FROM pg_attribute "
+                "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
+                "AND col_description(attrelid, attnum) IS NOT NULL ORDER BY attnum", (oid,))
+    return ViewDef(oid, Table(schema, name), materialized, depth,
+                   definition.strip().removesuffix(";"), tuple(options), owner, acl, comment,
+                   tuple(cur.fetchall()))
+
+
+def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...]) -> list[Blocker]:
+    """What the swap cannot carry among the views over ``key``: each named, with why.
+
+    ``columns`` are all the columns the swap changes together: a view may read
+    several of them, and is judged with all of them converted.
+    """
+    views = dependent_views(conn, (key,))
+    found = [Blocker(f"materialized view {view.view}", hint=MATERIALIZED_HINT)
+             for view in views if view.materialized]
+    found += _not_carried(conn, views)
+    failures = compile_failures(conn, [view for view in views if not view.materialized],
+                                columns)
+    found += [Blocker(f"view {view.view}", failures[view.oid], VIEW_HINT)
+              for view in views if view.oid in failures]
+    return found
+
+
+def refuse(conn: Connection, columns: tuple[KeyColumn, ...]) -> None:
+    """Refuse (nothing changed) when the swap of ``columns`` could not carry every view
+    over them: the rollback after the swap runs no pre-flight, and asks this first."""
+    found: dict[str, Blocker] = {}
+    for key in columns:
+        found.update((blocker.what, blocker) for blocker in blockers(conn, key, columns))
+    conn.rollback()
+    if found:
+        raise MigrationError(
+            "refused, nothing was changed: " + "; ".join(
+                blocker.what + (f" ({blocker.reason})" if blocker.reason else "")
+                for blocker in found.values()),
+            hint=" / ".join(dict.fromkeys(blocker.hint for blocker in found.values())))
+
+
+def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
+    """Objects depending on the views other than the views over them (which are carried),
+    and views whose owner this role cannot drop and create them for."""
+    oids = [view.oid for view in views]
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT pg_describe_object(d.classid, d.objid, d.objsubid),
+                   d.refobjid::regclass::text
+            FROM pg_depend d
+            WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY (%(views)s)
+              AND d.deptype IN ('n', 'a')
+              AND NOT (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_rewrite WHERE rulename = '_RETURN'
+                    AND ev_class = ANY (%(views)s)))
+              AND NOT (d.classid = 'pg_type'::regclass)
+            ORDER BY 1
+            """, {"views": oids})
+        found = [Blocker(what, f"it depends on view {view}, which the swap drops and "
+                         "creates again", DEPENDENT_HINT) for what, view in cur.fetchall()]
+        cur.execute("SELECT c.oid::regclass::text, pg_get_userbyid(c.relowner) FROM pg_class c "
+                    "WHERE c.oid = ANY (%s) AND NOT pg_has_role(c.relowner, 'MEMBER') "
+                    "ORDER BY 1", (oids,))
+        found += [Blocker(f"view {view}", f"it is owned by {owner}, for whom this role cannot "
+                          "drop and create it", "run the migration as a member of that role, "
+                          "or drop the view before and create it again after")
+                  for view, owner in cur.fetchall()]
+    return found
+
+
+def _new_type(cur: Cursor, key: KeyColumn) -> sql.Composable:
+    """The type ``key`` has after the swap: uuid, or on the way back its original string
+    type as the backup recorded it (read back by the server as a type name, never run)."""
+    if not key.back:
+        return sql.SQL("uuid")
+    from migration import backup  # imported here: the backup's record reads the views
+
+    cur.execute("SELECT format_type(to_regtype(%s), NULL)",
+                (backup.saved_column(cur, key).type,))
+    row = cur.fetchone()
+    return sql.SQL(row[0] if row and row[0] else "text")
+
+
+def compile_failures(conn: Connection, views: list[ViewDef],
+                     columns: tuple[KeyColumn, ...]) -> dict[int, str]:
+    """Why each view that would not compile with ``columns`` converted would not, by oid.
+
+    In a savepoint rolled back: an empty temporary twin of each table of
+    ``columns`` (same name, in ``pg_temp``: a view's implicit alias stays
+    right), with the new types and the primary key (``GROUP BY`` may rely on
+    it), then each view as a temporary view over the twins and the views
+    before it.
+    """
+    if not views:
+        return {}
+    tables = sorted({key.table for key in columns})
+    names = [table.name for table in tables] + [view.view.name for view in views]
+    if len(set(names)) < len(names):
+        return {view.oid: "cannot be judged: two of the tables and views it involves share "
+                "a name" for view in views}
+    relations = {(relation.schema, relation.name): "pg_temp." + sqlexpr.quote_ident(relation.name)
+                 for relation in [*tables, *(view.view for view in views)]}
+    failures: dict[int, str] = {}
+    with conn.cursor() as cur:
+        cur.execute("SAVEPOINT views_oracle")
+        try:
+            for table in tables:
+                twin = sql.Identifier("pg_temp", table.name)
+                cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
+                    twin, table.ident))
+                for key in columns:
+                    if key.table == table:
+                        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING NULL")
+                                    .format(twin, sql.Identifier(key.column),
+                                            _new_type(cur, key)))
+                primary = catalog.primary_key(conn, table)
+                if primary:
+                    cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(
+                        twin, sqlexpr.column_list(primary)))
+            for view in views:
+                failures.update(_compiles(cur, view, relations, failures, views))
+        finally:
+            cur.execute("ROLLBACK TO SAVEPOINT views_oracle")
+            cur.execute("RELEASE SAVEPOINT views_oracle")
+    return failures
+
+
+def _compiles(cur: Cursor, view: ViewDef, relations: dict[tuple[str, str], str],
+              failures: dict[int, str], views: list[ViewDef]) -> dict[int, str]:
+    """{} when the view compiles over the twins, else {oid: why not}."""
+    inner = [other for other in views if other.oid in failures
+             and (other.view.schema, other.view.name) in _relations_of(view.definition,
+                                                                       relations)]
+    if inner:
+        return {view.oid: f"it reads view {inner[0].view}, which would not compile"}
+    cur.execute("SAVEPOINT view_oracle")
+    try:
+        cur.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
+            sql.Identifier(view.view.name),
+            sql.SQL(sqlexpr.replace_relations(view.definition, relations))))
+    except psycopg2.Error as error:
+        cur.execute("ROLLBACK TO SAVEPOINT view_oracle")
+        return {view.oid: "would not compile once the columns have their new types: "
+                f"{error.diag.message_primary}"}
+    cur.execute("RELEASE SAVEPOINT view_oracle")
+    return {}
+
+
+def _relations_of(definition: str, relations: dict[tuple[str, str], str]) -> set[tuple[str, str]]:
+    """Which of ``relations`` the definition names."""
+    return {relation for relation in relations
+            if sqlexpr.replace_relations(definition, {relation: ""}) != definition}
+
+
+# --- in the swap's transaction ------------------------------------------------------------
+
+def lock(cur: Cursor, views: list[ViewDef]) -> None:
+    """The views locked outermost first, as a query of the application takes them (the
+    view, then what it reads): before the tables, so the two never wait on each other."""
+    for view in reversed(views):
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(view.view.ident))
+
+
+def drop(cur: Cursor, views: list[ViewDef]) -> None:
+    for view in reversed(views):
+        cur.execute(sql.SQL("DROP VIEW {}").format(view.view.ident))
+
+
+def create(cur: Cursor, views: list[ViewDef]) -> None:
+    """Each view again as it was read, innermost first, over the renamed columns."""
+    for view in views:
+        statement = sql.SQL("CREATE VIEW {}").format(view.view.ident)
+        if view.options:
+            statement += sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
+                for name, value in (option.split("=", 1) for option in view.options)))
+        cur.execute(statement + sql.SQL(" AS {}").format(sql.SQL(view.definition)))
+        _dress(cur, view)
+
+
+def _dress(cur: Cursor, view: ViewDef) -> None:
+    """Owner, privileges and comments of the view as it was."""
+    ident = view.view.ident
+    cur.execute("SELECT current_user::text")
+    if (cur.fetchone() or [None])[0] != view.owner:
+        cur.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(
+            ident, sql.Identifier(view.owner)))
+    if view.acl is not None:
+        cur.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC, {}").format(
+            ident, sql.Identifier(view.owner)))
+        for grantee, privilege, grantable in view.acl:
+            if privilege not in PRIVILEGES:
+                raise MigrationError(f"unexpected privilege {privilege!r} on view {view.view}")
+            cur.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
+                sql.SQL(privilege), ident,
+                sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
+                sql.SQL(" WITH GRANT OPTION" if grantable else "")))
+    if view.comment is not None:
+        cur.execute(sql.SQL("COMMENT ON VIEW {} IS %s").format(ident), (view.comment,))
+    for column, text in view.column_comments:
+        cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
+            sql.Identifier(view.view.schema, view.view.name, column)), (text,))

@@ -1,0 +1,158 @@
+"""Views over a key column, and views over those: carried through the swap both ways when
+their definitions compile with the new type, with their options, owner, privileges and
+comments; refused up front and named, all at once, when they would not or cannot be carried
+(materialized views, rules, what depends on a view)."""
+
+from __future__ import annotations
+
+import psycopg2.errors
+import pytest
+
+from tests.operate import execute, operate, print_of, run_ok
+from tests.test_schema_shapes import seeded
+
+VIEWS = """
+CREATE VIEW user_tags WITH (security_barrier) AS
+    SELECT u.id, u.email, t.name FROM users u JOIN tags t ON t.user_id = u.id;
+COMMENT ON VIEW user_tags IS 'tags by user';
+COMMENT ON COLUMN user_tags.email IS 'the owner''s address';
+GRANT SELECT ON user_tags TO PUBLIC;
+CREATE VIEW user_tag_counts AS
+    SELECT u.id, u.email, count(t.id) AS tags FROM users u LEFT JOIN tags t ON t.user_id = u.id
+    GROUP BY u.id;
+CREATE VIEW active_user_tags AS SELECT id, name FROM user_tags WHERE id IS NOT NULL;
+CREATE VIEW own_reminders AS SELECT user_id, note, remind_at FROM reminders
+    WHERE user_id IS NOT NULL
+    WITH CASCADED CHECK OPTION;
+"""
+NAMES = ("active_user_tags", "own_reminders", "user_tag_counts", "user_tags")
+SHAPE = """
+SELECT c.relname, pg_get_viewdef(c.oid), c.reloptions, c.relacl::text,
+       pg_get_userbyid(c.relowner), obj_description(c.oid, 'pg_class'),
+       ARRAY(SELECT attname || ':' || coalesce(col_description(c.oid, attnum), '')
+             FROM pg_attribute WHERE attrelid = c.oid AND attnum > 0 ORDER BY attnum)
+FROM pg_class c WHERE c.relkind = 'v' AND c.relnamespace = 'public'::regnamespace ORDER BY 1
+"""
+ROWS = {
+    "user_tags": "SELECT id::text, email, name FROM user_tags ORDER BY 1, 3",
+    "user_tag_counts": "SELECT id::text, tags FROM user_tag_counts ORDER BY 1",
+    "active_user_tags": "SELECT id::text, name FROM active_user_tags ORDER BY 1, 2",
+    "own_reminders": "SELECT user_id::text, note FROM own_reminders ORDER BY 1, 2",
+}
+TYPES = ("SELECT table_name, column_name, data_type FROM information_schema.columns "
+         "WHERE table_name = ANY (%s) AND column_name IN ('id', 'user_id') ORDER BY 1, 2")
+
+
+def test_views_over_the_keys_are_carried_both_ways_and_still_work(legacy_db: str) -> None:
+    seeded(legacy_db, VIEWS)
+    shape = execute(legacy_db, SHAPE)
+    rows = {name: execute(legacy_db, query) for name, query in ROWS.items()}
+    assert all(rows.values())
+    original = print_of(legacy_db)
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, TYPES, (list(NAMES),)) == [
+        ("active_user_tags", "id", "uuid"), ("own_reminders", "user_id", "uuid"),
+        ("user_tag_counts", "id", "uuid"), ("user_tags", "id", "uuid")]
+    assert {name: execute(legacy_db, query) for name, query in ROWS.items()} == rows
+    assert [row[0] for row in shape] == list(NAMES)
+    assert execute(legacy_db, SHAPE) == shape  # the server's text, casts included: the same
+    run_ok(legacy_db, "validate_migration")
+    user = execute(legacy_db, "SELECT id FROM users LIMIT 1")[0][0]
+    with pytest.raises(psycopg2.errors.WithCheckOptionViolation):  # still enforced, now on uuid
+        execute(legacy_db, "INSERT INTO own_reminders VALUES (NULL, 'x', now())")
+    execute(legacy_db, "INSERT INTO own_reminders VALUES (%s, 'new', now())", (user,))
+    execute(legacy_db, "DELETE FROM reminders WHERE note = 'new'")
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, SHAPE) == shape
+    assert {name: execute(legacy_db, query) for name, query in ROWS.items()} == rows
+    after = print_of(legacy_db)
+    assert after == original, "\n".join(original.diff(after))
+
+
+def test_a_changed_view_fails_verify(legacy_db: str) -> None:
+    """Mutation: the views check sees a view whose definition or options changed."""
+    seeded(legacy_db, VIEWS)
+    run_ok(legacy_db, "full_migration")
+    run_ok(legacy_db, "validate_migration")
+    execute(legacy_db, "CREATE OR REPLACE VIEW active_user_tags AS SELECT id, name FROM user_tags")
+    execute(legacy_db, "ALTER VIEW user_tags RESET (security_barrier)")
+    result = operate(legacy_db, "validate_migration")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert "[FAIL] views public.active_user_tags: view changed since the backup" in text, text
+    assert "[FAIL] views public.user_tags: view changed since the backup" in text, text
+    assert "own_reminders: view" not in text
+
+
+def test_a_view_that_no_longer_runs_fails_verify(legacy_db: str) -> None:
+    seeded(legacy_db, "CREATE VIEW tag_owner AS SELECT user_id, "
+                      "(SELECT 1 / count(*) FROM users u WHERE u.id = t.user_id) AS one "
+                      "FROM tags t")
+    run_ok(legacy_db, "full_migration")
+    run_ok(legacy_db, "validate_migration")
+    execute(legacy_db, "DELETE FROM tags WHERE user_id = (SELECT user_id FROM tags LIMIT 1)")
+    execute(legacy_db, "ALTER TABLE tags DROP CONSTRAINT tags_user_id_fkey")
+    execute(legacy_db, "INSERT INTO tags (user_id, name) VALUES (gen_random_uuid(), 'x')")
+    execute(legacy_db, "DELETE FROM tags WHERE name <> 'x'")
+    result = operate(legacy_db, "validate_migration")
+    assert "[FAIL] views public.tag_owner: view changed since the backup" in " ".join(
+        result.output.split()), result.output
+    assert "a SELECT from it fails" in result.output
+
+
+def test_views_that_cannot_be_carried_are_refused_at_once_by_name(legacy_db: str) -> None:
+    seeded(legacy_db, VIEWS,
+           "CREATE VIEW a_users AS SELECT coalesce(id, 'none') AS id, email FROM users",
+           "CREATE VIEW a_user_emails AS SELECT email FROM a_users",
+           "CREATE MATERIALIZED VIEW tag_counts AS SELECT user_id, count(*) FROM tags "
+           "GROUP BY user_id",
+           "CREATE RULE no_orphan_tags AS ON INSERT TO tags WHERE NEW.user_id IS NULL "
+           "DO INSTEAD NOTHING",
+           "CREATE FUNCTION tagged() RETURNS bigint LANGUAGE sql BEGIN ATOMIC "
+           "SELECT count(*) FROM user_tags; END",
+           "CREATE FUNCTION no_write() RETURNS trigger LANGUAGE plpgsql AS "
+           "$$ BEGIN RETURN NULL; END $$",
+           "CREATE TRIGGER no_write INSTEAD OF INSERT ON user_tag_counts "
+           "FOR EACH ROW EXECUTE FUNCTION no_write()")
+    before = print_of(legacy_db, include_backup=True)
+    views = execute(legacy_db, SHAPE)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    for line in (
+            "[FAIL] blocker public.users.id: view public.a_users depends on the column and "
+            "would not compile once the columns have their new types: COALESCE types uuid "
+            "and character varying cannot be matched",
+            "[FAIL] blocker public.users.id: view public.a_user_emails depends on the column "
+            "and it reads view public.a_users, which would not compile",
+            "[FAIL] blocker public.tags.user_id: materialized view public.tag_counts depends "
+            "on the column",
+            "[FAIL] blocker public.tags.user_id: rule no_orphan_tags on public.tags depends "
+            "on the column",
+            "[FAIL] blocker public.users.id: function public.tagged() depends on the column "
+            "and it depends on view public.user_tags, which the swap drops and creates again",
+            "[FAIL] blocker public.users.id: trigger no_write on view public.user_tag_counts "
+            "depends on the column"):
+        assert line in text, text
+    assert "REFRESH): carrying it would re-run its query" in text
+    assert print_of(legacy_db, include_backup=True) == before
+    assert execute(legacy_db, SHAPE) == views
+
+
+def test_a_view_that_would_not_compile_back_refuses_the_rollback(legacy_db: str) -> None:
+    """Made on uuid after the migration: on varchar, ``id = gen_random_uuid()`` has no
+    operator.  The rollback names it before it changes anything."""
+    seeded(legacy_db, VIEWS)
+    run_ok(legacy_db, "full_migration")
+    execute(legacy_db, "CREATE VIEW new_users AS SELECT email FROM user_tags "
+                       "WHERE id <> gen_random_uuid()")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "rollback")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    assert ("refused, nothing was changed: view public.new_users (would not compile once the "
+            "columns have their new types: operator does not exist: character varying <> "
+            "uuid)") in text, text
+    assert print_of(legacy_db, include_backup=True) == before
+    execute(legacy_db, "DROP VIEW new_users")
+    run_ok(legacy_db, "rollback")
