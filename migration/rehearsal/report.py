@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
+from migration.rehearsal.batching import Choice
+from migration.rehearsal.projection import Projection
 from migration.report import Finding, Status, failures
 
 BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
@@ -32,6 +34,8 @@ class Run:
     batch_size: int
     steps: list[StepTiming] = field(default_factory=list)
     error: str = ""
+    stall: float | None = None
+    """Seconds the swap held the lock that blocks the application's writes (migration_log)."""
 
     @property
     def seconds(self) -> float:
@@ -62,17 +66,6 @@ class PlantedCheck:
     found: bool
 
 
-@dataclass(frozen=True)
-class Projection:
-    rows: Mapping[str, int]
-    by_table: Mapping[str, float]
-    by_step: Mapping[str, float]
-
-    @property
-    def seconds(self) -> float:
-        return sum(self.by_step.values())
-
-
 @dataclass
 class Report:
     server: str
@@ -86,9 +79,14 @@ class Report:
     ready: list[Finding] = field(default_factory=list)
     ready_message: str = ""
     trials: list[Run] = field(default_factory=list)
+    """Each batch size's timings, repeated (``batching.REPEATS``)."""
+    skipped_sizes: list[str] = field(default_factory=list)
+    batch_choice: Choice | None = None
     rollbacks: list[RollbackCheck] = field(default_factory=list)
     final: Run | None = None
     verify: list[Finding] = field(default_factory=list)
+    sized: dict[int, Run] = field(default_factory=dict)
+    """The final migration at smaller sizes (users), for the projection's fit."""
     projection: Projection | None = None
     seconds: float = 0.0
 
@@ -101,6 +99,8 @@ class Report:
                      f"{p.value!r}" for p in self.planted if not p.found]
         problems += [f"full_migration with batch size {t.batch_size:,}: {t.error}"
                      for t in self.trials if t.error]
+        problems += [f"final migration at {users:,} users: {run.error}"
+                     for users, run in self.sized.items() if run.error]
         problems += [f"rollback after {r.stage}: {r.message}" for r in self.rollbacks
                      if not r.passed]
         if self.final is None:
@@ -167,13 +167,8 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
                          [*(report.remedies or ["none needed"]),
                           "afterwards, " + step_message("validate_schema",
                                                         report.ready_message)]))
-    if report.trials:
-        chosen = report.final.batch_size if report.final else None
-        parts.append(Section("Batch sizes tried (time of migrate_users + migrate_foreign_keys)",
-                             header=("batch size", "time", ""),
-                             rows=[(f"{t.batch_size:,}", t.error or duration(t.batched_seconds),
-                                    "fastest" if t.batch_size == chosen else "")
-                                   for t in report.trials]))
+    if report.trials or report.skipped_sizes:
+        parts.append(_batch_section(report))
     if report.rollbacks:
         parts.append(Section(
             "Rollback from every stage, fingerprint compared with the database before the "
@@ -194,17 +189,49 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
     return parts
 
 
+def _batch_section(report: Report) -> Section:
+    """Each size's repeated times, the one kept and why: never a "fastest" within noise."""
+    times: dict[int, list[str]] = {}
+    for trial in report.trials:
+        times.setdefault(trial.batch_size, []).append(trial.error or
+                                                      duration(trial.batched_seconds))
+    choice = report.batch_choice
+    rows: list[tuple[str, ...]] = [(f"{size:,}", ", ".join(shown),
+             "kept" if choice is not None and size == choice.batch_size else "")
+            for size, shown in times.items()]
+    lines = [*(f"skipped {why}" for why in report.skipped_sizes),
+             *([f"kept {choice.reason}"] if choice is not None else [])]
+    return Section("Batch sizes tried (time of migrate_users + migrate_foreign_keys, repeated)",
+                   lines, header=("batch size", "times", ""), rows=rows)
+
+
+def _range(low: float, high: float) -> str:
+    return duration(low) if duration(low) == duration(high) else \
+        f"{duration(low)} to {duration(high)}"
+
+
 def _projection_section(projection: Projection | None) -> Section:
-    title = "Projected downtime"
+    title = "Projected time for production"
     if projection is None:
         return Section(title, ["not requested: pass --production-rows N (users, other tables "
                                "in the same proportions) or users=N,journal_entries=M,..."])
-    rows = [(t, f"{projection.rows[t]:,}", duration(s)) for t, s in projection.by_table.items()]
-    return Section(title, ["each step's seconds per row in the final migration times the "
-                           "production rows of its tables (linear in rows; verify included)"],
-                   header=("table", "rows", "time"),
-                   rows=[*rows, ("total", f"{sum(projection.rows.values()):,}",
-                                 duration(projection.seconds))])
+    sizes = ", ".join(f"{users:,}" for users in projection.sizes)
+    stall = ("no swap was timed" if projection.stall is None
+             else f"{projection.stall[0] * 1000:,.0f} to {projection.stall[1] * 1000:,.0f} ms "
+                  "measured (the swap's lock; it does not grow with rows)")
+    return Section(title, [
+        f"write stall, the time the application's writes wait: {stall}",
+        f"total, the whole run while the application keeps working: "
+        f"{_range(projection.low, projection.high)}",
+        f"rows from {projection.source}: " + ", ".join(
+            f"{table} {rows:,}" for table, rows in projection.rows.items()),
+        f"each step fit as overhead + cost per row over the final migration at {sizes} "
+        "users; the range is the lowest to the highest cost per row between neighbouring "
+        "sizes"],
+        header=("step", "rows", "overhead", "per 1M rows", "projected"),
+        rows=[(step.step, f"{step.rows:,}", duration(step.line.overhead),
+               duration(step.line.per_row * 1_000_000), _range(step.low, step.high))
+              for step in projection.steps])
 
 
 def _headline(report: Report) -> list[str]:
@@ -256,7 +283,7 @@ def render_markdown(report: Report, *, verbose: bool = False) -> str:
 def as_json(report: Report) -> str:
     data = {"passed": report.passed, "problems": report.problems(), **asdict(report)}
     if report.projection is not None:
-        data["projection"]["seconds"] = report.projection.seconds
+        data["projection"].update(low=report.projection.low, high=report.projection.high)
     return json.dumps(data, default=str, indent=2)
 
 
