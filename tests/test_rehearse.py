@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from migration.rehearsal.rehearse import (
     render_markdown,
     render_text,
     rollback_copy,
+    schema_database,
 )
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
 from migration.rehearsal.seed import Planted, seed
@@ -54,6 +56,17 @@ def test_production_rows_follow_users_in_the_rehearsal_proportions() -> None:
     assert production_rows({"users": 1000}, measured, "users") == {
         "users": 1000, "journal_entries": 3000, "tags": 1000, "reminders": 1000}
     assert production_rows({"users": 1000, "tags": 7}, measured, "users")["tags"] == 7
+
+
+def test_schema_from_names_the_database_to_project_for_unless_it_is_a_file(
+        tmp_path: Path) -> None:
+    dump = tmp_path / "schema"
+    dump.write_text("CREATE TABLE users (id text);")
+    assert schema_database("postgresql://app@db/app") == "postgresql://app@db/app"
+    assert schema_database("dbname=app") == "dbname=app"
+    assert schema_database("schema.sql") is None
+    assert schema_database(str(dump)) is None
+    assert schema_database(None) is None
 
 
 def test_option_parsing() -> None:
@@ -163,11 +176,19 @@ def planted(monkeypatch: pytest.MonkeyPatch) -> list[Planted]:
     return seen
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
 def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
-        servers: Recorded, planted: list[Planted]) -> None:
+        servers: Recorded, planted: list[Planted], monkeypatch: pytest.MonkeyPatch) -> None:
     said: list[str] = []
+    terminal = Terminal()
+    monkeypatch.setattr("migration.progress.sys.stderr", terminal)
     report = rehearse(None, RehearsalOptions(**SMALL, dirty=True,  # type: ignore[arg-type]
-                                             production={"users": 100_000}), said.append)
+                                             production={"users": 100_000}, progress=True),
+                      said.append)
     assert report.problems() == []
     generated, *smaller = planted  # the rehearsal's dataset, then the clean ones of the fit
     assert smaller == [Planted(), Planted()]
@@ -216,6 +237,10 @@ def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
                  "rehearse: final migration: migrate_foreign_keys",
                  "rehearse: final migration at 22 users, for the fit: validate_migration"):
         assert line in said, said
+    # and the rows done as each fill runs, on a terminal
+    drawn = terminal.getvalue()
+    assert "\rfill public.users.id: 200 rows, " in drawn
+    assert "\rfill public.users.id: 66 rows, " in drawn  # a size of the fit
     assert_gone(servers)
 
 
@@ -225,14 +250,19 @@ def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_
         seed(conn, 30)
         before = fingerprint(conn)
     given = sandbox.admin_dsn_for(parse_dsn(legacy_db)["dbname"])
-    report = rehearse(given, RehearsalOptions(**SMALL, dirty=False))  # type: ignore[arg-type]
+    # the schema's database named (--schema-from=DSN): the projection is for its tables' sizes
+    report = rehearse(given, RehearsalOptions(**SMALL, dirty=False,  # type: ignore[arg-type]
+                                              sizes_from=legacy_db))
     assert report.problems() == []
     assert [f for f in report.found if f.status in (Status.FAIL, Status.WARN)] == []
     assert report.planted == []
     assert report.remedies == []
     assert [r.stage for r in report.rollbacks] == [s for s in STAGES if s != "quarantine"]
     assert all(r.passed for r in report.rollbacks)
-    assert report.projection is None
+    assert report.projection is not None
+    assert report.projection.rows == {"users": 30, "journal_entries": 90, "tags": 30,
+                                      "reminders": 30}
+    assert report.projection.source.startswith("the tables of ")
     with connected(legacy_db) as conn:
         assert fingerprint(conn).diff(before) == []
         with conn.cursor() as cur:

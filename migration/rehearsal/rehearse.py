@@ -644,7 +644,7 @@ def try_batch_sizes(scratch: Scratch, prepared: str, options: RehearsalOptions, 
     table, each on a clone of ``prepared``; the size kept (None: every trial failed)."""
     sizes, report.skipped_sizes = sizes_to_try(options.batch_sizes, report.rows)
     for skipped in report.skipped_sizes:
-        say(f"rehearse: batch size {skipped}: skipped")
+        say(f"rehearse: skipped batch size {skipped}")
     for size in sizes:
         for repeat in range(1, REPEATS + 1):
             clone = scratch.create(f"batch_{size}_{repeat}", template=prepared)

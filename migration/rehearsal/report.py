@@ -227,7 +227,9 @@ def _projection_section(projection: Projection | None) -> Section:
             f"{table} {rows:,}" for table, rows in projection.rows.items()),
         f"each step fit as overhead + cost per row over the final migration at {sizes} "
         "users; the range is the lowest to the highest cost per row between neighbouring "
-        "sizes"],
+        "sizes", *(["the range is wide: the timings vary more than the sizes' difference in "
+                    "rows explains; rehearse with more --users to narrow it"]
+                   if projection.high > 2 * projection.low else [])],
         header=("step", "rows", "overhead", "per 1M rows", "projected"),
         rows=[(step.step, f"{step.rows:,}", duration(step.line.overhead),
                duration(step.line.per_row * 1_000_000), _range(step.low, step.high))
