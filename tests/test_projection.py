@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from migration.plan import build_plan
+from migration.rehearsal import rehearse as rehearse_module
 from migration.rehearsal.batching import choose, sizes_to_try
 from migration.rehearsal.projection import (
     SIZES,
@@ -15,7 +16,8 @@ from migration.rehearsal.projection import (
     project_step,
     table_sizes,
 )
-from migration.rehearsal.report import StepTiming
+from migration.rehearsal.rehearse import RehearsalOptions
+from migration.rehearsal.report import Report, Run, StepTiming, render_text
 from migration.rehearsal.seed import seed
 from tests.operate import connected, execute
 
@@ -103,6 +105,8 @@ def test_only_sizes_smaller_than_the_largest_table_are_timed() -> None:
     assert tried == [1000]
     assert [why.split(":")[0] for why in skipped] == ["10,000", "50,000"]
     assert "journal_entries, 6,000 rows" in skipped[0]
+    # a size equal to the table's rows is no smaller
+    assert sizes_to_try((100, 600), {"t": 600})[0] == [100]
     # none smaller: the smallest is timed all the same
     assert sizes_to_try((10_000, 50_000), rows)[0] == [10_000]
 
@@ -146,3 +150,14 @@ def test_table_sizes_read_estimates_and_count_tables_never_analyzed(legacy_db: s
     [(entries,)] = execute(legacy_db, "SELECT count(*) FROM public.journal_entries")
     assert sizes["journal_entries"] == entries  # never analyzed: counted
     assert set(sizes) == {"users", "journal_entries", "tags", "reminders"}
+
+
+def test_a_rehearsal_too_small_for_a_second_size_says_so() -> None:
+    """Under 30 users no smaller size of 10 users is left: no fit, and the report says why
+    rather than "not requested" (nothing is loaded for it: no database is needed)."""
+    report = Report(server="", users=20, dirty=False, final=Run(100, synthetic(20)[:2]))
+    rehearse_module._project(None, RehearsalOptions(users=20), report, None,  # type: ignore[arg-type]
+                             {"users": 10**6}, "--production-rows", lambda _: None)
+    assert report.projection is None
+    assert report.projection_note.startswith("not projected: a fit needs two sizes")
+    assert report.projection_note in render_text(report)

@@ -709,6 +709,10 @@ def _project(scratch: Scratch, options: RehearsalOptions, report: Report, plan: 
             + (sized.error or f"final migration {sized.seconds:.2f} s"))
     runs = {options.users: report.final} | {
         users: run for users, run in report.sized.items() if not run.error}
+    if len(runs) < 2:
+        report.projection_note = (f"not projected: a fit needs two sizes, and {options.users:,} "
+                                  "users leave no smaller size of 10 users or more")
+        return
     report.projection = project(
         [timing for run in runs.values() for timing in run.steps], production,
         users=runs, source=source,

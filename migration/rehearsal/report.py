@@ -88,6 +88,8 @@ class Report:
     sized: dict[int, Run] = field(default_factory=dict)
     """The final migration at smaller sizes (users), for the projection's fit."""
     projection: Projection | None = None
+    projection_note: str = ""
+    """Why rows to project for were given but nothing was projected."""
     seconds: float = 0.0
 
     def problems(self) -> list[str]:
@@ -185,7 +187,7 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
         parts.append(Section(f"Final migration, batch size {report.final.batch_size:,}", lines,
                              header=("step", "time", "rows", "rows/s"),
                              rows=_steps_rows(report.final.steps)))
-    parts.append(_projection_section(report.projection))
+    parts.append(_projection_section(report.projection, report.projection_note))
     return parts
 
 
@@ -210,11 +212,11 @@ def _range(low: float, high: float) -> str:
         f"{duration(low)} to {duration(high)}"
 
 
-def _projection_section(projection: Projection | None) -> Section:
+def _projection_section(projection: Projection | None, note: str) -> Section:
     title = "Projected time for production"
     if projection is None:
-        return Section(title, ["not requested: pass --production-rows N (users, other tables "
-                               "in the same proportions) or users=N,journal_entries=M,..."])
+        return Section(title, [note or "not requested: pass --production-rows N (users, other "
+                               "tables in the same proportions) or users=N,journal_entries=M,..."])
     sizes = ", ".join(f"{users:,}" for users in projection.sizes)
     stall = ("no swap was timed" if projection.stall is None
              else f"{projection.stall[0] * 1000:,.0f} to {projection.stall[1] * 1000:,.0f} ms "
