@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import json
 import subprocess
 import sys
@@ -42,6 +41,7 @@ from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.throwaway import Server
 from migration.report import Finding, Status
 from migration.session import Session, Settings
+from tests.test_progress import Terminal
 
 # Rehearsals start their own throwaway servers: once per tox run is enough.
 pytestmark = pytest.mark.once
@@ -174,11 +174,6 @@ def planted(monkeypatch: pytest.MonkeyPatch) -> list[Planted]:
 
     monkeypatch.setattr(rehearse_module, "seed", recording)
     return seen
-
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
