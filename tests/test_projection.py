@@ -11,9 +11,9 @@ from migration.rehearsal.projection import (
     SIZES,
     Line,
     fit,
-    neighbour_slopes,
     project,
     project_step,
+    slope_error,
     table_sizes,
 )
 from migration.rehearsal.rehearse import RehearsalOptions
@@ -74,16 +74,24 @@ def test_fit_never_gives_negative_parts() -> None:
         fit([(100, 1.0), (100, 1.2)])
 
 
-def test_the_range_is_the_cost_per_row_between_neighbouring_sizes() -> None:
-    # the cost per row grows with the size: the high end follows the largest sizes
+def test_the_range_is_the_cost_per_row_less_and_more_its_standard_error() -> None:
     points = [(1000, 1.1), (3000, 1.3), (9000, 2.5)]
-    assert neighbour_slopes(points) == pytest.approx([1e-4, 2e-4])
     step = project_step("migrate_users", points, 1_000_000)
-    assert step.low == pytest.approx(step.line.overhead + 1e-4 * 1_000_000)
-    assert step.high == pytest.approx(step.line.overhead + 2e-4 * 1_000_000)
-    assert step.low < step.line.at(1_000_000) < step.high
-    # repeated timings of one size are averaged
-    assert neighbour_slopes([(10, 1.0), (10, 3.0), (20, 3.0)]) == pytest.approx([0.1])
+    # by hand: cost per row 1.8077e-4 s, overhead 0.85 s, residual sum of squares 0.013846
+    # over 1 degree of freedom, rows' sum of squares 34.667e6: standard error 1.9985e-5
+    assert step.line.per_row == pytest.approx(1.8077e-4, rel=1e-4)
+    assert slope_error(points, step.line) == pytest.approx(1.9985e-5, rel=1e-3)
+    assert step.low == pytest.approx(0.85 + (1.8077e-4 - 1.9985e-5) * 1e6, rel=1e-3)
+    assert step.high == pytest.approx(0.85 + (1.8077e-4 + 1.9985e-5) * 1e6, rel=1e-3)
+    # two sizes leave no residual: one value
+    assert slope_error(points[:2], fit(points[:2])) == 0.0
+
+
+def test_noise_at_the_small_sizes_does_not_take_the_range_to_zero() -> None:
+    # the two small sizes equally fast (noise): the rate between them is zero, the fit's is not
+    step = project_step("migrate_foreign_keys", [(10_000, 1.17), (3333, 0.5), (1111, 0.5)],
+                        5_000_000)
+    assert 0.5 * step.line.at(5_000_000) < step.low < step.line.at(5_000_000) < step.high
 
 
 def test_the_write_stall_is_projected_apart_and_does_not_grow_with_rows() -> None:

@@ -7,15 +7,17 @@ projects more than a large one for the same production size.  The final
 migration is therefore timed at several sizes (``SIZES``), and each step is
 fit as ``t = overhead + per_row * rows`` by least squares.
 
-The range is the per-row cost measured between each pair of neighbouring
-sizes, lowest to highest, applied to the production rows after the fit's
-overhead.  Why this and not the fit's residual alone: with three sizes the
-residual has one degree of freedom, and a confidence interval from it says
-little; the neighbouring slopes say directly how far the per-row cost moved
-between sizes, and if it grows with size (a table outgrowing the cache),
-the high end follows the largest sizes, the nearest to production.  Timings
-exactly linear in rows give a range of one value, whatever the rehearsal's
-size.
+The range is the fit's cost per row plus or minus its standard error, from
+the residuals of the fit (``slope_error``), applied to the production rows
+after the fit's overhead.  Why the residual and not the per-size rates:
+least squares weighs each size by its distance from the others, so the
+largest size counts most, while the rate between two small neighbouring
+sizes is mostly noise (their rows differ little); on a loaded machine such
+rates went to zero and gave "16 s to 15 min" for a 2,000-user rehearsal.  A
+per-row cost that grows with size (a table outgrowing the cache) leaves
+residuals too, and widens the range.  Timings exactly linear in rows give a
+range of one value, whatever the rehearsal's size; so do two sizes, which
+leave no residual: the rehearsal times three.
 
 The write stall is projected apart from the total: it is the time the
 swap's transaction holds the lock that blocks the application's writes
@@ -27,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import pairwise
+from math import sqrt
 from typing import Protocol
 
 from migration import catalog
@@ -72,15 +74,14 @@ def fit(points: Sequence[tuple[int, float]]) -> Line:
     return Line(overhead, per_row)
 
 
-def neighbour_slopes(points: Sequence[tuple[int, float]]) -> list[float]:
-    """The per-row cost between each pair of neighbouring sizes (a size's timings averaged),
-    never negative."""
-    by_size: dict[int, list[float]] = {}
-    for rows, seconds in points:
-        by_size.setdefault(rows, []).append(seconds)
-    sizes = sorted(by_size)
-    mean = {rows: sum(times) / len(times) for rows, times in by_size.items()}
-    return [max((mean[b] - mean[a]) / (b - a), 0.0) for a, b in pairwise(sizes)]
+def slope_error(points: Sequence[tuple[int, float]], line: Line) -> float:
+    """The standard error of ``line``'s cost per row, from its residuals over ``points``
+    (zero with fewer than three points: a line through two leaves no residual)."""
+    if len(points) < 3:
+        return 0.0
+    mean_rows = sum(r for r, _ in points) / len(points)
+    residuals = sum((s - line.at(r)) ** 2 for r, s in points)
+    return sqrt(residuals / (len(points) - 2) / sum((r - mean_rows) ** 2 for r, _ in points))
 
 
 @dataclass(frozen=True)
@@ -94,12 +95,12 @@ class StepProjection:
 
 
 def project_step(step: str, points: Sequence[tuple[int, float]], rows: int) -> StepProjection:
-    """One step's time for ``rows``: the fit's overhead plus the lowest to the highest
-    per-row cost between neighbouring sizes (the fit's own slope is always between)."""
+    """One step's time for ``rows``: the fit's overhead plus its cost per row, less and more
+    its standard error (never below zero)."""
     line = fit(points)
-    slopes = [*neighbour_slopes(points), line.per_row]
-    return StepProjection(step, rows, line, line.at(rows, min(slopes)),
-                          line.at(rows, max(slopes)))
+    error = slope_error(points, line)
+    return StepProjection(step, rows, line, line.at(rows, max(line.per_row - error, 0.0)),
+                          line.at(rows, line.per_row + error))
 
 
 @dataclass(frozen=True)

@@ -228,9 +228,10 @@ def _projection_section(projection: Projection | None, note: str) -> Section:
         f"rows from {projection.source}: " + ", ".join(
             f"{table} {rows:,}" for table, rows in projection.rows.items()),
         f"each step fit as overhead + cost per row over the final migration at {sizes} "
-        "users; the range is the lowest to the highest cost per row between neighbouring "
-        "sizes", *(["the range is wide: the timings vary more than the sizes' difference in "
-                    "rows explains; rehearse with more --users to narrow it"]
+        "users; the range is the cost per row less and more its standard error (the fit's "
+        "residuals)", *(["the range is wide: the timings stray from a line more than their "
+                         "rows explain (noise, or a cost per row that grows with size); "
+                         "rehearse with more --users to narrow it"]
                    if projection.high > 2 * projection.low else [])],
         header=("step", "rows", "overhead", "per 1M rows", "projected"),
         rows=[(step.step, f"{step.rows:,}", duration(step.line.overhead),
