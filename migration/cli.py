@@ -230,11 +230,12 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--clean", is_flag=True, help="rehearse: generate the dataset without the "
               "planted problems (invalid, colliding and non-canonical ids, orphans).")
 @click.option("--batch-sizes", default="1000,10000,50000", show_default=True,
-              help="rehearse: batch sizes to time (comma-separated); the fastest is used for "
-                   "the final migration.")
+              help="rehearse: batch sizes to time (comma-separated; those not smaller than the "
+                   "largest table are skipped); the one kept runs the final migration: the "
+                   "fastest beyond noise, else 1000.")
 @click.option("--production-rows", metavar="N|TABLE=N,...",
-              help="rehearse: project the downtime for N users (other tables in the "
-                   "rehearsal's proportions), or for users=N,journal_entries=M,...")
+              help="rehearse: project the write stall and the total time for N users (other "
+                   "tables in the rehearsal's proportions), or for users=N,journal_entries=M,...")
 @click.option("--report", type=click.Path(dir_okay=False, path_type=Path),
               help="rehearse: also write the report to this file, in the format its suffix "
                    "names: .md Markdown, .json JSON, .xml JUnit XML (one test case per proof, "

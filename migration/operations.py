@@ -151,14 +151,15 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         convert.prove_filled(session, key, run_id)
     built = sum(expand.build_indexes(session, key) for key in pending)
     references = expand.reference(session, plan)
-    swap.swap(session, plan)
+    stall = swap.swap(session, plan)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
     message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
                f"{built} index(es) and {references} foreign key(s) built beside them)")
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
-    return Outcome(message, rows=rows, findings=findings, details={"quarantined": quarantined})
+    return Outcome(message, rows=rows, findings=findings,
+                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3)})
 
 
 def quarantine_orphans(session: Session, findings: list[Finding]) -> int:

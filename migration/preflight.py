@@ -185,7 +185,8 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
             subject=str(key)))
     converting = state in (ColumnState.STRING, ColumnState.BACKFILLING)
     for blocker in (*catalog.blockers(conn, key),
-                    *(views.blockers(conn, key, session.plan.columns) if converting else ())):
+                    *(views.blockers(conn, key, session.plan.columns, session.plan.backup_schema)
+                      if converting else ())):
         reason = f" and {blocker.reason}" if blocker.reason else ""
         findings.append(Finding("blocker", Status.FAIL,
                                 f"{blocker.what} depends on the column{reason}",

@@ -309,7 +309,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     plan = session.plan.reversed()
     parent = plan.parent
     convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
-    views.refuse(session.conn, plan.columns)  # the views over them must compile back
+    # the views over them must compile back
+    views.refuse(session.conn, plan.columns, plan.backup_schema)
     referencing = {shadow.child for shadow in expand.shadow_foreign_keys(session.conn, plan)}
     session.conn.rollback()
     rows = convert.fill(session, (parent,), run_id)

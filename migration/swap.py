@@ -33,6 +33,7 @@ deadlock, so the application waits at most that long for it.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from psycopg2 import sql
@@ -83,30 +84,40 @@ def not_ready(session: Session, plan: Plan) -> list[str]:
     return [f"{key} ({where})" for key, where in stages.items() if where not in READY]
 
 
-def swap(session: Session, plan: Plan) -> None:
-    """The parent key and all its children to uuid (or back), in one short transaction."""
+def swap(session: Session, plan: Plan) -> float:
+    """The parent key and all its children to uuid (or back), in one short transaction.
+
+    Returns the seconds its last attempt held the parent's lock, from the moment
+    it was granted to the commit: the time the application's writes (and reads)
+    of the plan's tables were blocked, the migration's write stall.
+    """
     waiting = not_ready(session, plan)
     if waiting:
         raise MigrationError("the swap needs every column expanded: " + ", ".join(waiting),
                              hint="run migrate_users, then migrate_foreign_keys")
     for key in plan.columns:  # the last of the expand: its scans are done before the swap
         copy_checks(session, key)
-    analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan))
+    locked: list[float] = []  # when the parent's lock was granted, in the last attempt
+    analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan, locked))
+    held = time.monotonic() - locked[-1]
     for table in analyze:  # the statistics objects carried are empty until then
         with session.transaction() as cur:
             cur.execute(sql.SQL("ANALYZE {}").format(table.ident))
-    logger.info("%s and %s column(s) referring to it swapped %s", plan.parent,
-                len(plan.children), "back to their string types" if plan.parent.back
-                else "to uuid")
+    logger.info("%s and %s column(s) referring to it swapped %s; the write-blocking lock "
+                "was held %.1f ms", plan.parent, len(plan.children),
+                "back to their string types" if plan.parent.back else "to uuid", held * 1000)
+    return held
 
 
-def _swap(cur: Cursor, session: Session, plan: Plan) -> list[Table]:
+def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> list[Table]:
     """The swap's transaction; the tables whose statistics objects it created again."""
     conn = cur.connection
     views.lock(cur, views.dependent_views(conn, plan.columns))
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
     for table in (plan.parent.table, *children):
         cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+        if table == plan.parent.table:
+            locked.append(time.monotonic())
     policies = _lock_policy_tables(cur, plan)
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)

@@ -124,7 +124,8 @@ def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
                    tuple(cur.fetchall()))
 
 
-def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...]) -> list[Blocker]:
+def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...],
+             backup_schema: str) -> list[Blocker]:
     """What the swap cannot carry among the views over ``key``: each named, with why.
 
     ``columns`` are all the columns the swap changes together: a view may read
@@ -135,18 +136,19 @@ def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...]) -
              for view in views if view.materialized]
     found += _not_carried(conn, views)
     failures = compile_failures(conn, [view for view in views if not view.materialized],
-                                columns)
+                                columns, backup_schema)
     found += [Blocker(f"view {view.view}", failures[view.oid], VIEW_HINT)
               for view in views if view.oid in failures]
     return found
 
 
-def refuse(conn: Connection, columns: tuple[KeyColumn, ...]) -> None:
+def refuse(conn: Connection, columns: tuple[KeyColumn, ...], backup_schema: str) -> None:
     """Refuse (nothing changed) when the swap of ``columns`` could not carry every view
     over them: the rollback after the swap runs no pre-flight, and asks this first."""
     found: dict[str, Blocker] = {}
     for key in columns:
-        found.update((blocker.what, blocker) for blocker in blockers(conn, key, columns))
+        found.update((blocker.what, blocker)
+                     for blocker in blockers(conn, key, columns, backup_schema))
     conn.rollback()
     if found:
         raise MigrationError(
@@ -186,7 +188,7 @@ def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
     return found
 
 
-def _new_type(cur: Cursor, key: KeyColumn) -> sql.Composable:
+def _new_type(cur: Cursor, key: KeyColumn, backup_schema: str) -> sql.Composable:
     """The type ``key`` has after the swap: uuid, or on the way back its original string
     type as the backup recorded it (read back by the server as a type name, never run)."""
     if not key.back:
@@ -194,13 +196,13 @@ def _new_type(cur: Cursor, key: KeyColumn) -> sql.Composable:
     from migration import backup  # imported here: the backup's record reads the views
 
     cur.execute("SELECT format_type(to_regtype(%s), NULL)",
-                (backup.saved_column(cur, key).type,))
+                (backup.saved_column(cur, backup_schema, key).type,))
     row = cur.fetchone()
     return sql.SQL(row[0] if row and row[0] else "text")
 
 
 def compile_failures(conn: Connection, views: list[ViewDef],
-                     columns: tuple[KeyColumn, ...]) -> dict[int, str]:
+                     columns: tuple[KeyColumn, ...], backup_schema: str) -> dict[int, str]:
     """Why each view that would not compile with ``columns`` converted would not, by oid.
 
     In a savepoint rolled back: an empty temporary twin of each table of
@@ -230,7 +232,7 @@ def compile_failures(conn: Connection, views: list[ViewDef],
                     if key.table == table:
                         cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING NULL")
                                     .format(twin, sql.Identifier(key.column),
-                                            _new_type(cur, key)))
+                                            _new_type(cur, key, backup_schema)))
                 primary = catalog.primary_key(conn, table)
                 if primary:
                     cur.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY ({})").format(

@@ -63,3 +63,27 @@ def test_the_connections_of_a_fill_share_one_line(legacy_db: str,
     assert all(part.startswith(label + ": ") for part in drawn), drawn
     assert terminal.getvalue().count("\n") == 1
     assert drawn[-1].startswith(f"{label}: {children:,} rows, ")
+
+
+def test_rollback_after_the_swap_shows_its_fills(legacy_db: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The way back fills string copies as the migration fills uuid ones: the parent's, then
+    its children's, each with its line, as migrate_users and migrate_foreign_keys show them."""
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 60)
+    for step in ("backup_data", "migrate_users", "migrate_foreign_keys"):
+        run_ok(legacy_db, step)
+    terminal = Terminal()
+    monkeypatch.setattr("migration.progress.sys.stderr", terminal)
+    with Session.open(legacy_db, Settings(batch_size=7, jobs=2)) as session:
+        run(session, "rollback", OPERATIONS["rollback"])
+    [(users, children)] = execute(legacy_db, "SELECT (SELECT count(*) FROM users), "
+                                             "(SELECT count(*) FROM journal_entries) + "
+                                             "(SELECT count(*) FROM tags) + "
+                                             "(SELECT count(*) FROM reminders)")
+    finals = terminal.getvalue().split("\n")[:-1]  # each fill's line ends with its close
+    assert [line.rsplit("\r", 1)[-1].split(": ")[0] for line in finals] == [
+        "fill public.users.id",
+        "fill public.journal_entries.user_id, public.tags.user_id, public.reminders.user_id"]
+    assert [line.rsplit("\r", 1)[-1].split(": ")[1].split(", ")[0] for line in finals] == [
+        f"{users:,} rows", f"{children:,} rows"]

@@ -42,7 +42,7 @@ def test_the_readmes_main_job_runs(tmp_path: Path) -> None:
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "UUID migration rehearsal: PASSED" in done.stdout
-    assert "Projected downtime" in done.stdout
+    assert "Projected time for production" in done.stdout
 
 
 def readme_section(title: str) -> str:

@@ -26,15 +26,14 @@ from migration.rehearsal.rehearse import (
     RehearsalOptions,
     Report,
     Scratch,
-    StepTiming,
     parse_batch_sizes,
     parse_production_rows,
     planted_checks,
     production_rows,
-    project_downtime,
     rehearse,
     render_text,
     rollback_copy,
+    schema_database,
 )
 from migration.rehearsal.report import render_markdown
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
@@ -42,6 +41,7 @@ from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.throwaway import Server
 from migration.report import Finding, Status
 from migration.session import Session, Settings
+from tests.test_progress import Terminal
 
 # Rehearsals start their own throwaway servers: once per tox run is enough.
 pytestmark = pytest.mark.once
@@ -51,22 +51,22 @@ SMALL = {"users": 200, "batch_sizes": (100, 1000)}
 
 # --- the arithmetic and the options --------------------------------------------------------------
 
-def test_projection_scales_each_step_by_its_own_tables() -> None:
-    steps = [StepTiming("backup_data", 3.0, 300, ("users", "journal_entries")),
-             StepTiming("migrate_users", 1.0, 100, ("users",))]
-    measured = {"users": 100, "journal_entries": 200}
-    projection = project_downtime(steps, measured, {"users": 1000, "journal_entries": 4000})
-    # backup_data: 3 s / 300 rows = 0.01 s a row; migrate_users: 0.01 s a user.
-    assert projection.by_step == pytest.approx({"backup_data": 50.0, "migrate_users": 10.0})
-    assert projection.by_table == pytest.approx({"users": 20.0, "journal_entries": 40.0})
-    assert projection.seconds == pytest.approx(60.0)
-
-
 def test_production_rows_follow_users_in_the_rehearsal_proportions() -> None:
     measured = {"users": 100, "journal_entries": 300, "tags": 100, "reminders": 100}
     assert production_rows({"users": 1000}, measured, "users") == {
         "users": 1000, "journal_entries": 3000, "tags": 1000, "reminders": 1000}
     assert production_rows({"users": 1000, "tags": 7}, measured, "users")["tags"] == 7
+
+
+def test_schema_from_names_the_database_to_project_for_unless_it_is_a_file(
+        tmp_path: Path) -> None:
+    dump = tmp_path / "schema"
+    dump.write_text("CREATE TABLE users (id text);")
+    assert schema_database("postgresql://app@db/app") == "postgresql://app@db/app"
+    assert schema_database("dbname=app") == "dbname=app"
+    assert schema_database("schema.sql") is None
+    assert schema_database(str(dump)) is None
+    assert schema_database(None) is None
 
 
 def test_option_parsing() -> None:
@@ -177,11 +177,16 @@ def planted(monkeypatch: pytest.MonkeyPatch) -> list[Planted]:
 
 
 def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
-        servers: Recorded, planted: list[Planted]) -> None:
+        servers: Recorded, planted: list[Planted], monkeypatch: pytest.MonkeyPatch) -> None:
+    said: list[str] = []
+    terminal = Terminal()
+    monkeypatch.setattr("migration.progress.sys.stderr", terminal)
     report = rehearse(None, RehearsalOptions(**SMALL, dirty=True,  # type: ignore[arg-type]
-                                             production={"users": 100_000}))
+                                             production={"users": 100_000}, progress=True),
+                      said.append)
     assert report.problems() == []
-    (generated,) = planted
+    generated, *smaller = planted  # the rehearsal's dataset, then the clean ones of the fit
+    assert smaller == [Planted(), Planted()]
     expected = [*generated.invalid_ids, *generated.colliding_ids, *generated.non_canonical_ids,
                 *(v for values in generated.orphans.values() for v in values)]
     assert len(expected) >= 10
@@ -204,9 +209,39 @@ def test_dirty_rehearsal_names_what_was_planted_and_rolls_back_from_every_stage(
     assert [s.step for s in report.final.steps] == [
         "validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
         "validate_migration", "verify"]
-    assert report.projection is not None
-    assert report.projection.rows["journal_entries"] == 300_000
-    assert "| users | 100,000 |" in render_markdown(report)
+    # the batch size: 1,000 is not smaller than journal_entries (600 rows): not timed
+    assert [t.batch_size for t in report.trials] == [100, 100]
+    assert [why.split(":")[0] for why in report.skipped_sizes] == ["1,000"]
+    assert report.batch_choice is not None
+    assert report.final.batch_size == report.batch_choice.batch_size == 100
+    assert "skipped 1,000: not smaller than the largest table (journal_entries, 600 rows)" \
+        in text
+    # the projection: fit over the full size and smaller ones, the stall apart
+    assert set(report.sized) == {66, 22}
+    projection = report.projection
+    assert projection is not None
+    assert projection.sizes == (200, 66, 22)
+    assert projection.rows["journal_entries"] == 300_000
+    assert projection.source == "--production-rows"
+    assert [s.step for s in projection.steps] == [s.step for s in report.final.steps]
+    assert 0 < projection.low <= projection.high
+    assert projection.stall is not None
+    assert 0 < projection.stall[0] <= projection.stall[1] < 5
+    assert report.final.stall is not None
+    markdown = render_markdown(report)
+    assert "## Projected time for production" in markdown
+    assert "- write stall, the time the application's writes wait: " in markdown
+    assert "| migrate_users | 100,000 |" in markdown
+    # the steps said as they start: which step of which clone
+    for line in ("rehearse: batch size 100, timing 2 of 2: migrate_users",
+                 "rehearse: runbook step by step, a copy rolled back after each stage: rollback",
+                 "rehearse: final migration: migrate_foreign_keys",
+                 "rehearse: final migration at 22 users, for the fit: validate_migration"):
+        assert line in said, said
+    # and the rows done as each fill runs, on a terminal
+    drawn = terminal.getvalue()
+    assert "\rfill public.users.id: 200 rows, " in drawn
+    assert "\rfill public.users.id: 66 rows, " in drawn  # a size of the fit
     assert_gone(servers)
 
 
@@ -216,14 +251,19 @@ def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_
         seed(conn, 30)
         before = fingerprint(conn)
     given = sandbox.admin_dsn_for(parse_dsn(legacy_db)["dbname"])
-    report = rehearse(given, RehearsalOptions(**SMALL, dirty=False))  # type: ignore[arg-type]
+    # the schema's database named (--schema-from=DSN): the projection is for its tables' sizes
+    report = rehearse(given, RehearsalOptions(**SMALL, dirty=False,  # type: ignore[arg-type]
+                                              sizes_from=legacy_db))
     assert report.problems() == []
     assert [f for f in report.found if f.status in (Status.FAIL, Status.WARN)] == []
     assert report.planted == []
     assert report.remedies == []
     assert [r.stage for r in report.rollbacks] == [s for s in STAGES if s != "quarantine"]
     assert all(r.passed for r in report.rollbacks)
-    assert report.projection is None
+    assert report.projection is not None
+    assert report.projection.rows == {"users": 30, "journal_entries": 90, "tags": 30,
+                                      "reminders": 30}
+    assert report.projection.source.startswith("the tables of ")
     with connected(legacy_db) as conn:
         assert fingerprint(conn).diff(before) == []
         with conn.cursor() as cur:
@@ -264,9 +304,11 @@ def test_quickstart_command_end_to_end(tmp_path: Path) -> None:
         "invalid_uuid", "collision", "non_canonical", "orphans"}
     assert [r["stage"] for r in report["rollbacks"]] == list(STAGES)
     assert report["projection"]["rows"]["users"] == 1_000_000
+    assert 0 < report["projection"]["low"] <= report["projection"]["high"]
+    assert report["projection"]["stall"][0] > 0
     ticket = (tmp_path / "ticket.md").read_text()
     assert ticket.startswith("# UUID migration rehearsal: PASSED")
-    assert "## Projected downtime" in ticket
+    assert "## Projected time for production" in ticket
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [

@@ -16,8 +16,11 @@ tuned.  A rehearsal does all of it on scratch databases it makes itself:
 4. the runbook step by step on another clone; after each stage a copy of it
    is rolled back and its fingerprint compared with the database before the
    migration;
-5. a final ``full_migration`` with the fastest batch size, and ``verify``
-   (the read-only post-migration check).
+5. a final ``full_migration`` with the batch size kept (``batching``), and
+   ``verify`` (the read-only post-migration check);
+6. with rows to project for, the final migration again on smaller clean
+   datasets, so that each step's time is fit over several sizes
+   (``projection``).
 
 Clones are ``CREATE DATABASE ... TEMPLATE`` of the prepared database: a file
 copy, far cheaper than generating the data again.
@@ -43,7 +46,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -63,13 +66,14 @@ from migration.model import KeyColumn, Table
 from migration.operations import OPERATIONS, quarantine_orphans, run
 from migration.plan import DEFAULT_CHILDREN, DEFAULT_PARENT, Plan, build_plan, parse_key
 from migration.rehearsal import schema_source, throwaway
+from migration.rehearsal.batching import REPEATS, choose, sizes_to_try
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.generate import GenerateError, populate
 from migration.rehearsal.inventory import inventory
+from migration.rehearsal.projection import SIZES, project, table_sizes
 from migration.rehearsal.report import (
     BATCHED_STEPS,
     PlantedCheck,
-    Projection,
     Report,
     RollbackCheck,
     Run,
@@ -162,7 +166,10 @@ class RehearsalOptions:
     dirty: bool = True
     batch_sizes: tuple[int, ...] = DEFAULT_BATCH_SIZES
     production: Mapping[str, int] | None = None
-    """Rows to project the downtime for (parse_production_rows); None: no projection."""
+    """Rows to project the time for (parse_production_rows); None: ``sizes_from``'s."""
+    sizes_from: str | None = None
+    """A database whose tables' sizes to project for when ``production`` is None (the
+    database the schema came from); neither: no projection."""
     schema: str = "public"
     orphans: str = "abort"  # validate_schema's first look; orphans found switch to quarantine
     lock_timeout_ms: int = 3000
@@ -171,10 +178,12 @@ class RehearsalOptions:
     """A DSN or SQL file whose schema replaces the runbook's fixture (schema_source)."""
     key: KeyColumn | None = None
     """The parent key of the plan; None: the runbook's users.id in ``schema``."""
+    progress: bool = False
+    """The fills' progress line on stderr (a terminal only), as the other operations show it."""
 
     def settings(self, *, batch_size: int, orphans: str) -> Settings:
         return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
-                        orphans=orphans, jobs=self.jobs, show_progress=False)
+                        orphans=orphans, jobs=self.jobs, show_progress=self.progress)
 
 
 # --- pure parts: options and arithmetic ----------------------------------------------------------
@@ -227,29 +236,6 @@ def production_rows(spec: Mapping[str, int], measured: Mapping[str, int],
     """Rows per table in production: as given, else in the rehearsal's proportion to ``parent``."""
     scale = spec[parent] / measured[parent] if parent in spec else 0.0
     return {table: spec.get(table, round(rows * scale)) for table, rows in measured.items()}
-
-
-def project_downtime(steps: Sequence[StepTiming], measured: Mapping[str, int],
-                     production: Mapping[str, int]) -> Projection:
-    """Each step's measured seconds per row, times the production rows of its tables.
-
-    Linear in rows: each table's share of a step is its production rows at
-    the rate the step achieved over all its tables in the rehearsal.
-    """
-    by_table = dict.fromkeys(production, 0.0)
-    by_step = {}
-    for step in steps:
-        per_row = step.seconds / sum(measured[table] for table in step.tables)
-        shares = {table: production[table] * per_row for table in step.tables}
-        for table, seconds in shares.items():
-            by_table[table] += seconds
-        by_step[step.step] = sum(shares.values())
-    return Projection(rows=dict(production), by_table=by_table, by_step=by_step)
-
-
-def fastest(trials: Sequence[Run]) -> Run:
-    """The trial whose batched steps took least time (failed trials are never chosen)."""
-    return min((t for t in trials if not t.error), key=lambda t: t.batched_seconds)
 
 
 def planted_checks(planted: Planted, findings: Sequence[Finding], plan: Plan) -> list[PlantedCheck]:
@@ -353,28 +339,36 @@ def _drop_all(scratch: Scratch) -> None:
 
 # --- the steps -----------------------------------------------------------------------------------
 
-def load_dataset(scratch: Scratch, options: RehearsalOptions) -> tuple[str, Planted]:
-    """A new database with the legacy schema and generated data; its name, what was planted."""
-    name = scratch.create("prepared")
+def load_dataset(scratch: Scratch, options: RehearsalOptions, *, suffix: str = "prepared",
+                 clean: bool = False) -> tuple[str, Planted]:
+    """A new database with the legacy schema and generated data; its name, what was planted.
+
+    ``clean``: no problems planted, on the schema variant of ``options`` all the same (a
+    size of the projection's fit must differ from the rehearsal's dataset in size only).
+    """
+    name = scratch.create(suffix)
     with connected(_on(scratch.dsn(name))) as conn:
         with conn, conn.cursor() as cur:
             schema = sql.Identifier(options.schema)
             cur.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}; SET search_path = {}").format(
                 schema, schema))
             cur.execute(schema_sql("legacy_no_fk" if options.dirty else "legacy"))
-        planted = seed(conn, options.users, schema=options.schema, dirty=options.dirty)
+        planted = seed(conn, options.users, schema=options.schema,
+                       dirty=options.dirty and not clean)
     return name, planted
 
 
 # --- --schema-from: the application's schema, generated data, smoke writes ----------------------
 
 def load_application_schema(scratch: Scratch, options: RehearsalOptions, report: Report,
-                            say: Say) -> tuple[str, Planted]:
+                            say: Say, *, suffix: str = "prepared",
+                            clean: bool = False) -> tuple[str, Planted]:
     """A new database with the schema of ``options.schema_from``, filled by ``populate``
-    (``options.users`` rows in the key's table, the others in proportion)."""
+    (``options.users`` rows in the key's table, the others in proportion); ``clean`` as
+    for ``load_dataset``."""
     assert options.schema_from is not None
     text, origin = schema_source.read_schema(options.schema_from)
-    name = scratch.create("prepared")
+    name = scratch.create(suffix)
     loaded = schema_source.apply_schema(_on(scratch.dsn(name)), text, origin)
     report.schema_source, report.schema_skipped = origin, loaded.skipped
     say(f"rehearse: schema of {origin} loaded ({loaded.applied} statements, "
@@ -384,7 +378,7 @@ def load_application_schema(scratch: Scratch, options: RehearsalOptions, report:
     with connected(make_dsn(scratch.admin_dsn, dbname=name), autocommit=True) as conn:
         plan = build_plan(conn, key=options.key, schema=options.schema)
         report.key = str(plan.parent)
-        planted = populate(conn, plan, rows=options.users, dirty=options.dirty)
+        planted = populate(conn, plan, rows=options.users, dirty=options.dirty and not clean)
     say(f"rehearse: {options.users:,} rows of {plan.parent.table} generated, every table "
         "filled" + (", with planted problems" if options.dirty else ""))
     return name, planted
@@ -575,17 +569,55 @@ def _error(exc: MigrationError | psycopg2.Error) -> str:
     return redact_dsn(str(exc)).strip()
 
 
+def _stall(session: Session, after: int) -> float | None:
+    """The seconds the swap logged after log row ``after`` held the write-blocking lock."""
+    for entry in session.log.entries(limit=50):
+        if entry.id > after and entry.operation == "migrate_foreign_keys" \
+                and "swap_lock_ms" in entry.details:
+            return float(entry.details["swap_lock_ms"]) / 1000
+    return None
+
+
+class StepsSaid(logging.Handler):
+    """While installed, says each operation the engine starts (its ``started`` log line),
+    with where it runs: the progress of a rehearsal's steps, full_migration's too."""
+
+    def __init__(self, say: Say, where: str) -> None:
+        super().__init__(logging.INFO)
+        self.say, self.where = say, where
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.msg == "%s: started (run %s)" and isinstance(record.args, tuple):
+            self.say(f"rehearse: {self.where}: {record.args[0]}")
+
+
+@contextmanager
+def steps_said(say: Say, where: str) -> Iterator[None]:
+    """``StepsSaid`` for a with-block, the engine's INFO lines let through meanwhile."""
+    handler, level = StepsSaid(say, where), logger.level
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.INFO):
+        logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+
+
 def migrate(dsn: str, steps: Sequence[str], options: RehearsalOptions, rows: Mapping[str, int],
-            *, batch_size: int, orphans: str) -> Run:
-    """The runbook's ``steps`` with one batch size, each timed."""
+            *, batch_size: int, orphans: str, say: Say = _silent, where: str = "") -> Run:
+    """The runbook's ``steps`` with one batch size, each timed; each said as it starts."""
     result = Run(batch_size)
     try:
-        with Session.open(_on(dsn), options.settings(batch_size=batch_size, orphans=orphans),
-                          key=options.key, schema=options.schema) as session:
+        with steps_said(say, where or f"batch size {batch_size:,}"), \
+                Session.open(_on(dsn), options.settings(batch_size=batch_size, orphans=orphans),
+                             key=options.key, schema=options.schema) as session:
             last = max((e.id for e in session.log.entries(limit=1)), default=0)
             for step in steps:
                 run(session, step, OPERATIONS[step])
             result.steps = _timings(session, rows, last)
+            result.stall = _stall(session, last)
     except (MigrationError, psycopg2.Error) as exc:
         result.error = _error(exc)
     return result
@@ -620,27 +652,28 @@ def rollbacks_from_each_stage(scratch: Scratch, prepared: str, baseline: Fingerp
     chain = scratch.create("stages", template=prepared)
     checks: list[RollbackCheck] = []
     try:
-        for stage in STAGES:
-            if stage == "quarantine" and orphans != "quarantine":
-                continue
-            try:
-                with Session.open(_on(scratch.dsn(chain)), settings, key=options.key,
-                                  schema=options.schema) as session:
-                    if stage == "quarantine":
-                        _quarantine(session)
-                    else:
-                        run(session, stage, OPERATIONS[stage])
-            except (MigrationError, psycopg2.Error) as exc:
-                checks.append(RollbackCheck(stage, passed=False, message=step_message(
-                    stage, _error(exc), joiner=" failed: ")))
-                break
-            runs = len(smoke) if smoke is not None else 0
-            checks.append(rollback_copy(scratch, chain, stage, baseline, settings, options.schema,
-                                        key=options.key, smoke=smoke))
-            say(f"rehearse: rollback after {stage}: "
-                + ("passed" if checks[-1].passed else "FAILED")
-                + (f"; smoke writes: {_smoke_summary(smoke[-1])}"
-                   if smoke is not None and len(smoke) > runs else ""))
+        with steps_said(say, "runbook step by step, a copy rolled back after each stage"):
+            for stage in STAGES:
+                if stage == "quarantine" and orphans != "quarantine":
+                    continue
+                try:
+                    with Session.open(_on(scratch.dsn(chain)), settings, key=options.key,
+                                      schema=options.schema) as session:
+                        if stage == "quarantine":
+                            _quarantine(session)
+                        else:
+                            run(session, stage, OPERATIONS[stage])
+                except (MigrationError, psycopg2.Error) as exc:
+                    checks.append(RollbackCheck(stage, passed=False, message=step_message(
+                        stage, _error(exc), joiner=" failed: ")))
+                    break
+                runs = len(smoke) if smoke is not None else 0
+                checks.append(rollback_copy(scratch, chain, stage, baseline, settings,
+                                            options.schema, key=options.key, smoke=smoke))
+                say(f"rehearse: rollback after {stage}: "
+                    + ("passed" if checks[-1].passed else "FAILED")
+                    + (f"; smoke writes: {_smoke_summary(smoke[-1])}"
+                       if smoke is not None and len(smoke) > runs else ""))
     finally:
         scratch.drop(chain)
     return checks
@@ -730,24 +763,14 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.rows = {t.name: baseline.data[(t.schema, t.name)].rows for t in plan.tables}
     report.key = str(plan.parent)
 
-    for size in options.batch_sizes:
-        clone = scratch.create(f"batch_{size}", template=prepared)
-        try:
-            trial = migrate(scratch.dsn(clone), TRIAL_STEPS, options, report.rows,
-                            batch_size=size, orphans=orphans)
-        finally:
-            scratch.drop(clone)
-        report.trials.append(trial)
-        say(f"rehearse: batch size {size:,}: "
-            + (trial.error or f"batched steps {trial.batched_seconds:.2f} s"))
-    if all(t.error for t in report.trials):
+    best = try_batch_sizes(scratch, prepared, options, report, orphans, say)
+    if best is None:
         return
-    best = fastest(report.trials).batch_size
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
     report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
-                           orphans=orphans)
+                           orphans=orphans, say=say, where="final migration")
     if report.final.error:
         return
     report.smoke.append(smoke_run(dsn, plan, "full_migration"))
@@ -756,9 +779,103 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.final.steps.append(timing)
     say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
         f"{len(failures(report.verify))} failure(s)")
+    production, source = _production(options, report.rows, plan)
+    if production is not None:
+        _project(scratch, options, report, plan, production, source, say)
+
+
+def try_batch_sizes(scratch: Scratch, prepared: str, options: RehearsalOptions, report: Report,
+                    orphans: str, say: Say) -> int | None:
+    """The batched steps timed ``REPEATS`` times per batch size smaller than the largest
+    table, each on a clone of ``prepared``; the size kept (None: every trial failed)."""
+    sizes, report.skipped_sizes = sizes_to_try(options.batch_sizes, report.rows)
+    for skipped in report.skipped_sizes:
+        say(f"rehearse: skipped batch size {skipped}")
+    for size in sizes:
+        for repeat in range(1, REPEATS + 1):
+            clone = scratch.create(f"batch_{size}_{repeat}", template=prepared)
+            try:
+                trial = migrate(scratch.dsn(clone), TRIAL_STEPS, options, report.rows,
+                                batch_size=size, orphans=orphans, say=say,
+                                where=f"batch size {size:,}, timing {repeat} of {REPEATS}")
+            finally:
+                scratch.drop(clone)
+            report.trials.append(trial)
+            say(f"rehearse: batch size {size:,}, timing {repeat} of {REPEATS}: "
+                + (trial.error or f"batched steps {trial.batched_seconds:.2f} s"))
+            if trial.error:
+                break
+    failed = {t.batch_size for t in report.trials if t.error}
+    times: dict[int, list[float]] = {}
+    for trial in report.trials:
+        if trial.batch_size not in failed:
+            times.setdefault(trial.batch_size, []).append(trial.batched_seconds)
+    if not times:
+        return None
+    report.batch_choice = choose(times)
+    say(f"rehearse: batch size {report.batch_choice.reason}")
+    return report.batch_choice.batch_size
+
+
+def _production(options: RehearsalOptions, measured: Mapping[str, int],
+                plan: Plan) -> tuple[dict[str, int] | None, str]:
+    """The rows to project for, and where they come from."""
     if options.production is not None:
-        production = production_rows(options.production, report.rows, plan.parent.table.name)
-        report.projection = project_downtime(report.final.steps, report.rows, production)
+        return (production_rows(options.production, measured, plan.parent.table.name),
+                "--production-rows")
+    if options.sizes_from is not None:
+        return (table_sizes(options.sizes_from, plan),
+                f"the tables of {describe_dsn(options.sizes_from)} (planner estimates)")
+    return None, ""
+
+
+def _project(scratch: Scratch, options: RehearsalOptions, report: Report, plan: Plan,
+             production: Mapping[str, int], source: str, say: Say) -> None:
+    """The final migration again on clean datasets of smaller sizes (``SIZES``), then each
+    step's time fit over every size and projected for ``production``."""
+    assert report.final is not None
+    for users in sorted({options.users // divisor for divisor in SIZES[1:]} - {options.users},
+                        reverse=True):
+        if users < 10:
+            continue
+        sized_options = replace(options, users=users)
+        name, _ = (load_dataset(scratch, sized_options, suffix=f"size_{users}", clean=True)
+                   if options.schema_from is None else
+                   load_application_schema(scratch, sized_options, report, _silent,
+                                           suffix=f"size_{users}", clean=True))
+        try:
+            dsn = scratch.dsn(name)
+            rows = _counts(dsn, plan)
+            sized = migrate(dsn, ("full_migration",), options, rows,
+                            batch_size=report.final.batch_size, orphans=options.orphans,
+                            say=say, where=f"final migration at {users:,} users, for the fit")
+            if not sized.error:
+                sized.steps.append(verify_timed(dsn, options, plan, rows)[1])
+        finally:
+            scratch.drop(name)
+        report.sized[users] = sized
+        say(f"rehearse: {users:,} users, for the fit: "
+            + (sized.error or f"final migration {sized.seconds:.2f} s"))
+    runs = {options.users: report.final} | {
+        users: run for users, run in report.sized.items() if not run.error}
+    if len(runs) < 2:
+        report.projection_note = (f"not projected: a fit needs two sizes, and {options.users:,} "
+                                  "users leave no smaller size of 10 users or more")
+        return
+    report.projection = project(
+        [timing for run in runs.values() for timing in run.steps], production,
+        users=runs, source=source,
+        stalls=[run.stall for run in runs.values() if run.stall is not None])
+
+
+def _counts(dsn: str, plan: Plan) -> dict[str, int]:
+    """Rows of each table of the plan, counted."""
+    with connected(dsn, autocommit=True) as conn, conn.cursor() as cur:
+        counts = {}
+        for table in plan.tables:
+            cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
+            counts[table.name] = int((cur.fetchone() or [0])[0])
+    return counts
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -769,6 +886,14 @@ def _option(options: Mapping[str, Any], name: str, parse: Callable[[str], Any]) 
         return parse(options[name])
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint=f"'--{name.replace('_', '-')}'") from None
+
+
+def schema_database(schema_from: str | None) -> str | None:
+    """``--schema-from`` when it names a database (not a SQL file): the tables whose sizes
+    the projection is for when ``--production-rows`` is not given."""
+    if schema_from is None or schema_from.endswith(".sql") or Path(schema_from).is_file():
+        return None
+    return schema_from
 
 
 def rehearse_command(database_url: str | None, options: Mapping[str, Any],
@@ -787,9 +912,10 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         production=(None if options["production_rows"] is None
                     else _option(options, "production_rows",
                                  partial(parse_production_rows, parent_key=key))),
+        sizes_from=schema_database(options.get("schema_from")),
         schema=options["schema"], orphans=options["orphans"],
         lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"],
-        schema_from=options.get("schema_from"), key=key)
+        schema_from=options.get("schema_from"), key=key, progress=not options["quiet"])
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):

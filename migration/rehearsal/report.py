@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import xml.etree.ElementTree as ET
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from migration.rehearsal.batching import Choice
 from migration.rehearsal.inventory import Dependent
+from migration.rehearsal.projection import Projection
 from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
 from migration.report import Finding, Status, failures
 
@@ -36,6 +38,8 @@ class Run:
     batch_size: int
     steps: list[StepTiming] = field(default_factory=list)
     error: str = ""
+    stall: float | None = None
+    """Seconds the swap held the lock that blocks the application's writes (migration_log)."""
 
     @property
     def seconds(self) -> float:
@@ -64,17 +68,6 @@ class PlantedCheck:
     subject: str
     value: str
     found: bool
-
-
-@dataclass(frozen=True)
-class Projection:
-    rows: Mapping[str, int]
-    by_table: Mapping[str, float]
-    by_step: Mapping[str, float]
-
-    @property
-    def seconds(self) -> float:
-        return sum(self.by_step.values())
 
 
 @dataclass(frozen=True)
@@ -123,10 +116,17 @@ class Report:
     ready: list[Finding] = field(default_factory=list)
     ready_message: str = ""
     trials: list[Run] = field(default_factory=list)
+    """Each batch size's timings, repeated (``batching.REPEATS``)."""
+    skipped_sizes: list[str] = field(default_factory=list)
+    batch_choice: Choice | None = None
     rollbacks: list[RollbackCheck] = field(default_factory=list)
     final: Run | None = None
     verify: list[Finding] = field(default_factory=list)
+    sized: dict[int, Run] = field(default_factory=dict)
+    """The final migration at smaller sizes (users), for the projection's fit."""
     projection: Projection | None = None
+    projection_note: str = ""
+    """Why rows to project for were given but nothing was projected."""
     seconds: float = 0.0
     # --schema-from: where the schema came from, the key, what was left out of it,
     # what depends on the key columns, and the smoke writes.
@@ -145,6 +145,8 @@ class Report:
                      f"{p.value!r}" for p in self.planted if not p.found]
         problems += [f"full_migration with batch size {t.batch_size:,}: {t.error}"
                      for t in self.trials if t.error]
+        problems += [f"final migration at {users:,} users: {run.error}"
+                     for users, run in self.sized.items() if run.error]
         problems += [f"rollback after {r.stage}: {r.message}" for r in self.rollbacks
                      if not r.passed]
         if self.final is None:
@@ -225,13 +227,8 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
                          [*(report.remedies or ["none needed"]),
                           "afterwards, " + step_message("validate_schema",
                                                         report.ready_message)]))
-    if report.trials:
-        chosen = report.final.batch_size if report.final else None
-        parts.append(Section("Batch sizes tried (time of migrate_users + migrate_foreign_keys)",
-                             header=("batch size", "time", ""),
-                             rows=[(f"{t.batch_size:,}", t.error or duration(t.batched_seconds),
-                                    "fastest" if t.batch_size == chosen else "")
-                                   for t in report.trials]))
+    if report.trials or report.skipped_sizes:
+        parts.append(_batch_section(report))
     if report.rollbacks:
         parts.append(Section(
             "Rollback from every stage, fingerprint compared with the database before the "
@@ -248,7 +245,7 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
         parts.append(Section(f"Final migration, batch size {report.final.batch_size:,}", lines,
                              header=("step", "time", "rows", "rows/s"),
                              rows=_steps_rows(report.final.steps)))
-    parts.append(_projection_section(report.projection))
+    parts.append(_projection_section(report.projection, report.projection_note))
     return parts + schema_from_sections(report, verbose=verbose)
 
 
@@ -289,17 +286,52 @@ def schema_from_sections(report: Report, *, verbose: bool = False) -> list[Secti
     return parts
 
 
-def _projection_section(projection: Projection | None) -> Section:
-    title = "Projected downtime"
+def _batch_section(report: Report) -> Section:
+    """Each size's repeated times, the one kept and why: never a "fastest" within noise."""
+    times: dict[int, list[str]] = {}
+    for trial in report.trials:
+        times.setdefault(trial.batch_size, []).append(trial.error or
+                                                      duration(trial.batched_seconds))
+    choice = report.batch_choice
+    rows: list[tuple[str, ...]] = [(f"{size:,}", ", ".join(shown),
+             "kept" if choice is not None and size == choice.batch_size else "")
+            for size, shown in times.items()]
+    lines = [*(f"skipped {why}" for why in report.skipped_sizes),
+             *([f"kept {choice.reason}"] if choice is not None else [])]
+    return Section("Batch sizes tried (time of migrate_users + migrate_foreign_keys, repeated)",
+                   lines, header=("batch size", "times", ""), rows=rows)
+
+
+def _range(low: float, high: float) -> str:
+    return duration(low) if duration(low) == duration(high) else \
+        f"{duration(low)} to {duration(high)}"
+
+
+def _projection_section(projection: Projection | None, note: str) -> Section:
+    title = "Projected time for production"
     if projection is None:
-        return Section(title, ["not requested: pass --production-rows N (users, other tables "
-                               "in the same proportions) or users=N,journal_entries=M,..."])
-    rows = [(t, f"{projection.rows[t]:,}", duration(s)) for t, s in projection.by_table.items()]
-    return Section(title, ["each step's seconds per row in the final migration times the "
-                           "production rows of its tables (linear in rows; verify included)"],
-                   header=("table", "rows", "time"),
-                   rows=[*rows, ("total", f"{sum(projection.rows.values()):,}",
-                                 duration(projection.seconds))])
+        return Section(title, [note or "not requested: pass --production-rows N (users, other "
+                               "tables in the same proportions) or users=N,journal_entries=M,..."])
+    sizes = ", ".join(f"{users:,}" for users in projection.sizes)
+    stall = ("no swap was timed" if projection.stall is None
+             else f"{projection.stall[0] * 1000:,.0f} to {projection.stall[1] * 1000:,.0f} ms "
+                  "measured (the swap's lock; it does not grow with rows)")
+    return Section(title, [
+        f"write stall, the time the application's writes wait: {stall}",
+        f"total, the whole run while the application keeps working: "
+        f"{_range(projection.low, projection.high)}",
+        f"rows from {projection.source}: " + ", ".join(
+            f"{table} {rows:,}" for table, rows in projection.rows.items()),
+        f"each step fit as overhead + cost per row over the final migration at {sizes} "
+        "users; the range is the cost per row less and more its standard error (the fit's "
+        "residuals)", *(["the range is wide: the timings stray from a line more than their "
+                         "rows explain (noise, or a cost per row that grows with size); "
+                         "rehearse with more --users to narrow it"]
+                   if projection.high > 2 * projection.low else [])],
+        header=("step", "rows", "overhead", "per 1M rows", "projected"),
+        rows=[(step.step, f"{step.rows:,}", duration(step.line.overhead),
+               duration(step.line.per_row * 1_000_000), _range(step.low, step.high))
+              for step in projection.steps])
 
 
 def _headline(report: Report) -> list[str]:
@@ -355,7 +387,7 @@ def as_json(report: Report) -> str:
     data = {"passed": report.passed, "problems": report.problems(),
             "compatibility": report.compatibility_notes(), **asdict(report)}
     if report.projection is not None:
-        data["projection"]["seconds"] = report.projection.seconds
+        data["projection"].update(low=report.projection.low, high=report.projection.high)
     return json.dumps(data, default=str, indent=2)
 
 
