@@ -313,6 +313,7 @@ def test_a_trigger_that_breaks_on_uuid_fails_the_rehearsal_at_its_smoke_write(
 def test_the_inventory_says_what_is_carried_and_what_is_refused(legacy_db: str) -> None:
     with connected(legacy_db) as conn, conn, conn.cursor() as cur:
         cur.execute("CREATE VIEW active_users AS SELECT id FROM users WHERE is_active;"
+                    "CREATE MATERIALIZED VIEW user_ids AS SELECT id FROM users;"
                     "ALTER TABLE tags ENABLE ROW LEVEL SECURITY;"
                     "CREATE POLICY own_tags ON tags "
                     "USING (user_id = current_setting('app.u', true));"
@@ -325,8 +326,9 @@ def test_the_inventory_says_what_is_carried_and_what_is_refused(legacy_db: str) 
     assert by_name["primary key"].carried
     assert by_name["foreign key"].carried
     assert by_name["policy own_tags"].carried
-    assert not by_name["view or"].carried
-    assert "active_users" in by_name["view or"].what
+    assert by_name["view public.active_users"].carried
+    assert not by_name["materialized view"].carried
+    assert "user_ids" in by_name["materialized view"].what
     refused = [d for d in found if "tenant" in d.what]
     assert [d.carried for d in refused] == [False]  # refused, not also listed as carried
     assert refused[0].how

@@ -6,7 +6,8 @@ policies, triggers and publications come through, and which objects stop the
 migration and why.  Nothing is judged here: the carried objects are those the
 catalog functions the engine itself uses find (``catalog.indexes_on``,
 ``foreign_keys_to``, ``check_constraints_on``, ``policies_on``,
-``application_triggers``, the recorded publications), the refused ones are
+``application_triggers``, ``views.dependent_views``, the recorded
+publications), the refused ones are
 validate_schema's findings about objects (``catalog.blockers`` and the
 trigger, rule and table-family checks), with their reasons and hints.
 """
@@ -17,7 +18,7 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from migration import catalog, recorded
+from migration import catalog, recorded, views
 from migration.connection import Connection
 from migration.plan import Plan
 from migration.preflight import mentions
@@ -68,6 +69,10 @@ def carried_objects(conn: Connection, plan: Plan) -> list[Dependent]:
                            "column (the smoke writes fire it on uuid)")
                   for trigger in catalog.application_triggers(conn, key)
                   if not mentions(trigger.source, key.column)]
+        found += [_carried(column, f"view {view.view}", "compiles on uuid: created again "
+                           "inside the swap's transaction, with its options, grants and "
+                           "comments") for view in views.dependent_views(conn, (key,))
+                  if not view.materialized]
     with conn.cursor() as cur:
         found += [_carried(entry["table"], f"publication {entry['publication']}",
                            "membership kept (verify compares it with the backup's record)")
