@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import sys
 from collections.abc import Callable
@@ -154,6 +155,14 @@ def _state_now(database_url: str, schema: str, key: KeyColumn | None) -> str:
         return f"unknown: the database could not be read ({redact_dsn(str(exc)).strip()})"
 
 
+def _rerun(operation: str, key: KeyColumn | None, schema: str) -> str:
+    """The options that run ``operation`` again as it was given: ``--key`` is repeated for a
+    key other than the runbook's, since only the operations after the backup read it back."""
+    if key is None or key == runbook_key(schema):
+        return f"--operation={operation}"
+    return f"--operation={operation} --key {shlex.quote(key.spec)}"
+
+
 def _parsed_key(text: str | None, schema: str) -> KeyColumn | None:
     if text is None:
         return None
@@ -275,6 +284,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         jobs=options["jobs"],
                         allow_triggers=options["allow_triggers"],
                         show_progress=not options["quiet"])
+    again = _rerun(operation, key, options["schema"])
     try:
         key = key or _default_key(database_url, operation, options["schema"])
         with Session.open(database_url, settings, key=key, schema=options["schema"],
@@ -291,7 +301,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
         ctx.exit(EXIT_USAGE)
     except psycopg2.errors.QueryCanceled as exc:  # an OperationalError, but no connection lost
         _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
-                     f"run --operation={operation} again (it resumes), with a longer "
+                     f"run {again} again (it resumes), with a longer "
                      "--statement-timeout if a statement ran out of time (0: no limit); "
                      "or --operation=rollback", [], fmt,
                      _state_now(database_url, options["schema"], key))
@@ -299,19 +309,19 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
     except psycopg2.OperationalError as exc:
         logger.error("%s: connection lost: %s", operation, redact_dsn(str(exc)))
         _print_error(f"{operation}: the connection was lost: {redact_dsn(str(exc)).strip()}",
-                     f"run --operation={operation} again: it resumes where it stopped "
+                     f"run {again} again: it resumes where it stopped "
                      "(--operation=status shows where that is)", [], fmt)
         ctx.exit(EXIT_USAGE)
     except psycopg2.Error as exc:
         _print_error(f"{operation} failed: {redact_dsn(str(exc)).strip()}",
                      f"the statement that failed was rolled back, earlier steps stay; fix the "
-                     f"cause and run --operation={operation} again (it resumes), or "
+                     f"cause and run {again} again (it resumes), or "
                      "--operation=rollback", [], fmt,
                      _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_REFUSED)
     except KeyboardInterrupt:
         logger.error("%s: interrupted", operation)
-        _print_error(f"{operation} interrupted", f"run --operation={operation} again (it "
+        _print_error(f"{operation} interrupted", f"run {again} again (it "
                      "resumes where it stopped), or --operation=rollback", [], fmt,
                      _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_INTERRUPTED)

@@ -145,6 +145,16 @@ def test_a_malformed_key_is_a_usage_error(text: str) -> None:
     assert result.exit_code == 2, result.output
 
 
+def test_the_command_that_resumes_repeats_the_key_it_was_given() -> None:
+    """A failed or interrupted step prints the command that goes on; the steps before the
+    backup read no recorded key, so a key other than the runbook's is repeated, shell-quoted."""
+    assert cli._rerun("migrate_users", None, "public") == "--operation=migrate_users"
+    assert cli._rerun("migrate_users", parse_key("public.users.id"), "public") == \
+        "--operation=migrate_users"
+    assert cli._rerun("backup_data", parse_key('app."My Accounts".uuid'), "public") == \
+        """--operation=backup_data --key 'app."My Accounts".uuid'"""
+
+
 def test_each_key_has_its_own_backup_schema_within_63_bytes() -> None:
     assert backup_schema(KeyColumn(Table("public", "users"), "id")) == "migration_backup"
     assert backup_schema(KeyColumn(Table("app", "accounts"), "uuid")) == \

@@ -274,7 +274,7 @@ def _link_plan(specs: list[TableSpec], plan: Plan) -> None:
 _IDENT = r'(?:"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _COMPARISON = re.compile(
-    rf"^\(*({_IDENT})\)*(?:::[a-z ]+)? (>=|<=|>|<) \(*'?({_NUMBER})'?\)*(?:::[a-z ]+)?$")
+    rf"^\(*({_IDENT})\)*(?:::[a-z ]+)? (>=|<=|>|<) \(*'?({_NUMBER})'?\)*(?:::[a-z ]+)?\)*$")
 _LIST = re.compile(
     rf"^\(*({_IDENT})\)*(?:::[a-z ]+)? = ANY \(+ARRAY\[(.*)\]\)*(?:::[a-z ]+\[\])?\)*$")
 _LENGTH = re.compile(
