@@ -314,8 +314,9 @@ def start_server(
         except ServerUnavailable as exc:
             failures.append(f"  {name}: {exc}")
             continue
-        try:
-            server.version = _server_version(server.admin_dsn)
+        try:  # a server started here may still be starting; one named by a DSN should answer
+            server.version = _server_version(server.admin_dsn,
+                                             timeout=5.0 if name == "dsn" else 30.0)
         except psycopg2.Error as exc:
             server.stop()
             failures.append(f"  {name}: server did not answer: {redact_dsn(str(exc))}")
