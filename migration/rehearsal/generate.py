@@ -275,6 +275,9 @@ _IDENT = r'(?:"(?:[^"]|"")+"|[a-z_][a-z0-9_$]*)'
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _COMPARISON = re.compile(
     rf"^\(*({_IDENT})\)*(?:::[a-z ]+)? (>=|<=|>|<) \(*'?({_NUMBER})'?\)*(?:::[a-z ]+)?\)*$")
+_RESIDUE = re.compile(
+    rf"^\(*({_IDENT})\)*(?:::[a-z ]+)? % \(*(\d+)\)*(?:::[a-z ]+)?\)* (=|<>) \(*(\d+)\)*"
+    rf"(?:::[a-z ]+)?\)*$")
 _LIST = re.compile(
     rf"^\(*({_IDENT})\)*(?:::[a-z ]+)? = ANY \(+ARRAY\[(.*)\]\)*(?:::[a-z ]+\[\])?\)*$")
 _LENGTH = re.compile(
@@ -290,6 +293,7 @@ class Steer:
     high: Decimal | None = None
     choices: list[str] | None = None
     min_length: int = 0
+    residues: dict[int, tuple[int, bool]] = field(default_factory=dict)  # m: (r, equal)
     max_length: int | None = None
 
     def bound(self, op: str, number: Decimal) -> None:
@@ -355,6 +359,11 @@ def steering(checks: Sequence[str]) -> dict[str, Steer]:
             if match := _COMPARISON.match(atom):
                 name, op, number = match.groups()
                 steers.setdefault(_unquote(name), Steer()).bound(op, Decimal(number))
+            elif match := _RESIDUE.match(atom):
+                name, modulus, op, residue = match.groups()
+                if int(modulus) > 1 and int(residue) < int(modulus):
+                    steers.setdefault(_unquote(name), Steer()).residues[int(modulus)] = (
+                        int(residue), op == "=")
             elif match := _LIST.match(atom):
                 name, items = match.groups()
                 values = [m.group(1).replace("''", "'") if m.group(2) is None else m.group(2)
@@ -383,6 +392,20 @@ _INT_LIMITS = {"int2": 2**15 - 1, "int4": 2**31 - 1, "int8": 2**63 - 1}
 
 class Unsupported(Exception):
     """No values can be made for this type."""
+
+
+def _with_residues(low: int, n: int, residues: dict[int, tuple[int, bool]]) -> int:
+    """The ``n``-th integer from ``low`` up (counting from 0) that meets ``x % m = r`` or
+    ``x % m <> r`` for every modulus ``m``; injective in ``n``.  Only the first modulus steers
+    (several rarely meet in one column; the filter has the last word)."""
+    if not residues:
+        return low + n
+    modulus, (residue, equal) = next(iter(residues.items()))
+    allowed = [d for d in range(modulus) if ((low + d) % modulus == residue) == equal]
+    if not allowed:
+        return low + n
+    rounds, k = divmod(n, len(allowed))
+    return low + rounds * modulus + allowed[k]
 
 
 def _base36(n: int) -> str:
@@ -459,8 +482,9 @@ class ValueMaker:
         low = int(self.steer.low) if self.steer.low is not None else 1
         high = int(self.steer.high) if self.steer.high is not None else min(limit, low + 10**6)
         if unique:
-            return low + i
-        return self.rng.randint(low, max(low, min(high, low + 1000)))
+            return _with_residues(low, i, self.steer.residues)
+        return _with_residues(low, self.rng.randint(0, max(0, min(high, low + 1000) - low)),
+                              self.steer.residues)
 
     def _number(self, i: int, *, unique: bool) -> Decimal:
         scale = self.column.type.scale or 0
@@ -623,7 +647,9 @@ class Loader:
                 skip: set[str]) -> dict[str, ValueMaker]:
         """A value maker per column the generator fills (not a sequence's, not a foreign
         key's); a column of a type it cannot make is left to its default, or NULL."""
-        steers = steering(spec.checks)
+        steers = steering([*spec.checks, *(_on_column(check, column.name)
+                                           for column in spec.columns
+                                           for check in column.type.domain_checks)])
         unique_columns = _injective(spec, steers, skip)
         makers = {}
         for column in spec.columns:
