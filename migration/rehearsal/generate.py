@@ -293,7 +293,7 @@ class Steer:
     high: Decimal | None = None
     choices: list[str] | None = None
     min_length: int = 0
-    residues: dict[int, tuple[int, bool]] = field(default_factory=dict)  # m: (r, equal)
+    residue: tuple[int, int, bool] | None = None  # x % m = r (True) or x % m <> r (False)
     max_length: int | None = None
 
     def bound(self, op: str, number: Decimal) -> None:
@@ -362,8 +362,8 @@ def steering(checks: Sequence[str]) -> dict[str, Steer]:
             elif match := _RESIDUE.match(atom):
                 name, modulus, op, residue = match.groups()
                 if int(modulus) > 1 and int(residue) < int(modulus):
-                    steers.setdefault(_unquote(name), Steer()).residues[int(modulus)] = (
-                        int(residue), op == "=")
+                    steers.setdefault(_unquote(name), Steer()).residue = (
+                        int(modulus), int(residue), op == "=")
             elif match := _LIST.match(atom):
                 name, items = match.groups()
                 values = [m.group(1).replace("''", "'") if m.group(2) is None else m.group(2)
@@ -394,18 +394,21 @@ class Unsupported(Exception):
     """No values can be made for this type."""
 
 
-def _with_residues(low: int, n: int, residues: dict[int, tuple[int, bool]]) -> int:
-    """The ``n``-th integer from ``low`` up (counting from 0) that meets ``x % m = r`` or
-    ``x % m <> r`` for every modulus ``m``; injective in ``n``.  Only the first modulus steers
-    (several rarely meet in one column; the filter has the last word)."""
-    if not residues:
-        return low + n
-    modulus, (residue, equal) = next(iter(residues.items()))
-    allowed = [d for d in range(modulus) if ((low + d) % modulus == residue) == equal]
-    if not allowed:
-        return low + n
-    rounds, k = divmod(n, len(allowed))
-    return low + rounds * modulus + allowed[k]
+def _allowed_offsets(low: int, residue: tuple[int, int, bool] | None) -> tuple[int, list[int]]:
+    """The period of the integers from ``low`` up that meet ``residue``, and the offsets
+    within one period that do (every offset of a period of 1 when there is none)."""
+    if residue is None:
+        return 1, [0]
+    modulus, remainder, equal = residue
+    return modulus, [d for d in range(modulus) if ((low + d) % modulus == remainder) == equal]
+
+
+def _nth_meeting(low: int, n: int, residue: tuple[int, int, bool] | None) -> int:
+    """The ``n``-th integer from ``low`` up (counting from 0) that meets ``residue``;
+    injective in ``n``.  A column's last residue CHECK steers; the filter has the last word."""
+    period, offsets = _allowed_offsets(low, residue)
+    rounds, k = divmod(n, len(offsets))
+    return low + rounds * period + offsets[k]
 
 
 def _base36(n: int) -> str:
@@ -482,9 +485,10 @@ class ValueMaker:
         low = int(self.steer.low) if self.steer.low is not None else 1
         high = int(self.steer.high) if self.steer.high is not None else min(limit, low + 10**6)
         if unique:
-            return _with_residues(low, i, self.steer.residues)
-        return _with_residues(low, self.rng.randint(0, max(0, min(high, low + 1000) - low)),
-                              self.steer.residues)
+            return _nth_meeting(low, i, self.steer.residue)
+        period, offsets = _allowed_offsets(low, self.steer.residue)
+        within = (max(0, min(high, low + 1000) - low) + 1) * len(offsets) // period
+        return _nth_meeting(low, self.rng.randrange(max(within, 1)), self.steer.residue)
 
     def _number(self, i: int, *, unique: bool) -> Decimal:
         scale = self.column.type.scale or 0
