@@ -682,6 +682,28 @@ def constraint_validity(conn: Connection, table: Table, name: str) -> bool | Non
     return None if row is None else bool(row[0])
 
 
+def constraint_definition(conn: Connection, table: Table, name: str) -> str | None:
+    """A constraint of ``table`` as the server prints it (``PRIMARY KEY (a, b) INCLUDE
+    (c) DEFERRABLE``); None if there is none."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                    "WHERE conrelid = to_regclass(%s) AND conname = %s",
+                    (regclass(table), name))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+def attached_index(conn: Connection, index: Table, table: Table) -> str | None:
+    """The index of ``table`` (a partition) attached to the partitioned ``index``."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.relname FROM pg_inherits h JOIN pg_index i "
+                    "ON i.indexrelid = h.inhrelid JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE h.inhparent = to_regclass(%s) AND i.indrelid = to_regclass(%s)",
+                    (regclass(index), regclass(table)))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
 def replica_identity_index(conn: Connection, table: Table) -> str | None:
     """The index named by ``REPLICA IDENTITY USING INDEX``, if the table has one."""
     with conn.cursor() as cur:

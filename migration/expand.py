@@ -55,6 +55,21 @@ class ShadowIndex:
     partitioned: bool = False
     parts: tuple[ShadowIndex, ...] = ()
 
+    @property
+    def leaves_only(self) -> bool:
+        """Whether only the leaf partitions' copies are built, unattached: so it is for a
+        partitioned table's primary key or unique constraint.  PostgreSQL cannot put a
+        constraint on a partitioned table's prebuilt index (no ``ADD CONSTRAINT ...
+        USING INDEX`` there), so the swap makes each leaf's copy its leaf's constraint
+        and then adds the table's, which takes them over instead of building."""
+        return self.partitioned and self.original.constraint_type is not None
+
+    def leaves(self) -> list[ShadowIndex]:
+        """The copies on plain tables: this one, or its partitions' at every level."""
+        if not self.partitioned:
+            return [self]
+        return [leaf for part in self.parts for leaf in part.leaves()]
+
     def statement(self, key: KeyColumn) -> str:
         """The copy's ``CREATE INDEX CONCURRENTLY`` (a partitioned table's: ``CREATE INDEX
         ... ON ONLY``), from the server's own definition of the original with the column
@@ -119,15 +134,18 @@ def build_indexes(session: Session, key: KeyColumn) -> int:
 def build_index(session: Session, key: KeyColumn, shadow: ShadowIndex) -> int:
     """Build one index copy, unless it is built and valid; how many indexes were built.
 
-    An index is built by building its partitions' indexes and attaching them:
+    A partitioned table's index is built by building its partitions' and attaching them:
     PostgreSQL cannot build a partitioned table's index ``CONCURRENTLY``, so
     the copy is created empty ``ON ONLY`` the table (catalog work, under the
     short lock_timeout), each partition's copy is built the same way and
     attached (``ALTER INDEX ... ATTACH PARTITION``), and the server makes the
     copy valid when the last one is.  A plain table is the case with no
     partitions: the copy is built ``CONCURRENTLY``.  A resumed run finds
-    what an interrupted one built or attached.
+    what an interrupted one built or attached.  A partitioned table's constraint
+    is built as its leaves' copies only (``ShadowIndex.leaves_only``).
     """
+    if shadow.leaves_only:
+        return sum(build_index(session, key, leaf) for leaf in shadow.leaves())
     table = shadow.original.table
     valid = catalog.index_validity(session.conn, table, shadow.name)
     session.conn.rollback()
@@ -290,8 +308,9 @@ def stage(conn: Connection, key: KeyColumn, plan: Plan) -> str:
         return str(catalog.column_state(conn, key))
     if not catalog.constraint_validity(conn, key.table, key.helper("filled")):
         return "filling"
-    if not all(catalog.index_validity(conn, key.table, shadow.name)
-               for shadow in shadow_indexes(conn, key)):
+    if not all(catalog.index_validity(conn, built.original.table, built.name)
+               for shadow in shadow_indexes(conn, key)
+               for built in (shadow.leaves() if shadow.leaves_only else [shadow])):
         return "proven"
     references = [shadow for shadow in shadow_foreign_keys(conn, plan)
                   if key in (shadow.child, plan.parent)]

@@ -236,23 +236,17 @@ def family_findings(session: Session, key: KeyColumn) -> list[Finding]:
     """Partitions and inheritance the engine cannot carry, refused before anything is done.
 
     A partitioned child table is carried (its copies are added on the table
-    and reach its partitions).  Refused: a partitioned parent key (the FK
-    copies would have to reference a partitioned unique index built by
-    attaching, and the swap's ``ADD CONSTRAINT ... USING INDEX`` does not
-    exist for partitioned tables), a partitioned table whose primary key or
-    unique constraint includes the key column (for the same reason), a
-    partition migrated on its own, and inheritance (``INHERITS``), whose
-    children get a new column but not its indexes, constraints or trigger.
+    and reach its partitions), its primary key or unique constraints over the
+    key column too.  Refused: a partitioned parent key (the FK copies would
+    have to reference a unique constraint on its copy, which a partitioned
+    table can only get by building it under its lock), a partition migrated
+    on its own, and inheritance (``INHERITS``), whose children get a new
+    column but not its indexes, constraints or trigger.
     """
-    conn = session.conn
-    family = catalog.family(conn, key.table)
+    family = catalog.family(session.conn, key.table)
     reasons = []
     if family.partitioned and key == session.plan.parent:
         reasons.append("it is partitioned and holds the key every foreign key refers to")
-    elif family.partitioned:
-        reasons += [f"it is partitioned and its constraint {ix.name} includes {key.column} "
-                    "(a partitioned table's constraint cannot be put back on a prebuilt index)"
-                    for ix in catalog.indexes_on(conn, key) if ix.constraint_type]
     if family.partition_of:
         reasons.append(f"it is a partition of {family.partition_of}: migrate that table")
     if family.inherits:

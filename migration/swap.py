@@ -15,8 +15,9 @@ milliseconds whatever the tables' sizes:
    constraints and the fill proof go with it), rename the copy, ``SET NOT
    NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
    column grants and comments; each index copy takes its original's name, and
-   a primary key or unique constraint comes back ``USING INDEX``; replica
-   identity follows its index;
+   a primary key or unique constraint comes back ``USING INDEX`` (a
+   partitioned table's on each leaf partition, then added on the table, which
+   takes the leaves' over); replica identity follows its index;
 4. the views and statistics objects are created again, and the tables put
    back in their publications, from the server's own text read in this
    transaction; the FK copies take their originals' names; the policies are
@@ -40,6 +41,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, sqlexpr, views
+from migration.catalog import IndexDef
 from migration.connection import Connection
 from migration.convert import converted_default, grant_statement
 from migration.errors import MigrationError
@@ -75,6 +77,9 @@ class ColumnSwap:
     parts: dict[tuple[Table, str], tuple[str | None, bool]]
     """A partitioned table's indexes' partitions, by (partition, index name): each one's
     own comment, and whether it is its partition's replica identity."""
+    constraints: dict[str, str]
+    """A partitioned table's primary key or unique constraints over the column, by name,
+    as the server prints them: added again at the swap, they take over their leaves'."""
 
 
 def not_ready(session: Session, plan: Plan) -> list[str]:
@@ -131,7 +136,9 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
             catalog.replica_identity_index(conn, key.table), shadow_checks(conn, key),
             {(part.original.table, part.original.name): catalog.index_comment_and_identity(
                 conn, part.original.table, part.original.name)
-             for index in indexes for part in _parts(index)}))
+             for index in indexes for part in _parts(index)},
+            {index.original.name: _constraint_definition(conn, index.original)
+             for index in indexes if index.leaves_only}))
     carried_views = views.dependent_views(conn, plan.columns)  # read under the locks
     for policy in policies:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
@@ -260,7 +267,17 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
     cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
         sql.Identifier(*table.strings, key.column)), (column.comments.get(("column", key.column)),))
     for index in column.indexes:
-        _take_name(cur, key, index, column.comments, column.parts)
+        if index.leaves_only:
+            _constraint_from_leaves(cur, index, column.constraints[index.original.name],
+                                    column.parts)
+        else:
+            _take_name(cur, index, column.parts)
+        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
+            sql.Identifier(index.original.name), table),
+            column.comments.get(("constraint", index.original.name)))
+        _comment(cur, sql.SQL("INDEX {}").format(
+            sql.Identifier(key.table.schema, index.original.name)),
+            column.comments.get(("index", index.original.name)))
         session.point(f"swap {key}")
     for check in column.checks:
         execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
@@ -281,27 +298,80 @@ def _recorded_default(cur: Cursor, backup_schema: str, key: KeyColumn) -> None:
             key.table.ident, sql.Identifier(key.column), sql.SQL(default)))
 
 
-def _take_name(cur: Cursor, key: KeyColumn, index: ShadowIndex,
-               comments: dict[tuple[str, str], str],
+def _take_name(cur: Cursor, index: ShadowIndex,
                parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
     """The index copy becomes the original: its name, and the constraint it backed."""
     original = index.original
     if original.constraint_type:
-        kind = "PRIMARY KEY" if original.constraint_type == "p" else "UNIQUE"
-        timing = ""
-        if original.deferrable:
-            timing = (" DEFERRABLE INITIALLY DEFERRED" if original.deferred
-                      else " DEFERRABLE INITIALLY IMMEDIATE")
-        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + kind + " USING INDEX {}"
-                            + timing).format(key.table.ident, sql.Identifier(original.name),
-                                             sql.Identifier(index.name)))
-        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
-            sql.Identifier(original.name), key.table.ident),
-            comments.get(("constraint", original.name)))
+        _add_using_index(cur, index)
     else:
         _rename_index(cur, index, parts)
-    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(key.table.schema, original.name)),
-             comments.get(("index", original.name)))
+
+
+def _add_using_index(cur: Cursor, index: ShadowIndex) -> None:
+    """The primary key or unique constraint of a plain table put back on its copy, which
+    takes the constraint's name."""
+    original = index.original
+    kind = "PRIMARY KEY" if original.constraint_type == "p" else "UNIQUE"
+    timing = ""
+    if original.deferrable:
+        timing = (" DEFERRABLE INITIALLY DEFERRED" if original.deferred
+                  else " DEFERRABLE INITIALLY IMMEDIATE")
+    cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + kind + " USING INDEX {}"
+                        + timing).format(original.table.ident, sql.Identifier(original.name),
+                                         sql.Identifier(index.name)))
+
+
+def _constraint_definition(conn: Connection, index: IndexDef) -> str:
+    definition = catalog.constraint_definition(conn, index.table, index.name)
+    if definition is None:
+        raise MigrationError(f"constraint {index.name} of {index.table} disappeared during "
+                             "the migration", hint="run --operation=status, then rollback")
+    return definition
+
+
+def _constraint_from_leaves(cur: Cursor, index: ShadowIndex, definition: str,
+                            parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
+    """A partitioned table's primary key or unique constraint back, without a build.
+
+    Each leaf partition's copy becomes its leaf's constraint (``USING INDEX``,
+    under the leaf's original name); then the constraint added on the table,
+    from the server's own text read in this transaction, finds on every leaf
+    an equal constraint and attaches it instead of building one.  The levels
+    in between are created by that statement under names of the server's
+    choosing, which are then given back their originals'.
+    """
+    original = index.original
+    for leaf in index.leaves():
+        _add_using_index(cur, leaf)
+        _part_comment_and_identity(cur, leaf.original, parts)
+    cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+        original.table.ident, sql.Identifier(original.name), sql.SQL(definition)))
+    _name_middle_levels(cur, index)
+
+
+def _name_middle_levels(cur: Cursor, index: ShadowIndex) -> None:
+    parent = Table(index.original.table.schema, index.original.name)
+    for part in index.parts:
+        if not part.partitioned:
+            continue
+        chosen = catalog.attached_index(cur.connection, parent, part.original.table)
+        if chosen is not None and chosen != part.original.name:  # renames its constraint too
+            cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                sql.Identifier(part.original.table.schema, chosen),
+                sql.Identifier(part.original.name)))
+        _name_middle_levels(cur, part)
+
+
+def _part_comment_and_identity(cur: Cursor, original: IndexDef,
+                               parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
+    """A partition's index's own comment and replica identity, as they were."""
+    comment, identity = parts.get((original.table, original.name), (None, False))
+    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(original.table.schema,
+                                                            original.name)), comment)
+    if identity:
+        cur.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+            original.table.ident, sql.Identifier(original.name)))
 
 
 def _parts(index: ShadowIndex) -> list[ShadowIndex]:
@@ -317,12 +387,7 @@ def _rename_index(cur: Cursor, index: ShadowIndex,
     original = index.original
     cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
         sql.Identifier(original.table.schema, index.name), sql.Identifier(original.name)))
-    comment, identity = parts.get((original.table, original.name), (None, False))
-    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(original.table.schema,
-                                                            original.name)), comment)
-    if identity:
-        cur.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
-            original.table.ident, sql.Identifier(original.name)))
+    _part_comment_and_identity(cur, original, parts)
     for part in index.parts:
         _rename_index(cur, part, parts)
 

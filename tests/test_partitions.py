@@ -4,7 +4,8 @@ A partitioned ``journal_entries`` (by range on ``created_at``, primary key
 ``(id, created_at)``) is migrated: its copy column, fill, proofs, indexes
 (built per partition and attached) and FK (added per partition and taken
 over by the table's) all go through, and the swap gives every partition's
-index and FK its original name.  A partitioned ``users`` and inheritance
+index and FK its original name; a primary key or unique constraint over the
+key comes back on every level.  A partitioned ``users`` and inheritance
 (``INHERITS``) are refused by the pre-flight, with the database untouched.
 """
 
@@ -233,14 +234,6 @@ def test_interrupted_migration_rolls_back(clone: tuple[str, str], point: str) ->
     assert_print(dsn, original)
 
 
-def test_partitioned_unique_constraint_on_the_key_is_refused(clone: tuple[str, str]) -> None:
-    """Its swap would need ADD CONSTRAINT ... USING INDEX, which partitioned tables lack."""
-    dsn, _ = clone
-    execute(dsn, "ALTER TABLE journal_entries ADD CONSTRAINT journal_entries_one_a_day "
-                 "UNIQUE (user_id, created_at)")
-    refused(dsn, "public.journal_entries")
-
-
 def test_sync_trigger_reaches_every_partition(clone: tuple[str, str]) -> None:
     """The copy column's sync trigger, created on the table, fires for rows written
     straight into a partition while the fill is under way."""
@@ -366,4 +359,93 @@ def test_a_sub_partitioned_child_is_carried_with_its_partitions_own_objects(
     run_ok(legacy_db, "rollback")
     assert execute(legacy_db, IDENTITIES) == identities
     assert execute(legacy_db, INDEX_COMMENTS) == comments
+    assert_print(legacy_db, original)
+
+
+CONSTRAINT_TREE = """
+SELECT c.conrelid::regclass::text, c.conname, c.contype::text, pg_get_constraintdef(c.oid),
+       p.conname, i.indisvalid AND i.indisready, i.indisreplident,
+       obj_description(c.conindid, 'pg_class'), obj_description(c.oid, 'pg_constraint')
+FROM pg_constraint c LEFT JOIN pg_constraint p ON p.oid = c.conparentid
+JOIN pg_index i ON i.indexrelid = c.conindid
+WHERE c.conrelid::regclass::text LIKE 'journal_entries%%' AND c.contype IN ('p', 'u')
+ORDER BY 1, 2
+"""
+
+
+LEAF_FILES = """
+SELECT c.relfilenode FROM pg_class c JOIN pg_index i ON i.indexrelid = c.oid
+WHERE i.indrelid::regclass::text LIKE 'journal_entries_%%' AND i.indisunique
+  AND c.relname {} ORDER BY 1
+"""
+
+
+def test_partitioned_unique_constraint_on_the_key_is_carried(clone: tuple[str, str]) -> None:
+    """A partitioned table's unique constraint over the key, deferrable and commented:
+    its leaves' copies are built, each becomes its partition's constraint at the swap,
+    and the table's, added again, takes them over (the very files built before the
+    swap: nothing is built under its lock); the same tree, names and timing."""
+    dsn, admin_dsn = clone
+    execute(dsn, "ALTER TABLE journal_entries ADD CONSTRAINT journal_entries_one_a_day "
+                 "UNIQUE (user_id, created_at) DEFERRABLE INITIALLY DEFERRED;"
+                 "COMMENT ON CONSTRAINT journal_entries_one_a_day ON journal_entries "
+                 "IS 'one entry a day'")
+    tree = execute(dsn, CONSTRAINT_TREE)
+    assert ("journal_entries_mid", "journal_entries_mid_user_id_created_at_key", "u",
+            "UNIQUE (user_id, created_at) DEFERRABLE INITIALLY DEFERRED",
+            "journal_entries_one_a_day", True, False, None, None) in tree
+    original, migrated = print_of(dsn), expected(dsn)
+    assert operate(dsn, "validate_schema").exit_code == 0
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(dsn, "full_migration", admin_dsn=admin_dsn,
+                       crash_at="swap public.journal_entries.user_id#1")
+    built = execute(dsn, LEAF_FILES.format("LIKE 'migration_ix_%%'"))
+    assert len(built) == len(PARTITIONS)
+    run_ok(dsn, "full_migration")
+    assert_print(dsn, migrated)
+    assert execute(dsn, CONSTRAINT_TREE) == tree
+    assert execute(dsn, LEAF_FILES.format("LIKE '%%created_at_key'")) == built
+    verified = CliRunner().invoke(verify.main, ["--database-url", dsn])
+    assert verified.exit_code == 0, verified.output
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        execute(dsn, "INSERT INTO journal_entries (user_id, title, created_at) "
+                     "SELECT user_id, 'twin', created_at FROM journal_entries_mid LIMIT 1")
+    run_ok(dsn, "rollback")
+    assert_print(dsn, original)
+    assert execute(dsn, CONSTRAINT_TREE) == tree
+
+
+KEYED_BY_USER = SUBPARTITIONED.replace("PRIMARY KEY (id, created_at)",
+                                       "PRIMARY KEY (user_id, id, created_at)") + """
+ALTER INDEX journal_entries_late_pkey RENAME TO journal_entries_late_own_name;
+ALTER TABLE journal_entries_late_0 REPLICA IDENTITY USING INDEX journal_entries_late_0_pkey;
+COMMENT ON INDEX journal_entries_early_pkey IS 'early key';
+"""
+
+
+def test_a_sub_partitioned_primary_key_over_the_key_is_carried(legacy_db: str) -> None:
+    """A primary key that holds the key column, over two levels of partitions: every
+    level's constraint comes back under its own name (a middle level's too), with a
+    leaf's replica identity and index comment; the table stays published and writable,
+    the key unique; rollback puts the strings back exactly."""
+    execute(legacy_db, KEYED_BY_USER)
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, SEED_USERS)
+    tree = execute(legacy_db, CONSTRAINT_TREE)
+    assert ("journal_entries_late", "journal_entries_late_own_name", "p",
+            "PRIMARY KEY (user_id, id, created_at)", "journal_entries_pkey", True, False,
+            None, None) in tree
+    identities = execute(legacy_db, IDENTITIES)
+    original = print_of(legacy_db)
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, CONSTRAINT_TREE) == tree
+    assert execute(legacy_db, IDENTITIES) == identities
+    run_ok(legacy_db, "validate_migration")
+    execute(legacy_db, "UPDATE journal_entries SET title = title")  # published: identity
+    with pytest.raises(psycopg2.errors.UniqueViolation):
+        execute(legacy_db, "INSERT INTO journal_entries (id, user_id, title, created_at) "
+                           "SELECT id, user_id, 'twin', created_at FROM journal_entries_late_1 "
+                           "LIMIT 1")
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, CONSTRAINT_TREE) == tree
     assert_print(legacy_db, original)
