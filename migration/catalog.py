@@ -254,8 +254,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
 
     Rules, triggers, exclusion constraints and generated columns that mention
     the column would make ``DROP COLUMN`` fail or silently change meaning; they
-    must be dealt with by a person first.  Views (and materialized views) are
-    judged by ``views.blockers``.  CHECK constraints, row-level security
+    must be dealt with by a person first.  Views (and materialized views), with
+    their rules, are judged by ``views.blockers``.  CHECK constraints, row-level security
     policies, expression indexes, statistics objects and publications' row
     filters are carried when their definitions compile with the column as uuid
     (``compiles_as_uuid``), and are blockers only when they do not; a
@@ -298,7 +298,8 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
                                        WHERE indrelid = col.attrelid))
               AND NOT (d.classid = 'pg_attrdef'::regclass)
               AND NOT (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
-                    SELECT oid FROM pg_rewrite WHERE rulename = '_RETURN'))
+                    SELECT r.oid FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+                    WHERE v.relkind IN ('v', 'm')))
               AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
                     SELECT oid FROM pg_constraint WHERE contype IN ('p', 'u', 'f', 'n')))
               AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (

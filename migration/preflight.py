@@ -310,6 +310,17 @@ def trigger_findings(session: Session, key: KeyColumn) -> list[Finding]:
                 f"review the body for text operations on {key.column} (lower(), ||, "
                 "comparisons with text); drop the trigger before the migration and recreate "
                 "it after, or pass --allow-triggers when the body is right for uuid"))
+    for view in views.dependent_views(conn, (key,)):  # carried with the view
+        findings += [Finding(
+            "trigger_uses_key", status,
+            f"trigger {found.name} on view {view.view} names {key.column} in its "
+            f"function's body; once {key.column} is uuid, text operations on it fail or "
+            "change meaning" + (" (accepted by --allow-triggers)" if allow else ""),
+            subject=subject, hint="" if allow else
+            f"review the body for text operations on {key.column}; drop the trigger before "
+            "the migration and recreate it after, or pass --allow-triggers when the body is "
+            "right for uuid")
+            for found in view.objects if found.source and mentions(found.source, key.column)]
     findings += [Finding("rule_fires", Status.FAIL,
                          f"rule {rule} on {key.table} rewrites the fill's UPDATE "
                          f"(the batches cannot run with it)", subject=subject,

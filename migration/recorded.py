@@ -195,7 +195,8 @@ def _view_names(cur: Cursor, plan: Plan) -> list[Entry]:
 
 
 def view_now(cur: Cursor, entry: Entry) -> Entry | None:
-    """The view's definition and options, and whether a SELECT from it runs (``works``).
+    """The view's definition, options, triggers and rules, and whether a SELECT from it
+    runs (``works``).
 
     The swap creates a view again from the server's own text of it, casts
     included (``(t.user_id)::text = (u.id)::text``), so its definition reads the
@@ -215,7 +216,8 @@ def view_now(cur: Cursor, entry: Entry) -> Entry | None:
     except psycopg2.Error:
         works = False
     cur.execute("ROLLBACK TO SAVEPOINT view_works")
-    return {"definition": view.definition, "options": sorted(view.options), "works": works}
+    return {"definition": view.definition, "options": sorted(view.options), "works": works,
+            "triggers_and_rules": [found.definition for found in view.objects]}
 
 
 # --- statistics objects over a key column ---------------------------------------------------

@@ -5,7 +5,10 @@ A view that reads a key column (or a view over such a view) would make
 again after the renames, innermost first, from the server's own deparse of
 each (``pg_get_viewdef``, read in the swap's transaction), with their options
 (``security_barrier``, ``security_invoker``, ``check_option``), owner,
-privileges and comments: catalog work only, no scan.
+privileges, comments, and their triggers (``INSTEAD OF``, the updatable-view
+pattern) and rules, from the server's text of each: catalog work only, no
+scan.  A view whose rule writes a key column is carried with the views over
+it, though its query may not read the column.
 
 Whether a definition still compiles once the columns have their new types is
 asked of the server up front (``compile_failures``): in a savepoint rolled
@@ -13,10 +16,14 @@ back, each table of the plan gets an empty temporary twin whose key columns
 have the new type, and each view is created as a temporary view over the
 twins.  Nothing is changed and nothing is read.
 
+Their triggers and rules are judged the same way, created on the temporary
+views.  A trigger's function is not compiled by the server until it runs: the
+pre-flight looks at its body for the key column's name (``preflight``).
+
 Refused, by name: materialized views (carrying one would re-run its query
-while the swap holds the tables' locks), rules, triggers and column defaults
-on the views, anything else that depends on them (functions with a SQL body,
-policies, ...), and views whose owner this role cannot act for.
+while the swap holds the tables' locks), column defaults on the views,
+anything else that depends on them (functions with a SQL body, ...), and
+views whose owner this role cannot act for.
 """
 
 from __future__ import annotations
@@ -48,6 +55,18 @@ PRIVILEGES = frozenset({"SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE", "REF
 
 
 @dataclass(frozen=True)
+class ViewObject:
+    """A trigger or rule on a view, as the server prints it: it goes with its view when
+    the swap drops it, and is created again after it."""
+
+    kind: str  # "TRIGGER" or "RULE", as COMMENT ON names it
+    name: str
+    definition: str  # pg_get_triggerdef / pg_get_ruledef, fully qualified
+    comment: str | None
+    source: str | None  # a trigger's function's body, which the pre-flight reads
+
+
+@dataclass(frozen=True)
 class ViewDef:
     """A view (or materialized view) that depends on a key column, directly or through
     other views, as the swap must create it again."""
@@ -62,6 +81,7 @@ class ViewDef:
     acl: tuple[tuple[str | None, str, bool], ...] | None  # None: the default privileges
     comment: str | None
     column_comments: tuple[tuple[str, str], ...]
+    objects: tuple[ViewObject, ...]  # its triggers, then its rules, by name
 
 
 _CHAIN = """
@@ -70,14 +90,16 @@ _CHAIN = """
         FROM pg_attribute a
         JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = a.attrelid
              AND d.refobjsubid = a.attnum AND d.classid = 'pg_rewrite'::regclass
-        JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
+        JOIN pg_rewrite r ON r.oid = d.objid
+        JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm')
         WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND r.ev_class <> a.attrelid
       UNION
         SELECT r.ev_class, c.depth + 1
         FROM chain c
         JOIN pg_depend d ON d.refclassid = 'pg_class'::regclass AND d.refobjid = c.oid
              AND d.classid = 'pg_rewrite'::regclass
-        JOIN pg_rewrite r ON r.oid = d.objid AND r.rulename = '_RETURN'
+        JOIN pg_rewrite r ON r.oid = d.objid
+        JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm')
         WHERE r.ev_class <> c.oid AND c.depth < 100
     )
     SELECT oid, max(depth) FROM chain GROUP BY oid
@@ -119,9 +141,23 @@ def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
     cur.execute("SELECT attname, col_description(attrelid, attnum) FROM pg_attribute "
                 "WHERE attrelid = %s AND attnum > 0 AND NOT attisdropped "
                 "AND col_description(attrelid, attnum) IS NOT NULL ORDER BY attnum", (oid,))
+    column_comments = tuple(cur.fetchall())
+    cur.execute(
+        """
+        SELECT 'TRIGGER', t.tgname, pg_get_triggerdef(t.oid),
+               obj_description(t.oid, 'pg_trigger'), p.prosrc
+        FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+        WHERE t.tgrelid = %(view)s AND NOT t.tgisinternal
+        UNION ALL
+        SELECT 'RULE', rulename, pg_get_ruledef(oid), obj_description(oid, 'pg_rewrite'), NULL
+        FROM pg_rewrite WHERE ev_class = %(view)s AND rulename <> '_RETURN'
+        ORDER BY 1 DESC, 2
+        """, {"view": oid})
+    objects = tuple(ViewObject(kind, object_name, text.strip().removesuffix(";"), note, source)
+                    for kind, object_name, text, note, source in cur.fetchall())
     return ViewDef(oid, Table(schema, name), materialized, depth,
                    definition.strip().removesuffix(";"), tuple(options), owner, acl, comment,
-                   tuple(cur.fetchall()))
+                   column_comments, objects)
 
 
 def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...],
@@ -159,8 +195,9 @@ def refuse(conn: Connection, columns: tuple[KeyColumn, ...], backup_schema: str)
 
 
 def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
-    """Objects depending on the views other than the views over them (which are carried),
-    and views whose owner this role cannot drop and create them for."""
+    """Objects depending on the views other than the views over them, their triggers and
+    their rules (which are carried), and views whose owner this role cannot drop and
+    create them for."""
     oids = [view.oid for view in views]
     with conn.cursor() as cur:
         cur.execute(
@@ -171,8 +208,9 @@ def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
             WHERE d.refclassid = 'pg_class'::regclass AND d.refobjid = ANY (%(views)s)
               AND d.deptype IN ('n', 'a')
               AND NOT (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
-                    SELECT oid FROM pg_rewrite WHERE rulename = '_RETURN'
-                    AND ev_class = ANY (%(views)s)))
+                    SELECT oid FROM pg_rewrite WHERE ev_class = ANY (%(views)s)))
+              AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_trigger WHERE tgrelid = ANY (%(views)s)))
               AND NOT (d.classid = 'pg_type'::regclass)
             ORDER BY 1
             """, {"views": oids})
@@ -254,13 +292,17 @@ def _compiles(cur: Cursor, view: ViewDef, relations: dict[tuple[str, str], str],
     if inner:
         return {view.oid: f"it reads view {inner[0].view}, which would not compile"}
     cur.execute("SAVEPOINT view_oracle")
+    what = ""
     try:
         cur.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
             sql.Identifier(view.view.name),
             sql.SQL(sqlexpr.replace_relations(view.definition, relations))))
+        for found in view.objects:
+            what = f"its {found.kind.lower()} {found.name} "
+            cur.execute(sql.SQL(sqlexpr.replace_relations(found.definition, relations)))
     except psycopg2.Error as error:
         cur.execute("ROLLBACK TO SAVEPOINT view_oracle")
-        return {view.oid: "would not compile once the columns have their new types: "
+        return {view.oid: f"{what}would not compile once the columns have their new types: "
                 f"{error.diag.message_primary}"}
     cur.execute("RELEASE SAVEPOINT view_oracle")
     return {}
@@ -296,6 +338,12 @@ def create(cur: Cursor, views: list[ViewDef]) -> None:
                 for name, value in (option.split("=", 1) for option in view.options)))
         cur.execute(statement + sql.SQL(" AS {}").format(sql.SQL(view.definition)))
         _dress(cur, view)
+        for found in view.objects:  # the server's own text, read in this transaction
+            cur.execute(sql.SQL(found.definition))
+            if found.comment is not None:
+                cur.execute(sql.SQL("COMMENT ON {} {} ON {} IS %s").format(
+                    sql.SQL(found.kind), sql.Identifier(found.name), view.view.ident),
+                    (found.comment,))
 
 
 def _dress(cur: Cursor, view: ViewDef) -> None:

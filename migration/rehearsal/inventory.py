@@ -70,8 +70,9 @@ def carried_objects(conn: Connection, plan: Plan) -> list[Dependent]:
                   for trigger in catalog.application_triggers(conn, key)
                   if not mentions(trigger.source, key.column)]
         found += [_carried(column, f"view {view.view}", "compiles on uuid: created again "
-                           "inside the swap's transaction, with its options, grants and "
-                           "comments") for view in views.dependent_views(conn, (key,))
+                           "inside the swap's transaction, with its options, grants, "
+                           "comments, triggers and rules")
+                  for view in views.dependent_views(conn, (key,))
                   if not view.materialized]
     with conn.cursor() as cur:
         found += [_carried(entry["table"], f"publication {entry['publication']}",
