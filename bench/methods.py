@@ -25,8 +25,9 @@ import os
 import sys
 
 from psycopg2 import sql
+from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert
+from migration import catalog, convert
 from migration.connection import Connection, connect
 from migration.model import KeyColumn, Table
 from migration.plan import build_plan
@@ -152,10 +153,32 @@ def _swap_literally(conn: Connection, key: KeyColumn, parent: KeyColumn,
         if info.default is not None:
             convert.converted_default(cur, key, info.default)
         for index in indexes:
-            backup.restore_index(cur, index)
+            _restore_index(cur, index)
         for fk in outgoing:
             cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
                 fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
+
+
+def _restore_index(cur: Cursor, index: catalog.IndexDef) -> None:
+    """Build an index again (and the constraint it backs) from the server's own text of it,
+    read before the column was dropped: the one-shot method builds under its lock."""
+    table = catalog.regclass(index.table)
+    cur.execute("SET LOCAL statement_timeout = 0")  # an index build as long as the table
+    cur.execute("SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = "
+                "(SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
+                (index.name, table))
+    if cur.fetchone() is None:
+        cur.execute(sql.SQL(index.definition))  # as pg_get_indexdef printed it
+    if index.constraint_type and catalog.constraint_validity(
+            cur.connection, index.table, index.name) is None:
+        kind = sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE")
+        timing = sql.SQL("")
+        if index.deferrable:
+            timing = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if index.deferred
+                             else " DEFERRABLE INITIALLY IMMEDIATE")
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}{}").format(
+            index.table.ident, sql.Identifier(index.name), kind, sql.Identifier(index.name),
+            timing))
 
 
 def main(argv: list[str] | None = None) -> int:

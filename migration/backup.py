@@ -549,28 +549,3 @@ def require(cur: Cursor, schema: str, operation: str) -> None:
     if not exists(cur, schema):
         raise MigrationError(f"{operation} needs the backup in {schema}, and there is none",
                              hint="run --operation=backup_data first")
-
-
-def restore_index(cur: Cursor, index: IndexDef) -> None:
-    """Replay a recorded index (and the constraint it backs) if it is missing.
-
-    The rollback after a swap uses it; the definition is the server's own
-    ``pg_get_indexdef`` text as recorded at backup time.
-    """
-    table = catalog.regclass(index.table)
-    cur.execute("SET LOCAL statement_timeout = 0")  # an index build as long as the table
-    cur.execute("SELECT 1 FROM pg_class WHERE relname = %s AND relnamespace = "
-                "(SELECT relnamespace FROM pg_class WHERE oid = to_regclass(%s))",
-                (index.name, table))
-    if cur.fetchone() is None:
-        cur.execute(sql.SQL(index.definition))  # as pg_get_indexdef printed it
-    if index.constraint_type and catalog.constraint_validity(
-            cur.connection, index.table, index.name) is None:
-        kind = sql.SQL("PRIMARY KEY" if index.constraint_type == "p" else "UNIQUE")
-        timing = sql.SQL("")
-        if index.deferrable:
-            timing = sql.SQL(" DEFERRABLE INITIALLY DEFERRED" if index.deferred
-                             else " DEFERRABLE INITIALLY IMMEDIATE")
-        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {} USING INDEX {}{}").format(
-            index.table.ident, sql.Identifier(index.name), kind, sql.Identifier(index.name),
-            timing))
