@@ -32,6 +32,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import psycopg2
+import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
@@ -264,8 +265,13 @@ def compile_failures(conn: Connection, views: list[ViewDef],
         try:
             for table in tables:
                 twin = sql.Identifier("pg_temp", table.name)
-                cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
-                    twin, table.ident))
+                try:
+                    cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
+                        twin, table.ident))
+                except psycopg2.errors.InsufficientPrivilege:
+                    return {view.oid: "cannot be judged: this role may not create temporary "
+                            "tables, which the check of the views needs (GRANT TEMPORARY ON "
+                            "DATABASE ... TO it)" for view in views}
                 for key in columns:
                     if key.table == table:
                         cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE {} USING NULL")

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import psycopg2.errors
 import pytest
+from psycopg2 import sql
 
-from tests.operate import execute, operate, print_of, run_ok
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
+from tests.operate import connected, execute, operate, print_of, run_ok
 from tests.test_schema_shapes import seeded
 
 VIEWS = """
@@ -236,4 +238,30 @@ def test_a_rule_on_a_view_that_would_not_compile_is_refused(legacy_db: str) -> N
     assert "[FAIL] blocker public.users.id: view public.signup depends on the column and its " \
         "rule signup_insert would not compile once the columns have their new types" in " ".join(
             result.output.split()), result.output
+    assert print_of(legacy_db, include_backup=True) == before
+
+
+def test_views_are_refused_by_name_when_this_role_may_not_create_temporary_tables(
+        sandbox: Sandbox, legacy_db: str) -> None:
+    """The views' check needs temporary tables: without the privilege every view is named
+    as one that cannot be judged, with the grant that helps, and nothing changes.  Before
+    PostgreSQL 16 the pre-flight's uuid test is a temporary function: it stops at once,
+    saying so, and nothing changes either."""
+    seeded(legacy_db, VIEWS)
+    with connected(legacy_db) as conn:
+        name, version = conn.info.dbname, conn.server_version
+    execute(sandbox.admin_dsn_for(name), sql.SQL(
+        "ALTER DATABASE {db} OWNER TO CURRENT_USER; REVOKE TEMPORARY ON DATABASE {db} "
+        "FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO PUBLIC; "
+        "GRANT CREATE ON SCHEMA public TO {owner}").format(  # PostgreSQL 15+: the db owner's
+        db=sql.Identifier(name), owner=sql.Identifier(OWNER_ROLE)))
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "validate_schema")
+    assert result.exit_code == 1, result.output
+    text = " ".join(result.output.split())
+    if version < 160000:
+        assert "permission denied to create temporary tables" in text, text
+    for view in NAMES if version >= 160000 else ():
+        assert f"view public.{view} depends on the column and cannot be judged: this role may " \
+            "not create temporary tables" in text, text
     assert print_of(legacy_db, include_backup=True) == before
