@@ -228,6 +228,9 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
               "the fill of the uuid columns fires (when the role may not set "
               "session_replication_role) or whose bodies use the key column; they are named "
               "as warnings, and the fill runs with the role's default search_path.")
+@click.option("--refresh-materialized-views", is_flag=True, help="Carry the materialized "
+              "views over the key columns: the swap creates each again empty and it is "
+              "refreshed right after (its readers wait for the refresh; writes do not).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log (rehearse: "
               "default logs/migration/rehearse-<timestamp>.log, its own file).")
@@ -283,6 +286,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         orphans=options["orphans"], force=options["force"],
                         jobs=options["jobs"],
                         allow_triggers=options["allow_triggers"],
+                        refresh_materialized_views=options["refresh_materialized_views"],
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"])
     try:

@@ -15,7 +15,7 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from migration import backup, catalog, checks, convert, expand, preflight, rollback, swap
+from migration import backup, catalog, checks, convert, expand, preflight, rollback, swap, views
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
@@ -133,7 +133,10 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     if all(state is ColumnState.UUID for state in states.values()):
         for key in plan.columns:
             convert.refresh_statistics(session, key)
-        return Outcome("every key column is uuid already: nothing to do")
+        refreshed = views.refresh_pending(session, plan.backup_schema)  # a swap cut short after
+        return Outcome("every key column is uuid already: "
+                       + (f"{refreshed} materialized view(s) refreshed" if refreshed
+                          else "nothing to do"))
     if expand.stage(session.conn, parent, plan) not in swap.READY:
         raise MigrationError(f"{parent} is not expanded yet", hint="run migrate_users first")
     unsupported = expand.unsupported_foreign_keys(session.conn, plan)
@@ -268,7 +271,9 @@ def status(session: Session) -> Outcome:
               f"{e.rows_processed:,} rows done)" for e in unfinished]
     lines.append("recent operations:")
     lines += [_log_line(e) for e in reversed(entries[:20])]
-    stage = f"{verb} {unfinished[0].operation}" if unfinished else _stage(stages)
+    stage = f"{verb} {unfinished[0].operation}" if unfinished else stage_of(session)
+    if unfinished and (empty := _left_empty(session)):
+        lines.insert(1, empty.removeprefix("; "))
     return Outcome(f"stage: {stage}\n" + "\n".join(lines),
                    details={"stage": stage, "key": session.plan.key})
 
@@ -298,7 +303,17 @@ def _stages(session: Session) -> dict[KeyColumn, str]:
 
 def stage_of(session: Session) -> str:
     """Where the migration stands, from the catalog alone: one line for an operator."""
-    return _stage(_stages(session))
+    return _stage(_stages(session)) + _left_empty(session)
+
+
+def _left_empty(session: Session) -> str:
+    """What stage_of adds when the swap's materialized views are not refreshed yet."""
+    empty = views.left_empty(session.conn, session.plan.backup_schema)
+    session.conn.rollback()
+    if not empty:
+        return ""
+    return ("; materialized view(s) left empty by the swap until they are refreshed: "
+            + ", ".join(map(str, empty)))
 
 
 def _stage(stages: dict[KeyColumn, str]) -> str:

@@ -185,7 +185,8 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
             subject=str(key)))
     converting = state in (ColumnState.STRING, ColumnState.BACKFILLING)
     for blocker in (*catalog.blockers(conn, key),
-                    *(views.blockers(conn, key, session.plan.columns, session.plan.backup_schema)
+                    *(views.blockers(conn, key, session.plan.columns, session.plan.backup_schema,
+                                     refresh=session.settings.refresh_materialized_views)
                       if converting else ())):
         reason = f" and {blocker.reason}" if blocker.reason else ""
         findings.append(Finding("blocker", Status.FAIL,

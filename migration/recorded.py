@@ -190,13 +190,13 @@ def policy_now(cur: Cursor, entry: Entry) -> Entry | None:
 
 def _view_names(cur: Cursor, plan: Plan) -> list[Entry]:
     keys = [key for key in plan.columns if catalog.table_exists(cur.connection, key.table)]
-    return [{"view": str(view.view)} for view in views.dependent_views(cur.connection, keys)
-            if not view.materialized]
+    return [{"view": str(view.view)} for view in views.dependent_views(cur.connection, keys)]
 
 
 def view_now(cur: Cursor, entry: Entry) -> Entry | None:
-    """The view's definition, options, triggers and rules, and whether a SELECT from it
-    runs (``works``).
+    """The view's definition, options, triggers and rules (a materialized view's indexes),
+    and whether a SELECT from it runs (``works``: a materialized view not refreshed does
+    not).
 
     The swap creates a view again from the server's own text of it, casts
     included (``(t.user_id)::text = (u.id)::text``), so its definition reads the
@@ -204,7 +204,8 @@ def view_now(cur: Cursor, entry: Entry) -> Entry | None:
     are the application's to change afterwards (the swap carries them; the tests
     prove it)."""
     name = entry["view"]
-    row = _one(cur, "SELECT oid FROM pg_class WHERE oid = to_regclass(%s) AND relkind = 'v'",
+    row = _one(cur, "SELECT oid FROM pg_class WHERE oid = to_regclass(%s) "
+                    "AND relkind IN ('v', 'm')",
                (catalog.regclass(Table(*name.split(".", 1))),))
     if row is None:
         return None
@@ -217,7 +218,8 @@ def view_now(cur: Cursor, entry: Entry) -> Entry | None:
         works = False
     cur.execute("ROLLBACK TO SAVEPOINT view_works")
     return {"definition": view.definition, "options": sorted(view.options), "works": works,
-            "triggers_and_rules": [found.definition for found in view.objects]}
+            "triggers_and_rules": [found.definition for found in view.objects],
+            "indexes": [definition for _, definition, _ in view.indexes]}
 
 
 # --- statistics objects over a key column ---------------------------------------------------

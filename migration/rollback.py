@@ -271,6 +271,7 @@ def discard(session: Session) -> RollbackResult:
     finishes what is left.
     """
     plan = session.plan
+    refreshed = views.refresh_pending(session, plan.backup_schema)  # a revert cut short after
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
     restored = sum(session.ddl(f"restore quarantine of {table}",
                                partial(_restore_quarantine, schema=plan.backup_schema,
@@ -280,8 +281,9 @@ def discard(session: Session) -> RollbackResult:
         cur.execute(sql.SQL("DELETE FROM {}").format(
             backup.meta(plan.backup_schema, "backfill_progress")))
     if not dropped and not restored:
-        return RollbackResult("nothing to undo: no key column was expanded or swapped, "
-                              "and no row is in quarantine")
+        return RollbackResult(f"the rollback's swap was done: {refreshed} materialized view(s) "
+                              "refreshed" if refreshed else "nothing to undo: no key column was "
+                              "expanded or swapped, and no row is in quarantine")
     return RollbackResult(
         f"rolled back before the swap: {dropped} object(s) the migration built beside the "
         f"original columns dropped, {restored:,} quarantined row(s) restored; the original "
@@ -310,7 +312,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     parent = plan.parent
     convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
     # the views over them must compile back
-    views.refuse(session.conn, plan.columns, plan.backup_schema)
+    views.refuse(session.conn, plan.columns, plan.backup_schema,
+                 refresh=session.settings.refresh_materialized_views)
     referencing = {shadow.child for shadow in expand.shadow_foreign_keys(session.conn, plan)}
     session.conn.rollback()
     rows = convert.fill(session, (parent,), run_id)

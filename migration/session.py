@@ -54,6 +54,7 @@ class Settings:
     show_progress: bool = True
     jobs: int = 2  # connections filling temporary columns at once, one slice each
     allow_triggers: bool = False  # the fill may fire application triggers (see preflight)
+    refresh_materialized_views: bool = False  # carried: created empty, refreshed after the swap
 
 
 def _configure(conn: Connection, settings: Settings) -> None:

@@ -24,7 +24,9 @@ milliseconds whatever the tables' sizes:
    created again.
 
 After the commit the tables with statistics objects are analyzed (a lock
-that blocks neither reads nor writes): the objects created again are empty.
+that blocks neither reads nor writes): the objects created again are empty;
+and the materialized views carried (created again empty, and recorded as such
+in the swap's transaction) are refreshed, each holding only its own lock.
 
 No foreign key is ever missing: until the commit the old ones are enforced,
 after it the copies, which were validated before.  The transaction runs
@@ -108,6 +110,7 @@ def swap(session: Session, plan: Plan) -> float:
     for table in analyze:  # the statistics objects carried are empty until then
         with session.transaction() as cur:
             cur.execute(sql.SQL("ANALYZE {}").format(table.ident))
+    views.refresh_pending(session, plan.backup_schema)
     logger.info("%s and %s column(s) referring to it swapped %s; the write-blocking lock "
                 "was held %.1f ms", plan.parent, len(plan.children),
                 "back to their string types" if plan.parent.back else "to uuid", held * 1000)
@@ -163,6 +166,7 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
     for column in columns:
         _swap_column(cur, session, column)
     views.create(cur, carried_views)
+    views.mark_pending(cur, carried_views, plan.backup_schema)
     for found in statistics:
         _create_statistics(cur, found)
     for entry in published:

@@ -20,16 +20,23 @@ Their triggers and rules are judged the same way, created on the temporary
 views.  A trigger's function is not compiled by the server until it runs: the
 pre-flight looks at its body for the key column's name (``preflight``).
 
-Refused, by name: materialized views (carrying one would re-run its query
-while the swap holds the tables' locks), column defaults on the views,
-anything else that depends on them (functions with a SQL body, ...), and
-views whose owner this role cannot act for.
+Materialized views are refused unless the operator accepts their refresh
+(``--refresh-materialized-views``): refreshing one in the swap would run its
+query under the tables' locks, so the swap creates it empty, with its indexes,
+records it in the backup schema (``pending_refresh``), and it is refreshed
+after the commit; its twin in the check is an empty table of its query.
+
+Refused, by name: column defaults on the views, anything else that depends
+on them (functions with a SQL body, ...), and views whose owner this role
+cannot act for.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
+from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.errors
@@ -38,14 +45,18 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import catalog, sqlexpr
 from migration.catalog import Blocker
-from migration.connection import Connection
+from migration.connection import Connection, lift_statement_timeout
 from migration.errors import MigrationError
+from migration.log import logger
 from migration.model import KeyColumn, Table
 
+if TYPE_CHECKING:  # the session's module imports the backup's, which reads the views
+    from migration.session import Session
+
 MATERIALIZED_HINT = (
-    "drop it before the migration and create it again after (CREATE MATERIALIZED VIEW, or "
-    "REFRESH): carrying it would re-run its query while the swap holds the tables' locks, "
-    "blocking the application's writes for as long")
+    "pass --refresh-materialized-views to have the swap create it again empty and refresh "
+    "it right after (its readers wait for that refresh; the application's writes do not), "
+    "or drop it before the migration and create it again after")
 VIEW_HINT = ("rewrite the view so that it holds for the new type (compare with ::text where "
              "text is meant), or drop it before the migration and create it again after")
 DEPENDENT_HINT = ("drop it before the migration and create it again after: the swap drops and "
@@ -83,6 +94,13 @@ class ViewDef:
     comment: str | None
     column_comments: tuple[tuple[str, str], ...]
     objects: tuple[ViewObject, ...]  # its triggers, then its rules, by name
+    indexes: tuple[tuple[str, str, str | None], ...]  # a materialized view's: name, text, comment
+    populated: bool  # a materialized view's: whether it holds data (REFRESH was run)
+
+    @property
+    def kind(self) -> sql.SQL:
+        """How ALTER, COMMENT ON and DROP name it."""
+        return sql.SQL("MATERIALIZED VIEW" if self.materialized else "VIEW")
 
 
 _CHAIN = """
@@ -125,12 +143,12 @@ def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
         """
         SELECT n.nspname, c.relname, c.relkind = 'm', pg_get_viewdef(c.oid),
                coalesce(c.reloptions, '{}')::text[], pg_get_userbyid(c.relowner),
-               c.relacl IS NULL, obj_description(c.oid, 'pg_class')
+               c.relacl IS NULL, obj_description(c.oid, 'pg_class'), c.relispopulated
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s
         """, (oid,))
     row = cur.fetchone()
     assert row is not None
-    schema, name, materialized, definition, options, owner, default_acl, comment = row
+    schema, name, materialized, definition, options, owner, default_acl, comment, populated = row
     cur.execute(
         """
         SELECT CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee) END,
@@ -156,36 +174,46 @@ def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
         """, {"view": oid})
     objects = tuple(ViewObject(kind, object_name, text.strip().removesuffix(";"), note, source)
                     for kind, object_name, text, note, source in cur.fetchall())
+    cur.execute("SELECT c.relname, pg_get_indexdef(i.indexrelid), "
+                "obj_description(i.indexrelid, 'pg_class') FROM pg_index i "
+                "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s ORDER BY 1",
+                (oid,))
     return ViewDef(oid, Table(schema, name), materialized, depth,
                    definition.strip().removesuffix(";"), tuple(options), owner, acl, comment,
-                   column_comments, objects)
+                   column_comments, objects, tuple(cur.fetchall()), bool(populated))
 
 
 def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...],
-             backup_schema: str) -> list[Blocker]:
+             backup_schema: str, *, refresh: bool) -> list[Blocker]:
     """What the swap cannot carry among the views over ``key``: each named, with why.
 
     ``columns`` are all the columns the swap changes together: a view may read
-    several of them, and is judged with all of them converted.
+    several of them, and is judged with all of them converted.  Materialized
+    views are carried only when the operator accepts their refresh after the
+    swap (``refresh``).
     """
     views = dependent_views(conn, (key,))
-    found = [Blocker(f"materialized view {view.view}", hint=MATERIALIZED_HINT)
-             for view in views if view.materialized]
+    found = [] if refresh else [Blocker(f"materialized view {view.view}", hint=MATERIALIZED_HINT)
+                                for view in views if view.materialized]
     found += _not_carried(conn, views)
-    failures = compile_failures(conn, [view for view in views if not view.materialized],
+    failures = compile_failures(conn, [view for view in views
+                                       if refresh or not view.materialized],
                                 columns, backup_schema)
-    found += [Blocker(f"view {view.view}", failures[view.oid], VIEW_HINT)
+    found += [Blocker(f"{'materialized view' if view.materialized else 'view'} {view.view}",
+                      failures[view.oid], VIEW_HINT)
               for view in views if view.oid in failures]
     return found
 
 
-def refuse(conn: Connection, columns: tuple[KeyColumn, ...], backup_schema: str) -> None:
+def refuse(conn: Connection, columns: tuple[KeyColumn, ...], backup_schema: str, *,
+           refresh: bool) -> None:
     """Refuse (nothing changed) when the swap of ``columns`` could not carry every view
     over them: the rollback after the swap runs no pre-flight, and asks this first."""
     found: dict[str, Blocker] = {}
     for key in columns:
         found.update((blocker.what, blocker)
-                     for blocker in blockers(conn, key, columns, backup_schema))
+                     for blocker in blockers(conn, key, columns, backup_schema,
+                                             refresh=refresh))
     conn.rollback()
     if found:
         raise MigrationError(
@@ -196,9 +224,9 @@ def refuse(conn: Connection, columns: tuple[KeyColumn, ...], backup_schema: str)
 
 
 def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
-    """Objects depending on the views other than the views over them, their triggers and
-    their rules (which are carried), and views whose owner this role cannot drop and
-    create them for."""
+    """Objects depending on the views other than the views over them, their triggers,
+    rules and indexes (which are carried), and views whose owner this role cannot drop
+    and create them for."""
     oids = [view.oid for view in views]
     with conn.cursor() as cur:
         cur.execute(
@@ -212,6 +240,8 @@ def _not_carried(conn: Connection, views: list[ViewDef]) -> list[Blocker]:
                     SELECT oid FROM pg_rewrite WHERE ev_class = ANY (%(views)s)))
               AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
                     SELECT oid FROM pg_trigger WHERE tgrelid = ANY (%(views)s)))
+              AND NOT (d.classid = 'pg_class'::regclass AND d.objid IN (
+                    SELECT indexrelid FROM pg_index WHERE indrelid = ANY (%(views)s)))
               AND NOT (d.classid = 'pg_type'::regclass)
             ORDER BY 1
             """, {"views": oids})
@@ -299,13 +329,19 @@ def _compiles(cur: Cursor, view: ViewDef, relations: dict[tuple[str, str], str],
         return {view.oid: f"it reads view {inner[0].view}, which would not compile"}
     cur.execute("SAVEPOINT view_oracle")
     what = ""
+    # A materialized view's twin is an empty table of its query, for its indexes to be
+    # built on too.
+    twin = "TABLE {} AS {} WITH NO DATA" if view.materialized else "VIEW {} AS {}"
     try:
-        cur.execute(sql.SQL("CREATE TEMPORARY VIEW {} AS {}").format(
+        cur.execute(sql.SQL("CREATE TEMPORARY " + twin).format(
             sql.Identifier(view.view.name),
             sql.SQL(sqlexpr.replace_relations(view.definition, relations))))
         for found in view.objects:
             what = f"its {found.kind.lower()} {found.name} "
             cur.execute(sql.SQL(sqlexpr.replace_relations(found.definition, relations)))
+        for index, definition, _ in view.indexes:
+            what = f"its index {index} "
+            cur.execute(sql.SQL(sqlexpr.replace_relations(definition, relations)))
     except psycopg2.Error as error:
         cur.execute("ROLLBACK TO SAVEPOINT view_oracle")
         return {view.oid: f"{what}would not compile once the columns have their new types: "
@@ -324,25 +360,40 @@ def _relations_of(definition: str, relations: dict[tuple[str, str], str]) -> set
 
 def lock(cur: Cursor, views: list[ViewDef]) -> None:
     """The views locked outermost first, as a query of the application takes them (the
-    view, then what it reads): before the tables, so the two never wait on each other."""
+    view, then what it reads): before the tables, so the two never wait on each other.
+
+    A materialized view cannot be locked so; its drop takes its lock, under the
+    swap's lock_timeout.  Its readers lock nothing else after it (it holds its
+    own rows), so they cannot close a cycle with the swap.
+    """
     for view in reversed(views):
-        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(view.view.ident))
+        if not view.materialized:
+            cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+                view.view.ident))
 
 
 def drop(cur: Cursor, views: list[ViewDef]) -> None:
     for view in reversed(views):
-        cur.execute(sql.SQL("DROP VIEW {}").format(view.view.ident))
+        cur.execute(sql.SQL("DROP {} {}").format(view.kind, view.view.ident))
 
 
 def create(cur: Cursor, views: list[ViewDef]) -> None:
-    """Each view again as it was read, innermost first, over the renamed columns."""
+    """Each view again as it was read, innermost first, over the renamed columns; a
+    materialized view empty (``WITH NO DATA``: its query is not run under the swap's
+    locks), with its indexes, for ``refresh_pending`` to fill after the swap."""
     for view in views:
-        statement = sql.SQL("CREATE VIEW {}").format(view.view.ident)
+        statement = sql.SQL("CREATE {} {}").format(view.kind, view.view.ident)
         if view.options:
             statement += sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
                 sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
                 for name, value in (option.split("=", 1) for option in view.options)))
-        cur.execute(statement + sql.SQL(" AS {}").format(sql.SQL(view.definition)))
+        statement += sql.SQL(" AS {}").format(sql.SQL(view.definition))
+        cur.execute(statement + sql.SQL(" WITH NO DATA" if view.materialized else ""))
+        for index, definition, comment in view.indexes:
+            cur.execute(sql.SQL(definition))
+            if comment is not None:
+                cur.execute(sql.SQL("COMMENT ON INDEX {} IS %s").format(
+                    sql.Identifier(view.view.schema, index)), (comment,))
         _dress(cur, view)
         for found in view.objects:  # the server's own text, read in this transaction
             cur.execute(sql.SQL(found.definition))
@@ -357,8 +408,8 @@ def _dress(cur: Cursor, view: ViewDef) -> None:
     ident = view.view.ident
     cur.execute("SELECT current_user::text")
     if (cur.fetchone() or [None])[0] != view.owner:
-        cur.execute(sql.SQL("ALTER VIEW {} OWNER TO {}").format(
-            ident, sql.Identifier(view.owner)))
+        cur.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
+            view.kind, ident, sql.Identifier(view.owner)))
     if view.acl is not None:
         cur.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC, {}").format(
             ident, sql.Identifier(view.owner)))
@@ -370,7 +421,63 @@ def _dress(cur: Cursor, view: ViewDef) -> None:
                 sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
                 sql.SQL(" WITH GRANT OPTION" if grantable else "")))
     if view.comment is not None:
-        cur.execute(sql.SQL("COMMENT ON VIEW {} IS %s").format(ident), (view.comment,))
+        cur.execute(sql.SQL("COMMENT ON {} {} IS %s").format(view.kind, ident),
+                    (view.comment,))
     for column, text in view.column_comments:
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
             sql.Identifier(view.view.schema, view.view.name, column)), (text,))
+
+
+# --- after the swap: the materialized views filled again -----------------------------------
+
+def _pending(schema: str) -> sql.Identifier:
+    return sql.Identifier(schema, "pending_refresh")
+
+
+def mark_pending(cur: Cursor, views: list[ViewDef], backup_schema: str) -> None:
+    """Record, in the swap's transaction, the materialized views it created empty that held
+    data: the record commits with the swap, so a refresh cut short is resumed."""
+    populated = [view for view in views if view.materialized and view.populated]
+    if not populated:
+        return
+    cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (view_schema text NOT NULL, "
+                        "view_name text NOT NULL, depth int NOT NULL, "
+                        "PRIMARY KEY (view_schema, view_name))").format(
+        _pending(backup_schema)))
+    for view in populated:
+        cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT DO NOTHING").format(
+            _pending(backup_schema)), (view.view.schema, view.view.name, view.depth))
+
+
+def left_empty(conn: Connection, backup_schema: str) -> list[Table]:
+    """The materialized views a swap created empty and that are not refreshed yet."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT to_regclass(%s) IS NOT NULL",
+                    (_pending(backup_schema).as_string(cur),))
+        if not (cur.fetchone() or [False])[0]:
+            return []
+        cur.execute(sql.SQL("SELECT view_schema, view_name FROM {} ORDER BY depth, 1, 2")
+                    .format(_pending(backup_schema)))
+        return [Table(schema, name) for schema, name in cur.fetchall()]
+
+
+def refresh_pending(session: Session, backup_schema: str) -> int:
+    """Fill the materialized views the swap created empty, innermost first; how many.
+
+    Each ``REFRESH`` runs its query without a time limit, holding its view's
+    exclusive lock (its readers wait for it; the tables it reads stay open to
+    writes), and forgets the view in the same transaction.
+    """
+    pending = left_empty(session.conn, backup_schema)
+    session.conn.rollback()
+    for view in pending:
+        session.ddl(f"refresh {view}", partial(_refresh, view=view, backup_schema=backup_schema))
+        logger.info("materialized view %s refreshed", view)
+    return len(pending)
+
+
+def _refresh(cur: Cursor, view: Table, backup_schema: str) -> None:
+    lift_statement_timeout(cur)
+    cur.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(view.ident))
+    cur.execute(sql.SQL("DELETE FROM {} WHERE view_schema = %s AND view_name = %s").format(
+        _pending(backup_schema)), (view.schema, view.name))

@@ -74,6 +74,10 @@ def carried_objects(conn: Connection, plan: Plan) -> list[Dependent]:
                            "comments, triggers and rules")
                   for view in views.dependent_views(conn, (key,))
                   if not view.materialized]
+        found += [_carried(column, f"materialized view {view.view}", "with "
+                           "--refresh-materialized-views: created again empty inside the "
+                           "swap's transaction, with its indexes, and refreshed right after")
+                  for view in views.dependent_views(conn, (key,)) if view.materialized]
     with conn.cursor() as cur:
         found += [_carried(entry["table"], f"publication {entry['publication']}",
                            "membership kept (verify compares it with the backup's record)")
@@ -99,6 +103,7 @@ def _names(message: str, dependent: Dependent) -> bool:
     """Whether a refusal's message is about ``dependent`` (its kind and name, as words):
     a policy or CHECK that would not compile is found by both lists, and is refused."""
     kind, name = dependent.what.split()[:2] if not dependent.what.startswith(
-        ("primary key", "unique constraint", "foreign key")) else dependent.what.split()[1:3]
+        ("primary key", "unique constraint", "foreign key", "materialized view")) \
+        else dependent.what.split()[1:3]
     return re.search(rf"(?<![\w$]){re.escape(kind)} {re.escape(name)}(?![\w$])",
                      message) is not None

@@ -180,10 +180,14 @@ class RehearsalOptions:
     """The parent key of the plan; None: the runbook's users.id in ``schema``."""
     progress: bool = False
     """The fills' progress line on stderr (a terminal only), as the other operations show it."""
+    allow_triggers: bool = False  # as the migration takes them: rehearsed as it will run
+    refresh_materialized_views: bool = False
 
     def settings(self, *, batch_size: int, orphans: str) -> Settings:
         return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
-                        orphans=orphans, jobs=self.jobs, show_progress=self.progress)
+                        orphans=orphans, jobs=self.jobs, show_progress=self.progress,
+                        allow_triggers=self.allow_triggers,
+                        refresh_materialized_views=self.refresh_materialized_views)
 
 
 # --- pure parts: options and arithmetic ----------------------------------------------------------
@@ -915,7 +919,9 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         sizes_from=schema_database(options.get("schema_from")),
         schema=options["schema"], orphans=options["orphans"],
         lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"],
-        schema_from=options.get("schema_from"), key=key, progress=not options["quiet"])
+        schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
+        allow_triggers=options["allow_triggers"],
+        refresh_materialized_views=options["refresh_materialized_views"])
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):
