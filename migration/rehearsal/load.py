@@ -378,7 +378,18 @@ def phase_stats(name: str, start: float, end: float, txs: list[_Tx]) -> PhaseSta
                       latencies[-1] if latencies else None, stall, stall_at)
 
 
-_ABORTED = re.compile(r"client (\d+) (?:script (\d+) )?aborted in command (\d+)[^:]*: (.*)")
+_ABORTED = re.compile(r"client (\d+) (?:script (\d+) )?aborted in command (\d+)[^:;]*: (.*)")
+# A connection lost before the server's error reached pgbench (an administrator's
+# pg_terminate_backend, a crash) is told in other words, with no reason after a colon.
+_LOST = re.compile(r"client \d+ aborted in command \d+ \(\w+\) of script (\d+); (.*)")
+
+
+def aborted_clients(stderr: list[str]) -> list[Failure]:
+    """The clients pgbench's standard error says it gave up on, with the reason."""
+    found = [Failure(None, list(SCRIPTS)[int(m[2] or 0)], m[4])
+             for m in map(_ABORTED.search, stderr) if m]
+    return found + [Failure(None, list(SCRIPTS)[int(m[1])], m[2])
+                    for m in map(_LOST.search, stderr) if m]
 
 
 # -- the prober -------------------------------------------------------------------------------
@@ -521,8 +532,7 @@ class LiveLoad:
         phases = [phase_stats(name, start, end, txs)
                   for (name, start), (_, end) in zip(self.marks, bounds, strict=True)]
         failures = [Failure(t.done, t.script, t.outcome) for t in txs if t.outcome != "ok"]
-        failures += [Failure(None, list(SCRIPTS)[int(m[2] or 0)], m[4])
-                     for m in map(_ABORTED.search, stderr) if m]
+        failures += aborted_clients(stderr)
         missing, ledger_rows = self._check_ledger()
         self.report = LoadReport(
             transactions=sum(1 for t in txs if t.outcome == "ok"), failures=failures,
