@@ -47,6 +47,7 @@ class IndexDef:
     deferrable: bool
     deferred: bool
     uses_expression: bool  # the key column appears inside an expression
+    tablespace: str | None = None  # None: the database's default (pg_get_indexdef omits it)
 
 
 @dataclass(frozen=True)
@@ -184,7 +185,8 @@ def indexes_on(conn: Connection, key: KeyColumn) -> list[IndexDef]:
             """
             SELECT ic.relname, pg_get_indexdef(i.indexrelid), k.contype,
                    coalesce(k.condeferrable, false), coalesce(k.condeferred, false),
-                   NOT (a.attnum = ANY (i.indkey))
+                   NOT (a.attnum = ANY (i.indkey)),
+                   (SELECT spcname FROM pg_tablespace WHERE oid = ic.reltablespace)
             FROM pg_index i
             JOIN pg_class ic ON ic.oid = i.indexrelid
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attname = %s
@@ -200,8 +202,8 @@ def indexes_on(conn: Connection, key: KeyColumn) -> list[IndexDef]:
             (key.column, regclass(key.table)),
         )
         rows = cur.fetchall()
-    return [IndexDef(key.table, name, definition, contype, deferrable, deferred, expr)
-            for name, definition, contype, deferrable, deferred, expr in rows]
+    return [IndexDef(key.table, name, definition, contype, deferrable, deferred, expr, space)
+            for name, definition, contype, deferrable, deferred, expr, space in rows]
 
 
 def foreign_keys_from(conn: Connection, key: KeyColumn) -> list[ForeignKeyDef]:
@@ -851,7 +853,8 @@ def index_partitions(conn: Connection, index: IndexDef) -> list[IndexDef]:
         cur.execute(
             """
             SELECT n.nspname, t.relname, ic.relname, pg_get_indexdef(i.indexrelid), k.contype,
-                   coalesce(k.condeferrable, false), coalesce(k.condeferred, false)
+                   coalesce(k.condeferrable, false), coalesce(k.condeferred, false),
+                   (SELECT spcname FROM pg_tablespace WHERE oid = ic.reltablespace)
             FROM pg_inherits h
             JOIN pg_index i ON i.indexrelid = h.inhrelid
             JOIN pg_class ic ON ic.oid = i.indexrelid
@@ -866,8 +869,8 @@ def index_partitions(conn: Connection, index: IndexDef) -> list[IndexDef]:
         )
         rows = cur.fetchall()
     return [IndexDef(Table(schema, table), name, definition, contype, deferrable, deferred,
-                     index.uses_expression)
-            for schema, table, name, definition, contype, deferrable, deferred in rows]
+                     index.uses_expression, space)
+            for schema, table, name, definition, contype, deferrable, deferred, space in rows]
 
 
 def foreign_key_partitions(conn: Connection, fk: ForeignKeyDef) -> list[ForeignKeyDef]:

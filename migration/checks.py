@@ -125,7 +125,9 @@ class Comparison:
 
 
 def _same(want: Entry, have: Entry) -> bool:
-    return want == have
+    """Whether the object is as recorded: every property the record holds (a record made
+    by an older version, which recorded fewer of them, is judged on those it has)."""
+    return all(key in have and have[key] == value for key, value in want.items())
 
 
 def _against_record(ctx: Context, how: Comparison) -> list[Finding]:
@@ -174,7 +176,8 @@ def _nothing_recorded(ctx: Context, check: str, kind: str) -> list[Finding]:
 def _index_text(state: Entry) -> str:
     flags = [] if state["valid"] else ["INVALID"]
     flags += [] if state["ready"] else ["not ready"]
-    return f"{state['definition']}" + (f" ({', '.join(flags)})" if flags else "")
+    where = f" TABLESPACE {state['tablespace']}" if state.get("tablespace") else ""
+    return f"{state['definition']}{where}" + (f" ({', '.join(flags)})" if flags else "")
 
 
 def _foreign_key_text(state: Entry) -> str:
@@ -228,6 +231,7 @@ COMPARISONS = {
     "indexes": Comparison(
         "indexes", recorded.INDEXES, "index", _index_text,
         lambda want, have: (have["definition"] == want["definition"]
+                            and have.get("tablespace") == want.get("tablespace")
                             and have["valid"] and have["ready"]),
         lambda want: _index_text({**want, "valid": True, "ready": True}),
         "recreate it from the recorded definition (CREATE INDEX CONCURRENTLY, or REINDEX "

@@ -73,9 +73,12 @@ class ShadowIndex:
     def statement(self, key: KeyColumn) -> str:
         """The copy's ``CREATE INDEX CONCURRENTLY`` (a partitioned table's: ``CREATE INDEX
         ... ON ONLY``), from the server's own definition of the original with the column
-        renamed (predicates, INCLUDE lists and a unique index's partition key follow)."""
+        renamed (predicates, INCLUDE lists and a unique index's partition key follow), in
+        the original's tablespace."""
         copy = sqlexpr.partitioned_copy if self.partitioned else sqlexpr.concurrent_copy
-        return copy(self.original.definition, self.name, key.column, key.temp)
+        return sqlexpr.with_tablespace(
+            copy(self.original.definition, self.name, key.column, key.temp),
+            self.original.tablespace)
 
 
 @dataclass(frozen=True)

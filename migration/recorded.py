@@ -74,11 +74,14 @@ def _index_names(cur: Cursor, plan: Plan) -> list[Entry]:
 def index_now(cur: Cursor, entry: Entry) -> Entry | None:
     """The index of that name on that table (index names are per schema, the table's)."""
     table = _table(entry)
-    row = _one(cur, "SELECT pg_get_indexdef(indexrelid), indisvalid, indisready FROM pg_index "
-                    "WHERE indexrelid = to_regclass(%s) AND indrelid = to_regclass(%s)",
+    row = _one(cur, "SELECT pg_get_indexdef(i.indexrelid), i.indisvalid, i.indisready, "
+                    "(SELECT spcname FROM pg_tablespace WHERE oid = c.reltablespace) "
+                    "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE i.indexrelid = to_regclass(%s) AND i.indrelid = to_regclass(%s)",
                (sql.Identifier(table.schema, entry["name"]).as_string(cur.connection),
                 catalog.regclass(table)))
-    return None if row is None else {"definition": row[0], "valid": row[1], "ready": row[2]}
+    return None if row is None else {"definition": row[0], "valid": row[1], "ready": row[2],
+                                     "tablespace": row[3]}
 
 
 # --- foreign keys to or from a key column ---------------------------------------------------

@@ -233,6 +233,23 @@ def _index_copy(index_definition: str, name: str, column: str, new_column: str, 
             + quote_ident(name) + "".join(value for _, value in tokens[words[at] + 1:]))
 
 
+def with_tablespace(statement: str, tablespace: str | None) -> str:
+    """A ``CREATE INDEX`` statement built in ``tablespace`` (None: the default), which
+    ``pg_get_indexdef`` leaves out: the clause goes before a partial index's ``WHERE``."""
+    if tablespace is None:
+        return statement
+    tokens = _tokens(statement)
+    depth, at = 0, len(tokens)
+    for i, (kind, value) in enumerate(tokens):
+        depth += {"(": 1, ")": -1}.get(value, 0) if kind == "other" else 0
+        if depth == 0 and kind == "word" and value.upper() == "WHERE":
+            at = i
+            break
+    head = "".join(value for _, value in tokens[:at]).rstrip()
+    tail = "".join(value for _, value in tokens[at:])
+    return f"{head} TABLESPACE {quote_ident(tablespace)}" + (f" {tail}" if tail else "")
+
+
 def replace_relations(definition: str, relations: dict[tuple[str, str], str]) -> str:
     """``definition`` (deparsed by the server, every relation schema-qualified) with each
     ``schema.name`` found in ``relations`` replaced by the text given for it."""

@@ -94,8 +94,10 @@ class ViewDef:
     comment: str | None
     column_comments: tuple[tuple[str, str], ...]
     objects: tuple[ViewObject, ...]  # its triggers, then its rules, by name
-    indexes: tuple[tuple[str, str, str | None], ...]  # a materialized view's: name, text, comment
+    indexes: tuple[tuple[str, str, str | None], ...]
+    """A materialized view's indexes: name, definition (in its tablespace), comment."""
     populated: bool  # a materialized view's: whether it holds data (REFRESH was run)
+    tablespace: str | None  # a materialized view's; None: the database's default
 
     @property
     def kind(self) -> sql.SQL:
@@ -143,12 +145,14 @@ def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
         """
         SELECT n.nspname, c.relname, c.relkind = 'm', pg_get_viewdef(c.oid),
                coalesce(c.reloptions, '{}')::text[], pg_get_userbyid(c.relowner),
-               c.relacl IS NULL, obj_description(c.oid, 'pg_class'), c.relispopulated
+               c.relacl IS NULL, obj_description(c.oid, 'pg_class'), c.relispopulated,
+               (SELECT spcname FROM pg_tablespace WHERE oid = c.reltablespace)
         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE c.oid = %s
         """, (oid,))
     row = cur.fetchone()
     assert row is not None
-    schema, name, materialized, definition, options, owner, default_acl, comment, populated = row
+    (schema, name, materialized, definition, options, owner, default_acl, comment, populated,
+     tablespace) = row
     cur.execute(
         """
         SELECT CASE WHEN x.grantee = 0 THEN NULL ELSE pg_get_userbyid(x.grantee) END,
@@ -175,12 +179,15 @@ def read(cur: Cursor, oid: int, depth: int = 0) -> ViewDef:
     objects = tuple(ViewObject(kind, object_name, text.strip().removesuffix(";"), note, source)
                     for kind, object_name, text, note, source in cur.fetchall())
     cur.execute("SELECT c.relname, pg_get_indexdef(i.indexrelid), "
-                "obj_description(i.indexrelid, 'pg_class') FROM pg_index i "
-                "JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = %s ORDER BY 1",
-                (oid,))
+                "obj_description(i.indexrelid, 'pg_class'), "
+                "(SELECT spcname FROM pg_tablespace WHERE oid = c.reltablespace) "
+                "FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                "WHERE i.indrelid = %s ORDER BY 1", (oid,))
+    indexes = tuple((index, sqlexpr.with_tablespace(text, space), note)
+                    for index, text, note, space in cur.fetchall())
     return ViewDef(oid, Table(schema, name), materialized, depth,
                    definition.strip().removesuffix(";"), tuple(options), owner, acl, comment,
-                   column_comments, objects, tuple(cur.fetchall()), bool(populated))
+                   column_comments, objects, indexes, bool(populated), tablespace)
 
 
 def blockers(conn: Connection, key: KeyColumn, columns: tuple[KeyColumn, ...],
@@ -387,6 +394,8 @@ def create(cur: Cursor, views: list[ViewDef]) -> None:
             statement += sql.SQL(" WITH ({})").format(sql.SQL(", ").join(
                 sql.SQL("{} = {}").format(sql.Identifier(name), sql.Literal(value))
                 for name, value in (option.split("=", 1) for option in view.options)))
+        if view.tablespace is not None:
+            statement += sql.SQL(" TABLESPACE {}").format(sql.Identifier(view.tablespace))
         statement += sql.SQL(" AS {}").format(sql.SQL(view.definition))
         cur.execute(statement + sql.SQL(" WITH NO DATA" if view.materialized else ""))
         for index, definition, comment in view.indexes:

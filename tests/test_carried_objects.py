@@ -8,6 +8,7 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
 from tests.operate import connected, execute, operate, print_of, run_ok
 from tests.test_schema_shapes import seeded
 
@@ -205,3 +206,52 @@ def test_a_statistics_expression_that_does_not_compile_is_refused(legacy_db: str
             "column and would not compile once user_id is uuid") in " ".join(
                 result.output.split()), result.output
     assert print_of(legacy_db, include_backup=True) == before
+
+
+IN_TABLESPACE = """
+CREATE INDEX tags_user_named ON tags (user_id) TABLESPACE {space} WHERE name <> '';
+ALTER INDEX users_pkey SET TABLESPACE {space};
+CREATE MATERIALIZED VIEW tag_users TABLESPACE {space} AS SELECT DISTINCT user_id FROM tags;
+CREATE UNIQUE INDEX tag_users_user ON tag_users (user_id) TABLESPACE {space};
+"""
+SPACES = ("SELECT c.relname, t.spcname FROM pg_class c "
+          "JOIN pg_tablespace t ON t.oid = c.reltablespace "
+          "WHERE c.relnamespace = 'public'::regnamespace ORDER BY 1")
+
+
+def test_what_lives_in_its_own_tablespace_stays_there(sandbox: Sandbox, legacy_db: str) -> None:
+    """pg_get_indexdef leaves the tablespace out: the copies of an index, of a primary key
+    and of a materialized view with its index are built where their originals are, both
+    ways, and verify sees an index moved away."""
+    with connected(legacy_db) as conn:
+        database = conn.info.dbname
+    admin, space = sandbox.admin_dsn_for(database), f"{sandbox.prefix}_{database}"[:63]
+    with connected(admin) as conn, conn.cursor() as cur:
+        cur.execute("SET allow_in_place_tablespaces = on")  # a superuser's, PostgreSQL 15+
+        cur.execute(sql.SQL("CREATE TABLESPACE {} LOCATION ''").format(sql.Identifier(space)))
+        cur.execute(sql.SQL("GRANT CREATE ON TABLESPACE {} TO {}").format(
+            sql.Identifier(space), sql.Identifier(OWNER_ROLE)))
+    try:
+        seeded(legacy_db, IN_TABLESPACE.format(space=space))
+        spaces = execute(legacy_db, SPACES)
+        assert [name for name, _ in spaces] == ["tag_users", "tag_users_user",
+                                                "tags_user_named", "users_pkey"]
+        original = print_of(legacy_db)
+        run_ok(legacy_db, "full_migration", "--refresh-materialized-views")
+        assert execute(legacy_db, SPACES) == spaces
+        execute(legacy_db, "ALTER INDEX tags_user_named SET TABLESPACE pg_default")  # mutation
+        result = operate(legacy_db, "validate_migration")
+        assert "[FAIL] indexes public.tags tags_user_named: index changed since the backup" \
+            in " ".join(result.output.split()), result.output
+        execute(legacy_db, sql.SQL("ALTER INDEX tags_user_named SET TABLESPACE {}").format(
+            sql.Identifier(space)))
+        run_ok(legacy_db, "validate_migration")
+        run_ok(legacy_db, "rollback", "--refresh-materialized-views")
+        assert execute(legacy_db, SPACES) == spaces
+        after = print_of(legacy_db)
+        assert after == original, "\n".join(original.diff(after))
+    finally:  # a tablespace outlives the database: emptied, then dropped
+        execute(legacy_db, "DROP MATERIALIZED VIEW IF EXISTS tag_users; "
+                           "DROP INDEX IF EXISTS tags_user_named; "
+                           "ALTER INDEX IF EXISTS users_pkey SET TABLESPACE pg_default")
+        execute(admin, sql.SQL("DROP TABLESPACE {}").format(sql.Identifier(space)))
