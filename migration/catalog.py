@@ -83,6 +83,33 @@ def column_info(conn: Connection, table: Table, column: str) -> ColumnInfo | Non
 
 
 @dataclass(frozen=True)
+class ColumnTuning:
+    """What a DBA set on a column for the planner, which a new column does not have."""
+
+    statistics_target: int | None  # ALTER COLUMN ... SET STATISTICS; None: the default
+    options: tuple[str, ...]  # attoptions: n_distinct=-0.5, ...
+
+
+def column_tuning(conn: Connection, table: Table, column: str) -> ColumnTuning:
+    with conn.cursor() as cur:
+        cur.execute("SELECT nullif(attstattarget, -1), coalesce(attoptions, '{}')::text[] "
+                    "FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
+                    (regclass(table), column))
+        row = cur.fetchone()
+    return ColumnTuning(None, ()) if row is None else ColumnTuning(row[0], tuple(row[1]))
+
+
+def clustered_index(conn: Connection, table: Table) -> str | None:
+    """The index ``CLUSTER`` last used (``ALTER TABLE ... CLUSTER ON``), if any."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
+                    "WHERE i.indrelid = to_regclass(%s) AND i.indisclustered",
+                    (regclass(table),))
+        row = cur.fetchone()
+    return None if row is None else str(row[0])
+
+
+@dataclass(frozen=True)
 class ColumnGrant:
     """A column-level privilege (``GRANT SELECT (id) ON users TO reporting``)."""
 

@@ -14,10 +14,11 @@ milliseconds whatever the tables' sizes:
 3. for each column: drop its sync trigger and the old column (its indexes,
    constraints and the fill proof go with it), rename the copy, ``SET NOT
    NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
-   column grants and comments; each index copy takes its original's name, and
-   a primary key or unique constraint comes back ``USING INDEX`` (a
-   partitioned table's on each leaf partition, then added on the table, which
-   takes the leaves' over); replica identity follows its index;
+   column grants, comments, statistics target and options (``n_distinct``);
+   each index copy takes its original's name, and a primary key or unique
+   constraint comes back ``USING INDEX`` (a partitioned table's on each leaf
+   partition, then added on the table, which takes the leaves' over); replica
+   identity and the ``CLUSTER`` mark follow their index;
 4. the views and statistics objects are created again, and the tables put
    back in their publications, from the server's own text read in this
    transaction; the FK copies take their originals' names; the policies are
@@ -71,10 +72,12 @@ class ColumnSwap:
 
     key: KeyColumn
     info: catalog.ColumnInfo
+    tuning: catalog.ColumnTuning
     grants: list[catalog.ColumnGrant]
     comments: dict[tuple[str, str], str]
     indexes: list[ShadowIndex]
     replica_identity: str | None
+    clustered: str | None  # the table's index CLUSTER last used
     checks: list[ShadowCheck]
     parts: dict[tuple[Table, str], tuple[str | None, bool]]
     """A partitioned table's indexes' partitions, by (partition, index name): each one's
@@ -134,9 +137,11 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
     for key in plan.columns:
         indexes = shadow_indexes(conn, key)
         columns.append(ColumnSwap(
-            key, _info(conn, key), catalog.column_grants(conn, key.table, key.column),
+            key, _info(conn, key), catalog.column_tuning(conn, key.table, key.column),
+            catalog.column_grants(conn, key.table, key.column),
             catalog.comments(conn, key.table, key.column), indexes,
-            catalog.replica_identity_index(conn, key.table), shadow_checks(conn, key),
+            catalog.replica_identity_index(conn, key.table),
+            catalog.clustered_index(conn, key.table), shadow_checks(conn, key),
             {(part.original.table, part.original.name): catalog.index_comment_and_identity(
                 conn, part.original.table, part.original.name)
              for index in indexes for part in _parts(index)},
@@ -267,6 +272,14 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         converted_default(cur, key, column.info.default)
     for grant in column.grants:
         execute(grant_statement(key, grant))
+    if column.tuning.statistics_target is not None:
+        execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
+            table, name, sql.Literal(column.tuning.statistics_target)))
+    if column.tuning.options:
+        execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET ({})").format(
+            table, name, sql.SQL(", ").join(
+                sql.SQL("{} = {}").format(sql.Identifier(option), sql.Literal(value))
+                for option, value in (text.split("=", 1) for text in column.tuning.options))))
     # exactly the original's comment, none if it had none: the copy's mark must not stay
     cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
         sql.Identifier(*table.strings, key.column)), (column.comments.get(("column", key.column)),))
@@ -289,9 +302,13 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
             sql.Identifier(check.original.name), table),
             column.comments.get(("constraint", check.original.name)))
-    if column.replica_identity in {index.original.name for index in column.indexes}:
+    carried = {index.original.name for index in column.indexes}
+    if column.replica_identity in carried:
         execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
             table, sql.Identifier(column.replica_identity or "")))
+    if column.clustered in carried:
+        execute(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(
+            table, sql.Identifier(column.clustered or "")))
 
 
 def _recorded_default(cur: Cursor, backup_schema: str, key: KeyColumn) -> None:

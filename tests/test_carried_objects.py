@@ -255,3 +255,34 @@ def test_what_lives_in_its_own_tablespace_stays_there(sandbox: Sandbox, legacy_d
                            "DROP INDEX IF EXISTS tags_user_named; "
                            "ALTER INDEX IF EXISTS users_pkey SET TABLESPACE pg_default")
         execute(admin, sql.SQL("DROP TABLESPACE {}").format(sql.Identifier(space)))
+
+
+TUNED = """
+ALTER TABLE tags ALTER COLUMN user_id SET STATISTICS 500;
+ALTER TABLE tags ALTER COLUMN user_id SET (n_distinct = -0.25);
+ALTER TABLE tags CLUSTER ON ix_tags_user_id;
+ALTER TABLE users ALTER COLUMN id SET STATISTICS 2000;
+ALTER TABLE users CLUSTER ON users_pkey;
+"""
+TUNING = """
+SELECT a.attrelid::regclass::text, a.attname, nullif(a.attstattarget, -1), a.attoptions,
+       (SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+        WHERE i.indrelid = a.attrelid AND i.indisclustered)
+FROM pg_attribute a
+WHERE a.attrelid IN ('users'::regclass, 'tags'::regclass) AND a.attname IN ('id', 'user_id')
+ORDER BY 1, 2
+"""
+
+
+def test_a_key_column_s_planner_settings_and_cluster_mark_are_carried(
+        legacy_db: str) -> None:
+    """A new column has the default statistics target and no n_distinct, and an index
+    built again is not the one CLUSTER used: the swap carries all three, both ways."""
+    seeded(legacy_db, TUNED)
+    tuning = execute(legacy_db, TUNING)
+    assert ("tags", "user_id", 500, ["n_distinct=-0.25"], "ix_tags_user_id") in tuning
+    assert ("users", "id", 2000, None, "users_pkey") in tuning
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, TUNING) == tuning
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, TUNING) == tuning
