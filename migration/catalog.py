@@ -851,6 +851,30 @@ def update_rules(conn: Connection, table: Table, *, replica: bool) -> list[str]:
         return [name for (name,) in cur.fetchall()]
 
 
+SWAP_COMMANDS = ("ALTER TABLE", "ALTER INDEX", "DROP TRIGGER", "COMMENT", "GRANT", "REVOKE",
+                 "CREATE VIEW", "DROP VIEW", "ALTER VIEW", "CREATE MATERIALIZED VIEW",
+                 "DROP MATERIALIZED VIEW", "ALTER MATERIALIZED VIEW", "CREATE INDEX",
+                 "CREATE TRIGGER", "CREATE RULE", "CREATE POLICY", "DROP POLICY",
+                 "ALTER PUBLICATION", "CREATE STATISTICS", "DROP STATISTICS",
+                 "ALTER STATISTICS")
+"""The command tags of the statements a swap runs (``swap``, ``views``)."""
+
+
+def event_triggers(conn: Connection) -> list[str]:
+    """The enabled event triggers that fire for statements the swap runs, as
+    ``name (event, function)``."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT evtname || ' (' || evtevent || ', function ' || evtfoid::regproc::text || ')'
+            FROM pg_event_trigger
+            WHERE evtenabled <> 'D' AND evtevent <> 'login'
+              AND (evttags IS NULL OR evttags && %s::text[])
+            ORDER BY evtname
+            """, (list(SWAP_COMMANDS),))
+        return [text for (text,) in cur.fetchall()]
+
+
 def may_skip_triggers(conn: Connection) -> bool:
     """Whether the role may ``SET session_replication_role``: superuser, or
     (PostgreSQL 15 and later) granted ``SET`` on the parameter."""

@@ -370,6 +370,13 @@ def validate_schema(session: Session) -> list[Finding]:
         findings.append(Finding("plan", Status.INFO,
                                 f"added to the plan: a foreign key references "
                                 f"{session.plan.parent}", subject=str(key)))
+    findings += [Finding(
+        "event_trigger", Status.WARN, f"event trigger {trigger} fires for the swap's "
+        "statements, inside the transaction that holds the tables' locks: its time adds to "
+        "the application's wait, and an error it raises stops the swap (nothing of it "
+        "committed)", hint="rehearse measures the swap with it; disable it around the swap "
+                           "(ALTER EVENT TRIGGER ... DISABLE) if it is slow or refuses DDL")
+        for trigger in catalog.event_triggers(conn)]
     findings += check_columns(session, session.plan.columns, warnings=True)
     if all(catalog.table_exists(conn, t) for t in session.plan.tables):
         findings.append(space_finding(session))

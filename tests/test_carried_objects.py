@@ -286,3 +286,31 @@ def test_a_key_column_s_planner_settings_and_cluster_mark_are_carried(
     assert execute(legacy_db, TUNING) == tuning
     run_ok(legacy_db, "rollback")
     assert execute(legacy_db, TUNING) == tuning
+
+
+def test_an_event_trigger_the_swap_sets_off_is_named_beforehand(
+        sandbox: Sandbox, legacy_db: str) -> None:
+    """An event trigger (a superuser's) fires inside the swap's locks: validate_schema says
+    so, as a warning; one filtered to other commands is not named."""
+    with connected(legacy_db) as conn:
+        database = conn.info.dbname
+    execute(sandbox.admin_dsn_for(database), """
+        CREATE TABLE public.ddl_seen (tag text);
+        GRANT SELECT ON public.ddl_seen TO PUBLIC;
+        CREATE FUNCTION public.note_ddl() RETURNS event_trigger LANGUAGE plpgsql
+            SECURITY DEFINER SET search_path = pg_catalog AS $$
+        BEGIN INSERT INTO public.ddl_seen SELECT command_tag
+              FROM pg_event_trigger_ddl_commands(); END $$;
+        CREATE EVENT TRIGGER note_ddl ON ddl_command_end EXECUTE FUNCTION public.note_ddl();
+        CREATE EVENT TRIGGER note_schemas ON ddl_command_end WHEN TAG IN ('CREATE SCHEMA')
+            EXECUTE FUNCTION public.note_ddl();
+        """)
+    seeded(legacy_db)
+    result = run_ok(legacy_db, "validate_schema")
+    text = " ".join(result.output.split())
+    assert "[WARN] event_trigger: event trigger note_ddl (ddl_command_end, function " \
+        "public.note_ddl) fires for the swap's statements" in text, text
+    assert "note_schemas" not in text
+    run_ok(legacy_db, "full_migration")
+    seen = {tag for (tag,) in execute(legacy_db, "SELECT tag FROM ddl_seen")}
+    assert "ALTER TABLE" in seen
