@@ -98,8 +98,11 @@ def swap(session: Session, plan: Plan) -> float:
     """The parent key and all its children to uuid (or back), in one short transaction.
 
     Returns the seconds its last attempt held the parent's lock, from the moment
-    it was granted to the commit: the time the application's writes (and reads)
-    of the plan's tables were blocked, the migration's write stall.
+    it was granted to the commit's return: the time the application's writes (and
+    reads) of the plan's tables were blocked, the migration's write stall.  It is
+    an upper bound: the commit returns after deleting the files of the indexes the
+    old columns took with them, which PostgreSQL does once the locks are released
+    (measured: an 84 MB index's commit took 23 ms, a waiter had the lock after 7).
     """
     waiting = not_ready(session, plan)
     if waiting:
