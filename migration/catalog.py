@@ -281,10 +281,12 @@ UUID_FORMAT_HINT = (
 def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
     """Objects that depend on the column and that the swap cannot carry over.
 
-    Rules, triggers, exclusion constraints and generated columns that mention
-    the column would make ``DROP COLUMN`` fail or silently change meaning; they
-    must be dealt with by a person first.  Views (and materialized views), with
-    their rules, are judged by ``views.blockers``.  CHECK constraints, row-level security
+    Rules, exclusion constraints and generated columns that mention the column
+    would make ``DROP COLUMN`` fail or silently change meaning; they must be
+    dealt with by a person first.  The table's own triggers that name it
+    (``UPDATE OF``, ``WHEN``) are carried when they compile on uuid
+    (``trigger_compiles``).  Views (and materialized views), with their rules,
+    are judged by ``views.blockers``.  CHECK constraints, row-level security
     policies, expression indexes, statistics objects and publications' row
     filters are carried when their definitions compile with the column as uuid
     (``compiles_as_uuid``), and are blockers only when they do not; a
@@ -332,7 +334,7 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
               AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
                     SELECT oid FROM pg_constraint WHERE contype IN ('p', 'u', 'f', 'n')))
               AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
-                    SELECT oid FROM pg_trigger WHERE tgname = %(sync)s))
+                    SELECT oid FROM pg_trigger WHERE tgrelid = col.attrelid))
               AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
                     SELECT oid FROM pg_constraint WHERE conrelid = col.attrelid
                     AND contype = 'c'))
@@ -383,6 +385,13 @@ def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
             if published.row_filter else ""
         if reason:
             found.append(Blocker(what, reason))
+    for trigger in column_triggers(conn, key):
+        reason = trigger_compiles(conn, key, trigger)
+        if reason:
+            found.append(Blocker(f"trigger {trigger.name}", reason,
+                                 "rewrite its WHEN or column list so that it holds for the "
+                                 "uuid column, or drop it before the migration and create it "
+                                 "again after"))
     for statistics in statistics_on(conn, key):
         reason = compiles_as_uuid(conn, key, key.table, select=statistics.expressions) \
             if statistics.expressions else ""
@@ -799,6 +808,61 @@ class TriggerDef:
         level = "ROW" if self.row_level else "STATEMENT"
         return (f"trigger {self.name} on {self.table} ({self.timing} {self.events} "
                 f"FOR EACH {level}, function {self.function})")
+
+
+@dataclass(frozen=True)
+class ColumnTrigger:
+    """A trigger of the key's table that names the key column (``UPDATE OF`` it, or in its
+    ``WHEN``): it must go before the column and be created again after, on the new one."""
+
+    name: str
+    definition: str  # pg_get_triggerdef, fully qualified
+    enabled: str  # pg_trigger.tgenabled: O origin, A always, R replica, D disabled
+    comment: str | None
+
+
+def column_triggers(conn: Connection, key: KeyColumn) -> list[ColumnTrigger]:
+    """The key's table's own triggers that depend on the column (a partition's clone of its
+    table's trigger goes and comes back with it)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT DISTINCT t.tgname, pg_get_triggerdef(t.oid), t.tgenabled::text,
+                   obj_description(t.oid, 'pg_trigger')
+            FROM pg_trigger t
+            JOIN pg_attribute a ON a.attrelid = t.tgrelid AND a.attname = %(column)s
+            JOIN pg_depend d ON d.classid = 'pg_trigger'::regclass AND d.objid = t.oid
+                 AND d.refobjid = a.attrelid AND d.refobjsubid = a.attnum
+            WHERE t.tgrelid = to_regclass(%(table)s) AND NOT t.tgisinternal
+              AND t.tgparentid = 0 AND t.tgname <> %(sync)s
+            ORDER BY 1
+            """, {"table": regclass(key.table), "column": key.column,
+                  "sync": key.helper("sync")})
+        return [ColumnTrigger(*row) for row in cur.fetchall()]
+
+
+def trigger_compiles(conn: Connection, key: KeyColumn, trigger: ColumnTrigger) -> str:
+    """Whether the trigger can be created again once ``key`` is uuid: "" when it can, else
+    why not.  It is created, in a savepoint rolled back, on an empty temporary twin of the
+    table (same name, in ``pg_temp``) whose key column is uuid."""
+    twin = "pg_temp." + sqlexpr.quote_ident(key.table.name)
+    with conn.cursor() as cur:
+        cur.execute("SAVEPOINT trigger_oracle")
+        try:
+            cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
+                sql.Identifier("pg_temp", key.table.name), key.table.ident))
+            cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE uuid USING NULL").format(
+                sql.Identifier("pg_temp", key.table.name), sql.Identifier(key.column)))
+            cur.execute(sql.SQL(sqlexpr.replace_relations(
+                trigger.definition, {(key.table.schema, key.table.name): twin})))
+        except psycopg2.errors.InsufficientPrivilege:
+            return ("cannot be judged: this role may not create temporary tables, which the "
+                    "check needs (GRANT TEMPORARY ON DATABASE ... TO it)")
+        except NOT_COMPILING as error:
+            return f"would not compile once {key.column} is uuid: {error.diag.message_primary}"
+        finally:
+            cur.execute("ROLLBACK TO SAVEPOINT trigger_oracle")
+    return ""
 
 
 def application_triggers(conn: Connection, key: KeyColumn) -> list[TriggerDef]:

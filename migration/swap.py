@@ -11,8 +11,9 @@ milliseconds whatever the tables' sizes:
    the policies, the views and the statistics objects over the columns, and
    the tables taken out of the publications whose column lists or row filters
    use them;
-3. for each column: drop its sync trigger and the old column (its indexes,
-   constraints and the fill proof go with it), rename the copy, ``SET NOT
+3. for each column: drop its sync trigger, the table's triggers that name it
+   (``UPDATE OF``, ``WHEN``; created again after the rename) and the old column
+   (its indexes, constraints and the fill proof go with it), rename the copy, ``SET NOT
    NULL`` (proved by the validated ``not_null`` CHECK, no scan), the default,
    column grants, comments, statistics target and options (``n_distinct``);
    each index copy takes its original's name, and a primary key or unique
@@ -78,6 +79,7 @@ class ColumnSwap:
     indexes: list[ShadowIndex]
     replica_identity: str | None
     clustered: str | None  # the table's index CLUSTER last used
+    triggers: list[catalog.ColumnTrigger]  # the table's own that name the column
     checks: list[ShadowCheck]
     parts: dict[tuple[Table, str], tuple[str | None, bool]]
     """A partitioned table's indexes' partitions, by (partition, index name): each one's
@@ -144,7 +146,8 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
             catalog.column_grants(conn, key.table, key.column),
             catalog.comments(conn, key.table, key.column), indexes,
             catalog.replica_identity_index(conn, key.table),
-            catalog.clustered_index(conn, key.table), shadow_checks(conn, key),
+            catalog.clustered_index(conn, key.table), catalog.column_triggers(conn, key),
+            shadow_checks(conn, key),
             {(part.original.table, part.original.name): catalog.index_comment_and_identity(
                 conn, part.original.table, part.original.name)
              for index in indexes for part in _parts(index)},
@@ -262,6 +265,8 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         session.point(f"swap {key}")
 
     execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(key.helper("sync")), table))
+    for trigger in column.triggers:  # they would stop the drop; created again below
+        execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger.name), table))
     execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, name))
     execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
         table, sql.Identifier(key.temp), name))
@@ -305,6 +310,8 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
             sql.Identifier(check.original.name), table),
             column.comments.get(("constraint", check.original.name)))
+    for trigger in column.triggers:
+        _create_trigger(cur, key.table, trigger)
     carried = {index.original.name for index in column.indexes}
     if column.replica_identity in carried:
         execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
@@ -312,6 +319,21 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
     if column.clustered in carried:
         execute(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(
             table, sql.Identifier(column.clustered or "")))
+
+
+TRIGGER_STATES = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
+"""``ALTER TABLE ... <state> TRIGGER`` for each pg_trigger.tgenabled but the default (O)."""
+
+
+def _create_trigger(cur: Cursor, table: Table, trigger: catalog.ColumnTrigger) -> None:
+    """A trigger that names the key column again, on the new column: from the server's own
+    text read in this transaction, with its state and comment."""
+    name = sql.Identifier(trigger.name)
+    cur.execute(sql.SQL(trigger.definition))
+    if trigger.enabled in TRIGGER_STATES:
+        cur.execute(sql.SQL("ALTER TABLE {} " + TRIGGER_STATES[trigger.enabled]
+                            + " TRIGGER {}").format(table.ident, name))
+    _comment(cur, sql.SQL("TRIGGER {} ON {}").format(name, table.ident), trigger.comment)
 
 
 def _recorded_default(cur: Cursor, backup_schema: str, key: KeyColumn) -> None:

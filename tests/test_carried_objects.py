@@ -314,3 +314,54 @@ def test_an_event_trigger_the_swap_sets_off_is_named_beforehand(
     run_ok(legacy_db, "full_migration")
     seen = {tag for (tag,) in execute(legacy_db, "SELECT tag FROM ddl_seen")}
     assert "ALTER TABLE" in seen
+
+
+KEYED_TRIGGER = """
+ALTER TABLE tags ADD COLUMN moved_at timestamptz;
+CREATE FUNCTION note_move() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.moved_at := now(); RETURN NEW; END $$;
+CREATE TRIGGER tags_moved BEFORE UPDATE OF user_id ON tags FOR EACH ROW
+    WHEN (OLD.user_id IS DISTINCT FROM NEW.user_id) EXECUTE FUNCTION note_move();
+COMMENT ON TRIGGER tags_moved ON tags IS 'when a tag changes hands';
+ALTER TABLE tags ENABLE ALWAYS TRIGGER tags_moved;
+"""
+TRIGGER_SHAPE = ("SELECT tgname, pg_get_triggerdef(oid), tgenabled::text, "
+                 "obj_description(oid, 'pg_trigger') FROM pg_trigger "
+                 "WHERE tgrelid = 'tags'::regclass AND NOT tgisinternal "
+                 "AND tgname NOT LIKE 'migration%%' ORDER BY 1")
+
+
+def test_a_trigger_that_names_the_key_is_carried_and_still_fires(legacy_db: str) -> None:
+    """UPDATE OF the key, with a WHEN on it: the column could not be dropped under it; the
+    swap drops it and creates it again on the new column, state and comment included."""
+    seeded(legacy_db, KEYED_TRIGGER)
+    shape = execute(legacy_db, TRIGGER_SHAPE)
+    assert [row[0] for row in shape] == ["tags_moved"]
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, TRIGGER_SHAPE) == shape
+    (tag,), (other,) = (execute(legacy_db, "SELECT id FROM tags LIMIT 1")[0],
+                        execute(legacy_db, "INSERT INTO users (email) VALUES "
+                                           "('new-owner@example.com') RETURNING id")[0])
+    execute(legacy_db, "UPDATE tags SET name = name WHERE id = %s", (tag,))
+    assert execute(legacy_db, "SELECT moved_at FROM tags WHERE id = %s", (tag,)) == [(None,)]
+    execute(legacy_db, "UPDATE tags SET user_id = %s WHERE id = %s", (other, tag))
+    assert execute(legacy_db, "SELECT moved_at IS NOT NULL FROM tags WHERE id = %s",
+                   (tag,)) == [(True,)]
+    run_ok(legacy_db, "rollback")  # the application's write is kept; the trigger is back
+    assert execute(legacy_db, TRIGGER_SHAPE) == shape
+
+
+def test_a_trigger_whose_when_would_not_compile_is_refused(legacy_db: str) -> None:
+    seeded(legacy_db, "CREATE FUNCTION is_short(varchar) RETURNS boolean LANGUAGE sql "
+                      "IMMUTABLE AS 'SELECT length($1) < 36'",
+           "CREATE FUNCTION no_op() RETURNS trigger LANGUAGE plpgsql AS "
+           "'BEGIN RETURN NEW; END'",
+           "CREATE TRIGGER tags_short BEFORE INSERT ON tags FOR EACH ROW "
+           "WHEN (is_short(NEW.user_id)) EXECUTE FUNCTION no_op()")
+    before = print_of(legacy_db, include_backup=True)
+    result = operate(legacy_db, "full_migration")
+    assert result.exit_code == 1, result.output
+    assert "[FAIL] blocker public.tags.user_id: trigger tags_short depends on the column and " \
+        "would not compile once user_id is uuid: function public.is_short(uuid) does not " \
+        "exist" in " ".join(result.output.split()), result.output
+    assert print_of(legacy_db, include_backup=True) == before

@@ -463,8 +463,11 @@ def test_a_read_only_role_cannot_run_a_changing_operation(legacy_db: str,
     ("CREATE VIEW user_ids AS SELECT coalesce(id, '') AS id FROM users",
      "view public.user_ids"),  # uuid and varchar cannot be matched: does not compile
     ("CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$;"
+     "CREATE FUNCTION is_short(varchar) RETURNS boolean LANGUAGE sql AS "
+     "'SELECT length($1) < 36';"
      "CREATE TRIGGER users_touch BEFORE UPDATE OF id ON users "
-     "FOR EACH ROW EXECUTE FUNCTION touch()", "trigger users_touch"),
+     "FOR EACH ROW WHEN (is_short(NEW.id)) EXECUTE FUNCTION touch()",
+     "trigger users_touch"),  # its WHEN takes a varchar: does not compile
     ("ALTER TABLE users ADD CONSTRAINT users_id_set CHECK (coalesce(id, '') <> '')",
      "constraint users_id_set"),  # uuid and varchar cannot be matched: does not compile
     ("ALTER TABLE users ENABLE ROW LEVEL SECURITY;"  # stored as (id)::text IN (SELECT id ...)
