@@ -65,8 +65,12 @@ def carried_objects(conn: Connection, plan: Plan) -> list[Dependent]:
         found += [_carried(column, f"policy {policy.name} on {policy.table}",
                            "compiles on uuid: created again inside the swap's transaction")
                   for policy in catalog.policies_on(conn, key)]
-        found += [_carried(column, str(trigger), "kept as it is: its body does not name the "
-                           "column (the smoke writes fire it on uuid)")
+        named = {trigger.name for trigger in catalog.column_triggers(conn, key)}
+        found += [_carried(column, str(trigger),
+                           ("its WHEN or column list names the column: created again on the "
+                            "uuid column in the swap" if trigger.name in named else "kept as "
+                            "it is") + "; its body does not name the column (the smoke writes "
+                           "fire it on uuid)")
                   for trigger in catalog.application_triggers(conn, key)
                   if not mentions(trigger.source, key.column)]
         found += [_carried(column, f"view {view.view}", "compiles on uuid: created again "
