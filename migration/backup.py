@@ -18,9 +18,11 @@ locks only.  A row is either in the copy as it is now, or in the change log.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import psycopg2
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json
@@ -514,6 +516,33 @@ def saved_grants(cur: Cursor, schema: str, key: KeyColumn) -> list[catalog.Colum
         meta(schema, "key_columns")), (key.table.schema, key.table.name, key.column))
     row = cur.fetchone()
     return [catalog.ColumnGrant(**grant) for grant in (row[0] if row else [])]
+
+
+_TYPE_NAME = re.compile(r'(?:[a-z_][a-z0-9_$ ]*|"(?:[^"]|"")+")'
+                        r'(?:\.(?:[a-z_][a-z0-9_$]*|"(?:[^"]|"")+"))?'
+                        r'(?:\(\d+(?:,\d+)?\))?(?:\[\])*')
+"""format_type's output: a name, maybe schema-qualified and quoted, a type modifier."""
+
+
+def recorded_type(cur: Cursor, schema: str, key: KeyColumn) -> sql.Composable:
+    """The string type the backup recorded for ``key``, as SQL for the copy column on the
+    way back.  The record is not trusted as text: it must read as format_type writes a
+    type name, and name a type the server knows."""
+    text = saved_column(cur, schema, key).type
+    known = False
+    if _TYPE_NAME.fullmatch(text):
+        cur.execute("SAVEPOINT recorded_type")
+        try:  # to_regtype raises on a syntax error before PostgreSQL 16
+            cur.execute("SELECT to_regtype(%s) IS NOT NULL", (text,))
+            known = bool((cur.fetchone() or [False])[0])
+        except psycopg2.Error:
+            cur.execute("ROLLBACK TO SAVEPOINT recorded_type")
+        cur.execute("RELEASE SAVEPOINT recorded_type")
+    if not known:
+        raise MigrationError(f"the backup's record of the type of {key} ({text!r}) is not "
+                             "the name of a type", hint=f"check {schema}.key_columns: it is "
+                             "the type the rollback gives the column")
+    return sql.SQL(text)
 
 
 def saved_column(cur: Cursor, schema: str, key: KeyColumn) -> catalog.ColumnInfo:

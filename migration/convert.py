@@ -66,8 +66,7 @@ def add_temporary_column(session: Session, key: KeyColumn,
     with session.transaction() as cur:
         walk = Walk(tuple(catalog.walk_key(cur.connection, key.table)))
         bounds = slice_bounds(cur, key, walk, session.settings.jobs)
-        copy_type = (sql.SQL(backup.saved_column(cur, schema, key).type) if key.back
-                     else key.copy_type)
+        copy_type = backup.recorded_type(cur, schema, key) if key.back else key.copy_type
 
     def work(cur: Cursor) -> None:
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
@@ -514,6 +513,41 @@ def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
             cur.execute("ROLLBACK TO SAVEPOINT unwrap_default")
     cur.execute(target.format(key.table.ident, sql.Identifier(key.column),
                               sql.SQL("({})::uuid").format(sql.SQL(default))))
+
+
+_UUID_CAST = re.compile(r"^\((?P<inner>.*)\)::uuid$")
+
+
+def restored_default(cur: Cursor, key: KeyColumn, recorded: str | None,
+                     live: str | None) -> None:
+    """On the way back, the string column's default: the one the backup recorded, derived
+    from the uuid column's ``live`` one (``converted_default``'s inverse), so that the
+    record's text is never run.
+
+    ``X`` was made of ``(X)::text`` (or ``character varying``): it becomes that cast of
+    ``X`` again; ``(R)::uuid`` was made of any other ``R``: it becomes ``R``.  A uuid
+    default that is neither (changed since the migration) is kept, cast to text, with a
+    warning; a default dropped since, with none.
+    """
+    if live is None:
+        if recorded is not None:
+            logger.warning("%s: its default was dropped since the migration; the string "
+                           "column gets none (the backup recorded %s)", key, recorded)
+        return
+    string_cast = _STRING_CAST.match(recorded or "")
+    uuid_cast = _UUID_CAST.match(live)
+    expression: sql.Composable
+    if string_cast and string_cast["inner"] == live:  # the cast's type: as the pattern reads
+        expression = sql.SQL("({})::{}").format(sql.SQL(live), sql.SQL(string_cast[2]))
+    elif uuid_cast and uuid_cast["inner"] == recorded:
+        expression = sql.SQL(uuid_cast["inner"])
+    else:
+        logger.warning("%s: its default %s is not the one the migration gave it (the backup "
+                       "recorded %s); the string column keeps it, cast to text",
+                       key, live, recorded)
+        expression = sql.SQL("({})::text").format(sql.SQL(live))
+    cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+        key.table.ident, sql.Identifier(key.column), expression))  # no parameters: % stays
 
 
 COLUMN_PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "REFERENCES"}

@@ -47,7 +47,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import backup, catalog, sqlexpr, views
 from migration.catalog import IndexDef
 from migration.connection import Connection
-from migration.convert import converted_default, grant_statement
+from migration.convert import converted_default, grant_statement, restored_default
 from migration.errors import MigrationError
 from migration.expand import (
     ShadowCheck,
@@ -275,7 +275,8 @@ def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
         execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
             table, sql.Identifier(key.helper("not_null"))))
     if key.back:
-        _recorded_default(cur, session.plan.backup_schema, key)
+        restored_default(cur, key, backup.saved_column(cur, session.plan.backup_schema,
+                                                       key).default, column.info.default)
     elif column.info.default is not None:
         converted_default(cur, key, column.info.default)
     for grant in column.grants:
@@ -334,14 +335,6 @@ def _create_trigger(cur: Cursor, table: Table, trigger: catalog.ColumnTrigger) -
         cur.execute(sql.SQL("ALTER TABLE {} " + TRIGGER_STATES[trigger.enabled]
                             + " TRIGGER {}").format(table.ident, name))
     _comment(cur, sql.SQL("TRIGGER {} ON {}").format(name, table.ident), trigger.comment)
-
-
-def _recorded_default(cur: Cursor, backup_schema: str, key: KeyColumn) -> None:
-    """On the way back, the string column's default as the backup recorded it."""
-    default = backup.saved_column(cur, backup_schema, key).default
-    if default is not None:  # as pg_get_expr printed it at backup time
-        cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-            key.table.ident, sql.Identifier(key.column), sql.SQL(default)))
 
 
 def _take_name(cur: Cursor, index: ShadowIndex,

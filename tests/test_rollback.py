@@ -439,3 +439,34 @@ def test_rows_written_after_the_swap_take_their_parent_s_original_spelling(
         ("after", UPPER), ("before", UPPER), ("during", UPPER)]
     assert execute(s.dsn, "SELECT id FROM users WHERE email = 'upper@example.com'") == [
         (UPPER,)]
+
+
+USERS_ID = ("SELECT format_type(atttypid, atttypmod), pg_get_expr(adbin, adrelid) "
+            "FROM pg_attribute LEFT JOIN pg_attrdef ON adrelid = attrelid AND adnum = attnum "
+            "WHERE attrelid = 'users'::regclass AND attname = 'id'")
+
+
+def test_the_backup_s_record_of_a_type_or_a_default_is_never_run(legacy_db: str) -> None:
+    """The record of users.id in the backup, tampered with: a type that is not a type name
+    stops the rollback before anything changes; a default that is not the migration's is
+    not run, the string column gets the uuid column's own default, cast, with a warning."""
+    execute(legacy_db, "INSERT INTO users (email) VALUES ('one@example.com')")
+    original = execute(legacy_db, USERS_ID)
+    run_ok(legacy_db, "full_migration")
+    record = ("UPDATE migration_backup.key_columns SET {} = %s "
+              "WHERE table_name = 'users' AND column_name = 'id'")
+    execute(legacy_db, record.format("type"), ("text; DROP TABLE tags",))
+    migrated = print_of(legacy_db)
+    refused = operate(legacy_db, "rollback")
+    assert refused.exit_code == 1, refused.output
+    assert "the backup's record of the type of public.users.id ('text; DROP TABLE tags') " \
+        "is not the name of a type" in " ".join(refused.output.split()), refused.output
+    assert print_of(legacy_db) == migrated
+    execute(legacy_db, record.format("type"), (original[0][0],))
+    execute(legacy_db, record.format("default_expr"),
+            ("(gen_random_uuid()); DROP TABLE tags; SELECT (1)::text",))
+    result = run_ok(legacy_db, "rollback")
+    assert "its default gen_random_uuid() is not the one the migration gave it" in " ".join(
+        result.output.split()), result.output
+    assert execute(legacy_db, "SELECT to_regclass('tags') IS NOT NULL") == [(True,)]
+    assert execute(legacy_db, USERS_ID) == original  # the same default, derived
