@@ -90,11 +90,17 @@ class ColumnTuning:
     options: tuple[str, ...]  # attoptions: n_distinct=-0.5, ...
 
 
+COLUMN_OPTIONS = ("n_distinct", "n_distinct_inherited")
+"""The options ``ALTER COLUMN ... SET (...)`` takes; a server may keep others of its own
+in attoptions (one seen here stamps every column with ``pg_attver``), not for copying."""
+
+
 def column_tuning(conn: Connection, table: Table, column: str) -> ColumnTuning:
     with conn.cursor() as cur:
-        cur.execute("SELECT nullif(attstattarget, -1), coalesce(attoptions, '{}')::text[] "
+        cur.execute("SELECT nullif(attstattarget, -1), ARRAY(SELECT o FROM unnest(attoptions) o "
+                    "WHERE split_part(o, '=', 1) = ANY (%s)) "
                     "FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attname = %s",
-                    (regclass(table), column))
+                    (list(COLUMN_OPTIONS), regclass(table), column))
         row = cur.fetchone()
     return ColumnTuning(None, ()) if row is None else ColumnTuning(row[0], tuple(row[1]))
 
