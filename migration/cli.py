@@ -18,7 +18,7 @@ import os
 import shlex
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -155,12 +155,18 @@ def _state_now(database_url: str, schema: str, key: KeyColumn | None) -> str:
         return f"unknown: the database could not be read ({redact_dsn(str(exc)).strip()})"
 
 
-def _rerun(operation: str, key: KeyColumn | None, schema: str) -> str:
-    """The options that run ``operation`` again as it was given: ``--key`` is repeated for a
-    key other than the runbook's, since only the operations after the backup read it back."""
-    if key is None or key == runbook_key(schema):
-        return f"--operation={operation}"
-    return f"--operation={operation} --key {shlex.quote(key.spec)}"
+def _rerun(operation: str, key: KeyColumn | None, schema: str,
+           accepted: Sequence[str] = ()) -> str:
+    """The options that run ``operation`` again as it was given: ``--schema`` other than
+    public, ``--key`` for a key other than the runbook's (only the operations after the
+    backup read it back), and the options that accept what the run would otherwise refuse
+    (``accepted``: triggers, materialized views, orphans to quarantine)."""
+    options = [f"--operation={operation}"]
+    if schema != "public":
+        options.append(f"--schema={shlex.quote(schema)}")
+    if key is not None and key != runbook_key(schema):
+        options.append(f"--key {shlex.quote(key.spec)}")
+    return " ".join([*options, *accepted])
 
 
 def _parsed_key(text: str | None, schema: str) -> KeyColumn | None:
@@ -288,7 +294,11 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         allow_triggers=options["allow_triggers"],
                         refresh_materialized_views=options["refresh_materialized_views"],
                         show_progress=not options["quiet"])
-    again = _rerun(operation, key, options["schema"])
+    again = _rerun(operation, key, options["schema"], [
+        flag for flag, given in (
+            ("--allow-triggers", options["allow_triggers"]),
+            ("--refresh-materialized-views", options["refresh_materialized_views"]),
+            ("--orphans=quarantine", options["orphans"] == "quarantine")) if given])
     try:
         key = key or _default_key(database_url, operation, options["schema"])
         with Session.open(database_url, settings, key=key, schema=options["schema"],

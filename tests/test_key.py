@@ -147,12 +147,17 @@ def test_a_malformed_key_is_a_usage_error(text: str) -> None:
 
 def test_the_command_that_resumes_repeats_the_key_it_was_given() -> None:
     """A failed or interrupted step prints the command that goes on; the steps before the
-    backup read no recorded key, so a key other than the runbook's is repeated, shell-quoted."""
+    backup read no recorded key, so a key other than the runbook's is repeated, shell-quoted,
+    and so are a schema other than public and the options that accept what would be refused."""
     assert cli._rerun("migrate_users", None, "public") == "--operation=migrate_users"
     assert cli._rerun("migrate_users", parse_key("public.users.id"), "public") == \
         "--operation=migrate_users"
     assert cli._rerun("backup_data", parse_key('app."My Accounts".uuid'), "public") == \
         """--operation=backup_data --key 'app."My Accounts".uuid'"""
+    assert cli._rerun("full_migration", None, "My App",
+                      ["--allow-triggers", "--refresh-materialized-views"]) == \
+        "--operation=full_migration --schema='My App' --allow-triggers " \
+        "--refresh-materialized-views"
 
 
 def test_each_key_has_its_own_backup_schema_within_63_bytes() -> None:
