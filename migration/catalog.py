@@ -64,6 +64,43 @@ def regclass(table: Table) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in (table.schema, table.name))
 
 
+def is_engines(conn: Connection, key: KeyColumn) -> bool:
+    """Whether the table has a temporary column of ``key`` that the engine created (it
+    bears the engine's mark); False when there is none, or when it is the application's."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT col_description(attrelid, attnum) = %s FROM pg_attribute "
+                    "WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
+                    (key.mark, regclass(key.table), key.temp))
+        row = cur.fetchone()
+    return bool(row and row[0])
+
+
+def names_taken(conn: Connection, key: KeyColumn) -> list[str]:
+    """The application's objects on the key's table that bear a name the engine would
+    create for ``key`` (its temporary column, sync trigger, fill proofs), as "kind name".
+
+    The engine's temporary column bears its mark; the trigger and the proofs
+    are only ever created with it, so beside a marked column none is taken.
+    """
+    if is_engines(conn, key):
+        return []
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT 'column ' || attname FROM pg_attribute
+            WHERE attrelid = to_regclass(%(t)s) AND attname = %(temp)s AND NOT attisdropped
+            UNION ALL
+            SELECT 'trigger ' || tgname FROM pg_trigger
+            WHERE tgrelid = to_regclass(%(t)s) AND tgname = %(sync)s
+            UNION ALL
+            SELECT 'constraint ' || conname FROM pg_constraint
+            WHERE conrelid = to_regclass(%(t)s) AND conname IN (%(filled)s, %(not_null)s)
+            """,
+            {"t": regclass(key.table), "temp": key.temp, "sync": key.helper("sync"),
+             "filled": key.helper("filled"), "not_null": key.helper("not_null")})
+        return [text for (text,) in cur.fetchall()]
+
+
 def column_info(conn: Connection, table: Table, column: str) -> ColumnInfo | None:
     with conn.cursor() as cur:
         cur.execute(

@@ -34,7 +34,6 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
 from migration import backup, catalog
-from migration.connection import Connection
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -102,17 +101,6 @@ def add_temporary_column(session: Session, key: KeyColumn,
                                                          strict=True))])
 
     session.ddl(f"add {key.temp} to {key.table}", work)
-
-
-def is_engines(conn: Connection, key: KeyColumn) -> bool:
-    """Whether the table has a temporary column of ``key`` that the engine created (it
-    bears the engine's mark); False when there is none, or when it is the application's."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT col_description(attrelid, attnum) = %s FROM pg_attribute "
-                    "WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
-                    (key.mark, catalog.regclass(key.table), key.temp))
-        row = cur.fetchone()
-    return bool(row and row[0])
 
 
 # Rows of the primary key sampled to cut a table into slices of about equal size.
@@ -362,7 +350,7 @@ def refuse_taken(session: Session, keys: tuple[KeyColumn, ...]) -> None:
     The pre-flight refuses these; a rollback after the swap runs none, so it
     asks for all its columns before it changes anything, and the fill asks again.
     """
-    taken = [key for key in keys if not is_engines(session.conn, key)
+    taken = [key for key in keys if not catalog.is_engines(session.conn, key)
              and catalog.column_info(session.conn, key.table, key.temp) is not None]
     session.conn.rollback()
     if taken:

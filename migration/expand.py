@@ -21,6 +21,7 @@ resumed run finds what an interrupted one built; an index that an interrupted
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -30,7 +31,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import catalog, sqlexpr
 from migration.catalog import ForeignKeyDef, IndexDef
 from migration.connection import Connection
-from migration.convert import is_engines, validate_constraint
+from migration.convert import validate_constraint
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, shadow_name
@@ -103,16 +104,22 @@ def _shadow_index(conn: Connection, index: IndexDef) -> ShadowIndex:
 
 
 def shadow_foreign_keys(conn: Connection, plan: Plan) -> list[ShadowForeignKey]:
-    return [_shadow_foreign_key(conn, fk, back=plan.parent.back)
+    return [_shadow_foreign_key(conn, fk, plan)
             for fk in catalog.foreign_keys_to(conn, plan.parent)]
 
 
-def _shadow_foreign_key(conn: Connection, fk: ForeignKeyDef, *,
-                        back: bool) -> ShadowForeignKey:
-    parts = tuple(_shadow_foreign_key(conn, part, back=back)
+def _shadow_foreign_key(conn: Connection, fk: ForeignKeyDef, plan: Plan,
+                        table_key: KeyColumn | None = None) -> ShadowForeignKey:
+    """``table_key``: for a partition's clone, its table's column, whose copy (and names)
+    the partition's column is."""
+    child = KeyColumn(fk.table, fk.column, back=plan.parent.back)
+    if table_key is None:  # the plan's own key, with the names it chose
+        child = next((key for key in plan.columns if key == child), child)
+    else:
+        child = dataclasses.replace(child, choice=table_key.choice)
+    parts = tuple(_shadow_foreign_key(conn, part, plan, child)
                   for part in catalog.foreign_key_partitions(conn, fk))
-    return ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name),
-                            KeyColumn(fk.table, fk.column, back=back), parts)
+    return ShadowForeignKey(fk, shadow_name("fk", fk.table, fk.name), child, parts)
 
 
 def unsupported_foreign_keys(conn: Connection, plan: Plan) -> list[str]:
@@ -334,7 +341,7 @@ def discard(session: Session, key: KeyColumn) -> int:
     beside it (the engine creates those with its column only).
     """
     def work(cur: Cursor) -> int:
-        if not is_engines(cur.connection, key):
+        if not catalog.is_engines(cur.connection, key):
             if catalog.column_info(cur.connection, key.table, key.temp) is not None:
                 logger.warning("%s: column %s is not the migration's (it bears no mark); "
                                "left as it is", key, key.temp)

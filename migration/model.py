@@ -67,12 +67,20 @@ class KeyColumn:
     table: Table
     column: str
     back: bool = False
+    choice: int = dataclasses.field(default=0, compare=False)
+    """Which of the names the engine may give its temporary objects it uses: 0 the
+    runbook's (``id_uuid``), n > 0 those names ending in ``_n``, for when the application
+    has taken the first ones (``plan.with_free_names`` chooses; the same key either way)."""
+
+    @property
+    def _nth(self) -> str:
+        return f"_{self.choice}" if self.choice else ""
 
     @property
     def temp(self) -> str:
         """The temporary column filled before the swap: the runbook's ``id_uuid``, or on
         the way back ``id_text``."""
-        return fit_name(self.column, BACK_SUFFIX if self.back else TEMP_SUFFIX)
+        return fit_name(self.column, (BACK_SUFFIX if self.back else TEMP_SUFFIX) + self._nth)
 
     @property
     def mark(self) -> str:
@@ -99,7 +107,7 @@ class KeyColumn:
     def helper(self, kind: str) -> str:
         """Names of the engine's temporary objects for this column (``sync``
         trigger, ``filled`` and ``not_null`` checks), within PostgreSQL's 63 bytes."""
-        return fit_name(f"migration_{kind}_{self.column}")
+        return fit_name(f"migration_{kind}_{self.column}", self._nth)
 
     def __str__(self) -> str:
         return f"{self.table}.{self.column}"

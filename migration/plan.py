@@ -147,7 +147,30 @@ def build_plan(conn: Connection, key: KeyColumn | None = None, schema: str = "pu
         require_key(conn, parent)
         children = []
     discovered = sorted({ref for ref in referencing if ref not in children and ref != parent})
-    return Plan(parent=parent, children=(*children, *discovered), discovered=tuple(discovered))
+    named = tuple(with_free_names(conn, child) for child in (*children, *discovered))
+    return Plan(parent=with_free_names(conn, parent), children=named,
+                discovered=tuple(child for child in named if child in discovered))
+
+
+NAME_CHOICES = 10
+
+
+def with_free_names(conn: Connection, key: KeyColumn) -> KeyColumn:
+    """``key`` with the names its temporary objects get, both ways (``KeyColumn.choice``).
+
+    The engine's own, where a run left its copy column (it bears the mark), so
+    that a resumed run finds what it began; else the first names that none of
+    the application's objects bears, so that they are never taken for the
+    engine's.  When every choice is taken, the first: the pre-flight names the
+    objects in the way (``preflight.name_findings``).
+    """
+    choices = [dataclasses.replace(key, choice=n) for n in range(NAME_CHOICES)]
+    chosen = next((choice for choice in choices
+                   if any(catalog.is_engines(conn, way) for way in (choice, choice.reversed()))),
+                  None) or next((choice for choice in choices
+                                 if not any(catalog.names_taken(conn, way)
+                                            for way in (choice, choice.reversed()))), key)
+    return chosen
 
 
 def require_key(conn: Connection, key: KeyColumn) -> None:

@@ -21,7 +21,6 @@ from psycopg2.extensions import cursor as Cursor
 from migration import catalog, views
 from migration.catalog import ColumnState
 from migration.connection import Connection
-from migration.convert import is_engines
 from migration.log import logger
 from migration.model import KeyColumn
 from migration.report import SAMPLE_LIMIT, Finding, Status
@@ -200,37 +199,16 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
 
 
 def name_findings(conn: Connection, key: KeyColumn) -> list[Finding]:
-    """Objects of the application's that bear a name the engine would create for ``key``
-    (its temporary column, sync trigger, fill proofs): the engine would take them for
-    its own, overwrite the column's data and drop them on a rollback.
-
-    The engine's temporary column bears its mark; the trigger and the proofs
-    are only ever created with it, so beside a marked column they are the
-    engine's, and without one they are the application's.
-    """
-    if is_engines(conn, key):
-        return []
-    with conn.cursor() as cur:
-        cur.execute(
-            """
-            SELECT 'column ' || attname FROM pg_attribute
-            WHERE attrelid = to_regclass(%(t)s) AND attname = %(temp)s AND NOT attisdropped
-            UNION ALL
-            SELECT 'trigger ' || tgname FROM pg_trigger
-            WHERE tgrelid = to_regclass(%(t)s) AND tgname = %(sync)s
-            UNION ALL
-            SELECT 'constraint ' || conname FROM pg_constraint
-            WHERE conrelid = to_regclass(%(t)s) AND conname IN (%(filled)s, %(not_null)s)
-            """,
-            {"t": catalog.regclass(key.table), "temp": key.temp, "sync": key.helper("sync"),
-             "filled": key.helper("filled"), "not_null": key.helper("not_null")})
-        taken = [text for (text,) in cur.fetchall()]
+    """Objects of the application's that bear a name the engine would create for ``key``:
+    the plan gives each key names nobody has taken (``plan.with_free_names``), so these
+    are found only when every choice is taken."""
     return [Finding("name_taken", Status.FAIL,
                     f"{thing} on {key.table} has a name the migration of {key.column} gives "
                     "its own temporary objects, and the migration did not create it",
                     subject=str(key),
                     hint=f"rename the application's {thing.split()[0]} (the migration would "
-                         "overwrite or drop it), then run again") for thing in taken]
+                         "overwrite or drop it), then run again")
+            for thing in catalog.names_taken(conn, key)]
 
 
 def family_findings(session: Session, key: KeyColumn) -> list[Finding]:

@@ -2,21 +2,26 @@
 
 Its temporary column, sync trigger and fill proofs fit PostgreSQL's 63 bytes
 whatever the key column's name (a longer name would be truncated by the
-server, and the engine's lookups by the full name would find nothing), and
-an application object that happens to bear one of those names is refused
-before anything changes, and never dropped by a rollback.
+server, and the engine's lookups by the full name would find nothing).  An
+application object that happens to bear one of those names is left alone:
+the engine takes the next names for that key (refused by name, before
+anything changes, only when every choice is taken), and no rollback ever
+drops it.
 """
 
 from __future__ import annotations
 
 import re
 
+import psycopg2
 import pytest
 from psycopg2 import sql
 
+from migration import plan
 from migration.model import SHADOW_NAME, KeyColumn, Table, fit_name, shadow_name
+from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
-from tests.operate import connected, execute, operate, print_of, run_ok
+from tests.operate import connected, execute, operate, print_of, run_in_process, run_ok
 
 TAGS = Table("public", "tags")
 USERS = Table("public", "users")
@@ -35,6 +40,17 @@ def test_short_names_are_the_runbook_s() -> None:
     assert KeyColumn(TAGS, "user_id").temp == "user_id_uuid"
     assert KeyColumn(TAGS, "user_id").helper("sync") == "migration_sync_user_id"
     assert KeyColumn(TAGS, "user_id").helper("not_null") == "migration_not_null_user_id"
+
+
+def test_the_next_names_end_in_their_number_and_name_the_same_key() -> None:
+    second = KeyColumn(TAGS, "user_id", choice=1)
+    assert names_of(second) == ["user_id_uuid_1", "user_id_text_1", "migration_sync_user_id_1",
+                                "migration_filled_user_id_1", "migration_not_null_user_id_1"]
+    assert second == KeyColumn(TAGS, "user_id")
+    assert second.reversed().choice == 1
+    long = KeyColumn(TAGS, LONG, choice=9)
+    assert all(len(name.encode()) <= 63 and name.endswith("_9") for name in names_of(long))
+    assert set(names_of(long)).isdisjoint(names_of(KeyColumn(TAGS, LONG)))
 
 
 @pytest.mark.parametrize("column", [LONG, MULTIBYTE, "é" * 31 + "x", "x" * 63])
@@ -96,21 +112,53 @@ TAKEN = {"column": "column user_id_uuid", "trigger": "trigger migration_sync_use
          "constraint": "constraint migration_filled_user_id"}
 
 
+KEPT = {"column": "SELECT user_id_uuid FROM tags ORDER BY id",
+        "trigger": "SELECT tgname FROM pg_trigger WHERE tgname = 'migration_sync_user_id'",
+        "constraint": "SELECT conname FROM pg_constraint "
+                      "WHERE conname = 'migration_filled_user_id'"}
+
+
 @pytest.mark.parametrize("kind", sorted(APPLICATION_OBJECTS))
-def test_an_application_object_with_an_engine_name_is_refused_and_kept(
-        legacy_db: str, kind: str) -> None:
+def test_an_application_object_with_an_engine_name_is_left_alone(
+        sandbox: Sandbox, legacy_db: str, kind: str) -> None:
+    """The engine takes the next names (``user_id_uuid_1``, ...) for that key, finds them
+    again when it resumes, and never writes into, drops or renames the application's."""
     seeded(legacy_db)
     for statement in APPLICATION_OBJECTS[kind]:
         execute(legacy_db, statement)
-    before = print_of(legacy_db)
+    before, kept = print_of(legacy_db), execute(legacy_db, KEPT[kind])
+    assert kept
+    with connected(legacy_db) as conn:
+        admin = sandbox.admin_dsn_for(conn.info.dbname)
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(legacy_db, "full_migration", admin_dsn=admin,
+                       crash_at="batch public.tags.user_id#1")
+    assert comment_of(legacy_db, "tags", "user_id_uuid_1") == "uuid-migration: copy of user_id"
+    assert comment_of(legacy_db, "users", "id_uuid") == "uuid-migration: copy of id"
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, KEPT[kind]) == kept
+    assert execute(legacy_db, "SELECT format_type(atttypid, NULL) FROM pg_attribute "
+                              "WHERE attrelid = 'tags'::regclass AND attname = 'user_id'") \
+        == [("uuid",)]
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, KEPT[kind]) == kept
+    after = print_of(legacy_db)
+    assert after == before, "\n".join(before.diff(after))
 
+
+def test_when_every_name_is_taken_the_migration_is_refused(
+        legacy_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With one choice of names only, an application column of that name is refused by name
+    before anything changes, and no rollback drops it."""
+    monkeypatch.setattr(plan, "NAME_CHOICES", 1)
+    seeded(legacy_db)
+    for statement in APPLICATION_OBJECTS["column"]:
+        execute(legacy_db, statement)
+    before = print_of(legacy_db)
     refused = operate(legacy_db, "full_migration")
     assert refused.exit_code == 1, refused.output
-    assert f"{TAKEN[kind]} on public.tags" in refused.output
+    assert f"{TAKEN['column']} on public.tags" in refused.output
     assert "rename the application's" in refused.output
-    assert print_of(legacy_db) == before
-
-    operate(legacy_db, "rollback")  # no backup yet: it may refuse, it must not drop
     assert print_of(legacy_db) == before
     run_ok(legacy_db, "backup_data")
     run_ok(legacy_db, "rollback")  # a discard: the column is not the migration's
@@ -118,20 +166,20 @@ def test_an_application_object_with_an_engine_name_is_refused_and_kept(
     assert after == before, "\n".join(before.diff(after))
 
 
-def test_an_unmarked_copy_is_not_filled_over(legacy_db: str) -> None:
-    """The engine's own refusal, below the pre-flight: the fill never writes into a column
-    it did not create (the rollback after the swap runs no pre-flight)."""
+def test_an_application_column_added_after_the_swap_is_not_filled_over(legacy_db: str) -> None:
+    """The rollback takes the next name for its string copy (the rollback after the swap
+    runs no pre-flight); the application's column, of the first name, keeps its values."""
     seeded(legacy_db)
     run_ok(legacy_db, "full_migration")
     execute(legacy_db, "ALTER TABLE tags ADD COLUMN user_id_text text")
     execute(legacy_db, "UPDATE tags SET user_id_text = upper(user_id::text)")  # casts, too
-    before = print_of(legacy_db)
-
-    assert "column user_id_text on public.tags" in operate(legacy_db, "validate_schema").output
-    refused = operate(legacy_db, "rollback")
-    assert refused.exit_code == 1, refused.output
-    assert "public.tags.user_id_text is the application's" in refused.output
-    assert print_of(legacy_db) == before
+    kept = execute(legacy_db, "SELECT id, user_id_text FROM tags ORDER BY id")
+    run_ok(legacy_db, "validate_schema")
+    run_ok(legacy_db, "rollback")
+    assert execute(legacy_db, "SELECT id, user_id_text FROM tags ORDER BY id") == kept
+    assert execute(legacy_db, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
+                              "WHERE attrelid = 'tags'::regclass AND attname = 'user_id'") \
+        == [("character varying(36)",)]
 
 
 @pytest.mark.parametrize("column", [LONG, MULTIBYTE])

@@ -173,8 +173,10 @@ MUTATIONS = {
     "column_reverted_to_text": Mutation(  # tags.user_id has no FK in this variant
         "ALTER TABLE public.tags ALTER COLUMN user_id TYPE text",
         frozenset({"key_columns_uuid"}), variant="legacy_no_fk"),
-    "temporary_column_left": Mutation(
-        "ALTER TABLE public.tags ADD COLUMN user_id_uuid uuid", frozenset({"no_leftovers"})),
+    "temporary_column_left": Mutation(  # the engine's: it bears the mark
+        "ALTER TABLE public.tags ADD COLUMN user_id_uuid uuid; COMMENT ON COLUMN "
+        "public.tags.user_id_uuid IS 'uuid-migration: copy of user_id'",
+        frozenset({"no_leftovers"})),
     "copy_of_an_index_left": Mutation(  # as an interrupted rollback before its swap leaves it
         "CREATE INDEX migration_ix_0123456789abcdef ON public.tags (name)",
         frozenset({"no_leftovers"})),
