@@ -439,6 +439,17 @@ def make_private(cur: Cursor, name: str) -> None:
             s=schema, r=role))
 
 
+def create_private(cur: Cursor, table: sql.Identifier, create: sql.Composable) -> None:
+    """A table of the backup schema created after the backup (quarantined rows, the names
+    chosen, the views to refresh), unless it exists: made private as the backup's own
+    tables were (default privileges may give it to others as it is created)."""
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (table.as_string(cur),))
+    if (cur.fetchone() or [False])[0]:
+        return
+    cur.execute(create)
+    make_private(cur, table.strings[0])
+
+
 def reuse(cur: Cursor, plan: Plan) -> BackupResult:
     """A backup exists: keep it if it is this data's backup, refuse otherwise.
 
@@ -543,6 +554,47 @@ def recorded_type(cur: Cursor, schema: str, key: KeyColumn) -> sql.Composable:
                              "the name of a type", hint=f"check {schema}.key_columns: it is "
                              "the type the rollback gives the column")
     return sql.SQL(text)
+
+
+_ENGINE_NAMES = """
+CREATE TABLE IF NOT EXISTS {names} (
+    table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
+    back boolean NOT NULL, copy_column text NOT NULL, sync_trigger text NOT NULL,
+    fill_proof text NOT NULL, not_null_proof text NOT NULL,
+    chosen_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (table_schema, table_name, column_name, back))
+"""
+
+
+def record_names(cur: Cursor, schema: str, key: KeyColumn) -> None:
+    """Record the names the engine gives ``key``'s temporary objects, as it creates them
+    (``plan.with_free_names`` chose them): for the operator, who sees them in ``status``.
+    The engine itself finds its objects by its copy column's mark."""
+    names = meta(schema, "engine_names")
+    create_private(cur, names, sql.SQL(_ENGINE_NAMES).format(names=names))
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (table_schema, table_name, column_name, back) DO UPDATE "
+                        "SET (copy_column, sync_trigger, fill_proof, not_null_proof, chosen_at)"
+                        " = (EXCLUDED.copy_column, EXCLUDED.sync_trigger, EXCLUDED.fill_proof,"
+                        " EXCLUDED.not_null_proof, now())").format(names),
+                (key.table.schema, key.table.name, key.column, key.back, key.temp,
+                 key.helper("sync"), key.helper("filled"), key.helper("not_null")))
+
+
+def chosen_names(cur: Cursor, schema: str) -> list[str]:
+    """The keys whose temporary objects got names other than the first (the application
+    had taken those), as ``status`` shows them."""
+    cur.execute("SELECT to_regclass(%s) IS NOT NULL",
+                (meta(schema, "engine_names").as_string(cur),))
+    if not (cur.fetchone() or [False])[0]:
+        return []
+    cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, back, copy_column, "
+                        "sync_trigger FROM {} ORDER BY 1, 2, 3, 4").format(
+        meta(schema, "engine_names")))
+    return [f"{schema_}.{table}.{column}{' (back)' if back else ''}: copy {copy}, "
+            f"trigger {trigger} (the first names are the application's)"
+            for schema_, table, column, back, copy, trigger in cur.fetchall()
+            if copy != KeyColumn(Table(schema_, table), column, back=back).temp]
 
 
 def saved_column(cur: Cursor, schema: str, key: KeyColumn) -> catalog.ColumnInfo:

@@ -72,6 +72,7 @@ def add_temporary_column(session: Session, key: KeyColumn,
             key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
             sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
+        backup.record_names(cur, schema, key)
         sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
         if follows is not None:
             sync = backup.meta(schema, "sync_reference_column")

@@ -253,6 +253,7 @@ def status(session: Session) -> Outcome:
     lines = [f"{key}: {where}" for key, where in stages.items()]
     with session.transaction() as cur:
         has_backup = backup.exists(cur, session.plan.backup_schema)
+        chosen = backup.chosen_names(cur, session.plan.backup_schema) if has_backup else []
         progress = []
         if has_backup:
             cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, sum(rows_done), "
@@ -262,6 +263,7 @@ def status(session: Session) -> Outcome:
     session.conn.rollback()
     lines.insert(0, f"key: {session.plan.key}")
     lines.append(f"backup: {'present' if has_backup else 'none'} ({session.plan.backup_schema})")
+    lines += [f"names {line}" for line in chosen]
     for schema, table, column, rows, at in progress:
         lines.append(f"backfill {schema}.{table}.{column}: {rows:,} rows done (at {at})")
     entries = session.log.entries(limit=50)

@@ -44,7 +44,8 @@ def quarantine(session: Session, cur: Cursor, *, key: KeyColumn) -> int:
     columns = [c for c in backup.columns_of(cur, key.table.ident) if c != key.temp]
     schema = session.plan.backup_schema
     target = backup.quarantine_name(schema, key.table)
-    cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
+    backup.create_private(cur, target, sql.SQL(
+        "CREATE TABLE IF NOT EXISTS {} AS SELECT {} FROM {} WITH NO DATA").format(
         target, column_list(columns), key.table.ident))
     cur.execute(sql.SQL(
         "WITH moved AS (DELETE FROM {table} t WHERE {orphan} RETURNING {cols}) "

@@ -135,6 +135,14 @@ def test_an_application_object_with_an_engine_name_is_left_alone(
                        crash_at="batch public.tags.user_id#1")
     assert comment_of(legacy_db, "tags", "user_id_uuid_1") == "uuid-migration: copy of user_id"
     assert comment_of(legacy_db, "users", "id_uuid") == "uuid-migration: copy of id"
+    assert execute(legacy_db, "SELECT column_name, copy_column, sync_trigger, fill_proof "
+                              "FROM migration_backup.engine_names WHERE NOT back "
+                              "AND table_name IN ('users', 'tags') ORDER BY 1") \
+        == [("id", "id_uuid", "migration_sync_id", "migration_filled_id"),
+            ("user_id", "user_id_uuid_1", "migration_sync_user_id_1",
+             "migration_filled_user_id_1")]
+    assert "names public.tags.user_id: copy user_id_uuid_1, trigger migration_sync_user_id_1" \
+        in run_ok(legacy_db, "status").output
     run_ok(legacy_db, "full_migration")
     assert execute(legacy_db, KEPT[kind]) == kept
     assert execute(legacy_db, "SELECT format_type(atttypid, NULL) FROM pg_attribute "

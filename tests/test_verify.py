@@ -559,3 +559,31 @@ def test_the_backup_stays_private_despite_default_privileges(
     assert execute(legacy_db, "SELECT has_schema_privilege('pg_monitor', 'migration_backup', "
                               "'USAGE'), has_table_privilege('pg_monitor', "
                               "'migration_backup.\"public.users\"', 'SELECT')") == [(False, False)]
+
+
+def test_what_the_migration_adds_to_the_backup_later_stays_private(
+        legacy_no_fk_db: str, tmp_path: Path) -> None:
+    """Tables created in the backup schema after the backup (quarantined orphans, the names
+    the engine chose) are made private too, whatever the default privileges give."""
+    execute(legacy_no_fk_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC, "
+                             "pg_monitor")
+    conn = connect(legacy_no_fk_db)
+    try:
+        seed(conn, USERS)
+    finally:
+        conn.close()
+    execute(legacy_no_fk_db, "INSERT INTO reminders (user_id, remind_at) "
+                             "VALUES ('00000000-0000-4000-8000-0000000000cc', now())")
+    result = CliRunner().invoke(cli.main, [
+        "--operation=full_migration", "--database-url", legacy_no_fk_db, "-q",
+        "--orphans=quarantine", "--log-file", str(tmp_path / "migration.log")])
+    assert result.exit_code == 0, result.output
+    tables = {name: (public, monitor) for name, public, monitor in execute(
+        legacy_no_fk_db, "SELECT c.relname, has_table_privilege('public', c.oid, 'SELECT'), "
+                         "has_table_privilege('pg_monitor', c.oid, 'SELECT') FROM pg_class c "
+                         "WHERE c.relnamespace = 'migration_backup'::regnamespace "
+                         "AND c.relkind = 'r'")}
+    assert {"quarantine.public.reminders", "engine_names"} <= set(tables)
+    assert not any(public or monitor for public, monitor in tables.values()), tables
+    code, report = verify_json(legacy_no_fk_db, "--check", "backup_private")
+    assert code == 0, report
