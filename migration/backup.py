@@ -363,6 +363,8 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     if exists(cur, schema):
         return reuse(cur, plan)
     cur.execute(sql.SQL(_META).format(schema=sql.Identifier(schema)))
+    cur.execute(sql.SQL(ENGINE_NAMES).format(meta(schema, "engine_names")))
+    cur.execute(sql.SQL(PENDING_REFRESH).format(meta(schema, "pending_refresh")))
     cur.execute(sql.SQL("DELETE FROM {}").format(meta(schema, "change_log")))
     total = 0
     for table in plan.tables:
@@ -556,14 +558,21 @@ def recorded_type(cur: Cursor, schema: str, key: KeyColumn) -> sql.Composable:
     return sql.SQL(text)
 
 
-_ENGINE_NAMES = """
-CREATE TABLE IF NOT EXISTS {names} (
+ENGINE_NAMES = """
+CREATE TABLE IF NOT EXISTS {} (
     table_schema text NOT NULL, table_name text NOT NULL, column_name text NOT NULL,
     back boolean NOT NULL, copy_column text NOT NULL, sync_trigger text NOT NULL,
     fill_proof text NOT NULL, not_null_proof text NOT NULL,
     chosen_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (table_schema, table_name, column_name, back))
 """
+PENDING_REFRESH = """
+CREATE TABLE IF NOT EXISTS {} (view_schema text NOT NULL, view_name text NOT NULL,
+    depth int NOT NULL, PRIMARY KEY (view_schema, view_name))
+"""
+"""Tables of the backup schema the steps after the backup write (``record_names``,
+``views.mark_pending``): created with the backup, and by those steps in a backup an
+older version made (``create_private``)."""
 
 
 def record_names(cur: Cursor, schema: str, key: KeyColumn) -> None:
@@ -571,7 +580,7 @@ def record_names(cur: Cursor, schema: str, key: KeyColumn) -> None:
     (``plan.with_free_names`` chose them): for the operator, who sees them in ``status``.
     The engine itself finds its objects by its copy column's mark."""
     names = meta(schema, "engine_names")
-    create_private(cur, names, sql.SQL(_ENGINE_NAMES).format(names=names))
+    create_private(cur, names, sql.SQL(ENGINE_NAMES).format(names))
     cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
                         "ON CONFLICT (table_schema, table_name, column_name, back) DO UPDATE "
                         "SET (copy_column, sync_trigger, fill_proof, not_null_proof, chosen_at)"

@@ -64,15 +64,21 @@ def regclass(table: Table) -> str:
     return ".".join('"' + part.replace('"', '""') + '"' for part in (table.schema, table.name))
 
 
+def marked_copies(conn: Connection, key: KeyColumn) -> set[str]:
+    """The columns of the key's table that the engine created as copies of ``key`` (they
+    bear its mark), whichever names they were given, both ways."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+                    "AND attnum > 0 AND NOT attisdropped "
+                    "AND col_description(attrelid, attnum) = %s",
+                    (regclass(key.table), key.mark))
+        return {str(name) for (name,) in cur.fetchall()}
+
+
 def is_engines(conn: Connection, key: KeyColumn) -> bool:
     """Whether the table has a temporary column of ``key`` that the engine created (it
     bears the engine's mark); False when there is none, or when it is the application's."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT col_description(attrelid, attnum) = %s FROM pg_attribute "
-                    "WHERE attrelid = to_regclass(%s) AND attname = %s AND NOT attisdropped",
-                    (key.mark, regclass(key.table), key.temp))
-        row = cur.fetchone()
-    return bool(row and row[0])
+    return key.temp in marked_copies(conn, key)
 
 
 def names_taken(conn: Connection, key: KeyColumn) -> list[str]:

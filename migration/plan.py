@@ -165,12 +165,12 @@ def with_free_names(conn: Connection, key: KeyColumn) -> KeyColumn:
     objects in the way (``preflight.name_findings``).
     """
     choices = [dataclasses.replace(key, choice=n) for n in range(NAME_CHOICES)]
-    chosen = next((choice for choice in choices
-                   if any(catalog.is_engines(conn, way) for way in (choice, choice.reversed()))),
-                  None) or next((choice for choice in choices
-                                 if not any(catalog.names_taken(conn, way)
-                                            for way in (choice, choice.reversed()))), key)
-    return chosen
+    marked = catalog.marked_copies(conn, key)
+    return next((choice for choice in choices
+                 if marked & {choice.temp, choice.reversed().temp}), None) \
+        or next((choice for choice in choices
+                 if not any(catalog.names_taken(conn, way)
+                            for way in (choice, choice.reversed()))), key)
 
 
 def require_key(conn: Connection, key: KeyColumn) -> None:

@@ -451,10 +451,8 @@ def mark_pending(cur: Cursor, views: list[ViewDef], backup_schema: str) -> None:
         return
     from migration import backup  # imported here: the backup's record reads the views
 
-    backup.create_private(cur, _pending(backup_schema), sql.SQL(
-        "CREATE TABLE IF NOT EXISTS {} (view_schema text NOT NULL, view_name text NOT NULL, "
-        "depth int NOT NULL, PRIMARY KEY (view_schema, view_name))").format(
-        _pending(backup_schema)))
+    backup.create_private(cur, _pending(backup_schema),
+                          sql.SQL(backup.PENDING_REFRESH).format(_pending(backup_schema)))
     for view in populated:
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT DO NOTHING").format(
             _pending(backup_schema)), (view.view.schema, view.view.name, view.depth))

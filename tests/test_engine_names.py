@@ -229,3 +229,24 @@ def test_a_long_key_column_migrates_and_rolls_back(legacy_db: str, column: str) 
     after = print_of(legacy_db)
     assert after == before, "\n".join(before.diff(after))
     assert {(t, c): comment_of(legacy_db, t, c) for t, c in comments} == comments
+
+
+def test_a_resumed_run_keeps_the_names_it_began_with(sandbox: Sandbox, legacy_db: str) -> None:
+    """The application drops its column of the first name while the migration is cut short:
+    the resumed run finds its copy by the mark, under the next name, and leaves no second
+    copy behind."""
+    seeded(legacy_db)
+    for statement in APPLICATION_OBJECTS["column"]:
+        execute(legacy_db, statement)
+    with connected(legacy_db) as conn:
+        admin = sandbox.admin_dsn_for(conn.info.dbname)
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(legacy_db, "full_migration", admin_dsn=admin,
+                       crash_at="batch public.tags.user_id#1")
+    execute(legacy_db, "ALTER TABLE tags DROP COLUMN user_id_uuid")
+    assert "names public.tags.user_id: copy user_id_uuid_1" in run_ok(legacy_db,
+                                                                       "status").output
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, "SELECT attname FROM pg_attribute WHERE attrelid = "
+                              "'tags'::regclass AND attname LIKE 'user_id%%' "
+                              "AND NOT attisdropped") == [("user_id",)]
