@@ -9,8 +9,10 @@ and mean the same thing whenever they are replayed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, TypeVar
 
 import psycopg2.errors
 from psycopg2 import sql
@@ -57,6 +59,19 @@ class ForeignKeyDef:
     name: str
     definition: str
     validated: bool
+
+
+T = TypeVar("T")
+
+
+def _value(conn: Connection, kind: Callable[[Any], T], query: str,
+           params: tuple[object, ...]) -> T | None:
+    """The first column of the one row a catalog query returns, as ``kind``; None when
+    there is no row."""
+    with conn.cursor() as cur:
+        cur.execute(query, params)
+        row = cur.fetchone()
+    return None if row is None else kind(row[0])
 
 
 def regclass(table: Table) -> str:
@@ -150,12 +165,9 @@ def column_tuning(conn: Connection, table: Table, column: str) -> ColumnTuning:
 
 def clustered_index(conn: Connection, table: Table) -> str | None:
     """The index ``CLUSTER`` last used (``ALTER TABLE ... CLUSTER ON``), if any."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE i.indrelid = to_regclass(%s) AND i.indisclustered",
-                    (regclass(table),))
-        row = cur.fetchone()
-    return None if row is None else str(row[0])
+    return _value(conn, str, "SELECT c.relname FROM pg_index i JOIN pg_class c "
+                             "ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) "
+                             "AND i.indisclustered", (regclass(table),))
 
 
 @dataclass(frozen=True)
@@ -752,54 +764,41 @@ def index_validity(conn: Connection, table: Table, name: str) -> bool | None:
     An index that ``CREATE INDEX CONCURRENTLY`` left behind when it was
     interrupted exists but is not valid.
     """
-    with conn.cursor() as cur:
-        cur.execute("SELECT i.indisvalid AND i.indisready FROM pg_index i "
-                    "JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE i.indrelid = to_regclass(%s) AND c.relname = %s",
-                    (regclass(table), name))
-        row = cur.fetchone()
-    return None if row is None else bool(row[0])
+    return _value(conn, bool, "SELECT i.indisvalid AND i.indisready FROM pg_index i "
+                              "JOIN pg_class c ON c.oid = i.indexrelid "
+                              "WHERE i.indrelid = to_regclass(%s) AND c.relname = %s",
+                  (regclass(table), name))
 
 
 def constraint_validity(conn: Connection, table: Table, name: str) -> bool | None:
     """Whether the constraint ``name`` of ``table`` is validated; None if there is none."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT convalidated FROM pg_constraint WHERE conrelid = to_regclass(%s) "
-                    "AND conname = %s", (regclass(table), name))
-        row = cur.fetchone()
-    return None if row is None else bool(row[0])
+    return _value(conn, bool, "SELECT convalidated FROM pg_constraint "
+                              "WHERE conrelid = to_regclass(%s) AND conname = %s",
+                  (regclass(table), name))
 
 
 def constraint_definition(conn: Connection, table: Table, name: str) -> str | None:
     """A constraint of ``table`` as the server prints it (``PRIMARY KEY (a, b) INCLUDE
     (c) DEFERRABLE``); None if there is none."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
-                    "WHERE conrelid = to_regclass(%s) AND conname = %s",
-                    (regclass(table), name))
-        row = cur.fetchone()
-    return None if row is None else str(row[0])
+    return _value(conn, str, "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                             "WHERE conrelid = to_regclass(%s) AND conname = %s",
+                  (regclass(table), name))
 
 
 def attached_index(conn: Connection, index: Table, table: Table) -> str | None:
     """The index of ``table`` (a partition) attached to the partitioned ``index``."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT c.relname FROM pg_inherits h JOIN pg_index i "
-                    "ON i.indexrelid = h.inhrelid JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE h.inhparent = to_regclass(%s) AND i.indrelid = to_regclass(%s)",
-                    (regclass(index), regclass(table)))
-        row = cur.fetchone()
-    return None if row is None else str(row[0])
+    return _value(conn, str, "SELECT c.relname FROM pg_inherits h JOIN pg_index i "
+                             "ON i.indexrelid = h.inhrelid JOIN pg_class c "
+                             "ON c.oid = i.indexrelid WHERE h.inhparent = to_regclass(%s) "
+                             "AND i.indrelid = to_regclass(%s)",
+                  (regclass(index), regclass(table)))
 
 
 def replica_identity_index(conn: Connection, table: Table) -> str | None:
     """The index named by ``REPLICA IDENTITY USING INDEX``, if the table has one."""
-    with conn.cursor() as cur:
-        cur.execute("SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid "
-                    "WHERE i.indrelid = to_regclass(%s) AND i.indisreplident",
-                    (regclass(table),))
-        row = cur.fetchone()
-    return None if row is None else str(row[0])
+    return _value(conn, str, "SELECT c.relname FROM pg_index i JOIN pg_class c "
+                             "ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) "
+                             "AND i.indisreplident", (regclass(table),))
 
 
 def index_comment_and_identity(conn: Connection, table: Table,
