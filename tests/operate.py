@@ -68,6 +68,17 @@ def print_of(dsn: str, *, include_backup: bool = False) -> Fingerprint:
         return fingerprint(conn, include_backup=include_backup)
 
 
+def refusal(dsn: str, operation: str = "full_migration", *args: str) -> str:
+    """Run an operation that must be refused: exit 1, and the database, its backup
+    included, exactly as it was.  Its output, on one line, for the reasons to be read."""
+    before = print_of(dsn, include_backup=True)
+    result = operate(dsn, operation, *args)
+    assert result.exit_code == 1, result.output
+    after = print_of(dsn, include_backup=True)
+    assert after == before, "\n".join(before.diff(after))
+    return " ".join(result.output.split())
+
+
 def run_in_process(dsn: str, operation: str, *, admin_dsn: str | None = None,
                    crash_at: str | None = None, crash_after: int | None = None,
                    settings: Settings | None = None,
