@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import psycopg2
 import pytest
@@ -19,7 +20,7 @@ from psycopg2 import sql
 
 from migration.connection import Connection
 from migration.model import KeyColumn, Table
-from migration.plan import Plan, build_plan
+from migration.plan import Plan, build_plan, parse_key
 from migration.preflight import validate_schema
 from migration.rehearsal.generate import GenerateError, populate
 from migration.rehearsal.rehearse import planted_checks
@@ -180,7 +181,8 @@ def test_the_runbook_schema_dirty_holds_what_validate_schema_finds(sandbox: Sand
             plan = build_plan(conn)
             planted = populate(conn, plan, rows=30, dirty=True)
         assert_all_planted(planted)
-        assert set(planted.orphans) == {"journal_entries", "tags", "reminders"}
+        assert set(planted.orphans) == {f"public.{table}.user_id" for table in (
+            "journal_entries", "tags", "reminders")}
         checks = planted_checks(planted, findings_of(dsn, plan), plan)
         assert checks
         assert [check for check in checks if not check.found] == []
@@ -244,7 +246,7 @@ def test_composite_keys_and_a_self_reference_dirty(sandbox: Sandbox) -> None:
         assert counts == [25 + 7 + 1, 25, 25 + 1, 25 + 1, 25]
         assert managed == 25
         assert_all_planted(planted)
-        assert set(planted.orphans) == {"accounts", "memberships", "member_notes"}
+        assert set(planted.orphans) == {str(key) for key in COMPOSITE_PLAN.children}
         checks = planted_checks(planted, findings_of(dsn, COMPOSITE_PLAN), COMPOSITE_PLAN)
         assert checks
         assert [check for check in checks if not check.found] == []
@@ -253,6 +255,21 @@ def test_composite_keys_and_a_self_reference_dirty(sandbox: Sandbox) -> None:
             broken = violations(conn, "crm")
         assert len(broken) == 3, broken
         assert all("fkey" in line for line in broken), broken
+
+
+def test_orphans_in_two_columns_of_one_table_are_named_under_each(sandbox: Sandbox) -> None:
+    """The workflow engine's tables: three self-references and tables with two foreign keys
+    to the key; each column's orphan is expected, and found, under that column."""
+    ddl = (Path(__file__).resolve().parent.parent / "fixtures" / "workflow_engine.sql").read_text()
+    with empty_database(sandbox, ddl) as (dsn, admin):
+        with connected(admin, autocommit=False) as conn:
+            plan = build_plan(conn, key=parse_key("public.act_ru_execution.id_"))
+            planted = populate(conn, plan, rows=20, dirty=True)
+        assert len(plan.children) == 7
+        checks = planted_checks(planted, findings_of(dsn, plan), plan)
+        orphans = [check for check in checks if check.check == "orphans"]
+        assert sorted(check.subject for check in orphans) == sorted(map(str, plan.children))
+        assert [check for check in checks if not check.found] == []
 
 
 def test_the_same_seed_gives_the_same_data(sandbox: Sandbox) -> None:

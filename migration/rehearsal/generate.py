@@ -991,7 +991,7 @@ def _plant_orphan(loader: Loader, spec: TableSpec, key: KeyColumn, value: str, s
                 "(session_replication_role); connect as one, or load clean data") from exc
     try:
         if loader.load(spec, 1, start=start, overrides={key.column: value}):
-            planted.orphans.setdefault(key.table.name, []).append(value)
+            planted.orphans.setdefault(str(key), []).append(value)
     finally:
         if guarded:
             cur.execute("SET LOCAL session_replication_role = DEFAULT")

@@ -252,7 +252,7 @@ def planted_checks(planted: Planted, findings: Sequence[Finding], plan: Plan) ->
             value = sample.get(column)
             values.update(map(str, value) if isinstance(value, list) else [str(value)])
     parent = str(plan.parent)
-    children: dict[str, str] = {}  # orphans are planted by table name, qualified or not
+    children: dict[str, str] = {}  # orphans are planted by column, or by table name
     for key in plan.children:
         for name in (str(key), str(key.table), key.table.name):
             children.setdefault(name, str(key))

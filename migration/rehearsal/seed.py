@@ -44,7 +44,9 @@ class Planted:
     invalid_ids: list[str] = field(default_factory=list)
     colliding_ids: list[str] = field(default_factory=list)
     non_canonical_ids: list[str] = field(default_factory=list)
-    orphans: dict[str, list[str]] = field(default_factory=dict)  # table -> user_id values
+    orphans: dict[str, list[str]] = field(default_factory=dict)
+    """The orphans planted in each child column, by its name (schema.table.column), or by its
+    table's where the table has one key column (the runbook's)."""
 
 
 def seed(conn: Connection, users: int, *, schema: str = "public", dirty: bool = False) -> Planted:
