@@ -63,7 +63,7 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn,
             "the uuid type keeps only the value, the original spelling stays in the backup",
             "nothing to do unless the application compares these strings verbatim")
     if values.non_canonical:  # otherwise the cast maps distinct strings to distinct uuids
-        for index in unique_indexes(conn, key):
+        for index in collision_indexes(unique_indexes(conn, key), key.column):
             findings += collision_findings(cur, key, values, index)
     if key == session.plan.parent:
         return findings
@@ -121,6 +121,30 @@ def unique_indexes(conn: Any, key: KeyColumn) -> list[UniqueIndex]:
         )
         return [UniqueIndex(list(cols), distinct, predicate)
                 for cols, distinct, predicate in cur.fetchall()]
+
+
+def collision_indexes(indexes: list[UniqueIndex], column: str) -> list[UniqueIndex]:
+    """The unique indexes to look for collisions through: each collision reported once.
+
+    An index is left out when another one shows every collision it would
+    (``_shows_collisions_of``): the primary key and a redundant unique index on
+    the same column, or ``(id)`` and ``(id, name)``.  Of indexes that show each
+    other's, the first is kept.
+    """
+    return [index for i, index in enumerate(indexes)
+            if not any(_shows_collisions_of(other, index, column)
+                       and (j < i or not _shows_collisions_of(index, other, column))
+                       for j, other in enumerate(indexes) if j != i)]
+
+
+def _shows_collisions_of(a: UniqueIndex, b: UniqueIndex, column: str) -> bool:
+    """Whether every group of rows that collides on ``b`` lies in one that collides on
+    ``a``: ``a``'s columns are among ``b``'s, it keeps every row ``b`` keeps (no
+    predicate, or the same), and it does not leave out rows with a NULL that ``b``
+    groups (NULLS NOT DISTINCT) in columns other than the key."""
+    return (set(a.columns) <= set(b.columns)
+            and a.predicate in (None, b.predicate)
+            and (not a.nulls_distinct or b.nulls_distinct or a.columns == [column]))
 
 
 def collision_findings(cur: Cursor, key: KeyColumn, values: UuidReader,

@@ -14,9 +14,10 @@ import pytest
 from psycopg2 import sql
 
 from migration.connection import connect
+from migration.preflight import UniqueIndex, collision_indexes
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
 from migration.rehearsal.seed import seed
-from tests.operate import execute, operate, print_of, run_ok
+from tests.operate import execute, operate, print_of, refusal, run_ok
 
 USERS = 6
 
@@ -216,6 +217,35 @@ def test_a_nulls_not_distinct_unique_index_collides_on_nulls(legacy_no_fk_db: st
             "(user_id, client_id, client_ref)") in result.output
     assert f"user_id=[{user.upper()!r}, {user!r}]" in result.output
     assert print_of(legacy_no_fk_db, include_backup=True) == before
+
+
+def test_a_collision_seen_through_several_unique_indexes_is_reported_once(
+        legacy_db: str) -> None:
+    """The primary key, a redundant unique index on it and a wider one all see the same
+    two spellings of one id: one finding, through the narrowest index."""
+    seeded(legacy_db, "CREATE UNIQUE INDEX users_id_uindex ON users (id)",
+           "CREATE UNIQUE INDEX users_id_name ON users (id, display_name) NULLS NOT DISTINCT",
+           "INSERT INTO users (id, email, display_name) SELECT upper(id), 'twin@example.com', "
+           "display_name FROM users ORDER BY id LIMIT 1")
+    output = refusal(legacy_db, "validate_schema")
+    assert output.count("collision public.users.id") == 1, output
+    assert "collision public.users.id: 1 group(s) of rows become equal on (id) " in output
+
+
+@pytest.mark.parametrize(("indexes", "kept"), [
+    ([(["id"], True, None), (["id"], True, None)], [0]),  # a redundant unique index
+    ([(["id", "name"], True, None), (["id"], True, None)], [1]),
+    ([(["id"], True, "(name IS NULL)"), (["id"], True, None)], [1]),
+    ([(["id"], True, "(name IS NULL)"), (["id"], True, "(name > 'a'::text)")], [0, 1]),
+    # (id, a) leaves out rows whose a is NULL: (id, a, b) NULLS NOT DISTINCT groups them
+    ([(["id", "a"], True, None), (["id", "a", "b"], False, None)], [0, 1]),
+    ([(["id", "a"], False, None), (["id", "a", "b"], False, None)], [0]),
+    ([(["id", "a"], True, None), (["id", "b"], True, None)], [0, 1]),
+])
+def test_collisions_are_looked_for_through_the_indexes_that_show_each_once(
+        indexes: list[tuple[list[str], bool, str | None]], kept: list[int]) -> None:
+    given = [UniqueIndex(*index) for index in indexes]
+    assert collision_indexes(given, "id") == [given[i] for i in kept]
 
 
 @pytest.mark.parametrize("second", ["other", "local b"], ids=["outside", "inside"])
