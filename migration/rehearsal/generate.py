@@ -962,13 +962,16 @@ def _plant(loader: Loader, specs: Mapping[Table, TableSpec], plan: Plan, planted
         "twin": [existing.upper()],
         "respelled": respelled,
     }
-    landed: dict[str, list[str]] = {}
+    landed: dict[str, list[str]] = {kind: [] for kind in wanted}
+    column = spec.column(parent.column)
     for kind, values in wanted.items():
-        landed[kind] = []
         for value in values:
             start += 1
             if loader.load(spec, 1, start=start, overrides={parent.column: value}):
-                landed[kind].append(value)
+                held = _as_held(column, value)
+                # A CHAR(n) pads a shorter spelling (the UUID without hyphens), and the
+                # cast to uuid reads the padding: the value is then an invalid id.
+                landed[kind if held == value else "invalid"].append(held)
     planted.invalid_ids = landed["invalid"]
     if landed["twin"]:
         planted.colliding_ids = [existing, *landed["twin"]]
@@ -976,6 +979,14 @@ def _plant(loader: Loader, specs: Mapping[Table, TableSpec], plan: Plan, planted
     for n, key in enumerate(plan.children, start=1):
         _plant_orphan(loader, specs[key.table], key, f"00000000-0000-4000-8000-{n:012}",
                       start + n, planted)
+
+
+def _as_held(column: ColumnSpec, value: str) -> str:
+    """``value`` as the column holds it, and as validate_schema names it: a CHAR(n) pads it
+    with spaces to n characters."""
+    if column.type.name == "bpchar" and not column.type.array and column.type.length:
+        return value.ljust(column.type.length)
+    return value
 
 
 def _plant_orphan(loader: Loader, spec: TableSpec, key: KeyColumn, value: str, start: int,

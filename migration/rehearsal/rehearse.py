@@ -455,11 +455,18 @@ def _remove_invalid(cur: Cursor, plan: Plan, key: KeyColumn) -> str:
     (an application's schema may hang tables under the plan's children)."""
     column = sql.Identifier(key.column)
     invalid = sql.SQL("{c} IS NOT NULL AND NOT {valid}").format(
-        c=column, valid=is_uuid(cur.connection, column))
+        c=column, valid=is_uuid(cur.connection, _as_cast_reads(column)))
     referring = _delete_referring(cur, key.table, invalid, seen=(key.table,))
     cur.execute(sql.SQL("DELETE FROM {} WHERE {}").format(key.table.ident, invalid))
     message = f"removed {cur.rowcount} row(s) of {key.table} whose {key.column} is not a UUID"
     return message + (f", and {referring} row(s) referring to them" if referring else "")
+
+
+def _as_cast_reads(column: sql.Composable) -> sql.Composable:
+    """The text the cast to uuid reads from a string column: its output, which keeps a
+    CHAR(n)'s padding (passed as text, a CHAR is trimmed and a padded UUID would pass for
+    valid, then fail the migration's cast).  ``concat`` of a NULL is empty, not a UUID."""
+    return sql.SQL("concat({})").format(column)
 
 
 def _not_movable(cur: Cursor, plan: Plan, key: KeyColumn) -> bool:
@@ -523,13 +530,14 @@ def _merge_spellings(cur: Cursor, plan: Plan) -> str:
     """
     parent, merge = plan.parent, sql.Identifier("pg_temp", "rehearse_merge")
     column = sql.Identifier(parent.column)
-    as_uuid = uuid_of(cur.connection, column)
+    as_uuid = uuid_of(cur.connection, _as_cast_reads(column))
     cur.execute(sql.SQL(
         "CREATE TEMP TABLE rehearse_merge ON COMMIT DROP AS "
         "SELECT spelling, keeper FROM (SELECT {c} AS spelling, first_value({c}) OVER "
         "(PARTITION BY {u} ORDER BY ({u})::text = {c} DESC, {c}) AS keeper "
         "FROM {t} WHERE {valid}) s WHERE spelling <> keeper").format(
-        c=column, u=as_uuid, t=parent.table.ident, valid=is_uuid(cur.connection, column)))
+        c=column, u=as_uuid, t=parent.table.ident,
+        valid=is_uuid(cur.connection, _as_cast_reads(column))))
     repointed = 0
     for child in plan.children:
         cur.execute(sql.SQL("UPDATE {} c SET {col} = m.keeper FROM {} m "
