@@ -13,14 +13,18 @@ and whoever holds a lock is named as far as that role may see.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
 
+from migration import convert, expand, swap
+from migration.connection import connect, engine_application_name
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.rehearsal.sandbox import Sandbox
@@ -33,6 +37,10 @@ USERS = 12
 # spell the id the same way: the rollback's respell and follow update exactly these.
 SHOUTING = ["A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "B1EEBC99-9C0B-4EF8-BB6D-6BB9BD380A12",
             "C2EEBC99-9C0B-4EF8-BB6D-6BB9BD380A13", "D3EEBC99-9C0B-4EF8-BB6D-6BB9BD380A14"]
+SETTINGS = Settings(show_progress=False, batch_size=1000, jobs=1, ddl_pause_cap_s=0.3)
+PLAN_TABLES = ["users", "journal_entries", "tags", "reminders"]
+# Modes that block the application's writes, held by the engine while it waits: the defect.
+WRITE_BLOCKING = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"]
 PATIENCE_S = 30.0  # only for a run that never gets where it should: no timed assertion
 
 
@@ -78,6 +86,133 @@ def engine_warnings() -> Iterator[Warnings]:
         yield handler
     finally:
         engine.removeHandler(handler)
+
+
+@dataclass
+class Background:
+    """An engine call in a thread of its own: its result or its error once it ends."""
+
+    call: Callable[[], Any]
+    result: list[Any] = field(default_factory=list)
+    error: list[BaseException] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.thread = threading.Thread(target=self._run)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.result.append(self.call())
+        except BaseException as exc:  # handed to the test's thread
+            self.error.append(exc)
+
+    def join(self) -> Any:
+        self.thread.join()
+        if self.error:
+            raise self.error[0]
+        return self.result[0]
+
+
+@contextmanager
+def lock_waits_while_holding(dsn: str) -> Iterator[list[tuple[Any, ...]]]:
+    """Samples ``pg_locks`` while the with-block runs: every moment an engine backend of
+    this process waited for a lock while it held a lock on a table of the plan that
+    blocks the application's writes."""
+    seen: list[tuple[Any, ...]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        with connected(dsn) as conn, conn.cursor() as cur:
+            while not done.is_set():
+                cur.execute("""
+                    SELECT w.locktype, w.relation::regclass::text, h.mode,
+                           h.relation::regclass::text
+                    FROM pg_stat_activity a
+                    JOIN pg_locks w ON w.pid = a.pid AND NOT w.granted
+                    JOIN pg_locks h ON h.pid = a.pid AND h.granted AND h.locktype = 'relation'
+                     AND h.relation = ANY (%s::regclass[]) AND h.mode = ANY (%s)
+                    WHERE a.application_name = %s""",
+                            (PLAN_TABLES, WRITE_BLOCKING, engine_application_name()))
+                seen.extend(cur.fetchall())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        sampler.join()
+
+
+# -- 2. the swap and the change log take their tables' locks waiting for one -------------------
+
+def expanded(dsn: str) -> None:
+    """Every column expanded and referenced: all that is left is the swap."""
+    run_ok(dsn, "backup_data")
+    run_ok(dsn, "migrate_users")
+    with Session.open(dsn, SETTINGS) as session:
+        plan = session.plan
+        convert.fill(session, plan.children, 0)
+        for key in plan.children:
+            convert.prove_filled(session, key, 0)
+            expand.build_indexes(session, key)
+        expand.reference(session, plan)
+
+
+@contextmanager
+def table_held(dsn: str, statement: str) -> Iterator[None]:
+    """An application's transaction holding a table's lock for the with-block."""
+    application = connect(dsn, application_name="application", autocommit=False)
+    try:
+        with application.cursor() as cur:
+            cur.execute(statement)
+        yield
+    finally:
+        application.rollback()
+        application.close()
+
+
+def run_while_held(dsn: str, statement: str, label: str,
+                   call: Callable[[], Any]) -> tuple[Any, list[tuple[Any, ...]], int]:
+    """``call`` in the engine while an application holds a table (``statement``), released
+    once the engine has failed three attempts; its result, every moment it waited while
+    holding a write-blocking lock, and its failed attempts."""
+    with engine_warnings() as warnings, lock_waits_while_holding(dsn) as waits:
+        with table_held(dsn, statement):
+            engine = Background(call)
+            wait_until(lambda: warnings.count(f"{label}: lock not granted") >= 3
+                       or not engine.thread.is_alive())
+        result = engine.join()
+    return result, waits, warnings.count(f"{label}: lock not granted")
+
+
+def test_the_swap_never_holds_a_table_while_it_waits_for_another(db: str) -> None:
+    """A child held by an application: the swap waits for one lock at most per attempt and
+    holds none while it waits (it held users and two children 100 ms per attempt while it
+    waited for the third, and the application's INSERT INTO users waited behind them)."""
+    expanded(db)
+    with Session.open(db, SETTINGS) as session:
+        held, waits, failed = run_while_held(
+            db, "LOCK TABLE tags IN ACCESS SHARE MODE", "swap",
+            lambda: swap.swap(session, session.plan))
+    assert failed >= 3
+    assert waits == []
+    assert held >= 0
+    assert execute(db, "SELECT data_type FROM information_schema.columns "
+                       "WHERE table_name = 'tags' AND column_name = 'user_id'") == [("uuid",)]
+
+
+def test_the_change_log_never_holds_a_table_while_it_waits_for_another(db: str) -> None:
+    """A writer's open transaction on tags (the third table in order): CREATE TRIGGER held
+    journal_entries and reminders (SHARE ROW EXCLUSIVE, which blocks writes) while it
+    waited for tags; now it takes them all waiting for the first only."""
+    _, waits, failed = run_while_held(
+        db, "LOCK TABLE tags IN ROW EXCLUSIVE MODE", "backup_data: change log",
+        lambda: run_in_process(db, "backup_data", settings=SETTINGS))
+    assert failed >= 3
+    assert waits == []
+    assert execute(db, "SELECT count(*) FROM pg_trigger WHERE tgname = 'migration_change_log'"
+                   ) == [(4,)]
 
 
 # -- 3. autovacuum and the holders an ordinary owner can see ---------------------------------
