@@ -304,10 +304,11 @@ class Session:
         an application's transaction by cancelling ours, the transaction is
         rolled back and tried again after a growing, jittered pause (so that
         retries do not fall into step with the application's own); other
-        sessions are never blocked behind us for longer than the timeout.  When a
-        VACUUM holds a table of the plan (an autovacuum the engine's own writes
-        started, most often), the engine vacuums it itself (``vacuum``) and tries
-        again without spending an attempt.
+        sessions are never blocked behind us for longer than the timeout.  The
+        timeout bounds row locks too: a fill batch waits that long for a row an
+        application holds.  When a VACUUM holds a table of the plan (an
+        autovacuum the engine's own writes started, most often), the engine
+        vacuums it itself (``vacuum``) and tries again without spending an attempt.
         """
         attempts = self.settings.ddl_attempts
         attempt, vacuum_deadline = 1, time.monotonic() + self.settings.vacuum_wait_s

@@ -23,7 +23,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from migration import convert, expand, swap
+from migration import convert, expand, rollback, swap
 from migration.connection import connect, engine_application_name
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
@@ -37,6 +37,7 @@ USERS = 12
 # spell the id the same way: the rollback's respell and follow update exactly these.
 SHOUTING = ["A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11", "B1EEBC99-9C0B-4EF8-BB6D-6BB9BD380A12",
             "C2EEBC99-9C0B-4EF8-BB6D-6BB9BD380A13", "D3EEBC99-9C0B-4EF8-BB6D-6BB9BD380A14"]
+HELD = SHOUTING[2]  # the application's row
 SETTINGS = Settings(show_progress=False, batch_size=1000, jobs=1, ddl_pause_cap_s=0.3)
 PLAN_TABLES = ["users", "journal_entries", "tags", "reminders"]
 # Modes that block the application's writes, held by the engine while it waits: the defect.
@@ -142,6 +143,99 @@ def lock_waits_while_holding(dsn: str) -> Iterator[list[tuple[Any, ...]]]:
     finally:
         done.set()
         sampler.join()
+
+
+# -- 1. the engine's whole-table UPDATEs and fill batches ------------------------------------
+
+def _fill(session: Session, dsn: str) -> Callable[[], Any]:
+    convert.add_temporary_column(session, session.plan.parent)  # its DDL before the hold
+    return lambda: convert.fill(session, (session.plan.parent,), 0)
+
+
+def _fill_missed(session: Session, dsn: str) -> Callable[[], Any]:
+    parent = session.plan.parent
+    convert.fill(session, (parent,), 0)
+    execute(dsn, "UPDATE users SET id_uuid = NULL WHERE id = ANY (%s)", (SHOUTING,))
+    return lambda: convert.fill_missed_rows(session, parent, 0)
+
+
+def _respell(session: Session, dsn: str) -> Callable[[], Any]:
+    back = session.plan.reversed()
+    convert.fill(session, (back.parent,), 0)
+    return lambda: rollback.respell(session, back.parent)
+
+
+def _follow(session: Session, dsn: str) -> Callable[[], Any]:
+    back = session.plan.reversed()
+    child = next(key for key in back.children if key.table.name == "journal_entries")
+    convert.fill(session, (back.parent,), 0)
+    rollback.respell(session, back.parent)
+    convert.fill(session, (child,), 0, follows={child: back.parent})
+    return lambda: rollback.follow(session, child, back.parent)
+
+
+@dataclass(frozen=True)
+class Phase:
+    steps: tuple[str, ...]  # the operations before it
+    prepare: Callable[[Session, str], Callable[[], Any]]  # the engine up to it; the call
+    table: str  # whose rows it updates
+    label: str  # its retries are logged under
+    returns: int | None  # rows updated
+
+
+PHASES = {
+    "fill batches": Phase(("backup_data",), _fill, "users", "batch public.users.id",
+                          USERS + len(SHOUTING)),
+    "fill_missed_rows": Phase(("backup_data",), _fill_missed, "users",
+                              "fill missed public.users.id", None),
+    "respell": Phase(("full_migration",), _respell, "users", "respell public.users.id",
+                     len(SHOUTING)),
+    "follow": Phase(("full_migration",), _follow, "journal_entries",
+                    "respell public.journal_entries.user_id", 3 * len(SHOUTING)),
+}
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_a_row_the_application_holds_is_waited_for_a_bounded_time_holding_nothing(
+        db: str, phase: str) -> None:
+    """An application holds one row the engine must update; the engine's statement waits
+    for it at most ``lock_timeout`` and gives back the rows it took, then tries again: while
+    the row is held, another application statement locks every other row the engine
+    updates, and the engine is still retrying.  One whole-table UPDATE (or a fill batch
+    without lock_timeout) held them all while it waited for the one (2.2 s behind 3 s)."""
+    steps, prepare, label = PHASES[phase].steps, PHASES[phase].prepare, PHASES[phase].label
+    before = print_of(db)
+    for step in steps:
+        run_ok(db, step)
+    held = ("SELECT 1 FROM journal_entries WHERE user_id::text = lower(%s) FOR UPDATE"
+            if PHASES[phase].table == "journal_entries" else
+            "SELECT 1 FROM users WHERE id::text = lower(%s) OR id::text = %s FOR UPDATE")
+    others = held.replace("= lower(%s)", "<> lower(%s)").replace(" OR id::text = %s",
+                                                                 " AND id::text <> %s")
+    application = connect(db, application_name="application", autocommit=False)
+    with engine_warnings() as warnings, Session.open(db, SETTINGS) as session:
+        action = prepare(session, db)
+        try:
+            with application.cursor() as cur:
+                cur.execute(held, (HELD,) * held.count("%s"))
+                assert cur.rowcount > 0
+            engine = Background(action)
+            wait_until(lambda: warnings.count(f"{label}: lock not granted") >= 2
+                       or not engine.thread.is_alive())
+            assert warnings.count(f"{label}: lock not granted") >= 2, warnings.messages
+            assert engine.thread.is_alive()
+            with connected(db) as other, other.cursor() as cur:
+                cur.execute("SET lock_timeout = '10s'")
+                cur.execute(others, (HELD,) * others.count("%s"))  # every other row, at once
+                assert cur.rowcount > 0
+            assert engine.thread.is_alive()  # still retrying: the held row is still held
+        finally:
+            application.rollback()
+            application.close()
+        assert engine.join() == PHASES[phase].returns
+    run_ok(db, "rollback")
+    after = print_of(db)
+    assert after == before, "\n".join(before.diff(after))
 
 
 # -- 2. the swap and the change log take their tables' locks waiting for one -------------------
