@@ -29,6 +29,7 @@ from psycopg2.extras import Json
 
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
+from migration.connection import lock_tables
 from migration.errors import MigrationError
 from migration.model import (
     BACKUP_SCHEMA,
@@ -245,7 +246,9 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
 
     CREATE TRIGGER takes SHARE ROW EXCLUSIVE on each table: it waits for the
     writers under way and blocks new ones until commit, so the caller runs
-    this with a short lock_timeout; the tables are locked in a fixed order.
+    this with a short lock_timeout, and the tables are locked first, in a fixed
+    order, waiting for the first only (``lock_tables``): the application is
+    never queued behind one table's lock while this waits for another's.
     """
     schema = plan.backup_schema
     function = sql.Identifier(schema, CHANGE_LOG_FUNCTION)
@@ -253,6 +256,7 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
     cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {} FROM PUBLIC").format(sql.Identifier(schema)))
     record_key(cur, plan)
     cur.execute(sql.SQL(_CHANGE_LOG).format(schema=sql.Identifier(schema), function=function))
+    lock_tables(cur, [table.ident for table in sorted(plan.tables)], "SHARE ROW EXCLUSIVE")
     for table in sorted(plan.tables):
         columns = logged_columns(cur, plan, table)
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT "

@@ -9,12 +9,13 @@ from __future__ import annotations
 import os
 import re
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TypeAlias
 
 import psycopg2
 import psycopg2.extensions
+from psycopg2 import sql
 
 Connection: TypeAlias = psycopg2.extensions.connection
 
@@ -65,6 +66,24 @@ def lift_statement_timeout(cur: psycopg2.extensions.cursor) -> None:
     """No statement timeout for the rest of this transaction: for a step that reads or
     rewrites a whole table, whose time grows with the table, not with a runaway query."""
     cur.execute("SET LOCAL statement_timeout = 0")
+
+
+def lock_tables(cur: psycopg2.extensions.cursor, relations: Sequence[sql.Composable],
+                mode: str, *, wait: bool = True) -> None:
+    """Lock ``relations`` in ``mode`` (``ACCESS EXCLUSIVE``, ...) waiting for one lock only.
+
+    The first waits up to the transaction's ``lock_timeout`` (not at all
+    without ``wait``), every other is asked ``NOWAIT``: a lock that is not free
+    at once ends the attempt (``LockNotAvailable``), and ``Session.ddl`` gives
+    back every lock with the transaction and tries again later.  So the engine
+    never holds one table's lock while it waits in the queue of another (which
+    queued the application behind the lock held, once per table), and an
+    attempt delays the application by one ``lock_timeout`` at most.
+    """
+    for number, relation in enumerate(relations):
+        nowait = sql.SQL(" NOWAIT" if number or not wait else "")
+        cur.execute(sql.SQL("LOCK TABLE {} IN {} MODE{}").format(relation, sql.SQL(mode),
+                                                                 nowait))
 
 
 def connect(

@@ -23,6 +23,7 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import partial
@@ -292,8 +293,10 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
              stop: threading.Event | None = None) -> int:
     """Fill one slice batch by batch from its checkpoint; rows written.
 
-    ``stop`` ends it between two batches (a sibling slice failed); the
-    checkpoint is then where the next run resumes.
+    Each batch is a ``Session.ddl`` transaction: a row an application holds
+    is waited for ``lock_timeout`` at most, then the batch gives back the rows
+    it took and is tried again.  ``stop`` ends it between two batches (a
+    sibling slice failed); the checkpoint is then where the next run resumes.
     """
     key = part.key
     settings = fill_settings(session)
@@ -305,28 +308,33 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
                   for first in (True, False)}
     size = batch_pages(session, key) if part.walk.pages else session.settings.batch_size
     identity = (key.table.schema, key.table.name, key.column, part.number)
+
+    def batch(cur: Cursor, after: Any, logged: int | None) -> tuple[int, Any]:
+        """One batch; ``logged``: the rows to add to migration_log's count with it, if due."""
+        for setting in settings:
+            cur.execute(setting)
+        cur.execute(statements[after is None], {
+            "n": size, "after": Json(after), "upper": Json(part.upper_key), "slice": identity})
+        count, new_key = cur.fetchone() or (0, None)
+        if new_key is None:
+            cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
+                                "clock_timestamp() WHERE (table_schema, table_name, "
+                                "column_name, slice) = %s").format(
+                backup.meta(session.plan.backup_schema, "backfill_progress")), (identity,))
+        elif logged is not None:
+            session.log.progress(cur, run_id, logged + count)
+        return count, new_key
+
     last_key, written, unlogged = part.last_key, 0, 0
     logged_at = time.monotonic()
     while stop is None or not stop.is_set():
-        with session.transaction(f"batch {key}") as cur:
-            for setting in settings:
-                cur.execute(setting)
-            cur.execute(statements[last_key is None], {
-                "n": size, "after": Json(last_key),
-                "upper": Json(part.upper_key),
-                "slice": identity})
-            count, new_key = cur.fetchone() or (0, None)
-            if new_key is None:
-                cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
-                                    "clock_timestamp() WHERE (table_schema, table_name, "
-                                    "column_name, slice) = %s").format(
-                    backup.meta(session.plan.backup_schema, "backfill_progress")), (identity,))
-                break
-            written += count
-            unlogged += count
-            if time.monotonic() - logged_at >= PROGRESS_LOG_SECONDS:
-                session.log.progress(cur, run_id, unlogged)
-                unlogged, logged_at = 0, time.monotonic()
+        due = time.monotonic() - logged_at >= PROGRESS_LOG_SECONDS
+        count, new_key = session.ddl(f"batch {key}", partial(
+            batch, after=last_key, logged=unlogged if due else None))
+        if new_key is None:
+            break
+        written += count
+        unlogged, logged_at = (0, time.monotonic()) if due else (unlogged + count, logged_at)
         last_key = new_key
         progress.advance(count)
     with session.transaction() as cur:
@@ -335,6 +343,49 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
                 "stopped" if stop is not None and stop.is_set() else "done",
                 part.rows_done + written)
     return written
+
+
+def walked_update(session: Session, key: KeyColumn, label: str,
+                  update: Callable[[sql.Composable], sql.Composable]) -> int:
+    """An UPDATE of a whole table in batches that walk it as the fill does; rows updated.
+
+    ``update(within)`` is the statement (the table aliased ``x``, ``RETURNING
+    1``), ``within`` the batch's range of walk keys (or pages) in its WHERE.
+    Each batch is a ``Session.ddl`` transaction, so the engine never holds an
+    application's rows across batches, nor waits for one longer than
+    ``lock_timeout`` before it gives its own back and tries again (one UPDATE
+    of the table held every row it had updated while it waited, without a
+    bound, for one an application held).  Pages are walked up to the table's
+    end when the walk begins.
+    """
+    with session.transaction() as cur:
+        walk = Walk(tuple(catalog.walk_key(cur.connection, key.table)))
+        end = catalog.heap_pages(cur.connection, key.table) if walk.pages else None
+    size = batch_pages(session, key) if walk.pages else session.settings.batch_size
+    settings = fill_settings(session)
+    statements = {}
+    for first in (True, False):
+        ranges, within, checkpoint = (_page_range() if walk.pages
+                                      else _key_range(key, list(walk.columns), first=first,
+                                                      bounded=False))
+        statements[first] = sql.SQL("WITH {}, done AS ({}) SELECT count(*), {} FROM done").format(
+            ranges, update(within), checkpoint)
+
+    def batch(cur: Cursor, after: Any) -> tuple[int, Any]:
+        for setting in settings:
+            cur.execute(setting)
+        cur.execute(statements[after is None], {"n": size, "after": Json(after),
+                                                "upper": Json(end)})
+        count, checkpoint = cur.fetchone() or (0, None)
+        return int(count), checkpoint
+
+    updated, after = 0, 0 if walk.pages else None
+    while True:
+        count, checkpoint = session.ddl(label, partial(batch, after=after))
+        updated += count
+        if checkpoint is None:
+            return updated
+        after = checkpoint
 
 
 def batch_pages(session: Session, key: KeyColumn) -> int:
@@ -451,7 +502,7 @@ def prove_filled(session: Session, key: KeyColumn, run_id: int) -> None:
 
 
 def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
-    """Fill the rows the batches missed, in one scan.
+    """Fill the rows the batches missed, in one more walk of the table (``walked_update``).
 
     A row is missed when a write moves it behind a slice's checkpoint while
     the fill runs: it changes its walk key, or (a page walk) an UPDATE puts
@@ -459,21 +510,18 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
     sync trigger follows writes to the string column, not to the rest.  Left
     so, a nullable reference would become NULL at the swap.  The ``filled``
     CHECK, already in force for new writes, keeps any more from appearing, so
-    after this scan it validates.
+    after this walk it validates.
     """
-    with session.transaction(f"fill missed {key}") as cur:
-        cur.execute("SET LOCAL statement_timeout = 0")
-        for setting in fill_settings(session):
-            cur.execute(setting)
-        temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
-        cur.execute(sql.SQL("UPDATE {table} SET {temp} = ({column})::{copy_type} "
-                            "WHERE NOT {same}").format(
-            table=key.table.ident, temp=temp, column=column, copy_type=key.copy_type,
-            same=key.same_value(temp, column)))
-        missed = cur.rowcount
+    temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
+    missed = walked_update(session, key, f"fill missed {key}", lambda within: sql.SQL(
+        "UPDATE {table} x SET {temp} = (x.{column})::{copy_type} WHERE {within} AND NOT {same} "
+        "RETURNING 1").format(table=key.table.ident, temp=temp, column=column,
+                              copy_type=key.copy_type, within=within,
+                              same=key.same_value(temp, column)))
+    with session.transaction() as cur:
         session.log.progress(cur, run_id, missed)
     logger.warning("%s: %s rows were missed by the batches (a write moved them behind the "
-                   "fill's checkpoint while it ran); filled them in one scan", key, missed)
+                   "fill's checkpoint while it ran); filled them in one more walk", key, missed)
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:

@@ -26,7 +26,7 @@ from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.rows import orphan_condition
-from migration.session import Session
+from migration.session import Session, lift_statement_timeout
 from migration.sqlexpr import column_list, prepare_uuid_checker, uuid_of
 
 
@@ -364,19 +364,16 @@ def revert(session: Session, run_id: int) -> RollbackResult:
 def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:
     """Give each row of a referencing column's string copy the spelling its parent row has
     now; rows updated.  Only parents whose spelling is not canonical are read (the fill
-    wrote canonical text); rows written meanwhile took it from the sync trigger."""
-    with session.transaction(f"respell {key}") as cur:
-        cur.execute("SET LOCAL statement_timeout = 0")
-        for setting in convert.fill_settings(session):
-            cur.execute(setting)
-        cur.execute(sql.SQL(
-            "UPDATE {child} c SET {copy} = p.{parent_copy} FROM {parent} p "
-            "WHERE p.{parent_copy} <> (p.{parent_key})::text AND c.{key} = p.{parent_key} "
-            "AND c.{copy} IS DISTINCT FROM p.{parent_copy}").format(
-            child=key.table.ident, copy=sql.Identifier(key.temp), parent=parent.table.ident,
-            parent_copy=sql.Identifier(parent.temp), parent_key=sql.Identifier(parent.column),
-            key=sql.Identifier(key.column)))
-        return int(cur.rowcount)
+    wrote canonical text); rows written meanwhile took it from the sync trigger.  In
+    batches that walk the table (``convert.walked_update``)."""
+    return convert.walked_update(session, key, f"respell {key}", lambda within: sql.SQL(
+        "UPDATE {child} x SET {copy} = p.{parent_copy} FROM {parent} p "
+        "WHERE {within} AND p.{parent_copy} <> (p.{parent_key})::text "
+        "AND x.{key} = p.{parent_key} AND x.{copy} IS DISTINCT FROM p.{parent_copy} "
+        "RETURNING 1").format(
+        child=key.table.ident, copy=sql.Identifier(key.temp), parent=parent.table.ident,
+        parent_copy=sql.Identifier(parent.temp), parent_key=sql.Identifier(parent.column),
+        key=sql.Identifier(key.column), within=within))
 
 
 def respell(session: Session, key: KeyColumn) -> int:
@@ -386,41 +383,74 @@ def respell(session: Session, key: KeyColumn) -> int:
     Each row is found in the backup by its walk key (``catalog.walk_key``: the
     primary key, else a unique key over NOT NULL columns), and only the
     backup's non-canonical spellings are read back (canonical ones are what
-    the fill wrote already).  A table with neither key is respelled by
-    content (``_respell_by_content``).
+    the fill wrote already).  The backup's copy is read in batches of its
+    pages (it has no index, and no row of it ever moves), each batch a
+    ``Session.ddl`` transaction that updates the live rows it names: the
+    engine never holds an application's rows across batches, nor waits for
+    one longer than ``lock_timeout`` before it tries the batch again.  A table
+    with neither key is respelled by content (``_respell_by_content``), in one
+    statement (its rows are paired across the whole table), under the same
+    bounded wait.
     """
+    schema = session.plan.backup_schema
     pk = catalog.walk_key(session.conn, key.table)
     converted = {k.column for k in session.plan.columns if k.table == key.table}
+    saved = Table(*backup.backup_name(schema, key.table).strings)
+    pages = catalog.heap_pages(session.conn, saved)
+    rows = catalog.estimated_rows(session.conn, saved)
     session.conn.rollback()
-    with session.transaction(f"respell {key}") as cur:
-        cur.execute("SET LOCAL statement_timeout = 0")
-        for setting in convert.fill_settings(session):
-            cur.execute(setting)
-        prepare_uuid_checker(cur)
-        conn = cur.connection
-        if pk == [catalog.PAGES]:
-            return _respell_by_content(cur, session.plan.backup_schema, key, converted)
+    if pk == [catalog.PAGES]:
+        def whole_table(cur: Cursor) -> int:
+            lift_statement_timeout(cur)
+            return _respell_by_content(_respell_settings(session, cur), schema, key, converted)
 
-        keys = [f"k{i}" for i in range(len(pk))]  # the key column may be part of the pk
-        join = sql.SQL(" AND ").join(
-            sql.SQL("x.{} = {}").format(
-                sql.Identifier(p), uuid_of(conn, sql.Identifier("s", k)) if p in converted
-                else sql.Identifier("s", k)) for p, k in zip(pk, keys, strict=True))
-        column = sql.Identifier(key.column)
-        cur.execute(sql.SQL(
-            """
-            WITH spelled ({keys}, spelling) AS MATERIALIZED (
-                SELECT {pk}, {column} FROM {backup}
-                WHERE {column} IS NOT NULL AND ({parsed})::text IS DISTINCT FROM {column}
-            )
-            UPDATE {table} x SET {temp} = s.spelling FROM spelled s
-            WHERE {join} AND x.{column} = {original} AND x.{temp} IS DISTINCT FROM s.spelling
-            """).format(keys=column_list(keys), pk=column_list(pk), column=column,
-                        backup=backup.backup_name(session.plan.backup_schema, key.table),
-                        parsed=uuid_of(conn, column),
-                        table=key.table.ident, temp=sql.Identifier(key.temp), join=join,
-                        original=uuid_of(conn, sql.Identifier("s", "spelling"))))
-        return int(cur.rowcount)
+        return session.ddl(f"respell {key}", whole_table)
+    step = max(1, session.settings.batch_size * pages // rows) if rows else max(pages, 1)
+    statement = _respell_statement(session, key, pk, converted)
+    return sum(session.ddl(f"respell {key}", partial(
+        _respell_pages, session=session, statement=statement, start=start,
+        stop=min(start + step, pages))) for start in range(0, pages, step))
+
+
+def _respell_settings(session: Session, cur: Cursor) -> Cursor:
+    """The transaction's settings for ``respell`` (those of a fill, and the uuid checker)."""
+    for setting in convert.fill_settings(session):
+        cur.execute(setting)
+    prepare_uuid_checker(cur)
+    return cur
+
+
+def _respell_statement(session: Session, key: KeyColumn, pk: list[str],
+                       converted: set[str]) -> sql.Composable:
+    """``respell``'s UPDATE of the rows named by the backup's pages ``[start, stop)``."""
+    conn = session.conn
+    keys = [f"k{i}" for i in range(len(pk))]  # the key column may be part of the pk
+    join = sql.SQL(" AND ").join(
+        sql.SQL("x.{} = {}").format(
+            sql.Identifier(p), uuid_of(conn, sql.Identifier("s", k)) if p in converted
+            else sql.Identifier("s", k)) for p, k in zip(pk, keys, strict=True))
+    column = sql.Identifier(key.column)
+    return sql.SQL(
+        """
+        WITH spelled ({keys}, spelling) AS MATERIALIZED (
+            SELECT {pk}, {column} FROM {backup}
+            WHERE ctid >= %(start)s::tid AND ctid < %(stop)s::tid
+              AND {column} IS NOT NULL AND ({parsed})::text IS DISTINCT FROM {column}
+        )
+        UPDATE {table} x SET {temp} = s.spelling FROM spelled s
+        WHERE {join} AND x.{column} = {original} AND x.{temp} IS DISTINCT FROM s.spelling
+        """).format(keys=column_list(keys), pk=column_list(pk), column=column,
+                    backup=backup.backup_name(session.plan.backup_schema, key.table),
+                    parsed=uuid_of(conn, column),
+                    table=key.table.ident, temp=sql.Identifier(key.temp), join=join,
+                    original=uuid_of(conn, sql.Identifier("s", "spelling")))
+
+
+def _respell_pages(cur: Cursor, session: Session, statement: sql.Composable, start: int,
+                   stop: int) -> int:
+    _respell_settings(session, cur).execute(statement, {"start": f"({start},0)",
+                                                        "stop": f"({stop},0)"})
+    return int(cur.rowcount)
 
 
 def content(columns: list[str], alias: str,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import psycopg2.errors
+from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog
@@ -25,7 +26,7 @@ from migration.connection import Connection, client_pid, connect, engine_applica
 from migration.connection import lift_statement_timeout as lift_statement_timeout
 from migration.errors import MigrationError
 from migration.log import OperationLog, logger
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.plan import Plan, build_plan, parse_key
 from migration.progress import Progress
 
@@ -96,6 +97,18 @@ def client_gone(application_name: str) -> bool:
     except PermissionError:  # it exists, as another user's process
         return False
     return False
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Another session holding a lock on tables of the plan: as the operator should know
+    it, and which tables."""
+
+    description: str
+    tables: tuple[Table, ...]
+
+    def __str__(self) -> str:
+        return self.description
 
 
 class AmbiguousKey(Exception):
@@ -291,7 +304,11 @@ class Session:
         an application's transaction by cancelling ours, the transaction is
         rolled back and tried again after a growing, jittered pause (so that
         retries do not fall into step with the application's own); other
-        sessions are never blocked behind us for longer than the timeout.
+        sessions are never blocked behind us for longer than the timeout.  The
+        timeout bounds row locks too: a fill batch waits that long for a row an
+        application holds.  When a VACUUM holds a table of the plan (an
+        autovacuum the engine's own writes started, most often), the engine
+        vacuums it itself (``vacuum``) and tries again without spending an attempt.
         """
         attempts = self.settings.ddl_attempts
         attempt, vacuum_deadline = 1, time.monotonic() + self.settings.vacuum_wait_s
@@ -305,15 +322,14 @@ class Session:
                           else "lock not granted")
                 vacuums = self.vacuums()
                 if vacuums and time.monotonic() < vacuum_deadline:
-                    # An autovacuum yields only to a lock request that waits longer than
-                    # deadlock_timeout, which ours never does: wait it out between
-                    # attempts, blocking nobody, without spending an attempt.
-                    logger.warning("%s: %s; autovacuum holds the table (%s): waiting for it "
-                                   "to finish", what, reason, "; ".join(vacuums))
-                    time.sleep(self.settings.ddl_pause_cap_s)
-                    continue
+                    logger.warning("%s: %s; %s holds the table: vacuuming it ourselves, which "
+                                   "waits for it without blocking the application", what,
+                                   reason, "; ".join(map(str, vacuums)))
+                    self.vacuum(sorted({table for holder in vacuums for table in holder.tables}))
+                    time.sleep(ddl_pause(1, self.settings.ddl_pause_cap_s))  # never a busy loop
+                    continue  # without spending an attempt
                 if attempt == attempts:
-                    holders = "; ".join(self.lock_holders()) or "another session"
+                    holders = "; ".join(map(str, self.lock_holders())) or "another session"
                     raise MigrationError(
                         f"{what}: could not lock the tables after {attempt} attempts "
                         f"of {self.settings.lock_timeout_ms} ms ({reason})",
@@ -326,30 +342,69 @@ class Session:
                 time.sleep(pause)
                 attempt += 1
 
-    def vacuums(self) -> list[str]:
-        """Autovacuum workers holding a lock on a table of the plan."""
-        return self.lock_holders(backend_type="autovacuum worker")
+    def vacuums(self) -> list[LockHolder]:
+        """VACUUMs and ANALYZEs (autovacuum's or another session's) holding a lock on a
+        table of the plan.
 
-    def lock_holders(self, *, backend_type: str | None = None) -> list[str]:
-        """Other sessions (of ``backend_type`` only, if given) holding a lock on a table of
-        the plan, as the operator should know them."""
+        Told by their pids in ``pg_stat_progress_vacuum`` and ``_analyze``, which
+        every role may read: the tool runs as the tables' owner, to whom
+        ``pg_stat_activity`` hides other users' backends (an autovacuum
+        worker's ``backend_type`` and user included).
+        """
+        return self.lock_holders(vacuums=True)
+
+    def vacuum(self, tables: list[Table]) -> None:
+        """VACUUM (ANALYZE) the tables a VACUUM holds, waiting for it without a timeout.
+
+        An autovacuum yields its lock only to a request that waits longer than
+        ``deadlock_timeout``, which a DDL's short ``lock_timeout`` never does; this
+        one does, and yields nothing to the application: SHARE UPDATE EXCLUSIVE,
+        asked or held, blocks neither reads nor writes.  An autovacuum against
+        wraparound, or another session's VACUUM, does not yield and is waited
+        for.  Our own leaves autovacuum nothing to start again for: the dead
+        rows of the engine's fill are gone, the statistics new.
+        """
+        for table in tables:
+            with self.unbounded(f"vacuum {table}") as cur:
+                cur.execute(sql.SQL("VACUUM (ANALYZE) {}").format(table.ident))
+
+    def lock_holders(self, *, vacuums: bool = False) -> list[LockHolder]:
+        """Other sessions (VACUUMs and ANALYZEs only, with ``vacuums``) holding a lock on a
+        table of the plan, described as far as this role may see them: ``pg_locks`` shows
+        every session's locks, ``pg_stat_activity`` only the role's own sessions' details."""
+        tables = list(self.plan.tables)
         with self.conn.cursor() as cur:
             cur.execute(
                 """
-                SELECT format('pid %%s (user %%s, application %%L, %%s, %%s since %%s)',
-                              a.pid, a.usename, a.application_name, a.state,
+                WITH vacuuming (pid, command) AS (
+                    SELECT pid, 'VACUUM' FROM pg_stat_progress_vacuum
+                    UNION ALL SELECT pid, 'ANALYZE' FROM pg_stat_progress_analyze)
+                SELECT format('pid %%s (%%s)', l.pid, concat_ws(', ',
+                              CASE WHEN a.backend_type = 'autovacuum worker'
+                                   THEN 'autovacuum: ' ELSE '' END || v.command,
+                              'user ' || a.usename,
+                              'application ' || quote_literal(nullif(a.application_name, '')),
+                              a.state,
                               string_agg(DISTINCT l.mode || ' on ' || l.relation::regclass,
-                                         ', '), a.xact_start)
-                FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                                         ', ') || coalesce(' since ' || a.xact_start, ''),
+                              CASE WHEN a.backend_type IS NULL
+                                   THEN 'its other details hidden from this role' END)),
+                       array_agg(DISTINCT t.number)
+                FROM pg_locks l
+                JOIN unnest(%s::text[]) WITH ORDINALITY t (name, number)
+                  ON l.relation = to_regclass(t.name)
+                LEFT JOIN pg_stat_activity a USING (pid)
+                LEFT JOIN vacuuming v USING (pid)
                 WHERE l.granted AND l.pid <> pg_backend_pid() AND l.locktype = 'relation'
-                  AND l.relation IN (SELECT to_regclass(t) FROM unnest(%s::text[]) t)
-                  AND a.backend_type = coalesce(%s, a.backend_type)
-                GROUP BY a.pid, a.usename, a.application_name, a.state, a.xact_start
-                ORDER BY a.pid
+                  AND (v.pid IS NOT NULL OR NOT %s)
+                GROUP BY l.pid, a.backend_type, v.command, a.usename, a.application_name,
+                         a.state, a.xact_start
+                ORDER BY l.pid
                 """,
-                ([catalog.regclass(table) for table in self.plan.tables], backend_type),
+                ([catalog.regclass(table) for table in tables], vacuums),
             )
-            rows = [text for (text,) in cur.fetchall()]
+            rows = [LockHolder(text, tuple(tables[number - 1] for number in numbers))
+                    for text, numbers in cur.fetchall()]
         self.conn.rollback()
         return rows
 

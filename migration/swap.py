@@ -6,7 +6,9 @@ wrote; what is left is catalog work, so the exclusive locks are held for
 milliseconds whatever the tables' sizes:
 
 1. lock the views over the columns (``views``), outermost first, then the
-   tables, parent first, then the children in name order;
+   tables, parent first, then the children in name order: only the first
+   lock waits, the others are asked ``NOWAIT`` (``lock_tables``), so the
+   swap never holds a table while it waits for another;
 2. drop the old foreign keys to the parent key (their copies are in force),
    the policies, the views and the statistics objects over the columns, and
    the tables taken out of the publications whose column lists or row filters
@@ -32,8 +34,9 @@ in the swap's transaction) are refreshed, each holding only its own lock.
 
 No foreign key is ever missing: until the commit the old ones are enforced,
 after it the copies, which were validated before.  The transaction runs
-under the session's ``lock_timeout`` and is retried on a lock timeout or a
-deadlock, so the application waits at most that long for it.
+under the session's ``lock_timeout`` and is retried on a lock timeout, a
+lock not free at once or a deadlock, so the application waits at most that
+long for it per attempt, and not at all while the swap waits between attempts.
 """
 
 from __future__ import annotations
@@ -46,7 +49,7 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, sqlexpr, views
 from migration.catalog import IndexDef
-from migration.connection import Connection
+from migration.connection import Connection, lock_tables
 from migration.convert import converted_default, grant_statement, restored_default
 from migration.errors import MigrationError
 from migration.expand import (
@@ -112,7 +115,7 @@ def swap(session: Session, plan: Plan) -> float:
                              hint="run migrate_users, then migrate_foreign_keys")
     for key in plan.columns:  # the last of the expand: its scans are done before the swap
         copy_checks(session, key)
-    locked: list[float] = []  # when the parent's lock was granted, in the last attempt
+    locked: list[float] = []  # when the tables' locks were granted, in the last attempt
     analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan, locked))
     held = time.monotonic() - locked[-1]
     for table in analyze:  # the statistics objects carried are empty until then
@@ -128,12 +131,15 @@ def swap(session: Session, plan: Plan) -> float:
 def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> list[Table]:
     """The swap's transaction; the tables whose statistics objects it created again."""
     conn = cur.connection
-    views.lock(cur, views.dependent_views(conn, plan.columns))
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
-    for table in (plan.parent.table, *children):
-        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
-        if table == plan.parent.table:
-            locked.append(time.monotonic())
+    # The views outermost first, as an application's query takes them (the view, then
+    # what it reads), then the tables; one attempt waits for the first lock only. A
+    # materialized view cannot be locked so: its drop takes its lock, and its readers
+    # lock nothing else after it (it holds its own rows), so they close no cycle.
+    lock_tables(cur, [*(view.view.ident for view in reversed(views.dependent_views(
+        conn, plan.columns)) if not view.materialized),
+        *(table.ident for table in (plan.parent.table, *children))], "ACCESS EXCLUSIVE")
+    locked.append(time.monotonic())
     policies = _lock_policy_tables(cur, plan)
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
@@ -228,8 +234,9 @@ def _lock_policy_tables(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
                        for policy in catalog.policies_on(cur.connection, key)},
                       key=lambda policy: (policy.table, policy.name))
 
-    for table in sorted({policy.table for policy in read()} - set(plan.tables)):
-        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(table.ident))
+    lock_tables(cur, [table.ident for table in sorted({policy.table for policy in read()}
+                                                      - set(plan.tables))],
+                "ACCESS EXCLUSIVE", wait=False)
     return read()
 
 

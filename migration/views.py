@@ -365,20 +365,6 @@ def _relations_of(definition: str, relations: dict[tuple[str, str], str]) -> set
 
 # --- in the swap's transaction ------------------------------------------------------------
 
-def lock(cur: Cursor, views: list[ViewDef]) -> None:
-    """The views locked outermost first, as a query of the application takes them (the
-    view, then what it reads): before the tables, so the two never wait on each other.
-
-    A materialized view cannot be locked so; its drop takes its lock, under the
-    swap's lock_timeout.  Its readers lock nothing else after it (it holds its
-    own rows), so they cannot close a cycle with the swap.
-    """
-    for view in reversed(views):
-        if not view.materialized:
-            cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-                view.view.ident))
-
-
 def drop(cur: Cursor, views: list[ViewDef]) -> None:
     for view in reversed(views):
         cur.execute(sql.SQL("DROP {} {}").format(view.kind, view.view.ident))

@@ -284,27 +284,6 @@ def test_samples_keyed_by_a_timestamp_are_logged(legacy_db: str) -> None:
     assert sample["created_at"].startswith("2024-02-29 12:34:56.789")
 
 
-def test_an_autovacuum_holding_a_table_is_waited_for_without_spending_attempts(
-        legacy_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An autovacuum yields its lock only to a request that waits longer than
-    deadlock_timeout, which the engine's 100 ms never does (a rollback's FK copy failed
-    30 times in the benchmark behind the autovacuum of a freshly filled table).  The
-    engine waits for it between attempts instead.  A real autovacuum cannot be started on
-    cue: another session holds its lock mode, and only its classification is patched."""
-    vacuum = connect(legacy_db, application_name="autovacuum stand-in", autocommit=False)
-    with vacuum.cursor() as cur:
-        cur.execute("LOCK TABLE tags IN SHARE UPDATE EXCLUSIVE MODE")  # what VACUUM takes
-    monkeypatch.setattr(Session, "vacuums", lambda self: ["pid 1 (autovacuum: public.tags)"]
-                        if not vacuum.closed else [])
-    threading.Timer(1.5, vacuum.close).start()  # it finishes after a while
-    settings = Settings(show_progress=False, ddl_attempts=1, ddl_pause_cap_s=0.2)
-    with Session.open(legacy_db, settings) as session:
-        session.ddl("add a constraint", lambda cur: cur.execute(
-            "ALTER TABLE public.tags ADD CONSTRAINT tags_name_set CHECK (name <> '') NOT VALID"))
-    assert execute(legacy_db, "SELECT count(*) FROM pg_constraint "
-                              "WHERE conname = 'tags_name_set'") == [(1,)]
-
-
 class Lingering(psycopg2.extensions.connection):
     """A connection whose close is held back, as a backend's end is on the server."""
 
