@@ -311,8 +311,9 @@ def _foreign_keys(conn: Connection, key: KeyColumn, rel: str, cols: str) -> list
         FROM pg_constraint k
         JOIN pg_class c ON c.oid = k.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
         JOIN pg_attribute ka ON ka.attrelid = k.{rel} AND ka.attnum = ANY (k.{cols})
+        JOIN pg_attribute a ON a.attrelid = k.conrelid  -- the column paired with the key's
+             AND a.attnum = k.conkey[array_position(k.{cols}, ka.attnum)]
         WHERE k.contype = 'f' AND k.{rel} = to_regclass(%s) AND ka.attname = %s
           AND k.conparentid = 0  -- a partition's clone of its table's FK is not one of its own
         ORDER BY n.nspname, c.relname, k.conname
@@ -322,6 +323,57 @@ def _foreign_keys(conn: Connection, key: KeyColumn, rel: str, cols: str) -> list
         rows = cur.fetchall()
     return [ForeignKeyDef(Table(s, t), col, name, definition, valid)
             for s, t, col, name, definition, valid in rows]
+
+
+@dataclass(frozen=True)
+class ForeignKeyLink:
+    """A foreign key with a key column among its columns, on either side."""
+
+    name: str
+    table: Table  # the referencing table
+    columns: tuple[str, ...]
+    referenced: Table
+    referenced_columns: tuple[str, ...]  # paired with ``columns``, in order
+    referenced_types: tuple[str, ...]  # format_type of each referenced column
+
+    def __str__(self) -> str:
+        return (f"foreign key {self.name} on {self.table} ({', '.join(self.columns)}) "
+                f"references {self.referenced} ({', '.join(self.referenced_columns)})")
+
+
+def foreign_keys_on(conn: Connection, key: KeyColumn) -> list[ForeignKeyLink]:
+    """Every foreign key whose referencing or referenced columns include the column, in
+    any table (a partition's clone of its table's FK is not one of its own)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT k.conname, n.nspname, c.relname,
+                   ARRAY(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY x(n, i)
+                         JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = x.n
+                         ORDER BY x.i),
+                   rn.nspname, r.relname,
+                   ARRAY(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY x(n, i)
+                         JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = x.n
+                         ORDER BY x.i),
+                   ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
+                         FROM unnest(k.confkey) WITH ORDINALITY x(n, i)
+                         JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = x.n
+                         ORDER BY x.i)
+            FROM pg_attribute col
+            JOIN pg_constraint k ON k.contype = 'f' AND k.conparentid = 0
+                 AND ((k.conrelid = col.attrelid AND col.attnum = ANY (k.conkey))
+                      OR (k.confrelid = col.attrelid AND col.attnum = ANY (k.confkey)))
+            JOIN pg_class c ON c.oid = k.conrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN pg_class r ON r.oid = k.confrelid
+            JOIN pg_namespace rn ON rn.oid = r.relnamespace
+            WHERE col.attrelid = to_regclass(%s) AND col.attname = %s
+            ORDER BY 2, 3, 1
+            """, (regclass(key.table), key.column))
+        return [ForeignKeyLink(name, Table(schema, table), tuple(columns),
+                               Table(ref_schema, ref_table), tuple(ref_columns), tuple(types))
+                for name, schema, table, columns, ref_schema, ref_table, ref_columns, types
+                in cur.fetchall()]
 
 
 @dataclass(frozen=True)

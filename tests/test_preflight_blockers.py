@@ -1,0 +1,78 @@
+"""Objects on a key column that the pre-flight must name before anything changes: foreign
+keys out of a key column or spanning several columns, indexes whose operator class or
+collation has no uuid counterpart, and ids a ``CHAR(n)`` key holds that the cast rejects.
+
+Each refusal exits 1, leaves the database exactly as it was (``refusal``) and names the
+table, the object and the next step; what the quarantine set aside comes back exactly.
+"""
+
+from __future__ import annotations
+
+from tests.operate import execute, refusal, run_ok
+from tests.test_schema_shapes import seeded
+
+ACCOUNTS = """
+CREATE TABLE accounts (id varchar(36) PRIMARY KEY, name text);
+INSERT INTO accounts SELECT id, email FROM users;
+"""
+
+
+def test_a_foreign_key_out_of_the_parent_key_is_refused_by_name(legacy_db: str) -> None:
+    """users.id referencing accounts.id: the swap's DROP COLUMN would drop it silently."""
+    seeded(legacy_db, ACCOUNTS, "ALTER TABLE users ADD CONSTRAINT users_account_fkey "
+                                "FOREIGN KEY (id) REFERENCES accounts (id)")
+    for operation in ("validate_schema", "full_migration"):
+        output = refusal(legacy_db, operation)
+        assert ("[FAIL] blocker public.users.id: foreign key users_account_fkey on "
+                "public.users (id) references public.accounts (id), which stays character "
+                "varying(36): the swap would drop it with the column") in output, output
+        assert "--key=public.accounts.id" in output
+    execute(legacy_db, "ALTER TABLE users DROP CONSTRAINT users_account_fkey")
+    run_ok(legacy_db, "validate_schema")
+
+
+def test_a_foreign_key_out_of_a_child_key_is_refused_by_name(legacy_db: str) -> None:
+    seeded(legacy_db, ACCOUNTS, "ALTER TABLE reminders ADD CONSTRAINT reminders_account_fkey "
+                                "FOREIGN KEY (user_id) REFERENCES accounts (id)")
+    output = refusal(legacy_db, "validate_schema")
+    assert ("[FAIL] blocker public.reminders.user_id: foreign key reminders_account_fkey on "
+            "public.reminders (user_id) references public.accounts (id), which stays "
+            "character varying(36)") in output, output
+    assert "reminders_user_id_fkey" not in output  # the plan's own FK is carried
+
+
+def test_composite_foreign_keys_on_a_key_are_refused_in_either_direction(
+        legacy_db: str) -> None:
+    """Into tags' UNIQUE (user_id, name), and out of (user_id, name) into another table:
+    the first made the swap fail late ("Use DROP ... CASCADE"), the second was dropped."""
+    seeded(legacy_db,
+           "CREATE TABLE tag_uses (id serial PRIMARY KEY, user_id varchar(36), tag text,"
+           " CONSTRAINT tag_uses_tag_fkey FOREIGN KEY (user_id, tag)"
+           " REFERENCES tags (user_id, name));"
+           "INSERT INTO tag_uses (user_id, tag) SELECT user_id, name FROM tags",
+           "CREATE TABLE labels (owner varchar(36), label varchar(64),"
+           " PRIMARY KEY (owner, label));"
+           "INSERT INTO labels SELECT user_id, name FROM tags;"
+           "ALTER TABLE tags ADD CONSTRAINT tags_label_fkey FOREIGN KEY (user_id, name)"
+           " REFERENCES labels (owner, label)")
+    output = refusal(legacy_db, "validate_schema")
+    for line in (
+            "[FAIL] blocker public.tags.user_id: foreign key tag_uses_tag_fkey on "
+            "public.tag_uses (user_id, tag) references public.tags (user_id, name)",
+            "[FAIL] blocker public.tags.user_id: foreign key tags_label_fkey on public.tags "
+            "(user_id, name) references public.labels (owner, label)"):
+        assert line in output, output
+    assert output.count("spans 2 columns") == 2, output
+    assert "2 problem(s) found" in output
+
+
+def test_a_foreign_key_into_a_child_key_is_refused_by_name(legacy_db: str) -> None:
+    """Only the parent key's referencing columns join the plan: a FK into a child key
+    would make the swap fail."""
+    seeded(legacy_db, "CREATE UNIQUE INDEX reminders_one_per_user ON reminders (user_id);"
+                      "DELETE FROM reminders r WHERE EXISTS (SELECT 1 FROM reminders o "
+                      "WHERE o.user_id = r.user_id AND o.id < r.id)",
+           "CREATE TABLE snoozes (reminder_user varchar(36) REFERENCES reminders (user_id))")
+    output = refusal(legacy_db, "validate_schema")
+    assert ("[FAIL] blocker public.reminders.user_id: foreign key snoozes_reminder_user_fkey "
+            "on public.snoozes (reminder_user) references public.reminders (user_id)") in output
