@@ -464,8 +464,9 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
 
 
 def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
-    """The CHECK constraints, policies and expression indexes on the column whose
-    definitions would not compile with the column as uuid."""
+    """The CHECK constraints, policies, indexes, publications' row filters, triggers and
+    statistics on the column whose definitions would not compile with the column as uuid
+    (an index on the column itself: whose operator class or collation has no uuid form)."""
     found = []
     for check in check_constraints_on(conn, key):
         reason = compiles_as_uuid(conn, key, key.table, where=check.expression)
@@ -482,6 +483,14 @@ def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
                                  "rewrite the policy so that it holds for the uuid column "
                                  "(drop it before the migration and create it again after, "
                                  "keeping the table protected), then run again"))
+    for plain in indexes_on(conn, key):  # an operator class or collation only for strings
+        reason = "" if plain.uses_expression else runs_on_twin(
+            conn, key, plain.definition, "cannot be built on the uuid column")
+        if reason:
+            found.append(Blocker(f"index {plain.name}", reason,
+                                 "drop it before the migration and create it again after for "
+                                 "the uuid column (its default operator class, no COLLATE), "
+                                 "then run again"))
     for index in expression_indexes_on(conn, key):
         reason = compiles_as_uuid(conn, key, key.table, select=index.expressions,
                                   where=index.predicate)
@@ -943,25 +952,34 @@ def column_triggers(conn: Connection, key: KeyColumn) -> list[ColumnTrigger]:
 
 def trigger_compiles(conn: Connection, key: KeyColumn, trigger: ColumnTrigger) -> str:
     """Whether the trigger can be created again once ``key`` is uuid: "" when it can, else
-    why not.  It is created, in a savepoint rolled back, on an empty temporary twin of the
-    table (same name, in ``pg_temp``) whose key column is uuid."""
+    why not (``runs_on_twin``)."""
+    return runs_on_twin(conn, key, trigger.definition,
+                        f"would not compile once {key.column} is uuid")
+
+
+def runs_on_twin(conn: Connection, key: KeyColumn, definition: str, failure: str) -> str:
+    """Whether ``definition`` (a trigger's or an index's, deparsed by the server, on the key's
+    table) can be run once ``key`` is uuid: "" when it can, else why not, the server's
+    reason after ``failure``.  It is run, in a savepoint rolled back, on an empty temporary
+    twin of the table (same name, in ``pg_temp``) whose key column is uuid."""
     twin = "pg_temp." + sqlexpr.quote_ident(key.table.name)
     with conn.cursor() as cur:
-        cur.execute("SAVEPOINT trigger_oracle")
+        cur.execute("SAVEPOINT twin_oracle")
         try:
             cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
                 sql.Identifier("pg_temp", key.table.name), key.table.ident))
             cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE uuid USING NULL").format(
                 sql.Identifier("pg_temp", key.table.name), sql.Identifier(key.column)))
             cur.execute(sql.SQL(sqlexpr.replace_relations(
-                trigger.definition, {(key.table.schema, key.table.name): twin})))
+                definition, {(key.table.schema, key.table.name): twin})))
         except psycopg2.errors.InsufficientPrivilege:
             return ("cannot be judged: this role may not create temporary tables, which the "
                     "check needs (GRANT TEMPORARY ON DATABASE ... TO it)")
-        except NOT_COMPILING as error:
-            return f"would not compile once {key.column} is uuid: {error.diag.message_primary}"
+        except (*NOT_COMPILING, psycopg2.errors.UndefinedObject) as error:
+            # UndefinedObject: no operator class of an index's access method for uuid
+            return f"{failure}: {error.diag.message_primary}"
         finally:
-            cur.execute("ROLLBACK TO SAVEPOINT trigger_oracle")
+            cur.execute("ROLLBACK TO SAVEPOINT twin_oracle")
     return ""
 
 

@@ -76,3 +76,30 @@ def test_a_foreign_key_into_a_child_key_is_refused_by_name(legacy_db: str) -> No
     output = refusal(legacy_db, "validate_schema")
     assert ("[FAIL] blocker public.reminders.user_id: foreign key snoozes_reminder_user_fkey "
             "on public.snoozes (reminder_user) references public.reminders (user_id)") in output
+
+
+INDEXES = """
+CREATE INDEX tags_user_prefix ON tags (user_id varchar_pattern_ops);
+CREATE INDEX users_id_prefix ON users (id text_pattern_ops) WHERE is_active;
+CREATE INDEX reminders_user_c ON reminders (user_id COLLATE "C", remind_at);
+"""
+
+
+def test_indexes_whose_operator_class_or_collation_has_no_uuid_form_are_refused(
+        legacy_db: str) -> None:
+    seeded(legacy_db, INDEXES)
+    output = refusal(legacy_db, "full_migration")
+    for line in (
+            "[FAIL] blocker public.users.id: index users_id_prefix depends on the column and "
+            "cannot be built on the uuid column: operator class \"text_pattern_ops\" does not "
+            "accept data type uuid",
+            "[FAIL] blocker public.tags.user_id: index tags_user_prefix depends on the column "
+            "and cannot be built on the uuid column: operator class \"varchar_pattern_ops\" "
+            "does not accept data type uuid",
+            "[FAIL] blocker public.reminders.user_id: index reminders_user_c depends on the "
+            "column and cannot be built on the uuid column: collations are not supported by "
+            "type uuid"):
+        assert line in output, output
+    assert "3 problem(s) found" in output
+    for plain in ("ix_tags_user_id", "tags_user_id_name_key", "users_pkey"):
+        assert plain not in output
