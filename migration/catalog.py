@@ -1106,6 +1106,26 @@ def index_partitions(conn: Connection, index: IndexDef) -> list[IndexDef]:
             for schema, table, name, definition, contype, deferrable, deferred, space in rows]
 
 
+@dataclass(frozen=True)
+class UncheckedForeignKey:
+    """A ``NOT VALID`` foreign key of a table: old rows may break it, new ones may not."""
+
+    name: str
+    definition: str  # pg_get_constraintdef: ... NOT VALID
+    comment: str | None
+
+
+def unchecked_foreign_keys(conn: Connection, table: Table) -> list[UncheckedForeignKey]:
+    """The table's own foreign keys that are not validated (a partition's clone of its
+    table's FK left out: it comes and goes with it)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT conname, pg_get_constraintdef(oid), "
+                    "obj_description(oid, 'pg_constraint') FROM pg_constraint "
+                    "WHERE conrelid = to_regclass(%s) AND contype = 'f' AND NOT convalidated "
+                    "AND conparentid = 0 ORDER BY 1", (regclass(table),))
+        return [UncheckedForeignKey(*row) for row in cur.fetchall()]
+
+
 def foreign_key_partitions(conn: Connection, fk: ForeignKeyDef) -> list[ForeignKeyDef]:
     """The clones of a partitioned table's FK on its partitions (``conparentid``)."""
     with conn.cursor() as cur:

@@ -8,7 +8,12 @@ table, the object and the next step; what the quarantine set aside comes back ex
 
 from __future__ import annotations
 
-from tests.operate import execute, refusal, run_ok
+import psycopg2
+import pytest
+
+from migration.rehearsal.sandbox import Sandbox
+from migration.session import Settings
+from tests.operate import connected, execute, print_of, refusal, run_in_process, run_ok
 from tests.test_schema_shapes import seeded
 
 ACCOUNTS = """
@@ -103,3 +108,42 @@ def test_indexes_whose_operator_class_or_collation_has_no_uuid_form_are_refused(
     assert "3 problem(s) found" in output
     for plain in ("ix_tags_user_id", "tags_user_id_name_key", "users_pkey"):
         assert plain not in output
+
+
+ORPHAN = "00000000-0000-4000-8000-0000000000aa"
+NOT_VALID_FK = f"""
+ALTER TABLE reminders DROP CONSTRAINT reminders_user_id_fkey;
+INSERT INTO reminders (id, user_id, remind_at, note)
+    VALUES (gen_random_uuid()::text, '{ORPHAN.upper()}', now(), 'orphan');
+ALTER TABLE reminders ADD CONSTRAINT reminders_user_id_fkey FOREIGN KEY (user_id)
+    REFERENCES users (id) ON DELETE SET NULL NOT VALID;
+COMMENT ON CONSTRAINT reminders_user_id_fkey ON reminders IS 'old rows may be orphans';
+"""
+
+
+@pytest.mark.parametrize("stage", ["after the swap", "before the swap"])
+def test_orphans_quarantined_under_a_not_valid_foreign_key_are_put_back_exactly(
+        legacy_db: str, sandbox: Sandbox, stage: str) -> None:
+    """The NOT VALID FK refused them as new rows: rollback failed on every rerun, leaving
+    them only in the backup schema."""
+    seeded(legacy_db, NOT_VALID_FK)
+    original = print_of(legacy_db)
+    if stage == "after the swap":
+        run_ok(legacy_db, "full_migration", "--orphans=quarantine")
+    else:  # the connection killed while the children fill, after the quarantine
+        with connected(legacy_db) as conn:
+            admin = sandbox.admin_dsn_for(conn.info.dbname)
+        with pytest.raises(psycopg2.OperationalError):
+            run_in_process(legacy_db, "full_migration", admin_dsn=admin,
+                           crash_at="batch public.reminders.user_id#1",
+                           settings=Settings(batch_size=7, show_progress=False,
+                                             orphans="quarantine"))
+    assert execute(legacy_db, "SELECT count(*) FROM reminders WHERE note = 'orphan'") == [(0,)]
+    run_ok(legacy_db, "rollback")
+    after = print_of(legacy_db)
+    assert after == original, "\n".join(original.diff(after))
+    assert execute(legacy_db, "SELECT user_id FROM reminders WHERE note = 'orphan'") == [
+        (ORPHAN.upper(),)]
+    assert execute(legacy_db, "SELECT convalidated, obj_description(oid, 'pg_constraint') "
+                              "FROM pg_constraint WHERE conname = 'reminders_user_id_fkey'") \
+        == [(False, "old rows may be orphans")]
