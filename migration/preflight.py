@@ -53,7 +53,8 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn,
 
     if not values.every_value_casts:
         add("invalid_uuid", Status.FAIL,
-            sql.SQL("{} IS NOT NULL AND NOT {}").format(col, is_uuid(conn, col)),
+            sql.SQL("{} IS NOT NULL AND NOT {}").format(
+                col, is_uuid(conn, values.as_cast_reads(col))),
             "{count} value(s) are not UUIDs PostgreSQL accepts",
             "correct or remove these rows, then run validate_schema again")
     if warnings and values.non_canonical:

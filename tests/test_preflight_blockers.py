@@ -8,13 +8,19 @@ table, the object and the next step; what the quarantine set aside comes back ex
 
 from __future__ import annotations
 
+import itertools
+import json
+from collections.abc import Iterator
+
 import psycopg2
 import pytest
 
 from migration.rehearsal.sandbox import Sandbox
 from migration.session import Settings
-from tests.operate import connected, execute, print_of, refusal, run_in_process, run_ok
+from tests.operate import connected, execute, operate, print_of, refusal, run_in_process, run_ok
 from tests.test_schema_shapes import seeded
+
+_numbers = itertools.count()
 
 ACCOUNTS = """
 CREATE TABLE accounts (id varchar(36) PRIMARY KEY, name text);
@@ -147,3 +153,34 @@ def test_orphans_quarantined_under_a_not_valid_foreign_key_are_put_back_exactly(
     assert execute(legacy_db, "SELECT convalidated, obj_description(oid, 'pg_constraint') "
                               "FROM pg_constraint WHERE conname = 'reminders_user_id_fkey'") \
         == [(False, "old rows may be orphans")]
+
+
+@pytest.fixture
+def database(sandbox: Sandbox) -> Iterator[str]:
+    with sandbox.database(f"preflight_{next(_numbers)}", variant=None) as dsn:
+        yield dsn
+
+
+UNHYPHENATED = "992a0e9f0bcbadc3ce1e272ad749f2ff"
+DEVICES = f"""
+CREATE TABLE devices (id char(36) PRIMARY KEY, name text NOT NULL);
+INSERT INTO devices SELECT gen_random_uuid()::text, 'device ' || i FROM generate_series(1, 30) i;
+INSERT INTO devices VALUES ('{UNHYPHENATED}', 'written without hyphens');
+"""
+
+
+def test_a_char_key_value_the_cast_rejects_is_named_and_discover_agrees(database: str) -> None:
+    """The cast to uuid reads a CHAR(n) value with its padding: the 32 hex digits padded
+    with four spaces are no UUID to it, whatever the text comparison says."""
+    execute(database, DEVICES)
+    output = refusal(database, "validate_schema", "--key=public.devices.id")
+    assert "[FAIL] invalid_uuid public.devices.id: 1 value(s) are not UUIDs" in output, output
+    assert f"table='public.devices', id='{UNHYPHENATED} '" in output, output  # padded
+    result = operate(database, "validate_schema", "--discover", "--format=json")
+    assert result.exit_code == 0, result.output
+    assert "public.devices.id" not in [c["column"] for c in json.loads(result.output)["columns"]]
+    execute(database, "UPDATE devices SET id = %s::uuid::text WHERE id = %s",
+            (UNHYPHENATED, UNHYPHENATED))
+    run_ok(database, "validate_schema", "--key=public.devices.id")
+    result = operate(database, "validate_schema", "--discover", "--format=json")
+    assert "public.devices.id" in [c["column"] for c in json.loads(result.output)["columns"]]
