@@ -355,9 +355,15 @@ def trigger_findings(session: Session, key: KeyColumn) -> list[Finding]:
 
 
 def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
-                  warnings: bool = False) -> list[Finding]:
+                  warnings: bool = False,
+                  later: tuple[KeyColumn, ...] = ()) -> list[Finding]:
     """Schema and data findings for the given key columns (read-only); the steps ask
-    only for what blocks them, validate_schema for the warnings too."""
+    only for what blocks them, validate_schema for the warnings too.
+
+    ``later``: columns a later step converts, whose schema is judged now too (their
+    rows are that step's to judge, with its own options): a step refuses with every
+    object that stops the migration named, before it changes anything.
+    """
     findings: list[Finding] = []
     readers: dict[KeyColumn, UuidReader] = {}
     with session.transaction() as cur:
@@ -375,6 +381,9 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
                                                            ColumnState.BACKFILLING):
                 # a blocker does not hide bad values: the operator sees all at once
                 findings += value_findings(session, cur, key, read, warnings=warnings)
+        for key in later:
+            findings += [finding for finding in schema_findings(session, key)
+                         if finding.status is Status.FAIL]
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
     if not warnings:  # a step's report shows only its refusal: what it accepts, it says here
         for finding in findings:

@@ -18,7 +18,7 @@ import pytest
 from migration.rehearsal.sandbox import Sandbox
 from migration.session import Settings
 from tests.operate import connected, execute, operate, print_of, refusal, run_in_process, run_ok
-from tests.test_schema_shapes import seeded
+from tests.test_schema_shapes import UPDATED_AT, seeded
 
 _numbers = itertools.count()
 
@@ -114,6 +114,28 @@ def test_indexes_whose_operator_class_or_collation_has_no_uuid_form_are_refused(
     assert "3 problem(s) found" in output
     for plain in ("ix_tags_user_id", "tags_user_id_name_key", "users_pkey"):
         assert plain not in output
+
+
+def test_the_first_step_names_the_blockers_of_every_column_it_will_convert(
+        legacy_db: str) -> None:
+    """migrate_users judged only users.id: a child's CHECK came one run later, from
+    migrate_foreign_keys, after users.id had been expanded."""
+    seeded(legacy_db, UPDATED_AT,
+           "ALTER TABLE users ADD COLUMN id_key text GENERATED ALWAYS AS (upper(id)) STORED",
+           "ALTER TABLE tags ENABLE ROW LEVEL SECURITY; CREATE POLICY active_tags ON tags "
+           "USING (user_id IN (SELECT id FROM users WHERE is_active))",
+           "ALTER TABLE reminders ADD CONSTRAINT reminders_user_given "
+           "CHECK (coalesce(user_id, '') <> '')")
+    run_ok(legacy_db, "backup_data")
+    output = refusal(legacy_db, "migrate_users")
+    for line in (
+            "[FAIL] trigger_fires public.users.id: trigger users_updated_at on public.users",
+            "[FAIL] blocker public.users.id: generated column id_key depends on the column",
+            "[FAIL] blocker public.users.id: policy active_tags on public.tags depends on the "
+            "column and would not compile once id is uuid",
+            "[FAIL] blocker public.reminders.user_id: constraint reminders_user_given (CHECK "):
+        assert line in output, output
+    assert "4 problem(s) found" in output
 
 
 ORPHAN = "00000000-0000-4000-8000-0000000000aa"
