@@ -77,6 +77,23 @@ def test_composite_foreign_keys_on_a_key_are_refused_in_either_direction(
     assert "2 problem(s) found" in output
 
 
+def test_a_composite_foreign_key_to_the_parent_brings_its_paired_column_into_the_plan(
+        legacy_db: str) -> None:
+    """The plan took a composite FK's first column, here an email, as the referencing one,
+    and the pre-flight then read emails as UUIDs."""
+    seeded(legacy_db, "CREATE UNIQUE INDEX users_email_id ON users (email, id);"
+                      "CREATE TABLE shares (owner_email text, owner varchar(36),"
+                      " CONSTRAINT shares_owner_fkey FOREIGN KEY (owner_email, owner)"
+                      " REFERENCES users (email, id));"
+                      "INSERT INTO shares SELECT email, id FROM users")
+    output = refusal(legacy_db, "validate_schema")
+    assert ("[FAIL] blocker public.shares.owner: foreign key shares_owner_fkey on "
+            "public.shares (owner_email, owner) references public.users (email, id) spans 2 "
+            "columns") in output, output
+    assert "owner_email" not in output.replace("(owner_email, owner)", "")
+    assert "1 problem(s) found" in output
+
+
 def test_a_foreign_key_into_a_child_key_is_refused_by_name(legacy_db: str) -> None:
     """Only the parent key's referencing columns join the plan: a FK into a child key
     would make the swap fail."""
