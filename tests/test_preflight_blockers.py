@@ -212,9 +212,10 @@ def test_a_char_key_value_the_cast_rejects_is_named_and_discover_agrees(database
     """The cast to uuid reads a CHAR(n) value with its padding: the 32 hex digits padded
     with four spaces are no UUID to it, whatever the text comparison says."""
     execute(database, DEVICES)
-    output = refusal(database, "validate_schema", "--key=public.devices.id")
-    assert "[FAIL] invalid_uuid public.devices.id: 1 value(s) are not UUIDs" in output, output
-    assert f"table='public.devices', id='{UNHYPHENATED} '" in output, output  # padded
+    for operation in ("validate_schema", "full_migration"):
+        output = refusal(database, operation, "--key=public.devices.id")
+        assert "[FAIL] invalid_uuid public.devices.id: 1 value(s) are not UUIDs" in output, output
+        assert f"table='public.devices', id='{UNHYPHENATED} '" in output, output  # padded
     result = operate(database, "validate_schema", "--discover", "--format=json")
     assert result.exit_code == 0, result.output
     assert "public.devices.id" not in [c["column"] for c in json.loads(result.output)["columns"]]
