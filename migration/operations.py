@@ -114,7 +114,10 @@ def migrate_users(session: Session, run_id: int) -> Outcome:
         backup.require(cur, session.plan.backup_schema, "migrate_users")
     if catalog.column_state(session.conn, parent) is ColumnState.UUID:
         return Outcome(f"{parent} is uuid already: nothing to do")
-    refuse_on_failures(preflight.check_columns(session, (parent,)), "migrate_users")
+    children = tuple(key for key in session.plan.children
+                     if catalog.column_state(session.conn, key) is not ColumnState.UUID)
+    refuse_on_failures(preflight.check_columns(session, (parent,), later=children),
+                       "migrate_users")
     rows = convert.fill(session, (parent,), run_id)
     convert.prove_filled(session, parent, run_id)
     built = expand.build_indexes(session, parent)

@@ -222,13 +222,31 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
 
 
 def _restore_quarantine(cur: Cursor, *, schema: str, table: Table) -> int:
+    """Put the quarantined rows of ``table`` back, in one transaction (``session.ddl``).
+
+    The orphans were there under a ``NOT VALID`` foreign key, which refuses
+    them as new rows: each such FK of the table is dropped, the rows put back,
+    and the FK added again ``NOT VALID`` with its name, definition and comment,
+    before the commit, so that no other transaction ever sees the table without
+    it (they wait for its locks, for as long as the insert of these rows).
+    """
     target = backup.quarantine_name(schema, table)
     if not catalog.relation_exists(cur.connection, target):
         return 0
     columns = backup.columns_of(cur, target)
+    unchecked = catalog.unchecked_foreign_keys(cur.connection, table)
+    for fk in unchecked:
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            table.ident, sql.Identifier(fk.name)))
     cur.execute(sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {}").format(
         table.ident, target, cols=column_list(columns)))
     restored = int(cur.rowcount)
+    for fk in unchecked:  # the server's own text of it, NOT VALID included
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+            table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
+        if fk.comment is not None:
+            cur.execute(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS %s").format(
+                sql.Identifier(fk.name), table.ident), (fk.comment,))
     cur.execute(sql.SQL("DROP TABLE {}").format(target))
     cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name) = (%s, %s)").format(
         backup.meta(schema, "quarantine")), (table.schema, table.name))
