@@ -81,6 +81,20 @@ def of_key(conn: Connection, schema: str, key: str) -> sql.Composable:
     return sql.SQL("{} = {}").format(sql.Identifier(KEY_COLUMN), sql.Literal(key))
 
 
+def recorded_in_log(cur: Cursor, schema: str, key: str) -> dict[str, Any] | None:
+    """The record of the tables (``recorded.record``) the key's last completed backup_data
+    left in ``schema.migration_log``; None when there is none."""
+    table = sql.Identifier(schema, LOG_TABLE)
+    if not catalog.relation_exists(cur.connection, table):
+        return None
+    cur.execute(sql.SQL("SELECT details FROM {} WHERE operation = 'backup_data' "
+                        "AND status = 'completed' AND details ? 'foreign_keys' AND {} "
+                        "ORDER BY id DESC LIMIT 1").format(
+        table, of_key(cur.connection, schema, key)))
+    row = cur.fetchone()
+    return None if row is None else dict(row[0])
+
+
 class OperationLog:
     """Rows of ``<schema>.migration_log``, one per operation run, of one key's."""
 
