@@ -29,6 +29,7 @@ from psycopg2.extras import Json
 
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
+from migration.connection import lift_statement_timeout
 from migration.errors import MigrationError
 from migration.log import recorded_in_log
 from migration.model import (
@@ -389,6 +390,7 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     recorded for the rollback to prove its restore against.
     """
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    lift_statement_timeout(cur)  # the copy reads whole tables
     schema = plan.backup_schema
     if exists(cur, schema):
         return reuse(cur, plan)

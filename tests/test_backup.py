@@ -8,6 +8,8 @@ through the application's logged writes must still fail the checks.
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import psycopg2
 import pytest
 from psycopg2 import sql
@@ -28,6 +30,7 @@ from tests.operate import (
     run_in_process,
     run_ok,
 )
+from tests.test_session import table_locked_past_the_timeout
 
 USERS = 12
 CHANGED = "rows changed by the application since the backup: checked, not compared"
@@ -272,3 +275,21 @@ def test_backup_data_under_way_without_a_record_says_to_roll_back_first(db: str)
     run_ok(db, "full_migration")
     assert failed_checks(db) == set()
 
+
+def test_the_copy_is_not_cut_by_the_statement_timeout(db: str) -> None:
+    """Once the change log has started, its copy of tags waits a second for a lock, five
+    times the statement timeout."""
+    waited: list[list[bool]] = []
+    with ExitStack() as stack:
+
+        def lock_tags(point: str, pid: int) -> None:
+            if point == "backup_data: change log started#1":
+                waited.append(stack.enter_context(
+                    table_locked_past_the_timeout(db, "tags", hold=1.0)))
+
+        with Session.open(db, Settings(show_progress=False, statement_timeout_ms=200,
+                                       lock_timeout_ms=5000)) as session:
+            session.fault = lock_tags
+            outcome = run(session, "backup_data", OPERATIONS["backup_data"])
+    assert waited == [[True]]
+    assert outcome.rows > USERS
