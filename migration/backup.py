@@ -482,12 +482,14 @@ def shared_privileges(cur: Cursor, schema: str) -> list[SharedPrivilege]:
 
 def make_private(cur: Cursor, name: str) -> None:
     """Revoke what default privileges (ALTER DEFAULT PRIVILEGES) gave others on the backup
-    schema and its tables as they were created: the backup is the migrating role's alone."""
+    schema, its tables and sequences (the change log's) as they were created: the backup
+    is the migrating role's alone."""
     schema = sql.Identifier(name)
     for grantee in sorted({p.grantee or "" for p in shared_privileges(cur, name)}):
         role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
         cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM {r}; "
-                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}").format(
+                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}; "
+                            "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}").format(
             s=schema, r=role))
 
 

@@ -8,6 +8,7 @@ through the application's logged writes must still fail the checks.
 
 from __future__ import annotations
 
+import json
 from contextlib import ExitStack
 
 import psycopg2
@@ -293,3 +294,23 @@ def test_the_copy_is_not_cut_by_the_statement_timeout(db: str) -> None:
             outcome = run(session, "backup_data", OPERATIONS["backup_data"])
     assert waited == [[True]]
     assert outcome.rows > USERS
+
+
+def test_the_rollback_names_rows_by_key_and_no_application_data_leaves_the_backup(
+        db: str) -> None:
+    run_ok(db, "full_migration")
+    execute(db, "UPDATE users SET email = 'private-mail@example.com' "
+                "WHERE id = (SELECT min(id::text)::uuid FROM users)")
+    execute(db, "SET uuid_migration.engine = 'on'; UPDATE journal_entries "
+                "SET title = 'private-title' WHERE id = (SELECT min(id) FROM journal_entries)")
+    result = run_ok(db, "rollback", "--verbose")
+    [(details,)] = execute(db, "SELECT details::text FROM migration_log "
+                               "WHERE operation = 'rollback' AND status = 'completed'")
+    for shown in (result.output, details):
+        assert "private-mail" not in shown
+        assert "private-title" not in shown
+    [user_id] = execute(db, "SELECT min(id) FROM users")[0]  # text again
+    [journal_id] = execute(db, "SELECT min(id) FROM journal_entries")[0]
+    findings = {f["check"]: f["samples"] for f in json.loads(details)["findings"]}
+    assert findings == {"changed_after_backup": [{"change": "changed", "key": {"id": user_id}}],
+                        "unlogged_change": [{"change": "changed", "key": {"id": journal_id}}]}

@@ -681,3 +681,32 @@ def test_what_the_migration_adds_to_the_backup_later_stays_private(
     assert not any(public or monitor for public, monitor in tables.values()), tables
     code, report = verify_json(legacy_no_fk_db, "--check", "backup_private")
     assert code == 0, report
+
+
+RUNBOOK_LOG_QUERIES = (
+    "SELECT * FROM migration_log ORDER BY started_at DESC",
+    "SELECT operation, status, started_at, completed_at, message FROM migration_log "
+    "WHERE started_at > NOW() - INTERVAL '1 day'",
+    "SELECT operation, AVG(EXTRACT(EPOCH FROM (completed_at - started_at))) AS "
+    "avg_duration_seconds FROM migration_log WHERE status = 'completed' GROUP BY operation",
+)
+
+
+def test_migration_log_is_readable_only_where_the_backup_is(
+        legacy_db: str, tmp_path: Path) -> None:
+    """Default privileges would give PUBLIC and another role the log (and its sequence) as
+    the tool creates it; the runbook's queries still work for the migrating role."""
+    execute(legacy_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC, pg_monitor; "
+                       "ALTER DEFAULT PRIVILEGES GRANT SELECT, USAGE ON SEQUENCES "
+                       "TO PUBLIC, pg_monitor")
+    migrate(legacy_db, tmp_path / "migration.log")
+    assert execute(legacy_db, """
+        SELECT r.rolname, c.relname FROM pg_class c
+        CROSS JOIN (SELECT 'pg_monitor' AS rolname UNION ALL SELECT 'public') r
+        WHERE c.oid IN ('public.migration_log'::regclass,
+                        pg_get_serial_sequence('public.migration_log', 'id')::regclass)
+          AND (has_table_privilege(r.rolname, c.oid, 'SELECT')
+               OR (c.relkind = 'S' AND has_sequence_privilege(r.rolname, c.oid, 'USAGE')))
+        """) == []
+    for query in RUNBOOK_LOG_QUERIES:
+        assert execute(legacy_db, query)
