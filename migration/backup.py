@@ -526,7 +526,8 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
                                != table_checksum(cur, backup_name(schema, table), columns, log)):
             raise MigrationError(
                 f"a backup already exists in {schema} and {table} no longer matches it",
-                hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
+                hint="inspect the backup; drop it with cleanup_backup (--force unless a "
+                     "rollback was the last change) to take a new one")
     record = kept_record(cur, plan, under_way=False)
     if written:
         return BackupResult(0, "backup already present and identical to the data, rows the "
@@ -720,7 +721,41 @@ def quarantined_rows(cur: Cursor, schema: str) -> dict[str, int]:
     return held
 
 
-def require(cur: Cursor, schema: str, operation: str) -> None:
+def require(cur: Cursor, plan: Plan, operation: str) -> None:
+    """Refuse ``operation`` without the backup, or with its change log stopped (a rollback
+    stops it): the application's writes from then on would not be told from losses."""
+    schema = plan.backup_schema
     if not exists(cur, schema):
         raise MigrationError(f"{operation} needs the backup in {schema}, and there is none",
                              hint="run --operation=backup_data first")
+    stopped = change_log_stopped(cur, plan)
+    if stopped:
+        raise MigrationError(f"{operation} needs the change log of the backup in {schema}, "
+                             f"and it is stopped on {', '.join(map(str, stopped))} (a rollback "
+                             "stopped it)", hint="run --operation=backup_data first: it starts "
+                                                 "the log again")
+
+
+def change_log_stopped(cur: Cursor, plan: Plan) -> list[Table]:
+    """The plan's tables the backup's change log was started on whose trigger is gone."""
+    logged = meta(plan.backup_schema, "logged_tables")
+    if not catalog.relation_exists(cur.connection, logged):
+        return []  # a backup older than the change log: nothing was ever logged
+    cur.execute(sql.SQL("SELECT table_schema, table_name FROM {} l WHERE NOT EXISTS ("
+                        "SELECT FROM pg_trigger t WHERE t.tgname = %s AND t.tgrelid = "
+                        "to_regclass(format('%%I.%%I', l.table_schema, l.table_name))) "
+                        "ORDER BY 1, 2").format(logged),
+                (change_log_trigger(plan.backup_schema),))
+    return [Table(*row) for row in cur.fetchall() if Table(*row) in plan.tables]
+
+
+def change_log_size(cur: Cursor, schema: str) -> tuple[int, int]:
+    """(rows, bytes on disk, indexes included) of the backup's change log."""
+    table = meta(schema, "change_log")
+    if not catalog.relation_exists(cur.connection, table):
+        return 0, 0
+    cur.execute(sql.SQL("SELECT count(*), pg_total_relation_size(%s::regclass) FROM {}").format(
+        table), (table.as_string(cur.connection),))
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])

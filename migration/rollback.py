@@ -254,9 +254,35 @@ def rollback(session: Session, run_id: int) -> RollbackResult:
             "(cleanup_backup dropped it, or backup_data never ran)",
             hint="restore from the database backup taken before the migration "
                  "(pg_dump / PITR), as the runbook's prerequisites require")
-    if ColumnState.UUID not in states:
-        return discard(session)
-    return revert(session, run_id)
+    result = discard(session) if ColumnState.UUID not in states else revert(session, run_id)
+    stopped = stop_change_log(session)
+    result.message += (f"; the change log is stopped ({stopped} trigger(s) dropped) and the "
+                       f"backup kept in {session.plan.backup_schema}: run "
+                       "--operation=cleanup_backup to drop it (no --force needed after this "
+                       "rollback), or --operation=backup_data before migrating again (it "
+                       "starts the log again and keeps the backup if the tables still equal it)")
+    result.details["change_log_triggers_dropped"] = stopped
+    return result
+
+
+def stop_change_log(session: Session) -> int:
+    """Drop the change log's trigger from each table of the plan, each in a short DDL
+    transaction under lock_timeout (DROP TRIGGER takes an exclusive lock for an instant):
+    rolled back, the tables carry no engine trigger, and the application's writes no longer
+    fill the log.  Quarantined rows are back in their tables by now; the backup stays.
+    Returns the triggers dropped."""
+    name = sql.Identifier(backup.change_log_trigger(session.plan.backup_schema))
+
+    def drop(cur: Cursor, table: Table) -> int:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                    "AND tgname = %s", (catalog.regclass(table), name.strings[0]))
+        if not (cur.fetchone() or [0])[0]:
+            return 0
+        cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(name, table.ident))
+        return 1
+
+    return sum(session.ddl(f"stop the change log on {table}", partial(drop, table=table))
+               for table in sorted(session.plan.tables))
 
 
 def discard(session: Session) -> RollbackResult:

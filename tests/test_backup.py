@@ -314,3 +314,13 @@ def test_the_rollback_names_rows_by_key_and_no_application_data_leaves_the_backu
     findings = {f["check"]: f["samples"] for f in json.loads(details)["findings"]}
     assert findings == {"changed_after_backup": [{"change": "changed", "key": {"id": user_id}}],
                         "unlogged_change": [{"change": "changed", "key": {"id": journal_id}}]}
+
+
+def test_after_the_migration_status_shows_the_change_log_and_the_report_when_to_clean_up(
+        db: str) -> None:
+    result = run_ok(db, "full_migration")
+    assert "run --operation=cleanup_backup" in result.output
+    assert "every application write adds a row to migration_backup.change_log" in result.output
+    assert "change log: 0 row(s)" in run_ok(db, "status").output
+    application_writes(db, 1)
+    assert "change log: 3 row(s)" in run_ok(db, "status").output
