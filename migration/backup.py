@@ -29,8 +29,9 @@ from psycopg2.extras import Json
 
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
-from migration.connection import lock_tables
+from migration.connection import lift_statement_timeout, lock_tables
 from migration.errors import MigrationError
+from migration.log import recorded_in_log
 from migration.model import (
     BACKUP_SCHEMA,
     BACKUP_SCHEMA_LIKE,
@@ -122,6 +123,9 @@ CREATE TABLE {schema}.backfill_progress (
 CREATE TABLE {schema}.quarantine (
     table_schema text NOT NULL, table_name text NOT NULL, quarantine_table text NOT NULL,
     row_count bigint NOT NULL, PRIMARY KEY (table_schema, table_name));
+-- What the tables looked like (recorded.record), written in the copy's own transaction:
+-- a backup never exists without it.  migration_log gets it too (it outlives the backup).
+CREATE TABLE {schema}.recorded_objects (record jsonb NOT NULL);
 -- Keeps a temporary uuid column equal to its source while the backfill runs,
 -- for rows written by anyone else: TG_ARGV = (source column, uuid column).
 CREATE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
@@ -168,10 +172,34 @@ def meta(schema: str, name: str) -> sql.Identifier:
 
 
 def exists(cur: Cursor, schema: str) -> bool:
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (meta(schema, "backup_tables").as_string(
-        cur.connection),))
+    """Whether the backup ``schema`` holds a backup.  Read from the catalog alone: a role
+    without USAGE on the schema (verify as a monitoring role) learns it too."""
+    cur.execute("SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s)",
+                (schema, "backup_tables"))
     row = cur.fetchone()
     return bool(row and row[0])
+
+
+def unreadable(cur: Cursor, schema: str) -> str | None:
+    """Why the current role cannot read the backup ``schema`` (no USAGE on it, or no SELECT
+    on one of its tables: it is private to its owner), naming the role and the owner; None
+    when it can.  From the catalog alone."""
+    cur.execute("SELECT current_user, pg_get_userbyid(n.nspowner), "
+                "has_schema_privilege(n.oid, 'USAGE'), "
+                "(SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c "
+                " WHERE c.relnamespace = n.oid AND c.relkind = 'r' "
+                " AND NOT has_table_privilege(c.oid, 'SELECT')) "
+                "FROM pg_namespace n WHERE n.nspname = %s", (schema,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    role, owner, usage, denied = row
+    if usage and not denied:
+        return None
+    what = f"USAGE on schema {schema}" if not usage else f"SELECT on {schema}.{denied[0]}"
+    return (f"the backup in {schema} is private to {owner}: role {role} has no {what}; "
+            f"run verify as {owner} for this check")
 
 
 def recorded_keys(cur: Cursor) -> dict[str, str]:
@@ -182,6 +210,8 @@ def recorded_keys(cur: Cursor) -> dict[str, str]:
                 "ORDER BY nspname", (BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE))
     keys: dict[str, str] = {}
     for (schema,) in cur.fetchall():
+        if unreadable(cur, schema):
+            continue  # private to the migrating role: a reader passes --key, or gets users.id
         found: list[str] = []
         if catalog.relation_exists(cur.connection, meta(schema, KEY_TABLE)):
             cur.execute(sql.SQL("SELECT key FROM {}").format(meta(schema, KEY_TABLE)))
@@ -363,6 +393,7 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     recorded for the rollback to prove its restore against.
     """
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    lift_statement_timeout(cur)  # the copy reads whole tables
     schema = plan.backup_schema
     if exists(cur, schema):
         return reuse(cur, plan)
@@ -391,15 +422,33 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
             meta(schema, "saved_foreign_keys")),
             (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition, fk.validated))
+    record = expectations(cur, plan)
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s)").format(
+        meta(schema, RECORD_TABLE)), (Json(record),))
     make_private(cur, schema)
-    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows",
-                        expectations(cur, plan))
+    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows", record)
+
+
+RECORD_TABLE = "recorded_objects"
+"""The backup's record of the tables (``recorded.record``), committed with the copy."""
 
 
 def expectations(cur: Cursor, plan: Plan) -> dict[str, Any]:
-    """What the migrated database must have again, by name (``recorded.record``), kept in
-    migration_log so that verify knows it after cleanup_backup dropped the backup."""
+    """What the migrated database must have again, by name (``recorded.record``): kept in
+    the backup with the copy, and in migration_log so that verify knows it after
+    cleanup_backup dropped the backup."""
     return recorded.record(cur, plan)
+
+
+def saved_record(cur: Cursor, schema: str) -> dict[str, Any] | None:
+    """The record the backup holds; None when it holds none (a backup of a version that
+    wrote it to migration_log only)."""
+    table = meta(schema, RECORD_TABLE)
+    if not catalog.relation_exists(cur.connection, table):
+        return None
+    cur.execute(sql.SQL("SELECT record FROM {}").format(table))
+    row = cur.fetchone()
+    return None if row is None else dict(row[0])
 
 
 _SHARED = """
@@ -436,12 +485,14 @@ def shared_privileges(cur: Cursor, schema: str) -> list[SharedPrivilege]:
 
 def make_private(cur: Cursor, name: str) -> None:
     """Revoke what default privileges (ALTER DEFAULT PRIVILEGES) gave others on the backup
-    schema and its tables as they were created: the backup is the migrating role's alone."""
+    schema, its tables and sequences (the change log's) as they were created: the backup
+    is the migrating role's alone."""
     schema = sql.Identifier(name)
     for grantee in sorted({p.grantee or "" for p in shared_privileges(cur, name)}):
         role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
         cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM {r}; "
-                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}").format(
+                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}; "
+                            "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}").format(
             s=schema, r=role))
 
 
@@ -464,7 +515,8 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
     """
     states = {catalog.column_state(cur.connection, key) for key in plan.columns}
     if states != {ColumnState.STRING}:
-        return BackupResult(0, "backup kept: the migration is under way")
+        return BackupResult(0, "backup kept: the migration is under way",
+                            kept_record(cur, plan, under_way=True))
     written = []
     schema = plan.backup_schema
     for table, count, checksum in recorded_checksums(cur, schema):
@@ -477,11 +529,44 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
                                != table_checksum(cur, backup_name(schema, table), columns, log)):
             raise MigrationError(
                 f"a backup already exists in {schema} and {table} no longer matches it",
-                hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
+                hint="inspect the backup; drop it with cleanup_backup (--force unless a "
+                     "rollback was the last change) to take a new one")
+    record = kept_record(cur, plan, under_way=False)
     if written:
         return BackupResult(0, "backup already present and identical to the data, rows the "
-                               f"application changed since excepted ({', '.join(written)}); kept")
-    return BackupResult(0, "backup already present and identical to the data; kept")
+                               f"application changed since excepted ({', '.join(written)}); "
+                               "kept", record)
+    return BackupResult(0, "backup already present and identical to the data; kept", record)
+
+
+def kept_record(cur: Cursor, plan: Plan, *, under_way: bool) -> dict[str, Any]:
+    """The record of the tables a kept backup holds, completed when it holds none.
+
+    A backup of an older version holds none: that version wrote it to
+    migration_log only, after the copy had committed, and a crash in between
+    lost it.  It is taken from migration_log when it is there; else, while
+    the tables are as the backup holds them (not ``under_way``), it is read
+    now, as the backup would have recorded it.  Under way, nothing can tell
+    what the tables looked like: refused, with what to do.
+    """
+    schema = plan.backup_schema
+    record = saved_record(cur, schema)
+    if record is not None:
+        return record
+    record = recorded_in_log(cur, plan.schema, plan.key)
+    if record is None and under_way:
+        raise MigrationError(
+            f"the backup in {schema} holds no record of the tables' indexes, constraints and "
+            "columns (it was taken by an older version, which wrote it to migration_log only, "
+            "and it is not there): verify could not compare the migration with it",
+            hint="run --operation=rollback, then --operation=backup_data again: with the "
+                 "tables back as the backup holds them, it records them")
+    if record is None:
+        record = expectations(cur, plan)
+    table = meta(schema, RECORD_TABLE)
+    create_private(cur, table, sql.SQL("CREATE TABLE {} (record jsonb NOT NULL)").format(table))
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s)").format(table), (Json(record),))
+    return record
 
 
 def recorded_checksums(cur: Cursor, schema: str) -> list[tuple[Table, int, int]]:
@@ -639,7 +724,41 @@ def quarantined_rows(cur: Cursor, schema: str) -> dict[str, int]:
     return held
 
 
-def require(cur: Cursor, schema: str, operation: str) -> None:
+def require(cur: Cursor, plan: Plan, operation: str) -> None:
+    """Refuse ``operation`` without the backup, or with its change log stopped (a rollback
+    stops it): the application's writes from then on would not be told from losses."""
+    schema = plan.backup_schema
     if not exists(cur, schema):
         raise MigrationError(f"{operation} needs the backup in {schema}, and there is none",
                              hint="run --operation=backup_data first")
+    stopped = change_log_stopped(cur, plan)
+    if stopped:
+        raise MigrationError(f"{operation} needs the change log of the backup in {schema}, "
+                             f"and it is stopped on {', '.join(map(str, stopped))} (a rollback "
+                             "stopped it)", hint="run --operation=backup_data first: it starts "
+                                                 "the log again")
+
+
+def change_log_stopped(cur: Cursor, plan: Plan) -> list[Table]:
+    """The plan's tables the backup's change log was started on whose trigger is gone."""
+    logged = meta(plan.backup_schema, "logged_tables")
+    if not catalog.relation_exists(cur.connection, logged):
+        return []  # a backup older than the change log: nothing was ever logged
+    cur.execute(sql.SQL("SELECT table_schema, table_name FROM {} l WHERE NOT EXISTS ("
+                        "SELECT FROM pg_trigger t WHERE t.tgname = %s AND t.tgrelid = "
+                        "to_regclass(format('%%I.%%I', l.table_schema, l.table_name))) "
+                        "ORDER BY 1, 2").format(logged),
+                (change_log_trigger(plan.backup_schema),))
+    return [Table(*row) for row in cur.fetchall() if Table(*row) in plan.tables]
+
+
+def change_log_size(cur: Cursor, schema: str) -> tuple[int, int]:
+    """(rows, bytes on disk, indexes included) of the backup's change log."""
+    table = meta(schema, "change_log")
+    if not catalog.relation_exists(cur.connection, table):
+        return 0, 0
+    cur.execute(sql.SQL("SELECT count(*), pg_total_relation_size(%s::regclass) FROM {}").format(
+        table), (table.as_string(cur.connection),))
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])

@@ -94,7 +94,8 @@ def backup_data(session: Session, run_id: int) -> Outcome:
     """Start the change log (a short lock per table), then copy from one snapshot (no lock)."""
     with session.transaction() as cur:
         taken = backup.exists(cur, session.plan.backup_schema)
-    if not taken:
+        stopped = taken and bool(backup.change_log_stopped(cur, session.plan))
+    if not taken or stopped:  # stopped by a rollback: the backup is kept if still equal
         session.ddl("backup_data: change log",
                     lambda cur: backup.start_change_log(cur, session.plan))
         session.point("backup_data: change log started")
@@ -111,7 +112,7 @@ def migrate_users(session: Session, run_id: int) -> Outcome:
     """
     parent = session.plan.parent
     with session.transaction() as cur:
-        backup.require(cur, session.plan.backup_schema, "migrate_users")
+        backup.require(cur, session.plan, "migrate_users")
     if catalog.column_state(session.conn, parent) is ColumnState.UUID:
         return Outcome(f"{parent} is uuid already: nothing to do")
     children = tuple(key for key in session.plan.children
@@ -131,7 +132,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     plan = session.plan
     parent = plan.parent
     with session.transaction() as cur:
-        backup.require(cur, plan.backup_schema, "migrate_foreign_keys")
+        backup.require(cur, plan, "migrate_foreign_keys")
     states = {key: catalog.column_state(session.conn, key) for key in plan.columns}
     if all(state is ColumnState.UUID for state in states.values()):
         for key in plan.columns:
@@ -196,6 +197,11 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
     last_check = next((e for e in entries if e.operation == "validate_migration"), None)
     validated = (last_check is not None and last_check.status == "completed"
                  and (last_change is None or last_check.id > last_change.id))
+    # A completed rollback left the tables as the backup holds them (it checks so):
+    # the backup has nothing more to give, and nothing to validate.
+    rolled_back = (last_change is not None and last_change.operation == "rollback"
+                   and last_change.status == "completed")
+    validated = validated or rolled_back
     if not validated and not session.settings.force:
         raise MigrationError(
             "cleanup_backup refused: no passing validate_migration after the last change "
@@ -247,7 +253,13 @@ def full_migration(session: Session, run_id: int) -> Outcome:
         done.append(name)
         if name in ("migrate_users", "migrate_foreign_keys"):
             rows += outcome.rows  # the rows converted, as the steps count them
-    return Outcome("migration complete and validated: " + ", ".join(done), rows=rows)
+    schema = session.plan.backup_schema
+    return Outcome("migration complete and validated: " + ", ".join(done) + ". The backup "
+                   f"stays in {schema}, for a rollback, with its change log: every application "
+                   f"write adds a row to {schema}.change_log (status shows its size). Once "
+                   "verify passes and no rollback will be needed, run "
+                   "--operation=cleanup_backup: it drops both, and the log's triggers",
+                   rows=rows)
 
 
 def status(session: Session) -> Outcome:
@@ -266,6 +278,8 @@ def status(session: Session) -> Outcome:
     session.conn.rollback()
     lines.insert(0, f"key: {session.plan.key}")
     lines.append(f"backup: {'present' if has_backup else 'none'} ({session.plan.backup_schema})")
+    if has_backup:
+        lines.append(_change_log_line(session))
     lines += [f"names {line}" for line in chosen]
     for schema, table, column, rows, at in progress:
         lines.append(f"backfill {schema}.{table}.{column}: {rows:,} rows done (at {at})")
@@ -281,6 +295,20 @@ def status(session: Session) -> Outcome:
         lines.insert(1, empty.removeprefix("; "))
     return Outcome(f"stage: {stage}\n" + "\n".join(lines),
                    details={"stage": stage, "key": session.plan.key})
+
+
+def _change_log_line(session: Session) -> str:
+    """The change log's size, and whether its triggers still log every application write."""
+    plan = session.plan
+    with session.transaction() as cur:
+        rows, size = backup.change_log_size(cur, plan.backup_schema)
+        stopped = backup.change_log_stopped(cur, plan)
+    session.conn.rollback()
+    line = f"change log: {rows:,} row(s), {size / 1024:,.0f} kB ({plan.backup_schema}.change_log)"
+    if len(stopped) == len(plan.tables):
+        return line + "; stopped (a rollback dropped its triggers)"
+    return line + ("; each application write to the plan's tables adds a row until "
+                   "cleanup_backup drops it with the backup")
 
 
 def _log_line(entry: LogEntry) -> str:

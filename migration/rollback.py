@@ -116,21 +116,21 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
 
     The application's writes are counted from the change log (INFO: the
     rollback keeps them); any other difference from the backup, a write the log
-    did not see, is reported apart (WARN).
+    did not see, is reported apart (WARN).  Each row is named by its key (its
+    primary key, else its key columns), never by its content: the findings go
+    to migration_log and the output, and no application data leaves the backup.
     """
     findings = []
     for table, keys in _keys_by_table(session).items():
         log = backup.change_log(cur, session.plan.backup_schema, table, keys)
         ignored = [k.column for k in keys] + [k.temp for k in keys]
-        findings += _logged_changes(cur, table, log, ignored)
+        findings += _logged_changes(cur, table, log)
         findings += _unlogged_changes(cur, table, keys, log, ignored)
     return findings
 
 
-def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
-                    ignored: list[str]) -> list[Finding]:
-    """The rows in the change log, each with its last logged write and its row now
-    (or in the backup, once deleted)."""
+def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog) -> list[Finding]:
+    """The rows in the change log, each by its logged key, with its last logged write."""
     if not log.columns:
         return []
     cur.execute(sql.SQL(
@@ -141,18 +141,11 @@ def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
                                      = (%(log_schema)s, %(log_table)s, g.row_key)
                                ORDER BY c.id DESC LIMIT 1) AS operation
             FROM logged g)
-        SELECT g.kind, g.total, coalesce(to_jsonb(l) - %(ignored)s::text[],
-                                         to_jsonb(b) - %(ignored)s::text[], g.row_key)
-        FROM (SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
-                                    ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
-              FROM last ORDER BY 1, row_key LIMIT %(n)s) g
-        LEFT JOIN {live} l ON {in_live}
-        LEFT JOIN {copy} b ON {in_copy}
-        ORDER BY g.kind, g.row_key
-        """).format(logged=log.cte(), change_log=backup.meta(log.schema, "change_log"),
-                    live=table.ident, copy=backup.backup_name(log.schema, table),
-                    in_live=log.matches("l", "g"), in_copy=log.matches("b", "g")),
-        {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
+        SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
+                              ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
+        FROM last ORDER BY 1, row_key LIMIT %(n)s
+        """).format(logged=log.cte(), change_log=backup.meta(log.schema, "change_log")),
+        {"n": SAMPLE_LIMIT, **log.params})
     rows = cur.fetchall()
     if not rows:
         return []
@@ -160,7 +153,7 @@ def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
         "changed_after_backup", Status.INFO,
         f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
         "the backup (change log)", subject=str(table), count=int(rows[0][1]),
-        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        samples=[{"change": kind, "key": key} for kind, _, key in rows],
         hint="the rollback keeps them as the application left them (new ids as canonical "
              "text)")]
 
@@ -190,13 +183,17 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
     if catalog.relation_exists(conn, quarantined):
         in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
             quarantined, same_row)
+    named_by = pk or [k.column for k in keys]  # no primary key: the key columns name it
+    row_key = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+        sql.SQL("{c}, coalesce(to_jsonb(l) -> {c}, to_jsonb(b) -> {c})").format(c=sql.Literal(c))
+        for c in named_by))
     cur.execute(sql.SQL(
         """
         WITH {logged}
-        SELECT kind, count(*) OVER (), row_data FROM (
+        SELECT kind, count(*) OVER (), row_key FROM (
             SELECT CASE WHEN b IS NULL THEN 'inserted'
                         WHEN l IS NULL THEN 'deleted' ELSE 'changed' END AS kind,
-                   coalesce(to_jsonb(l), to_jsonb(b)) - %(ignored)s::text[] AS row_data,
+                   {row_key} AS row_key,
                    coalesce(to_jsonb(l), to_jsonb(b)) AS ordering
             FROM {backup} b FULL JOIN {live} l ON {join}
             WHERE ((b IS NULL) OR (l IS NULL AND NOT {in_quarantine})
@@ -205,7 +202,7 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
                     OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[])))
               AND NOT {logged_b} AND NOT {logged_l}
         ) d ORDER BY kind, ordering LIMIT %(n)s
-        """).format(logged=log.cte(), backup=saved, live=live, join=join,
+        """).format(logged=log.cte(), backup=saved, live=live, join=join, row_key=row_key,
                     in_quarantine=in_quarantine, same_keys=same_keys,
                     logged_b=log.holds("b"), logged_l=log.holds("l")),
         {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
@@ -216,7 +213,7 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
         "unlogged_change", Status.WARN,
         f"{rows[0][1]} row(s) differ from the backup without a write in the change log",
         subject=str(table), count=int(rows[0][1]),
-        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        samples=[{"change": kind, "key": key} for kind, _, key in rows],
         hint="find out who changed them (triggers disabled, or the engine's own setting); "
              "the rollback keeps them as they are")]
 
@@ -275,9 +272,35 @@ def rollback(session: Session, run_id: int) -> RollbackResult:
             "(cleanup_backup dropped it, or backup_data never ran)",
             hint="restore from the database backup taken before the migration "
                  "(pg_dump / PITR), as the runbook's prerequisites require")
-    if ColumnState.UUID not in states:
-        return discard(session)
-    return revert(session, run_id)
+    result = discard(session) if ColumnState.UUID not in states else revert(session, run_id)
+    stopped = stop_change_log(session)
+    result.message += (f"; the change log is stopped ({stopped} trigger(s) dropped) and the "
+                       f"backup kept in {session.plan.backup_schema}: run "
+                       "--operation=cleanup_backup to drop it (no --force needed after this "
+                       "rollback), or --operation=backup_data before migrating again (it "
+                       "starts the log again and keeps the backup if the tables still equal it)")
+    result.details["change_log_triggers_dropped"] = stopped
+    return result
+
+
+def stop_change_log(session: Session) -> int:
+    """Drop the change log's trigger from each table of the plan, each in a short DDL
+    transaction under lock_timeout (DROP TRIGGER takes an exclusive lock for an instant):
+    rolled back, the tables carry no engine trigger, and the application's writes no longer
+    fill the log.  Quarantined rows are back in their tables by now; the backup stays.
+    Returns the triggers dropped."""
+    name = sql.Identifier(backup.change_log_trigger(session.plan.backup_schema))
+
+    def drop(cur: Cursor, table: Table) -> int:
+        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                    "AND tgname = %s", (catalog.regclass(table), name.strings[0]))
+        if not (cur.fetchone() or [0])[0]:
+            return 0
+        cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(name, table.ident))
+        return 1
+
+    return sum(session.ddl(f"stop the change log on {table}", partial(drop, table=table))
+               for table in sorted(session.plan.tables))
 
 
 def discard(session: Session) -> RollbackResult:
