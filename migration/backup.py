@@ -121,32 +121,75 @@ CREATE TABLE {schema}.backfill_progress (
 CREATE TABLE {schema}.quarantine (
     table_schema text NOT NULL, table_name text NOT NULL, quarantine_table text NOT NULL,
     row_count bigint NOT NULL, PRIMARY KEY (table_schema, table_name));
--- Keeps a temporary uuid column equal to its source while the backfill runs,
--- for rows written by anyone else: TG_ARGV = (source column, uuid column).
-CREATE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
+"""
+
+# Keep a key column's copy equal to it for the rows others write while the copy exists (the
+# engine fills copies itself: the triggers' WHEN leaves its writes out).  Fired by every
+# INSERT and UPDATE, whatever columns it writes, so that a row whose copy the fill has not
+# reached yet (or missed) is filled by the application's next write to it instead of
+# rejected by the fill proof.  A copy that holds the key's value already is kept as it is: a
+# write that leaves the key's value alone (an ORM writes every column back) keeps the
+# spelling the rollback gave a string copy.
+# A foreign key and its copy both act on a write to the parent, in their triggers' name
+# order (their OIDs as text), so the copy's may act first, on the copy alone.  ON UPDATE
+# CASCADE: the copy stays the key's until the original's cascade changes the key.  SET NULL
+# (and SET DEFAULT, the key having no default): the key is set NULL with it, as the
+# original would; kept the key's, the copy's SET DEFAULT, which then looks for rows still
+# referring to the parent, would fail.  Such an action is told by the key unchanged, the
+# copy the key's before, NULL now, written by a trigger (pg_trigger_depth() > 1).
+SYNC_FUNCTIONS = """
+-- TG_ARGV = (key column, copy column).
+CREATE OR REPLACE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    written jsonb := to_jsonb(NEW);
+    value uuid := (written ->> TG_ARGV[0])::uuid;
 BEGIN
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(
-        TG_ARGV[1], (to_jsonb(NEW) ->> TG_ARGV[0])::uuid));
-    RETURN NEW;
+    IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+       AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
+       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
+                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
+        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    END IF;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[1], value));
 END $$;
 -- On the way back, a referencing column's string copy takes the spelling of the
 -- row it refers to (a foreign key between strings compares them byte for byte):
--- TG_ARGV = (source column, copy column, parent schema, parent table, parent key,
+-- TG_ARGV = (key column, copy column, parent schema, parent table, parent key,
 -- parent's copy column).
-CREATE FUNCTION {schema}.sync_reference_column() RETURNS trigger
+CREATE OR REPLACE FUNCTION {schema}.sync_reference_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
+    written jsonb := to_jsonb(NEW);
+    value uuid := (written ->> TG_ARGV[0])::uuid;
     spelled text;
 BEGIN
+    IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+       AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
+       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
+                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
+        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    END IF;
     EXECUTE format('SELECT %I::text FROM %I.%I WHERE %I = $1',
                    TG_ARGV[5], TG_ARGV[2], TG_ARGV[3], TG_ARGV[4])
-        INTO spelled USING (to_jsonb(NEW) ->> TG_ARGV[0])::uuid;
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(
-        TG_ARGV[1], coalesce(spelled, to_jsonb(NEW) ->> TG_ARGV[0])));
-    RETURN NEW;
+        INTO spelled USING value;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(
+        TG_ARGV[1], coalesce(spelled, written ->> TG_ARGV[0])));
 END $$;
 """
+
+NOT_THE_ENGINE = sql.SQL("current_setting('uuid_migration.engine', true) IS DISTINCT FROM 'on'")
+"""The WHEN of the engine's triggers: the engine's own sessions set the marker."""
 
 
 # Every function here takes the backup schema it works in, the plan's
