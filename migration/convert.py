@@ -129,13 +129,18 @@ def stale_sync_trigger(cur: Cursor, schema: str, key: KeyColumn) -> bool | None:
 
 
 def upgrade_triggers(session: Session, *, back: bool) -> None:
-    """Bring the sync triggers a run of an older version made up to this one's, each table
-    in a short transaction of its own: those of the plan's copies that exist (``back``: the
-    string copies, on the way back)."""
+    """Bring the triggers a run of an older version made up to this one's, each table in a
+    short transaction of its own: the change log's on the plan's tables, and the sync
+    triggers of the plan's copies that exist (``back``: the string copies, on the way back)."""
     schema = session.plan.backup_schema
     plan = session.plan.reversed() if back else session.plan
     with session.transaction() as cur:
+        stale_logs = [table for table in sorted(plan.tables)
+                      if not backup.change_log_is_current(cur, schema, table)]
         stale_syncs = {key: stale_sync_trigger(cur, schema, key) for key in plan.columns}
+    for table in stale_logs:
+        session.ddl(f"upgrade the change log on {table}",
+                    partial(backup.upgrade_change_log, schema=schema, table=table))
     for key, follows in stale_syncs.items():
         if follows is not None:
             session.ddl(f"upgrade {key.helper('sync')} on {key.table}",

@@ -17,17 +17,23 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
+from migration import backup, verify
 from migration.model import Table, shadow_name
 from migration.operations import OPERATIONS, run
+from migration.report import Status
 from migration.session import Session, Settings
-from tests.operate import execute, print_of, run_in_process, run_ok
+from tests.operate import execute, operate, print_of, run_in_process, run_ok
+from tests.test_no_primary_key import no_pk_db
 from tests.test_rollback import UPPER, Scenario, scenario, seeded
 
-__all__ = ["scenario", "seeded"]  # the fixtures this module borrows
+__all__ = ["no_pk_db", "scenario", "seeded"]  # the fixtures this module borrows
 
 REMINDERS = Table("public", "reminders")
 REMINDERS_FK = "reminders_user_id_fkey"
-
+ENGINE_TRIGGERS = ("SELECT c.relname, t.tgname, t.tgenabled::text FROM pg_trigger t "
+                   "JOIN pg_class c ON c.oid = t.tgrelid WHERE NOT t.tgisinternal "
+                   "AND c.relname IN ('users', 'journal_entries', 'tags', 'reminders') "
+                   "ORDER BY 1, 2")
 
 
 def action_triggers(dsn: str, event: int) -> list[tuple[object, ...]]:
@@ -148,3 +154,119 @@ def test_a_write_that_keeps_the_key_keeps_its_original_spelling_on_the_way_back(
                                           "WHERE email = 'upper@example.com'") == []
     after = print_of(s.dsn)
     assert after == before, "\n".join(before.diff(after))
+
+
+def test_writes_in_replica_mode_fire_the_engine_s_triggers(
+        scenario: Callable[..., Scenario]) -> None:
+    """Logical replication's apply, ``pg_restore --disable-triggers`` and bulk loaders write
+    with ``session_replication_role = replica``, which skips ENABLE ORIGIN triggers (the
+    default).  Played by the superuser (only it, or a role granted SET on the parameter,
+    may set it): its rows get their copies and are in the change log."""
+    s = scenario()
+    run_ok(s.dsn, "backup_data")
+    run_ok(s.dsn, "migrate_users")
+    replica = "SET session_replication_role = replica; "
+    execute(s.admin_dsn, replica + "INSERT INTO users (email) VALUES ('replica@example.com')")
+    execute(s.admin_dsn, replica + "UPDATE users SET id = upper(id) "
+                                   "WHERE email = 'replica@example.com'")
+    assert execute(s.dsn, "SELECT id_uuid = id::uuid FROM users "
+                          "WHERE email = 'replica@example.com'") == [(True,)]
+    assert execute(s.dsn, "SELECT operation, count(*) FROM migration_backup.change_log "
+                          "WHERE table_name = 'users' GROUP BY 1 ORDER BY 1") == [
+        ("INSERT", 1), ("UPDATE", 2)]
+    assert {(table, name): state for table, name, state in execute(s.dsn, ENGINE_TRIGGERS)} == {
+        **{(table, name): "A" for table in ("journal_entries", "reminders", "tags", "users")
+           for name in (backup.CHANGE_LOG_TRIGGER,
+                        backup.change_log_truncate_trigger(backup.BACKUP_SCHEMA))},
+        ("users", "migration_sync_id"): "A"}
+    run_ok(s.dsn, "migrate_foreign_keys")
+    run_ok(s.dsn, "validate_migration")
+
+
+def test_a_resumed_run_makes_an_older_backup_s_triggers_fire_always(
+        scenario: Callable[..., Scenario]) -> None:
+    """A backup an older version took has ENABLE ORIGIN triggers, a sync trigger on UPDATE
+    OF the key only and no TRUNCATE trigger: the next step brings them up to date."""
+    s = scenario()
+    run_ok(s.dsn, "backup_data")
+    run_ok(s.dsn, "migrate_users")
+    truncate = backup.change_log_truncate_trigger(backup.BACKUP_SCHEMA)
+    for table in ("users", "journal_entries", "tags", "reminders"):
+        execute(s.dsn, sql.SQL("ALTER TABLE {table} ENABLE TRIGGER {log}; "
+                               "DROP TRIGGER {truncate} ON {table}").format(
+            table=sql.Identifier(table), log=sql.Identifier(backup.CHANGE_LOG_TRIGGER),
+            truncate=sql.Identifier(truncate)))
+    execute(s.dsn, "CREATE OR REPLACE TRIGGER migration_sync_id BEFORE INSERT OR UPDATE OF id "
+                   "ON users FOR EACH ROW EXECUTE FUNCTION "
+                   "migration_backup.sync_uuid_column('id', 'id_uuid')")
+    s.crash("migrate_foreign_keys", "swap#1")
+    states = execute(s.dsn, ENGINE_TRIGGERS)
+    assert {state for _, _, state in states} == {"A"}
+    assert len(states) == 4 * 2 + 4  # the change log's two on each table, four sync triggers
+    execute(s.admin_dsn, "SET session_replication_role = replica; "
+                         "UPDATE users SET email = email WHERE id = (SELECT min(id) FROM users)")
+    run_ok(s.dsn, "migrate_foreign_keys")
+    run_ok(s.dsn, "validate_migration")
+
+
+def test_an_application_truncate_is_logged_reported_and_kept_by_the_rollback(
+        scenario: Callable[..., Scenario]) -> None:
+    """Row triggers do not see a TRUNCATE: a statement trigger logs it, and the table's
+    rows are then all the application's, reported, not compared; the rollback keeps the
+    truncation (and the row written since), as it keeps the application's other writes."""
+    s = scenario()
+    run_ok(s.dsn, "full_migration")
+    execute(s.dsn, "TRUNCATE reminders")
+    execute(s.dsn, "INSERT INTO reminders (user_id, remind_at, note) "
+                   "SELECT id, now(), 'after' FROM users ORDER BY id LIMIT 1")
+    assert execute(s.dsn, "SELECT operation FROM migration_backup.change_log "
+                          "WHERE table_name = 'reminders' ORDER BY id") == [
+        ("TRUNCATE",), ("INSERT",)]
+    checked = run_ok(s.dsn, "validate_migration").output
+    assert "public.reminders: truncated by the application since the backup" in checked
+    findings = verify.run(s.dsn, "public", None)
+    assert [f for f in findings if f.status is Status.FAIL] == []
+    assert any(f.subject == "public.reminders" and "truncated" in f.message for f in findings)
+    rolled = run_ok(s.dsn, "rollback")
+    assert "it truncated the table: the backup's rows are not put back" in rolled.output
+    assert execute(s.dsn, "SELECT note FROM reminders") == [("after",)]
+    after = print_of(s.dsn)
+    assert after.schema == s.original.schema, "\n".join(s.original.diff(after))
+
+
+def test_a_null_key_in_a_table_without_a_primary_key_matches_its_log_entry(
+        no_pk_db: str) -> None:
+    """user_devices is logged by user_id (it has no primary key): a row the application
+    inserts with a NULL user_id is in the log as NULL, which must match it."""
+    run_ok(no_pk_db, "full_migration")
+    execute(no_pk_db, "INSERT INTO user_devices (user_id, device) VALUES (NULL, 'no-user')")
+    run_ok(no_pk_db, "validate_migration")
+    assert [f for f in verify.run(no_pk_db, "public", None) if f.status is Status.FAIL] == []
+    result = run_ok(no_pk_db, "rollback")
+    assert "unlogged" not in result.output
+    assert execute(no_pk_db, "SELECT count(*) FROM user_devices WHERE device = 'no-user'") == [
+        (1,)]
+
+
+def test_a_key_that_is_not_a_uuid_in_the_change_log_is_a_finding_not_a_failure(
+        scenario: Callable[..., Scenario]) -> None:
+    """An id that is not a UUID, written and deleted by the application after the backup,
+    stays in the change log: validation, verify and the rollback name it (table and value)
+    and run to the end."""
+    s = scenario()
+    run_ok(s.dsn, "backup_data")
+    execute(s.dsn, "INSERT INTO users (id, email) VALUES ('not-a-uuid', 'bad@example.com')")
+    execute(s.dsn, "DELETE FROM users WHERE id = 'not-a-uuid'")
+    run_ok(s.dsn, "migrate_users")
+    run_ok(s.dsn, "migrate_foreign_keys")
+    checked = " ".join(run_ok(s.dsn, "validate_migration").output.split())
+    assert "public.users: 1 key(s) in the change log are not UUIDs" in checked, checked
+    assert "not-a-uuid" in checked
+    findings = verify.run(s.dsn, "public", None)
+    assert [f for f in findings if f.status is Status.FAIL] == []
+    named = [f for f in findings if f.status is Status.WARN and f.subject == "public.users"]
+    assert [sample["id"] for f in named for sample in f.samples] == ["not-a-uuid"]
+    rolled = operate(s.dsn, "rollback")
+    assert rolled.exit_code == 0, rolled.output
+    assert "not-a-uuid" in rolled.output
+    s.assert_original()
