@@ -162,14 +162,16 @@ class Walk:
     ``PAGES`` (a table without either): a batch is the rows whose ``ctid`` is in
     ``[(p,0), (p+n,0))``, read by a TID range scan (PostgreSQL 14 and later),
     the checkpoint the next page ``p+n``.  A row that an application's UPDATE
-    moves to a page behind the checkpoint (or past the walk's end) while its
-    copy is still empty is not walked again: the fill proof
-    (``prove_filled``) finds it and ``fill_missed_rows`` fills it, which is what
-    makes the page walk complete, as it does for a key moved behind a key
-    checkpoint.  The walk ends at the table's last page when the column was
-    added: the fill's own updates move rows to new pages past it, and are not
-    walked again; a row the fill moves onto a page still ahead (free space
-    there) is filled a second time, a wasted write and nothing worse.
+    moves to a page behind the checkpoint (or past the walk's end) gets its copy
+    from the sync trigger, which fires for every write; one moved there by a
+    write the trigger does not see (triggers disabled) while its copy is still
+    empty is not walked again: the fill proof (``prove_filled``) finds it and
+    ``fill_missed_rows`` fills it, which is what makes the page walk complete,
+    as it does for a key moved behind a key checkpoint.  The walk ends at the
+    table's last page when the column was added: the fill's own updates move
+    rows to new pages past it, and are not walked again; a row the fill moves
+    onto a page still ahead (free space there) is filled a second time, a
+    wasted write and nothing worse.
     """
 
     columns: tuple[str, ...]
@@ -501,7 +503,8 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
     A row is missed when a write moves it behind a slice's checkpoint while
     the fill runs: it changes its walk key, or (a page walk) an UPDATE puts
     its new version on a page already walked or past the walk's end.  The
-    sync trigger follows writes to the string column, not to the rest.  Left
+    sync trigger fills the copy of every row the application writes, so only
+    a write it does not see (the table's triggers disabled) leaves one.  Left
     so, a nullable reference would become NULL at the swap.  The ``filled``
     CHECK, already in force for new writes, keeps any more from appearing, so
     after this scan it validates.
