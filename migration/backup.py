@@ -41,6 +41,7 @@ from migration.model import (
     fit_name,
 )
 from migration.plan import Plan
+from migration.report import SAMPLE_LIMIT
 from migration.sqlexpr import column_list
 
 CHANGE_LOG_FUNCTION = "log_change"
@@ -73,6 +74,11 @@ DECLARE
     old_key jsonb;
     new_key jsonb;
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN  -- the statement trigger: every row of the table went
+        INSERT INTO {schema}.change_log (table_schema, table_name, operation, row_key)
+        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP, '{{}}');
+        RETURN NULL;
+    END IF;
     IF TG_OP <> 'INSERT' THEN
         SELECT jsonb_object_agg(k, to_jsonb(OLD) -> k) INTO old_key FROM unnest(TG_ARGV) AS k;
         INSERT INTO {schema}.change_log (table_schema, table_name, operation, row_key)
@@ -126,32 +132,75 @@ CREATE TABLE {schema}.quarantine (
 -- What the tables looked like (recorded.record), written in the copy's own transaction:
 -- a backup never exists without it.  migration_log gets it too (it outlives the backup).
 CREATE TABLE {schema}.recorded_objects (record jsonb NOT NULL);
--- Keeps a temporary uuid column equal to its source while the backfill runs,
--- for rows written by anyone else: TG_ARGV = (source column, uuid column).
-CREATE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
+"""
+
+# Keep a key column's copy equal to it for the rows others write while the copy exists (the
+# engine fills copies itself: the triggers' WHEN leaves its writes out).  Fired by every
+# INSERT and UPDATE, whatever columns it writes, so that a row whose copy the fill has not
+# reached yet (or missed) is filled by the application's next write to it instead of
+# rejected by the fill proof.  A copy that holds the key's value already is kept as it is: a
+# write that leaves the key's value alone (an ORM writes every column back) keeps the
+# spelling the rollback gave a string copy.
+# A foreign key and its copy both act on a write to the parent, in their triggers' name
+# order (their OIDs as text), so the copy's may act first, on the copy alone.  ON UPDATE
+# CASCADE: the copy stays the key's until the original's cascade changes the key.  SET NULL
+# (and SET DEFAULT, the key having no default): the key is set NULL with it, as the
+# original would; kept the key's, the copy's SET DEFAULT, which then looks for rows still
+# referring to the parent, would fail.  Such an action is told by the key unchanged, the
+# copy the key's before, NULL now, written by a trigger (pg_trigger_depth() > 1).
+SYNC_FUNCTIONS = """
+-- TG_ARGV = (key column, copy column).
+CREATE OR REPLACE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    written jsonb := to_jsonb(NEW);
+    value uuid := (written ->> TG_ARGV[0])::uuid;
 BEGIN
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(
-        TG_ARGV[1], (to_jsonb(NEW) ->> TG_ARGV[0])::uuid));
-    RETURN NEW;
+    IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+       AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
+       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
+                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
+        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    END IF;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[1], value));
 END $$;
 -- On the way back, a referencing column's string copy takes the spelling of the
 -- row it refers to (a foreign key between strings compares them byte for byte):
--- TG_ARGV = (source column, copy column, parent schema, parent table, parent key,
+-- TG_ARGV = (key column, copy column, parent schema, parent table, parent key,
 -- parent's copy column).
-CREATE FUNCTION {schema}.sync_reference_column() RETURNS trigger
+CREATE OR REPLACE FUNCTION {schema}.sync_reference_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
+    written jsonb := to_jsonb(NEW);
+    value uuid := (written ->> TG_ARGV[0])::uuid;
     spelled text;
 BEGIN
+    IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+       AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
+       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
+                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
+        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    END IF;
     EXECUTE format('SELECT %I::text FROM %I.%I WHERE %I = $1',
                    TG_ARGV[5], TG_ARGV[2], TG_ARGV[3], TG_ARGV[4])
-        INTO spelled USING (to_jsonb(NEW) ->> TG_ARGV[0])::uuid;
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(
-        TG_ARGV[1], coalesce(spelled, to_jsonb(NEW) ->> TG_ARGV[0])));
-    RETURN NEW;
+        INTO spelled USING value;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(
+        TG_ARGV[1], coalesce(spelled, written ->> TG_ARGV[0])));
 END $$;
 """
+
+NOT_THE_ENGINE = sql.SQL("current_setting('uuid_migration.engine', true) IS DISTINCT FROM 'on'")
+"""The WHEN of the engine's triggers: the engine's own sessions set the marker."""
 
 
 # Every function here takes the backup schema it works in, the plan's
@@ -271,6 +320,12 @@ def change_log_trigger(schema: str) -> str:
     return fit_name(CHANGE_LOG_TRIGGER + schema.removeprefix(BACKUP_SCHEMA))
 
 
+def change_log_truncate_trigger(schema: str) -> str:
+    """The name of the change log's statement trigger ``AFTER TRUNCATE`` (row triggers do
+    not see a TRUNCATE) of backup ``schema`` on each table."""
+    return fit_name(CHANGE_LOG_TRIGGER + "_truncate" + schema.removeprefix(BACKUP_SCHEMA))
+
+
 def start_change_log(cur: Cursor, plan: Plan) -> None:
     """Create the change log and its triggers on the plan's tables (idempotent).
 
@@ -293,12 +348,54 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
                             "(table_schema, table_name) DO UPDATE SET key_columns = "
                             "excluded.key_columns").format(meta(schema, "logged_tables")),
                     (table.schema, table.name, columns))
-        cur.execute(sql.SQL(
-            "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
-            "FOR EACH ROW WHEN (current_setting('uuid_migration.engine', true) "
-            "IS DISTINCT FROM 'on') EXECUTE FUNCTION {function}({args})"
-        ).format(name=sql.Identifier(change_log_trigger(schema)), table=table.ident,
-                 function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
+        log_table(cur, schema, table, columns)
+
+
+def log_table(cur: Cursor, schema: str, table: Table, columns: list[str]) -> None:
+    """The change log's triggers on ``table``, ENABLE ALWAYS in this same transaction: a
+    row trigger logging the key of every row written, and a statement trigger logging a
+    TRUNCATE.  Writes with ``session_replication_role = replica`` (logical replication's
+    apply, ``pg_restore --disable-triggers``, bulk loaders) fire them too."""
+    function = meta(schema, CHANGE_LOG_FUNCTION)
+    row, truncate = change_log_trigger(schema), change_log_truncate_trigger(schema)
+    cur.execute(sql.SQL(
+        "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+        "FOR EACH ROW WHEN ({mine}) EXECUTE FUNCTION {function}({args})"
+    ).format(name=sql.Identifier(row), table=table.ident, mine=NOT_THE_ENGINE,
+             function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
+    cur.execute(sql.SQL(
+        "CREATE OR REPLACE TRIGGER {name} AFTER TRUNCATE ON {table} "
+        "FOR EACH STATEMENT WHEN ({mine}) EXECUTE FUNCTION {function}()"
+    ).format(name=sql.Identifier(truncate), table=table.ident, mine=NOT_THE_ENGINE,
+             function=function))
+    for name in (row, truncate):  # CREATE OR REPLACE makes a trigger ENABLE ORIGIN again
+        cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(
+            table.ident, sql.Identifier(name)))
+
+
+def change_log_is_current(cur: Cursor, schema: str, table: Table) -> bool:
+    """Whether ``table`` has both of this version's change log triggers, ENABLE ALWAYS (a
+    backup an older version took has one, ENABLE ORIGIN), or no change log at all."""
+    cur.execute("SELECT count(*) FILTER (WHERE tgname = %(row)s), "
+                "count(*) FILTER (WHERE tgenabled = 'A') FROM pg_trigger "
+                "WHERE tgrelid = to_regclass(%(table)s) AND tgname IN (%(row)s, %(truncate)s)",
+                {"table": catalog.regclass(table), "row": change_log_trigger(schema),
+                 "truncate": change_log_truncate_trigger(schema)})
+    logged, always = cur.fetchone() or (0, 0)
+    return not logged or always == 2
+
+
+def upgrade_change_log(cur: Cursor, schema: str, table: Table) -> None:
+    """Bring the change log on ``table`` that an older version started up to this one's:
+    its function (which logs TRUNCATE now) and its triggers, by the columns it logged."""
+    cur.execute(sql.SQL(_CHANGE_LOG).format(schema=sql.Identifier(schema),
+                                            function=meta(schema, CHANGE_LOG_FUNCTION)))
+    cur.execute(sql.SQL("SELECT key_columns FROM {} WHERE (table_schema, table_name) = "
+                        "(%s, %s)").format(meta(schema, "logged_tables")),
+                (table.schema, table.name))
+    row = cur.fetchone()
+    if row is not None:
+        log_table(cur, schema, table, list(row[0]))
 
 
 def record_key(cur: Cursor, plan: Plan) -> None:
@@ -324,15 +421,26 @@ def logged_columns(cur: Cursor, plan: Plan, table: Table) -> list[str]:
         key.column for key in plan.columns if key.table == table]
 
 
+UUID_INPUT = r"^(\{[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}\}|[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7})$"
+"""What the uuid type's input function accepts (``string_to_uuid``): 32 hex digits, a hyphen
+allowed after any group of four, the whole maybe in braces.  The change log's keys are
+tested with it before they are cast: the application may have written anything there, and
+``verify``'s read-only transaction cannot create the checker servers before 16 need
+(``sqlexpr.is_uuid``)."""
+
+
 @dataclass(frozen=True)
 class ChangeLog:
     """The rows of one table the application wrote since the backup, as SQL to match rows with.
 
     A row is in the log when each of its logged columns equals the logged
-    key: key columns of the plan as uuid (the backup holds strings, the live
-    table uuid after the swap, and the application may have written any
-    spelling), other columns by value.  Queries using it start with
-    ``WITH {cte}`` and pass ``params``.
+    key, NULL matching NULL: key columns of the plan as uuid (the backup holds
+    strings, the live table uuid after the swap, and the application may have
+    written any spelling; a logged value that is not a UUID matches no row),
+    other columns by value.  The key is compared as one jsonb array, which
+    the server hashes.  A TRUNCATE in the log holds every row: the backup's
+    rows all went by the application's hand, and the rows since are logged.
+    Queries using it start with ``WITH {cte}`` and pass ``params``.
     """
 
     schema: str  # the backup schema
@@ -341,30 +449,68 @@ class ChangeLog:
     converted: frozenset[str]
 
     def cte(self) -> sql.Composable:
-        """``logged``: the distinct keys logged for the table, read once per query."""
+        """``logged``: the distinct keys logged for the table, read once per query, each
+        with its ``ident`` (what ``matches`` compares; NULL for a TRUNCATE) and whether it
+        is a TRUNCATE's (``truncated``)."""
         if not self.columns:
-            return sql.SQL("logged AS MATERIALIZED (SELECT NULL::jsonb AS row_key WHERE false)")
-        return sql.SQL("logged AS MATERIALIZED (SELECT DISTINCT row_key FROM {} WHERE "
-                       "(table_schema, table_name) = (%(log_schema)s, %(log_table)s))").format(
-            meta(self.schema, "change_log"))
+            return sql.SQL("logged AS MATERIALIZED (SELECT NULL::jsonb AS row_key, "
+                           "NULL::jsonb AS ident, false AS truncated WHERE false)")
+        values = sql.SQL(", ").join(
+            sql.SQL("CASE WHEN c.row_key ->> {k} ~ {syntax} THEN to_jsonb((c.row_key ->> {k})"
+                    "::uuid) ELSE c.row_key -> {k} END" if column in self.converted
+                    else "c.row_key -> {k}").format(k=sql.Literal(column),
+                                                    syntax=sql.Literal(UUID_INPUT))
+            for column in self.columns)
+        return sql.SQL(
+            "logged AS MATERIALIZED (SELECT DISTINCT c.row_key, CASE WHEN c.operation <> "
+            "'TRUNCATE' THEN jsonb_build_array({values}) END AS ident, c.operation = "
+            "'TRUNCATE' AS truncated FROM {log} c WHERE (c.table_schema, c.table_name) = "
+            "(%(log_schema)s, %(log_table)s))").format(
+            values=values, log=meta(self.schema, "change_log"))
 
     @property
     def params(self) -> dict[str, str]:
         return {"log_schema": self.table.schema, "log_table": self.table.name}
 
     def holds(self, row: str) -> sql.Composable:
-        """Whether the row aliased ``row`` is one the log names."""
+        """Whether the row aliased ``row`` is one the log names (any row, once the table
+        was truncated)."""
         if not self.columns:
             return sql.SQL("false")
-        return sql.SQL("EXISTS (SELECT 1 FROM logged g WHERE {})").format(self.matches(row, "g"))
+        return sql.SQL("(EXISTS (SELECT 1 FROM logged g WHERE g.truncated) "
+                       "OR EXISTS (SELECT 1 FROM logged g WHERE {}))").format(
+            self.matches(row, "g"))
 
     def matches(self, row: str, logged: str) -> sql.Composable:
-        """Whether the row aliased ``row`` has the key in ``logged.row_key``."""
-        return sql.SQL(" AND ").join(
-            sql.SQL("({g}.row_key ->> {k})::uuid = ({c})::uuid" if column in self.converted
-                    else "{g}.row_key -> {k} = to_jsonb({c})").format(
-                g=sql.Identifier(logged), k=sql.Literal(column), c=sql.Identifier(row, column))
-            for column in self.columns)
+        """Whether the row aliased ``row`` has the key ``logged.ident`` (jsonb_build_array
+        makes a NULL JSON's null, so NULL matches NULL)."""
+        return sql.SQL("{}.ident = jsonb_build_array({})").format(
+            sql.Identifier(logged), sql.SQL(", ").join(
+                sql.SQL("to_jsonb(({})::uuid)" if column in self.converted
+                        else "to_jsonb({})").format(sql.Identifier(row, column))
+                for column in self.columns))
+
+    def not_uuids(self, cur: Cursor) -> tuple[int, list[dict[str, Any]]]:
+        """The logged keys whose value in a key column of the plan is not a UUID (the
+        application wrote it, and they match no row): how many, and the first of them."""
+        converted = [column for column in self.columns if column in self.converted]
+        if not converted:
+            return 0, []
+        cur.execute(sql.SQL(
+            "WITH {logged} SELECT count(*) OVER (), row_key FROM logged g "
+            "WHERE NOT g.truncated AND ({odd}) ORDER BY row_key LIMIT %(n)s").format(
+            logged=self.cte(), odd=sql.SQL(" OR ").join(
+                sql.SQL("g.row_key ->> {} !~ %(syntax)s").format(sql.Literal(column))
+                for column in converted)),
+            {**self.params, "syntax": UUID_INPUT, "n": SAMPLE_LIMIT})
+        rows = cur.fetchall()
+        return (int(rows[0][0]) if rows else 0), [dict(key) for _, key in rows]
+
+    def truncated(self, cur: Cursor) -> bool:
+        """Whether the application truncated the table since the backup."""
+        cur.execute(sql.SQL("WITH {} SELECT EXISTS (SELECT 1 FROM logged WHERE truncated)")
+                    .format(self.cte()), self.params)
+        return bool((cur.fetchone() or [False])[0])
 
 
 def change_log(cur: Cursor, schema: str, table: Table, keys: list[KeyColumn]) -> ChangeLog:

@@ -444,8 +444,8 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         keys_by_table.setdefault(key.table, []).append(key)
     for table, keys in keys_by_table.items():
         findings += _compare_table(cur, ctx.plan.backup_schema, table, keys)
-    changed = [f for f in findings if f.status is Status.INFO]
-    counts = [f for f in findings if f.check == "row_counts" and f.status is not Status.INFO]
+    changed = [f for f in findings if f.status in (Status.INFO, Status.WARN)]
+    counts = [f for f in findings if f.check == "row_counts" and f not in changed]
     values = [f for f in findings if f.check == "uuid_values"]
     return (counts or _ok("row_counts", "row counts equal the backup's")) + \
         (values or _ok("uuid_values", "every key equals its original string cast to uuid")) + \
@@ -546,14 +546,32 @@ def _compare_table(cur: Cursor, schema: str, table: Table,
 
 
 def _changed_by_application(cur: Cursor, log: backup.ChangeLog) -> list[Finding]:
-    """The INFO finding naming how many rows the change log holds for the table."""
-    cur.execute(sql.SQL("WITH {} SELECT count(*) FROM logged").format(log.cte()), log.params)
-    changed = int((cur.fetchone() or [0])[0])
-    if not changed:
-        return []
-    return [Finding("row_counts", Status.INFO,
-                    f"{changed} rows changed by the application since the backup: "
-                    "checked, not compared", subject=str(log.table), count=changed)]
+    """The INFO finding naming how many rows the change log holds for the table, or that the
+    application truncated it, and a WARN naming the logged keys that are not UUIDs."""
+    cur.execute(sql.SQL("WITH {} SELECT count(*) FILTER (WHERE NOT truncated), "
+                        "coalesce(bool_or(truncated), false) FROM logged").format(log.cte()),
+                log.params)
+    changed, truncated = cur.fetchone() or (0, False)
+    findings = []
+    if truncated:
+        findings.append(Finding(
+            "row_counts", Status.INFO, "truncated by the application since the backup "
+            f"(TRUNCATE in the change log), {changed} rows changed since: checked, not "
+            "compared", subject=str(log.table), count=int(changed)))
+    elif changed:
+        findings.append(Finding("row_counts", Status.INFO,
+                                f"{changed} rows changed by the application since the backup: "
+                                "checked, not compared", subject=str(log.table),
+                                count=int(changed)))
+    odd, keys = log.not_uuids(cur)
+    if odd:
+        findings.append(Finding(
+            "row_counts", Status.WARN, f"{odd} key(s) in the change log are not UUIDs: the "
+            "application wrote them since the backup; they match no row", subject=str(log.table),
+            count=odd, samples=keys,
+            hint="find out which client writes such ids (validate_schema names any row "
+                 "holding one)"))
+    return findings
 
 
 def _digests_agree(cur: Cursor, values: sql.Composable, log: backup.ChangeLog,

@@ -142,20 +142,31 @@ def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog) -> list[Fi
                                ORDER BY c.id DESC LIMIT 1) AS operation
             FROM logged g)
         SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
+                              WHEN 'TRUNCATE' THEN 'truncated'
                               ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
         FROM last ORDER BY 1, row_key LIMIT %(n)s
         """).format(logged=log.cte(), change_log=backup.meta(log.schema, "change_log")),
         {"n": SAMPLE_LIMIT, **log.params})
     rows = cur.fetchall()
-    if not rows:
-        return []
-    return [Finding(
-        "changed_after_backup", Status.INFO,
-        f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
-        "the backup (change log)", subject=str(table), count=int(rows[0][1]),
-        samples=[{"change": kind, "key": key} for kind, _, key in rows],
-        hint="the rollback keeps them as the application left them (new ids as canonical "
-             "text)")]
+    findings = []
+    if rows:
+        truncated = "; it truncated the table: the backup's rows are not put back" \
+            if log.truncated(cur) else ""
+        findings.append(Finding(
+            "changed_after_backup", Status.INFO,
+            f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
+            f"the backup (change log){truncated}", subject=str(table), count=int(rows[0][1]),
+            samples=[{"change": kind, "key": key} for kind, _, key in rows],
+            hint="the rollback keeps them as the application left them (new ids as canonical "
+                 "text)"))
+    odd, keys = log.not_uuids(cur)
+    if odd:
+        findings.append(Finding(
+            "changed_after_backup", Status.WARN,
+            f"{odd} key(s) in the change log are not UUIDs: the application wrote them after "
+            "the backup; they match no row", subject=str(table), count=odd, samples=keys,
+            hint="find out which client writes such ids"))
+    return findings
 
 
 def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
@@ -391,7 +402,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     message = (f"rolled back to the string columns: {rows:,} rows filled, {respelled:,} ids "
                f"given their original spelling, {restored:,} quarantined rows restored")
     changed = sum(f.count or 0 for f in changes if f.status is Status.INFO)
-    unlogged = sum(f.count or 0 for f in changes if f.status is Status.WARN)
+    unlogged = sum(f.count or 0 for f in changes if f.check == "unlogged_change")
     if changed:
         message += f"; {changed:,} row(s) the application changed since the backup were kept"
     if unlogged:

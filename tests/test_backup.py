@@ -218,7 +218,8 @@ def test_triggers_stay_out_of_fingerprints_and_go_with_the_backup(db: str) -> No
     run_ok(db, "backup_data")
     assert print_of(db) == before
     triggers = print_of(db, include_backup=True).schema[("public", "users")].triggers
-    assert set(triggers) == {backup.CHANGE_LOG_TRIGGER}
+    assert set(triggers) == {backup.CHANGE_LOG_TRIGGER,
+                             backup.change_log_truncate_trigger(backup.BACKUP_SCHEMA)}
     run_ok(db, "cleanup_backup", "--force")
     assert execute(db, "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal") == [(0,)]
     execute(db, "INSERT INTO users (email) VALUES ('after@example.com')")  # nothing to call
