@@ -486,6 +486,19 @@ class Twin:
                     fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
 
 
+def write_both(writer: Writer, twin: Twin, migrating_dsn: str,
+               writes: Sequence[AppWrite]) -> tuple[list[str], list[Outcome]]:
+    """The writes on the migrating side (``writer``'s) and on the twin, once the twin's
+    keys have the type the migrating side's have: each write that ended otherwise than on
+    the twin, as a line, and the twin's ledger."""
+    twin.follow(migrating_dsn)
+    ours = writer.run(writes)
+    theirs = twin.writer.run(writes, [done.generated for done in ours[:len(writes)]])
+    return ([f"{mine} (no migration: {other.sqlstate or 'ok'}, {other.rows} rows)"
+             for mine, other in zip(ours, theirs, strict=True)
+             if (mine.sqlstate, mine.rows) != (other.sqlstate, other.rows)], theirs)
+
+
 @contextmanager
 def _connection(dsn: str) -> Iterator[Connection]:
     conn = connect(dsn)

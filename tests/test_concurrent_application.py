@@ -32,7 +32,6 @@ from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.app_writer import (
     TABLES,
-    Outcome,
     Twin,
     Writer,
     app_dsn,
@@ -40,6 +39,7 @@ from tests.app_writer import (
     ensure_app_role,
     table_values,
     value_diff,
+    write_both,
     writes_to,
 )
 from tests.operate import connected, execute, run_in_process
@@ -161,13 +161,8 @@ class Scenario:
 
     def writes(self, stage: str, writes: Sequence[AppWrite]) -> None:
         """The writes on both sides; every outcome that differs is a mismatch."""
-        self.twin.follow(self.dsn)
-        ours = self.writer.run(writes)
-        theirs = self.twin.writer.run(writes, [done.generated for done in ours[:len(writes)]])
-        self.mismatches += [f"{stage}: {mine} (no migration: {twin.sqlstate or 'ok'}, "
-                            f"{twin.rows} rows)"
-                            for mine, twin in zip(ours, theirs, strict=True)
-                            if _differ(mine, twin)]
+        differ, _ = write_both(self.writer, self.twin, self.dsn, writes)
+        self.mismatches += [f"{stage}: {line}" for line in differ]
 
     def engine(self, operation: str, stop: Stop | None = None) -> None:
         """The operation, to its end or killed at ``stop``."""
@@ -198,10 +193,6 @@ class Scenario:
         assert not self.mismatches, "\n".join(self.mismatches)
         diff = value_diff(table_values(self.twin.dsn), table_values(self.dsn))
         assert not diff, "\n".join(diff)
-
-
-def _differ(mine: Outcome, twin: Outcome) -> bool:
-    return (mine.sqlstate, mine.rows) != (twin.sqlstate, twin.rows)
 
 
 @contextmanager
