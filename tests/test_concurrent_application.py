@@ -102,11 +102,16 @@ ENGINE = Settings(batch_size=7, jobs=1, show_progress=False)
 _numbers = itertools.count()
 
 
-@dataclass
 class App:
-    sandbox: Sandbox
-    template: str
-    password: str
+    """The template the scenarios clone, and what reaches its server.  Not a dataclass:
+    hypothesis prints a failing example's arguments field by field, passwords included,
+    where a class of its own is printed by its repr."""
+
+    def __init__(self, sandbox: Sandbox, template: str, password: str) -> None:
+        self.sandbox, self.template, self.password = sandbox, template, password
+
+    def __repr__(self) -> str:
+        return f"App(template={self.template!r})"
 
 
 @pytest.fixture(scope="module")
