@@ -27,7 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import psycopg2
-import psycopg2.errors
 from hypothesis import strategies as st
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
@@ -89,11 +88,6 @@ class AppTable:
     value: str  # a plain text column the writes change
     extra: tuple[tuple[str, str], ...] = ()  # NOT NULL columns and the text an insert gives
 
-    @property
-    def columns(self) -> tuple[str, ...]:
-        named = (self.key, self.reference, self.value, *(name for name, _ in self.extra))
-        return tuple(dict.fromkeys(name for name in named if name is not None))
-
 
 TABLES = (
     AppTable("users", "id", None, "display_name"),  # email: made unique per write
@@ -122,6 +116,7 @@ def writes_to(tables: Sequence[AppTable], *, excluded: Collection[str] = (),
     return app_writes(tables=[t.name for t in tables], keyed=[t.name for t in tables if t.key],
                       children=[t.name for t in tables if t.reference], excluded=excluded,
                       max_size=max_size)
+
 
 _UUID = re.compile(r"(\{)?[0-9a-fA-F]{4}(?:-?[0-9a-fA-F]{4}){7}(?(1)\})")
 """PostgreSQL's uuid input (see tests/strategies.py): balanced braces, 32 hex digits, at
