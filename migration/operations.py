@@ -15,7 +15,18 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from migration import backup, catalog, checks, convert, expand, preflight, rollback, swap, views
+from migration import (
+    backup,
+    catalog,
+    checks,
+    convert,
+    expand,
+    preflight,
+    publications,
+    rollback,
+    swap,
+    views,
+)
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
@@ -161,8 +172,13 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
                f"{built} index(es) and {references} foreign key(s) built beside them)")
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
+    published = publications.after_swap(session.conn, plan.columns)
+    session.conn.rollback()
+    if published:  # on the console as it happens, in full_migration too
+        logger.warning("%s", published)
     return Outcome(message, rows=rows, findings=findings,
-                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3)})
+                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3),
+                            "subscribers": published})
 
 
 def quarantine_orphans(session: Session, findings: list[Finding]) -> int:

@@ -20,7 +20,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert, expand, swap, views
+from migration import backup, catalog, convert, expand, publications, swap, views
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -274,6 +274,8 @@ def discard(session: Session) -> RollbackResult:
     plan = session.plan
     refreshed = views.refresh_pending(session, plan.backup_schema)  # a revert cut short after
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
+    dropped += session.ddl("restore publications", partial(  # the copies are gone
+        publications.restore, schema=plan.backup_schema, tables=plan.tables))
     restored = sum(session.ddl(f"restore quarantine of {table}",
                                partial(_restore_quarantine, schema=plan.backup_schema,
                                        table=table))
@@ -312,6 +314,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     plan = session.plan.reversed()
     parent = plan.parent
     convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
+    publications.refuse(session.conn, plan.columns,
+                        allowed=session.settings.allow_publications)
     # the views over them must compile back
     views.refuse(session.conn, plan.columns, plan.backup_schema,
                  refresh=session.settings.refresh_materialized_views)

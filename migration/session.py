@@ -55,6 +55,7 @@ class Settings:
     jobs: int = 2  # connections filling temporary columns at once, one slice each
     allow_triggers: bool = False  # the fill may fire application triggers (see preflight)
     refresh_materialized_views: bool = False  # carried: created empty, refreshed after the swap
+    allow_publications: bool = False  # publications that would send the copies: accepted
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
