@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -19,6 +20,7 @@ from migration import (
     backup,
     catalog,
     checks,
+    clients,
     convert,
     expand,
     preflight,
@@ -166,6 +168,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     built = sum(expand.build_indexes(session, key) for key in pending)
     references = expand.reference(session, plan)
     stall = swap.swap(session, plan)
+    swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
     message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
@@ -178,7 +181,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         logger.warning("%s", published)
     return Outcome(message, rows=rows, findings=findings,
                    details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3),
-                            "subscribers": published})
+                            "subscribers": published, **swapped})
 
 
 def quarantine_orphans(session: Session, findings: list[Finding]) -> int:
@@ -287,6 +290,7 @@ def status(session: Session) -> Outcome:
     verb = "running" if session.lock_holder() else "interrupted during"
     lines += [f"{verb} {e.operation} (run {e.id}, started {e.started_at}, "
               f"{e.rows_processed:,} rows done)" for e in unfinished]
+    lines += _sessions_since_swap(session, entries)
     lines.append("recent operations:")
     lines += [_log_line(e) for e in reversed(entries[:20])]
     stage = f"{verb} {unfinished[0].operation}" if unfinished else stage_of(session)
@@ -294,6 +298,20 @@ def status(session: Session) -> Outcome:
         lines.insert(1, empty.removeprefix("; "))
     return Outcome(f"stage: {stage}\n" + "\n".join(lines),
                    details={"stage": stage, "key": session.plan.key})
+
+
+def _sessions_since_swap(session: Session, entries: list[LogEntry]) -> list[str]:
+    """The client sessions still connected that connected before the last swap (its time is
+    in its log row): their prepared statements may fail until they are recycled."""
+    swapped = next((entry for entry in entries if entry.status == "completed"
+                    and (entry.details or {}).get("swapped_at")), None)
+    if swapped is None:
+        return []
+    at = datetime.fromisoformat(swapped.details["swapped_at"])
+    sessions = clients.connected_before(session.conn, at)
+    if not sessions:
+        return [f"client sessions: every one connected after the swap of run {swapped.id}"]
+    return [f"client sessions: {clients.advice(sessions)}"]
 
 
 def _log_line(entry: LogEntry) -> str:

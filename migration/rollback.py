@@ -20,7 +20,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert, expand, publications, swap, views
+from migration import backup, catalog, clients, convert, expand, publications, swap, views
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -334,6 +334,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
         expand.build_indexes(session, key)
     expand.reference(session, plan)
     swap.swap(session, plan)
+    swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
     restored = sum(session.ddl(f"restore quarantine of {table}",
@@ -362,7 +363,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
                     "kept as they are (see the warnings)")
     return RollbackResult(message, rows=rows + restored, findings=changes,
                           details={"respelled": respelled, "restored": restored,
-                                   "kept_changes": changed, "unlogged_changes": unlogged})
+                                   "kept_changes": changed, "unlogged_changes": unlogged,
+                                   **swapped})
 
 
 def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:
