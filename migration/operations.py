@@ -167,12 +167,21 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         convert.prove_filled(session, key, run_id)
     built = sum(expand.build_indexes(session, key) for key in pending)
     references = expand.reference(session, plan)
+    built_beside = (f"{rows:,} rows filled, {built} index(es) and {references} foreign key(s) "
+                    "built beside them")
+    if session.settings.postpone_swap:
+        message = (f"ready to swap: {len(plan.columns)} column(s) expanded and proven "
+                   f"({built_beside}); the sync triggers keep the copies in step until "
+                   "migrate_foreign_keys runs again without --postpone-swap, which swaps")
+        if quarantined:
+            message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
+        return Outcome(message, rows=rows, findings=findings,
+                       details={"quarantined": quarantined, "ready_to_swap": True})
     stall = swap.swap(session, plan)
     swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
-    message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
-               f"{built} index(es) and {references} foreign key(s) built beside them)")
+    message = f"{len(plan.columns)} column(s) swapped to uuid together ({built_beside})"
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
     published = publications.after_swap(session.conn, plan.columns)
@@ -263,6 +272,10 @@ def full_migration(session: Session, run_id: int) -> Outcome:
         done.append(name)
         if name in ("migrate_users", "migrate_foreign_keys"):
             rows += outcome.rows  # the rows converted, as the steps count them
+        if outcome.details.get("ready_to_swap"):  # --postpone-swap
+            return Outcome(f"{outcome.message} (done: {', '.join(done)}; full_migration run "
+                           "again without --postpone-swap swaps and validates)", rows=rows,
+                           details={"ready_to_swap": True})
     return Outcome("migration complete and validated: " + ", ".join(done), rows=rows)
 
 
@@ -357,6 +370,14 @@ def _stage(stages: dict[KeyColumn, str]) -> str:
         return "migrated"
     if all(where == ColumnState.STRING for where in stages.values()):
         return "not migrated"
+    if all(where in swap.READY for where in stages.values()):
+        return ("ready to swap (every column expanded and proven: migrate_foreign_keys or "
+                "full_migration without --postpone-swap swaps)")
+    back = "uuid, on its way back: "
+    if all(where.removeprefix(back) in swap.READY and where.startswith(back)
+           for where in stages.values()):
+        return ("ready to swap back (every column's string copy expanded and proven: rollback "
+                "without --postpone-swap swaps)")
     going = "rolling back" if any("way back" in where for where in stages.values()) \
         else "expanding"
     return f"{going} (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"

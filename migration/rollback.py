@@ -333,6 +333,12 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     for key in plan.columns:
         expand.build_indexes(session, key)
     expand.reference(session, plan)
+    if session.settings.postpone_swap:
+        return RollbackResult(
+            f"ready to swap back: {rows:,} rows filled, {respelled:,} ids given their original "
+            "spelling, every string copy proven with its indexes and foreign keys; the sync "
+            "triggers keep the copies in step until rollback runs again without "
+            "--postpone-swap, which swaps", rows=rows, details={"ready_to_swap": True})
     swap.swap(session, plan)
     swapped = clients.after_swap(session)
     for key in plan.columns:
