@@ -53,8 +53,9 @@ def now(conn: Connection) -> datetime:
 
 def connected_before(conn: Connection, at: datetime) -> list[Sessions]:
     """The client sessions of this database connected before ``at``, the engine's own left
-    out.  A session of a role this one is not a member of shows no start time (nor
-    address) without ``pg_read_all_stats``: it is counted, as one that may be older."""
+    out, and so are the WAL senders (a subscriber's, say: they prepare nothing).  A
+    session of a role this one is not a member of shows no start time (nor address)
+    without ``pg_read_all_stats``: it is counted, as one that may be older."""
     with conn.cursor() as cur:
         cur.execute(
             """
@@ -68,6 +69,7 @@ def connected_before(conn: Connection, at: datetime) -> list[Sessions]:
               AND coalesce(backend_type, 'client backend') = 'client backend'
               AND coalesce(backend_start < %s, true)
               AND application_name NOT LIKE %s
+              AND pid NOT IN (SELECT pid FROM pg_stat_replication)
             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3
             """, (at, APPLICATION_NAME + "%"))
         found = [Sessions(*row) for row in cur.fetchall()]

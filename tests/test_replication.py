@@ -218,6 +218,7 @@ def test_a_subscriber_keeps_up_through_the_migration_and_the_rollback(replica: R
     assert_replicated(replica)
     assert column_lists(replica.publisher) == ORIGINAL  # the original definition, back
     assert "their subscribers now receive" in " ".join(result.output.split())
+    assert f"application '{replica.subscription}'" not in result.output  # a WAL sender
     assert run_verify(replica.publisher) == 0
     with writing(replica.publisher):
         run_ok(replica.publisher, "rollback")
