@@ -271,3 +271,9 @@ def test_publications_that_take_no_column_list_are_refused_by_name(
     assert "--allow-publications" in output
     accepted = run_ok(legacy_db, "full_migration", "--allow-publications").output
     assert "accepted: --allow-publications" in accepted
+    output = refusal(legacy_db, "rollback")  # its string copies would be sent the same way
+    assert ("publication everything publishes public.users and is FOR ALL TABLES, which takes "
+            "no column list: from the first batch it would send the engine's column(s) "
+            "id_text") in output
+    assert "ALTER TABLE public.users ADD COLUMN id_text text" in output
+    run_ok(legacy_db, "rollback", "--allow-publications")
