@@ -36,6 +36,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import backup, catalog
 from migration.connection import Connection
 from migration.errors import MigrationError
+from migration.log import logger
 from migration.model import KeyColumn, Table
 from migration.report import Finding, Status, failures
 
@@ -184,14 +185,13 @@ def refuse(conn: Connection, keys: Iterable[KeyColumn], *, allowed: bool) -> Non
             "columns to subscribers that lack them", hint=bad[0].hint, findings=bad)
 
 
-def narrow(cur: Cursor, schema: str, table: Table) -> list[str]:
+def narrow(cur: Cursor, schema: str, table: Table) -> None:
     """In the transaction that adds a copy column to ``table``: each publication that names
     it without a column list gets the list of its columns but the engine's copies, and is
-    recorded; the publications narrowed.  The others were refused up front, or accepted."""
+    recorded.  The others were refused up front, or accepted."""
     conn = cur.connection
     if catalog.server_version(conn) < 150000:
-        return []
-    narrowed = []
+        return
     for found in memberships(conn, table):
         if found.columns is not None or problem(conn, found):
             continue
@@ -206,8 +206,9 @@ def narrow(cur: Cursor, schema: str, table: Table) -> list[str]:
         backup.create_private(cur, record, sql.SQL(backup.PUBLISHED_COLUMNS).format(record))
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT DO NOTHING")
                     .format(record), (found.publication, table.schema, table.name))
-        narrowed.append(found.publication)
-    return narrowed
+        logger.info("publication %s: %s published with a column list of its own columns "
+                    "until the swap (its subscribers lack the engine's)", found.publication,
+                    table)
 
 
 def restore(cur: Cursor, schema: str, tables: Iterable[Table]) -> int:

@@ -274,7 +274,7 @@ def discard(session: Session) -> RollbackResult:
     plan = session.plan
     refreshed = views.refresh_pending(session, plan.backup_schema)  # a revert cut short after
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
-    dropped += session.ddl("restore publications", partial(  # the copies are gone
+    republished = session.ddl("restore publications", partial(  # the copies are gone
         publications.restore, schema=plan.backup_schema, tables=plan.tables))
     restored = sum(session.ddl(f"restore quarantine of {table}",
                                partial(_restore_quarantine, schema=plan.backup_schema,
@@ -283,15 +283,16 @@ def discard(session: Session) -> RollbackResult:
     with session.transaction("rollback") as cur:
         cur.execute(sql.SQL("DELETE FROM {}").format(
             backup.meta(plan.backup_schema, "backfill_progress")))
-    if not dropped and not restored:
+    if not dropped and not restored and not republished:
         return RollbackResult(f"the rollback's swap was done: {refreshed} materialized view(s) "
                               "refreshed" if refreshed else "nothing to undo: no key column was "
                               "expanded or swapped, and no row is in quarantine")
     return RollbackResult(
         f"rolled back before the swap: {dropped} object(s) the migration built beside the "
-        f"original columns dropped, {restored:,} quarantined row(s) restored; the original "
-        "columns were never changed", rows=restored,
-        details={"dropped": dropped, "restored": restored})
+        f"original columns dropped, {restored:,} quarantined row(s) restored, {republished} "
+        "publication(s) given their own definition back; the original columns were never "
+        "changed", rows=restored,
+        details={"dropped": dropped, "restored": restored, "republished": republished})
 
 
 def revert(session: Session, run_id: int) -> RollbackResult:
