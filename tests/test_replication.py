@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import psycopg2
 import pytest
 from click.testing import CliRunner
 from psycopg2 import sql
@@ -33,7 +34,8 @@ from migration import verify
 from migration.rehearsal.sandbox import Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, start_cluster
-from tests.operate import connected, execute, refusal, run_ok
+from migration.session import Settings
+from tests.operate import connected, execute, refusal, run_in_process, run_ok
 
 TABLES = ("users", "journal_entries", "tags", "reminders")
 KEY_COLUMNS = ("id", "user_id")
@@ -245,6 +247,32 @@ def test_a_rollback_before_the_swap_gives_the_publication_back(replica: Replica)
     assert column_lists(replica.publisher) == ORIGINAL
     assert execute(replica.publisher, "SELECT count(*) FROM migration_backup.published_columns"
                    ) == [(0,)]
+    assert_replicated(replica)
+
+
+@pytest.mark.once
+def test_an_interrupted_fill_or_swap_leaves_the_publication_as_it_was(replica: Replica) -> None:
+    """The column list changes in the transactions that add a copy and that swap: killed
+    in the middle of the fill or of the swap, the run leaves it as it was, and the next
+    run finds it so."""
+    for step in ("validate_schema", "backup_data"):
+        run_ok(replica.publisher, step)
+    one_by_one = Settings(batch_size=7, jobs=1, show_progress=False)
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(replica.publisher, "migrate_users", admin_dsn=replica.publisher_admin,
+                       settings=one_by_one, crash_at="batch public.users.id#2")
+    assert column_lists(replica.publisher)["users"] == ["id", "email", "display_name",
+                                                        "is_active", "created_at"]
+    run_ok(replica.publisher, "migrate_users")
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(replica.publisher, "migrate_foreign_keys",
+                       admin_dsn=replica.publisher_admin, settings=one_by_one, crash_at="swap#1")
+    narrowed = column_lists(replica.publisher)
+    assert all(narrowed[table] is not None and not any(
+        column.endswith("_uuid") for column in narrowed[table] or []) for table in TABLES)
+    with writing(replica.publisher):
+        run_ok(replica.publisher, "migrate_foreign_keys")
+    assert column_lists(replica.publisher) == ORIGINAL
     assert_replicated(replica)
 
 
