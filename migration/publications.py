@@ -141,7 +141,10 @@ def findings(conn: Connection, keys: Iterable[KeyColumn], *, allowed: bool) -> l
     for table, columns in _by_table(keys).items():
         copies = ", ".join(key.temp for key in columns)
         steps = "; ".join(sql_text(table, key) for key in columns)
-        for membership in memberships(conn, table):
+        published = memberships(conn, table)
+        found += _respelled(conn, [key for key in columns if not key.back],
+                            sorted({membership.publication for membership in published}))
+        for membership in published:
             reason = problem(conn, membership)
             if not reason:
                 continue
@@ -158,6 +161,40 @@ def findings(conn: Connection, keys: Iterable[KeyColumn], *, allowed: bool) -> l
                      "(ALTER SUBSCRIPTION ... DISABLE) and add them before enabling it again "
                      "(the changes written meanwhile carry them); then run again with "
                      "--allow-publications"))
+    return found
+
+
+_CANONICAL = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def _respelled(conn: Connection, keys: list[KeyColumn], published: list[str]) -> list[Finding]:
+    """A warning per published key column holding ids not in canonical form: from the swap
+    on they are sent in canonical form, and a subscriber still holding the old spelling
+    no longer finds those rows for the publisher's updates and deletes, which PostgreSQL
+    skips with a log line only (no apply error)."""
+    if not published:
+        return []
+    found = []
+    with conn.cursor() as cur:
+        cur.execute("SET LOCAL statement_timeout = 0")  # a scan of the column
+        for key in keys:
+            cur.execute(sql.SQL("SELECT count(*) FROM {} WHERE {} !~ %s").format(
+                key.table.ident, sql.Identifier(key.column)), (_CANONICAL,))
+            count = int((cur.fetchone() or [0])[0])
+            if count:
+                found.append(Finding(
+                    "publications", Status.WARN,
+                    f"{count} id(s) of {key} are not in canonical form, and publication(s) "
+                    f"{', '.join(published)} publish {key.table}: from the swap on they are "
+                    "sent in canonical form, and a subscriber that holds them as they are "
+                    "spelled now no longer finds those rows for the publisher's updates and "
+                    "deletes, which PostgreSQL skips without an error", subject=str(key),
+                    count=count,
+                    hint=f"migrate each subscriber first (its uuid columns match any "
+                         f"spelling), or, its subscription disabled, give those ids their "
+                         f"canonical form there at the swap ({key.column}::uuid::text, with "
+                         "the columns that refer to them)"))
+    conn.rollback()
     return found
 
 

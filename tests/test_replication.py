@@ -305,3 +305,19 @@ def test_publications_that_take_no_column_list_are_refused_by_name(
             "id_text") in output
     assert "ALTER TABLE public.users ADD COLUMN id_text text" in output
     run_ok(legacy_db, "rollback", "--allow-publications")
+
+
+
+def test_ids_not_in_canonical_form_on_a_published_table_are_warned_of(legacy_db: str) -> None:
+    """A subscriber holds them as spelled; after the swap the publisher sends them in
+    canonical form, and the subscriber skips the updates it cannot match (no error)."""
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 20)
+    execute(legacy_db, "INSERT INTO users (id, email) VALUES "
+                       "(upper(gen_random_uuid()::text), 'upper@example.com'); "
+                       "CREATE PUBLICATION app_pub FOR TABLE users")
+    output = " ".join(run_ok(legacy_db, "validate_schema").output.split())
+    assert ("[WARN] publications public.users.id: 1 id(s) of public.users.id are not in "
+            "canonical form, and publication(s) app_pub publish public.users: from the swap on "
+            "they are sent in canonical form") in output
+    assert "publications public.tags" not in output  # not published
