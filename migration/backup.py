@@ -546,6 +546,7 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     cur.execute(sql.SQL(_META).format(schema=sql.Identifier(schema)))
     cur.execute(sql.SQL(ENGINE_NAMES).format(meta(schema, "engine_names")))
     cur.execute(sql.SQL(PENDING_REFRESH).format(meta(schema, "pending_refresh")))
+    cur.execute(sql.SQL(PUBLISHED_COLUMNS).format(meta(schema, "published_columns")))
     cur.execute(sql.SQL("DELETE FROM {}").format(meta(schema, "change_log")))
     total = 0
     for table in plan.tables:
@@ -805,9 +806,13 @@ PENDING_REFRESH = """
 CREATE TABLE IF NOT EXISTS {} (view_schema text NOT NULL, view_name text NOT NULL,
     depth int NOT NULL, PRIMARY KEY (view_schema, view_name))
 """
+PUBLISHED_COLUMNS = """
+CREATE TABLE IF NOT EXISTS {} (publication text NOT NULL, table_schema text NOT NULL,
+    table_name text NOT NULL, PRIMARY KEY (publication, table_schema, table_name))
+"""
 """Tables of the backup schema the steps after the backup write (``record_names``,
-``views.mark_pending``): created with the backup, and by those steps in a backup an
-older version made (``create_private``)."""
+``views.mark_pending``, ``publications.narrow``): created with the backup, and by those
+steps in a backup an older version made (``create_private``)."""
 
 
 def record_names(cur: Cursor, schema: str, key: KeyColumn) -> None:

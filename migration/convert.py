@@ -34,7 +34,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
-from migration import backup, catalog
+from migration import backup, catalog, publications
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -73,6 +73,8 @@ def add_temporary_column(session: Session, key: KeyColumn,
             key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
             sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
+        # in this transaction: no change that carries the copy is ever published
+        publications.narrow(cur, schema, key.table)
         backup.record_names(cur, schema, key)
         sync_trigger(cur, schema, key, follows)
         # Pages are walked up to the table's end now, under this lock: rows written

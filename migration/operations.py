@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 import psycopg2
 from psycopg2 import sql
 
-from migration import backup, catalog, checks, convert, expand, preflight, rollback, swap, views
+from migration import (
+    backup,
+    catalog,
+    checks,
+    clients,
+    convert,
+    expand,
+    preflight,
+    publications,
+    rollback,
+    swap,
+    views,
+)
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
@@ -158,15 +171,30 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         convert.prove_filled(session, key, run_id)
     built = sum(expand.build_indexes(session, key) for key in pending)
     references = expand.reference(session, plan)
+    built_beside = (f"{rows:,} rows filled, {built} index(es) and {references} foreign key(s) "
+                    "built beside them")
+    if session.settings.postpone_swap:
+        message = (f"ready to swap: {len(plan.columns)} column(s) expanded and proven "
+                   f"({built_beside}); the sync triggers keep the copies in step until "
+                   "migrate_foreign_keys runs again without --postpone-swap, which swaps")
+        if quarantined:
+            message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
+        return Outcome(message, rows=rows, findings=findings,
+                       details={"quarantined": quarantined, "ready_to_swap": True})
     stall = swap.swap(session, plan)
+    swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
-    message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
-               f"{built} index(es) and {references} foreign key(s) built beside them)")
+    message = f"{len(plan.columns)} column(s) swapped to uuid together ({built_beside})"
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
+    published = publications.after_swap(session.conn, plan.columns)
+    session.conn.rollback()
+    if published:  # on the console as it happens, in full_migration too
+        logger.warning("%s", published)
     return Outcome(message, rows=rows, findings=findings,
-                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3)})
+                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3),
+                            "subscribers": published, **swapped})
 
 
 def quarantine_orphans(session: Session, findings: list[Finding]) -> int:
@@ -253,6 +281,10 @@ def full_migration(session: Session, run_id: int) -> Outcome:
         done.append(name)
         if name in ("migrate_users", "migrate_foreign_keys"):
             rows += outcome.rows  # the rows converted, as the steps count them
+        if outcome.details.get("ready_to_swap"):  # --postpone-swap
+            return Outcome(f"{outcome.message} (done: {', '.join(done)}; full_migration run "
+                           "again without --postpone-swap swaps and validates)", rows=rows,
+                           details={"ready_to_swap": True})
     schema = session.plan.backup_schema
     return Outcome("migration complete and validated: " + ", ".join(done) + ". The backup "
                    f"stays in {schema}, for a rollback, with its change log: every application "
@@ -288,6 +320,7 @@ def status(session: Session) -> Outcome:
     verb = "running" if session.lock_holder() else "interrupted during"
     lines += [f"{verb} {e.operation} (run {e.id}, started {e.started_at}, "
               f"{e.rows_processed:,} rows done)" for e in unfinished]
+    lines += _sessions_since_swap(session, entries)
     lines.append("recent operations:")
     lines += [_log_line(e) for e in reversed(entries[:20])]
     stage = f"{verb} {unfinished[0].operation}" if unfinished else stage_of(session)
@@ -309,6 +342,20 @@ def _change_log_line(session: Session) -> str:
         return line + "; stopped (a rollback dropped its triggers)"
     return line + ("; each application write to the plan's tables adds a row until "
                    "cleanup_backup drops it with the backup")
+
+
+def _sessions_since_swap(session: Session, entries: list[LogEntry]) -> list[str]:
+    """The client sessions still connected that connected before the last swap (its time is
+    in its log row): their prepared statements may fail until they are recycled."""
+    swapped = next((entry for entry in entries if entry.status == "completed"
+                    and (entry.details or {}).get("swapped_at")), None)
+    if swapped is None:
+        return []
+    at = datetime.fromisoformat(swapped.details["swapped_at"])
+    sessions = clients.connected_before(session.conn, at)
+    if not sessions:
+        return [f"client sessions: every one connected after the swap of run {swapped.id}"]
+    return [f"client sessions: {clients.advice(sessions)}"]
 
 
 def _log_line(entry: LogEntry) -> str:
@@ -354,6 +401,14 @@ def _stage(stages: dict[KeyColumn, str]) -> str:
         return "migrated"
     if all(where == ColumnState.STRING for where in stages.values()):
         return "not migrated"
+    if all(where in swap.READY for where in stages.values()):
+        return ("ready to swap (every column expanded and proven: migrate_foreign_keys or "
+                "full_migration without --postpone-swap swaps)")
+    back = "uuid, on its way back: "
+    if all(where.removeprefix(back) in swap.READY and where.startswith(back)
+           for where in stages.values()):
+        return ("ready to swap back (every column's string copy expanded and proven: rollback "
+                "without --postpone-swap swaps)")
     going = "rolling back" if any("way back" in where for where in stages.values()) \
         else "expanding"
     return f"{going} (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"

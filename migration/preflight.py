@@ -18,7 +18,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog, views
+from migration import catalog, publications, views
 from migration.catalog import ColumnState
 from migration.connection import Connection
 from migration.log import logger
@@ -409,6 +409,11 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
             findings += [finding for finding in schema_findings(session, key)
                          if finding.status is Status.FAIL]
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
+    findings += publications.findings(session.conn, [
+        key for key in keys if catalog.column_state(session.conn, key)
+        in (ColumnState.STRING, ColumnState.BACKFILLING)],
+        allowed=session.settings.allow_publications)
+    session.conn.rollback()
     if not warnings:  # a step's report shows only its refusal: what it accepts, it says here
         for finding in findings:
             if finding.status is Status.WARN:

@@ -20,7 +20,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert, expand, swap, views
+from migration import backup, catalog, clients, convert, expand, publications, swap, views
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -326,6 +326,8 @@ def discard(session: Session) -> RollbackResult:
     plan = session.plan
     refreshed = views.refresh_pending(session, plan.backup_schema)  # a revert cut short after
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
+    republished = session.ddl("restore publications", partial(  # the copies are gone
+        publications.restore, schema=plan.backup_schema, tables=plan.tables))
     restored = sum(session.ddl(f"restore quarantine of {table}",
                                partial(_restore_quarantine, schema=plan.backup_schema,
                                        table=table))
@@ -333,15 +335,16 @@ def discard(session: Session) -> RollbackResult:
     with session.transaction("rollback") as cur:
         cur.execute(sql.SQL("DELETE FROM {}").format(
             backup.meta(plan.backup_schema, "backfill_progress")))
-    if not dropped and not restored:
+    if not dropped and not restored and not republished:
         return RollbackResult(f"the rollback's swap was done: {refreshed} materialized view(s) "
                               "refreshed" if refreshed else "nothing to undo: no key column was "
                               "expanded or swapped, and no row is in quarantine")
     return RollbackResult(
         f"rolled back before the swap: {dropped} object(s) the migration built beside the "
-        f"original columns dropped, {restored:,} quarantined row(s) restored; the original "
-        "columns were never changed", rows=restored,
-        details={"dropped": dropped, "restored": restored})
+        f"original columns dropped, {restored:,} quarantined row(s) restored, {republished} "
+        "publication(s) given their own definition back; the original columns were never "
+        "changed", rows=restored,
+        details={"dropped": dropped, "restored": restored, "republished": republished})
 
 
 def revert(session: Session, run_id: int) -> RollbackResult:
@@ -364,6 +367,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     plan = session.plan.reversed()
     parent = plan.parent
     convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
+    publications.refuse(session.conn, plan.columns,
+                        allowed=session.settings.allow_publications)
     # the views over them must compile back
     views.refuse(session.conn, plan.columns, plan.backup_schema,
                  refresh=session.settings.refresh_materialized_views)
@@ -381,7 +386,14 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     for key in plan.columns:
         expand.build_indexes(session, key)
     expand.reference(session, plan)
+    if session.settings.postpone_swap:
+        return RollbackResult(
+            f"ready to swap back: {rows:,} rows filled, {respelled:,} ids given their original "
+            "spelling, every string copy proven with its indexes and foreign keys; the sync "
+            "triggers keep the copies in step until rollback runs again without "
+            "--postpone-swap, which swaps", rows=rows, details={"ready_to_swap": True})
     swap.swap(session, plan)
+    swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
     restored = sum(session.ddl(f"restore quarantine of {table}",
@@ -410,7 +422,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
                     "kept as they are (see the warnings)")
     return RollbackResult(message, rows=rows + restored, findings=changes,
                           details={"respelled": respelled, "restored": restored,
-                                   "kept_changes": changed, "unlogged_changes": unlogged})
+                                   "kept_changes": changed, "unlogged_changes": unlogged,
+                                   **swapped})
 
 
 def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:

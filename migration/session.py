@@ -56,6 +56,8 @@ class Settings:
     jobs: int = 2  # connections filling temporary columns at once, one slice each
     allow_triggers: bool = False  # the fill may fire application triggers (see preflight)
     refresh_materialized_views: bool = False  # carried: created empty, refreshed after the swap
+    allow_publications: bool = False  # publications that would send the copies: accepted
+    postpone_swap: bool = False  # stop ready to swap, every column expanded and proven
 
 
 def _configure(conn: Connection, settings: Settings) -> None:

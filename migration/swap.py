@@ -24,8 +24,9 @@ milliseconds whatever the tables' sizes:
    identity and the ``CLUSTER`` mark follow their index;
 4. the views and statistics objects are created again, and the tables put
    back in their publications, from the server's own text read in this
-   transaction; the FK copies take their originals' names; the policies are
-   created again.
+   transaction, and those given a column list while the copies existed
+   (``publications.narrow``) get their original definition back; the FK copies
+   take their originals' names; the policies are created again.
 
 After the commit the tables with statistics objects are analyzed (a lock
 that blocks neither reads nor writes): the objects created again are empty;
@@ -47,7 +48,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, sqlexpr, views
+from migration import backup, catalog, publications, sqlexpr, views
 from migration.catalog import IndexDef
 from migration.connection import Connection, lock_tables
 from migration.convert import converted_default, grant_statement, restored_default
@@ -188,6 +189,7 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
         _create_statistics(cur, found)
     for entry in published:
         _publish(cur, entry)
+    publications.restore(cur, plan.backup_schema, plan.tables)  # as before the copies
     for fk in references:
         _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
