@@ -284,6 +284,8 @@ def rollback(session: Session, run_id: int) -> RollbackResult:
             hint="restore from the database backup taken before the migration "
                  "(pg_dump / PITR), as the runbook's prerequisites require")
     result = discard(session) if ColumnState.UUID not in states else revert(session, run_id)
+    if result.details.get("ready_to_swap"):  # --postpone-swap: the log keeps going
+        return result
     stopped = stop_change_log(session)
     result.message += (f"; the change log is stopped ({stopped} trigger(s) dropped) and the "
                        f"backup kept in {session.plan.backup_schema}: run "
@@ -295,20 +297,22 @@ def rollback(session: Session, run_id: int) -> RollbackResult:
 
 
 def stop_change_log(session: Session) -> int:
-    """Drop the change log's trigger from each table of the plan, each in a short DDL
-    transaction under lock_timeout (DROP TRIGGER takes an exclusive lock for an instant):
-    rolled back, the tables carry no engine trigger, and the application's writes no longer
-    fill the log.  Quarantined rows are back in their tables by now; the backup stays.
-    Returns the triggers dropped."""
-    name = sql.Identifier(backup.change_log_trigger(session.plan.backup_schema))
+    """Drop the change log's triggers (the row trigger and the TRUNCATE one) from each table
+    of the plan, each table in a short DDL transaction under lock_timeout (DROP TRIGGER
+    takes an exclusive lock for an instant): rolled back, the tables carry no engine
+    trigger, and the application's writes no longer fill the log.  Quarantined rows are
+    back in their tables by now; the backup stays.  Returns the triggers dropped."""
+    schema = session.plan.backup_schema
+    names = [backup.change_log_trigger(schema), backup.change_log_truncate_trigger(schema)]
 
     def drop(cur: Cursor, table: Table) -> int:
-        cur.execute("SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
-                    "AND tgname = %s", (catalog.regclass(table), name.strings[0]))
-        if not (cur.fetchone() or [0])[0]:
-            return 0
-        cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(name, table.ident))
-        return 1
+        cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                    "AND tgname = ANY(%s) ORDER BY tgname", (catalog.regclass(table), names))
+        present = [name for (name,) in cur.fetchall()]
+        for name in present:
+            cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name),
+                                                                table.ident))
+        return len(present)
 
     return sum(session.ddl(f"stop the change log on {table}", partial(drop, table=table))
                for table in sorted(session.plan.tables))

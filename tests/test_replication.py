@@ -33,7 +33,7 @@ from psycopg2 import sql
 from migration import verify
 from migration.rehearsal.sandbox import Sandbox, prepare
 from migration.rehearsal.seed import seed
-from migration.rehearsal.throwaway import Server, start_cluster
+from migration.rehearsal.throwaway import Server, embedded_bin_dir, start_cluster
 from migration.session import Settings
 from tests.operate import connected, execute, refusal, run_in_process, run_ok
 
@@ -50,6 +50,8 @@ def logical(pg_server: Server) -> Iterator[Sandbox]:
     """A second server, of the session server's version, with ``wal_level=logical``."""
     [(bin_dir,)] = execute(pg_server.admin_dsn,
                            "SELECT setting FROM pg_config WHERE name = 'BINDIR'")
+    if not (Path(str(bin_dir)) / "pg_ctl").exists():  # a server in Docker: the wheel's 18
+        bin_dir = embedded_bin_dir()
     server = start_cluster(Path(str(bin_dir)), backend=pg_server.backend,
                            settings=("wal_level=logical",))
     try:

@@ -95,6 +95,13 @@ def holds_writes(dsn: str, user: str) -> None:
     assert execute(dsn, "SELECT count(*) FROM tags WHERE user_id = %s", (user,)) == [(1,)]
 
 
+def change_log_triggers(dsn: str) -> int:
+    """The change log's triggers (row and TRUNCATE) on the plan's tables."""
+    [(count,)] = execute(dsn, "SELECT count(*) FROM pg_trigger "
+                              "WHERE tgname ~ '^migration_change_log'")
+    return int(count)
+
+
 def test_postpone_swap_stops_ready_to_swap_and_the_next_run_swaps(legacy_db: str) -> None:
     with connected(legacy_db, autocommit=False) as conn:
         seed(conn, 30)
@@ -120,6 +127,7 @@ def test_postpone_swap_stops_ready_to_swap_and_the_next_run_swaps(legacy_db: str
     assert "next: data-migration --operation=rollback (without --postpone-swap) swaps" in output
     assert key_types(legacy_db) == {"uuid"}
     assert "stage: ready to swap back" in one_line(run_ok(legacy_db, "status").output)
+    assert change_log_triggers(legacy_db) == 4 * 2  # still logging while the swap waits
     other = application_writes(legacy_db, 2)
     assert out_of_step(legacy_db, "text") == 0
     run_ok(legacy_db, "rollback")
