@@ -1,9 +1,11 @@
 """The ``migration_log`` table and the detailed log file.
 
 A run's row is inserted as ``running`` and committed at once, so ``status``
-can see an unfinished operation.  Its final update happens inside the
-transaction of the operation's last change: a crash can never leave a
-``completed`` row for work that was not committed.
+can see an unfinished operation.  ``operations.run()`` writes its final state in a
+transaction of its own once the operation has returned (``completed``), or after
+rolling back what failed (``failed``): a crash before that leaves the row
+``running``, and the next run marks it ``interrupted``, so a ``completed`` row is
+never written for work that was not committed.
 """
 
 from __future__ import annotations
