@@ -45,29 +45,48 @@ def test_the_readmes_main_job_runs(tmp_path: Path) -> None:
     assert "Projected time for production" in done.stdout
 
 
-def readme_section(title: str) -> str:
-    text = (PROJECT / "README.md").read_text()
-    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+def option_reference() -> str:
+    """The option reference the README links to."""
+    return (PROJECT / "docs" / "options.md").read_text()
 
 
-def test_every_option_of_data_migration_is_in_the_readme() -> None:
-    section = readme_section("Using it on your database")
+def test_every_option_of_data_migration_is_in_the_option_reference() -> None:
+    reference = option_reference()
     missing = [opt for param in main.params if isinstance(param, click.Option)
                for opt in param.opts[:1] if opt.startswith("--") and opt != "--operation"
-               and f"`{opt}" not in section]
+               and f"`{opt}" not in reference]
     assert missing == []
 
 
-def test_the_jobs_help_and_the_readme_name_the_same_operations() -> None:
+def test_the_jobs_help_and_the_option_reference_name_the_same_operations() -> None:
     [jobs] = [p for p in main.params if p.name == "jobs"]
     assert isinstance(jobs, click.Option)
     assert jobs.help
     operations = jobs.help.split(":", 1)[0]
     assert operations.startswith("migrate_users")
-    assert " ".join(f"{operations}:".split()) in " ".join(
-        readme_section("Using it on your database").split())
+    assert " ".join(f"{operations}:".split()) in " ".join(option_reference().split())
 
 
-def test_the_readme_links_the_runbook() -> None:
-    assert "`docs/runbook.md`" in (PROJECT / "README.md").read_text()
+def test_the_readme_links_the_runbook_and_the_option_reference() -> None:
+    readme = (PROJECT / "README.md").read_text()
+    assert "(docs/runbook.md)" in readme
+    assert "(docs/options.md)" in readme
     assert (PROJECT / "docs" / "runbook.md").read_text().startswith("# The runbook")
+
+
+def test_the_readme_sends_every_page_of_the_docs_its_reader() -> None:
+    """Each page of docs/ is linked from the README, so what moved there can be found."""
+    readme = (PROJECT / "README.md").read_text()
+    unlinked = [page.name for page in sorted((PROJECT / "docs").glob("*.md"))
+                if f"(docs/{page.name})" not in readme]
+    assert unlinked == []
+
+
+def test_the_first_screen_holds_the_quickstart_and_the_commands() -> None:
+    """What it does, the two quickstart commands, the commands for one's own database and
+    where to read more come before anything else."""
+    readme = (PROJECT / "README.md").read_text()
+    headings = [line for line in readme.splitlines() if line.startswith("## ")]
+    assert headings[:3] == ["## Quickstart", "## Using it on your database", "## Read more"]
+    first_screen = readme.split("\n## ", 4)
+    assert len("\n## ".join(first_screen[:4]).splitlines()) <= 60
