@@ -57,6 +57,49 @@ RECORDED_OPERATIONS = ("status", "rollback", "cleanup_backup", "validate_migrati
 # orphans by it (validate_schema reports them as to be quarantined).
 QUARANTINE_OPERATIONS = ("migrate_foreign_keys", "full_migration", "validate_schema", "rehearse")
 
+# --help lists the options by the operations that use them, in the sections of
+# docs/options.md (tests/test_docs.py holds the two to each other).
+HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("Every operation", ("--operation", "--database-url", "--schema", "--key",
+                         "--lock-timeout", "--statement-timeout", "--log-file", "--format",
+                         "--quiet", "--verbose", "--version", "--help")),
+    ("Filling the copies: migrate_users, migrate_foreign_keys, full_migration, rollback, "
+     "rehearse", ("--batch-size", "--jobs")),
+    ("What a run accepts instead of refusing", ("--orphans", "--allow-triggers",
+                                                "--refresh-materialized-views",
+                                                "--allow-publications")),
+    ("Choosing the moment of the swap: migrate_foreign_keys, full_migration, rollback",
+     ("--postpone-swap",)),
+    ("validate_schema", ("--discover",)),
+    ("cleanup_backup", ("--force",)),
+    ("rehearse", ("--users", "--clean", "--batch-sizes", "--production-rows", "--report",
+                  "--schema-from")),
+)
+
+
+class SectionedHelp(click.Command):
+    """A command whose --help lists its options in ``HELP_SECTIONS``; one that no section
+    names comes under "Other options", so none is ever left out of the help."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        records: dict[str, tuple[str, str]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            long = [opt for opt in param.opts if opt.startswith("--")]
+            if record is not None and long:
+                records[long[0]] = record
+        placed: set[str] = set()
+        for title, options in HELP_SECTIONS:
+            rows = [records[opt] for opt in options if opt in records]
+            placed.update(options)
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+        others = [record for opt, record in records.items() if opt not in placed]
+        if others:
+            with formatter.section("Other options"):
+                formatter.write_dl(others)
+
 
 CRASH_VARIABLE = "UUID_MIGRATION_CRASH_AT"
 
@@ -193,7 +236,8 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
             raise click.UsageError(str(exc)) from None
 
 
-@click.command(context_settings={"help_option_names": ["-h", "--help"]}, epilog=__doc__)
+@click.command(cls=SectionedHelp, context_settings={"help_option_names": ["-h", "--help"]},
+               epilog=__doc__)
 @click.version_option(package_name="uuid-migration", prog_name="data-migration",
                       message="%(prog)s %(version)s")
 @click.option("--operation", "operation", required=True, type=click.Choice(OPERATION_NAMES),
@@ -221,8 +265,9 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
               "and the --key to pass for each (reads only).")
 @click.option("--orphans", type=click.Choice(["abort", "quarantine"]), default="abort",
               show_default=True,
-              help="migrate_foreign_keys: refuse on rows referring to no user, or move them "
-                   "to the backup schema (rollback restores them).")
+              help="migrate_foreign_keys, full_migration, rehearse: refuse on rows "
+                   "referring to no user, or move them to the backup schema (rollback "
+                   "restores them); validate_schema: report them as to be quarantined.")
 @click.option("--lock-timeout", "lock_timeout_ms", default=100, show_default=True,
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
               "before it is retried with backoff (the application's queries queue behind "

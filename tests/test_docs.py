@@ -17,7 +17,7 @@ import pytest
 from click.testing import CliRunner
 
 from migration import verify
-from migration.cli import main
+from migration.cli import HELP_SECTIONS, main
 
 PROJECT = Path(__file__).resolve().parents[1]
 # docs/benchmark.md documents bench/run.py, whose options are its own (tests/test_bench.py).
@@ -147,3 +147,22 @@ def test_the_other_tools_options_are_theirs() -> None:
     absent = [opt for opt, (source, _) in OTHER_TOOLS.items()
               if source is not None and f'"{opt}' not in (PROJECT / source).read_text()]
     assert absent == []
+
+
+def reference_sections() -> dict[str, str]:
+    """docs/options.md's sections by heading, backticks left out."""
+    text = (PROJECT / "docs" / "options.md").read_text()
+    return {part.split("\n", 1)[0].replace("`", ""): part
+            for part in text.split("\n## ")[1:]}
+
+
+def test_the_option_reference_is_sectioned_as_the_help() -> None:
+    """Each section of ``data-migration --help`` is a section of docs/options.md that names
+    its options, and every option is in one (none falls to "Other options")."""
+    sections = reference_sections()
+    misplaced = [(title, opt) for title, options in HELP_SECTIONS for opt in options
+                 if f"`{opt}" not in sections.get(title, "")]
+    assert misplaced == []
+    help_text = CliRunner().invoke(main, ["--help"], terminal_width=200).output
+    assert [line for line in help_text.splitlines() if line.endswith(":")
+            and not line.startswith(" ")] == [f"{title}:" for title, _ in HELP_SECTIONS]
