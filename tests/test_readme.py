@@ -9,8 +9,12 @@ from pathlib import Path
 
 import click
 import pytest
+from click.testing import CliRunner
 
+from migration import verify
 from migration.cli import main
+from migration.rehearsal.seed import seed
+from tests.operate import PLAN_KEYS, connected, execute
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +94,37 @@ def test_the_first_screen_holds_the_quickstart_and_the_commands() -> None:
     assert headings[:3] == ["## Quickstart", "## Using it on your database", "## Read more"]
     first_screen = readme.split("\n## ", 4)
     assert len("\n## ".join(first_screen[:4]).splitlines()) <= 60
+
+
+def readme_section(title: str) -> str:
+    text = (PROJECT / "README.md").read_text()
+    return text.split(f"## {title}", 1)[1].split("\n## ", 1)[0]
+
+
+def test_the_readmes_commands_for_ones_own_database_run_as_written(
+        legacy_db: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each line of "Using it on your database", in order, from the directory an operator
+    would run them in, with DATABASE_URL set to a legacy database: each exits 0, and the
+    keys are uuid at the end."""
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 20)
+    monkeypatch.chdir(tmp_path)
+    section = readme_section("Using it on your database")
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    lines = [line.split("#", 1)[0].strip() for line in block.splitlines()]
+    export, *commands = [line for line in lines if line]
+    assert export.startswith("export DATABASE_URL=")
+    tools = {"data-migration": main, "verify": verify.main}
+    for command in commands:
+        name, *args = shlex.split(command)
+        done = CliRunner().invoke(tools[name], args, env={"DATABASE_URL": legacy_db})
+        assert done.exit_code == 0, f"{command}:\n{done.output}"
+    assert [name for name, *_ in map(shlex.split, commands)] == [
+        "data-migration", "data-migration", "data-migration", "verify"]
+    types = execute(legacy_db, "SELECT table_name, column_name, data_type FROM "
+                               "information_schema.columns WHERE table_schema = 'public'")
+    assert {(table, column): kind for table, column, kind in types
+            if ("public", table, column) in PLAN_KEYS} == {
+        key[1:]: "uuid" for key in PLAN_KEYS}
+    assert (tmp_path / "logs" / "migration" / "data_migration.log").exists()
+
