@@ -9,6 +9,8 @@ of them; each relative link and each project file named in backticks must exist.
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 import re
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
+import migration
 from migration import verify
 from migration.cli import HELP_SECTIONS, main
 
@@ -140,6 +143,18 @@ def test_every_relative_link_and_project_file_named_exists(doc: Path) -> None:
              for m in [PROJECT_FILE.fullmatch(span.split()[0])] if m}
     absent = sorted(path for path in named if not list(PROJECT.glob(path)))
     assert (broken, absent) == ([], [])
+
+
+@pytest.mark.parametrize("doc", DOCS, ids=doc_id)
+def test_every_function_named_by_its_module_exists(doc: Path) -> None:
+    """``catalog.walk_key``, ``operations.run()``: the module has it."""
+    modules = {info.name for info in pkgutil.iter_modules(migration.__path__)}
+    named = {(module, name) for span in SPAN.findall(doc.read_text())
+             for module, name in re.findall(r"^([a-z_]+)\.([A-Za-z_]\w*)(?:\(\))?$", span)
+             if module in modules and name != "py"}  # `report.py` is a file
+    absent = sorted(f"{module}.{name}" for module, name in named
+                    if not hasattr(importlib.import_module(f"migration.{module}"), name))
+    assert absent == []
 
 
 def test_the_other_tools_options_are_theirs() -> None:
