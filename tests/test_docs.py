@@ -20,6 +20,7 @@ from click.testing import CliRunner
 
 import migration
 from migration import verify
+from migration.checks import CHECK_NAMES
 from migration.cli import HELP_SECTIONS, main
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -181,3 +182,12 @@ def test_the_option_reference_is_sectioned_as_the_help() -> None:
     help_text = CliRunner().invoke(main, ["--help"], terminal_width=200).output
     assert [line for line in help_text.splitlines() if line.endswith(":")
             and not line.startswith(" ")] == [f"{title}:" for title, _ in HELP_SECTIONS]
+
+
+def test_the_runbook_lists_every_check_verify_runs() -> None:
+    """Step 5 names each check ``verify --list-checks`` names, and no other."""
+    runbook = (PROJECT / "docs" / "runbook.md").read_text()
+    step = runbook.split("## Step 5", 1)[1].split("\n## ", 1)[0]
+    listed = step.split(":\n\n", 1)[1].split("The runbook's", 1)[0]
+    assert [name for name in SPAN.findall(listed) if re.fullmatch(r"[a-z_]+", name)] == list(
+        CHECK_NAMES)
