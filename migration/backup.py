@@ -332,8 +332,8 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
     CREATE TRIGGER takes SHARE ROW EXCLUSIVE on each table: it waits for the
     writers under way and blocks new ones until commit, so the caller runs
     this with a short lock_timeout, and the tables are locked first, in a fixed
-    order, waiting for the first only (``lock_tables``): the application is
-    never queued behind one table's lock while this waits for another's.
+    order, all ``NOWAIT`` until ``Session.ddl`` lets the first wait (``lock_tables``):
+    the application is never queued behind one table's lock while this waits for another's.
     """
     schema = plan.backup_schema
     function = sql.Identifier(schema, CHANGE_LOG_FUNCTION)

@@ -271,7 +271,9 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--lock-timeout", "lock_timeout_ms", default=100, show_default=True,
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
               "before it is retried with backoff (the application's queries queue behind "
-              "it that long at most).")
+              "it that long at most).  The swap and the change log's triggers ask for "
+              "their tables without waiting, retried within milliseconds, and wait in the "
+              "queue this long per attempt only after 30 times this long of such tries.")
 @click.option("--statement-timeout", "statement_timeout_ms", default=300_000,
               show_default=True, type=click.IntRange(min=0),
               help="Milliseconds an ordinary statement may run (0: no limit); the steps "

@@ -11,9 +11,11 @@ import re
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeAlias
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -102,22 +104,48 @@ def lift_statement_timeout(cur: psycopg2.extensions.cursor) -> None:
     cur.execute("SET LOCAL statement_timeout = 0")
 
 
+class NotFreeAtOnce(psycopg2.errors.LockNotAvailable):
+    """A table's lock asked ``NOWAIT`` was not free: the attempt ended without queueing."""
+
+
+_QUEUE_FIRST: ContextVar[bool] = ContextVar("queue_first", default=True)
+
+
+@contextmanager
+def queueing(*, allowed: bool) -> Iterator[None]:
+    """Whether :func:`lock_tables` may wait in the queue for its first lock, for the
+    with-block (``Session.ddl`` decides it per attempt; outside one, it may)."""
+    token = _QUEUE_FIRST.set(allowed)
+    try:
+        yield
+    finally:
+        _QUEUE_FIRST.reset(token)
+
+
 def lock_tables(cur: psycopg2.extensions.cursor, relations: Sequence[sql.Composable],
                 mode: str, *, wait: bool = True) -> None:
-    """Lock ``relations`` in ``mode`` (``ACCESS EXCLUSIVE``, ...) waiting for one lock only.
+    """Lock ``relations`` in ``mode`` (``ACCESS EXCLUSIVE``, ...) waiting for one lock at most.
 
-    The first waits up to the transaction's ``lock_timeout`` (not at all
-    without ``wait``), every other is asked ``NOWAIT``: a lock that is not free
-    at once ends the attempt (``LockNotAvailable``), and ``Session.ddl`` gives
-    back every lock with the transaction and tries again later.  So the engine
-    never holds one table's lock while it waits in the queue of another (which
-    queued the application behind the lock held, once per table), and an
-    attempt delays the application by one ``lock_timeout`` at most.
+    Every lock is asked ``NOWAIT``, except the first when ``wait`` and
+    :func:`queueing` allow it, which waits up to the transaction's
+    ``lock_timeout``.  A lock that is not free at once ends the attempt
+    (:class:`NotFreeAtOnce`), and ``Session.ddl`` gives back every lock with
+    the transaction and tries again a few milliseconds later.  A request that
+    waits queues every application query that conflicts with it behind it,
+    however short the lock it asks for; one that does not wait queues nobody.
+    So the engine never holds one table's lock while it waits in the queue of
+    another, and waits in a queue only when ``Session.ddl`` lets the first
+    lock wait, after many tries never found the tables free.
     """
     for number, relation in enumerate(relations):
-        nowait = sql.SQL(" NOWAIT" if number or not wait else "")
-        cur.execute(sql.SQL("LOCK TABLE {} IN {} MODE{}").format(relation, sql.SQL(mode),
-                                                                 nowait))
+        nowait = bool(number) or not wait or not _QUEUE_FIRST.get()
+        try:
+            cur.execute(sql.SQL("LOCK TABLE {} IN {} MODE{}").format(
+                relation, sql.SQL(mode), sql.SQL(" NOWAIT" if nowait else "")))
+        except psycopg2.errors.LockNotAvailable as exc:
+            if not nowait:
+                raise
+            raise NotFreeAtOnce(str(exc).strip()) from exc
 
 
 def connect(
