@@ -93,6 +93,7 @@ REPORTED_SETTINGS = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_
                      "max_parallel_maintenance_workers", "max_parallel_workers_per_gather",
                      "autovacuum", "jit")
 MiB = 1024 * 1024
+SKIPPABLE = ("naive_loop", "verify", "rollback")  # --skip: all but the one-shot and ours
 
 
 class BenchError(RuntimeError):
@@ -357,8 +358,11 @@ def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[s
 def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
               workdir: Path | None = None, live_load: LoadSettings | None = None,
+              skip: Sequence[str] = (),
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Every method on fresh clones of one seeded scale; the figures as a dict."""
+    """Every method on fresh clones of one seeded scale, but those in ``skip``
+    (``SKIPPABLE``); the figures as a dict."""
+    methods = [method for method in methods if method not in skip]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
     say(f"S={users:,}: seeding")
     scale = prepare_scale(box, users)
@@ -407,10 +411,12 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             else:
                 box.drop_database(name)
         assert kept is not None
-        one("verify", "verify", verify_command(), kept)
-        log_file = workdir / f"s{users}_rollback.log"
-        result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
-        _check_data(box, kept, scale, result, original=True)
+        if "verify" not in skip:
+            one("verify", "verify", verify_command(), kept)
+        if "rollback" not in skip:
+            log_file = workdir / f"s{users}_rollback.log"
+            result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
+            _check_data(box, kept, scale, result, original=True)
         box.drop_database(kept)
         if live_load is not None:
             for label, argv in live_methods(workdir / f"s{users}_live.log"):
@@ -491,7 +497,7 @@ def _git_commit() -> str | None:
 def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int], *,
                   server: Server | None = None, start_settings: Sequence[str] = (),
                   sample_interval: float = 0.005, live_load: LoadSettings | None = None,
-                  say: Callable[[str], None] = lambda s: None,
+                  skip: Sequence[str] = (), say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
     """Every scale in turn; ``partial`` gets the report so far after each one."""
     started = datetime.now(UTC)
@@ -504,13 +510,14 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
         "parameters": {"scales": list(scales), "batch_sizes": list(batch_sizes),
                        "default_batch_size": DEFAULT_BATCH, "lock_sample_interval_s":
                        sample_interval,
-                       "live_load": asdict(live_load) if live_load else None},
+                       "live_load": asdict(live_load) if live_load else None,
+                       "skipped": list(skip)},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval,
-                                          live_load=live_load, say=say))
+                                          live_load=live_load, skip=skip, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -686,6 +693,15 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _methods(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(values) - set(SKIPPABLE))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"cannot skip {', '.join(unknown)}: give some of {', '.join(SKIPPABLE)}")
+    return values
+
+
 def start(args: argparse.Namespace) -> tuple[Server, list[str]]:
     """The server the benchmark runs on, and the settings it was started with."""
     if args.pg == "dsn" or (args.pg == "auto" and args.pg_dsn):
@@ -743,6 +759,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-warmup", type=float, default=LoadSettings.warmup,
                         help="--live-load: seconds of load before the method starts "
                              f"(default {LoadSettings.warmup:g})")
+    parser.add_argument("--skip", type=_methods, default=[], metavar="METHODS",
+                        help="methods not to run, comma-separated, of "
+                             f"{', '.join(SKIPPABLE)} (the one-shot and full_migration "
+                             "always run: the ratios need both)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="print the Markdown of an earlier --json report and exit")
     args = parser.parse_args(argv)
@@ -770,7 +790,7 @@ def main(argv: list[str] | None = None) -> int:
                                    sample_interval=args.sample_ms / 1000, say=say,
                                    live_load=LoadSettings(args.load_rate, args.load_clients,
                                                           args.load_warmup)
-                                   if args.live_load else None,
+                                   if args.live_load else None, skip=args.skip,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):
