@@ -252,6 +252,31 @@ def sizes(admin_dsn: str, tables: Sequence[str], *, schema: str = "public",
     return {**result, "total": sum(result.values()), "backup": backup}
 
 
+def updates(admin_dsn: str, tables: Sequence[str], *, schema: str = "public"
+            ) -> dict[str, dict[str, int]]:
+    """Rows updated in each table so far, and of them HOT (``pg_stat_user_tables``).
+
+    A backend reports its counts when it exits: the method's backends, whose
+    client has exited, are waited for (10 s at most) before they are read.
+    """
+    conn = _connect(admin_dsn)
+    try:
+        with conn.cursor() as cur:
+            for _ in range(200):
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND pid <> pg_backend_pid() "
+                            "AND backend_type = 'client backend'")
+                if not (cur.fetchone() or [0])[0]:
+                    break
+                time.sleep(0.05)
+            cur.execute("SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                        "WHERE schemaname = %s AND relname = ANY (%s)", (schema, list(tables)))
+            return {name: {"updated": int(updated), "hot": int(hot)}
+                    for name, updated, hot in cur.fetchall()}
+    finally:
+        conn.close()
+
+
 def data_digest(dsn: str, key_columns: Mapping[str, Sequence[str]], *,
                 schema: str = "public") -> dict[str, dict[str, object]]:
     """Per table: rows and a digest of the rows, columns by name, key columns as uuid.

@@ -189,6 +189,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     admin_db = box.admin_dsn_for(dbname)
     owner_dsn = box.owner_dsn(dbname)
     before = probe.sizes(admin_db, scale["tables"])
+    updated_before = probe.updates(admin_db, scale["tables"])
     probe.checkpoint(box.admin_dsn)
     server_cpu = probe.ServerCpu(box.admin_dsn)
     load_before = os.getloadavg()
@@ -206,6 +207,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         raise BenchError(f"{label} failed (exit {proc.exit_code}):\n{proc.stdout}\n{proc.stderr}")
     locks = sampler.report()
     after = probe.sizes(admin_db, scale["tables"])
+    updated = probe.updates(admin_db, scale["tables"])
     exclusive, blocking = locks.longest_exclusive, locks.longest_write_blocking
     return {
         "label": label, "database": dbname, "engine": engine, "wall_s": proc.wall,
@@ -218,6 +220,8 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         "max_write_blocking_table": blocking.table if blocking else None,
         "max_write_blocking_query": blocking.query if blocking else None,
         "locks": locks.as_dict(), "wal_bytes": wal, "size_before": before, "size_after": after,
+        "updates": {t: {k: v - updated_before.get(t, {}).get(k, 0) for k, v in u.items()}
+                    for t, u in updated.items()},
         "peak_rss_bytes": proc.max_rss_bytes, "cpu_user_s": proc.user_cpu,
         "cpu_system_s": proc.system_cpu, "server_cpu_s": server_cpu_s,
         "sampler_server_cpu_s": sampler.own_server_cpu,
@@ -449,6 +453,8 @@ def _derive(results: list[dict[str, Any]]) -> None:
     best = min(ours, key=lambda r: r["wall_s"], default=None)
     for result in results:
         result["ratio_to_one_shot"] = result["wall_s"] / base["wall_s"] if base else None
+        result["wal_ratio_to_one_shot"] = (result["wal_bytes"] / base["wal_bytes"]
+                                           if base and base["wal_bytes"] else None)
         result["ratio_to_full_migration"] = (result["wall_s"] / default["wall_s"]
                                              if default else None)
         result["best"] = result is best
@@ -559,6 +565,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         target(f"full_migration ({which}{', b=' + str(result['batch_size']) if result else ''}) "
                f"/ one-shot, {label}", result["ratio_to_one_shot"] if result else None,
                2.0, 1.5, "x")
+    target(f"WAL of full_migration (default batch) / one-shot's, {label}",
+           default.get("wal_ratio_to_one_shot") if default else None, 1.5, 1.5, "x")
     worst_lock = max((r["max_access_exclusive_s"] for s in scales for r in s["results"]
                       if r["method"] == "full_migration"), default=None)
     target("longest ACCESS EXCLUSIVE hold of full_migration, any scale and batch",
@@ -597,6 +605,10 @@ def _cpu(result: dict[str, Any]) -> str:
 
 def _lock(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _opt_ms(value: float | None) -> str:
@@ -642,9 +654,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"### S = {scale['users']:,} users ({scale['rows']:,} rows, "
                   f"{_mb(scale['size']['total'])} MiB of tables and indexes)", "",
                   "| method | wall s | rows/s | x one-shot | longest ACCESS EXCLUSIVE | "
-                  "longest write-blocking lock | WAL MiB | tables+indexes after MiB | "
-                  "backup MiB | peak RSS MiB | CPU s server+client | load | data |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "longest write-blocking lock | WAL MiB | WAL x one-shot | "
+                  "tables+indexes after MiB | backup MiB | peak RSS MiB | "
+                  "CPU s server+client | load | data |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in scale["results"]:
             label = r["label"] + (" **best**" if r.get("best") else "")
             data = {True: "equal", False: "DIFFERENT"}.get(r.get("data_equal"), "-")
@@ -653,6 +666,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['ratio_to_one_shot']:.2f} | {_lock(r['max_access_exclusive_s'])} "
                 f"({r['max_access_exclusive_table'] or '-'}) | "
                 f"{_lock(r['max_write_blocking_s'])} | {_mb(r['wal_bytes'])} | "
+                f"{_ratio(r.get('wal_ratio_to_one_shot'))} | "
                 f"{_mb(r['size_after']['total'])} | {_mb(r['size_after']['backup'])} | "
                 f"{_mb(r['peak_rss_bytes'])} | {_cpu(r)} | "
                 f"{r['load_average_before']:.1f} | {data} |")
