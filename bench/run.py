@@ -195,7 +195,8 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     load_before = os.getloadavg()
     lsn = probe.wal_lsn(box.admin_dsn)
     engine = engine_version()
-    with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler:
+    with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler, \
+            probe.StepWal(admin_db, interval=max(sample_interval, 0.02)) as step_wal:
         cpu_before = server_cpu.read()
         proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
         cpu_after = server_cpu.read()
@@ -219,7 +220,8 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         "max_write_blocking_s": blocking.upper if blocking else 0.0,
         "max_write_blocking_table": blocking.table if blocking else None,
         "max_write_blocking_query": blocking.query if blocking else None,
-        "locks": locks.as_dict(), "wal_bytes": wal, "size_before": before, "size_after": after,
+        "locks": locks.as_dict(), "wal_bytes": wal, "wal_bytes_by_step": step_wal.bytes,
+        "size_before": before, "size_after": after,
         "updates": {t: {k: v - updated_before.get(t, {}).get(k, 0) for k, v in u.items()}
                     for t, u in updated.items()},
         "peak_rss_bytes": proc.max_rss_bytes, "cpu_user_s": proc.user_cpu,
@@ -679,6 +681,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['label']} | " + " | ".join(
                     f"{steps[s]:.2f}" if steps.get(s) is not None else "-"
                     for s in RUNBOOK_STEPS) + " |")
+                wal = r.get("wal_bytes_by_step") or {}
+                lines.append(f"| {r['label']}: WAL MiB | " + " | ".join(
+                    _mb(wal[s]) if s in wal else "-" for s in RUNBOOK_STEPS) + " |")
         lines += render_live(scale.get("live_load") or [])
         lines.append("")
     if report.get("targets"):

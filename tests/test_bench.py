@@ -78,6 +78,12 @@ def test_figures_are_positive_and_consistent(report: dict[str, Any]) -> None:
         assert by_method[name]["wal_bytes"] > 0, name
         assert by_method[name]["wal_ratio_to_one_shot"] == pytest.approx(
             by_method[name]["wal_bytes"] / by_method["one_shot"]["wal_bytes"])
+    # WAL by step: the engine's steps (or none running), all of it the one-shot's "-"
+    by_step = by_method["full_migration"]["wal_bytes_by_step"]
+    assert set(by_step) <= {*RUNBOOK_STEPS, "full_migration", "-"}
+    assert sum(by_step.values()) > 0
+    assert set(by_step) & set(RUNBOOK_STEPS)  # the steps fill the run: some are sampled
+    assert set(by_method["one_shot"]["wal_bytes_by_step"]) == {"-"}
     # the fill updates every row of the four tables at least once (HOT ones among them)
     filled = by_method["full_migration"]["updates"]
     assert sum(u["updated"] for u in filled.values()) >= ROWS, filled
@@ -119,6 +125,7 @@ def test_report_renders_and_serialises(report: dict[str, Any], tmp_path: Path) -
         assert label in text
     assert "### Targets" in text
     assert "WAL x one-shot" in text
+    assert "(default): WAL MiB |" in text
     assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"full_migration",
                                                                       "longest", "verify"}
     path = tmp_path / "report.json"
