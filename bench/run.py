@@ -28,7 +28,9 @@ What it does, per scale S (``--scales``):
    stronger) hold, both sampled from ``pg_locks`` by a second connection every 5 ms
    (``--sample-ms``; see ``bench.probe`` for the resolution: the figure is an upper
    bound within two sampling gaps, and the achieved gaps are in the JSON), WAL bytes
-   (``pg_current_wal_insert_lsn`` difference), tables plus indexes before and after
+   (``pg_current_wal_insert_lsn`` difference), as a ratio to the one-shot's and, for the
+   engine, per step (sampled), rows updated and HOT-updated per table
+   (``pg_stat_user_tables``), tables plus indexes before and after
    (``pg_total_relation_size``) and the backup schema's size, and the peak RSS of the
    method's process (``os.wait4`` rusage);
 4. checks that every method ends with the same data (a digest over the four tables,
@@ -43,6 +45,9 @@ What it does, per scale S (``--scales``):
    application transaction completing), p99 and max latency before and during it, the
    seconds some foreign key was unenforced, failed application transactions and
    committed writes missing afterwards.  The method's exit code is recorded, not raised.
+
+``--skip naive_loop,verify,rollback`` leaves those methods out (the one-shot and
+full_migration always run: the ratios need both).
 
 By default it starts its own throwaway server: the local PostgreSQL 15 binaries
 (/usr/lib/postgresql/15/bin) with shared_buffers=512MB when present, else the
