@@ -29,8 +29,9 @@ from psycopg2.extras import Json
 
 from migration import catalog, recorded
 from migration.catalog import ColumnState, ForeignKeyDef, IndexDef
-from migration.connection import lock_tables
+from migration.connection import lift_statement_timeout, lock_tables
 from migration.errors import MigrationError
+from migration.log import recorded_in_log
 from migration.model import (
     BACKUP_SCHEMA,
     BACKUP_SCHEMA_LIKE,
@@ -40,6 +41,7 @@ from migration.model import (
     fit_name,
 )
 from migration.plan import Plan
+from migration.report import SAMPLE_LIMIT
 from migration.sqlexpr import column_list
 
 CHANGE_LOG_FUNCTION = "log_change"
@@ -72,6 +74,11 @@ DECLARE
     old_key jsonb;
     new_key jsonb;
 BEGIN
+    IF TG_OP = 'TRUNCATE' THEN  -- the statement trigger: every row of the table went
+        INSERT INTO {schema}.change_log (table_schema, table_name, operation, row_key)
+        VALUES (TG_TABLE_SCHEMA, TG_TABLE_NAME, TG_OP, '{{}}');
+        RETURN NULL;
+    END IF;
     IF TG_OP <> 'INSERT' THEN
         SELECT jsonb_object_agg(k, to_jsonb(OLD) -> k) INTO old_key FROM unnest(TG_ARGV) AS k;
         INSERT INTO {schema}.change_log (table_schema, table_name, operation, row_key)
@@ -122,32 +129,78 @@ CREATE TABLE {schema}.backfill_progress (
 CREATE TABLE {schema}.quarantine (
     table_schema text NOT NULL, table_name text NOT NULL, quarantine_table text NOT NULL,
     row_count bigint NOT NULL, PRIMARY KEY (table_schema, table_name));
--- Keeps a temporary uuid column equal to its source while the backfill runs,
--- for rows written by anyone else: TG_ARGV = (source column, uuid column).
-CREATE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
+-- What the tables looked like (recorded.record), written in the copy's own transaction:
+-- a backup never exists without it.  migration_log gets it too (it outlives the backup).
+CREATE TABLE {schema}.recorded_objects (record jsonb NOT NULL);
+"""
+
+# Keep a key column's copy equal to it for the rows others write while the copy exists (the
+# engine fills copies itself: the triggers' WHEN leaves its writes out).  Fired by every
+# INSERT and UPDATE, whatever columns it writes, so that a row whose copy the fill has not
+# reached yet (or missed) is filled by the application's next write to it instead of
+# rejected by the fill proof.  A copy that holds the key's value already is kept as it is: a
+# write that leaves the key's value alone (an ORM writes every column back) keeps the
+# spelling the rollback gave a string copy.
+# A foreign key and its copy both act on a write to the parent, in their triggers' name
+# order (their OIDs as text), so the copy's may act first, on the copy alone.  ON UPDATE
+# CASCADE: the copy stays the key's until the original's cascade changes the key.  SET NULL
+# (and SET DEFAULT, the key having no default): the key is set NULL with it, as the
+# original would; kept the key's, the copy's SET DEFAULT, which then looks for rows still
+# referring to the parent, would fail.  Such an action is told by the key unchanged, the
+# copy the key's before, NULL now, written by a trigger (pg_trigger_depth() > 1).
+SYNC_FUNCTIONS = """
+-- TG_ARGV = (key column, copy column).
+CREATE OR REPLACE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
+DECLARE
+    written jsonb := to_jsonb(NEW);
+    value uuid := (written ->> TG_ARGV[0])::uuid;
 BEGIN
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(
-        TG_ARGV[1], (to_jsonb(NEW) ->> TG_ARGV[0])::uuid));
-    RETURN NEW;
+    IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+       AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
+       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
+                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
+        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    END IF;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[1], value));
 END $$;
 -- On the way back, a referencing column's string copy takes the spelling of the
 -- row it refers to (a foreign key between strings compares them byte for byte):
--- TG_ARGV = (source column, copy column, parent schema, parent table, parent key,
+-- TG_ARGV = (key column, copy column, parent schema, parent table, parent key,
 -- parent's copy column).
-CREATE FUNCTION {schema}.sync_reference_column() RETURNS trigger
+CREATE OR REPLACE FUNCTION {schema}.sync_reference_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
+    written jsonb := to_jsonb(NEW);
+    value uuid := (written ->> TG_ARGV[0])::uuid;
     spelled text;
 BEGIN
+    IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
+        RETURN NEW;
+    END IF;
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+       AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
+       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
+                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
+        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+    END IF;
     EXECUTE format('SELECT %I::text FROM %I.%I WHERE %I = $1',
                    TG_ARGV[5], TG_ARGV[2], TG_ARGV[3], TG_ARGV[4])
-        INTO spelled USING (to_jsonb(NEW) ->> TG_ARGV[0])::uuid;
-    NEW := jsonb_populate_record(NEW, jsonb_build_object(
-        TG_ARGV[1], coalesce(spelled, to_jsonb(NEW) ->> TG_ARGV[0])));
-    RETURN NEW;
+        INTO spelled USING value;
+    RETURN jsonb_populate_record(NEW, jsonb_build_object(
+        TG_ARGV[1], coalesce(spelled, written ->> TG_ARGV[0])));
 END $$;
 """
+
+NOT_THE_ENGINE = sql.SQL("current_setting('uuid_migration.engine', true) IS DISTINCT FROM 'on'")
+"""The WHEN of the engine's triggers: the engine's own sessions set the marker."""
 
 
 # Every function here takes the backup schema it works in, the plan's
@@ -168,10 +221,34 @@ def meta(schema: str, name: str) -> sql.Identifier:
 
 
 def exists(cur: Cursor, schema: str) -> bool:
-    cur.execute("SELECT to_regclass(%s) IS NOT NULL", (meta(schema, "backup_tables").as_string(
-        cur.connection),))
+    """Whether the backup ``schema`` holds a backup.  Read from the catalog alone: a role
+    without USAGE on the schema (verify as a monitoring role) learns it too."""
+    cur.execute("SELECT EXISTS (SELECT FROM pg_class c JOIN pg_namespace n "
+                "ON n.oid = c.relnamespace WHERE n.nspname = %s AND c.relname = %s)",
+                (schema, "backup_tables"))
     row = cur.fetchone()
     return bool(row and row[0])
+
+
+def unreadable(cur: Cursor, schema: str) -> str | None:
+    """Why the current role cannot read the backup ``schema`` (no USAGE on it, or no SELECT
+    on one of its tables: it is private to its owner), naming the role and the owner; None
+    when it can.  From the catalog alone."""
+    cur.execute("SELECT current_user, pg_get_userbyid(n.nspowner), "
+                "has_schema_privilege(n.oid, 'USAGE'), "
+                "(SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c "
+                " WHERE c.relnamespace = n.oid AND c.relkind = 'r' "
+                " AND NOT has_table_privilege(c.oid, 'SELECT')) "
+                "FROM pg_namespace n WHERE n.nspname = %s", (schema,))
+    row = cur.fetchone()
+    if row is None:
+        return None
+    role, owner, usage, denied = row
+    if usage and not denied:
+        return None
+    what = f"USAGE on schema {schema}" if not usage else f"SELECT on {schema}.{denied[0]}"
+    return (f"the backup in {schema} is private to {owner}: role {role} has no {what}; "
+            f"run verify as {owner} for this check")
 
 
 def recorded_keys(cur: Cursor) -> dict[str, str]:
@@ -182,6 +259,8 @@ def recorded_keys(cur: Cursor) -> dict[str, str]:
                 "ORDER BY nspname", (BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE))
     keys: dict[str, str] = {}
     for (schema,) in cur.fetchall():
+        if unreadable(cur, schema):
+            continue  # private to the migrating role: a reader passes --key, or gets users.id
         found: list[str] = []
         if catalog.relation_exists(cur.connection, meta(schema, KEY_TABLE)):
             cur.execute(sql.SQL("SELECT key FROM {}").format(meta(schema, KEY_TABLE)))
@@ -241,14 +320,20 @@ def change_log_trigger(schema: str) -> str:
     return fit_name(CHANGE_LOG_TRIGGER + schema.removeprefix(BACKUP_SCHEMA))
 
 
+def change_log_truncate_trigger(schema: str) -> str:
+    """The name of the change log's statement trigger ``AFTER TRUNCATE`` (row triggers do
+    not see a TRUNCATE) of backup ``schema`` on each table."""
+    return fit_name(CHANGE_LOG_TRIGGER + "_truncate" + schema.removeprefix(BACKUP_SCHEMA))
+
+
 def start_change_log(cur: Cursor, plan: Plan) -> None:
     """Create the change log and its triggers on the plan's tables (idempotent).
 
     CREATE TRIGGER takes SHARE ROW EXCLUSIVE on each table: it waits for the
     writers under way and blocks new ones until commit, so the caller runs
     this with a short lock_timeout, and the tables are locked first, in a fixed
-    order, waiting for the first only (``lock_tables``): the application is
-    never queued behind one table's lock while this waits for another's.
+    order, all ``NOWAIT`` until ``Session.ddl`` lets the first wait (``lock_tables``):
+    the application is never queued behind one table's lock while this waits for another's.
     """
     schema = plan.backup_schema
     function = sql.Identifier(schema, CHANGE_LOG_FUNCTION)
@@ -263,12 +348,54 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
                             "(table_schema, table_name) DO UPDATE SET key_columns = "
                             "excluded.key_columns").format(meta(schema, "logged_tables")),
                     (table.schema, table.name, columns))
-        cur.execute(sql.SQL(
-            "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
-            "FOR EACH ROW WHEN (current_setting('uuid_migration.engine', true) "
-            "IS DISTINCT FROM 'on') EXECUTE FUNCTION {function}({args})"
-        ).format(name=sql.Identifier(change_log_trigger(schema)), table=table.ident,
-                 function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
+        log_table(cur, schema, table, columns)
+
+
+def log_table(cur: Cursor, schema: str, table: Table, columns: list[str]) -> None:
+    """The change log's triggers on ``table``, ENABLE ALWAYS in this same transaction: a
+    row trigger logging the key of every row written, and a statement trigger logging a
+    TRUNCATE.  Writes with ``session_replication_role = replica`` (logical replication's
+    apply, ``pg_restore --disable-triggers``, bulk loaders) fire them too."""
+    function = meta(schema, CHANGE_LOG_FUNCTION)
+    row, truncate = change_log_trigger(schema), change_log_truncate_trigger(schema)
+    cur.execute(sql.SQL(
+        "CREATE OR REPLACE TRIGGER {name} AFTER INSERT OR UPDATE OR DELETE ON {table} "
+        "FOR EACH ROW WHEN ({mine}) EXECUTE FUNCTION {function}({args})"
+    ).format(name=sql.Identifier(row), table=table.ident, mine=NOT_THE_ENGINE,
+             function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
+    cur.execute(sql.SQL(
+        "CREATE OR REPLACE TRIGGER {name} AFTER TRUNCATE ON {table} "
+        "FOR EACH STATEMENT WHEN ({mine}) EXECUTE FUNCTION {function}()"
+    ).format(name=sql.Identifier(truncate), table=table.ident, mine=NOT_THE_ENGINE,
+             function=function))
+    for name in (row, truncate):  # CREATE OR REPLACE makes a trigger ENABLE ORIGIN again
+        cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(
+            table.ident, sql.Identifier(name)))
+
+
+def change_log_is_current(cur: Cursor, schema: str, table: Table) -> bool:
+    """Whether ``table`` has both of this version's change log triggers, ENABLE ALWAYS (a
+    backup an older version took has one, ENABLE ORIGIN), or no change log at all."""
+    cur.execute("SELECT count(*) FILTER (WHERE tgname = %(row)s), "
+                "count(*) FILTER (WHERE tgenabled = 'A') FROM pg_trigger "
+                "WHERE tgrelid = to_regclass(%(table)s) AND tgname IN (%(row)s, %(truncate)s)",
+                {"table": catalog.regclass(table), "row": change_log_trigger(schema),
+                 "truncate": change_log_truncate_trigger(schema)})
+    logged, always = cur.fetchone() or (0, 0)
+    return not logged or always == 2
+
+
+def upgrade_change_log(cur: Cursor, schema: str, table: Table) -> None:
+    """Bring the change log on ``table`` that an older version started up to this one's:
+    its function (which logs TRUNCATE now) and its triggers, by the columns it logged."""
+    cur.execute(sql.SQL(_CHANGE_LOG).format(schema=sql.Identifier(schema),
+                                            function=meta(schema, CHANGE_LOG_FUNCTION)))
+    cur.execute(sql.SQL("SELECT key_columns FROM {} WHERE (table_schema, table_name) = "
+                        "(%s, %s)").format(meta(schema, "logged_tables")),
+                (table.schema, table.name))
+    row = cur.fetchone()
+    if row is not None:
+        log_table(cur, schema, table, list(row[0]))
 
 
 def record_key(cur: Cursor, plan: Plan) -> None:
@@ -294,15 +421,26 @@ def logged_columns(cur: Cursor, plan: Plan, table: Table) -> list[str]:
         key.column for key in plan.columns if key.table == table]
 
 
+UUID_INPUT = r"^(\{[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}\}|[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7})$"
+"""What the uuid type's input function accepts (``string_to_uuid``): 32 hex digits, a hyphen
+allowed after any group of four, the whole maybe in braces.  The change log's keys are
+tested with it before they are cast: the application may have written anything there, and
+``verify``'s read-only transaction cannot create the checker servers before 16 need
+(``sqlexpr.is_uuid``)."""
+
+
 @dataclass(frozen=True)
 class ChangeLog:
     """The rows of one table the application wrote since the backup, as SQL to match rows with.
 
     A row is in the log when each of its logged columns equals the logged
-    key: key columns of the plan as uuid (the backup holds strings, the live
-    table uuid after the swap, and the application may have written any
-    spelling), other columns by value.  Queries using it start with
-    ``WITH {cte}`` and pass ``params``.
+    key, NULL matching NULL: key columns of the plan as uuid (the backup holds
+    strings, the live table uuid after the swap, and the application may have
+    written any spelling; a logged value that is not a UUID matches no row),
+    other columns by value.  The key is compared as one jsonb array, which
+    the server hashes.  A TRUNCATE in the log holds every row: the backup's
+    rows all went by the application's hand, and the rows since are logged.
+    Queries using it start with ``WITH {cte}`` and pass ``params``.
     """
 
     schema: str  # the backup schema
@@ -311,30 +449,68 @@ class ChangeLog:
     converted: frozenset[str]
 
     def cte(self) -> sql.Composable:
-        """``logged``: the distinct keys logged for the table, read once per query."""
+        """``logged``: the distinct keys logged for the table, read once per query, each
+        with its ``ident`` (what ``matches`` compares; NULL for a TRUNCATE) and whether it
+        is a TRUNCATE's (``truncated``)."""
         if not self.columns:
-            return sql.SQL("logged AS MATERIALIZED (SELECT NULL::jsonb AS row_key WHERE false)")
-        return sql.SQL("logged AS MATERIALIZED (SELECT DISTINCT row_key FROM {} WHERE "
-                       "(table_schema, table_name) = (%(log_schema)s, %(log_table)s))").format(
-            meta(self.schema, "change_log"))
+            return sql.SQL("logged AS MATERIALIZED (SELECT NULL::jsonb AS row_key, "
+                           "NULL::jsonb AS ident, false AS truncated WHERE false)")
+        values = sql.SQL(", ").join(
+            sql.SQL("CASE WHEN c.row_key ->> {k} ~ {syntax} THEN to_jsonb((c.row_key ->> {k})"
+                    "::uuid) ELSE c.row_key -> {k} END" if column in self.converted
+                    else "c.row_key -> {k}").format(k=sql.Literal(column),
+                                                    syntax=sql.Literal(UUID_INPUT))
+            for column in self.columns)
+        return sql.SQL(
+            "logged AS MATERIALIZED (SELECT DISTINCT c.row_key, CASE WHEN c.operation <> "
+            "'TRUNCATE' THEN jsonb_build_array({values}) END AS ident, c.operation = "
+            "'TRUNCATE' AS truncated FROM {log} c WHERE (c.table_schema, c.table_name) = "
+            "(%(log_schema)s, %(log_table)s))").format(
+            values=values, log=meta(self.schema, "change_log"))
 
     @property
     def params(self) -> dict[str, str]:
         return {"log_schema": self.table.schema, "log_table": self.table.name}
 
     def holds(self, row: str) -> sql.Composable:
-        """Whether the row aliased ``row`` is one the log names."""
+        """Whether the row aliased ``row`` is one the log names (any row, once the table
+        was truncated)."""
         if not self.columns:
             return sql.SQL("false")
-        return sql.SQL("EXISTS (SELECT 1 FROM logged g WHERE {})").format(self.matches(row, "g"))
+        return sql.SQL("(EXISTS (SELECT 1 FROM logged g WHERE g.truncated) "
+                       "OR EXISTS (SELECT 1 FROM logged g WHERE {}))").format(
+            self.matches(row, "g"))
 
     def matches(self, row: str, logged: str) -> sql.Composable:
-        """Whether the row aliased ``row`` has the key in ``logged.row_key``."""
-        return sql.SQL(" AND ").join(
-            sql.SQL("({g}.row_key ->> {k})::uuid = ({c})::uuid" if column in self.converted
-                    else "{g}.row_key -> {k} = to_jsonb({c})").format(
-                g=sql.Identifier(logged), k=sql.Literal(column), c=sql.Identifier(row, column))
-            for column in self.columns)
+        """Whether the row aliased ``row`` has the key ``logged.ident`` (jsonb_build_array
+        makes a NULL JSON's null, so NULL matches NULL)."""
+        return sql.SQL("{}.ident = jsonb_build_array({})").format(
+            sql.Identifier(logged), sql.SQL(", ").join(
+                sql.SQL("to_jsonb(({})::uuid)" if column in self.converted
+                        else "to_jsonb({})").format(sql.Identifier(row, column))
+                for column in self.columns))
+
+    def not_uuids(self, cur: Cursor) -> tuple[int, list[dict[str, Any]]]:
+        """The logged keys whose value in a key column of the plan is not a UUID (the
+        application wrote it, and they match no row): how many, and the first of them."""
+        converted = [column for column in self.columns if column in self.converted]
+        if not converted:
+            return 0, []
+        cur.execute(sql.SQL(
+            "WITH {logged} SELECT count(*) OVER (), row_key FROM logged g "
+            "WHERE NOT g.truncated AND ({odd}) ORDER BY row_key LIMIT %(n)s").format(
+            logged=self.cte(), odd=sql.SQL(" OR ").join(
+                sql.SQL("g.row_key ->> {} !~ %(syntax)s").format(sql.Literal(column))
+                for column in converted)),
+            {**self.params, "syntax": UUID_INPUT, "n": SAMPLE_LIMIT})
+        rows = cur.fetchall()
+        return (int(rows[0][0]) if rows else 0), [dict(key) for _, key in rows]
+
+    def truncated(self, cur: Cursor) -> bool:
+        """Whether the application truncated the table since the backup."""
+        cur.execute(sql.SQL("WITH {} SELECT EXISTS (SELECT 1 FROM logged WHERE truncated)")
+                    .format(self.cte()), self.params)
+        return bool((cur.fetchone() or [False])[0])
 
 
 def change_log(cur: Cursor, schema: str, table: Table, keys: list[KeyColumn]) -> ChangeLog:
@@ -363,12 +539,14 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     recorded for the rollback to prove its restore against.
     """
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    lift_statement_timeout(cur)  # the copy reads whole tables
     schema = plan.backup_schema
     if exists(cur, schema):
         return reuse(cur, plan)
     cur.execute(sql.SQL(_META).format(schema=sql.Identifier(schema)))
     cur.execute(sql.SQL(ENGINE_NAMES).format(meta(schema, "engine_names")))
     cur.execute(sql.SQL(PENDING_REFRESH).format(meta(schema, "pending_refresh")))
+    cur.execute(sql.SQL(PUBLISHED_COLUMNS).format(meta(schema, "published_columns")))
     cur.execute(sql.SQL("DELETE FROM {}").format(meta(schema, "change_log")))
     total = 0
     for table in plan.tables:
@@ -391,15 +569,33 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s, %s, %s, %s)").format(
             meta(schema, "saved_foreign_keys")),
             (fk.table.schema, fk.table.name, fk.column, fk.name, fk.definition, fk.validated))
+    record = expectations(cur, plan)
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s)").format(
+        meta(schema, RECORD_TABLE)), (Json(record),))
     make_private(cur, schema)
-    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows",
-                        expectations(cur, plan))
+    return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows", record)
+
+
+RECORD_TABLE = "recorded_objects"
+"""The backup's record of the tables (``recorded.record``), committed with the copy."""
 
 
 def expectations(cur: Cursor, plan: Plan) -> dict[str, Any]:
-    """What the migrated database must have again, by name (``recorded.record``), kept in
-    migration_log so that verify knows it after cleanup_backup dropped the backup."""
+    """What the migrated database must have again, by name (``recorded.record``): kept in
+    the backup with the copy, and in migration_log so that verify knows it after
+    cleanup_backup dropped the backup."""
     return recorded.record(cur, plan)
+
+
+def saved_record(cur: Cursor, schema: str) -> dict[str, Any] | None:
+    """The record the backup holds; None when it holds none (a backup of a version that
+    wrote it to migration_log only)."""
+    table = meta(schema, RECORD_TABLE)
+    if not catalog.relation_exists(cur.connection, table):
+        return None
+    cur.execute(sql.SQL("SELECT record FROM {}").format(table))
+    row = cur.fetchone()
+    return None if row is None else dict(row[0])
 
 
 _SHARED = """
@@ -436,12 +632,14 @@ def shared_privileges(cur: Cursor, schema: str) -> list[SharedPrivilege]:
 
 def make_private(cur: Cursor, name: str) -> None:
     """Revoke what default privileges (ALTER DEFAULT PRIVILEGES) gave others on the backup
-    schema and its tables as they were created: the backup is the migrating role's alone."""
+    schema, its tables and sequences (the change log's) as they were created: the backup
+    is the migrating role's alone."""
     schema = sql.Identifier(name)
     for grantee in sorted({p.grantee or "" for p in shared_privileges(cur, name)}):
         role = sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")
         cur.execute(sql.SQL("REVOKE ALL ON SCHEMA {s} FROM {r}; "
-                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}").format(
+                            "REVOKE ALL ON ALL TABLES IN SCHEMA {s} FROM {r}; "
+                            "REVOKE ALL ON ALL SEQUENCES IN SCHEMA {s} FROM {r}").format(
             s=schema, r=role))
 
 
@@ -464,7 +662,8 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
     """
     states = {catalog.column_state(cur.connection, key) for key in plan.columns}
     if states != {ColumnState.STRING}:
-        return BackupResult(0, "backup kept: the migration is under way")
+        return BackupResult(0, "backup kept: the migration is under way",
+                            kept_record(cur, plan, under_way=True))
     written = []
     schema = plan.backup_schema
     for table, count, checksum in recorded_checksums(cur, schema):
@@ -477,11 +676,44 @@ def reuse(cur: Cursor, plan: Plan) -> BackupResult:
                                != table_checksum(cur, backup_name(schema, table), columns, log)):
             raise MigrationError(
                 f"a backup already exists in {schema} and {table} no longer matches it",
-                hint="inspect the backup; drop it with cleanup_backup --force to take a new one")
+                hint="inspect the backup; drop it with cleanup_backup (--force unless a "
+                     "rollback was the last change) to take a new one")
+    record = kept_record(cur, plan, under_way=False)
     if written:
         return BackupResult(0, "backup already present and identical to the data, rows the "
-                               f"application changed since excepted ({', '.join(written)}); kept")
-    return BackupResult(0, "backup already present and identical to the data; kept")
+                               f"application changed since excepted ({', '.join(written)}); "
+                               "kept", record)
+    return BackupResult(0, "backup already present and identical to the data; kept", record)
+
+
+def kept_record(cur: Cursor, plan: Plan, *, under_way: bool) -> dict[str, Any]:
+    """The record of the tables a kept backup holds, completed when it holds none.
+
+    A backup of an older version holds none: that version wrote it to
+    migration_log only, after the copy had committed, and a crash in between
+    lost it.  It is taken from migration_log when it is there; else, while
+    the tables are as the backup holds them (not ``under_way``), it is read
+    now, as the backup would have recorded it.  Under way, nothing can tell
+    what the tables looked like: refused, with what to do.
+    """
+    schema = plan.backup_schema
+    record = saved_record(cur, schema)
+    if record is not None:
+        return record
+    record = recorded_in_log(cur, plan.schema, plan.key)
+    if record is None and under_way:
+        raise MigrationError(
+            f"the backup in {schema} holds no record of the tables' indexes, constraints and "
+            "columns (it was taken by an older version, which wrote it to migration_log only, "
+            "and it is not there): verify could not compare the migration with it",
+            hint="run --operation=rollback, then --operation=backup_data again: with the "
+                 "tables back as the backup holds them, it records them")
+    if record is None:
+        record = expectations(cur, plan)
+    table = meta(schema, RECORD_TABLE)
+    create_private(cur, table, sql.SQL("CREATE TABLE {} (record jsonb NOT NULL)").format(table))
+    cur.execute(sql.SQL("INSERT INTO {} VALUES (%s)").format(table), (Json(record),))
+    return record
 
 
 def recorded_checksums(cur: Cursor, schema: str) -> list[tuple[Table, int, int]]:
@@ -574,9 +806,13 @@ PENDING_REFRESH = """
 CREATE TABLE IF NOT EXISTS {} (view_schema text NOT NULL, view_name text NOT NULL,
     depth int NOT NULL, PRIMARY KEY (view_schema, view_name))
 """
+PUBLISHED_COLUMNS = """
+CREATE TABLE IF NOT EXISTS {} (publication text NOT NULL, table_schema text NOT NULL,
+    table_name text NOT NULL, PRIMARY KEY (publication, table_schema, table_name))
+"""
 """Tables of the backup schema the steps after the backup write (``record_names``,
-``views.mark_pending``): created with the backup, and by those steps in a backup an
-older version made (``create_private``)."""
+``views.mark_pending``, ``publications.narrow``): created with the backup, and by those
+steps in a backup an older version made (``create_private``)."""
 
 
 def record_names(cur: Cursor, schema: str, key: KeyColumn) -> None:
@@ -639,7 +875,41 @@ def quarantined_rows(cur: Cursor, schema: str) -> dict[str, int]:
     return held
 
 
-def require(cur: Cursor, schema: str, operation: str) -> None:
+def require(cur: Cursor, plan: Plan, operation: str) -> None:
+    """Refuse ``operation`` without the backup, or with its change log stopped (a rollback
+    stops it): the application's writes from then on would not be told from losses."""
+    schema = plan.backup_schema
     if not exists(cur, schema):
         raise MigrationError(f"{operation} needs the backup in {schema}, and there is none",
                              hint="run --operation=backup_data first")
+    stopped = change_log_stopped(cur, plan)
+    if stopped:
+        raise MigrationError(f"{operation} needs the change log of the backup in {schema}, "
+                             f"and it is stopped on {', '.join(map(str, stopped))} (a rollback "
+                             "stopped it)", hint="run --operation=backup_data first: it starts "
+                                                 "the log again")
+
+
+def change_log_stopped(cur: Cursor, plan: Plan) -> list[Table]:
+    """The plan's tables the backup's change log was started on whose trigger is gone."""
+    logged = meta(plan.backup_schema, "logged_tables")
+    if not catalog.relation_exists(cur.connection, logged):
+        return []  # a backup older than the change log: nothing was ever logged
+    cur.execute(sql.SQL("SELECT table_schema, table_name FROM {} l WHERE NOT EXISTS ("
+                        "SELECT FROM pg_trigger t WHERE t.tgname = %s AND t.tgrelid = "
+                        "to_regclass(format('%%I.%%I', l.table_schema, l.table_name))) "
+                        "ORDER BY 1, 2").format(logged),
+                (change_log_trigger(plan.backup_schema),))
+    return [Table(*row) for row in cur.fetchall() if Table(*row) in plan.tables]
+
+
+def change_log_size(cur: Cursor, schema: str) -> tuple[int, int]:
+    """(rows, bytes on disk, indexes included) of the backup's change log."""
+    table = meta(schema, "change_log")
+    if not catalog.relation_exists(cur.connection, table):
+        return 0, 0
+    cur.execute(sql.SQL("SELECT count(*), pg_total_relation_size(%s::regclass) FROM {}").format(
+        table), (table.as_string(cur.connection),))
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])

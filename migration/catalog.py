@@ -311,8 +311,9 @@ def _foreign_keys(conn: Connection, key: KeyColumn, rel: str, cols: str) -> list
         FROM pg_constraint k
         JOIN pg_class c ON c.oid = k.conrelid
         JOIN pg_namespace n ON n.oid = c.relnamespace
-        JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = k.conkey[1]
         JOIN pg_attribute ka ON ka.attrelid = k.{rel} AND ka.attnum = ANY (k.{cols})
+        JOIN pg_attribute a ON a.attrelid = k.conrelid  -- the column paired with the key's
+             AND a.attnum = k.conkey[array_position(k.{cols}, ka.attnum)]
         WHERE k.contype = 'f' AND k.{rel} = to_regclass(%s) AND ka.attname = %s
           AND k.conparentid = 0  -- a partition's clone of its table's FK is not one of its own
         ORDER BY n.nspname, c.relname, k.conname
@@ -322,6 +323,57 @@ def _foreign_keys(conn: Connection, key: KeyColumn, rel: str, cols: str) -> list
         rows = cur.fetchall()
     return [ForeignKeyDef(Table(s, t), col, name, definition, valid)
             for s, t, col, name, definition, valid in rows]
+
+
+@dataclass(frozen=True)
+class ForeignKeyLink:
+    """A foreign key with a key column among its columns, on either side."""
+
+    name: str
+    table: Table  # the referencing table
+    columns: tuple[str, ...]
+    referenced: Table
+    referenced_columns: tuple[str, ...]  # paired with ``columns``, in order
+    referenced_types: tuple[str, ...]  # format_type of each referenced column
+
+    def __str__(self) -> str:
+        return (f"foreign key {self.name} on {self.table} ({', '.join(self.columns)}) "
+                f"references {self.referenced} ({', '.join(self.referenced_columns)})")
+
+
+def foreign_keys_on(conn: Connection, key: KeyColumn) -> list[ForeignKeyLink]:
+    """Every foreign key whose referencing or referenced columns include the column, in
+    any table (a partition's clone of its table's FK is not one of its own)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT k.conname, n.nspname, c.relname,
+                   ARRAY(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY x(n, i)
+                         JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = x.n
+                         ORDER BY x.i),
+                   rn.nspname, r.relname,
+                   ARRAY(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY x(n, i)
+                         JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = x.n
+                         ORDER BY x.i),
+                   ARRAY(SELECT format_type(a.atttypid, a.atttypmod)
+                         FROM unnest(k.confkey) WITH ORDINALITY x(n, i)
+                         JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = x.n
+                         ORDER BY x.i)
+            FROM pg_attribute col
+            JOIN pg_constraint k ON k.contype = 'f' AND k.conparentid = 0
+                 AND ((k.conrelid = col.attrelid AND col.attnum = ANY (k.conkey))
+                      OR (k.confrelid = col.attrelid AND col.attnum = ANY (k.confkey)))
+            JOIN pg_class c ON c.oid = k.conrelid
+            JOIN pg_namespace n ON n.oid = c.relnamespace
+            JOIN pg_class r ON r.oid = k.confrelid
+            JOIN pg_namespace rn ON rn.oid = r.relnamespace
+            WHERE col.attrelid = to_regclass(%s) AND col.attname = %s
+            ORDER BY 2, 3, 1
+            """, (regclass(key.table), key.column))
+        return [ForeignKeyLink(name, Table(schema, table), tuple(columns),
+                               Table(ref_schema, ref_table), tuple(ref_columns), tuple(types))
+                for name, schema, table, columns, ref_schema, ref_table, ref_columns, types
+                in cur.fetchall()]
 
 
 @dataclass(frozen=True)
@@ -412,8 +464,9 @@ def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
 
 
 def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
-    """The CHECK constraints, policies and expression indexes on the column whose
-    definitions would not compile with the column as uuid."""
+    """The CHECK constraints, policies, indexes, publications' row filters, triggers and
+    statistics on the column whose definitions would not compile with the column as uuid
+    (an index on the column itself: whose operator class or collation has no uuid form)."""
     found = []
     for check in check_constraints_on(conn, key):
         reason = compiles_as_uuid(conn, key, key.table, where=check.expression)
@@ -430,6 +483,14 @@ def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
                                  "rewrite the policy so that it holds for the uuid column "
                                  "(drop it before the migration and create it again after, "
                                  "keeping the table protected), then run again"))
+    for plain in indexes_on(conn, key):  # an operator class or collation only for strings
+        reason = "" if plain.uses_expression else runs_on_twin(
+            conn, key, plain.definition, "cannot be built on the uuid column")
+        if reason:
+            found.append(Blocker(f"index {plain.name}", reason,
+                                 "drop it before the migration and create it again after for "
+                                 "the uuid column (its default operator class, no COLLATE), "
+                                 "then run again"))
     for index in expression_indexes_on(conn, key):
         reason = compiles_as_uuid(conn, key, key.table, select=index.expressions,
                                   where=index.predicate)
@@ -891,25 +952,34 @@ def column_triggers(conn: Connection, key: KeyColumn) -> list[ColumnTrigger]:
 
 def trigger_compiles(conn: Connection, key: KeyColumn, trigger: ColumnTrigger) -> str:
     """Whether the trigger can be created again once ``key`` is uuid: "" when it can, else
-    why not.  It is created, in a savepoint rolled back, on an empty temporary twin of the
-    table (same name, in ``pg_temp``) whose key column is uuid."""
+    why not (``runs_on_twin``)."""
+    return runs_on_twin(conn, key, trigger.definition,
+                        f"would not compile once {key.column} is uuid")
+
+
+def runs_on_twin(conn: Connection, key: KeyColumn, definition: str, failure: str) -> str:
+    """Whether ``definition`` (a trigger's or an index's, deparsed by the server, on the key's
+    table) can be run once ``key`` is uuid: "" when it can, else why not, the server's
+    reason after ``failure``.  It is run, in a savepoint rolled back, on an empty temporary
+    twin of the table (same name, in ``pg_temp``) whose key column is uuid."""
     twin = "pg_temp." + sqlexpr.quote_ident(key.table.name)
     with conn.cursor() as cur:
-        cur.execute("SAVEPOINT trigger_oracle")
+        cur.execute("SAVEPOINT twin_oracle")
         try:
             cur.execute(sql.SQL("CREATE TEMPORARY TABLE {} (LIKE {})").format(
                 sql.Identifier("pg_temp", key.table.name), key.table.ident))
             cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} TYPE uuid USING NULL").format(
                 sql.Identifier("pg_temp", key.table.name), sql.Identifier(key.column)))
             cur.execute(sql.SQL(sqlexpr.replace_relations(
-                trigger.definition, {(key.table.schema, key.table.name): twin})))
+                definition, {(key.table.schema, key.table.name): twin})))
         except psycopg2.errors.InsufficientPrivilege:
             return ("cannot be judged: this role may not create temporary tables, which the "
                     "check needs (GRANT TEMPORARY ON DATABASE ... TO it)")
-        except NOT_COMPILING as error:
-            return f"would not compile once {key.column} is uuid: {error.diag.message_primary}"
+        except (*NOT_COMPILING, psycopg2.errors.UndefinedObject) as error:
+            # UndefinedObject: no operator class of an index's access method for uuid
+            return f"{failure}: {error.diag.message_primary}"
         finally:
-            cur.execute("ROLLBACK TO SAVEPOINT trigger_oracle")
+            cur.execute("ROLLBACK TO SAVEPOINT twin_oracle")
     return ""
 
 
@@ -1034,6 +1104,26 @@ def index_partitions(conn: Connection, index: IndexDef) -> list[IndexDef]:
     return [IndexDef(Table(schema, table), name, definition, contype, deferrable, deferred,
                      index.uses_expression, space)
             for schema, table, name, definition, contype, deferrable, deferred, space in rows]
+
+
+@dataclass(frozen=True)
+class UncheckedForeignKey:
+    """A ``NOT VALID`` foreign key of a table: old rows may break it, new ones may not."""
+
+    name: str
+    definition: str  # pg_get_constraintdef: ... NOT VALID
+    comment: str | None
+
+
+def unchecked_foreign_keys(conn: Connection, table: Table) -> list[UncheckedForeignKey]:
+    """The table's own foreign keys that are not validated (a partition's clone of its
+    table's FK left out: it comes and goes with it)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT conname, pg_get_constraintdef(oid), "
+                    "obj_description(oid, 'pg_constraint') FROM pg_constraint "
+                    "WHERE conrelid = to_regclass(%s) AND contype = 'f' AND NOT convalidated "
+                    "AND conparentid = 0 ORDER BY 1", (regclass(table),))
+        return [UncheckedForeignKey(*row) for row in cur.fetchall()]
 
 
 def foreign_key_partitions(conn: Connection, fk: ForeignKeyDef) -> list[ForeignKeyDef]:

@@ -19,7 +19,8 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, recorded
 from migration.catalog import ColumnState
-from migration.log import LOG_TABLE, of_key
+from migration.convert import _STRING_CAST
+from migration.log import LOG_TABLE, of_key, recorded_in_log
 from migration.model import SHADOW_NAME, KeyColumn, Table
 from migration.plan import Plan
 from migration.recorded import Entry
@@ -34,6 +35,8 @@ class Context:
     plan: Plan
     has_backup: bool
     active_runs: tuple[int, ...] = ()  # this process's own, still running, log rows
+    backup_unreadable: str | None = None  # why this role cannot read the backup (private)
+    log_unreadable: str | None = None  # why this role cannot read migration_log
 
 
 @dataclass(frozen=True)
@@ -99,16 +102,30 @@ def no_leftovers(ctx: Context) -> list[Finding]:
 
 
 def recorded_expectations(ctx: Context) -> dict[str, Any] | None:
-    """What the last completed backup_data recorded in migration_log (it outlives the backup)."""
-    log = sql.Identifier(ctx.plan.schema, LOG_TABLE)
-    if not catalog.relation_exists(ctx.cur.connection, log):
-        return None
-    ctx.cur.execute(sql.SQL("SELECT details FROM {} WHERE operation = 'backup_data' "
-                            "AND status = 'completed' AND details ? 'foreign_keys' AND {} "
-                            "ORDER BY id DESC LIMIT 1").format(
-        log, of_key(ctx.cur.connection, ctx.plan.schema, ctx.plan.key)))
-    row = ctx.cur.fetchone()
-    return None if row is None else dict(row[0])
+    """What backup_data recorded: the backup's own record (committed with the copy) while
+    the backup exists and this role can read it, else the one the last completed
+    backup_data left in migration_log (it outlives the backup).
+
+    A record of an older version has no ``key_columns``: the backup's table of
+    them, which every version wrote, stands in while it exists.
+    """
+    readable = ctx.has_backup and ctx.backup_unreadable is None
+    record = backup.saved_record(ctx.cur, ctx.plan.backup_schema) if readable else None
+    if record is None and ctx.log_unreadable is None:
+        record = recorded_in_log(ctx.cur, ctx.plan.schema, ctx.plan.key)
+    if record is not None and recorded.KEY_COLUMNS.key not in record and readable:
+        record = {**record, recorded.KEY_COLUMNS.key: _saved_key_columns(ctx)}
+    return record
+
+
+def _saved_key_columns(ctx: Context) -> list[Entry]:
+    """The key columns as the backup's ``key_columns`` table holds them, as record entries."""
+    ctx.cur.execute(sql.SQL("SELECT table_schema, table_name, column_name, type, not_null, "
+                            "default_expr FROM {} ORDER BY 1, 2, 3").format(
+        backup.meta(ctx.plan.backup_schema, "key_columns")))
+    return [{"table": str(Table(schema, table)), "column": column, "type": type_,
+             "not_null": not_null, "default": default}
+            for schema, table, column, type_, not_null, default in ctx.cur.fetchall()]
 
 
 @dataclass(frozen=True)
@@ -161,6 +178,25 @@ def _against_record(ctx: Context, how: Comparison) -> list[Finding]:
 
 
 def _nothing_recorded(ctx: Context, check: str, kind: str) -> list[Finding]:
+    """No record of ``kind``: skipped with the reason when this role cannot read it; a
+    failure while a backup exists that it can read (the backup is never without its
+    record), or when the plan's tables are missing too."""
+    if ctx.has_backup and ctx.backup_unreadable is not None:
+        return [Finding(check, Status.SKIP, "the record of the tables cannot be read: "
+                        + ctx.backup_unreadable)]
+    if ctx.has_backup:
+        return [Finding(check, Status.FAIL,
+                        f"nothing recorded to compare with: the backup in "
+                        f"{ctx.plan.backup_schema} holds no record of {kind}, and "
+                        f"{ctx.plan.schema}.{LOG_TABLE} has none either",
+                        expected=f"the record of {kind} backup_data keeps with the backup",
+                        found="none",
+                        hint="run backup_data again: it completes the record while the tables "
+                             "are as the backup holds them (after a rollback, if the "
+                             "migration is under way)")]
+    if ctx.log_unreadable is not None:
+        return [Finding(check, Status.SKIP, "the record of the tables cannot be read: "
+                        + ctx.log_unreadable)]
     missing = [str(t) for t in ctx.plan.tables if not catalog.table_exists(ctx.cur.connection, t)]
     reason = (f"nothing recorded to compare with: no completed backup_data in "
               f"{ctx.plan.schema}.{LOG_TABLE} that recorded {kind}")
@@ -224,6 +260,31 @@ def _primary_key_text(state: Entry) -> str:
     return "none" if state["name"] is None else f"CONSTRAINT {state['name']} {state['definition']}"
 
 
+def _not_null_text(state: Entry) -> str:
+    return "NOT NULL" if state["not_null"] else "NULL allowed (no NOT NULL)"
+
+
+def _default_text(state: Entry) -> str:
+    return "no default" if state["default"] is None else f"DEFAULT {state['default']}"
+
+
+def _defaults_allowed(recorded_default: str | None, type_now: str) -> set[str | None]:
+    """The defaults a key column may have now: the recorded one while it has its string
+    type, and as the swap converts it (``convert.converted_default``) once it is uuid:
+    ``(X)::text`` becomes ``X``, or any other ``R`` becomes ``(R)::uuid``."""
+    if recorded_default is None or type_now != "uuid":
+        return {recorded_default}
+    cast = _STRING_CAST.match(recorded_default)
+    return {f"({recorded_default})::uuid", *([cast["inner"]] if cast else [])}
+
+
+def _wanted_default_text(state: Entry) -> str:
+    if state["default"] is None:
+        return "no default"
+    wanted = sorted(str(d) for d in _defaults_allowed(state["default"], "uuid"))
+    return f"DEFAULT {state['default']} (as uuid: DEFAULT {' or '.join(wanted)})"
+
+
 COMPARISONS = {
     "primary_key": Comparison(
         "primary_key", recorded.PRIMARY_KEYS, "primary key", _primary_key_text, _same,
@@ -261,6 +322,15 @@ COMPARISONS = {
     "policies": Comparison(
         "policies", recorded.POLICIES, "policy", _policy_text, _same, _policy_text,
         "recreate the policy as recorded (CREATE POLICY)"),
+    "not_null": Comparison(
+        "not_null", recorded.KEY_COLUMNS, "key column's NOT NULL", _not_null_text,
+        lambda want, have: have["not_null"] == want["not_null"], _not_null_text,
+        "ALTER TABLE ... ALTER COLUMN ... SET NOT NULL (or DROP NOT NULL) as recorded"),
+    "defaults": Comparison(
+        "defaults", recorded.KEY_COLUMNS, "key column's default", _default_text,
+        lambda want, have: have["default"] in _defaults_allowed(want["default"], have["type"]),
+        _wanted_default_text,
+        "ALTER TABLE ... ALTER COLUMN ... SET DEFAULT (or DROP DEFAULT) as recorded"),
 }
 
 
@@ -363,8 +433,9 @@ def _index_names(node: Any) -> list[str]:
 
 def backup_comparison(ctx: Context) -> list[Finding]:
     """row_counts and uuid_values, from one pass over each table and its backup."""
-    if not ctx.has_backup:
-        reason = f"no backup in {ctx.plan.backup_schema} to compare with (cleaned up?)"
+    if not ctx.has_backup or ctx.backup_unreadable is not None:
+        reason = ctx.backup_unreadable or (f"no backup in {ctx.plan.backup_schema} to compare "
+                                           "with (cleaned up?)")
         return [Finding("row_counts", Status.SKIP, reason),
                 Finding("uuid_values", Status.SKIP, reason)]
     cur, findings = ctx.cur, []
@@ -373,8 +444,8 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         keys_by_table.setdefault(key.table, []).append(key)
     for table, keys in keys_by_table.items():
         findings += _compare_table(cur, ctx.plan.backup_schema, table, keys)
-    changed = [f for f in findings if f.status is Status.INFO]
-    counts = [f for f in findings if f.check == "row_counts" and f.status is not Status.INFO]
+    changed = [f for f in findings if f.status in (Status.INFO, Status.WARN)]
+    counts = [f for f in findings if f.check == "row_counts" and f not in changed]
     values = [f for f in findings if f.check == "uuid_values"]
     return (counts or _ok("row_counts", "row counts equal the backup's")) + \
         (values or _ok("uuid_values", "every key equals its original string cast to uuid")) + \
@@ -475,14 +546,32 @@ def _compare_table(cur: Cursor, schema: str, table: Table,
 
 
 def _changed_by_application(cur: Cursor, log: backup.ChangeLog) -> list[Finding]:
-    """The INFO finding naming how many rows the change log holds for the table."""
-    cur.execute(sql.SQL("WITH {} SELECT count(*) FROM logged").format(log.cte()), log.params)
-    changed = int((cur.fetchone() or [0])[0])
-    if not changed:
-        return []
-    return [Finding("row_counts", Status.INFO,
-                    f"{changed} rows changed by the application since the backup: "
-                    "checked, not compared", subject=str(log.table), count=changed)]
+    """The INFO finding naming how many rows the change log holds for the table, or that the
+    application truncated it, and a WARN naming the logged keys that are not UUIDs."""
+    cur.execute(sql.SQL("WITH {} SELECT count(*) FILTER (WHERE NOT truncated), "
+                        "coalesce(bool_or(truncated), false) FROM logged").format(log.cte()),
+                log.params)
+    changed, truncated = cur.fetchone() or (0, False)
+    findings = []
+    if truncated:
+        findings.append(Finding(
+            "row_counts", Status.INFO, "truncated by the application since the backup "
+            f"(TRUNCATE in the change log), {changed} rows changed since: checked, not "
+            "compared", subject=str(log.table), count=int(changed)))
+    elif changed:
+        findings.append(Finding("row_counts", Status.INFO,
+                                f"{changed} rows changed by the application since the backup: "
+                                "checked, not compared", subject=str(log.table),
+                                count=int(changed)))
+    odd, keys = log.not_uuids(cur)
+    if odd:
+        findings.append(Finding(
+            "row_counts", Status.WARN, f"{odd} key(s) in the change log are not UUIDs: the "
+            "application wrote them since the backup; they match no row", subject=str(log.table),
+            count=odd, samples=keys,
+            hint="find out which client writes such ids (validate_schema names any row "
+                 "holding one)"))
+    return findings
 
 
 def _digests_agree(cur: Cursor, values: sql.Composable, log: backup.ChangeLog,
@@ -541,6 +630,8 @@ def migration_log(ctx: Context) -> list[Finding]:
         return [Finding("migration_log", Status.FAIL, "no migration_log table",
                         expected="a log of a completed migration", found="none",
                         hint="this database was not migrated with this tool")]
+    if ctx.log_unreadable is not None:
+        return [Finding("migration_log", Status.SKIP, ctx.log_unreadable)]
     cur.execute(sql.SQL(
         "SELECT (SELECT count(*) FROM {log} WHERE status = 'completed' AND operation IN "
         "('migrate_foreign_keys', 'full_migration') AND {mine}), "
@@ -596,6 +687,11 @@ CHECKS: tuple[Check, ...] = (
                       "definition, target, owner and comment"}),
     Check(_compare("policies"), {
         "policies": "each recorded row level security policy exists unchanged"}),
+    Check(_compare("not_null"), {
+        "not_null": "each key column is NOT NULL, or not, as recorded by backup_data"}),
+    Check(_compare("defaults"), {
+        "defaults": "each key column has the recorded default (gen_random_uuid()::text become "
+                    "gen_random_uuid() on uuid), or none as recorded"}),
     Check(no_orphans, {"no_orphans": "no child row refers to a missing user"}),
     Check(fk_indexes, {
         "fk_indexes": "advice (warnings only): which FK columns a lookup cannot find by index"}),
@@ -612,10 +708,29 @@ CHECK_NAMES: dict[str, str] = {name: text for check in CHECKS
                                for name, text in check.describes.items()}
 
 
+def _log_unreadable(cur: Cursor, plan: Plan) -> str | None:
+    """Why this role cannot read migration_log (private to the migrating role, as the
+    backup is); None when it can, or when there is no log."""
+    log = sql.Identifier(plan.schema, LOG_TABLE)
+    if not catalog.relation_exists(cur.connection, log):
+        return None
+    cur.execute("SELECT current_user, pg_get_userbyid(relowner), "
+                "has_table_privilege(oid, 'SELECT') FROM pg_class WHERE oid = to_regclass(%s)",
+                (log.as_string(cur.connection),))
+    row = cur.fetchone()
+    if row is None or row[2]:
+        return None
+    return (f"{plan.schema}.{LOG_TABLE} is private to {row[1]}: role {row[0]} has no SELECT "
+            f"on it; run verify as {row[1]} for this check")
+
+
 def run_checks(cur: Cursor, plan: Plan, *, only: set[str] | None = None,
                active_runs: list[int] | None = None) -> list[Finding]:
     """Run the checks (all, or those named in ``only``) and return their findings."""
-    ctx = Context(cur, plan, backup.exists(cur, plan.backup_schema), tuple(active_runs or ()))
+    has_backup = backup.exists(cur, plan.backup_schema)
+    ctx = Context(cur, plan, has_backup, tuple(active_runs or ()),
+                  backup.unreadable(cur, plan.backup_schema) if has_backup else None,
+                  _log_unreadable(cur, plan))
     findings: list[Finding] = []
     for check in CHECKS:
         if only is not None and not only & check.describes.keys():

@@ -46,6 +46,9 @@ OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
                      "schema_from"), ("rehearse",)),
     "force": ("cleanup_backup",),
     "discover": ("validate_schema",),
+    "allow_publications": ("validate_schema", "migrate_users", "migrate_foreign_keys",
+                           "full_migration", "rollback"),
+    "postpone_swap": ("migrate_foreign_keys", "full_migration", "rollback"),
 }
 # Without --key, these work on the key the backup records (the runbook's key when there
 # is no backup); with backups of several keys, --key must say which.
@@ -223,7 +226,9 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--lock-timeout", "lock_timeout_ms", default=100, show_default=True,
               type=click.IntRange(min=1), help="Milliseconds any DDL waits for a lock "
               "before it is retried with backoff (the application's queries queue behind "
-              "it that long at most).")
+              "it that long at most).  The swap and the change log's triggers ask for "
+              "their tables without waiting, retried within milliseconds, and wait in the "
+              "queue this long per attempt only after 30 times this long of such tries.")
 @click.option("--statement-timeout", "statement_timeout_ms", default=300_000,
               show_default=True, type=click.IntRange(min=0),
               help="Milliseconds an ordinary statement may run (0: no limit); the steps "
@@ -237,6 +242,14 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--refresh-materialized-views", is_flag=True, help="Carry the materialized "
               "views over the key columns: the swap creates each again empty and it is "
               "refreshed right after (its readers wait for the refresh; writes do not).")
+@click.option("--allow-publications", is_flag=True, help="Go ahead although a publication "
+              "that cannot be given a column list (FOR ALL TABLES, TABLES IN SCHEMA, "
+              "PostgreSQL before 15, another role's) would send the engine's columns to its "
+              "subscribers: they were given those columns first, or are paused.")
+@click.option("--postpone-swap", is_flag=True, help="migrate_foreign_keys, full_migration, "
+              "rollback: stop ready to swap, every column expanded and proven (the sync "
+              "triggers keep the copies in step meanwhile); run it again without the flag "
+              "to swap.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log (rehearse: "
               "default logs/migration/rehearse-<timestamp>.log, its own file).")
@@ -293,11 +306,14 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         jobs=options["jobs"],
                         allow_triggers=options["allow_triggers"],
                         refresh_materialized_views=options["refresh_materialized_views"],
+                        allow_publications=options["allow_publications"],
+                        postpone_swap=options["postpone_swap"],
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"], [
         flag for flag, given in (
             ("--allow-triggers", options["allow_triggers"]),
             ("--refresh-materialized-views", options["refresh_materialized_views"]),
+            ("--allow-publications", options["allow_publications"]),
             ("--orphans=quarantine", options["orphans"] == "quarantine")) if given])
     try:
         key = key or _default_key(database_url, operation, options["schema"])
@@ -340,6 +356,8 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                      _state_now(database_url, options["schema"], key))
         ctx.exit(EXIT_INTERRUPTED)
     _print_outcome(outcome, fmt, verbose=verbose)
+    if outcome.details.get("ready_to_swap") and fmt == "text":  # --postpone-swap
+        click.echo(f"next: data-migration {again} (without --postpone-swap) swaps")
 
 
 if __name__ == "__main__":  # python -m migration.cli

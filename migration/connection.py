@@ -11,9 +11,11 @@ import re
 import socket
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import TypeAlias
 
 import psycopg2
+import psycopg2.errors
 import psycopg2.extensions
 from psycopg2 import sql
 
@@ -39,12 +41,46 @@ def redact_dsn(text: str) -> str:
     return _KV_PASSWORD.sub(r"\1***", text)
 
 
+_UNPARSED = ("invalid database URL: it cannot be read as a URL or as key=value settings "
+             "(in a URL, percent-encode any @ / ? # : or space in the user name or the "
+             "password, @ as %40; in key=value settings, quote a value holding spaces)")
+"""Why a DSN is refused before connecting.  libpq's own message is never shown: when a
+password holds a character its syntax reserves, libpq quotes a piece of it as a host, a
+port, a database name or a parameter."""
+_TAKEN_APART = ("host", "hostaddr", "port", "dbname")
+
+
+def parse_dsn(dsn: str) -> dict[str, str]:
+    """The DSN's settings as libpq reads them; ConnectError (with ``_UNPARSED``, no piece
+    of the DSN) when it cannot read them, or read a URL's password into the host, port
+    or database name: an unencoded ``@`` or ``/`` in the password
+    (``postgresql://app:S3@Cret4@localhost/db`` reads as the host ``Cret4@localhost``)."""
+    try:
+        params: dict[str, str] = psycopg2.extensions.parse_dsn(dsn)
+    except psycopg2.ProgrammingError:
+        raise ConnectError(_UNPARSED) from None
+    if any("@" in params.get(name, "") for name in _TAKEN_APART):
+        raise ConnectError(_UNPARSED)
+    return params
+
+
+def without_password(text: str, dsn: str) -> str:
+    """``text`` with the DSN's password hidden wherever it appears, quoted as a URL or
+    key=value setting or on its own (as a server's message may)."""
+    text = redact_dsn(text)
+    try:
+        password = psycopg2.extensions.parse_dsn(dsn).get("password")
+    except psycopg2.ProgrammingError:
+        return text
+    return text.replace(password, "***") if password else text
+
+
 def describe_dsn(dsn: str) -> str:
     """user@host:port/dbname, for headers and reports."""
     try:
-        params = psycopg2.extensions.parse_dsn(dsn)
-    except psycopg2.ProgrammingError:
-        return redact_dsn(dsn)
+        params = parse_dsn(dsn)
+    except ConnectError:
+        return "(a database URL that cannot be read)"
     host = params.get("host", "localhost")
     port = params.get("port", "5432")
     return f"{params.get('user', '')}@{host}:{port}/{params.get('dbname', '')}"
@@ -68,22 +104,48 @@ def lift_statement_timeout(cur: psycopg2.extensions.cursor) -> None:
     cur.execute("SET LOCAL statement_timeout = 0")
 
 
+class NotFreeAtOnce(psycopg2.errors.LockNotAvailable):
+    """A table's lock asked ``NOWAIT`` was not free: the attempt ended without queueing."""
+
+
+_QUEUE_FIRST: ContextVar[bool] = ContextVar("queue_first", default=True)
+
+
+@contextmanager
+def queueing(*, allowed: bool) -> Iterator[None]:
+    """Whether :func:`lock_tables` may wait in the queue for its first lock, for the
+    with-block (``Session.ddl`` decides it per attempt; outside one, it may)."""
+    token = _QUEUE_FIRST.set(allowed)
+    try:
+        yield
+    finally:
+        _QUEUE_FIRST.reset(token)
+
+
 def lock_tables(cur: psycopg2.extensions.cursor, relations: Sequence[sql.Composable],
                 mode: str, *, wait: bool = True) -> None:
-    """Lock ``relations`` in ``mode`` (``ACCESS EXCLUSIVE``, ...) waiting for one lock only.
+    """Lock ``relations`` in ``mode`` (``ACCESS EXCLUSIVE``, ...) waiting for one lock at most.
 
-    The first waits up to the transaction's ``lock_timeout`` (not at all
-    without ``wait``), every other is asked ``NOWAIT``: a lock that is not free
-    at once ends the attempt (``LockNotAvailable``), and ``Session.ddl`` gives
-    back every lock with the transaction and tries again later.  So the engine
-    never holds one table's lock while it waits in the queue of another (which
-    queued the application behind the lock held, once per table), and an
-    attempt delays the application by one ``lock_timeout`` at most.
+    Every lock is asked ``NOWAIT``, except the first when ``wait`` and
+    :func:`queueing` allow it, which waits up to the transaction's
+    ``lock_timeout``.  A lock that is not free at once ends the attempt
+    (:class:`NotFreeAtOnce`), and ``Session.ddl`` gives back every lock with
+    the transaction and tries again a few milliseconds later.  A request that
+    waits queues every application query that conflicts with it behind it,
+    however short the lock it asks for; one that does not wait queues nobody.
+    So the engine never holds one table's lock while it waits in the queue of
+    another, and waits in a queue only when ``Session.ddl`` lets the first
+    lock wait, after many tries never found the tables free.
     """
     for number, relation in enumerate(relations):
-        nowait = sql.SQL(" NOWAIT" if number or not wait else "")
-        cur.execute(sql.SQL("LOCK TABLE {} IN {} MODE{}").format(relation, sql.SQL(mode),
-                                                                 nowait))
+        nowait = bool(number) or not wait or not _QUEUE_FIRST.get()
+        try:
+            cur.execute(sql.SQL("LOCK TABLE {} IN {} MODE{}").format(
+                relation, sql.SQL(mode), sql.SQL(" NOWAIT" if nowait else "")))
+        except psycopg2.errors.LockNotAvailable as exc:
+            if not nowait:
+                raise
+            raise NotFreeAtOnce(str(exc).strip()) from exc
 
 
 def connect(
@@ -99,15 +161,16 @@ def connect(
     server side, so a read-only command cannot write even by mistake.  The
     application_name defaults to :func:`engine_application_name`.
     """
+    parse_dsn(dsn)  # refused before connecting when libpq would take it apart
     try:
         conn = psycopg2.connect(dsn, application_name=application_name or engine_application_name(),
                                 connect_timeout=10)
     except psycopg2.OperationalError as exc:
         raise ConnectError(
-            f"cannot connect to {describe_dsn(dsn)}: {redact_dsn(str(exc)).strip()}"
+            f"cannot connect to {describe_dsn(dsn)}: {without_password(str(exc), dsn).strip()}"
         ) from None
-    except psycopg2.ProgrammingError as exc:  # malformed DSN
-        raise ConnectError(f"invalid database URL: {redact_dsn(str(exc)).strip()}") from None
+    except psycopg2.ProgrammingError:  # malformed DSN: parse_dsn refuses it first
+        raise ConnectError(_UNPARSED) from None
     if readonly:
         conn.set_session(readonly=True)
     conn.autocommit = autocommit

@@ -34,7 +34,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
-from migration import backup, catalog
+from migration import backup, catalog, publications
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -73,17 +73,10 @@ def add_temporary_column(session: Session, key: KeyColumn,
             key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
             sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
+        # in this transaction: no change that carries the copy is ever published
+        publications.narrow(cur, schema, key.table)
         backup.record_names(cur, schema, key)
-        sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
-        if follows is not None:
-            sync = backup.meta(schema, "sync_reference_column")
-            arguments += [follows.table.schema, follows.table.name, follows.column,
-                          follows.temp]
-        cur.execute(sql.SQL(
-            "CREATE TRIGGER {} BEFORE INSERT OR UPDATE OF {} ON {} FOR EACH ROW "
-            "EXECUTE FUNCTION {}({})").format(
-            sql.Identifier(key.helper("sync")), sql.Identifier(key.column),
-            key.table.ident, sync, sql.SQL(", ").join(map(sql.Literal, arguments))))
+        sync_trigger(cur, schema, key, follows)
         # Pages are walked up to the table's end now, under this lock: rows written
         # later are the sync trigger's, and the fill's own updates, which move rows
         # to new pages at the end, are not walked again.
@@ -105,6 +98,59 @@ def add_temporary_column(session: Session, key: KeyColumn,
     session.ddl(f"add {key.temp} to {key.table}", work)
 
 
+def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | None) -> None:
+    """The trigger keeping ``key``'s copy equal to it (``backup.SYNC_FUNCTIONS``), created
+    or replaced, and its functions with it: BEFORE every INSERT and UPDATE (a write to any
+    column fills a copy the fill has not reached), ENABLE ALWAYS in this same transaction
+    (writes with ``session_replication_role = replica`` fire it too), the engine's own
+    writes left out by its WHEN (they fill the copies themselves, and respell them)."""
+    cur.execute(sql.SQL(backup.SYNC_FUNCTIONS).format(schema=sql.Identifier(schema)))
+    sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
+    if follows is not None:
+        sync = backup.meta(schema, "sync_reference_column")
+        arguments += [follows.table.schema, follows.table.name, follows.column, follows.temp]
+    name = sql.Identifier(key.helper("sync"))
+    cur.execute(sql.SQL(
+        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW "
+        "WHEN ({}) EXECUTE FUNCTION {}({})").format(
+        name, key.table.ident, backup.NOT_THE_ENGINE, sync,
+        sql.SQL(", ").join(map(sql.Literal, arguments))))
+    cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(key.table.ident, name))
+
+
+def stale_sync_trigger(cur: Cursor, schema: str, key: KeyColumn) -> bool | None:
+    """Whether ``key``'s sync trigger was made by an older version (ENABLE ORIGIN, on
+    ``UPDATE OF`` the key, without a WHEN), and if so whether it follows its parent's
+    spelling (``sync_reference_column``); None when it is this version's, or absent."""
+    cur.execute("SELECT tgenabled = 'A' AND cardinality(tgattr::int2[]) = 0 AND tgqual IS NOT "
+                "NULL, tgfoid = to_regproc(%s) FROM pg_trigger "
+                "WHERE tgrelid = to_regclass(%s) AND tgname = %s",
+                (backup.meta(schema, "sync_reference_column").as_string(cur),
+                 catalog.regclass(key.table), key.helper("sync")))
+    row = cur.fetchone()
+    return None if row is None or row[0] else bool(row[1])
+
+
+def upgrade_triggers(session: Session, *, back: bool) -> None:
+    """Bring the triggers a run of an older version made up to this one's, each table in a
+    short transaction of its own: the change log's on the plan's tables, and the sync
+    triggers of the plan's copies that exist (``back``: the string copies, on the way back)."""
+    schema = session.plan.backup_schema
+    plan = session.plan.reversed() if back else session.plan
+    with session.transaction() as cur:
+        stale_logs = [table for table in sorted(plan.tables)
+                      if not backup.change_log_is_current(cur, schema, table)]
+        stale_syncs = {key: stale_sync_trigger(cur, schema, key) for key in plan.columns}
+    for table in stale_logs:
+        session.ddl(f"upgrade the change log on {table}",
+                    partial(backup.upgrade_change_log, schema=schema, table=table))
+    for key, follows in stale_syncs.items():
+        if follows is not None:
+            session.ddl(f"upgrade {key.helper('sync')} on {key.table}",
+                        partial(sync_trigger, schema=schema, key=key,
+                                follows=plan.parent if follows else None))
+
+
 # Rows of the primary key sampled to cut a table into slices of about equal size.
 SLICE_SAMPLE_ROWS = 10_000
 
@@ -119,14 +165,16 @@ class Walk:
     ``PAGES`` (a table without either): a batch is the rows whose ``ctid`` is in
     ``[(p,0), (p+n,0))``, read by a TID range scan (PostgreSQL 14 and later),
     the checkpoint the next page ``p+n``.  A row that an application's UPDATE
-    moves to a page behind the checkpoint (or past the walk's end) while its
-    copy is still empty is not walked again: the fill proof
-    (``prove_filled``) finds it and ``fill_missed_rows`` fills it, which is what
-    makes the page walk complete, as it does for a key moved behind a key
-    checkpoint.  The walk ends at the table's last page when the column was
-    added: the fill's own updates move rows to new pages past it, and are not
-    walked again; a row the fill moves onto a page still ahead (free space
-    there) is filled a second time, a wasted write and nothing worse.
+    moves to a page behind the checkpoint (or past the walk's end) gets its copy
+    from the sync trigger, which fires for every write; one moved there by a
+    write the trigger does not see (triggers disabled) while its copy is still
+    empty is not walked again: the fill proof (``prove_filled``) finds it and
+    ``fill_missed_rows`` fills it, which is what makes the page walk complete,
+    as it does for a key moved behind a key checkpoint.  The walk ends at the
+    table's last page when the column was added: the fill's own updates move
+    rows to new pages past it, and are not walked again; a row the fill moves
+    onto a page still ahead (free space there) is filled a second time, a
+    wasted write and nothing worse.
     """
 
     columns: tuple[str, ...]
@@ -424,6 +472,7 @@ def fill(session: Session, keys: tuple[KeyColumn, ...], run_id: int,
     back, to the parent key whose spelling its rows take (``add_temporary_column``).
     """
     refuse_taken(session, keys)
+    upgrade_triggers(session, back=any(key.back for key in keys))
     for key in keys:
         if catalog.column_info(session.conn, key.table, key.temp) is None:
             add_temporary_column(session, key, (follows or {}).get(key))
@@ -510,7 +559,8 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
     A row is missed when a write moves it behind a slice's checkpoint while
     the fill runs: it changes its walk key, or (a page walk) an UPDATE puts
     its new version on a page already walked or past the walk's end.  The
-    sync trigger follows writes to the string column, not to the rest.  Left
+    sync trigger fills the copy of every row the application writes, so only
+    a write it does not see (the table's triggers disabled) leaves one.  Left
     so, a nullable reference would become NULL at the swap.  The ``filled``
     CHECK, already in force for new writes, keeps any more from appearing, so
     after this walk it validates.

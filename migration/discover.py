@@ -22,7 +22,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration.catalog import regclass
 from migration.connection import ConnectError, connected, redact_dsn
 from migration.model import BACKUP_SCHEMA, BACKUP_SCHEMA_LIKE, KeyColumn, Table
-from migration.sqlexpr import is_uuid, prepare_uuid_checker
+from migration.sqlexpr import as_cast_reads, is_uuid, prepare_uuid_checker
 
 SAMPLE_ROWS = 100
 EXIT_OK, EXIT_ERROR = 0, 2
@@ -93,14 +93,17 @@ class Discovery:
     foreign_keys: list[Reference]
 
 
-def holds_only_uuids(cur: Cursor, key: KeyColumn) -> tuple[int, int] | None:
+def holds_only_uuids(cur: Cursor, key: KeyColumn, *,
+                     padded: bool = False) -> tuple[int, int] | None:
     """(rows, non-null values) of a column with at least one value, all UUIDs; else None.
 
     A sample of the first values read decides first: a column of names or
-    codes is never read whole.
+    codes is never read whole.  ``padded``: a ``char(n)`` column, whose values
+    are read with their padding, as the migration's cast reads them.
     """
     value = sql.Identifier(key.column)
-    test = is_uuid(cur.connection, sql.SQL("{}::text").format(value))
+    test = is_uuid(cur.connection, as_cast_reads(value, padded=True) if padded
+                   else sql.SQL("{}::text").format(value))
     cur.execute(sql.SQL("SELECT count(*), coalesce(bool_and({test}), false) FROM "
                         "(SELECT {v} FROM {t} WHERE {v} IS NOT NULL LIMIT %s) s").format(
         test=test, v=value, t=key.table.ident), (SAMPLE_ROWS,))
@@ -121,7 +124,7 @@ def discover(cur: Cursor) -> Discovery:
     found: dict[tuple[str, str, str], Candidate] = {}
     for schema, table, column, type_name in cur.fetchall():
         key = KeyColumn(Table(schema, table), column)
-        counts = holds_only_uuids(cur, key)
+        counts = holds_only_uuids(cur, key, padded=type_name.startswith("character("))
         if counts is None:
             continue
         cur.execute(_UNIQUE, (regclass(key.table), column))

@@ -81,6 +81,42 @@ def of_key(conn: Connection, schema: str, key: str) -> sql.Composable:
     return sql.SQL("{} = {}").format(sql.Identifier(KEY_COLUMN), sql.Literal(key))
 
 
+def recorded_in_log(cur: Cursor, schema: str, key: str) -> dict[str, Any] | None:
+    """The record of the tables (``recorded.record``) the key's last completed backup_data
+    left in ``schema.migration_log``; None when there is none."""
+    table = sql.Identifier(schema, LOG_TABLE)
+    if not catalog.relation_exists(cur.connection, table):
+        return None
+    cur.execute(sql.SQL("SELECT details FROM {} WHERE operation = 'backup_data' "
+                        "AND status = 'completed' AND details ? 'foreign_keys' AND {} "
+                        "ORDER BY id DESC LIMIT 1").format(
+        table, of_key(cur.connection, schema, key)))
+    row = cur.fetchone()
+    return None if row is None else dict(row[0])
+
+
+_SHARED = """
+    SELECT DISTINCT n.nspname, c.relname, c.relkind = 'S',
+           CASE WHEN g.grantee = 0 THEN NULL ELSE pg_get_userbyid(g.grantee) END
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    CROSS JOIN LATERAL aclexplode(c.relacl) g
+    WHERE c.oid IN (to_regclass(%(log)s), pg_get_serial_sequence(%(log)s, 'id')::regclass)
+      AND g.grantee <> c.relowner
+"""
+
+
+def _make_private(cur: Cursor, table: sql.Identifier) -> None:
+    """Revoke what default privileges (ALTER DEFAULT PRIVILEGES) gave others on a log just
+    created and its id sequence: it names the rows of the findings and the backup's
+    record, and is readable where the backup is, by the migrating role alone.  An
+    administrator may grant it to a monitoring role afterwards, knowingly."""
+    cur.execute(_SHARED, {"log": table.as_string(cur.connection)})
+    for schema, name, sequence, grantee in cur.fetchall():
+        cur.execute(sql.SQL("REVOKE ALL ON {} {} FROM {}").format(
+            sql.SQL("SEQUENCE" if sequence else "TABLE"), sql.Identifier(schema, name),
+            sql.Identifier(grantee) if grantee else sql.SQL("PUBLIC")))
+
+
 class OperationLog:
     """Rows of ``<schema>.migration_log``, one per operation run, of one key's."""
 
@@ -118,6 +154,7 @@ class OperationLog:
                     {}             text NOT NULL DEFAULT {}
                 )
                 """).format(self.table, sql.Identifier(KEY_COLUMN), default))
+            _make_private(cur, self.table)
 
     def exists(self) -> bool:
         return catalog.relation_exists(self.conn, self.table)

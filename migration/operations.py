@@ -9,13 +9,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from functools import partial
 from typing import Any
 
 import psycopg2
 from psycopg2 import sql
 
-from migration import backup, catalog, checks, convert, expand, preflight, rollback, swap, views
+from migration import (
+    backup,
+    catalog,
+    checks,
+    clients,
+    convert,
+    expand,
+    preflight,
+    publications,
+    rollback,
+    swap,
+    views,
+)
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
@@ -94,7 +107,8 @@ def backup_data(session: Session, run_id: int) -> Outcome:
     """Start the change log (a short lock per table), then copy from one snapshot (no lock)."""
     with session.transaction() as cur:
         taken = backup.exists(cur, session.plan.backup_schema)
-    if not taken:
+        stopped = taken and bool(backup.change_log_stopped(cur, session.plan))
+    if not taken or stopped:  # stopped by a rollback: the backup is kept if still equal
         session.ddl("backup_data: change log",
                     lambda cur: backup.start_change_log(cur, session.plan))
         session.point("backup_data: change log started")
@@ -111,10 +125,13 @@ def migrate_users(session: Session, run_id: int) -> Outcome:
     """
     parent = session.plan.parent
     with session.transaction() as cur:
-        backup.require(cur, session.plan.backup_schema, "migrate_users")
+        backup.require(cur, session.plan, "migrate_users")
     if catalog.column_state(session.conn, parent) is ColumnState.UUID:
         return Outcome(f"{parent} is uuid already: nothing to do")
-    refuse_on_failures(preflight.check_columns(session, (parent,)), "migrate_users")
+    children = tuple(key for key in session.plan.children
+                     if catalog.column_state(session.conn, key) is not ColumnState.UUID)
+    refuse_on_failures(preflight.check_columns(session, (parent,), later=children),
+                       "migrate_users")
     rows = convert.fill(session, (parent,), run_id)
     convert.prove_filled(session, parent, run_id)
     built = expand.build_indexes(session, parent)
@@ -128,7 +145,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     plan = session.plan
     parent = plan.parent
     with session.transaction() as cur:
-        backup.require(cur, plan.backup_schema, "migrate_foreign_keys")
+        backup.require(cur, plan, "migrate_foreign_keys")
     states = {key: catalog.column_state(session.conn, key) for key in plan.columns}
     if all(state is ColumnState.UUID for state in states.values()):
         for key in plan.columns:
@@ -154,15 +171,30 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         convert.prove_filled(session, key, run_id)
     built = sum(expand.build_indexes(session, key) for key in pending)
     references = expand.reference(session, plan)
+    built_beside = (f"{rows:,} rows filled, {built} index(es) and {references} foreign key(s) "
+                    "built beside them")
+    if session.settings.postpone_swap:
+        message = (f"ready to swap: {len(plan.columns)} column(s) expanded and proven "
+                   f"({built_beside}); the sync triggers keep the copies in step until "
+                   "migrate_foreign_keys runs again without --postpone-swap, which swaps")
+        if quarantined:
+            message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
+        return Outcome(message, rows=rows, findings=findings,
+                       details={"quarantined": quarantined, "ready_to_swap": True})
     stall = swap.swap(session, plan)
+    swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
-    message = (f"{len(plan.columns)} column(s) swapped to uuid together ({rows:,} rows filled, "
-               f"{built} index(es) and {references} foreign key(s) built beside them)")
+    message = f"{len(plan.columns)} column(s) swapped to uuid together ({built_beside})"
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
+    published = publications.after_swap(session.conn, plan.columns)
+    session.conn.rollback()
+    if published:  # on the console as it happens, in full_migration too
+        logger.warning("%s", published)
     return Outcome(message, rows=rows, findings=findings,
-                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3)})
+                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3),
+                            "subscribers": published, **swapped})
 
 
 def quarantine_orphans(session: Session, findings: list[Finding]) -> int:
@@ -193,6 +225,11 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
     last_check = next((e for e in entries if e.operation == "validate_migration"), None)
     validated = (last_check is not None and last_check.status == "completed"
                  and (last_change is None or last_check.id > last_change.id))
+    # A completed rollback left the tables as the backup holds them (it checks so):
+    # the backup has nothing more to give, and nothing to validate.
+    rolled_back = (last_change is not None and last_change.operation == "rollback"
+                   and last_change.status == "completed")
+    validated = validated or rolled_back
     if not validated and not session.settings.force:
         raise MigrationError(
             "cleanup_backup refused: no passing validate_migration after the last change "
@@ -244,7 +281,17 @@ def full_migration(session: Session, run_id: int) -> Outcome:
         done.append(name)
         if name in ("migrate_users", "migrate_foreign_keys"):
             rows += outcome.rows  # the rows converted, as the steps count them
-    return Outcome("migration complete and validated: " + ", ".join(done), rows=rows)
+        if outcome.details.get("ready_to_swap"):  # --postpone-swap
+            return Outcome(f"{outcome.message} (done: {', '.join(done)}; full_migration run "
+                           "again without --postpone-swap swaps and validates)", rows=rows,
+                           details={"ready_to_swap": True})
+    schema = session.plan.backup_schema
+    return Outcome("migration complete and validated: " + ", ".join(done) + ". The backup "
+                   f"stays in {schema}, for a rollback, with its change log: every application "
+                   f"write adds a row to {schema}.change_log (status shows its size). Once "
+                   "verify passes and no rollback will be needed, run "
+                   "--operation=cleanup_backup: it drops both, and the log's triggers",
+                   rows=rows)
 
 
 def status(session: Session) -> Outcome:
@@ -263,6 +310,8 @@ def status(session: Session) -> Outcome:
     session.conn.rollback()
     lines.insert(0, f"key: {session.plan.key}")
     lines.append(f"backup: {'present' if has_backup else 'none'} ({session.plan.backup_schema})")
+    if has_backup:
+        lines.append(_change_log_line(session))
     lines += [f"names {line}" for line in chosen]
     for schema, table, column, rows, at in progress:
         lines.append(f"backfill {schema}.{table}.{column}: {rows:,} rows done (at {at})")
@@ -271,6 +320,7 @@ def status(session: Session) -> Outcome:
     verb = "running" if session.lock_holder() else "interrupted during"
     lines += [f"{verb} {e.operation} (run {e.id}, started {e.started_at}, "
               f"{e.rows_processed:,} rows done)" for e in unfinished]
+    lines += _sessions_since_swap(session, entries)
     lines.append("recent operations:")
     lines += [_log_line(e) for e in reversed(entries[:20])]
     stage = f"{verb} {unfinished[0].operation}" if unfinished else stage_of(session)
@@ -278,6 +328,34 @@ def status(session: Session) -> Outcome:
         lines.insert(1, empty.removeprefix("; "))
     return Outcome(f"stage: {stage}\n" + "\n".join(lines),
                    details={"stage": stage, "key": session.plan.key})
+
+
+def _change_log_line(session: Session) -> str:
+    """The change log's size, and whether its triggers still log every application write."""
+    plan = session.plan
+    with session.transaction() as cur:
+        rows, size = backup.change_log_size(cur, plan.backup_schema)
+        stopped = backup.change_log_stopped(cur, plan)
+    session.conn.rollback()
+    line = f"change log: {rows:,} row(s), {size / 1024:,.0f} kB ({plan.backup_schema}.change_log)"
+    if len(stopped) == len(plan.tables):
+        return line + "; stopped (a rollback dropped its triggers)"
+    return line + ("; each application write to the plan's tables adds a row until "
+                   "cleanup_backup drops it with the backup")
+
+
+def _sessions_since_swap(session: Session, entries: list[LogEntry]) -> list[str]:
+    """The client sessions still connected that connected before the last swap (its time is
+    in its log row): their prepared statements may fail until they are recycled."""
+    swapped = next((entry for entry in entries if entry.status == "completed"
+                    and (entry.details or {}).get("swapped_at")), None)
+    if swapped is None:
+        return []
+    at = datetime.fromisoformat(swapped.details["swapped_at"])
+    sessions = clients.connected_before(session.conn, at)
+    if not sessions:
+        return [f"client sessions: every one connected after the swap of run {swapped.id}"]
+    return [f"client sessions: {clients.advice(sessions)}"]
 
 
 def _log_line(entry: LogEntry) -> str:
@@ -323,6 +401,14 @@ def _stage(stages: dict[KeyColumn, str]) -> str:
         return "migrated"
     if all(where == ColumnState.STRING for where in stages.values()):
         return "not migrated"
+    if all(where in swap.READY for where in stages.values()):
+        return ("ready to swap (every column expanded and proven: migrate_foreign_keys or "
+                "full_migration without --postpone-swap swaps)")
+    back = "uuid, on its way back: "
+    if all(where.removeprefix(back) in swap.READY and where.startswith(back)
+           for where in stages.values()):
+        return ("ready to swap back (every column's string copy expanded and proven: rollback "
+                "without --postpone-swap swaps)")
     going = "rolling back" if any("way back" in where for where in stages.values()) \
         else "expanding"
     return f"{going} (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"

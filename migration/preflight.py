@@ -18,7 +18,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog, views
+from migration import catalog, publications, views
 from migration.catalog import ColumnState
 from migration.connection import Connection
 from migration.log import logger
@@ -53,7 +53,8 @@ def value_findings(session: Session, cur: Cursor, key: KeyColumn,
 
     if not values.every_value_casts:
         add("invalid_uuid", Status.FAIL,
-            sql.SQL("{} IS NOT NULL AND NOT {}").format(col, is_uuid(conn, col)),
+            sql.SQL("{} IS NOT NULL AND NOT {}").format(
+                col, is_uuid(conn, values.as_cast_reads(col))),
             "{count} value(s) are not UUIDs PostgreSQL accepts",
             "correct or remove these rows, then run validate_schema again")
     if warnings and values.non_canonical:
@@ -215,10 +216,55 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
         findings.append(Finding("blocker", Status.FAIL,
                                 f"{blocker.what} depends on the column{reason}",
                                 subject=str(key), hint=blocker.hint))
-    if state in (ColumnState.STRING, ColumnState.BACKFILLING):
+    if converting:
+        findings += foreign_key_findings(session, key)
         findings += trigger_findings(session, key)
     findings += name_findings(conn, key.reversed() if state is ColumnState.UUID else key)
     findings += family_findings(session, key)
+    return findings
+
+
+def foreign_key_findings(session: Session, key: KeyColumn) -> list[Finding]:
+    """The foreign keys on the column, in either direction, that the swap cannot carry.
+
+    It carries only the plan's own: one column of the plan referring to the
+    parent key.  Any other would be dropped with the column by the swap's
+    ``DROP COLUMN`` (one out of a key column: no foreign key holds between
+    uuid and a string column), or would make it fail (one into a key column
+    other than the parent); one spanning several columns is not copied.  A
+    foreign key between two columns of the plan is named once, under its
+    referencing column.
+    """
+    plan = session.plan
+    findings = []
+    for fk in catalog.foreign_keys_on(session.conn, key):
+        referencing = fk.table == key.table and key.column in fk.columns
+        if not referencing and any(KeyColumn(fk.table, c) in plan.columns for c in fk.columns):
+            continue  # the plan's own, or named under its referencing column
+        target = KeyColumn(fk.referenced, fk.referenced_columns[0])
+        if len(fk.columns) > 1:
+            message = (f"{fk} spans {len(fk.columns)} columns: the engine carries only "
+                       f"single-column foreign keys to {plan.parent}")
+            hint = ("drop it before the migration and add it again after (its other columns "
+                    "must then have the referenced columns' types), then run again")
+        elif referencing and target == plan.parent:
+            continue  # the plan's own: copied between the uuid columns, swapped with them
+        elif referencing and target in plan.columns:
+            message = (f"{fk}, a column of the plan that is not the parent key: the engine "
+                       f"copies only foreign keys to {plan.parent}")
+            hint = "drop it before the migration and add it again after, then run again"
+        elif referencing:
+            message = (f"{fk}, which stays {fk.referenced_types[0]}: the swap would drop it "
+                       "with the column (no foreign key holds between uuid and a string)")
+            hint = (f"migrate {target} first (--key={target.spec}: {key} then joins its plan "
+                    "and becomes uuid with it), or drop the foreign key before the migration "
+                    "and add it again after between uuid columns, then run again")
+        else:
+            message = (f"{fk}, and only foreign keys to {plan.parent} join the plan: the "
+                       f"swap could not drop {key.column} under it")
+            hint = ("drop it before the migration and add it again after, or make its "
+                    "column refer to the parent key, then run again")
+        findings.append(Finding("blocker", Status.FAIL, message, subject=str(key), hint=hint))
     return findings
 
 
@@ -333,9 +379,15 @@ def trigger_findings(session: Session, key: KeyColumn) -> list[Finding]:
 
 
 def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
-                  warnings: bool = False) -> list[Finding]:
+                  warnings: bool = False,
+                  later: tuple[KeyColumn, ...] = ()) -> list[Finding]:
     """Schema and data findings for the given key columns (read-only); the steps ask
-    only for what blocks them, validate_schema for the warnings too."""
+    only for what blocks them, validate_schema for the warnings too.
+
+    ``later``: columns a later step converts, whose schema is judged now too (their
+    rows are that step's to judge, with its own options): a step refuses with every
+    object that stops the migration named, before it changes anything.
+    """
     findings: list[Finding] = []
     readers: dict[KeyColumn, UuidReader] = {}
     with session.transaction() as cur:
@@ -353,7 +405,15 @@ def check_columns(session: Session, keys: tuple[KeyColumn, ...], *,
                                                            ColumnState.BACKFILLING):
                 # a blocker does not hide bad values: the operator sees all at once
                 findings += value_findings(session, cur, key, read, warnings=warnings)
+        for key in later:
+            findings += [finding for finding in schema_findings(session, key)
+                         if finding.status is Status.FAIL]
     session.conn.rollback()  # nothing here is meant to last, the pg_temp helper included
+    findings += publications.findings(session.conn, [
+        key for key in keys if catalog.column_state(session.conn, key)
+        in (ColumnState.STRING, ColumnState.BACKFILLING)],
+        allowed=session.settings.allow_publications)
+    session.conn.rollback()
     if not warnings:  # a step's report shows only its refusal: what it accepts, it says here
         for finding in findings:
             if finding.status is Status.WARN:

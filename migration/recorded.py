@@ -3,9 +3,10 @@
 ``backup_data`` records, for every table of the plan, the objects the swap
 drops and recreates or could disturb: the primary key, the indexes and
 foreign keys that involve a key column, the replica identity, publication
-membership, RLS policies, and the views and statistics objects over the key
-columns.  The record goes to ``migration_log`` (it outlives
-``cleanup_backup``), and the checks look each recorded object up again by
+membership, RLS policies, the views and statistics objects over the key
+columns, and each key column's NOT NULL and default.  The record is kept in the
+backup, written in the copy's own transaction, and in ``migration_log`` (it outlives
+``cleanup_backup``); the checks look each recorded object up again by
 name: one reader for both sides, so a difference is a change in the
 database, never in how it was read.
 
@@ -250,6 +251,19 @@ def statistics_now(cur: Cursor, entry: Entry) -> Entry | None:
         "owner": row[4], "comment": row[5]}
 
 
+# --- the key columns: NOT NULL and default ---------------------------------------------------
+
+def _key_column_names(cur: Cursor, plan: Plan) -> list[Entry]:
+    return [{"table": str(key.table), "column": key.column} for key in plan.columns]
+
+
+def key_column_now(cur: Cursor, entry: Entry) -> Entry | None:
+    """The column's type, NOT NULL and default (the deparsed expression, None: none)."""
+    info = catalog.column_info(cur.connection, _table(entry), entry["column"])
+    return None if info is None else {"type": info.type, "not_null": info.not_null,
+                                      "default": info.default}
+
+
 # --- the kinds, and the record ---------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -283,8 +297,9 @@ PUBLICATIONS = Kind("publications", ("table", "publication"), _publication_names
 POLICIES = Kind("policies", ("table", "name"), _policy_names, policy_now)
 VIEWS = Kind("views", ("view",), _view_names, view_now)
 STATISTICS = Kind("statistics", ("table", "name"), _statistics_names, statistics_now)
+KEY_COLUMNS = Kind("key_columns", ("table", "column"), _key_column_names, key_column_now)
 KINDS = (PRIMARY_KEYS, INDEXES, FOREIGN_KEYS, REPLICA_IDENTITY, PUBLICATIONS, POLICIES, VIEWS,
-         STATISTICS)
+         STATISTICS, KEY_COLUMNS)
 
 
 def record(cur: Cursor, plan: Plan) -> dict[str, Any]:

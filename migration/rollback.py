@@ -20,7 +20,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert, expand, swap, views
+from migration import backup, catalog, clients, convert, expand, publications, swap, views
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -116,21 +116,21 @@ def changed_rows(cur: Cursor, session: Session) -> list[Finding]:
 
     The application's writes are counted from the change log (INFO: the
     rollback keeps them); any other difference from the backup, a write the log
-    did not see, is reported apart (WARN).
+    did not see, is reported apart (WARN).  Each row is named by its key (its
+    primary key, else its key columns), never by its content: the findings go
+    to migration_log and the output, and no application data leaves the backup.
     """
     findings = []
     for table, keys in _keys_by_table(session).items():
         log = backup.change_log(cur, session.plan.backup_schema, table, keys)
         ignored = [k.column for k in keys] + [k.temp for k in keys]
-        findings += _logged_changes(cur, table, log, ignored)
+        findings += _logged_changes(cur, table, log)
         findings += _unlogged_changes(cur, table, keys, log, ignored)
     return findings
 
 
-def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
-                    ignored: list[str]) -> list[Finding]:
-    """The rows in the change log, each with its last logged write and its row now
-    (or in the backup, once deleted)."""
+def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog) -> list[Finding]:
+    """The rows in the change log, each by its logged key, with its last logged write."""
     if not log.columns:
         return []
     cur.execute(sql.SQL(
@@ -141,28 +141,32 @@ def _logged_changes(cur: Cursor, table: Table, log: backup.ChangeLog,
                                      = (%(log_schema)s, %(log_table)s, g.row_key)
                                ORDER BY c.id DESC LIMIT 1) AS operation
             FROM logged g)
-        SELECT g.kind, g.total, coalesce(to_jsonb(l) - %(ignored)s::text[],
-                                         to_jsonb(b) - %(ignored)s::text[], g.row_key)
-        FROM (SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
-                                    ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
-              FROM last ORDER BY 1, row_key LIMIT %(n)s) g
-        LEFT JOIN {live} l ON {in_live}
-        LEFT JOIN {copy} b ON {in_copy}
-        ORDER BY g.kind, g.row_key
-        """).format(logged=log.cte(), change_log=backup.meta(log.schema, "change_log"),
-                    live=table.ident, copy=backup.backup_name(log.schema, table),
-                    in_live=log.matches("l", "g"), in_copy=log.matches("b", "g")),
-        {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
+        SELECT CASE operation WHEN 'INSERT' THEN 'inserted' WHEN 'DELETE' THEN 'deleted'
+                              WHEN 'TRUNCATE' THEN 'truncated'
+                              ELSE 'changed' END AS kind, count(*) OVER () AS total, row_key
+        FROM last ORDER BY 1, row_key LIMIT %(n)s
+        """).format(logged=log.cte(), change_log=backup.meta(log.schema, "change_log")),
+        {"n": SAMPLE_LIMIT, **log.params})
     rows = cur.fetchall()
-    if not rows:
-        return []
-    return [Finding(
-        "changed_after_backup", Status.INFO,
-        f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
-        "the backup (change log)", subject=str(table), count=int(rows[0][1]),
-        samples=[{"change": kind, "row": data} for kind, _, data in rows],
-        hint="the rollback keeps them as the application left them (new ids as canonical "
-             "text)")]
+    findings = []
+    if rows:
+        truncated = "; it truncated the table: the backup's rows are not put back" \
+            if log.truncated(cur) else ""
+        findings.append(Finding(
+            "changed_after_backup", Status.INFO,
+            f"{rows[0][1]} row(s) were inserted, changed or deleted by the application after "
+            f"the backup (change log){truncated}", subject=str(table), count=int(rows[0][1]),
+            samples=[{"change": kind, "key": key} for kind, _, key in rows],
+            hint="the rollback keeps them as the application left them (new ids as canonical "
+                 "text)"))
+    odd, keys = log.not_uuids(cur)
+    if odd:
+        findings.append(Finding(
+            "changed_after_backup", Status.WARN,
+            f"{odd} key(s) in the change log are not UUIDs: the application wrote them after "
+            "the backup; they match no row", subject=str(table), count=odd, samples=keys,
+            hint="find out which client writes such ids"))
+    return findings
 
 
 def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
@@ -190,13 +194,17 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
     if catalog.relation_exists(conn, quarantined):
         in_quarantine = sql.SQL("EXISTS (SELECT 1 FROM {} q WHERE {})").format(
             quarantined, same_row)
+    named_by = pk or [k.column for k in keys]  # no primary key: the key columns name it
+    row_key = sql.SQL("jsonb_build_object({})").format(sql.SQL(", ").join(
+        sql.SQL("{c}, coalesce(to_jsonb(l) -> {c}, to_jsonb(b) -> {c})").format(c=sql.Literal(c))
+        for c in named_by))
     cur.execute(sql.SQL(
         """
         WITH {logged}
-        SELECT kind, count(*) OVER (), row_data FROM (
+        SELECT kind, count(*) OVER (), row_key FROM (
             SELECT CASE WHEN b IS NULL THEN 'inserted'
                         WHEN l IS NULL THEN 'deleted' ELSE 'changed' END AS kind,
-                   coalesce(to_jsonb(l), to_jsonb(b)) - %(ignored)s::text[] AS row_data,
+                   {row_key} AS row_key,
                    coalesce(to_jsonb(l), to_jsonb(b)) AS ordering
             FROM {backup} b FULL JOIN {live} l ON {join}
             WHERE ((b IS NULL) OR (l IS NULL AND NOT {in_quarantine})
@@ -205,7 +213,7 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
                     OR to_jsonb(l) - %(ignored)s::text[] <> to_jsonb(b) - %(ignored)s::text[])))
               AND NOT {logged_b} AND NOT {logged_l}
         ) d ORDER BY kind, ordering LIMIT %(n)s
-        """).format(logged=log.cte(), backup=saved, live=live, join=join,
+        """).format(logged=log.cte(), backup=saved, live=live, join=join, row_key=row_key,
                     in_quarantine=in_quarantine, same_keys=same_keys,
                     logged_b=log.holds("b"), logged_l=log.holds("l")),
         {"ignored": ignored, "n": SAMPLE_LIMIT, **log.params})
@@ -216,19 +224,37 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
         "unlogged_change", Status.WARN,
         f"{rows[0][1]} row(s) differ from the backup without a write in the change log",
         subject=str(table), count=int(rows[0][1]),
-        samples=[{"change": kind, "row": data} for kind, _, data in rows],
+        samples=[{"change": kind, "key": key} for kind, _, key in rows],
         hint="find out who changed them (triggers disabled, or the engine's own setting); "
              "the rollback keeps them as they are")]
 
 
 def _restore_quarantine(cur: Cursor, *, schema: str, table: Table) -> int:
+    """Put the quarantined rows of ``table`` back, in one transaction (``session.ddl``).
+
+    The orphans were there under a ``NOT VALID`` foreign key, which refuses
+    them as new rows: each such FK of the table is dropped, the rows put back,
+    and the FK added again ``NOT VALID`` with its name, definition and comment,
+    before the commit, so that no other transaction ever sees the table without
+    it (they wait for its locks, for as long as the insert of these rows).
+    """
     target = backup.quarantine_name(schema, table)
     if not catalog.relation_exists(cur.connection, target):
         return 0
     columns = backup.columns_of(cur, target)
+    unchecked = catalog.unchecked_foreign_keys(cur.connection, table)
+    for fk in unchecked:
+        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            table.ident, sql.Identifier(fk.name)))
     cur.execute(sql.SQL("INSERT INTO {} ({cols}) SELECT {cols} FROM {}").format(
         table.ident, target, cols=column_list(columns)))
     restored = int(cur.rowcount)
+    for fk in unchecked:  # the server's own text of it, NOT VALID included
+        cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+            table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
+        if fk.comment is not None:
+            cur.execute(sql.SQL("COMMENT ON CONSTRAINT {} ON {} IS %s").format(
+                sql.Identifier(fk.name), table.ident), (fk.comment,))
     cur.execute(sql.SQL("DROP TABLE {}").format(target))
     cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name) = (%s, %s)").format(
         backup.meta(schema, "quarantine")), (table.schema, table.name))
@@ -257,9 +283,39 @@ def rollback(session: Session, run_id: int) -> RollbackResult:
             "(cleanup_backup dropped it, or backup_data never ran)",
             hint="restore from the database backup taken before the migration "
                  "(pg_dump / PITR), as the runbook's prerequisites require")
-    if ColumnState.UUID not in states:
-        return discard(session)
-    return revert(session, run_id)
+    result = discard(session) if ColumnState.UUID not in states else revert(session, run_id)
+    if result.details.get("ready_to_swap"):  # --postpone-swap: the log keeps going
+        return result
+    stopped = stop_change_log(session)
+    result.message += (f"; the change log is stopped ({stopped} trigger(s) dropped) and the "
+                       f"backup kept in {session.plan.backup_schema}: run "
+                       "--operation=cleanup_backup to drop it (no --force needed after this "
+                       "rollback), or --operation=backup_data before migrating again (it "
+                       "starts the log again and keeps the backup if the tables still equal it)")
+    result.details["change_log_triggers_dropped"] = stopped
+    return result
+
+
+def stop_change_log(session: Session) -> int:
+    """Drop the change log's triggers (the row trigger and the TRUNCATE one) from each table
+    of the plan, each table in a short DDL transaction under lock_timeout (DROP TRIGGER
+    takes an exclusive lock for an instant): rolled back, the tables carry no engine
+    trigger, and the application's writes no longer fill the log.  Quarantined rows are
+    back in their tables by now; the backup stays.  Returns the triggers dropped."""
+    schema = session.plan.backup_schema
+    names = [backup.change_log_trigger(schema), backup.change_log_truncate_trigger(schema)]
+
+    def drop(cur: Cursor, table: Table) -> int:
+        cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                    "AND tgname = ANY(%s) ORDER BY tgname", (catalog.regclass(table), names))
+        present = [name for (name,) in cur.fetchall()]
+        for name in present:
+            cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name),
+                                                                table.ident))
+        return len(present)
+
+    return sum(session.ddl(f"stop the change log on {table}", partial(drop, table=table))
+               for table in sorted(session.plan.tables))
 
 
 def discard(session: Session) -> RollbackResult:
@@ -274,6 +330,8 @@ def discard(session: Session) -> RollbackResult:
     plan = session.plan
     refreshed = views.refresh_pending(session, plan.backup_schema)  # a revert cut short after
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
+    republished = session.ddl("restore publications", partial(  # the copies are gone
+        publications.restore, schema=plan.backup_schema, tables=plan.tables))
     restored = sum(session.ddl(f"restore quarantine of {table}",
                                partial(_restore_quarantine, schema=plan.backup_schema,
                                        table=table))
@@ -281,15 +339,16 @@ def discard(session: Session) -> RollbackResult:
     with session.transaction("rollback") as cur:
         cur.execute(sql.SQL("DELETE FROM {}").format(
             backup.meta(plan.backup_schema, "backfill_progress")))
-    if not dropped and not restored:
+    if not dropped and not restored and not republished:
         return RollbackResult(f"the rollback's swap was done: {refreshed} materialized view(s) "
                               "refreshed" if refreshed else "nothing to undo: no key column was "
                               "expanded or swapped, and no row is in quarantine")
     return RollbackResult(
         f"rolled back before the swap: {dropped} object(s) the migration built beside the "
-        f"original columns dropped, {restored:,} quarantined row(s) restored; the original "
-        "columns were never changed", rows=restored,
-        details={"dropped": dropped, "restored": restored})
+        f"original columns dropped, {restored:,} quarantined row(s) restored, {republished} "
+        "publication(s) given their own definition back; the original columns were never "
+        "changed", rows=restored,
+        details={"dropped": dropped, "restored": restored, "republished": republished})
 
 
 def revert(session: Session, run_id: int) -> RollbackResult:
@@ -312,6 +371,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     plan = session.plan.reversed()
     parent = plan.parent
     convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
+    publications.refuse(session.conn, plan.columns,
+                        allowed=session.settings.allow_publications)
     # the views over them must compile back
     views.refuse(session.conn, plan.columns, plan.backup_schema,
                  refresh=session.settings.refresh_materialized_views)
@@ -329,7 +390,14 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     for key in plan.columns:
         expand.build_indexes(session, key)
     expand.reference(session, plan)
+    if session.settings.postpone_swap:
+        return RollbackResult(
+            f"ready to swap back: {rows:,} rows filled, {respelled:,} ids given their original "
+            "spelling, every string copy proven with its indexes and foreign keys; the sync "
+            "triggers keep the copies in step until rollback runs again without "
+            "--postpone-swap, which swaps", rows=rows, details={"ready_to_swap": True})
     swap.swap(session, plan)
+    swapped = clients.after_swap(session)
     for key in plan.columns:
         convert.refresh_statistics(session, key)
     restored = sum(session.ddl(f"restore quarantine of {table}",
@@ -350,7 +418,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     message = (f"rolled back to the string columns: {rows:,} rows filled, {respelled:,} ids "
                f"given their original spelling, {restored:,} quarantined rows restored")
     changed = sum(f.count or 0 for f in changes if f.status is Status.INFO)
-    unlogged = sum(f.count or 0 for f in changes if f.status is Status.WARN)
+    unlogged = sum(f.count or 0 for f in changes if f.check == "unlogged_change")
     if changed:
         message += f"; {changed:,} row(s) the application changed since the backup were kept"
     if unlogged:
@@ -358,7 +426,8 @@ def revert(session: Session, run_id: int) -> RollbackResult:
                     "kept as they are (see the warnings)")
     return RollbackResult(message, rows=rows + restored, findings=changes,
                           details={"respelled": respelled, "restored": restored,
-                                   "kept_changes": changed, "unlogged_changes": unlogged})
+                                   "kept_changes": changed, "unlogged_changes": unlogged,
+                                   **swapped})
 
 
 def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:

@@ -47,10 +47,13 @@ def samples_query(
 
 
 def key_reader(cur: Cursor, key: KeyColumn) -> UuidReader:
-    """How to read a key column as uuid, whatever stage it is in."""
+    """How to read a key column as uuid, whatever stage it is in: a ``char(n)`` column as
+    the migration's cast reads it, with its padding."""
     if catalog.column_state(cur.connection, key) is ColumnState.UUID:
         return UuidReader(cur.connection, every_value_casts=True, string=False)
-    return reader(cur, key.table.ident, key.column)
+    info = catalog.column_info(cur.connection, key.table, key.column)
+    padded = info is not None and info.type.split("(")[0] == "character"
+    return reader(cur, key.table.ident, key.column, padded=padded)
 
 
 def orphan_condition(cur: Cursor, key: KeyColumn, parent: KeyColumn,

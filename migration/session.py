@@ -22,7 +22,14 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog
-from migration.connection import Connection, client_pid, connect, engine_application_name
+from migration.connection import (
+    Connection,
+    NotFreeAtOnce,
+    client_pid,
+    connect,
+    engine_application_name,
+    queueing,
+)
 from migration.connection import lift_statement_timeout as lift_statement_timeout
 from migration.errors import MigrationError
 from migration.log import OperationLog, logger
@@ -56,6 +63,8 @@ class Settings:
     jobs: int = 2  # connections filling temporary columns at once, one slice each
     allow_triggers: bool = False  # the fill may fire application triggers (see preflight)
     refresh_materialized_views: bool = False  # carried: created empty, refreshed after the swap
+    allow_publications: bool = False  # publications that would send the copies: accepted
+    postpone_swap: bool = False  # stop ready to swap, every column expanded and proven
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
@@ -78,6 +87,14 @@ def ddl_pause(attempt: int, cap: float) -> float:
     """The pause after a failed attempt: doubling from 100 ms up to ``cap``, its upper half
     at random (jitter, so that retries do not fall into step with the application)."""
     ceiling = min(0.05 * 2.0 ** attempt, cap)
+    return ceiling / 2 + random.uniform(0, ceiling / 2)
+
+
+def nowait_pause(tries: int) -> float:
+    """The pause after a try whose tables were not free at once: from 2 ms, half again as
+    long after each, up to 20 ms, its upper half at random.  Short, as such a try queued
+    nobody and the tables may be free in the next gap between application transactions."""
+    ceiling = min(0.002 * 1.5 ** (tries - 1), 0.02)
     return ceiling / 2 + random.uniform(0, ceiling / 2)
 
 
@@ -300,27 +317,48 @@ class Session:
     def ddl(self, what: str, work: Callable[[Cursor], T]) -> T:
         """Run ``work`` in a transaction whose locks wait at most ``lock_timeout``.
 
-        When a lock cannot be had in time, or the server broke a deadlock with
-        an application's transaction by cancelling ours, the transaction is
-        rolled back and tried again after a growing, jittered pause (so that
-        retries do not fall into step with the application's own); other
-        sessions are never blocked behind us for longer than the timeout.  The
-        timeout bounds row locks too: a fill batch waits that long for a row an
-        application holds.  When a VACUUM holds a table of the plan (an
-        autovacuum the engine's own writes started, most often), the engine
-        vacuums it itself (``vacuum``) and tries again without spending an attempt.
+        The tables ``work`` locks with ``lock_tables`` are asked ``NOWAIT``: an
+        attempt that finds one of them taken is rolled back at once and tried
+        again a few milliseconds later (``nowait_pause``), having queued nobody.
+        Only once such tries have gone on for ``lock_timeout`` times ``ddl_attempts``
+        (3 s by default: as long as the application would have queued, in all,
+        behind attempts that each waited) does the first lock wait in the queue,
+        up to ``lock_timeout`` per attempt: under a steady stream of short
+        transactions the tables are never free at once, and only a request in
+        the queue gets them.
+
+        An attempt that waited and failed (on a lock timeout, or a deadlock with
+        an application's transaction that the server broke by cancelling ours:
+        row locks, other statements' locks, and the first table's lock in the
+        queueing phase) is rolled back and tried again after a growing, jittered
+        pause (``ddl_pause``, so that retries do not fall into step with the
+        application's own), ``ddl_attempts`` times at most; other sessions are
+        never blocked behind us for longer than the timeout.  When a VACUUM
+        holds a table of the plan (an autovacuum the engine's own writes
+        started, most often, which yields to no request that does not wait),
+        the engine vacuums it itself (``vacuum``) and tries again without
+        spending an attempt.
         """
         attempts = self.settings.ddl_attempts
-        attempt, vacuum_deadline = 1, time.monotonic() + self.settings.vacuum_wait_s
+        attempt, tries = 1, 0  # the next waiting attempt; tries refused at once so far
+        started = time.monotonic()
+        queue_from = started + self.settings.lock_timeout_ms / 1000 * attempts
+        vacuum_deadline = started + self.settings.vacuum_wait_s
         while True:
+            queue = time.monotonic() >= queue_from
             try:
-                with self.transaction(what) as cur:
+                with queueing(allowed=queue), self.transaction(what) as cur:
                     cur.execute("SET LOCAL lock_timeout = %s", (self.settings.lock_timeout_ms,))
                     return work(cur)
             except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DeadlockDetected) as exc:
                 reason = ("deadlock" if isinstance(exc, psycopg2.errors.DeadlockDetected)
                           else "lock not granted")
-                vacuums = self.vacuums()
+                at_once = isinstance(exc, NotFreeAtOnce) and not queue
+                tries += at_once
+                # pg_locks stops the server's lock manager while it is read: looked at
+                # after a try refused at once only now and then (the 1st, 2nd, 4th, ...)
+                seldom = not at_once or tries & (tries - 1) == 0
+                vacuums = self.vacuums() if seldom else []
                 if vacuums and time.monotonic() < vacuum_deadline:
                     logger.warning("%s: %s; %s holds the table: vacuuming it ourselves, which "
                                    "waits for it without blocking the application", what,
@@ -328,10 +366,23 @@ class Session:
                     self.vacuum(sorted({table for holder in vacuums for table in holder.tables}))
                     time.sleep(ddl_pause(1, self.settings.ddl_pause_cap_s))  # never a busy loop
                     continue  # without spending an attempt
+                if at_once:
+                    pause = nowait_pause(tries)
+                    if time.monotonic() + pause >= queue_from:
+                        logger.warning("%s: %s at once in %s tries over %.1f s; from now on "
+                                       "the first lock waits in the queue, up to %s ms",
+                                       what, reason, tries, time.monotonic() - started,
+                                       self.settings.lock_timeout_ms)
+                    elif seldom:
+                        logger.warning("%s: %s at once (try %s, not queueing), retrying in "
+                                       "%.3f s", what, reason, tries, pause)
+                    time.sleep(pause)
+                    continue  # without spending an attempt
                 if attempt == attempts:
                     holders = "; ".join(map(str, self.lock_holders())) or "another session"
+                    before = f"{tries} tries without queueing, then " if tries else ""
                     raise MigrationError(
-                        f"{what}: could not lock the tables after {attempt} attempts "
+                        f"{what}: could not lock the tables after {before}{attempt} attempts "
                         f"of {self.settings.lock_timeout_ms} ms ({reason})",
                         hint=f"{holders} held a lock on them; run this command again "
                              "(or with a longer --lock-timeout)",

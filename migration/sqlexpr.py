@@ -52,6 +52,13 @@ def uuid_of(conn: Connection, value: sql.Composable) -> sql.Composable:
     return sql.SQL("CASE WHEN {} THEN ({})::uuid END").format(is_uuid(conn, value), value)
 
 
+def as_cast_reads(value: sql.Composable, *, padded: bool) -> sql.Composable:
+    """The text a cast to uuid reads from a string value: a ``char(n)`` (``padded``) value
+    with the spaces that pad it, which a text function would trim (``concat`` prints it
+    with its type's output function, as the cast does)."""
+    return sql.SQL("concat({})").format(value) if padded else value
+
+
 @dataclass(frozen=True)
 class UuidReader:
     """How to read one string column as uuid, and what its one scan found.
@@ -68,6 +75,12 @@ class UuidReader:
     (lower case, hyphenated).  While it is 0, casting is one-to-one on the
     column: two rows that a unique index keeps apart stay apart as uuids."""
     string: bool = True  # False: the column is uuid already
+    padded: bool = False
+    """A ``char(n)`` column: its cast to uuid reads each value with the spaces that pad it
+    (``'992a...ff    '`` is no UUID to it), while a text function trims them."""
+
+    def as_cast_reads(self, value: sql.Composable) -> sql.Composable:
+        return as_cast_reads(value, padded=self.padded)
 
     @property
     def canonical_strings(self) -> bool:
@@ -78,19 +91,23 @@ class UuidReader:
     def valid(self, value: sql.Composable) -> sql.Composable:
         if self.every_value_casts:
             return sql.SQL("{} IS NOT NULL").format(value)
-        return sql.SQL("({} IS NOT NULL AND {})").format(value, is_uuid(self.conn, value))
+        return sql.SQL("({} IS NOT NULL AND {})").format(
+            value, is_uuid(self.conn, self.as_cast_reads(value)))
 
     def cast(self, value: sql.Composable) -> sql.Composable:
         if self.every_value_casts:
             return sql.SQL("({})::uuid").format(value)
-        return uuid_of(self.conn, value)
+        return sql.SQL("CASE WHEN {} THEN ({})::uuid END").format(
+            is_uuid(self.conn, self.as_cast_reads(value)), value)
 
 
-def reader(cur: Cursor, table: sql.Identifier, column: str) -> UuidReader:
+def reader(cur: Cursor, table: sql.Identifier, column: str, *,
+           padded: bool = False) -> UuidReader:
     """Read the column once: does every value cast, and how many are non-canonical.
 
     The bulk cast runs in a savepoint; the first invalid value aborts it, and
-    the count is then taken again with the per-value test.
+    the count is then taken again with the per-value test.  ``padded``: a
+    ``char(n)`` column (``UuidReader.padded``).
     """
     col = sql.Identifier(column)
     count = sql.SQL("SELECT count(*) FILTER (WHERE ({})::text <> {}) FROM {}")
@@ -99,12 +116,14 @@ def reader(cur: Cursor, table: sql.Identifier, column: str) -> UuidReader:
         cur.execute(count.format(sql.SQL("({})::uuid").format(col), col, table))
     except psycopg2.errors.InvalidTextRepresentation:
         cur.execute("ROLLBACK TO SAVEPOINT bulk_cast")
-        cur.execute(count.format(uuid_of(cur.connection, col), col, table))
+        testing = UuidReader(cur.connection, every_value_casts=False, padded=padded)
+        cur.execute(count.format(testing.cast(col), col, table))
         return UuidReader(cur.connection, every_value_casts=False,
-                          non_canonical=int((cur.fetchone() or [0])[0]))
+                          non_canonical=int((cur.fetchone() or [0])[0]), padded=padded)
     non_canonical = int((cur.fetchone() or [0])[0])
     cur.execute("RELEASE SAVEPOINT bulk_cast")
-    return UuidReader(cur.connection, every_value_casts=True, non_canonical=non_canonical)
+    return UuidReader(cur.connection, every_value_casts=True, non_canonical=non_canonical,
+                      padded=padded)
 
 
 def column_list(names: list[str], prefix: str | None = None) -> sql.Composable:

@@ -6,9 +6,10 @@ wrote; what is left is catalog work, so the exclusive locks are held for
 milliseconds whatever the tables' sizes:
 
 1. lock the views over the columns (``views``), outermost first, then the
-   tables, parent first, then the children in name order: only the first
-   lock waits, the others are asked ``NOWAIT`` (``lock_tables``), so the
-   swap never holds a table while it waits for another;
+   tables, parent first, then the children in name order, every lock asked
+   ``NOWAIT`` (``lock_tables``; ``Session.ddl`` retries within milliseconds,
+   and lets the first lock wait only after many tries), so the swap never
+   waits in a lock queue, where the application would queue behind it;
 2. drop the old foreign keys to the parent key (their copies are in force),
    the policies, the views and the statistics objects over the columns, and
    the tables taken out of the publications whose column lists or row filters
@@ -24,8 +25,9 @@ milliseconds whatever the tables' sizes:
    identity and the ``CLUSTER`` mark follow their index;
 4. the views and statistics objects are created again, and the tables put
    back in their publications, from the server's own text read in this
-   transaction; the FK copies take their originals' names; the policies are
-   created again.
+   transaction, and those given a column list while the copies existed
+   (``publications.narrow``) get their original definition back; the FK copies
+   take their originals' names; the policies are created again.
 
 After the commit the tables with statistics objects are analyzed (a lock
 that blocks neither reads nor writes): the objects created again are empty;
@@ -35,8 +37,9 @@ in the swap's transaction) are refreshed, each holding only its own lock.
 No foreign key is ever missing: until the commit the old ones are enforced,
 after it the copies, which were validated before.  The transaction runs
 under the session's ``lock_timeout`` and is retried on a lock timeout, a
-lock not free at once or a deadlock, so the application waits at most that
-long for it per attempt, and not at all while the swap waits between attempts.
+lock not free at once or a deadlock, so the application waits for the hold
+alone (and up to that long per attempt only once the swap has fallen back to
+waiting in the queue), and not at all while the swap waits between attempts.
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from dataclasses import dataclass
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, sqlexpr, views
+from migration import backup, catalog, publications, sqlexpr, views
 from migration.catalog import IndexDef
 from migration.connection import Connection, lock_tables
 from migration.convert import converted_default, grant_statement, restored_default
@@ -188,6 +191,7 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
         _create_statistics(cur, found)
     for entry in published:
         _publish(cur, entry)
+    publications.restore(cur, plan.backup_schema, plan.tables)  # as before the copies
     for fk in references:
         _take_fk_name(cur, fk)
         _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(

@@ -10,7 +10,9 @@ It runs the checks of validate_migration in one read-only REPEATABLE READ
 transaction (one snapshot), rolled back at the end, and needs no more than
 SELECT on the tables and USAGE on their schemas.  While migration_backup
 exists, comparing with it needs the migrating role itself: the backup is
-private to it (the backup_private check fails on any other grant).
+private to it (the backup_private check fails on any other grant), as is
+migration_log.  Another role gets every other check, and those comparisons
+skipped with the reason.
 """
 
 from __future__ import annotations

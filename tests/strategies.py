@@ -654,3 +654,137 @@ def gen_schemas(draw: st.DrawFn, *, max_tables: int = 4, max_columns: int = 3) -
                                             min_size=2, max_size=2, unique=True)))
         tables.append(GenTable(f"t{n}", id_type, tuple(columns), composite))
     return GenSchema(tuple(tables))
+
+
+# ---------------------------------------------------------------- the application's writes
+
+APP_WRITE_KINDS = ("insert", "update", "update_key", "update_ref", "delete", "truncate",
+                   "upsert", "copy", "orm_update")
+"""What the application does to a row (``tests/app_writer.py`` runs them): ``update`` changes
+a plain column, ``update_key`` the table's own key (``users.id`` included), ``update_ref``
+a child's ``user_id``; ``delete`` of a user fires the children's ON DELETE actions;
+``orm_update`` sets every column to the value it holds, the key included, as ORMs do."""
+REPLICA_KINDS = ("insert", "update", "update_key", "update_ref", "upsert")
+"""Kinds also run under ``session_replication_role = replica`` (label ``replica``): not
+deletes, whose ON DELETE actions replica mode skips (orphans are no application write)."""
+KEY_SOURCES = ("existing", "respelled", "new", "default", "null", "invalid")
+"""Where a key value comes from: a key the table holds (``existing``, as it is spelled there;
+``respelled``, another spelling of its UUID), a ``new`` UUID in a drawn spelling, the
+column's ``default`` (the column left out), ``null``, or an ``invalid`` string."""
+
+
+@dataclass(frozen=True)
+class KeyPick:
+    """A key value, resolved when the write runs, against the keys then in the table:
+    ``index`` chooses among them (modulo their number, in UUID order), the spelling fields
+    respell one (``respelled``), ``text`` is a ``new`` or ``invalid`` value."""
+
+    source: str
+    index: int = 0
+    text: str = ""
+    hyphens: tuple[int, ...] = CANONICAL_SLOTS
+    braces: bool = False
+    upper: int = 0
+
+
+@dataclass(frozen=True)
+class AppWrite:
+    """One write of the application, in a transaction of its own.
+
+    ``key`` picks the row (its primary key; for a table without one, its ``user_id``),
+    ``ref`` the value written into a key column (``user_id``, or the new key of
+    ``update_key``), ``text`` a plain column's value.
+    """
+
+    kind: str
+    table: str
+    key: KeyPick
+    ref: KeyPick
+    text: str
+    replica: bool = False
+
+    @property
+    def label(self) -> str:
+        return "replica" if self.replica else self.kind
+
+    @property
+    def features(self) -> frozenset[str]:
+        """The names a write answers to in an exclusion set: its label, ``@table``,
+        ``label@table``, ``key:SOURCE``, ``ref:SOURCE``, and each of the first three
+        followed by one of the last two (``@memberships:ref:null``)."""
+        plain = {self.label, f"@{self.table}", f"{self.label}@{self.table}"}
+        picks = {f"key:{self.key.source}", f"ref:{self.ref.source}"}
+        return frozenset(plain | picks | {f"{p}:{s}" for p in plain for s in picks})
+
+
+_PICK_TEXT = st.text(st.characters(codec="utf-8", exclude_characters="\x00"), max_size=12)
+
+
+@st.composite
+def key_picks(draw: st.DrawFn, sources: Collection[str] = KEY_SOURCES) -> KeyPick:
+    """A :class:`KeyPick` from one of ``sources``."""
+    # Existing keys find rows (the others mostly miss): drawn as often as all the others.
+    choices = sorted(sources)
+    if "existing" in sources:
+        choices += ["existing"] * (len(choices) - 1)
+    source = draw(st.sampled_from(choices))
+    if source == "new":
+        return KeyPick(source, text=draw(uuid_texts(spellings=STORABLE_SPELLINGS,
+                                                    max_length=KEY_LENGTH)))
+    if source == "invalid":
+        return KeyPick(source, text=draw(invalid_uuid_texts(max_length=KEY_LENGTH)))
+    if source == "respelled":
+        name = draw(st.sampled_from(STORABLE_SPELLINGS))
+        if name == "some_hyphens":
+            return KeyPick(source, draw(st.integers(0, 1000)), hyphens=tuple(
+                draw(_hyphen_subsets(KEY_LENGTH - HEX_DIGITS))), upper=draw(_MASKS))
+        slots, braces, upper = _PRESETS[name]
+        return KeyPick(source, draw(st.integers(0, 1000)), hyphens=slots, braces=braces,
+                       upper=draw(_MASKS) if upper is None else upper)
+    return KeyPick(source, draw(st.integers(0, 1000)) if source == "existing" else 0)
+
+
+@st.composite
+def _app_write(draw: st.DrawFn, tables: tuple[str, ...], keyed: tuple[str, ...],
+               children: tuple[str, ...], kinds: tuple[str, ...],
+               sources: tuple[str, ...], *, replica: bool) -> AppWrite:
+    on_replica = replica and draw(st.booleans())
+    kind = draw(st.sampled_from([k for k in kinds if not on_replica or k in REPLICA_KINDS]))
+    choices = {"update_ref": children, "orm_update": keyed}.get(kind, tables)
+    table = draw(st.sampled_from(choices))
+    # Two spellings of one UUID cannot both be keys of the parent once it is uuid (the
+    # pre-flight refuses such data): a respelled key is looked up or referred to, never
+    # written as a new parent key.
+    new_parent_key = table == tables[0] and kind in ("insert", "upsert", "copy")
+    key_sources = [s for s in sources if not (new_parent_key and s == "respelled")
+                   # COPY returns no rows: a key it generated could not be given to the twin
+                   and not (kind == "copy" and s == "default")]
+    ref_sources = [s for s in sources
+                   if not (table == tables[0] and kind == "update_key" and s == "respelled")]
+    return AppWrite(kind, table, draw(key_picks(key_sources)), draw(key_picks(ref_sources)),
+                    draw(_PICK_TEXT), replica=on_replica)
+
+
+def app_writes(
+    *,
+    tables: Collection[str],
+    keyed: Collection[str],
+    children: Collection[str],
+    excluded: Collection[str] = (),
+    max_size: int = 6,
+) -> st.SearchStrategy[list[AppWrite]]:
+    """Lists of application writes over ``tables`` (the parent first; ``keyed`` have a
+    primary key, ``children`` a ``user_id``).
+
+    ``excluded`` names what never to draw: a kind, ``replica``, a key source, or any
+    of :attr:`AppWrite.features` (``update_key@users``, ``ref:null``,
+    ``insert@memberships:ref:null``).
+    """
+    gone = set(excluded)
+    kinds = tuple(k for k in APP_WRITE_KINDS if k not in gone)
+    sources = tuple(s for s in KEY_SOURCES if s not in gone)
+    if not kinds or not sources:
+        raise ValueError(f"{sorted(gone)} leaves nothing to write")
+    one = _app_write(tuple(tables), tuple(keyed), tuple(children), kinds, sources,
+                     replica="replica" not in gone).filter(lambda write: not write.features & gone)
+    return st.lists(one, max_size=max_size)

@@ -8,6 +8,10 @@ through the application's logged writes must still fail the checks.
 
 from __future__ import annotations
 
+import json
+from contextlib import ExitStack
+
+import psycopg2
 import pytest
 from psycopg2 import sql
 
@@ -18,7 +22,16 @@ from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
 from migration.report import Finding, Status
 from migration.session import Session, Settings
-from tests.operate import connected, execute, operate, print_of, run_in_process, run_ok
+from tests.operate import (
+    connected,
+    execute,
+    operate,
+    print_of,
+    refusal,
+    run_in_process,
+    run_ok,
+)
+from tests.test_session import table_locked_past_the_timeout
 
 USERS = 12
 CHANGED = "rows changed by the application since the backup: checked, not compared"
@@ -205,7 +218,113 @@ def test_triggers_stay_out_of_fingerprints_and_go_with_the_backup(db: str) -> No
     run_ok(db, "backup_data")
     assert print_of(db) == before
     triggers = print_of(db, include_backup=True).schema[("public", "users")].triggers
-    assert set(triggers) == {backup.CHANGE_LOG_TRIGGER}
+    assert set(triggers) == {backup.CHANGE_LOG_TRIGGER,
+                             backup.change_log_truncate_trigger(backup.BACKUP_SCHEMA)}
     run_ok(db, "cleanup_backup", "--force")
     assert execute(db, "SELECT count(*) FROM pg_trigger WHERE NOT tgisinternal") == [(0,)]
     execute(db, "INSERT INTO users (email) VALUES ('after@example.com')")  # nothing to call
+
+
+def failed_checks(dsn: str) -> set[str]:
+    return {f.check for f in verify.run(dsn, "public", None) if f.status is Status.FAIL}
+
+
+HAND_DROPPED = ("DROP INDEX ix_tags_user_id; "
+                "ALTER TABLE reminders DROP CONSTRAINT reminders_user_id_fkey")
+
+
+def test_a_crash_as_backup_data_commits_keeps_the_record_with_the_backup(
+        db: str, sandbox: Sandbox) -> None:
+    """The record of the tables is committed with the copy: killed before its log row is
+    finished, backup_data leaves both, and after the migration (backup_data not run again,
+    or run again: it keeps the backup) verify still catches an index and a foreign key
+    dropped by hand."""
+    admin = sandbox.admin_dsn_for(db.rsplit("/", 1)[1])
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(db, "backup_data", admin_dsn=admin, crash_at="finish backup_data#1")
+    run_ok(db, "migrate_users")
+    run_ok(db, "migrate_foreign_keys")
+    run_ok(db, "full_migration")
+    execute(db, HAND_DROPPED)
+    assert failed_checks(db) == {"indexes", "foreign_keys"}
+
+
+def older_version_backup(dsn: str) -> None:
+    """The backup as an older version left it when killed before its log row was finished:
+    no record with the copy, none in migration_log."""
+    execute(dsn, "DROP TABLE migration_backup.recorded_objects; "
+                 "DELETE FROM migration_log WHERE operation = 'backup_data'")
+
+
+def test_backup_data_completes_the_record_of_an_older_backup_of_unchanged_tables(
+        db: str) -> None:
+    run_ok(db, "backup_data")
+    older_version_backup(db)
+    application_writes(db, 1)  # logged: the tables still are the backup's
+    assert "kept" in run_ok(db, "backup_data").output
+    run_ok(db, "full_migration")
+    execute(db, HAND_DROPPED)
+    assert failed_checks(db) == {"indexes", "foreign_keys"}
+
+
+def test_backup_data_under_way_without_a_record_says_to_roll_back_first(db: str) -> None:
+    run_ok(db, "backup_data")
+    run_ok(db, "migrate_users")
+    older_version_backup(db)
+    assert failed_checks(db) >= {"indexes", "foreign_keys", "primary_key"}  # never skipped
+    output = refusal(db, "backup_data")
+    assert "holds no record" in output
+    assert "--operation=rollback" in output
+    run_ok(db, "rollback")
+    run_ok(db, "backup_data")
+    run_ok(db, "full_migration")
+    assert failed_checks(db) == set()
+
+
+def test_the_copy_is_not_cut_by_the_statement_timeout(db: str) -> None:
+    """Once the change log has started, its copy of tags waits a second for a lock, five
+    times the statement timeout."""
+    waited: list[list[bool]] = []
+    with ExitStack() as stack:
+
+        def lock_tags(point: str, pid: int) -> None:
+            if point == "backup_data: change log started#1":
+                waited.append(stack.enter_context(
+                    table_locked_past_the_timeout(db, "tags", hold=1.0)))
+
+        with Session.open(db, Settings(show_progress=False, statement_timeout_ms=200,
+                                       lock_timeout_ms=5000)) as session:
+            session.fault = lock_tags
+            outcome = run(session, "backup_data", OPERATIONS["backup_data"])
+    assert waited == [[True]]
+    assert outcome.rows > USERS
+
+
+def test_the_rollback_names_rows_by_key_and_no_application_data_leaves_the_backup(
+        db: str) -> None:
+    run_ok(db, "full_migration")
+    execute(db, "UPDATE users SET email = 'private-mail@example.com' "
+                "WHERE id = (SELECT min(id::text)::uuid FROM users)")
+    execute(db, "SET uuid_migration.engine = 'on'; UPDATE journal_entries "
+                "SET title = 'private-title' WHERE id = (SELECT min(id) FROM journal_entries)")
+    result = run_ok(db, "rollback", "--verbose")
+    [(details,)] = execute(db, "SELECT details::text FROM migration_log "
+                               "WHERE operation = 'rollback' AND status = 'completed'")
+    for shown in (result.output, details):
+        assert "private-mail" not in shown
+        assert "private-title" not in shown
+    [user_id] = execute(db, "SELECT min(id) FROM users")[0]  # text again
+    [journal_id] = execute(db, "SELECT min(id) FROM journal_entries")[0]
+    findings = {f["check"]: f["samples"] for f in json.loads(details)["findings"]}
+    assert findings == {"changed_after_backup": [{"change": "changed", "key": {"id": user_id}}],
+                        "unlogged_change": [{"change": "changed", "key": {"id": journal_id}}]}
+
+
+def test_after_the_migration_status_shows_the_change_log_and_the_report_when_to_clean_up(
+        db: str) -> None:
+    result = run_ok(db, "full_migration")
+    assert "run --operation=cleanup_backup" in result.output
+    assert "every application write adds a row to migration_backup.change_log" in result.output
+    assert "change log: 0 row(s)" in run_ok(db, "status").output
+    application_writes(db, 1)
+    assert "change log: 3 row(s)" in run_ok(db, "status").output

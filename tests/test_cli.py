@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,9 +12,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from migration import verify
 from migration.cli import main
 from migration.log import DEFAULT_LOG_FILE
-from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.sandbox import Sandbox, with_credentials
 from tests.operate import operate
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -109,3 +111,21 @@ def test_the_rehearsal_log_file_can_be_named(tmp_path: Path, sandbox: Sandbox) -
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[rehearsal, database " in log.read_text()
     assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("password", [
+    "Se cret4Part@Cret4Part", "FirstPart/Second@ThirdPart", "FirstPart@Second?ThirdPart=x",
+    "FirstPart:SecondPart@ThirdPart", "FirstPart@Second#ThirdPart"])
+def test_a_password_a_url_must_encode_shows_no_piece_of_itself(
+        sandbox: Sandbox, password: str) -> None:
+    """Unencoded, a password's @ or / makes libpq read pieces of it as the host, the port,
+    the database or a parameter, and quote them in its errors: refused before connecting,
+    with what to do, and no piece of it in the output."""
+    dsn = with_credentials(sandbox.admin_dsn, user="app_owner", password=password,
+                           dbname="postgres")
+    pieces = [piece for piece in re.split(r"[ @/?#:=]", password) if len(piece) > 1]
+    outputs = [operate(dsn, "status"), CliRunner().invoke(verify.main, ["--database-url", dsn])]
+    for result in outputs:
+        assert result.exit_code == 2, result.output
+        assert "percent-encode" in result.output
+        assert [piece for piece in pieces if piece in result.output] == []

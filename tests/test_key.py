@@ -277,7 +277,9 @@ def test_two_keys_keep_their_own_log_and_backup(database: str) -> None:
                              "'public.user_role_mapping'::regclass AND tgname LIKE "
                              "'migration\\_change\\_log%%' ORDER BY 1") == [
         ("migration_change_log_public_keycloak_role_id",),
-        ("migration_change_log_public_user_entity_id",)]
+        ("migration_change_log_public_user_entity_id",),
+        ("migration_change_log_truncate_public_keycloak_role_id",),
+        ("migration_change_log_truncate_public_user_entity_id",)]
     logged = execute(database, "SELECT key_column, count(*) FROM public.migration_log "
                                "GROUP BY 1 ORDER BY 1")
     assert logged == [(ROLE_KEY, 6), ("public.user_entity.id", 6)]  # full_migration + 5 steps

@@ -270,16 +270,7 @@ REAL_SCHEMAS = {  # schema file: the key, and the columns referring to it
 }
 
 
-NEEDS_CHAR_PREFLIGHT = pytest.mark.xfail(
-    strict=True, raises=psycopg2.errors.InvalidTextRepresentation,
-    reason="validate_schema's reader casts a padded CHAR(36) value to uuid and fails "
-           "instead of naming it (the pre-flight's part of issue 20): remove this mark "
-           "when it names the value as an invalid UUID")
-
-
-@pytest.mark.parametrize("schema_file", [
-    pytest.param(name, marks=NEEDS_CHAR_PREFLIGHT) if name == "session_store.sql" else name
-    for name in sorted(REAL_SCHEMAS)])
+@pytest.mark.parametrize("schema_file", sorted(REAL_SCHEMAS))
 def test_rehearsal_passes_on_real_schemas_naming_each_planted_problem_under_its_column(
         sandbox: Sandbox, schema_file: str) -> None:
     """Three applications' shapes: CHAR(36) keys, self-references and tables with two

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -276,6 +277,14 @@ MUTATIONS = {
                       WHERE k.user_id <> a.user_id ORDER BY k.id LIMIT 1) b
         WHERE j.id IN (a.id, b.id)
         """, frozenset({"uuid_values"})),
+    "not_null_dropped": Mutation(
+        "ALTER TABLE public.journal_entries ALTER user_id DROP NOT NULL",
+        frozenset({"not_null"})),
+    "default_dropped": Mutation(
+        "ALTER TABLE public.users ALTER id DROP DEFAULT", frozenset({"defaults"})),
+    "default_changed": Mutation(
+        "ALTER TABLE public.users ALTER id SET DEFAULT '00000000-0000-4000-8000-000000000000'",
+        frozenset({"defaults"})),
     "unfinished_log_entry": Mutation(
         "INSERT INTO public.migration_log (operation, status) VALUES ('migrate_users', 'running')",
         frozenset({"migration_log"})),
@@ -283,10 +292,10 @@ MUTATIONS = {
         "DROP TABLE public.reminders CASCADE",
         frozenset({"key_columns_uuid", "primary_key", "indexes", "foreign_keys",
                    "replica_identity", "publications", "policies", "views", "statistics",
-                   "row_counts"})),
+                   "not_null", "defaults", "row_counts"})),
 }
 RECORDED_CHECKS = {"primary_key", "indexes", "foreign_keys", "replica_identity", "publications",
-                   "policies", "views", "statistics"}
+                   "policies", "views", "statistics", "not_null", "defaults"}
 
 
 def test_every_check_has_a_mutation() -> None:
@@ -435,23 +444,60 @@ def test_could_not_run_exits_2_without_the_password(
     assert run_verify(None).exit_code == 2  # no database at all: a usage error
 
 
-@pytest.fixture
-def reader(sandbox: Sandbox, migrated: str) -> Iterator[tuple[str, str]]:
-    """A login role that may only SELECT (no USAGE on migration_backup yet): (role, DSN)."""
+@contextmanager
+def select_only_role(sandbox: Sandbox, dsn: str,
+                     grants: str) -> Iterator[tuple[str, str]]:
+    """A login role given CONNECT, USAGE on public and ``grants`` (``{r}`` is the role):
+    (role, DSN)."""
     role, password = f"verify_reader_{secrets.token_hex(4)}", secrets.token_urlsafe(12)
-    db = dbname(migrated)
+    db = dbname(dsn)
     sandbox.admin_execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(
         sql.Identifier(role), sql.Literal(password)))
     admin_db = sandbox.admin_dsn_for(db)
     execute(admin_db, sql.SQL(
         "GRANT CONNECT ON DATABASE {db} TO {r}; GRANT USAGE ON SCHEMA public TO {r}; "
-        "GRANT SELECT ON ALL TABLES IN SCHEMA public, migration_backup TO {r}").format(
-        db=sql.Identifier(db), r=sql.Identifier(role)))
+        + grants).format(db=sql.Identifier(db), r=sql.Identifier(role)))
     try:
-        yield role, with_credentials(migrated, user=role, password=password, dbname=db)
+        yield role, with_credentials(dsn, user=role, password=password, dbname=db)
     finally:
         execute(admin_db, sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
         sandbox.admin_execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+@pytest.fixture
+def reader(sandbox: Sandbox, migrated: str) -> Iterator[tuple[str, str]]:
+    """A login role that may only SELECT (no USAGE on migration_backup yet): (role, DSN)."""
+    with select_only_role(sandbox, migrated, "GRANT SELECT ON ALL TABLES IN SCHEMA public, "
+                                             "migration_backup TO {r}") as found:
+        yield found
+
+
+BACKUP_COMPARISONS = {"row_counts", "uuid_values"}
+
+
+@pytest.mark.parametrize("log", ["log_granted", "log_private"])
+def test_a_monitoring_role_runs_every_check_it_can_while_the_backup_is_private(
+        sandbox: Sandbox, migrated: str, log: str) -> None:
+    """SELECT on the application's tables only: the comparisons with the private backup
+    are skipped, naming the role and why; every other check runs; exit 0, 1 with
+    --strict.  The record comes from migration_log where the role may read it."""
+    grants = ("GRANT SELECT ON ALL TABLES IN SCHEMA public TO {r}" if log == "log_granted"
+              else "GRANT SELECT ON public.users, public.journal_entries, public.tags, "
+                   "public.reminders, public.open_reminders TO {r}")
+    before = state(migrated)
+    with select_only_role(sandbox, migrated, grants) as (role, dsn):
+        code, report = verify_json(dsn)
+        assert code == 0, report
+        skipped = BACKUP_COMPARISONS | (set() if log == "log_granted"
+                                        else RECORDED_CHECKS | {"migration_log"})
+        assert results_of(report) == {**dict.fromkeys(CHECK_NAMES, "pass"),
+                                      **dict.fromkeys(skipped, "skip")}
+        for name in skipped:
+            detail = results_by_name(report)[name]["detail"]
+            assert f"role {role} has no" in detail, detail
+            assert "private to app_owner" in detail, detail
+        assert verify_json(dsn, "--strict")[0] == 1
+    assert state(migrated) == before
 
 
 def test_a_select_only_role_is_enough_and_nothing_changes(
@@ -462,9 +508,10 @@ def test_a_select_only_role_is_enough_and_nothing_changes(
     with pytest.raises(psycopg2.errors.InsufficientPrivilege):
         execute(dsn, "DELETE FROM public.migration_log")
     before = state(migrated)
-    outcome = run_verify(dsn)  # without USAGE on migration_backup: could not run
-    assert outcome.exit_code == 2, outcome.output
-    assert "permission denied for schema migration_backup" in outcome.output
+    code, report = verify_json(dsn)  # without USAGE on migration_backup: what it can
+    assert code == 1, report
+    assert results_of(report) == {**dict.fromkeys(CHECK_NAMES, "pass"), "backup_private": "fail",
+                                  **dict.fromkeys(BACKUP_COMPARISONS, "skip")}
     execute(sandbox.admin_dsn_for(dbname(migrated)), sql.SQL(
         "GRANT USAGE ON SCHEMA migration_backup TO {}").format(sql.Identifier(role)))
     code, report = verify_json(dsn)
@@ -506,7 +553,11 @@ def test_a_dropped_foreign_key_is_caught_after_the_backup_is_gone(
 
 
 def test_record_checks_do_not_pass_without_a_record(migrated: str) -> None:
-    """No completed backup_data in migration_log: each check says so, and skips."""
+    """No backup, and no completed backup_data in migration_log: each check says so, and
+    skips."""
+    cleaned = CliRunner().invoke(cli.main, ["--operation=cleanup_backup", "--database-url",
+                                            migrated, "-q", "--log-file", os.devnull])
+    assert cleaned.exit_code == 0, cleaned.output
     execute(migrated, "DELETE FROM public.migration_log WHERE operation = 'backup_data'")
     code, report = verify_json(migrated)
     assert code == 0, report  # skipped, not failed: --strict fails them
@@ -514,7 +565,50 @@ def test_record_checks_do_not_pass_without_a_record(migrated: str) -> None:
     for name in RECORDED_CHECKS:
         assert checks_by_name[name]["result"] == "skip", checks_by_name[name]
         assert "nothing recorded" in checks_by_name[name]["detail"]
-    assert failed(verify_json(migrated, "--strict")[1]) == RECORDED_CHECKS
+    assert failed(verify_json(migrated, "--strict")[1]) == RECORDED_CHECKS | {
+        "row_counts", "uuid_values", "backup_private"}  # no backup: skipped too
+
+
+def test_a_record_missing_while_the_backup_exists_fails_never_skips(migrated: str) -> None:
+    """The backup is never without its record: with neither the backup's nor
+    migration_log's, each comparison fails, saying what to do, even with a hand-dropped
+    index nobody could otherwise see."""
+    execute(migrated, "DROP TABLE IF EXISTS migration_backup.recorded_objects; "
+                      "DELETE FROM public.migration_log WHERE operation = 'backup_data'; "
+                      "DROP INDEX public.ix_tags_user_id")
+    code, report = verify_json(migrated)
+    assert code == 1, report
+    assert failed(report) == RECORDED_CHECKS
+    detail = results_by_name(report)["indexes"]
+    assert "migration_backup holds no record" in detail["detail"]
+    assert "backup_data again" in detail["findings"][0]["hint"]
+
+
+def test_the_record_kept_with_the_backup_is_what_verify_compares_with(migrated: str) -> None:
+    """migration_log's copy of the record is lost: the backup's own still catches a
+    dropped index and foreign key."""
+    execute(migrated, "DELETE FROM public.migration_log WHERE operation = 'backup_data'; "
+                      "DROP INDEX public.ix_reminders_user_id; "
+                      "ALTER TABLE public.tags DROP CONSTRAINT tags_user_id_fkey")
+    code, report = verify_json(migrated)
+    assert code == 1, report
+    assert failed(report) == {"indexes", "foreign_keys"}
+
+
+def test_not_null_and_default_failures_say_what_was_wanted_and_found(migrated: str) -> None:
+    execute(migrated, "ALTER TABLE journal_entries ALTER user_id DROP NOT NULL; "
+                      "ALTER TABLE users ALTER id DROP DEFAULT")
+    code, report = verify_json(migrated)
+    assert code == 1, report
+    assert failed(report) == {"not_null", "defaults"}
+    [not_null] = results_by_name(report)["not_null"]["findings"]
+    assert (not_null["subject"], not_null["expected"], not_null["found"]) == (
+        "public.journal_entries user_id", "NOT NULL", "NULL allowed (no NOT NULL)")
+    [default] = results_by_name(report)["defaults"]["findings"]
+    assert default["subject"] == "public.users id"
+    assert "gen_random_uuid()" in default["expected"]
+    assert default["found"] == "no default"
+    assert "defaults" in run_verify(None, "--list-checks").output
 
 
 def test_record_checks_fail_on_a_database_without_the_tables(
@@ -587,3 +681,32 @@ def test_what_the_migration_adds_to_the_backup_later_stays_private(
     assert not any(public or monitor for public, monitor in tables.values()), tables
     code, report = verify_json(legacy_no_fk_db, "--check", "backup_private")
     assert code == 0, report
+
+
+RUNBOOK_LOG_QUERIES = (
+    "SELECT * FROM migration_log ORDER BY started_at DESC",
+    "SELECT operation, status, started_at, completed_at, message FROM migration_log "
+    "WHERE started_at > NOW() - INTERVAL '1 day'",
+    "SELECT operation, AVG(EXTRACT(EPOCH FROM (completed_at - started_at))) AS "
+    "avg_duration_seconds FROM migration_log WHERE status = 'completed' GROUP BY operation",
+)
+
+
+def test_migration_log_is_readable_only_where_the_backup_is(
+        legacy_db: str, tmp_path: Path) -> None:
+    """Default privileges would give PUBLIC and another role the log (and its sequence) as
+    the tool creates it; the runbook's queries still work for the migrating role."""
+    execute(legacy_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC, pg_monitor; "
+                       "ALTER DEFAULT PRIVILEGES GRANT SELECT, USAGE ON SEQUENCES "
+                       "TO PUBLIC, pg_monitor")
+    migrate(legacy_db, tmp_path / "migration.log")
+    assert execute(legacy_db, """
+        SELECT r.rolname, c.relname FROM pg_class c
+        CROSS JOIN (SELECT 'pg_monitor' AS rolname UNION ALL SELECT 'public') r
+        WHERE c.oid IN ('public.migration_log'::regclass,
+                        pg_get_serial_sequence('public.migration_log', 'id')::regclass)
+          AND (has_table_privilege(r.rolname, c.oid, 'SELECT')
+               OR (c.relkind = 'S' AND has_sequence_privilege(r.rolname, c.oid, 'USAGE')))
+        """) == []
+    for query in RUNBOOK_LOG_QUERIES:
+        assert execute(legacy_db, query)
