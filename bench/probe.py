@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import psycopg2
 from psycopg2 import sql
@@ -203,6 +204,64 @@ class LockSampler:
                           dict(self._exclusive.longest), dict(self._blocking.longest))
 
 
+class StepWal:
+    """WAL written during each migration_log operation, sampled from a second connection
+    while a method runs (use as a context manager): every ``interval`` the WAL insert
+    position and the newest running operation (``migration_log``) are read, and the
+    WAL since the sample before is counted to that operation ("-" when none runs: the
+    process starting, or between steps).  A step's figure is within two samples'
+    WAL of the truth; a method without a migration_log counts all of it to "-"."""
+
+    def __init__(self, dsn: str, *, schema: str = "public", interval: float = 0.05) -> None:
+        self.dsn, self.interval = dsn, interval
+        self.log = sql.Identifier(schema, "migration_log")
+        self.regclass = f"{schema}.migration_log"
+        self.bytes: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="step-wal", daemon=True)
+        self._error: BaseException | None = None
+
+    def __enter__(self) -> StepWal:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._error is not None:
+            raise RuntimeError(f"the WAL sampler failed: {self._error}") from self._error
+
+    def _sample(self, cur: Any) -> tuple[int, str]:
+        cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, "
+                    "to_regclass(%s) IS NOT NULL", (self.regclass,))
+        position, logged = cur.fetchone() or (0, False)
+        step = None
+        if logged:
+            cur.execute(sql.SQL("SELECT operation FROM {} WHERE status = 'running' "
+                                "ORDER BY id DESC LIMIT 1").format(self.log))
+            step = (cur.fetchone() or [None])[0]
+        return int(position), str(step or "-")
+
+    def _run(self) -> None:
+        try:
+            conn = _connect(self.dsn)
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SET statement_timeout = '2s'")
+                    previous, _ = self._sample(cur)
+                    while True:
+                        stopping = self._stop.wait(self.interval)
+                        position, step = self._sample(cur)
+                        self.bytes[step] = self.bytes.get(step, 0) + position - previous
+                        previous = position
+                        if stopping:
+                            return
+            finally:
+                conn.close()
+        except BaseException as exc:  # raised by __exit__
+            self._error = exc
+
+
 def wal_lsn(admin_dsn: str) -> str:
     conn = _connect(admin_dsn)
     try:
@@ -250,6 +309,31 @@ def sizes(admin_dsn: str, tables: Sequence[str], *, schema: str = "public",
     finally:
         conn.close()
     return {**result, "total": sum(result.values()), "backup": backup}
+
+
+def updates(admin_dsn: str, tables: Sequence[str], *, schema: str = "public"
+            ) -> dict[str, dict[str, int]]:
+    """Rows updated in each table so far, and of them HOT (``pg_stat_user_tables``).
+
+    A backend reports its counts when it exits: the method's backends, whose
+    client has exited, are waited for (10 s at most) before they are read.
+    """
+    conn = _connect(admin_dsn)
+    try:
+        with conn.cursor() as cur:
+            for _ in range(200):
+                cur.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = "
+                            "current_database() AND pid <> pg_backend_pid() "
+                            "AND backend_type = 'client backend'")
+                if not (cur.fetchone() or [0])[0]:
+                    break
+                time.sleep(0.05)
+            cur.execute("SELECT relname, n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables "
+                        "WHERE schemaname = %s AND relname = ANY (%s)", (schema, list(tables)))
+            return {name: {"updated": int(updated), "hot": int(hot)}
+                    for name, updated, hot in cur.fetchall()}
+    finally:
+        conn.close()
 
 
 def data_digest(dsn: str, key_columns: Mapping[str, Sequence[str]], *,

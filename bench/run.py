@@ -28,7 +28,9 @@ What it does, per scale S (``--scales``):
    stronger) hold, both sampled from ``pg_locks`` by a second connection every 5 ms
    (``--sample-ms``; see ``bench.probe`` for the resolution: the figure is an upper
    bound within two sampling gaps, and the achieved gaps are in the JSON), WAL bytes
-   (``pg_current_wal_insert_lsn`` difference), tables plus indexes before and after
+   (``pg_current_wal_insert_lsn`` difference), as a ratio to the one-shot's and, for the
+   engine, per step (sampled), rows updated and HOT-updated per table
+   (``pg_stat_user_tables``), tables plus indexes before and after
    (``pg_total_relation_size``) and the backup schema's size, and the peak RSS of the
    method's process (``os.wait4`` rusage);
 4. checks that every method ends with the same data (a digest over the four tables,
@@ -43,6 +45,9 @@ What it does, per scale S (``--scales``):
    application transaction completing), p99 and max latency before and during it, the
    seconds some foreign key was unenforced, failed application transactions and
    committed writes missing afterwards.  The method's exit code is recorded, not raised.
+
+``--skip naive_loop,verify,rollback`` leaves those methods out (the one-shot and
+full_migration always run: the ratios need both).
 
 By default it starts its own throwaway server: the local PostgreSQL 15 binaries
 (/usr/lib/postgresql/15/bin) with shared_buffers=512MB when present, else the
@@ -93,6 +98,7 @@ REPORTED_SETTINGS = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_
                      "max_parallel_maintenance_workers", "max_parallel_workers_per_gather",
                      "autovacuum", "jit")
 MiB = 1024 * 1024
+SKIPPABLE = ("naive_loop", "verify", "rollback")  # --skip: all but the one-shot and ours
 
 
 class BenchError(RuntimeError):
@@ -188,12 +194,14 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     admin_db = box.admin_dsn_for(dbname)
     owner_dsn = box.owner_dsn(dbname)
     before = probe.sizes(admin_db, scale["tables"])
+    updated_before = probe.updates(admin_db, scale["tables"])
     probe.checkpoint(box.admin_dsn)
     server_cpu = probe.ServerCpu(box.admin_dsn)
     load_before = os.getloadavg()
     lsn = probe.wal_lsn(box.admin_dsn)
     engine = engine_version()
-    with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler:
+    with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler, \
+            probe.StepWal(admin_db, interval=max(sample_interval, 0.02)) as step_wal:
         cpu_before = server_cpu.read()
         proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
         cpu_after = server_cpu.read()
@@ -205,6 +213,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         raise BenchError(f"{label} failed (exit {proc.exit_code}):\n{proc.stdout}\n{proc.stderr}")
     locks = sampler.report()
     after = probe.sizes(admin_db, scale["tables"])
+    updated = probe.updates(admin_db, scale["tables"])
     exclusive, blocking = locks.longest_exclusive, locks.longest_write_blocking
     return {
         "label": label, "database": dbname, "engine": engine, "wall_s": proc.wall,
@@ -216,7 +225,10 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         "max_write_blocking_s": blocking.upper if blocking else 0.0,
         "max_write_blocking_table": blocking.table if blocking else None,
         "max_write_blocking_query": blocking.query if blocking else None,
-        "locks": locks.as_dict(), "wal_bytes": wal, "size_before": before, "size_after": after,
+        "locks": locks.as_dict(), "wal_bytes": wal, "wal_bytes_by_step": step_wal.bytes,
+        "size_before": before, "size_after": after,
+        "updates": {t: {k: v - updated_before.get(t, {}).get(k, 0) for k, v in u.items()}
+                    for t, u in updated.items()},
         "peak_rss_bytes": proc.max_rss_bytes, "cpu_user_s": proc.user_cpu,
         "cpu_system_s": proc.system_cpu, "server_cpu_s": server_cpu_s,
         "sampler_server_cpu_s": sampler.own_server_cpu,
@@ -357,8 +369,11 @@ def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[s
 def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
               workdir: Path | None = None, live_load: LoadSettings | None = None,
+              skip: Sequence[str] = (),
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
-    """Every method on fresh clones of one seeded scale; the figures as a dict."""
+    """Every method on fresh clones of one seeded scale, but those in ``skip``
+    (``SKIPPABLE``); the figures as a dict."""
+    methods = [method for method in methods if method not in skip]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
     say(f"S={users:,}: seeding")
     scale = prepare_scale(box, users)
@@ -407,10 +422,12 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             else:
                 box.drop_database(name)
         assert kept is not None
-        one("verify", "verify", verify_command(), kept)
-        log_file = workdir / f"s{users}_rollback.log"
-        result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
-        _check_data(box, kept, scale, result, original=True)
+        if "verify" not in skip:
+            one("verify", "verify", verify_command(), kept)
+        if "rollback" not in skip:
+            log_file = workdir / f"s{users}_rollback.log"
+            result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
+            _check_data(box, kept, scale, result, original=True)
         box.drop_database(kept)
         if live_load is not None:
             for label, argv in live_methods(workdir / f"s{users}_live.log"):
@@ -443,6 +460,8 @@ def _derive(results: list[dict[str, Any]]) -> None:
     best = min(ours, key=lambda r: r["wall_s"], default=None)
     for result in results:
         result["ratio_to_one_shot"] = result["wall_s"] / base["wall_s"] if base else None
+        result["wal_ratio_to_one_shot"] = (result["wal_bytes"] / base["wal_bytes"]
+                                           if base and base["wal_bytes"] else None)
         result["ratio_to_full_migration"] = (result["wall_s"] / default["wall_s"]
                                              if default else None)
         result["best"] = result is best
@@ -491,7 +510,7 @@ def _git_commit() -> str | None:
 def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int], *,
                   server: Server | None = None, start_settings: Sequence[str] = (),
                   sample_interval: float = 0.005, live_load: LoadSettings | None = None,
-                  say: Callable[[str], None] = lambda s: None,
+                  skip: Sequence[str] = (), say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
     """Every scale in turn; ``partial`` gets the report so far after each one."""
     started = datetime.now(UTC)
@@ -504,13 +523,14 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
         "parameters": {"scales": list(scales), "batch_sizes": list(batch_sizes),
                        "default_batch_size": DEFAULT_BATCH, "lock_sample_interval_s":
                        sample_interval,
-                       "live_load": asdict(live_load) if live_load else None},
+                       "live_load": asdict(live_load) if live_load else None,
+                       "skipped": list(skip)},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval,
-                                          live_load=live_load, say=say))
+                                          live_load=live_load, skip=skip, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -552,6 +572,8 @@ def evaluate_targets(report: dict[str, Any]) -> list[dict[str, Any]]:
         target(f"full_migration ({which}{', b=' + str(result['batch_size']) if result else ''}) "
                f"/ one-shot, {label}", result["ratio_to_one_shot"] if result else None,
                2.0, 1.5, "x")
+    target(f"WAL of full_migration (default batch) / one-shot's, {label}",
+           default.get("wal_ratio_to_one_shot") if default else None, 1.5, 1.5, "x")
     worst_lock = max((r["max_access_exclusive_s"] for s in scales for r in s["results"]
                       if r["method"] == "full_migration"), default=None)
     target("longest ACCESS EXCLUSIVE hold of full_migration, any scale and batch",
@@ -590,6 +612,10 @@ def _cpu(result: dict[str, Any]) -> str:
 
 def _lock(seconds: float) -> str:
     return f"{seconds * 1000:,.0f} ms" if seconds < 10 else f"{seconds:,.1f} s"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _opt_ms(value: float | None) -> str:
@@ -635,9 +661,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines += [f"### S = {scale['users']:,} users ({scale['rows']:,} rows, "
                   f"{_mb(scale['size']['total'])} MiB of tables and indexes)", "",
                   "| method | wall s | rows/s | x one-shot | longest ACCESS EXCLUSIVE | "
-                  "longest write-blocking lock | WAL MiB | tables+indexes after MiB | "
-                  "backup MiB | peak RSS MiB | CPU s server+client | load | data |",
-                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                  "longest write-blocking lock | WAL MiB | WAL x one-shot | "
+                  "tables+indexes after MiB | backup MiB | peak RSS MiB | "
+                  "CPU s server+client | load | data |",
+                  "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in scale["results"]:
             label = r["label"] + (" **best**" if r.get("best") else "")
             data = {True: "equal", False: "DIFFERENT"}.get(r.get("data_equal"), "-")
@@ -646,6 +673,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['ratio_to_one_shot']:.2f} | {_lock(r['max_access_exclusive_s'])} "
                 f"({r['max_access_exclusive_table'] or '-'}) | "
                 f"{_lock(r['max_write_blocking_s'])} | {_mb(r['wal_bytes'])} | "
+                f"{_ratio(r.get('wal_ratio_to_one_shot'))} | "
                 f"{_mb(r['size_after']['total'])} | {_mb(r['size_after']['backup'])} | "
                 f"{_mb(r['peak_rss_bytes'])} | {_cpu(r)} | "
                 f"{r['load_average_before']:.1f} | {data} |")
@@ -658,6 +686,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['label']} | " + " | ".join(
                     f"{steps[s]:.2f}" if steps.get(s) is not None else "-"
                     for s in RUNBOOK_STEPS) + " |")
+                wal = r.get("wal_bytes_by_step") or {}
+                lines.append(f"| {r['label']}: WAL MiB | " + " | ".join(
+                    _mb(wal[s]) if s in wal else "-" for s in RUNBOOK_STEPS) + " |")
         lines += render_live(scale.get("live_load") or [])
         lines.append("")
     if report.get("targets"):
@@ -683,6 +714,15 @@ def _ints(text: str) -> list[int]:
             f"not a comma-separated list of integers: {text!r}") from None
     if not values or min(values) < 1:
         raise argparse.ArgumentTypeError(f"give positive integers: {text!r}")
+    return values
+
+
+def _methods(text: str) -> list[str]:
+    values = [v.strip() for v in text.split(",") if v.strip()]
+    unknown = sorted(set(values) - set(SKIPPABLE))
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"cannot skip {', '.join(unknown)}: give some of {', '.join(SKIPPABLE)}")
     return values
 
 
@@ -743,6 +783,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-warmup", type=float, default=LoadSettings.warmup,
                         help="--live-load: seconds of load before the method starts "
                              f"(default {LoadSettings.warmup:g})")
+    parser.add_argument("--skip", type=_methods, default=[], metavar="METHODS",
+                        help="methods not to run, comma-separated, of "
+                             f"{', '.join(SKIPPABLE)} (the one-shot and full_migration "
+                             "always run: the ratios need both)")
     parser.add_argument("--render", type=Path, metavar="JSON",
                         help="print the Markdown of an earlier --json report and exit")
     args = parser.parse_args(argv)
@@ -770,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
                                    sample_interval=args.sample_ms / 1000, say=say,
                                    live_load=LoadSettings(args.load_rate, args.load_clients,
                                                           args.load_warmup)
-                                   if args.live_load else None,
+                                   if args.live_load else None, skip=args.skip,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):

@@ -16,7 +16,14 @@ from typing import Any
 import pytest
 
 from bench import methods, probe
-from bench.run import DEFAULT_BATCH, RUNBOOK_STEPS, render_markdown, run_benchmark
+from bench.run import (
+    DEFAULT_BATCH,
+    RUNBOOK_STEPS,
+    SKIPPABLE,
+    main,
+    render_markdown,
+    run_benchmark,
+)
 from migration.connection import connect
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
@@ -69,6 +76,18 @@ def test_figures_are_positive_and_consistent(report: dict[str, Any]) -> None:
     assert by_method["verify"]["max_access_exclusive_s"] == 0  # read-only
     for name in ("one_shot", "naive_loop", "full_migration", "rollback"):
         assert by_method[name]["wal_bytes"] > 0, name
+        assert by_method[name]["wal_ratio_to_one_shot"] == pytest.approx(
+            by_method[name]["wal_bytes"] / by_method["one_shot"]["wal_bytes"])
+    # WAL by step: the engine's steps (or none running), all of it the one-shot's "-"
+    by_step = by_method["full_migration"]["wal_bytes_by_step"]
+    assert set(by_step) <= {*RUNBOOK_STEPS, "full_migration", "-"}
+    assert sum(by_step.values()) > 0
+    assert set(by_step) & set(RUNBOOK_STEPS)  # the steps fill the run: some are sampled
+    assert set(by_method["one_shot"]["wal_bytes_by_step"]) == {"-"}
+    # the fill updates every row of the four tables at least once (HOT ones among them)
+    filled = by_method["full_migration"]["updates"]
+    assert sum(u["updated"] for u in filled.values()) >= ROWS, filled
+    assert all(0 <= u["hot"] <= u["updated"] for u in filled.values()), filled
     ours = [r for r in results if r["method"] == "full_migration"]
     assert sum(r["best"] for r in results) == 1
     assert next(r for r in results if r["best"]) in ours
@@ -105,6 +124,8 @@ def test_report_renders_and_serialises(report: dict[str, Any], tmp_path: Path) -
     for label in _by_label(report):
         assert label in text
     assert "### Targets" in text
+    assert "WAL x one-shot" in text
+    assert "(default): WAL MiB |" in text
     assert {t["target"].split(" ")[0] for t in report["targets"]} >= {"full_migration",
                                                                       "longest", "verify"}
     path = tmp_path / "report.json"
@@ -155,3 +176,13 @@ def test_one_shot_in_process_and_lock_sampler(sandbox: Sandbox, seeded: str) -> 
     assert "tags" in locks.write_blocking
     assert locks.exclusive["tags"].upper >= locks.exclusive["tags"].lower > 0
     assert probe.data_digest(seeded, KEYS) == expected
+
+
+def test_methods_can_be_skipped_but_not_the_one_shot_and_ours(sandbox: Sandbox) -> None:
+    skipped = run_benchmark(sandbox, [USERS], [DEFAULT_BATCH], sample_interval=0.002,
+                            skip=SKIPPABLE)
+    assert [r["method"] for r in skipped["scales"][0]["results"]] == ["one_shot",
+                                                                     "full_migration"]
+    assert "### Targets" in render_markdown(skipped)
+    with pytest.raises(SystemExit):
+        main(["--skip", "one_shot"])
