@@ -233,6 +233,32 @@ def test_a_subscriber_keeps_up_through_the_migration_and_the_rollback(replica: R
 
 
 @pytest.mark.once
+def test_a_subscribers_own_tables_are_migrated_while_it_applies(replica: Replica) -> None:
+    """The apply worker writes with session_replication_role = replica: the engine's
+    triggers fire for it (ENABLE ALWAYS), so the fill's proofs pass with its rows in, the
+    change log records them, and the subscription never stops."""
+    preflight = " ".join(run_ok(replica.subscriber, "validate_schema", "--verbose")
+                         .output.split())
+    assert (f"subscription {replica.subscription} writes into public.journal_entries, "
+            "public.reminders, public.tags, public.users: it may go on applying") in preflight
+    with writing(replica.publisher) as writer:
+        run_ok(replica.subscriber, "full_migration")
+    assert writer.rounds > 0
+    assert_replicated(replica)
+    assert run_verify(replica.subscriber) == 0
+    # the apply worker is the subscriber's only writer: these are replicated writes (and
+    # verify, which finds a change made behind the log, passed)
+    assert execute(replica.subscriber, "SELECT count(*) > 0 FROM migration_backup.change_log "
+                                       "WHERE table_name = 'users'") == [(True,)]
+    with writing(replica.publisher):
+        run_ok(replica.subscriber, "rollback")
+    assert_replicated(replica)
+    with writing(replica.publisher):  # and on, once the tables are strings again
+        pass
+    assert_replicated(replica)
+
+
+@pytest.mark.once
 def test_a_rollback_before_the_swap_gives_the_publication_back(replica: Replica) -> None:
     for step in ("validate_schema", "backup_data", "migrate_users"):
         run_ok(replica.publisher, step)
