@@ -53,7 +53,10 @@ def logical(pg_server: Server) -> Iterator[Sandbox]:
     if not (Path(str(bin_dir)) / "pg_ctl").exists():  # a server in Docker: the wheel's 18
         bin_dir = embedded_bin_dir()
     server = start_cluster(Path(str(bin_dir)), backend=pg_server.backend,
-                           settings=("wal_level=logical",))
+                           # a subscription per test, each keeping its apply worker
+                           settings=("wal_level=logical", "max_logical_replication_workers=16",
+                                     "max_worker_processes=32", "max_replication_slots=32",
+                                     "max_wal_senders=32"))
     try:
         yield prepare(server.admin_dsn, prefix="uuidmig_repl")
     finally:
