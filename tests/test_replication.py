@@ -34,7 +34,7 @@ from migration import verify
 from migration.rehearsal.sandbox import Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, embedded_bin_dir, start_cluster
-from migration.session import Settings
+from migration.session import Session, Settings
 from tests.operate import connected, execute, refusal, run_in_process, run_ok
 
 TABLES = ("users", "journal_entries", "tags", "reminders")
@@ -258,6 +258,29 @@ def test_a_subscribers_own_tables_are_migrated_while_it_applies(replica: Replica
     assert_replicated(replica)
     with writing(replica.publisher):  # and on, once the tables are strings again
         pass
+    assert_replicated(replica)
+
+
+@pytest.mark.once
+def test_an_inactive_slot_of_the_database_is_watched_and_its_lag_grows(replica: Replica) -> None:
+    """A subscription disabled: its slot stays behind, and ``--max-replica-lag`` sees it
+    (the role needs no privilege for pg_replication_slots), further behind at each look."""
+    execute(replica.subscriber_admin, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(
+        sql.Identifier(replica.subscription)))
+    slot = f"logical slot '{replica.subscription}' (inactive)"
+    try:
+        with Session.open(replica.publisher, Settings(max_replica_lag_s=1.0)) as session:
+            waited_until = time.monotonic() + CATCH_UP_LIMIT_S
+            lags: list[float] = []
+            while len(lags) < 2 or lags[-1] <= lags[0]:
+                assert time.monotonic() < waited_until, f"{slot} was not seen behind: {lags}"
+                execute(replica.publisher, "UPDATE users SET display_name = 'behind' WHERE "
+                                           "email = (SELECT min(email) FROM users)")
+                lags += [b.seconds for b in session.lag.behind(session) if b.name == slot]
+                time.sleep(0.2)
+    finally:
+        execute(replica.subscriber_admin, sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(
+            sql.Identifier(replica.subscription)))
     assert_replicated(replica)
 
 
