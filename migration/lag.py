@@ -89,9 +89,11 @@ class Throttle:
         self._warned_hidden = False
         self._lock = threading.Lock()
 
-    def wait(self, session: Session, progress: Progress | None = None) -> None:
+    def wait(self, session: Session, progress: Progress | None = None,
+             stop: threading.Event | None = None) -> None:
         """Return at once when the consumers keep up (looked at once a second at most),
-        else wait until they do, showing the pause on ``progress``.  Call it outside a
+        else wait until they do, showing the pause on ``progress``; or until ``stop`` is
+        set (a sibling fill failed, or the run was interrupted).  Call it outside a
         transaction: the session's connection is used for the look, and committed."""
         if self.limit <= 0:
             return
@@ -99,7 +101,7 @@ class Throttle:
             if time.monotonic() < self._next_look:
                 return
             paused_at: float | None = None
-            while True:
+            while stop is None or not stop.is_set():
                 behind = [b for b in self.behind(session) if b.seconds > self.limit]
                 if not behind:
                     break
@@ -111,9 +113,10 @@ class Throttle:
                     session.point("standbys behind")
                 if progress is not None:
                     progress.pause(f"paused, {worst}")
-                time.sleep(CHECK_INTERVAL_S)
+                (stop or threading.Event()).wait(CHECK_INTERVAL_S)
             if paused_at is not None:
-                logger.warning("the standbys caught up: resuming after a pause of %.1f s",
+                logger.warning("%s after a pause of %.1f s", "stopped" if stop is not None
+                               and stop.is_set() else "the standbys caught up: resuming",
                                time.monotonic() - paused_at)
                 if progress is not None:
                     progress.pause(None)

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
+import psycopg2
 import pytest
 from psycopg2 import sql
 
@@ -264,3 +265,42 @@ def test_a_role_that_cannot_read_the_lag_is_warned_and_not_held_back(
     assert "pausing" not in caplog.text
     caught_up(cluster, database)
 
+
+
+@pytest.mark.once
+def test_a_failed_fill_worker_stops_the_others_waiting_for_the_standby(
+        cluster: Cluster, database: str) -> None:
+    """Two fill connections, the standby behind: the one that looks is killed while it
+    waits; the other, waiting for the standby too, stops with it (the run fails and can
+    be resumed) instead of waiting for a standby that is not catching up."""
+    for step in ("validate_schema", "backup_data"):
+        run_ok(database, step)
+    role = sql.Identifier(OWNER_ROLE)
+    cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
+    try:
+        make_the_standby_lag(cluster, database, 1.0)
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                run_in_process(database, "migrate_users", admin_dsn=cluster.primary.admin_dsn,
+                               crash_at="standbys behind#1", settings=Settings(
+                                   batch_size=7, jobs=2, show_progress=False,
+                                   max_replica_lag_s=1.0))
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=work, name="migrate_users")
+        thread.start()
+        try:
+            thread.join(CATCH_UP_LIMIT_S)  # a bounded wait, the standby still paused
+            assert not thread.is_alive(), "a fill worker kept waiting for the standby"
+        finally:
+            resume_the_standby(cluster)
+            thread.join()
+    finally:
+        cluster.primary.admin_execute(sql.SQL("REVOKE pg_monitor FROM {}").format(role))
+    assert [type(exc) for exc in failures] == [psycopg2.OperationalError]
+    run_ok(database, "migrate_users")  # it resumes
+    run_ok(database, "migrate_foreign_keys")
+    assert run_verify(database) == 0
