@@ -30,6 +30,7 @@ from click.core import ParameterSource
 from migration.connection import ConnectError, connected, redact_dsn
 from migration.discover import discover_command
 from migration.errors import MigrationError
+from migration.lag import DEFAULT_MAX_REPLICA_LAG_S
 from migration.log import DEFAULT_LOG_FILE, logger, setup_file_log
 from migration.model import KeyColumn
 from migration.operations import OPERATIONS, Outcome, run, stage_of, status
@@ -295,6 +296,12 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
               "rollback: stop ready to swap, every column expanded and proven (the sync "
               "triggers keep the copies in step meanwhile); run it again without the flag "
               "to swap.")
+@click.option("--max-replica-lag", "max_replica_lag_s", default=DEFAULT_MAX_REPLICA_LAG_S,
+              show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
+              help="Pause the fill, and every other step that writes a table's worth of WAL, "
+                   "between batches while a standby or a logical subscriber of this server "
+                   "is further behind than this (0: never; reading the lag needs "
+                   "pg_monitor).")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log (rehearse: "
               "default logs/migration/rehearse-<timestamp>.log, its own file).")
@@ -353,6 +360,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         refresh_materialized_views=options["refresh_materialized_views"],
                         allow_publications=options["allow_publications"],
                         postpone_swap=options["postpone_swap"],
+                        max_replica_lag_s=options["max_replica_lag_s"],
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"], [
         flag for flag, given in (

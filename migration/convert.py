@@ -376,6 +376,9 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
     last_key, written, unlogged = part.last_key, 0, 0
     logged_at = time.monotonic()
     while stop is None or not stop.is_set():
+        session.lag.wait(session, progress, stop)  # between batches: no lock held
+        if stop is not None and stop.is_set():
+            break
         due = time.monotonic() - logged_at >= PROGRESS_LOG_SECONDS
         count, new_key = session.ddl(f"batch {key}", partial(
             batch, after=last_key, logged=unlogged if due else None))
@@ -429,6 +432,7 @@ def walked_update(session: Session, key: KeyColumn, label: str,
 
     updated, after = 0, 0 if walk.pages else None
     while True:
+        session.lag.wait(session)
         count, checkpoint = session.ddl(label, partial(batch, after=after))
         updated += count
         if checkpoint is None:

@@ -440,9 +440,39 @@ def validate_schema(session: Session) -> list[Finding]:
                            "(ALTER EVENT TRIGGER ... DISABLE) if it is slow or refuses DDL")
         for trigger in catalog.event_triggers(conn)]
     findings += check_columns(session, session.plan.columns, warnings=True)
+    findings += subscription_findings(session)
     if all(catalog.table_exists(conn, t) for t in session.plan.tables):
         findings.append(space_finding(session))
     return findings
+
+
+def subscription_findings(session: Session) -> list[Finding]:
+    """The subscriptions of this database that write into the plan's tables, by name.
+
+    They may go on applying throughout: their apply worker writes with
+    ``session_replication_role = replica``, which fires the engine's triggers
+    (ENABLE ALWAYS), so its rows are kept in step, pass the fill's proofs and
+    are in the change log.  What the operator must know: after the swap the
+    publisher's string ids are read into uuid columns, so an id there that is
+    not a UUID stops the subscription.
+    """
+    with session.conn.cursor() as cur:
+        cur.execute("SELECT s.subname::text, array_agg(r.srrelid::regclass::text ORDER BY "
+                    "r.srrelid::regclass::text) FROM pg_subscription_rel r "
+                    "JOIN pg_subscription s ON s.oid = r.srsubid "
+                    "WHERE r.srrelid IN (SELECT to_regclass(t) FROM unnest(%s::text[]) t) "
+                    "GROUP BY s.subname ORDER BY 1",
+                    ([catalog.regclass(table) for table in session.plan.tables],))
+        rows = cur.fetchall()
+    session.conn.rollback()
+    return [Finding(
+        "subscriptions", Status.INFO,
+        f"subscription {name} writes into {', '.join(tables)}: it may go on applying "
+        "throughout (its writes fire the engine's triggers, are kept in step and recorded "
+        "in the change log)", subject=", ".join(tables),
+        hint="after the swap its publisher's ids are read into uuid columns: run "
+             "validate_schema on the publisher too, an id there that is not a UUID would "
+             "stop the subscription") for name, tables in rows]
 
 
 def space_finding(session: Session) -> Finding:

@@ -26,6 +26,7 @@ class Progress:
         self.enabled = enabled and sys.stderr.isatty()
         self._last_draw = 0.0
         self._lock = threading.Lock()
+        self.note: str | None = None  # why the work stands still (a standby is behind)
 
     def advance(self, rows: int) -> None:
         with self._lock:
@@ -36,6 +37,15 @@ class Progress:
                 sys.stderr.write("\r" + self.line(now) + "\x1b[K")
                 sys.stderr.flush()
 
+    def pause(self, note: str | None) -> None:
+        """Show ``note`` on the line (drawn at once) while the work waits; None: it goes on."""
+        with self._lock:
+            self.note = note
+            if self.enabled:
+                self._last_draw = time.monotonic()
+                sys.stderr.write("\r" + self.line(self._last_draw) + "\x1b[K")
+                sys.stderr.flush()
+
     def line(self, now: float | None = None) -> str:
         elapsed = max((now or time.monotonic()) - self.started, 1e-9)
         rate = self.done / elapsed
@@ -43,6 +53,8 @@ class Progress:
         text = f"{self.label}: {done:,} rows, {rate:,.0f} rows/s"
         if self.total > done and rate > 0:
             text += f", ETA {(self.total - done) / rate:,.0f} s"
+        if self.note is not None:
+            text += f", {self.note}"
         return text
 
     def close(self) -> None:

@@ -21,7 +21,7 @@ import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog
+from migration import backup, catalog, lag
 from migration.connection import (
     Connection,
     NotFreeAtOnce,
@@ -65,6 +65,8 @@ class Settings:
     refresh_materialized_views: bool = False  # carried: created empty, refreshed after the swap
     allow_publications: bool = False  # publications that would send the copies: accepted
     postpone_swap: bool = False  # stop ready to swap, every column expanded and proven
+    # bulk steps wait while a standby is further behind (seconds; 0: never), see lag.py
+    max_replica_lag_s: float = lag.DEFAULT_MAX_REPLICA_LAG_S
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
@@ -179,6 +181,8 @@ class Session:
         self._dsn = dsn
         self._points: dict[str, int] = {}
         self._points_lock = threading.Lock()
+        self.lag = lag.Throttle(settings.max_replica_lag_s)
+        """Holds bulk steps back while a standby is behind; shared with the workers."""
 
     @classmethod
     @contextmanager
@@ -220,6 +224,7 @@ class Session:
             worker = Session(conn, self.plan, self.settings, self._dsn)
             worker.fault = self.fault
             worker._points, worker._points_lock = self._points, self._points_lock
+            worker.lag = self.lag
             yield worker
         finally:
             conn.close()
@@ -470,8 +475,10 @@ class Session:
         They scan a whole table under a lock that lets the application read and
         write, so neither timeout protects anyone: waiting is harmless and the
         scan takes as long as the table.  ``label`` is the fault point after them.
+        They write their WAL in one go: they wait first for the standbys (``lag``).
         """
         self.conn.rollback()
+        self.lag.wait(self)
         self.conn.autocommit = True
         cur = self.conn.cursor()
         try:

@@ -21,6 +21,18 @@ def test_the_line_shows_rows_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> No
     assert progress.line() == "public.users.id: 1,000 rows, 100 rows/s, ETA 20 s"
 
 
+def test_the_line_shows_a_pause_and_the_lag_until_the_work_goes_on(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("migration.progress.time.monotonic", lambda: 110.0)
+    progress = Progress("public.users.id", 3000, enabled=False)
+    progress.started, progress.done = 100.0, 1000
+    progress.pause("paused, standby 'replica1' (pid 7) is 42.0 s behind")
+    assert progress.line() == ("public.users.id: 1,000 rows, 100 rows/s, ETA 20 s, paused, "
+                               "standby 'replica1' (pid 7) is 42.0 s behind")
+    progress.pause(None)
+    assert progress.line() == "public.users.id: 1,000 rows, 100 rows/s, ETA 20 s"
+
+
 def test_nothing_is_drawn_when_not_on_a_terminal(capsys: pytest.CaptureFixture[str]) -> None:
     progress = Progress("x", 10, enabled=True)  # stderr is captured: not a terminal
     progress.advance(5)

@@ -34,7 +34,7 @@ from migration import verify
 from migration.rehearsal.sandbox import Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, embedded_bin_dir, start_cluster
-from migration.session import Settings
+from migration.session import Session, Settings
 from tests.operate import connected, execute, refusal, run_in_process, run_ok
 
 TABLES = ("users", "journal_entries", "tags", "reminders")
@@ -53,7 +53,10 @@ def logical(pg_server: Server) -> Iterator[Sandbox]:
     if not (Path(str(bin_dir)) / "pg_ctl").exists():  # a server in Docker: the wheel's 18
         bin_dir = embedded_bin_dir()
     server = start_cluster(Path(str(bin_dir)), backend=pg_server.backend,
-                           settings=("wal_level=logical",))
+                           # a subscription per test, each keeping its apply worker
+                           settings=("wal_level=logical", "max_logical_replication_workers=16",
+                                     "max_worker_processes=32", "max_replication_slots=32",
+                                     "max_wal_senders=32"))
     try:
         yield prepare(server.admin_dsn, prefix="uuidmig_repl")
     finally:
@@ -229,6 +232,55 @@ def test_a_subscriber_keeps_up_through_the_migration_and_the_rollback(replica: R
     assert_replicated(replica)
     with writing(replica.publisher):  # and on, once the tables are strings again
         pass
+    assert_replicated(replica)
+
+
+@pytest.mark.once
+def test_a_subscribers_own_tables_are_migrated_while_it_applies(replica: Replica) -> None:
+    """The apply worker writes with session_replication_role = replica: the engine's
+    triggers fire for it (ENABLE ALWAYS), so the fill's proofs pass with its rows in, the
+    change log records them, and the subscription never stops."""
+    preflight = " ".join(run_ok(replica.subscriber, "validate_schema", "--verbose")
+                         .output.split())
+    assert (f"subscription {replica.subscription} writes into public.journal_entries, "
+            "public.reminders, public.tags, public.users: it may go on applying") in preflight
+    with writing(replica.publisher) as writer:
+        run_ok(replica.subscriber, "full_migration")
+    assert writer.rounds > 0
+    assert_replicated(replica)
+    assert run_verify(replica.subscriber) == 0
+    # the apply worker is the subscriber's only writer: these are replicated writes (and
+    # verify, which finds a change made behind the log, passed)
+    assert execute(replica.subscriber, "SELECT count(*) > 0 FROM migration_backup.change_log "
+                                       "WHERE table_name = 'users'") == [(True,)]
+    with writing(replica.publisher):
+        run_ok(replica.subscriber, "rollback")
+    assert_replicated(replica)
+    with writing(replica.publisher):  # and on, once the tables are strings again
+        pass
+    assert_replicated(replica)
+
+
+@pytest.mark.once
+def test_an_inactive_slot_of_the_database_is_watched_and_its_lag_grows(replica: Replica) -> None:
+    """A subscription disabled: its slot stays behind, and ``--max-replica-lag`` sees it
+    (the role needs no privilege for pg_replication_slots), further behind at each look."""
+    execute(replica.subscriber_admin, sql.SQL("ALTER SUBSCRIPTION {} DISABLE").format(
+        sql.Identifier(replica.subscription)))
+    slot = f"logical slot '{replica.subscription}' (inactive)"
+    try:
+        with Session.open(replica.publisher, Settings(max_replica_lag_s=1.0)) as session:
+            waited_until = time.monotonic() + CATCH_UP_LIMIT_S
+            lags: list[float] = []
+            while len(lags) < 2 or lags[-1] <= lags[0]:
+                assert time.monotonic() < waited_until, f"{slot} was not seen behind: {lags}"
+                execute(replica.publisher, "UPDATE users SET display_name = 'behind' WHERE "
+                                           "email = (SELECT min(email) FROM users)")
+                lags += [b.seconds for b in session.lag.behind(session) if b.name == slot]
+                time.sleep(0.2)
+    finally:
+        execute(replica.subscriber_admin, sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(
+            sql.Identifier(replica.subscription)))
     assert_replicated(replica)
 
 

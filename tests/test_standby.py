@@ -1,0 +1,306 @@
+"""A streaming standby through the migration and the rollback, and ``--max-replica-lag``.
+
+A primary of its own (a throwaway server from the session server's binaries, the
+default ``wal_level=replica``) and a hot standby made from its base backup
+(``pg_basebackup -R``), started beside it.  The oracle: the migration and the
+rollback exit 0 (``verify`` passing after the migration) while the application writes, the standby
+catches up and reads what the primary reads (the key's type included); the fill
+waits while the standby is further behind than the limit (its replay paused), says
+so, and goes on when it catches up; a role that cannot read ``pg_stat_replication``
+is warned and not held back.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg2
+import pytest
+from psycopg2 import sql
+
+from migration.operations import Outcome
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
+from migration.rehearsal.seed import seed
+from migration.rehearsal.throwaway import (
+    Server,
+    _free_port,
+    _make_traversable,
+    _run_as,
+    embedded_bin_dir,
+    start_cluster,
+)
+from migration.session import Settings
+from tests.operate import connected, execute, run_in_process, run_ok
+from tests.test_replication import CATCH_UP_LIMIT_S, TABLES, rows, run_verify, writing
+
+_names = iter(range(1, 1000))
+
+
+def _on_port(dsn: str, port: int) -> str:
+    parts = urlsplit(dsn)
+    netloc = parts.netloc.rsplit(":", 1)[0] + f":{port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+@dataclass
+class Cluster:
+    """The primary (its sandbox) and its standby's port."""
+
+    primary: Sandbox
+    standby_port: int
+    bin_dir: Path
+    data: Path = field(repr=False)
+
+    def standby(self, dsn: str) -> str:
+        """The same database and role on the standby."""
+        return _on_port(dsn, self.standby_port)
+
+
+def _bin_dir(pg_server: Server) -> Path:
+    [(bin_dir,)] = execute(pg_server.admin_dsn,
+                           "SELECT setting FROM pg_config WHERE name = 'BINDIR'")
+    if not (Path(str(bin_dir)) / "pg_basebackup").exists():  # a server in Docker
+        return embedded_bin_dir()
+    return Path(str(bin_dir))
+
+
+@pytest.fixture(scope="module")
+def cluster(pg_server: Server) -> Iterator[Cluster]:
+    bin_dir = _bin_dir(pg_server)
+    primary = start_cluster(bin_dir, backend=pg_server.backend)
+    os_user = "nobody" if os.geteuid() == 0 else None
+    workdir = Path(tempfile.mkdtemp(prefix="uuidmig-standby-"))
+    data, log, port = workdir / "data", workdir / "server.log", _free_port()
+    as_user = _run_as(os_user)
+    if os_user is not None:
+        _make_traversable(workdir)
+        entry = pwd.getpwnam(os_user)
+        os.chown(workdir, entry.pw_uid, entry.pw_gid)
+    try:
+        box = prepare(primary.admin_dsn, prefix="uuidmig_standby")
+        subprocess.run([str(bin_dir / "pg_basebackup"), "-d", primary.admin_dsn, "-D",
+                        str(data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"],
+                       capture_output=True, check=True, timeout=300, **as_user)  # type: ignore[call-overload]
+        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
+                        "-t", "60", "-o", f"-p {port} -h 127.0.0.1 -k {workdir} "
+                        "-c hot_standby=on -c fsync=off", "start"],
+                       capture_output=True, check=True, timeout=90, **as_user)  # type: ignore[call-overload]
+        yield Cluster(box, port, bin_dir, data)
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
+                            "-w", "stop"], capture_output=True, check=False, timeout=60,
+                           **as_user)  # type: ignore[call-overload]
+        shutil.rmtree(workdir, ignore_errors=True)
+        primary.stop()
+
+
+@pytest.fixture
+def database(cluster: Cluster) -> str:
+    """A seeded database of the legacy schema on the primary (the owner's DSN)."""
+    dsn = cluster.primary.create_database(f"standby_{next(_names)}")
+    with connected(dsn, autocommit=False) as conn:
+        seed(conn, 40)
+    return dsn
+
+
+def caught_up(cluster: Cluster, dsn: str) -> None:
+    """Wait, a bounded time, until the standby has replayed the primary's WAL as it is now."""
+    [(target,)] = execute(cluster.primary.admin_dsn, "SELECT pg_current_wal_lsn()")
+    standby = cluster.standby(cluster.primary.admin_dsn)
+    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
+    while time.monotonic() < waited_until:
+        [(done,)] = execute(standby, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,))
+        if done:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the standby did not replay up to {target}")
+
+
+def key_types(dsn: str) -> set[str]:
+    return {str(t) for (t,) in execute(
+        dsn, "SELECT data_type FROM information_schema.columns WHERE table_schema = 'public' "
+             "AND (table_name, column_name) IN (('users', 'id'), ('journal_entries', "
+             "'user_id'), ('tags', 'user_id'), ('reminders', 'user_id'))")}
+
+
+def assert_standby_reads_the_primary(cluster: Cluster, dsn: str, key_type: str) -> None:
+    caught_up(cluster, dsn)
+    standby = cluster.standby(dsn)
+    assert key_types(dsn) == key_types(standby) == {key_type}
+    for table in TABLES:
+        columns = {str(c) for (c,) in execute(
+            dsn, "SELECT column_name FROM information_schema.columns WHERE table_schema = "
+                 "'public' AND table_name = %s", (table,))}
+        assert rows(standby, table, columns) == rows(dsn, table, columns), table
+
+
+@pytest.mark.once
+def test_a_standby_replays_the_migration_and_the_rollback(cluster: Cluster,
+                                                          database: str) -> None:
+    with writing(database):
+        run_ok(database, "full_migration")
+    assert run_verify(database) == 0
+    assert_standby_reads_the_primary(cluster, database, "uuid")
+    with writing(database):
+        run_ok(database, "rollback")
+    assert_standby_reads_the_primary(cluster, database, "character varying")
+
+
+@dataclass
+class Running:
+    """An operation run through the engine's API in a thread, the fault points it passed."""
+
+    reached: list[str] = field(default_factory=list)
+    outcome: list[Outcome] = field(default_factory=list)
+    failures: list[BaseException] = field(default_factory=list)
+
+
+def run_in_thread(dsn: str, operation: str, settings: Settings) -> tuple[Running,
+                                                                          threading.Thread]:
+    running = Running()
+
+    def work() -> None:
+        try:
+            running.outcome.append(run_in_process(dsn, operation, settings=settings,
+                                                  reached=running.reached))
+        except BaseException as exc:
+            running.failures.append(exc)
+
+    thread = threading.Thread(target=work, name=operation)
+    thread.start()
+    return running, thread
+
+
+def standby_lag(cluster: Cluster) -> float:
+    """The server's own ``replay_lag`` of the standby, in seconds (0 when NULL)."""
+    [(lag,)] = execute(cluster.primary.admin_dsn, "SELECT coalesce(extract(epoch FROM "
+                       "max(replay_lag)), 0)::float8 FROM pg_stat_replication")
+    return float(str(lag))
+
+
+def make_the_standby_lag(cluster: Cluster, dsn: str, seconds: float) -> None:
+    """Pause the standby's replay, and write on the primary until the standby is more than
+    ``seconds`` behind (a bounded wait: each write has the standby report its position)."""
+    execute(cluster.standby(cluster.primary.admin_dsn), "SELECT pg_wal_replay_pause()")
+    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
+    while standby_lag(cluster) <= seconds:
+        assert time.monotonic() < waited_until, "the standby never fell behind"
+        execute(dsn, "UPDATE users SET display_name = display_name WHERE email = "
+                     "(SELECT min(email) FROM users)")
+        time.sleep(0.2)
+
+
+def resume_the_standby(cluster: Cluster) -> None:
+    execute(cluster.standby(cluster.primary.admin_dsn), "SELECT pg_wal_replay_resume()")
+
+
+def wait_for(running: Running, point: str, thread: threading.Thread) -> None:
+    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
+    while point not in running.reached and thread.is_alive():
+        assert time.monotonic() < waited_until, f"{point} was never reached"
+        time.sleep(0.1)
+
+
+@pytest.mark.once
+def test_the_fill_waits_while_the_standby_is_behind_and_goes_on_when_it_catches_up(
+        cluster: Cluster, database: str, caplog: pytest.LogCaptureFixture) -> None:
+    for step in ("validate_schema", "backup_data"):
+        run_ok(database, step)
+    role = sql.Identifier(OWNER_ROLE)
+    cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
+    try:
+        make_the_standby_lag(cluster, database, 1.0)
+        caplog.set_level(logging.INFO, logger="migration")
+        running, thread = run_in_thread(database, "migrate_users", Settings(
+            batch_size=7, jobs=1, show_progress=False, max_replica_lag_s=1.0))
+        try:
+            wait_for(running, "standbys behind#1", thread)
+            assert running.failures == []
+            assert thread.is_alive(), "the fill did not wait"
+            [(filled,)] = execute(database, "SELECT count(*) FILTER (WHERE finished) FROM "
+                                            "migration_backup.backfill_progress")
+            assert filled == 0  # it waits in the fill, before its first batch
+        finally:
+            resume_the_standby(cluster)
+            thread.join()
+    finally:
+        cluster.primary.admin_execute(sql.SQL("REVOKE pg_monitor FROM {}").format(role))
+    assert running.failures == []
+    assert len(running.outcome) == 1  # it finished
+    text = caplog.text
+    assert "standby 'walreceiver'" in text
+    assert "s behind (more than --max-replica-lag=1 s): pausing until it catches up" in text
+    assert "the standbys caught up: resuming after a pause of" in text
+    run_ok(database, "migrate_foreign_keys")
+    assert run_verify(database) == 0
+    assert_standby_reads_the_primary(cluster, database, "uuid")
+
+
+@pytest.mark.once
+def test_a_role_that_cannot_read_the_lag_is_warned_and_not_held_back(
+        cluster: Cluster, database: str, caplog: pytest.LogCaptureFixture) -> None:
+    for step in ("validate_schema", "backup_data"):
+        run_ok(database, step)
+    make_the_standby_lag(cluster, database, 1.0)
+    try:
+        caplog.set_level(logging.INFO, logger="migration")
+        run_in_process(database, "migrate_users", settings=Settings(
+            batch_size=7, jobs=2, show_progress=False, max_replica_lag_s=1.0))
+    finally:
+        resume_the_standby(cluster)
+    assert ("this role cannot read the lag of 1 standby(s) in pg_stat_replication (it needs "
+            "pg_monitor or pg_read_all_stats)") in caplog.text
+    assert "pausing" not in caplog.text
+    caught_up(cluster, database)
+
+
+
+@pytest.mark.once
+def test_a_failed_fill_worker_stops_the_others_waiting_for_the_standby(
+        cluster: Cluster, database: str) -> None:
+    """Two fill connections, the standby behind: the one that looks is killed while it
+    waits; the other, waiting for the standby too, stops with it (the run fails and can
+    be resumed) instead of waiting for a standby that is not catching up."""
+    for step in ("validate_schema", "backup_data"):
+        run_ok(database, step)
+    role = sql.Identifier(OWNER_ROLE)
+    cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
+    try:
+        make_the_standby_lag(cluster, database, 1.0)
+        failures: list[BaseException] = []
+
+        def work() -> None:
+            try:
+                run_in_process(database, "migrate_users", admin_dsn=cluster.primary.admin_dsn,
+                               crash_at="standbys behind#1", settings=Settings(
+                                   batch_size=7, jobs=2, show_progress=False,
+                                   max_replica_lag_s=1.0))
+            except BaseException as exc:
+                failures.append(exc)
+
+        thread = threading.Thread(target=work, name="migrate_users")
+        thread.start()
+        try:
+            thread.join(CATCH_UP_LIMIT_S)  # a bounded wait, the standby still paused
+            assert not thread.is_alive(), "a fill worker kept waiting for the standby"
+        finally:
+            resume_the_standby(cluster)
+            thread.join()
+    finally:
+        cluster.primary.admin_execute(sql.SQL("REVOKE pg_monitor FROM {}").format(role))
+    assert [type(exc) for exc in failures] == [psycopg2.OperationalError]
+    run_ok(database, "migrate_users")  # it resumes
+    run_ok(database, "migrate_foreign_keys")
+    assert run_verify(database) == 0
