@@ -71,6 +71,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                 "--allow-publications")),
     ("Choosing the moment of the swap: migrate_foreign_keys, full_migration, rollback",
      ("--postpone-swap",)),
+    ("Standbys and subscribers: migrate_users, migrate_foreign_keys, full_migration, rollback",
+     ("--max-replica-lag",)),
     ("validate_schema", ("--discover",)),
     ("cleanup_backup", ("--force",)),
     ("rehearse", ("--users", "--clean", "--batch-sizes", "--production-rows", "--report",

@@ -21,7 +21,7 @@ from click.testing import CliRunner
 import migration
 from migration import verify
 from migration.checks import CHECK_NAMES
-from migration.cli import HELP_SECTIONS, main
+from migration.cli import HELP_SECTIONS, OPTION_OPERATIONS, main
 
 PROJECT = Path(__file__).resolve().parents[1]
 # docs/benchmark.md documents bench/run.py, whose options are its own (tests/test_bench.py).
@@ -191,3 +191,16 @@ def test_the_runbook_lists_every_check_verify_runs() -> None:
     listed = step.split(":\n\n", 1)[1].split("The runbook's", 1)[0]
     assert [name for name in SPAN.findall(listed) if re.fullmatch(r"[a-z_]+", name)] == list(
         CHECK_NAMES)
+
+
+def test_the_reference_names_the_options_refused_with_other_operations() -> None:
+    """docs/options.md's first paragraph lists the options that are a usage error with an
+    operation they do not belong to: those cli.OPTION_OPERATIONS names, --orphans=quarantine."""
+    intro = (PROJECT / "docs" / "options.md").read_text().split("\n## ", 1)[0]
+    refused = intro.split("belongs to some operations only", 1)[1].split(" is a usage error", 1)[0]
+    named = {opt for opt, _ in OPTION.findall(refused)}
+    rehearse_only = {f"--{name.replace('_', '-')}" for name, owners in OPTION_OPERATIONS.items()
+                     if owners == ("rehearse",)}
+    assert "those of `rehearse`" in refused
+    assert named | rehearse_only == {f"--{name.replace('_', '-')}"
+                                     for name in OPTION_OPERATIONS} | {"--orphans"}
