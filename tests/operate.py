@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,3 +105,17 @@ def run_in_process(dsn: str, operation: str, *, admin_dsn: str | None = None,
         if operation == "status":
             return status(session)
         return run(session, operation, OPERATIONS[operation])
+
+
+def wait_until(condition: Callable[[], bool], *, patience: float = 30.0,
+               pause: float = 0.02) -> bool:
+    """Call ``condition`` until it holds or ``patience`` seconds have passed; whether it held.
+
+    The bound is for a run that never gets where it should (a hung test is worse than a
+    failed one), never a measure of speed."""
+    deadline = time.monotonic() + patience
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(pause)
+    return True

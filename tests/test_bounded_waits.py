@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from migration.operations import OPERATIONS, run
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
 from migration.session import Session, Settings
-from tests.operate import connected, execute, print_of, run_in_process, run_ok
+from tests.operate import connected, execute, print_of, run_in_process, run_ok, wait_until
 
 USERS = 12
 # Users whose ids are not canonical text (uppercase), each with journal entries that
@@ -44,16 +43,6 @@ SETTINGS = Settings(show_progress=False, batch_size=1000, jobs=1, ddl_pause_cap_
 PLAN_TABLES = ["users", "journal_entries", "tags", "reminders"]
 # Modes that block the application's writes, held by the engine while it waits: the defect.
 WRITE_BLOCKING = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock"]
-PATIENCE_S = 30.0  # only for a run that never gets where it should: no timed assertion
-
-
-def wait_until(condition: Callable[[], bool], patience: float = PATIENCE_S) -> bool:
-    deadline = time.monotonic() + patience
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
 
 
 @pytest.fixture
@@ -465,7 +454,7 @@ def test_the_rollback_of_an_ordinary_owner_gets_past_an_autovacuum_holding_a_tab
                         ddl_pause_cap_s=0.2)
     with autovacuum_naptime(sandbox, 1), engine_warnings() as warnings:
         assert wait_until(lambda: bool(autovacuum_holding(admin, "public.journal_entries")),
-                          60.0), "no autovacuum started on journal_entries"
+                          patience=60.0), "no autovacuum started on journal_entries"
         assert autovacuum_holding(admin, "public.journal_entries")[0][1] == (
             "ShareUpdateExclusiveLock")
         run_in_process(legacy_db, "rollback", settings=settings)

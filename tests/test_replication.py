@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import itertools
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ from migration.rehearsal.sandbox import Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, embedded_bin_dir, start_cluster
 from migration.session import Session, Settings
-from tests.operate import connected, execute, refusal, run_in_process, run_ok
+from tests.operate import connected, execute, refusal, run_in_process, run_ok, wait_until
 
 TABLES = ("users", "journal_entries", "tags", "reminders")
 KEY_COLUMNS = ("id", "user_id")
@@ -137,9 +136,8 @@ def differences(replica: Replica) -> dict[str, tuple[int, int]]:
 def assert_replicated(replica: Replica) -> None:
     """Wait for the subscriber to hold the publisher's rows, or for it to fail; then
     assert that it has no error and holds every row, by value."""
-    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
-    while errors(replica) == 0 and differences(replica) and time.monotonic() < waited_until:
-        time.sleep(0.2)
+    wait_until(lambda: errors(replica) != 0 or not differences(replica),
+               patience=CATCH_UP_LIMIT_S, pause=0.2)
     assert errors(replica) == 0, "the subscription failed to apply changes"
     assert differences(replica) == {}
 
@@ -270,14 +268,18 @@ def test_an_inactive_slot_of_the_database_is_watched_and_its_lag_grows(replica: 
     slot = f"logical slot '{replica.subscription}' (inactive)"
     try:
         with Session.open(replica.publisher, Settings(max_replica_lag_s=1.0)) as session:
-            waited_until = time.monotonic() + CATCH_UP_LIMIT_S
             lags: list[float] = []
-            while len(lags) < 2 or lags[-1] <= lags[0]:
-                assert time.monotonic() < waited_until, f"{slot} was not seen behind: {lags}"
+
+            def growing() -> bool:
+                if len(lags) >= 2 and lags[-1] > lags[0]:
+                    return True
                 execute(replica.publisher, "UPDATE users SET display_name = 'behind' WHERE "
                                            "email = (SELECT min(email) FROM users)")
-                lags += [b.seconds for b in session.lag.behind(session) if b.name == slot]
-                time.sleep(0.2)
+                lags.extend(b.seconds for b in session.lag.behind(session) if b.name == slot)
+                return False
+
+            assert wait_until(growing, patience=CATCH_UP_LIMIT_S, pause=0.2), \
+                f"{slot} was not seen behind: {lags}"
     finally:
         execute(replica.subscriber_admin, sql.SQL("ALTER SUBSCRIPTION {} ENABLE").format(
             sql.Identifier(replica.subscription)))

@@ -19,7 +19,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,7 +40,7 @@ from migration.rehearsal.throwaway import (
     start_cluster,
 )
 from migration.session import Settings
-from tests.operate import connected, execute, run_in_process, run_ok
+from tests.operate import connected, execute, run_in_process, run_ok, wait_until
 from tests.test_replication import CATCH_UP_LIMIT_S, TABLES, rows, run_verify, writing
 
 _names = iter(range(1, 1000))
@@ -119,13 +118,10 @@ def caught_up(cluster: Cluster, dsn: str) -> None:
     """Wait, a bounded time, until the standby has replayed the primary's WAL as it is now."""
     [(target,)] = execute(cluster.primary.admin_dsn, "SELECT pg_current_wal_lsn()")
     standby = cluster.standby(cluster.primary.admin_dsn)
-    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
-    while time.monotonic() < waited_until:
-        [(done,)] = execute(standby, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn", (target,))
-        if done:
-            return
-        time.sleep(0.2)
-    raise AssertionError(f"the standby did not replay up to {target}")
+    assert wait_until(lambda: execute(standby, "SELECT pg_last_wal_replay_lsn() >= %s::pg_lsn",
+                                      (target,)) == [(True,)],
+                      patience=CATCH_UP_LIMIT_S, pause=0.2), \
+        f"the standby did not replay up to {target}"
 
 
 def key_types(dsn: str) -> set[str]:
@@ -194,12 +190,16 @@ def make_the_standby_lag(cluster: Cluster, dsn: str, seconds: float) -> None:
     """Pause the standby's replay, and write on the primary until the standby is more than
     ``seconds`` behind (a bounded wait: each write has the standby report its position)."""
     execute(cluster.standby(cluster.primary.admin_dsn), "SELECT pg_wal_replay_pause()")
-    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
-    while standby_lag(cluster) <= seconds:
-        assert time.monotonic() < waited_until, "the standby never fell behind"
+
+    def behind() -> bool:
+        if standby_lag(cluster) > seconds:
+            return True
         execute(dsn, "UPDATE users SET display_name = display_name WHERE email = "
                      "(SELECT min(email) FROM users)")
-        time.sleep(0.2)
+        return False
+
+    assert wait_until(behind, patience=CATCH_UP_LIMIT_S, pause=0.2), \
+        "the standby never fell behind"
 
 
 def resume_the_standby(cluster: Cluster) -> None:
@@ -207,10 +207,8 @@ def resume_the_standby(cluster: Cluster) -> None:
 
 
 def wait_for(running: Running, point: str, thread: threading.Thread) -> None:
-    waited_until = time.monotonic() + CATCH_UP_LIMIT_S
-    while point not in running.reached and thread.is_alive():
-        assert time.monotonic() < waited_until, f"{point} was never reached"
-        time.sleep(0.1)
+    assert wait_until(lambda: point in running.reached or not thread.is_alive(),
+                      patience=CATCH_UP_LIMIT_S, pause=0.1), f"{point} was never reached"
 
 
 @pytest.mark.once
