@@ -8,6 +8,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg2
+import pytest
 from click.testing import CliRunner
 from psycopg2 import sql
 
@@ -119,3 +121,23 @@ def wait_until(condition: Callable[[], bool], *, patience: float = 30.0,
             return False
         time.sleep(pause)
     return True
+
+
+MISSED_REMINDER = "00000000-0000-4000-8000-000000000000"
+
+
+def miss_a_reminder(dsn: str, admin_dsn: str) -> tuple[str, str]:
+    """A row the fill's batches missed: ``migrate_foreign_keys`` killed in the reminders'
+    fill, one unfilled reminder's key moved to ``MISSED_REMINDER``, behind the checkpoint,
+    by a write the sync trigger does not see (the engine's marker; an application's write
+    fills the copy).  Its original key and its user_id."""
+    with pytest.raises(psycopg2.OperationalError):
+        run_in_process(dsn, "migrate_foreign_keys", admin_dsn=admin_dsn,
+                       settings=Settings(batch_size=3, jobs=1, show_progress=False),
+                       crash_at="batch public.reminders.user_id#3")
+    [(original, user_id)] = execute(
+        dsn, "SET uuid_migration.engine = 'on'; "
+             "UPDATE reminders r SET id = %s FROM (SELECT max(id) AS id FROM reminders "
+             "WHERE user_id IS NOT NULL AND user_id_uuid IS NULL) m WHERE r.id = m.id "
+             "RETURNING m.id, r.user_id", (MISSED_REMINDER,))
+    return str(original), str(user_id)

@@ -22,7 +22,14 @@ from migration.model import Table, shadow_name
 from migration.operations import OPERATIONS, run
 from migration.report import Status
 from migration.session import Session, Settings
-from tests.operate import execute, operate, print_of, run_in_process, run_ok
+from tests.operate import (
+    MISSED_REMINDER,
+    execute,
+    miss_a_reminder,
+    operate,
+    print_of,
+    run_ok,
+)
 from tests.test_no_primary_key import no_pk_db
 from tests.test_rollback import UPPER, Scenario, scenario, seeded
 
@@ -93,16 +100,8 @@ def test_a_row_the_fill_missed_can_be_updated_before_the_proof_fills_it(
     s = scenario()
     run_ok(s.dsn, "backup_data")
     run_ok(s.dsn, "migrate_users")
-    with pytest.raises(psycopg2.OperationalError):
-        run_in_process(s.dsn, "migrate_foreign_keys", admin_dsn=s.admin_dsn,
-                       settings=Settings(batch_size=3, jobs=1, show_progress=False),
-                       crash_at="batch public.reminders.user_id#3")
-    front = "00000000-0000-4000-8000-000000000000"
-    [(original, user_id)] = execute(
-        s.dsn, "SET uuid_migration.engine = 'on'; "
-               "UPDATE reminders r SET id = %s FROM (SELECT max(id) AS id FROM reminders "
-               "WHERE user_id IS NOT NULL AND user_id_uuid IS NULL) m WHERE r.id = m.id "
-               "RETURNING m.id, r.user_id", (front,))
+    front = MISSED_REMINDER
+    original, user_id = miss_a_reminder(s.dsn, s.admin_dsn)
     s.crash("migrate_foreign_keys", "fill missed public.reminders.user_id#1")
     assert execute(s.dsn, "SELECT convalidated FROM pg_constraint "
                           "WHERE conname = 'migration_filled_user_id' "

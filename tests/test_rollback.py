@@ -29,9 +29,11 @@ from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.operate import (
     MIGRATED_DEFAULTS,
+    MISSED_REMINDER,
     PLAN_KEYS,
     connected,
     execute,
+    miss_a_reminder,
     operate,
     print_of,
     refusal,
@@ -352,16 +354,8 @@ def test_a_row_whose_key_moved_behind_the_fill_is_filled_before_the_swap(
     s = scenario()
     for step in ("backup_data", "migrate_users"):
         run_ok(s.dsn, step)
-    with pytest.raises(psycopg2.OperationalError):
-        run_in_process(s.dsn, "migrate_foreign_keys", admin_dsn=s.admin_dsn,
-                       settings=Settings(batch_size=3, jobs=1, show_progress=False),
-                       crash_at="batch public.reminders.user_id#3")
-    front = "00000000-0000-4000-8000-000000000000"
-    [(original, user_id)] = execute(
-        s.dsn, "SET uuid_migration.engine = 'on'; "
-               "UPDATE reminders r SET id = %s FROM (SELECT max(id) AS id FROM reminders "
-               "WHERE user_id IS NOT NULL AND user_id_uuid IS NULL) m WHERE r.id = m.id "
-               "RETURNING m.id, r.user_id", (front,))
+    front = MISSED_REMINDER
+    original, user_id = miss_a_reminder(s.dsn, s.admin_dsn)
     result = operate(s.dsn, "migrate_foreign_keys")
     assert result.exit_code == 0, result.output
     assert "public.reminders.user_id: 1 rows were missed by the batches" in result.output
