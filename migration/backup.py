@@ -355,7 +355,13 @@ def log_table(cur: Cursor, schema: str, table: Table, columns: list[str]) -> Non
     """The change log's triggers on ``table``, ENABLE ALWAYS in this same transaction: a
     row trigger logging the key of every row written, and a statement trigger logging a
     TRUNCATE.  Writes with ``session_replication_role = replica`` (logical replication's
-    apply, ``pg_restore --disable-triggers``, bulk loaders) fire them too."""
+    apply, ``pg_restore --disable-triggers``, bulk loaders) fire them too.
+
+    On a partitioned table the row trigger is cloned onto every partition (the
+    log names the partition a row was written in, which ``ChangeLog`` reads as
+    the table's), but a statement trigger is not, and a TRUNCATE of one
+    partition fires only that partition's: each partition gets its own.
+    """
     function = meta(schema, CHANGE_LOG_FUNCTION)
     row, truncate = change_log_trigger(schema), change_log_truncate_trigger(schema)
     cur.execute(sql.SQL(
@@ -363,14 +369,17 @@ def log_table(cur: Cursor, schema: str, table: Table, columns: list[str]) -> Non
         "FOR EACH ROW WHEN ({mine}) EXECUTE FUNCTION {function}({args})"
     ).format(name=sql.Identifier(row), table=table.ident, mine=NOT_THE_ENGINE,
              function=function, args=sql.SQL(", ").join(map(sql.Literal, columns))))
-    cur.execute(sql.SQL(
-        "CREATE OR REPLACE TRIGGER {name} AFTER TRUNCATE ON {table} "
-        "FOR EACH STATEMENT WHEN ({mine}) EXECUTE FUNCTION {function}()"
-    ).format(name=sql.Identifier(truncate), table=table.ident, mine=NOT_THE_ENGINE,
-             function=function))
-    for name in (row, truncate):  # CREATE OR REPLACE makes a trigger ENABLE ORIGIN again
+    always = [(table, row)]
+    for relation in (table, *catalog.partitions(cur.connection, table)):
+        cur.execute(sql.SQL(
+            "CREATE OR REPLACE TRIGGER {name} AFTER TRUNCATE ON {table} "
+            "FOR EACH STATEMENT WHEN ({mine}) EXECUTE FUNCTION {function}()"
+        ).format(name=sql.Identifier(truncate), table=relation.ident, mine=NOT_THE_ENGINE,
+                 function=function))
+        always.append((relation, truncate))
+    for relation, name in always:  # CREATE OR REPLACE makes a trigger ENABLE ORIGIN again
         cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(
-            table.ident, sql.Identifier(name)))
+            relation.ident, sql.Identifier(name)))
 
 
 def change_log_is_current(cur: Cursor, schema: str, table: Table) -> bool:
@@ -464,13 +473,21 @@ class ChangeLog:
         return sql.SQL(
             "logged AS MATERIALIZED (SELECT DISTINCT c.row_key, CASE WHEN c.operation <> "
             "'TRUNCATE' THEN jsonb_build_array({values}) END AS ident, c.operation = "
-            "'TRUNCATE' AS truncated FROM {log} c WHERE (c.table_schema, c.table_name) = "
-            "(%(log_schema)s, %(log_table)s))").format(
-            values=values, log=meta(self.schema, "change_log"))
+            "'TRUNCATE' AS truncated FROM {log} c WHERE (c.table_schema, c.table_name) IN "
+            "(SELECT %(log_schema)s, %(log_table)s UNION ALL {partitions}))").format(
+            values=values, log=meta(self.schema, "change_log"), partitions=sql.SQL(
+                "SELECT n.nspname::text, r.relname::text "
+                "FROM pg_partition_tree(to_regclass(%(log_relation)s)) t "
+                "JOIN pg_class r ON r.oid = t.relid "
+                "JOIN pg_namespace n ON n.oid = r.relnamespace"))
 
     @property
     def params(self) -> dict[str, str]:
-        return {"log_schema": self.table.schema, "log_table": self.table.name}
+        """The table's own entries and its partitions' (where its rows were written, and
+        a TRUNCATE of one partition, read as the table's: the rows it held are not told
+        apart from the other partitions' backup rows)."""
+        return {"log_schema": self.table.schema, "log_table": self.table.name,
+                "log_relation": catalog.regclass(self.table)}
 
     def holds(self, row: str) -> sql.Composable:
         """Whether the row aliased ``row`` is one the log names (any row, once the table

@@ -1079,6 +1079,17 @@ def is_partitioned(conn: Connection, table: Table) -> bool:
     return bool(row and row[0])
 
 
+def partitions(conn: Connection, table: Table) -> list[Table]:
+    """The partitions of a partitioned table, at every level below it; none for a plain
+    table."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) t "
+                    "JOIN pg_class c ON c.oid = t.relid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE t.level > 0 ORDER BY t.level, 1, 2", (regclass(table),))
+        return [Table(schema, name) for schema, name in cur.fetchall()]
+
+
 def index_partitions(conn: Connection, index: IndexDef) -> list[IndexDef]:
     """The indexes attached to a partitioned table's index, one per partition, each as
     the server prints it (on the partition, a plain table or partitioned in turn)."""

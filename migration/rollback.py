@@ -306,13 +306,17 @@ def stop_change_log(session: Session) -> int:
     names = [backup.change_log_trigger(schema), backup.change_log_truncate_trigger(schema)]
 
     def drop(cur: Cursor, table: Table) -> int:
-        cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
-                    "AND tgname = ANY(%s) ORDER BY tgname", (catalog.regclass(table), names))
-        present = [name for (name,) in cur.fetchall()]
-        for name in present:
-            cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name),
-                                                                table.ident))
-        return len(present)
+        dropped = 0  # a partition's own TRUNCATE trigger, and the table's (with its clones)
+        for relation in (*reversed(catalog.partitions(cur.connection, table)), table):
+            cur.execute("SELECT tgname FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+                        "AND tgname = ANY(%s) AND NOT tgisinternal AND tgparentid = 0 "
+                        "ORDER BY tgname", (catalog.regclass(relation), names))
+            present = [name for (name,) in cur.fetchall()]
+            for name in present:
+                cur.execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(name),
+                                                                    relation.ident))
+            dropped += len(present)
+        return dropped
 
     return sum(session.ddl(f"stop the change log on {table}", partial(drop, table=table))
                for table in sorted(session.plan.tables))

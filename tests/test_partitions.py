@@ -450,3 +450,29 @@ def test_a_sub_partitioned_primary_key_over_the_key_is_carried(legacy_db: str) -
     run_ok(legacy_db, "rollback", "--allow-publications")
     assert execute(legacy_db, CONSTRAINT_TREE) == tree
     assert_print(legacy_db, original)
+
+
+def test_application_writes_to_partitions_are_logged_under_the_partitioned_table(
+        clone: tuple[str, str]) -> None:
+    """Writes after the backup into a partitioned table of the plan, row by row and by a
+    TRUNCATE of one partition, are the application's: validation and verify pass, and the
+    rollback keeps them.  Row triggers fire on the partition, so the log must file them
+    under the table the plan names, and a partition's TRUNCATE fires only the partition's
+    statement triggers."""
+    dsn, _ = clone
+    run_ok(dsn, "backup_data")
+    user = str(execute(dsn, "SELECT min(id) FROM users")[0][0])
+    execute(dsn, "INSERT INTO journal_entries (user_id, title, created_at) "
+                 "VALUES (%s, 'written after the backup', '2024-01-05')", (user,))
+    execute(dsn, "UPDATE journal_entries SET title = 'edited' WHERE created_at < '2024-01-03'")
+    execute(dsn, "TRUNCATE journal_entries_mid")
+    kept = print_of(dsn)
+    run_ok(dsn, "migrate_users")
+    run_ok(dsn, "migrate_foreign_keys")
+    run_ok(dsn, "validate_migration")
+    verified = CliRunner().invoke(verify.main, ["--database-url", dsn])
+    assert verified.exit_code == 0, verified.output
+    run_ok(dsn, "rollback")
+    assert_print(dsn, kept)
+    assert execute(dsn, "SELECT tgrelid::regclass::text, tgname FROM pg_trigger "
+                        "WHERE tgname LIKE 'migration%%'") == []  # the partitions' too
