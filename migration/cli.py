@@ -49,7 +49,8 @@ OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
     "discover": ("validate_schema",),
     "allow_publications": ("validate_schema", "migrate_users", "migrate_foreign_keys",
                            "full_migration", "rollback"),
-    "postpone_swap": ("migrate_foreign_keys", "full_migration", "rollback"),
+    **dict.fromkeys(("postpone_swap", "recycle_sessions"),
+                    ("migrate_foreign_keys", "full_migration", "rollback")),
 }
 # Without --key, these work on the key the backup records (the runbook's key when there
 # is no backup); with backups of several keys, --key must say which.
@@ -70,7 +71,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                 "--refresh-materialized-views",
                                                 "--allow-publications")),
     ("Choosing the moment of the swap: migrate_foreign_keys, full_migration, rollback",
-     ("--postpone-swap",)),
+     ("--postpone-swap", "--recycle-sessions")),
     ("Standbys and subscribers: migrate_users, migrate_foreign_keys, full_migration, rollback",
      ("--max-replica-lag",)),
     ("validate_schema", ("--discover",)),
@@ -227,6 +228,16 @@ def _parsed_key(text: str | None, schema: str) -> KeyColumn | None:
         raise click.BadParameter(str(exc), param_hint="--key") from None
 
 
+def _roles(text: str | None) -> tuple[str, ...]:
+    """``--recycle-sessions``: role names as ``pg_roles`` spells them, comma-separated."""
+    if text is None:
+        return ()
+    roles = tuple(role.strip() for role in text.split(","))
+    if not all(roles):
+        raise click.BadParameter("an empty role name", param_hint="--recycle-sessions")
+    return roles
+
+
 def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | None:
     """The key of an operation run without --key: the recorded one (None: Session.open
     finds it) for those that follow the backup, else the runbook's."""
@@ -298,6 +309,11 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
               "rollback: stop ready to swap, every column expanded and proven (the sync "
               "triggers keep the copies in step meanwhile); run it again without the flag "
               "to swap.")
+@click.option("--recycle-sessions", metavar="ROLE[,ROLE...]",
+              help="migrate_foreign_keys, full_migration, rollback: right after the swap, end "
+                   "the idle sessions of these roles that connected before it (their prepared "
+                   "statements would fail), so their pools open new ones; busy sessions are "
+                   "left and named.")
 @click.option("--max-replica-lag", "max_replica_lag_s", default=DEFAULT_MAX_REPLICA_LAG_S,
               show_default=True, type=click.FloatRange(min=0), metavar="SECONDS",
               help="Pause the fill, and every other step that writes a table's worth of WAL, "
@@ -362,6 +378,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         refresh_materialized_views=options["refresh_materialized_views"],
                         allow_publications=options["allow_publications"],
                         postpone_swap=options["postpone_swap"],
+                        recycle_roles=_roles(options["recycle_sessions"]),
                         max_replica_lag_s=options["max_replica_lag_s"],
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"], [

@@ -86,13 +86,83 @@ def advice(found: list[Sessions]) -> str:
             + "; ".join(map(str, found)))
 
 
+@dataclass(frozen=True)
+class Recycled:
+    """What ``recycle`` did: the idle sessions it ended, and those of the named roles it
+    left (busy, or of a role this one may not signal), each as ``pid (user, state)``."""
+
+    ended: list[str]
+    left: list[str]
+
+
+def recycle(conn: Connection, at: datetime, roles: tuple[str, ...]) -> Recycled:
+    """End the idle sessions of ``roles`` that connected before ``at`` (the swap), so that
+    their pools open new ones, which prepare against the new column types.
+
+    Only sessions idle outside a transaction are ended: such a session has no
+    work in flight, and a pool that checks its connections on checkout replaces
+    it unseen.  One that is busy, or idle in a transaction, is left and named.
+    The check and the signal are two steps: a session that starts a statement
+    in between gets a connection error for it (its transaction never commits
+    half done).  Signalling needs membership of the session's role or of
+    ``pg_signal_backend``, and a superuser's sessions only a superuser may end;
+    the others are left and named.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            SELECT a.pid, a.usename::text, a.state,
+                   coalesce(a.state = 'idle', false)
+                   AND (pg_has_role(a.usesysid, 'MEMBER')
+                        OR pg_has_role('pg_signal_backend', 'MEMBER'))
+                   AND (NOT r.rolsuper
+                        OR (SELECT rolsuper FROM pg_roles WHERE rolname = current_user))
+            FROM pg_stat_activity a JOIN pg_roles r ON r.oid = a.usesysid
+            WHERE a.datname = current_database() AND a.pid <> pg_backend_pid()
+              AND coalesce(a.backend_type, 'client backend') = 'client backend'
+              AND coalesce(a.backend_start < %s, true)
+              AND a.usename = ANY (%s) AND a.application_name NOT LIKE %s
+            ORDER BY a.pid
+            """, (at, list(roles), APPLICATION_NAME + "%"))
+        found = cur.fetchall()
+        ended: list[str] = []
+        left: list[str] = []
+        for pid, user, state, may_end in found:
+            described = f"{pid} ({user}, {state or 'state hidden'})"
+            if may_end:
+                cur.execute("SELECT pg_terminate_backend(%s)", (pid,))
+                row = cur.fetchone()
+                (ended if row and row[0] else left).append(described)
+            else:
+                left.append(described)
+    conn.rollback()
+    return Recycled(ended, left)
+
+
 def after_swap(session: Session) -> dict[str, Any]:
     """Right after a swap: the client sessions connected before it, named as a warning
     (their prepared statements may fail) and kept with the swap's time in its log row,
-    where ``status`` finds them."""
+    where ``status`` finds them.  With ``--recycle-sessions``, the idle ones of the roles
+    it names are ended first (``recycle``)."""
     swapped_at = now(session.conn)
+    recycled = None
+    if session.settings.recycle_roles:
+        recycled = recycle(session.conn, swapped_at, session.settings.recycle_roles)
+        if recycled.ended:
+            logger.info("ended %d idle session(s) connected before the swap "
+                        "(--recycle-sessions): %s", len(recycled.ended),
+                        ", ".join(recycled.ended))
+        if recycled.left:
+            logger.warning("--recycle-sessions left %d session(s) of %s (busy, idle in a "
+                           "transaction, or of a role this one may not signal): %s",
+                           len(recycled.left), ", ".join(session.settings.recycle_roles),
+                           ", ".join(recycled.left))
     sessions = connected_before(session.conn, swapped_at)
     if sessions:
         logger.warning("%s", advice(sessions))
-    return {"swapped_at": swapped_at.isoformat(),
-            "sessions_before_swap": [str(group) for group in sessions]}
+    details: dict[str, Any] = {"swapped_at": swapped_at.isoformat(),
+                               "sessions_before_swap": [str(group) for group in sessions]}
+    if recycled is not None:
+        details["sessions_recycled"] = recycled.ended
+        details["sessions_not_recycled"] = recycled.left
+    return details

@@ -65,6 +65,7 @@ class Settings:
     refresh_materialized_views: bool = False  # carried: created empty, refreshed after the swap
     allow_publications: bool = False  # publications that would send the copies: accepted
     postpone_swap: bool = False  # stop ready to swap, every column expanded and proven
+    recycle_roles: tuple[str, ...] = ()  # their idle sessions older than the swap are ended
     # bulk steps wait while a standby is further behind (seconds; 0: never), see lag.py
     max_replica_lag_s: float = lag.DEFAULT_MAX_REPLICA_LAG_S
 

@@ -51,6 +51,7 @@ MISPLACED = [
      "--orphans=quarantine belongs to --operation=migrate_foreign_keys or "
      "--operation=full_migration"),
     ("status", ["--orphans=quarantine"], "--orphans=quarantine belongs to"),
+    ("backup_data", ["--recycle-sessions=app"], "--recycle-sessions belongs to"),
 ]
 
 

@@ -3,6 +3,8 @@ client sessions connected before it (their prepared statements may fail)."""
 
 from __future__ import annotations
 
+from urllib.parse import urlsplit
+
 import psycopg2.errors
 import pytest
 from click.testing import CliRunner
@@ -10,6 +12,7 @@ from psycopg2 import sql
 
 from migration import verify
 from migration.connection import connect
+from migration.rehearsal.sandbox import Sandbox, with_credentials
 from migration.rehearsal.seed import seed
 from tests.operate import connected, execute, run_ok
 
@@ -22,6 +25,56 @@ def key_types(dsn: str) -> set[str]:
     return {str(kind) for table, column in PLAN for (kind,) in execute(
         dsn, "SELECT data_type FROM information_schema.columns WHERE table_schema = 'public' "
              "AND (table_name, column_name) = (%s, %s)", (table, column))}
+
+
+def test_recycle_sessions_ends_only_the_idle_sessions_of_the_named_roles(
+        legacy_db: str, sandbox: Sandbox) -> None:
+    """``--recycle-sessions``: right after the swap, the sessions of the named roles that
+    connected before it and are idle are ended; one idle in a transaction, and one of a
+    role the migrating role may not signal (a superuser's), are left and named, and a
+    session of a role not named is not touched."""
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 20)
+    admin_dsn = sandbox.admin_dsn_for(urlsplit(legacy_db).path.lstrip("/"))  # superuser
+    idle = connect(legacy_db, application_name="billing-app", autocommit=True)
+    in_transaction = connect(legacy_db, application_name="billing-batch", autocommit=False)
+    superuser = connect(admin_dsn, application_name="console", autocommit=True)
+    database = urlsplit(legacy_db).path.lstrip("/")
+    execute(admin_dsn, "CREATE ROLE reporting LOGIN PASSWORD 'reporting-pw'")
+    other = connect(with_credentials(admin_dsn, user="reporting", password="reporting-pw",
+                                     dbname=database), application_name="reports",
+                    autocommit=True)
+    try:
+        with idle.cursor() as cur:
+            cur.execute("PREPARE newest AS SELECT * FROM users ORDER BY email LIMIT 1")
+        pid = {name: conn.get_backend_pid() for name, conn in (
+            ("idle", idle), ("in_transaction", in_transaction), ("superuser", superuser))}
+        with in_transaction.cursor() as cur:
+            cur.execute("SELECT 1")  # idle in a transaction that holds no lock of ours
+        with superuser.cursor() as cur:
+            cur.execute("SELECT current_user")
+            (superuser_role,) = cur.fetchone()
+
+        output = one_line(run_ok(legacy_db, "full_migration",
+                                 f"--recycle-sessions=app_owner,{superuser_role}").output)
+        assert (f"--recycle-sessions left 2 session(s) of app_owner, {superuser_role}"
+                in output)
+        assert f"{pid['in_transaction']} (app_owner, idle in transaction)" in output
+        assert f"{pid['superuser']} ({superuser_role}, state hidden)" in output
+        (details,) = execute(legacy_db, "SELECT details FROM migration_log WHERE operation = "
+                                        "'migrate_foreign_keys' ORDER BY id DESC LIMIT 1")[0]
+        assert details["sessions_recycled"] == [f"{pid['idle']} (app_owner, idle)"]
+
+        with pytest.raises(psycopg2.OperationalError), idle.cursor() as cur:
+            cur.execute("EXECUTE newest")  # ended: its pool opens a new session
+        for kept in (in_transaction, superuser, other):
+            with kept.cursor() as cur:
+                cur.execute("SELECT 1")
+                assert cur.fetchone() == (1,)
+    finally:
+        for conn in (idle, in_transaction, superuser, other):
+            conn.close()
+        execute(admin_dsn, "DROP ROLE IF EXISTS reporting")
 
 
 def one_line(text: str) -> str:
