@@ -50,6 +50,8 @@ OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
     "allow_publications": ("validate_schema", "migrate_users", "migrate_foreign_keys",
                            "full_migration", "rollback"),
     "postpone_swap": ("migrate_foreign_keys", "full_migration", "rollback"),
+    "max_rows_per_second": ("backup_data", "migrate_users", "migrate_foreign_keys",
+                            "full_migration", "rollback"),
 }
 # Without --key, these work on the key the backup records (the runbook's key when there
 # is no backup); with backups of several keys, --key must say which.
@@ -73,6 +75,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("--postpone-swap",)),
     ("Standbys and subscribers: migrate_users, migrate_foreign_keys, full_migration, rollback",
      ("--max-replica-lag",)),
+    ("Bounding the write rate: backup_data, migrate_users, migrate_foreign_keys, "
+     "full_migration, rollback", ("--max-rows-per-second",)),
     ("validate_schema", ("--discover",)),
     ("cleanup_backup", ("--force",)),
     ("rehearse", ("--users", "--clean", "--batch-sizes", "--production-rows", "--report",
@@ -304,6 +308,10 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "between batches while a standby or a logical subscriber of this server "
                    "is further behind than this (0: never; reading the lag needs "
                    "pg_monitor).")
+@click.option("--max-rows-per-second", "max_rows_per_second", type=click.IntRange(min=1),
+              metavar="N", help="Pace the backup's copy, the fill and the rollback's fill and "
+              "respelling: after each batch, wait so that they write at most N rows a second "
+              "(all --jobs together). Default: no bound.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log (rehearse: "
               "default logs/migration/rehearse-<timestamp>.log, its own file).")
@@ -363,6 +371,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         allow_publications=options["allow_publications"],
                         postpone_swap=options["postpone_swap"],
                         max_replica_lag_s=options["max_replica_lag_s"],
+                        max_rows_per_second=options["max_rows_per_second"] or 0,
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"], [
         flag for flag, given in (

@@ -21,7 +21,7 @@ import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, lag
+from migration import backup, catalog, lag, pace
 from migration.connection import (
     Connection,
     NotFreeAtOnce,
@@ -67,6 +67,8 @@ class Settings:
     postpone_swap: bool = False  # stop ready to swap, every column expanded and proven
     # bulk steps wait while a standby is further behind (seconds; 0: never), see lag.py
     max_replica_lag_s: float = lag.DEFAULT_MAX_REPLICA_LAG_S
+    # the steps that write a table's worth, paced to this many rows a second (0: no bound)
+    max_rows_per_second: float = 0
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
@@ -183,6 +185,8 @@ class Session:
         self._points_lock = threading.Lock()
         self.lag = lag.Throttle(settings.max_replica_lag_s)
         """Holds bulk steps back while a standby is behind; shared with the workers."""
+        self.pace = pace.Pacer(settings.max_rows_per_second)
+        """Paces the batches of bulk steps (--max-rows-per-second); shared with the workers."""
 
     @classmethod
     @contextmanager
@@ -225,6 +229,7 @@ class Session:
             worker.fault = self.fault
             worker._points, worker._points_lock = self._points, self._points_lock
             worker.lag = self.lag
+            worker.pace = self.pace
             yield worker
         finally:
             conn.close()
