@@ -264,6 +264,11 @@ def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_
     assert report.projection.rows == {"users": 30, "journal_entries": 90, "tags": 30,
                                       "reminders": 30}
     assert report.projection.source.startswith("the tables of ")
+    # statements an application's pool prepared before the final migration: named, not failed
+    assert [(f.subject.split(" ")[0], f.status) for f in report.prepared] == [
+        ("uuid_migration_select_all", Status.WARN), ("uuid_migration_select_by_key", Status.WARN),
+        ("uuid_migration_insert_child", Status.WARN)]
+    assert "uuid = text" in render_text(report)
     with connected(legacy_db) as conn:
         assert fingerprint(conn).diff(before) == []
         with conn.cursor() as cur:

@@ -30,7 +30,10 @@ application's schema instead, filled by ``generate.populate`` for the plan of
 ``--key``; the same cycle follows.  After each rollback and after the final
 migration, the smoke writes (``smoke.smoke_writes``) try an INSERT, UPDATE
 and DELETE on every table of the plan; the report lists what depends on the
-key columns, carried or refused (``inventory``).
+key columns, carried or refused (``inventory``).  Statements prepared before
+the final migration on a connection kept open through it, as an application's
+pool keeps them, are executed after the swap, and each that fails is reported
+with its cause and the advice (``prepared``).
 
 Where: with no database URL, a throwaway server (Docker when it answers,
 else the embedded wheel) that is removed at the end, also on Ctrl-C.  With a
@@ -70,6 +73,7 @@ from migration.rehearsal.batching import REPEATS, choose, sizes_to_try
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.generate import GenerateError, populate
 from migration.rehearsal.inventory import inventory
+from migration.rehearsal.prepared import Prepared
 from migration.rehearsal.projection import SIZES, project, table_sizes
 from migration.rehearsal.report import (
     BATCHED_STEPS,
@@ -781,10 +785,15 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
-    report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
-                           orphans=orphans, say=say, where="final migration")
-    if report.final.error:
-        return
+    with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
+        report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
+                               orphans=orphans, say=say, where="final migration")
+        if report.final.error:
+            return
+        report.prepared = pool.after("after the swap")
+    broken = [f for f in report.prepared if f.status is Status.WARN]
+    say(f"rehearse: statements prepared before the final migration: {len(broken)} of "
+        f"{len(report.prepared)} fail after the swap (see the report)")
     report.smoke.append(smoke_run(dsn, plan, "full_migration"))
     say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
     report.verify, timing = verify_timed(dsn, options, plan, report.rows)

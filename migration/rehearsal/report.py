@@ -10,6 +10,7 @@ from pathlib import Path
 
 from migration.rehearsal.batching import Choice
 from migration.rehearsal.inventory import Dependent
+from migration.rehearsal.prepared import ADVICE as PREPARED_ADVICE
 from migration.rehearsal.projection import Projection
 from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
 from migration.report import Finding, Status, failures
@@ -135,6 +136,8 @@ class Report:
     schema_skipped: list[str] = field(default_factory=list)
     dependents: list[Dependent] = field(default_factory=list)
     smoke: list[SmokeRun] = field(default_factory=list)
+    prepared: list[Finding] = field(default_factory=list)
+    """Statements prepared before the final migration, executed after it (``prepared``)."""
 
     def problems(self) -> list[str]:
         """Everything that makes the rehearsal fail; none means exit code 0."""
@@ -160,12 +163,17 @@ class Report:
         return problems
 
     def compatibility_notes(self) -> list[str]:
-        """Tables whose smoke writes failed after the swap only with the varchar binding."""
+        """What the application must change for the swap: the statements prepared before it
+        that fail after it, and the tables whose smoke writes failed only with the varchar
+        binding."""
         tables = sorted({w.table for run in self.smoke for w in run.writes
                          if run.compatibility(w)})
+        broken = [f.subject.split(" ", 1)[0] for f in self.prepared if f.status is Status.WARN]
+        notes = [f"{len(broken)} statement(s) prepared before the migration fail after the "
+                 f"swap ({', '.join(broken)}): {PREPARED_ADVICE}"] if broken else []
         if not tables:
-            return []
-        return [f"after the swap the key is uuid: a client binding it as a varchar/text "
+            return notes
+        return [*notes, f"after the swap the key is uuid: a client binding it as a varchar/text "
                 f"parameter gets 'operator does not exist: uuid = character varying' "
                 f"({', '.join(tables)}); string literals and untyped parameters keep working. "
                 f"{BINDING_ADVICE[0].upper()}{BINDING_ADVICE[1:]}"]
@@ -280,6 +288,11 @@ def schema_from_sections(report: Report, *, verbose: bool = False) -> list[Secti
                 rows=[(w.table, w.operation, w.binding,
                        "ok" if w.ok else ("compatibility note: " if run.compatibility(w)
                                           else "FAILED: ") + w.error) for w in shown]))
+    if report.prepared:
+        parts.append(Section("Statements prepared before the final migration (as an "
+                             "application's pool keeps them), executed after the swap",
+                             _finding_lines(report.prepared, verbose=verbose),
+                             preformatted=True))
     notes = report.compatibility_notes()
     if notes:
         parts.append(Section("Application compatibility", notes))
@@ -441,6 +454,10 @@ def _junit_cases(report: Report, suite: ET.Element) -> None:
         _case(suite, "rehearsal.verify", f"verify {f.check} {f.subject}".strip(),
               failure=f.render() if f.status is Status.FAIL else None,
               skipped=f.message if f.status is Status.SKIP else None)
+    for f in report.prepared:
+        _case(suite, "rehearsal.prepared", f.subject,
+              skipped=(f"application compatibility: {f.message}" if f.status is Status.WARN
+                       else f.message if f.status is Status.SKIP else None))
     for run in report.smoke:
         for w in run.writes:
             _case(suite, f"rehearsal.smoke.{run.after.replace(' ', '_')}",
