@@ -38,10 +38,12 @@ from migration.rehearsal.generate import Loader, read_schema
 from migration.report import Finding, Status
 
 CHECK = "prepared_statement"
-ADVICE = ("recycle the application's connection pools right after the swap (a statement "
+ADVICE = ("recycle the application's connection pools right after the swap: a statement "
           "prepared before it keeps the old types until its connection closes or it is "
-          "prepared again); where a pool cannot be recycled, cast parameters explicitly "
-          "($1::uuid) or bind them untyped, and name the columns instead of SELECT *")
+          "prepared again (psycopg 3 in transactions and asyncpg prepare again on this error; "
+          "JDBC, pgx, Npgsql and SQL PREPARE do not); name the columns rather than SELECT * "
+          "(prepared before the expansion, it fails during the fill too); and in statements "
+          "prepared after the swap bind the key untyped or cast it explicitly ($1::uuid)")
 
 
 @dataclass(frozen=True)
