@@ -44,7 +44,7 @@ OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
 # silently ignored, so they are a usage error there.
 OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("users", "clean", "batch_sizes", "production_rows", "report",
-                     "schema_from"), ("rehearse",)),
+                     "schema_from", "live_load"), ("rehearse",)),
     "force": ("cleanup_backup",),
     "discover": ("validate_schema",),
     "allow_publications": ("validate_schema", "migrate_users", "migrate_foreign_keys",
@@ -80,7 +80,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("validate_schema", ("--discover",)),
     ("cleanup_backup", ("--force",)),
     ("rehearse", ("--users", "--clean", "--batch-sizes", "--production-rows", "--report",
-                  "--schema-from")),
+                  "--schema-from", "--live-load")),
 )
 
 
@@ -338,6 +338,10 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "database's (pg_dump --schema-only; the password is passed in the "
                    "environment) or a SQL file's. Every table gets generated rows; --key "
                    "names the key to convert, --users the rows of its table.")
+@click.option("--live-load", "live_load", is_flag=True, help="rehearse: run full_migration "
+              "and rollback once more on a clone while pgbench writes to it (the runbook's "
+              "tables), and report what the application saw: failed transactions, lost "
+              "writes, latencies, the longest stall.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context

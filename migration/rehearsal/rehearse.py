@@ -93,6 +93,8 @@ from migration.rehearsal.report import (
 from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.smoke import binding_failures, smoke_writes
+from migration.rehearsal.under_load import STEPS as STEPS_UNDER_LOAD
+from migration.rehearsal.under_load import LoadRun, under_load
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -186,6 +188,8 @@ class RehearsalOptions:
     """The fills' progress line on stderr (a terminal only), as the other operations show it."""
     allow_triggers: bool = False  # as the migration takes them: rehearsed as it will run
     refresh_materialized_views: bool = False
+    live_load: bool = False
+    """The migration and the rollback once more on a clone, under pgbench (``under_load``)."""
 
     def settings(self, *, batch_size: int, orphans: str) -> Settings:
         return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
@@ -723,6 +727,34 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
                          message=f"{outcome.message}; fingerprint matches")
 
 
+def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
+                  batch_size: int, orphans: str, say: Say) -> LoadRun:
+    """``full_migration`` then ``rollback`` on a clone of ``prepared`` under pgbench's
+    load (``under_load``); what the application saw."""
+    name = scratch.create("live_load", template=prepared)
+    settings = options.settings(batch_size=batch_size, orphans=orphans)
+
+    def step(operation: str) -> str | None:
+        try:
+            with Session.open(_on(scratch.dsn(name)), settings, key=options.key,
+                              schema=options.schema) as session:
+                run(session, operation, OPERATIONS[operation])
+        except (MigrationError, psycopg2.Error) as exc:
+            return _error(exc)
+        return None
+
+    try:
+        with steps_said(say, "under live load"):
+            result = under_load(scratch.dsn(name), step, schema=options.schema)
+    finally:
+        scratch.drop(name)
+    stall = max((p.longest_stall_s for p in result.phases if p.name in STEPS_UNDER_LOAD),
+                default=0.0)
+    say(f"rehearse: under live load: {result.transactions:,} application transactions, "
+        f"longest stall {stall:.2f} s, " + ("; ".join(result.failed()) or "nothing failed"))
+    return result
+
+
 # --- the whole rehearsal -------------------------------------------------------------------------
 
 def rehearse(database_url: str | None, options: RehearsalOptions, say: Say = _silent) -> Report:
@@ -800,6 +832,9 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.final.steps.append(timing)
     say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
         f"{len(failures(report.verify))} failure(s)")
+    if options.live_load:
+        report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
+                                         orphans=orphans, say=say)
     production, source = _production(options, report.rows, plan)
     if production is not None:
         _project(scratch, options, report, plan, production, source, say)
@@ -938,7 +973,11 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"],
         schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
         allow_triggers=options["allow_triggers"],
-        refresh_materialized_views=options["refresh_materialized_views"])
+        refresh_materialized_views=options["refresh_materialized_views"],
+        live_load=bool(options.get("live_load")))
+    if rehearsal.live_load and rehearsal.schema_from is not None:
+        raise click.UsageError("--live-load drives the runbook's tables (users, "
+                               "journal_entries, tags, reminders): not with --schema-from")
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):

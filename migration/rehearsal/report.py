@@ -13,6 +13,7 @@ from migration.rehearsal.inventory import Dependent
 from migration.rehearsal.prepared import ADVICE as PREPARED_ADVICE
 from migration.rehearsal.projection import Projection
 from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
+from migration.rehearsal.under_load import LoadRun
 from migration.report import Finding, Status, failures
 
 BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
@@ -138,6 +139,8 @@ class Report:
     smoke: list[SmokeRun] = field(default_factory=list)
     prepared: list[Finding] = field(default_factory=list)
     """Statements prepared before the final migration, executed after it (``prepared``)."""
+    live_load: LoadRun | None = None
+    """--live-load: the migration and the rollback under an application's load."""
 
     def problems(self) -> list[str]:
         """Everything that makes the rehearsal fail; none means exit code 0."""
@@ -160,6 +163,8 @@ class Report:
         problems += [f"smoke write after {run.after}: {w.operation} {w.table} "
                      f"(key bound {w.binding}): {w.error}"
                      for run in self.smoke for w in run.writes if run.broken(w)]
+        if self.live_load is not None:
+            problems += [f"under live load: {p}" for p in self.live_load.failed()]
         return problems
 
     def compatibility_notes(self) -> list[str]:
@@ -253,8 +258,26 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
         parts.append(Section(f"Final migration, batch size {report.final.batch_size:,}", lines,
                              header=("step", "time", "rows", "rows/s"),
                              rows=_steps_rows(report.final.steps)))
+    if report.live_load is not None:
+        parts.append(_load_section(report.live_load))
     parts.append(_projection_section(report.projection, report.projection_note))
     return parts + schema_from_sections(report, verbose=verbose)
+
+
+def _load_section(load: LoadRun) -> Section:
+    """What the application saw in each phase, and what went wrong."""
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.1f} ms"
+
+    lines = load.failed() or ["no application transaction failed, every committed write is "
+                              "there, no orphan was accepted"]
+    return Section(f"Under live load ({load.clients} pgbench clients at {load.rate:g} "
+                   "transactions/s, on a clone): full_migration, then rollback", lines,
+                   header=("phase", "time", "transactions", "failed", "p50", "p99", "max",
+                           "longest stall"),
+                   rows=[(p.name, duration(p.seconds), f"{p.transactions:,}", str(p.failures),
+                          ms(p.latency_p50_ms), ms(p.latency_p99_ms), ms(p.latency_max_ms),
+                          duration(p.longest_stall_s)) for p in load.phases])
 
 
 # --- --schema-from: the objects on the key columns, and the smoke writes -------------------------
@@ -454,6 +477,10 @@ def _junit_cases(report: Report, suite: ET.Element) -> None:
         _case(suite, "rehearsal.verify", f"verify {f.check} {f.subject}".strip(),
               failure=f.render() if f.status is Status.FAIL else None,
               skipped=f.message if f.status is Status.SKIP else None)
+    if report.live_load is not None:
+        failed = report.live_load.failed()
+        _case(suite, "rehearsal.live_load", "full_migration and rollback under load",
+              failure="\n".join(failed) if failed else None)
     for f in report.prepared:
         _case(suite, "rehearsal.prepared", f.subject,
               skipped=(f"application compatibility: {f.message}" if f.status is Status.WARN
