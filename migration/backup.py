@@ -19,6 +19,8 @@ locks only.  A row is either in the copy as it is now, or in the change log.
 from __future__ import annotations
 
 import re
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -542,7 +544,12 @@ def change_log(cur: Cursor, schema: str, table: Table, keys: list[KeyColumn]) ->
     return ChangeLog(schema, table, columns, frozenset(key.column for key in keys))
 
 
-def create(cur: Cursor, plan: Plan) -> BackupResult:
+AfterBatch = Callable[[Table, int, float], None]
+"""Called after each batch of a batched copy with its table, its rows, and when it began."""
+
+
+def create(cur: Cursor, plan: Plan, *, batch_size: int = 0,
+           after_batch: AfterBatch | None = None) -> BackupResult:
     """Copy every table of the plan and record what the swap will drop.
 
     Runs as the first statements of the caller's transaction, after the
@@ -553,10 +560,13 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     snapshot already sees are deleted: their rows are in the copy as they are.
     Before commit, the rows copied and the rows in the copy are counted
     against the table (the runbook's criterion); the copy's checksum is
-    recorded for the rollback to prove its restore against.
+    recorded for the rollback to prove its restore against.  With ``batch_size``
+    (``--max-rows-per-second``) each table is copied in batches (``copy_table``).
     """
     cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
     lift_statement_timeout(cur)  # the copy reads whole tables
+    if batch_size:  # paced: the transaction waits between its statements
+        cur.execute("SET LOCAL idle_in_transaction_session_timeout = 0")
     schema = plan.backup_schema
     if exists(cur, schema):
         return reuse(cur, plan)
@@ -568,8 +578,7 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
     total = 0
     for table in plan.tables:
         copy = backup_name(schema, table)
-        cur.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(copy, table.ident))
-        copied = cur.rowcount
+        copied = copy_table(cur, copy, table, batch_size, after_batch)
         cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
         source_rows = int((cur.fetchone() or [-1])[0])
         copy_sum = table_checksum(cur, copy, columns_of(cur, copy))
@@ -591,6 +600,41 @@ def create(cur: Cursor, plan: Plan) -> BackupResult:
         meta(schema, RECORD_TABLE)), (Json(record),))
     make_private(cur, schema)
     return BackupResult(total, f"backed up {len(plan.tables)} tables, {total:,} rows", record)
+
+
+def copy_table(cur: Cursor, copy: sql.Identifier, table: Table, batch_size: int,
+               after_batch: AfterBatch | None) -> int:
+    """Create ``copy`` holding the rows of ``table``; rows copied.
+
+    In one statement; with ``batch_size``, in batches of about that many rows,
+    each a range of the table's pages (a TID range scan), ``after_batch`` called
+    after each (the pace's wait).  Every batch reads the transaction's one
+    snapshot, so the copy is the same as one statement's: a row version the
+    snapshot sees does not move while the snapshot lives, and the last batch has
+    no end page, so a row the snapshot sees on a page added since the pages were
+    counted is copied too.  The transaction stays open for the whole copy, as
+    one statement's does, only longer: it holds back VACUUM's horizon as long.
+    """
+    if not batch_size:
+        cur.execute(sql.SQL("CREATE TABLE {} AS TABLE {}").format(copy, table.ident))
+        return int(cur.rowcount)
+    cur.execute(sql.SQL("CREATE TABLE {} AS TABLE {} WITH NO DATA").format(copy, table.ident))
+    pages = catalog.heap_pages(cur.connection, table)
+    rows = catalog.estimated_rows(cur.connection, table)
+    step = max(1, batch_size * pages // rows) if rows > 0 else max(pages, 1)
+    copied, start = 0, 0
+    while True:
+        started = time.monotonic()
+        last = start + step >= pages
+        cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM {} WHERE ctid >= %s::tid{}").format(
+            copy, table.ident, sql.SQL("" if last else " AND ctid < %s::tid")),
+            (f"({start},0)", *(() if last else (f"({start + step},0)",))))
+        copied += cur.rowcount
+        if after_batch is not None:
+            after_batch(table, cur.rowcount, started)
+        if last:
+            return copied
+        start += step
 
 
 RECORD_TABLE = "recorded_objects"

@@ -44,13 +44,15 @@ OPERATION_NAMES = [*OPERATIONS, "status", "rehearse"]
 # silently ignored, so they are a usage error there.
 OPTION_OPERATIONS: dict[str, tuple[str, ...]] = {
     **dict.fromkeys(("users", "clean", "batch_sizes", "production_rows", "report",
-                     "schema_from"), ("rehearse",)),
+                     "schema_from", "live_load"), ("rehearse",)),
     "force": ("cleanup_backup",),
     "discover": ("validate_schema",),
     "allow_publications": ("validate_schema", "migrate_users", "migrate_foreign_keys",
                            "full_migration", "rollback"),
     **dict.fromkeys(("postpone_swap", "recycle_sessions"),
                     ("migrate_foreign_keys", "full_migration", "rollback")),
+    "max_rows_per_second": ("backup_data", "migrate_users", "migrate_foreign_keys",
+                            "full_migration", "rollback"),
 }
 # Without --key, these work on the key the backup records (the runbook's key when there
 # is no backup); with backups of several keys, --key must say which.
@@ -74,10 +76,12 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
      ("--postpone-swap", "--recycle-sessions")),
     ("Standbys and subscribers: migrate_users, migrate_foreign_keys, full_migration, rollback",
      ("--max-replica-lag",)),
+    ("Bounding the write rate: backup_data, migrate_users, migrate_foreign_keys, "
+     "full_migration, rollback", ("--max-rows-per-second",)),
     ("validate_schema", ("--discover",)),
     ("cleanup_backup", ("--force",)),
     ("rehearse", ("--users", "--clean", "--batch-sizes", "--production-rows", "--report",
-                  "--schema-from")),
+                  "--schema-from", "--live-load")),
 )
 
 
@@ -320,6 +324,10 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "between batches while a standby or a logical subscriber of this server "
                    "is further behind than this (0: never; reading the lag needs "
                    "pg_monitor).")
+@click.option("--max-rows-per-second", "max_rows_per_second", type=click.IntRange(min=1),
+              metavar="N", help="Pace the backup's copy, the fill and the rollback's fill and "
+              "respelling: after each batch, wait so that they write at most N rows a second "
+              "(all --jobs together). Default: no bound.")
 @click.option("--log-file", type=click.Path(dir_okay=False, path_type=Path),
               default=DEFAULT_LOG_FILE, show_default=True, help="Detailed log (rehearse: "
               "default logs/migration/rehearse-<timestamp>.log, its own file).")
@@ -346,6 +354,10 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "database's (pg_dump --schema-only; the password is passed in the "
                    "environment) or a SQL file's. Every table gets generated rows; --key "
                    "names the key to convert, --users the rows of its table.")
+@click.option("--live-load", "live_load", is_flag=True, help="rehearse: run full_migration "
+              "and rollback once more on a clone while pgbench writes to it (the runbook's "
+              "tables), and report what the application saw: failed transactions, lost "
+              "writes, latencies, the longest stall.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context
@@ -380,6 +392,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         postpone_swap=options["postpone_swap"],
                         recycle_roles=_roles(options["recycle_sessions"]),
                         max_replica_lag_s=options["max_replica_lag_s"],
+                        max_rows_per_second=options["max_rows_per_second"] or 0,
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"], [
         flag for flag, given in (

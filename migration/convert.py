@@ -379,6 +379,7 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         session.lag.wait(session, progress, stop)  # between batches: no lock held
         if stop is not None and stop.is_set():
             break
+        started = time.monotonic()
         due = time.monotonic() - logged_at >= PROGRESS_LOG_SECONDS
         count, new_key = session.ddl(f"batch {key}", partial(
             batch, after=last_key, logged=unlogged if due else None))
@@ -388,6 +389,7 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         unlogged, logged_at = (0, time.monotonic()) if due else (unlogged + count, logged_at)
         last_key = new_key
         progress.advance(count)
+        session.pace.wait(count, started, stop)  # committed: no lock held
     with session.transaction() as cur:
         session.log.progress(cur, run_id, unlogged)
     logger.info("%s: backfill %s, %s rows", part,
@@ -433,11 +435,13 @@ def walked_update(session: Session, key: KeyColumn, label: str,
     updated, after = 0, 0 if walk.pages else None
     while True:
         session.lag.wait(session)
+        started = time.monotonic()
         count, checkpoint = session.ddl(label, partial(batch, after=after))
         updated += count
         if checkpoint is None:
             return updated
         after = checkpoint
+        session.pace.wait(count, started)
 
 
 def batch_pages(session: Session, key: KeyColumn) -> int:

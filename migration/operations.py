@@ -33,7 +33,7 @@ from migration.catalog import ColumnState
 from migration.connection import redact_dsn
 from migration.errors import MigrationError
 from migration.log import LogEntry, logger
-from migration.model import KeyColumn
+from migration.model import KeyColumn, Table
 from migration.report import Finding, Status, failures
 from migration.session import Session
 
@@ -59,6 +59,7 @@ def run(session: Session, name: str, operation: Operation) -> Outcome:
                                       "plan": [str(k) for k in session.plan.columns]},
                                session.active_runs)
     session.active_runs.append(run_id)
+    paced = session.pace.totals()
     try:
         outcome = operation(session, run_id)
     except MigrationError as exc:
@@ -73,7 +74,7 @@ def run(session: Session, name: str, operation: Operation) -> Outcome:
     with session.transaction(f"finish {name}") as cur:
         session.log.finish(cur, run_id, status="completed", message=outcome.message,
                            rows=outcome.rows,
-                           details={**outcome.details,
+                           details={**outcome.details, **session.pace.record(name, paced),
                                     "findings": [f.as_dict() for f in outcome.findings]})
     return outcome
 
@@ -112,7 +113,14 @@ def backup_data(session: Session, run_id: int) -> Outcome:
         session.ddl("backup_data: change log",
                     lambda cur: backup.start_change_log(cur, session.plan))
         session.point("backup_data: change log started")
-    result = session.ddl("backup_data", lambda cur: backup.create(cur, session.plan))
+
+    def paced(table: Table, rows: int, started: float) -> None:
+        session.point(f"backup_data: batch {table}")
+        session.pace.wait(rows, started)
+
+    batch_size = session.settings.batch_size if session.pace.limit > 0 else 0  # 0: at once
+    result = session.ddl("backup_data", lambda cur: backup.create(
+        cur, session.plan, batch_size=batch_size, after_batch=paced))
     return Outcome(result.message, rows=result.rows, details=result.expectations)
 
 

@@ -12,6 +12,7 @@ the backup kept and reported from the change log.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -480,9 +481,15 @@ def respell(session: Session, key: KeyColumn) -> int:
         return session.ddl(f"respell {key}", whole_table)
     step = max(1, session.settings.batch_size * pages // rows) if rows else max(pages, 1)
     statement = _respell_statement(session, key, pk, converted)
-    return sum(session.ddl(f"respell {key}", partial(
-        _respell_pages, session=session, statement=statement, start=start,
-        stop=min(start + step, pages))) for start in range(0, pages, step))
+    respelled = 0
+    for start in range(0, pages, step):
+        started = time.monotonic()
+        count = session.ddl(f"respell {key}", partial(
+            _respell_pages, session=session, statement=statement, start=start,
+            stop=min(start + step, pages)))
+        respelled += count
+        session.pace.wait(count, started)
+    return respelled
 
 
 def _respell_settings(session: Session, cur: Cursor) -> Cursor:

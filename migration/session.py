@@ -21,7 +21,7 @@ import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, lag
+from migration import backup, catalog, lag, pace
 from migration.connection import (
     Connection,
     NotFreeAtOnce,
@@ -68,6 +68,8 @@ class Settings:
     recycle_roles: tuple[str, ...] = ()  # their idle sessions older than the swap are ended
     # bulk steps wait while a standby is further behind (seconds; 0: never), see lag.py
     max_replica_lag_s: float = lag.DEFAULT_MAX_REPLICA_LAG_S
+    # the steps that write a table's worth, paced to this many rows a second (0: no bound)
+    max_rows_per_second: float = 0
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
@@ -184,6 +186,8 @@ class Session:
         self._points_lock = threading.Lock()
         self.lag = lag.Throttle(settings.max_replica_lag_s)
         """Holds bulk steps back while a standby is behind; shared with the workers."""
+        self.pace = pace.Pacer(settings.max_rows_per_second)
+        """Paces the batches of bulk steps (--max-rows-per-second); shared with the workers."""
 
     @classmethod
     @contextmanager
@@ -226,6 +230,7 @@ class Session:
             worker.fault = self.fault
             worker._points, worker._points_lock = self._points, self._points_lock
             worker.lag = self.lag
+            worker.pace = self.pace
             yield worker
         finally:
             conn.close()

@@ -253,7 +253,7 @@ def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_
     given = sandbox.admin_dsn_for(parse_dsn(legacy_db)["dbname"])
     # the schema's database named (--schema-from=DSN): the projection is for its tables' sizes
     report = rehearse(given, RehearsalOptions(**SMALL, dirty=False,  # type: ignore[arg-type]
-                                              sizes_from=legacy_db))
+                                              sizes_from=legacy_db, live_load=True))
     assert report.problems() == []
     assert [f for f in report.found if f.status in (Status.FAIL, Status.WARN)] == []
     assert report.planted == []
@@ -264,6 +264,16 @@ def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_
     assert report.projection.rows == {"users": 30, "journal_entries": 90, "tags": 30,
                                       "reminders": 30}
     assert report.projection.source.startswith("the tables of ")
+    # statements an application's pool prepared before the final migration: named, not failed
+    assert [(f.subject.split(" ")[0], f.status) for f in report.prepared] == [
+        ("uuid_migration_select_all", Status.WARN), ("uuid_migration_select_by_key", Status.WARN),
+        ("uuid_migration_insert_child", Status.WARN)]
+    assert "uuid = text" in render_text(report)
+    # --live-load: the migration and the rollback once more under pgbench, on a clone
+    assert report.live_load is not None
+    assert [p.name for p in report.live_load.phases] == ["before", "full_migration",
+                                                         "rollback", "after"]
+    assert report.live_load.transactions > 0
     with connected(legacy_db) as conn:
         assert fingerprint(conn).diff(before) == []
         with conn.cursor() as cur:

@@ -30,7 +30,10 @@ application's schema instead, filled by ``generate.populate`` for the plan of
 ``--key``; the same cycle follows.  After each rollback and after the final
 migration, the smoke writes (``smoke.smoke_writes``) try an INSERT, UPDATE
 and DELETE on every table of the plan; the report lists what depends on the
-key columns, carried or refused (``inventory``).
+key columns, carried or refused (``inventory``).  Statements prepared before
+the final migration on a connection kept open through it, as an application's
+pool keeps them, are executed after the swap, and each that fails is reported
+with its cause and the advice (``prepared``).
 
 Where: with no database URL, a throwaway server (Docker when it answers,
 else the embedded wheel) that is removed at the end, also on Ctrl-C.  With a
@@ -70,6 +73,7 @@ from migration.rehearsal.batching import REPEATS, choose, sizes_to_try
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.generate import GenerateError, populate
 from migration.rehearsal.inventory import inventory
+from migration.rehearsal.prepared import Prepared
 from migration.rehearsal.projection import SIZES, project, table_sizes
 from migration.rehearsal.report import (
     BATCHED_STEPS,
@@ -89,6 +93,8 @@ from migration.rehearsal.report import (
 from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.smoke import binding_failures, smoke_writes
+from migration.rehearsal.under_load import STEPS as STEPS_UNDER_LOAD
+from migration.rehearsal.under_load import LoadRun, under_load
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -182,6 +188,8 @@ class RehearsalOptions:
     """The fills' progress line on stderr (a terminal only), as the other operations show it."""
     allow_triggers: bool = False  # as the migration takes them: rehearsed as it will run
     refresh_materialized_views: bool = False
+    live_load: bool = False
+    """The migration and the rollback once more on a clone, under pgbench (``under_load``)."""
 
     def settings(self, *, batch_size: int, orphans: str) -> Settings:
         return Settings(batch_size=batch_size, lock_timeout_ms=self.lock_timeout_ms,
@@ -719,6 +727,34 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
                          message=f"{outcome.message}; fingerprint matches")
 
 
+def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
+                  batch_size: int, orphans: str, say: Say) -> LoadRun:
+    """``full_migration`` then ``rollback`` on a clone of ``prepared`` under pgbench's
+    load (``under_load``); what the application saw."""
+    name = scratch.create("live_load", template=prepared)
+    settings = options.settings(batch_size=batch_size, orphans=orphans)
+
+    def step(operation: str) -> str | None:
+        try:
+            with Session.open(_on(scratch.dsn(name)), settings, key=options.key,
+                              schema=options.schema) as session:
+                run(session, operation, OPERATIONS[operation])
+        except (MigrationError, psycopg2.Error) as exc:
+            return _error(exc)
+        return None
+
+    try:
+        with steps_said(say, "under live load"):
+            result = under_load(scratch.dsn(name), step, schema=options.schema)
+    finally:
+        scratch.drop(name)
+    stall = max((p.longest_stall_s for p in result.phases if p.name in STEPS_UNDER_LOAD),
+                default=0.0)
+    say(f"rehearse: under live load: {result.transactions:,} application transactions, "
+        f"longest stall {stall:.2f} s, " + ("; ".join(result.failed()) or "nothing failed"))
+    return result
+
+
 # --- the whole rehearsal -------------------------------------------------------------------------
 
 def rehearse(database_url: str | None, options: RehearsalOptions, say: Say = _silent) -> Report:
@@ -781,16 +817,24 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
-    report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
-                           orphans=orphans, say=say, where="final migration")
-    if report.final.error:
-        return
+    with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
+        report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
+                               orphans=orphans, say=say, where="final migration")
+        if report.final.error:
+            return
+        report.prepared = pool.after("after the swap")
+    broken = [f for f in report.prepared if f.status is Status.WARN]
+    say(f"rehearse: statements prepared before the final migration: {len(broken)} of "
+        f"{len(report.prepared)} fail after the swap (see the report)")
     report.smoke.append(smoke_run(dsn, plan, "full_migration"))
     say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
     report.verify, timing = verify_timed(dsn, options, plan, report.rows)
     report.final.steps.append(timing)
     say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
         f"{len(failures(report.verify))} failure(s)")
+    if options.live_load:
+        report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
+                                         orphans=orphans, say=say)
     production, source = _production(options, report.rows, plan)
     if production is not None:
         _project(scratch, options, report, plan, production, source, say)
@@ -929,7 +973,11 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         lock_timeout_ms=options["lock_timeout_ms"], jobs=options["jobs"],
         schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
         allow_triggers=options["allow_triggers"],
-        refresh_materialized_views=options["refresh_materialized_views"])
+        refresh_materialized_views=options["refresh_materialized_views"],
+        live_load=bool(options.get("live_load")))
+    if rehearsal.live_load and rehearsal.schema_from is not None:
+        raise click.UsageError("--live-load drives the runbook's tables (users, "
+                               "journal_entries, tags, reminders): not with --schema-from")
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):

@@ -10,8 +10,10 @@ from pathlib import Path
 
 from migration.rehearsal.batching import Choice
 from migration.rehearsal.inventory import Dependent
+from migration.rehearsal.prepared import ADVICE as PREPARED_ADVICE
 from migration.rehearsal.projection import Projection
 from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
+from migration.rehearsal.under_load import LoadRun
 from migration.report import Finding, Status, failures
 
 BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
@@ -135,6 +137,10 @@ class Report:
     schema_skipped: list[str] = field(default_factory=list)
     dependents: list[Dependent] = field(default_factory=list)
     smoke: list[SmokeRun] = field(default_factory=list)
+    prepared: list[Finding] = field(default_factory=list)
+    """Statements prepared before the final migration, executed after it (``prepared``)."""
+    live_load: LoadRun | None = None
+    """--live-load: the migration and the rollback under an application's load."""
 
     def problems(self) -> list[str]:
         """Everything that makes the rehearsal fail; none means exit code 0."""
@@ -157,15 +163,22 @@ class Report:
         problems += [f"smoke write after {run.after}: {w.operation} {w.table} "
                      f"(key bound {w.binding}): {w.error}"
                      for run in self.smoke for w in run.writes if run.broken(w)]
+        if self.live_load is not None:
+            problems += [f"under live load: {p}" for p in self.live_load.failed()]
         return problems
 
     def compatibility_notes(self) -> list[str]:
-        """Tables whose smoke writes failed after the swap only with the varchar binding."""
+        """What the application must change for the swap: the statements prepared before it
+        that fail after it, and the tables whose smoke writes failed only with the varchar
+        binding."""
         tables = sorted({w.table for run in self.smoke for w in run.writes
                          if run.compatibility(w)})
+        broken = [f.subject.split(" ", 1)[0] for f in self.prepared if f.status is Status.WARN]
+        notes = [f"{len(broken)} statement(s) prepared before the migration fail after the "
+                 f"swap ({', '.join(broken)}): {PREPARED_ADVICE}"] if broken else []
         if not tables:
-            return []
-        return [f"after the swap the key is uuid: a client binding it as a varchar/text "
+            return notes
+        return [*notes, f"after the swap the key is uuid: a client binding it as a varchar/text "
                 f"parameter gets 'operator does not exist: uuid = character varying' "
                 f"({', '.join(tables)}); string literals and untyped parameters keep working. "
                 f"{BINDING_ADVICE[0].upper()}{BINDING_ADVICE[1:]}"]
@@ -245,8 +258,26 @@ def sections(report: Report, *, verbose: bool = False) -> list[Section]:
         parts.append(Section(f"Final migration, batch size {report.final.batch_size:,}", lines,
                              header=("step", "time", "rows", "rows/s"),
                              rows=_steps_rows(report.final.steps)))
+    if report.live_load is not None:
+        parts.append(_load_section(report.live_load))
     parts.append(_projection_section(report.projection, report.projection_note))
     return parts + schema_from_sections(report, verbose=verbose)
+
+
+def _load_section(load: LoadRun) -> Section:
+    """What the application saw in each phase, and what went wrong."""
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:,.1f} ms"
+
+    lines = load.failed() or ["no application transaction failed, every committed write is "
+                              "there, no orphan was accepted"]
+    return Section(f"Under live load ({load.clients} pgbench clients at {load.rate:g} "
+                   "transactions/s, on a clone): full_migration, then rollback", lines,
+                   header=("phase", "time", "transactions", "failed", "p50", "p99", "max",
+                           "longest stall"),
+                   rows=[(p.name, duration(p.seconds), f"{p.transactions:,}", str(p.failures),
+                          ms(p.latency_p50_ms), ms(p.latency_p99_ms), ms(p.latency_max_ms),
+                          duration(p.longest_stall_s)) for p in load.phases])
 
 
 # --- --schema-from: the objects on the key columns, and the smoke writes -------------------------
@@ -280,6 +311,11 @@ def schema_from_sections(report: Report, *, verbose: bool = False) -> list[Secti
                 rows=[(w.table, w.operation, w.binding,
                        "ok" if w.ok else ("compatibility note: " if run.compatibility(w)
                                           else "FAILED: ") + w.error) for w in shown]))
+    if report.prepared:
+        parts.append(Section("Statements prepared before the final migration (as an "
+                             "application's pool keeps them), executed after the swap",
+                             _finding_lines(report.prepared, verbose=verbose),
+                             preformatted=True))
     notes = report.compatibility_notes()
     if notes:
         parts.append(Section("Application compatibility", notes))
@@ -441,6 +477,14 @@ def _junit_cases(report: Report, suite: ET.Element) -> None:
         _case(suite, "rehearsal.verify", f"verify {f.check} {f.subject}".strip(),
               failure=f.render() if f.status is Status.FAIL else None,
               skipped=f.message if f.status is Status.SKIP else None)
+    if report.live_load is not None:
+        failed = report.live_load.failed()
+        _case(suite, "rehearsal.live_load", "full_migration and rollback under load",
+              failure="\n".join(failed) if failed else None)
+    for f in report.prepared:
+        _case(suite, "rehearsal.prepared", f.subject,
+              skipped=(f"application compatibility: {f.message}" if f.status is Status.WARN
+                       else f.message if f.status is Status.SKIP else None))
     for run in report.smoke:
         for w in run.writes:
             _case(suite, f"rehearsal.smoke.{run.after.replace(' ', '_')}",

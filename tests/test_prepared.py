@@ -1,0 +1,75 @@
+"""Statements an application's pool prepared before the migration, executed after the swap.
+
+The rehearsal prepares them as a pool would (``rehearsal.prepared``) and reports
+each one the swap breaks, with the server's message and the advice; the report
+names them in every format, and a rehearsal does not fail for them.
+"""
+
+from __future__ import annotations
+
+import json
+
+from migration.plan import build_plan
+from migration.rehearsal.prepared import ADVICE, CHECK, Prepared
+from migration.rehearsal.report import Report, as_json, render_junit, render_text
+from migration.rehearsal.seed import seed
+from migration.report import Finding, Status
+from tests.operate import connected, print_of, run_ok
+
+BROKEN = {
+    "uuid_migration_select_all": "cached plan must not change result type",
+    "uuid_migration_select_by_key": "operator does not exist: uuid = text",
+    "uuid_migration_insert_child": "is of type uuid but expression is of type character varying",
+}
+
+
+def test_statements_prepared_before_the_migration_are_named_with_the_servers_message(
+        legacy_db: str) -> None:
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 10)
+        plan = build_plan(conn)
+    with Prepared.open(legacy_db, plan) as pool:
+        assert [s.name for s in pool.statements] == list(BROKEN)
+        assert pool.before == dict.fromkeys(BROKEN)  # each ran before the migration
+        before = print_of(legacy_db)
+        run_ok(legacy_db, "full_migration")
+        migrated = print_of(legacy_db)
+        findings = pool.after("after the swap")
+    assert print_of(legacy_db) == migrated  # the INSERT was rolled back
+    assert migrated != before
+    assert [(f.check, f.status) for f in findings] == [(CHECK, Status.WARN)] * 3
+    for finding, (name, message) in zip(findings, BROKEN.items(), strict=True):
+        assert finding.subject.startswith(f"{name} ("), finding
+        assert message in finding.message, finding
+        assert finding.hint == ADVICE
+    assert 'INSERT INTO "public"."journal_entries"' in findings[2].subject
+
+
+def test_a_statement_prepared_after_the_swap_runs(legacy_db: str) -> None:
+    """The same statements prepared afresh after the migration run: the findings are about
+    the statements' age, not about the migrated schema."""
+    with connected(legacy_db, autocommit=False) as conn:
+        seed(conn, 10)
+    run_ok(legacy_db, "full_migration")
+    with connected(legacy_db) as conn:
+        plan = build_plan(conn)
+    with Prepared.open(legacy_db, plan) as pool:
+        assert [(f.status, f.subject.split(" ")[0]) for f in pool.after("again")] == [
+            (Status.PASS, name) for name in BROKEN]
+
+
+def test_the_report_names_each_failing_prepared_statement_and_still_passes() -> None:
+    finding = Finding(CHECK, Status.WARN, "prepared before the migration, it fails after the "
+                      "swap: operator does not exist: uuid = text (SQLSTATE 42883)",
+                      "uuid_migration_select_by_key (SELECT * FROM public.users WHERE id = $1)",
+                      hint=ADVICE)
+    report = Report(server="test", users=1, dirty=False, prepared=[finding])
+    text = render_text(report)
+    assert "uuid_migration_select_by_key" in text
+    assert "operator does not exist: uuid = text" in text
+    assert "recycle the application's connection pools" in text
+    data = json.loads(as_json(report))
+    assert any("uuid_migration_select_by_key" in note for note in data["compatibility"])
+    assert data["prepared"][0]["subject"].startswith("uuid_migration_select_by_key")
+    assert "operator does not exist: uuid = text" in render_junit(report)
+    assert "prepared" not in " ".join(report.problems())
