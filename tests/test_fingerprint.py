@@ -153,6 +153,8 @@ def test_the_same_rows_loaded_in_another_order_give_the_same_fingerprint(
 
 
 def test_moving_a_column_to_the_end_changes_nothing(conn: Connection) -> None:
+    with conn.cursor() as cur:  # the server prints its columns in the table's order
+        cur.execute("CREATE STATISTICS tags_color_name ON color, name FROM tags")
     before = fingerprint(conn)
     with conn.cursor() as cur:
         cur.execute("""
@@ -160,6 +162,7 @@ def test_moving_a_column_to_the_end_changes_nothing(conn: Connection) -> None:
             UPDATE tags SET color_new = color;
             ALTER TABLE tags DROP COLUMN color;
             ALTER TABLE tags RENAME COLUMN color_new TO color;
+            CREATE STATISTICS tags_color_name ON color, name FROM tags;
             SELECT attname FROM pg_attribute
              WHERE attrelid = 'tags'::regclass AND attnum > 0 AND NOT attisdropped
              ORDER BY attnum DESC LIMIT 1""")
@@ -208,6 +211,42 @@ CHANGES = {
     "a trigger disabled": (TOUCH_TRIGGER, "ALTER TABLE users DISABLE TRIGGER users_touch",
                            "public.users trigger users_touch: enabled 'O' -> 'D'", None),
     "a table added": ("", "CREATE TABLE notes (id int)", "table public.notes: added", None),
+    "a table's comment": ("", "COMMENT ON TABLE users IS 'people'",
+                          "public.users comment: None -> 'people'", None),
+    "a column's comment": ("", "COMMENT ON COLUMN tags.name IS 'label'",
+                           "public.tags comment on column name: None -> 'label'", None),
+    "a constraint's comment": ("", "COMMENT ON CONSTRAINT tags_user_id_fkey ON tags IS 'x'",
+                               "public.tags comment on constraint tags_user_id_fkey", None),
+    "an index's comment": ("", "COMMENT ON INDEX ix_tags_user_id IS 'x'",
+                           "public.tags comment on index ix_tags_user_id", None),
+    "a grant": ("", "GRANT SELECT ON users TO PUBLIC", "public.users privileges", None),
+    "a column's grant": ("", "GRANT UPDATE (email) ON users TO PUBLIC",
+                         "public.users privileges on column email", None),
+    "a collation": ("", 'ALTER TABLE users ALTER COLUMN email TYPE text COLLATE "C"',
+                    "public.users collation of column email: None -> 'C'", None),
+    "a statistics target": ("", "ALTER TABLE tags ALTER COLUMN name SET STATISTICS 500",
+                            "public.tags statistics target of column name", None),
+    "n_distinct": ("", "ALTER TABLE tags ALTER COLUMN name SET (n_distinct = 10)",
+                   "public.tags options of column name", None),
+    "the replica identity": ("", "ALTER TABLE tags REPLICA IDENTITY FULL",
+                             "public.tags replica identity: 'd' -> 'f'", None),
+    "row security": ("", "ALTER TABLE tags ENABLE ROW LEVEL SECURITY",
+                     "public.tags row security: 'false false' -> 'true false'", None),
+    "storage options": ("", "ALTER TABLE tags SET (fillfactor = 80)",
+                        "public.tags options: None -> 'fillfactor=80'", None),
+    "the CLUSTER mark": ("", "ALTER TABLE tags CLUSTER ON ix_tags_user_id",
+                         "public.tags clustered on: None -> 'ix_tags_user_id'", None),
+    "a statistics object": ("", "CREATE STATISTICS tags_stats ON user_id, name FROM tags",
+                            "public.tags statistics tags_stats: None", None),
+    "a publication": ("", "CREATE PUBLICATION fingerprint_pub FOR TABLE tags",
+                      "public.tags publication fingerprint_pub: None -> 'all columns'", None),
+    "a view": ("CREATE VIEW user_ids AS SELECT id FROM users",
+               "CREATE OR REPLACE VIEW user_ids AS SELECT id, email FROM users",
+               "relation view public.user_ids", None),
+    "a policy": ("", "CREATE POLICY own_tags ON tags USING (name <> 'x')",
+                 "relation policy public.tags.own_tags: None", None),
+    "a rule": ("", "CREATE RULE keep_tags AS ON DELETE TO tags DO INSTEAD NOTHING",
+               "relation rule public.tags.keep_tags: None", None),
 }
 
 
@@ -350,3 +389,18 @@ def test_expected_after_migration_refuses_unknown_columns(conn: Connection) -> N
         expected_after_migration(conn, [("public", "users", "uid")])
     with pytest.raises(ValueError, match="no such column"):
         expected_after_migration(conn, KEYS, schemas=["elsewhere"])
+
+
+def test_an_expected_fingerprint_leaves_views_policies_and_rules_to_the_round_trip(
+        conn: Connection) -> None:
+    """Their text may change with the key's type (a carried view prints a cast): a
+    fingerprint expected after a migration holds none, and compares without them."""
+    with conn.cursor() as cur:
+        cur.execute("CREATE VIEW user_ids AS SELECT id FROM users")
+    expected = expected_after_migration(conn, [])
+    assert expected.relations is None
+    actual = fingerprint(conn)
+    assert actual.relations is not None
+    assert "view public.user_ids" in actual.relations
+    assert actual == expected
+    assert expected == actual

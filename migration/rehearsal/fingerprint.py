@@ -91,12 +91,19 @@ class Trigger:
 
 @dataclass(frozen=True)
 class Shape:
-    """A table's definition, each part keyed by name."""
+    """A table's definition, each part keyed by name.
+
+    ``properties`` holds the rest of what a table carries, each as text keyed
+    by what it is (``comment on column id``, ``privileges``, ``replica
+    identity``, ``policy p``, ...): what a migration and its rollback must
+    keep, and what would otherwise be lost unseen.
+    """
 
     columns: Mapping[str, Column]
     constraints: Mapping[str, Constraint]
     indexes: Mapping[str, Index]
     triggers: Mapping[str, Trigger]
+    properties: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -109,6 +116,21 @@ class Data:
 class Fingerprint:
     schema: Mapping[TableRef, Shape]
     data: Mapping[TableRef, Data]
+    relations: Mapping[str, str] | None = None
+    """The views and materialized views, and the policies and rules of the tables, as the
+    server prints them, keyed by kind and name: compared when both sides have them.  Their
+    text can change with the key columns' type (a carried view prints a cast), so a
+    fingerprint expected after a migration has none (``expected_after_migration``); a
+    round trip (before, and after the rollback) compares them."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Fingerprint):
+            return NotImplemented
+        return (self.schema == other.schema and self.data == other.data
+                and (self.relations is None or other.relations is None
+                     or self.relations == other.relations))
+
+    __hash__ = None  # type: ignore[assignment]
 
     def diff(self, other: Fingerprint) -> list[str]:
         """What differs from ``self`` to ``other``, one line each, for assertion messages."""
@@ -123,6 +145,9 @@ class Fingerprint:
             lines += _diff_named(f"{name} constraint", old.constraints, new.constraints)
             lines += _diff_named(f"{name} index", old.indexes, new.indexes)
             lines += _diff_named(f"{name} trigger", old.triggers, new.triggers)
+            lines += _diff_text(name, old.properties, new.properties)
+        if self.relations is not None and other.relations is not None:
+            lines += _diff_text("relation", self.relations, other.relations)
         for ref in sorted(self.data.keys() & other.data.keys()):
             before, after = self.data[ref], other.data[ref]
             if before != after:
@@ -146,6 +171,11 @@ def _diff_named(label: str, old: Mapping[str, Part], new: Mapping[str, Part]) ->
             lines += [f"{label} {name}: {field} {before[field]!r} -> {after[field]!r}"
                       for field in before if before[field] != after[field]]
     return lines
+
+
+def _diff_text(label: str, old: Mapping[str, str], new: Mapping[str, str]) -> list[str]:
+    return [f"{label} {name}: {old.get(name)!r} -> {new.get(name)!r}"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]
 
 
 def fingerprint(
@@ -197,7 +227,11 @@ def expected_after_migration(
             column,
             type="uuid" if ref in keys else column.type,
             default=defaults.get(ref, column.default))
-        schema[ref[:2]] = dataclasses.replace(shape, columns={**shape.columns, ref[2]: changed})
+        properties = dict(shape.properties)
+        if ref in keys:  # uuid has no collation
+            properties.pop(f"collation of column {ref[2]}", None)
+        schema[ref[:2]] = dataclasses.replace(
+            shape, columns={**shape.columns, ref[2]: changed}, properties=properties)
     return Fingerprint(schema=schema, data=legacy.data)
 
 
@@ -299,7 +333,9 @@ def _capture(
     for oid, name, *trigger in cur.fetchall():
         triggers[tables[oid]][name] = Trigger(*trigger)
 
-    schema = {ref: Shape(columns[ref], constraints[ref], indexes[ref], triggers[ref])
+    properties = _properties(cur, tables)
+    schema = {ref: Shape(columns[ref], constraints[ref], indexes[ref], triggers[ref],
+                         properties[ref])
               for ref in tables.values()}
     unknown = [ref for ref in known
                if ref[:2] not in schema or ref[2] not in schema[ref[:2]].columns]
@@ -308,7 +344,151 @@ def _capture(
     data = {ref: _read_data(cur, ref, sorted(schema[ref].columns),
                             {column for *table, column in as_uuid if tuple(table) == ref})
             for ref in schema}
-    return Fingerprint(schema=schema, data=data)
+    return Fingerprint(schema=schema, data=data,
+                       relations=_relations(cur, schemas))
+
+
+# What a table carries besides its columns, constraints, indexes and triggers, one row per
+# (table oid, what, text).  Column options are only those ALTER COLUMN SET takes
+# (some builds stamp others of their own); a collation only where it is not the type's.
+# A statistics object's columns by name: the server prints them in the table's column
+# order, which the swap changes (the converted column moves to the end).
+_PROPERTIES = """
+SELECT c.oid, 'comment', d.description FROM pg_class c
+  JOIN pg_description d ON (d.objoid, d.classoid, d.objsubid) = (c.oid, 'pg_class'::regclass, 0)
+ WHERE c.oid = ANY (%(oids)s)
+UNION ALL
+SELECT a.attrelid, 'comment on column ' || a.attname, d.description FROM pg_attribute a
+  JOIN pg_description d
+    ON (d.objoid, d.classoid, d.objsubid) = (a.attrelid, 'pg_class'::regclass, a.attnum)
+ WHERE a.attrelid = ANY (%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+UNION ALL
+SELECT k.conrelid, 'comment on constraint ' || k.conname, d.description FROM pg_constraint k
+  JOIN pg_description d ON (d.objoid, d.classoid) = (k.oid, 'pg_constraint'::regclass)
+ WHERE k.conrelid = ANY (%(oids)s)
+UNION ALL
+SELECT i.indrelid, 'comment on index ' || c.relname, d.description FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indexrelid
+  JOIN pg_description d ON (d.objoid, d.classoid) = (c.oid, 'pg_class'::regclass)
+ WHERE i.indrelid = ANY (%(oids)s)
+UNION ALL
+SELECT t.tgrelid, 'comment on trigger ' || t.tgname, d.description FROM pg_trigger t
+  JOIN pg_description d ON (d.objoid, d.classoid) = (t.oid, 'pg_trigger'::regclass)
+ WHERE t.tgrelid = ANY (%(oids)s) AND NOT t.tgisinternal
+UNION ALL
+SELECT c.oid, 'privileges', array_to_string(ARRAY(SELECT x::text FROM unnest(c.relacl) x
+                                                  ORDER BY 1), ' ')
+  FROM pg_class c WHERE c.oid = ANY (%(oids)s) AND c.relacl IS NOT NULL
+UNION ALL
+SELECT a.attrelid, 'privileges on column ' || a.attname,
+       array_to_string(ARRAY(SELECT x::text FROM unnest(a.attacl) x ORDER BY 1), ' ')
+  FROM pg_attribute a
+ WHERE a.attrelid = ANY (%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+   AND a.attacl IS NOT NULL
+UNION ALL
+SELECT a.attrelid, 'collation of column ' || a.attname, l.collname::text FROM pg_attribute a
+  JOIN pg_type t ON t.oid = a.atttypid JOIN pg_collation l ON l.oid = a.attcollation
+ WHERE a.attrelid = ANY (%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+   AND a.attcollation <> t.typcollation
+UNION ALL
+SELECT a.attrelid, 'statistics target of column ' || a.attname, a.attstattarget::text
+  FROM pg_attribute a
+ WHERE a.attrelid = ANY (%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+   AND a.attstattarget >= 0
+UNION ALL
+SELECT a.attrelid, 'options of column ' || a.attname,
+       array_to_string(ARRAY(SELECT o FROM unnest(a.attoptions) o
+                             WHERE o ~ '^n_distinct(_inherited)?=' ORDER BY 1), ' ')
+  FROM pg_attribute a
+ WHERE a.attrelid = ANY (%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
+   AND EXISTS (SELECT FROM unnest(a.attoptions) o WHERE o ~ '^n_distinct(_inherited)?=')
+UNION ALL
+SELECT c.oid, 'replica identity', c.relreplident::text
+       || coalesce(' using ' || (SELECT ic.relname FROM pg_index i
+                                  JOIN pg_class ic ON ic.oid = i.indexrelid
+                                  WHERE i.indrelid = c.oid AND i.indisreplident), '')
+  FROM pg_class c WHERE c.oid = ANY (%(oids)s)
+UNION ALL
+SELECT c.oid, 'row security', c.relrowsecurity::text || ' ' || c.relforcerowsecurity::text
+  FROM pg_class c WHERE c.oid = ANY (%(oids)s)
+UNION ALL
+SELECT c.oid, 'options', array_to_string(c.reloptions, ' ')
+  FROM pg_class c WHERE c.oid = ANY (%(oids)s) AND c.reloptions IS NOT NULL
+UNION ALL
+SELECT c.oid, 'tablespace', s.spcname::text
+  FROM pg_class c JOIN pg_tablespace s ON s.oid = c.reltablespace
+ WHERE c.oid = ANY (%(oids)s)
+UNION ALL
+SELECT i.indrelid, 'clustered on', c.relname::text FROM pg_index i
+  JOIN pg_class c ON c.oid = i.indexrelid
+ WHERE i.indrelid = ANY (%(oids)s) AND i.indisclustered
+UNION ALL
+SELECT s.stxrelid, 'statistics ' || s.stxname,
+       concat_ws(' | ', s.stxkind::text,
+                 (SELECT string_agg(a.attname, ', ' ORDER BY a.attname) FROM pg_attribute a
+                   WHERE a.attrelid = s.stxrelid AND a.attnum = ANY (s.stxkeys)),
+                 pg_get_expr(s.stxexprs, s.stxrelid), 'target ' || s.stxstattarget::text)
+  FROM pg_statistic_ext s WHERE s.stxrelid = ANY (%(oids)s)
+UNION ALL
+SELECT r.prrelid, 'publication ' || p.pubname, coalesce(
+           (SELECT string_agg(a.attname, ', ' ORDER BY a.attname) FROM pg_attribute a
+             WHERE a.attrelid = r.prrelid AND a.attnum = ANY (r.prattrs)), 'all columns')
+       || coalesce(' where ' || pg_get_expr(r.prqual, r.prrelid), '')
+  FROM pg_publication_rel r JOIN pg_publication p ON p.oid = r.prpubid
+ WHERE r.prrelid = ANY (%(oids)s)
+"""
+
+# The views' and materialized views' definitions (and theirs and the tables' policies
+# and rules), whose text may mention a key column's type.
+_RELATIONS = r"""
+SELECT CASE c.relkind WHEN 'v' THEN 'view ' ELSE 'materialized view ' END
+       || quote_ident(n.nspname) || '.' || quote_ident(c.relname),
+       pg_get_viewdef(c.oid) || ' | privileges '
+       || coalesce(array_to_string(ARRAY(SELECT x::text FROM unnest(c.relacl) x ORDER BY 1),
+                                   ' '), 'default')
+       || coalesce(' | comment ' || obj_description(c.oid, 'pg_class'), '')
+       || CASE WHEN c.relkind = 'm' THEN ' | populated ' || c.relispopulated::text ELSE '' END
+  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE c.relkind IN ('v', 'm')
+   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%%'
+   AND (%(schemas)s::name[] IS NULL OR n.nspname = ANY (%(schemas)s::name[]))
+   AND NOT (n.nspname = %(backup_schema)s OR n.nspname LIKE %(backup_like)s)
+UNION ALL
+SELECT 'policy ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '.'
+       || quote_ident(p.polname),
+       concat_ws(' | ', p.polpermissive::text, p.polcmd::text,
+                 array_to_string(ARRAY(SELECT r::regrole::text FROM unnest(p.polroles) r
+                                       ORDER BY 1), ' '),
+                 pg_get_expr(p.polqual, p.polrelid), pg_get_expr(p.polwithcheck, p.polrelid))
+  FROM pg_policy p JOIN pg_class c ON c.oid = p.polrelid
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE (%(schemas)s::name[] IS NULL OR n.nspname = ANY (%(schemas)s::name[]))
+   AND n.nspname NOT LIKE 'pg\_%%'
+UNION ALL
+SELECT 'rule ' || quote_ident(n.nspname) || '.' || quote_ident(c.relname) || '.'
+       || quote_ident(r.rulename),
+       pg_get_ruledef(r.oid) || ' | enabled ' || r.ev_enabled::text
+  FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
+  JOIN pg_namespace n ON n.oid = c.relnamespace
+ WHERE r.rulename <> '_RETURN'
+   AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%%'
+   AND (%(schemas)s::name[] IS NULL OR n.nspname = ANY (%(schemas)s::name[]))
+   AND NOT (n.nspname = %(backup_schema)s OR n.nspname LIKE %(backup_like)s)
+"""
+
+
+def _properties(cur: Cursor, tables: Mapping[int, TableRef]) -> dict[TableRef, dict[str, str]]:
+    found: dict[TableRef, dict[str, str]] = {ref: {} for ref in tables.values()}
+    cur.execute(_PROPERTIES, {"oids": list(tables)})
+    for oid, what, text in cur.fetchall():
+        found[tables[oid]][what] = text
+    return found
+
+
+def _relations(cur: Cursor, schemas: Collection[str] | None) -> dict[str, str]:
+    cur.execute(_RELATIONS, {"schemas": None if schemas is None else list(schemas),
+                             "backup_schema": BACKUP_SCHEMA, "backup_like": BACKUP_SCHEMA_LIKE})
+    return dict(cur.fetchall())
 
 
 def _read_data(cur: Cursor, ref: TableRef, columns: list[str], as_uuid: set[str]) -> Data:
