@@ -9,8 +9,7 @@ import pytest
 from psycopg2 import sql
 
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
-from tests.operate import connected, execute, operate, print_of, refusal, run_ok
-from tests.test_schema_shapes import seeded
+from tests.operate import connected, execute, operate, print_of, refusal, run_ok, seeded
 
 POLICY = """
 ALTER TABLE tags ENABLE ROW LEVEL SECURITY;

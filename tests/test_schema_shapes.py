@@ -13,21 +13,10 @@ from contextlib import contextmanager
 import pytest
 from psycopg2 import sql
 
-from migration.connection import connect
 from migration.preflight import UniqueIndex, collision_indexes
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
-from migration.rehearsal.seed import seed
-from tests.operate import execute, operate, print_of, refusal, run_ok
-
-USERS = 6
-
-UPDATED_AT = """
-ALTER TABLE users ADD COLUMN updated_at timestamptz NOT NULL DEFAULT '2000-01-01';
-CREATE FUNCTION touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END$$;
-CREATE TRIGGER users_updated_at BEFORE UPDATE ON users
-    FOR EACH ROW EXECUTE FUNCTION touch_updated_at();
-"""
+from tests.operate import SEEDED_USERS, execute, operate, print_of, refusal, run_ok, seeded
+from tests.shapes import UPDATED_AT
 
 # The body names its table without a schema, as applications do.
 AUDIT = """
@@ -46,16 +35,6 @@ CREATE TRIGGER users_lower_id BEFORE INSERT ON users
 """
 
 STAMPS = "SELECT id::text, updated_at FROM users ORDER BY id::text"
-
-
-def seeded(dsn: str, *shapes: str) -> None:
-    conn = connect(dsn, autocommit=False)
-    try:
-        seed(conn, USERS)
-    finally:
-        conn.close()
-    for shape in shapes:
-        execute(dsn, shape)
 
 
 @contextmanager
@@ -112,7 +91,7 @@ def test_allow_triggers_lets_them_fire_with_the_roles_own_search_path(legacy_db:
             "EACH ROW, function public.audit_users()) fires for every row the fill of id_uuid "
             "updates (accepted by --allow-triggers)") in result.output
     assert execute(legacy_db, "SELECT count(*), count(DISTINCT email) FROM audit_log") == [
-        (USERS, USERS)]
+        (SEEDED_USERS, SEEDED_USERS)]
     assert execute(legacy_db, "SELECT count(*) FROM users "
                               "WHERE updated_at = '2000-01-01'") == [(0,)]
 

@@ -10,8 +10,7 @@ from psycopg2 import sql
 
 from migration import verify
 from migration.connection import connect
-from migration.rehearsal.seed import seed
-from tests.operate import connected, execute, run_ok
+from tests.operate import execute, run_ok, seeded
 
 PLAN = (("users", "id"), ("journal_entries", "user_id"), ("tags", "user_id"),
         ("reminders", "user_id"))
@@ -30,8 +29,7 @@ def one_line(text: str) -> str:
 
 def test_the_sessions_connected_before_the_swap_are_named_until_they_are_recycled(
         legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     before = connect(legacy_db, application_name="billing-app", autocommit=True)
     try:
         with before.cursor() as cur:
@@ -106,8 +104,7 @@ def change_log_triggers(dsn: str) -> int:
 
 
 def test_postpone_swap_stops_ready_to_swap_and_the_next_run_swaps(legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 30)
+    seeded(legacy_db, users=30)
     output = one_line(run_ok(legacy_db, "full_migration", "--postpone-swap").output)
     assert output.startswith("ready to swap: 4 column(s) expanded and proven")
     assert "next: data-migration --operation=full_migration (without --postpone-swap) swaps" \

@@ -20,8 +20,8 @@ from tests.operate import (
     refusal,
     run_in_process,
     run_ok,
+    seeded,
 )
-from tests.test_schema_shapes import seeded
 
 VIEWS = """
 CREATE VIEW user_tags WITH (security_barrier) AS
