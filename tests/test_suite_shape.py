@@ -1,9 +1,15 @@
-"""The test suite's own shape: helpers live in helper modules, not in test modules."""
+"""The test suite's own shape: helpers live in helper modules, not in test modules, and the
+server-less tests run without a server."""
 
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 TESTS = Path(__file__).resolve().parent
 HELPERS = "tests/operate.py, tests/scenario.py, tests/shapes.py or another module not named test_*"
@@ -43,3 +49,18 @@ def test_one_seeded_helper() -> None:
         for node in ast.walk(ast.parse(path.read_text()))
         if isinstance(node, ast.FunctionDef) and node.name == "seeded" and not is_fixture(node)}
     assert defined == {"operate.py"}
+
+
+@pytest.mark.once
+def test_the_statement_builders_tests_start_no_server() -> None:
+    """``tests/test_sqlexpr.py`` alone, against a server that is not there: it passes,
+    where a test that needed the server would stop the run with exit code 3."""
+    environment = {**os.environ, "TEST_PG_BACKEND": "dsn",
+                   "TEST_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing"}
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(TESTS / "test_sqlexpr.py")],
+        capture_output=True, text=True, cwd=TESTS.parent, env=environment, timeout=300,
+        check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "postgresql: not started" in result.stdout
