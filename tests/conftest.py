@@ -11,6 +11,7 @@ varies, so no profile has a deadline.
 import itertools
 import os
 from collections.abc import Callable, Iterator
+from urllib.parse import urlsplit
 
 import pytest
 from hypothesis import settings
@@ -20,6 +21,7 @@ from migration.rehearsal.sandbox import Sandbox
 from tests.operate import (
     MIGRATED_DEFAULTS,
     PLAN_KEYS,
+    SEEDED_USERS,
     connected,
     execute,
     print_of,
@@ -74,6 +76,19 @@ def scenario(sandbox: Sandbox, seeded_templates: dict[str, str]
     yield make
     for name in made:
         sandbox.drop_database(name)
+
+
+@pytest.fixture
+def shaped(legacy_db: str, sandbox: Sandbox) -> Callable[..., Scenario]:
+    """Makes the scenario of a carried-object test, on this test's legacy database:
+    ``seeded`` with ``users`` and the shapes given, its fingerprint taken."""
+
+    def make(*shapes: str, users: int = SEEDED_USERS) -> Scenario:
+        seeded(legacy_db, *shapes, users=users)
+        admin = sandbox.admin_dsn_for(urlsplit(legacy_db).path.lstrip("/"))
+        return Scenario(legacy_db, admin, print_of(legacy_db), None)
+
+    return make
 
 
 @pytest.fixture
