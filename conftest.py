@@ -8,6 +8,10 @@ binaries of the ``pgserver`` wheel.  Every test gets its own database cloned
 from a template that already holds the legacy schema.  If no server can be
 had, the session stops at once with what was tried: no test skips for want
 of a database.
+
+The server is started once the tests are collected, and only if one of them
+needs it (a fixture that depends on ``sandbox`` or ``pg_server``): a run of the
+server-less tests alone (``tests/test_sqlexpr.py``) starts none.
 """
 
 from __future__ import annotations
@@ -59,9 +63,19 @@ def _bin_dir(given: str | None) -> Path | None:
     return Path(given) if given else local_bin_dir()
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    if config.option.help:
+SERVER_FIXTURES = frozenset({"sandbox", "pg_server"})
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start the server if a test to be run needs one, before any test runs."""
+    if session.config.option.collectonly:
         return
+    if any(SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) for item in session.items):
+        _start(session.config)
+
+
+def _start(config: pytest.Config) -> None:
     ryuk = {"on": True, "off": False, None: None}[config.option.pg_ryuk]
     try:
         server = start_server(config.option.pg, dsn=config.option.pg_dsn,
@@ -85,10 +99,10 @@ def pytest_unconfigure(config: pytest.Config) -> None:
         server.stop()
 
 
-def pytest_report_header(config: pytest.Config) -> list[str]:
+def pytest_report_collectionfinish(config: pytest.Config) -> list[str]:
     server = _state.get("server")
     if not isinstance(server, Server):
-        return ["postgresql: not started"]
+        return ["postgresql: not started (no test selected needs it)"]
     return [f"postgresql: {server.describe()} at {describe_dsn(server.admin_dsn)}"]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import io
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -13,10 +15,12 @@ import pytest
 from click.testing import CliRunner
 from psycopg2 import sql
 
+from migration import verify
 from migration.cli import main
-from migration.connection import Connection, connect
+from migration.connection import Connection, connect, engine_application_name
 from migration.operations import OPERATIONS, Outcome, run, status
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
+from migration.rehearsal.seed import seed
 from migration.session import Session, Settings
 
 RUNBOOK_STEPS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
@@ -24,6 +28,7 @@ RUNBOOK_STEPS = ("validate_schema", "backup_data", "migrate_users", "migrate_for
 PLAN_KEYS = (("public", "users", "id"), ("public", "journal_entries", "user_id"),
              ("public", "tags", "user_id"), ("public", "reminders", "user_id"))
 MIGRATED_DEFAULTS = {("public", "users", "id"): "gen_random_uuid()"}
+SEEDED_USERS = 6
 
 
 @dataclass(frozen=True)
@@ -65,10 +70,22 @@ def execute(dsn: str, statement: str | sql.Composable,
         return cur.fetchall() if cur.description else []
 
 
-def print_of(dsn: str, *, include_backup: bool = False) -> Fingerprint:
-    """The fingerprint of the database (migration_log left out; the backup on request)."""
+def seeded(dsn: str, *shapes: str, users: int = SEEDED_USERS, dirty: bool = False) -> str:
+    """The legacy tables of ``dsn`` (empty) filled with ``users`` users and their rows
+    (problems planted when ``dirty``), then each shape's SQL run on them; the DSN, so that
+    a fixture can return it."""
     with connected(dsn, autocommit=False) as conn:
-        return fingerprint(conn, include_backup=include_backup)
+        seed(conn, users, dirty=dirty)
+    for shape in shapes:
+        execute(dsn, shape)
+    return dsn
+
+
+def print_of(dsn: str, *, include_backup: bool = False, include_log: bool = False
+             ) -> Fingerprint:
+    """The fingerprint of the database (migration_log and the backup on request)."""
+    with connected(dsn, autocommit=False) as conn:
+        return fingerprint(conn, include_log=include_log, include_backup=include_backup)
 
 
 def refusal(dsn: str, operation: str = "full_migration", *args: str) -> str:
@@ -141,3 +158,55 @@ def miss_a_reminder(dsn: str, admin_dsn: str) -> tuple[str, str]:
              "WHERE user_id IS NOT NULL AND user_id_uuid IS NULL) m WHERE r.id = m.id "
              "RETURNING m.id, r.user_id", (MISSED_REMINDER,))
     return str(original), str(user_id)
+
+
+def run_verify(dsn: str | None, *args: str) -> Result:
+    """``verify`` in-process; a crash (anything but an exit) fails the test."""
+    options = ["--database-url", dsn] if dsn else []
+    result = CliRunner().invoke(verify.main, [*options, *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    return Result(result.exit_code, result.output)
+
+
+def wait_for_engine_lock_wait(dsn: str, seen: list[bool]) -> None:
+    """Until an engine backend waits for a lock (at most 20 s); ``seen`` records whether."""
+    for _ in range(1000):
+        rows = execute(dsn, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                            "AND application_name = %s", (engine_application_name(),))
+        if rows:
+            seen.append(True)
+            return
+        time.sleep(0.02)
+    seen.append(False)
+
+
+@contextmanager
+def table_locked_past_the_timeout(dsn: str, table: str, hold: float) -> Iterator[list[bool]]:
+    """ACCESS EXCLUSIVE on ``table`` until an engine statement has waited ``hold`` seconds
+    for it; yields whether one did."""
+    blocker = connect(dsn, application_name="application", autocommit=False)
+    with blocker.cursor() as cur:
+        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
+            sql.Identifier(table)))
+    seen: list[bool] = []
+
+    def release() -> None:
+        wait_for_engine_lock_wait(dsn, seen)
+        time.sleep(hold)
+        blocker.rollback()
+
+    releaser = threading.Thread(target=release)
+    releaser.start()
+    try:
+        yield seen
+    finally:
+        releaser.join()
+        blocker.close()
+
+
+class Terminal(io.StringIO):
+    """Output that says it is a terminal, so that progress draws its lines."""
+
+    def isatty(self) -> bool:
+        return True

@@ -30,10 +30,7 @@ from tests.operate import (
     print_of,
     run_ok,
 )
-from tests.test_no_primary_key import no_pk_db
-from tests.test_rollback import UPPER, Scenario, scenario, seeded
-
-__all__ = ["no_pk_db", "scenario", "seeded"]  # the fixtures this module borrows
+from tests.scenario import UPPER, Scenario
 
 REMINDERS = Table("public", "reminders")
 REMINDERS_FK = "reminders_user_id_fkey"

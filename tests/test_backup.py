@@ -19,7 +19,6 @@ from migration import backup, verify
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
 from migration.report import Finding, Status
 from migration.session import Session, Settings
 from tests.operate import (
@@ -30,8 +29,9 @@ from tests.operate import (
     refusal,
     run_in_process,
     run_ok,
+    seeded,
+    table_locked_past_the_timeout,
 )
-from tests.test_session import table_locked_past_the_timeout
 
 USERS = 12
 CHANGED = "rows changed by the application since the backup: checked, not compared"
@@ -48,8 +48,7 @@ SELECT id FROM u
 
 @pytest.fixture
 def db(legacy_db: str) -> str:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, USERS)
+    seeded(legacy_db, users=USERS)
     return legacy_db
 
 

@@ -4,13 +4,15 @@ expression indexes), refused up front and named, all at once, when they would no
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
-from tests.operate import connected, execute, operate, print_of, refusal, run_ok
-from tests.test_schema_shapes import seeded
+from tests.operate import connected, execute, operate, print_of, refusal, run_ok, seeded
+from tests.scenario import Scenario
 
 POLICY = """
 ALTER TABLE tags ENABLE ROW LEVEL SECURITY;
@@ -39,81 +41,73 @@ def visible_tags(dsn: str, user_id: str) -> list[tuple[object, ...]]:
     return rows
 
 
-def migrated_and_rolled_back(dsn: str) -> None:
-    """Migration, verification and rollback all pass, and the rollback gives back the
-    exact fingerprint; checked between steps by the callers' own assertions."""
-    original = print_of(dsn)
-    run_ok(dsn, "full_migration")
-    run_ok(dsn, "validate_migration")
-    run_ok(dsn, "rollback")
-    after = print_of(dsn)
-    assert after == original, "\n".join(original.diff(after))
+def test_policies_using_the_keys_are_carried_and_still_enforced(
+        shaped: Callable[..., Scenario]) -> None:
+    s = shaped(POLICY)
+    policies = execute(s.dsn, POLICIES)
+    user = str(execute(s.dsn, "SELECT user_id FROM tags LIMIT 1")[0][0])
+    assert visible_tags(s.dsn, user) == [(user,)]
 
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, "SELECT data_type FROM information_schema.columns WHERE "
+                            "table_name = 'tags' AND column_name = 'user_id'") == [("uuid",)]
+        assert execute(dsn, POLICIES) == policies
+        assert execute(dsn, POLICY_COMMENT) == [("a user sees their own tags",)]
+        assert execute(dsn, "SELECT relrowsecurity FROM pg_class "
+                            "WHERE relname = 'tags'") == [(True,)]
+        assert visible_tags(dsn, user) == [(user,)]
+        execute(dsn, "UPDATE users SET is_active = false WHERE id = %s::uuid", (user,))
+        assert visible_tags(dsn, user) == []  # the restrictive policy, through users.id
+        execute(dsn, "UPDATE users SET is_active = true WHERE id = %s::uuid", (user,))
 
-def test_policies_using_the_keys_are_carried_and_still_enforced(legacy_db: str) -> None:
-    seeded(legacy_db, POLICY)
-    policies = execute(legacy_db, POLICIES)
-    user = str(execute(legacy_db, "SELECT user_id FROM tags LIMIT 1")[0][0])
-    assert visible_tags(legacy_db, user) == [(user,)]
-    original = print_of(legacy_db)
-    run_ok(legacy_db, "full_migration")
-    run_ok(legacy_db, "validate_migration")
-    assert execute(legacy_db, "SELECT data_type FROM information_schema.columns WHERE "
-                              "table_name = 'tags' AND column_name = 'user_id'") == [("uuid",)]
-    assert execute(legacy_db, POLICIES) == policies
-    assert execute(legacy_db, POLICY_COMMENT) == [("a user sees their own tags",)]
-    assert execute(legacy_db, "SELECT relrowsecurity FROM pg_class "
-                              "WHERE relname = 'tags'") == [(True,)]
-    assert visible_tags(legacy_db, user) == [(user,)]
-    execute(legacy_db, "UPDATE users SET is_active = false WHERE id = %s::uuid", (user,))
-    assert visible_tags(legacy_db, user) == []  # the restrictive policy, through users.id
-    execute(legacy_db, "UPDATE users SET is_active = true WHERE id = %s::uuid", (user,))
-    run_ok(legacy_db, "rollback")
-    assert execute(legacy_db, POLICIES) == policies
-    assert execute(legacy_db, POLICY_COMMENT) == [("a user sees their own tags",)]
-    assert visible_tags(legacy_db, user) == [(user,)]
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+    def after_rollback(dsn: str) -> None:
+        assert execute(dsn, POLICIES) == policies
+        assert execute(dsn, POLICY_COMMENT) == [("a user sees their own tags",)]
+        assert visible_tags(dsn, user) == [(user,)]
+
+    s.round_trip(after_swap=after_swap, after_rollback=after_rollback)
 
 
 def test_an_expression_index_on_the_key_is_carried_under_its_name_and_used(
-        legacy_db: str) -> None:
-    seeded(legacy_db, LOWER_INDEX)
-    definition = execute(legacy_db, "SELECT pg_get_indexdef('journal_entries_lower_user'"
-                                    "::regclass)")
-    original = print_of(legacy_db)
-    run_ok(legacy_db, "full_migration")
-    run_ok(legacy_db, "validate_migration")
-    assert execute(legacy_db, "SELECT pg_get_indexdef('journal_entries_lower_user'"
-                              "::regclass)") == definition
-    user = str(execute(legacy_db, "SELECT user_id FROM journal_entries LIMIT 1")[0][0])
-    with connected(legacy_db) as conn, conn.cursor() as cur:
-        cur.execute("SET enable_seqscan = off")
-        cur.execute("EXPLAIN SELECT * FROM journal_entries WHERE lower(user_id::text) = %s",
-                    (user,))
-        plan = "\n".join(row[0] for row in cur.fetchall())
-    assert "journal_entries_lower_user" in plan, plan
-    run_ok(legacy_db, "rollback")
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+        shaped: Callable[..., Scenario]) -> None:
+    s = shaped(LOWER_INDEX)
+    definition = execute(s.dsn, "SELECT pg_get_indexdef('journal_entries_lower_user'"
+                                "::regclass)")
+
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, "SELECT pg_get_indexdef('journal_entries_lower_user'"
+                            "::regclass)") == definition
+        user = str(execute(dsn, "SELECT user_id FROM journal_entries LIMIT 1")[0][0])
+        with connected(dsn) as conn, conn.cursor() as cur:
+            cur.execute("SET enable_seqscan = off")
+            cur.execute("EXPLAIN SELECT * FROM journal_entries WHERE lower(user_id::text) = %s",
+                        (user,))
+            plan = "\n".join(row[0] for row in cur.fetchall())
+        assert "journal_entries_lower_user" in plan, plan
+
+    s.round_trip(after_swap=after_swap)
 
 
-def test_a_check_on_the_key_is_carried_validated_and_enforced(legacy_db: str) -> None:
-    seeded(legacy_db, REMINDER_CHECK)
-    original = print_of(legacy_db)
-    run_ok(legacy_db, "full_migration")
-    run_ok(legacy_db, "validate_migration")
-    assert execute(legacy_db, "SELECT pg_get_constraintdef(oid), convalidated FROM "
-                              "pg_constraint WHERE conname = 'reminders_user_or_no_time'") == [
-        ("CHECK (((user_id IS NOT NULL) OR (remind_at IS NULL)))", True)]
-    assert execute(legacy_db, "SELECT count(*) FROM pg_constraint "
-                              "WHERE conname ~ '^migration_ck_'") == [(0,)]
-    with pytest.raises(psycopg2.errors.CheckViolation):
-        execute(legacy_db, "INSERT INTO reminders (id, user_id, remind_at) "
-                           "VALUES (gen_random_uuid()::text, NULL, now())")
-    run_ok(legacy_db, "rollback")
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+def test_a_check_on_the_key_is_carried_validated_and_enforced(
+        shaped: Callable[..., Scenario]) -> None:
+    """Enforced throughout: on the string column while its copy is filled and proven (the
+    engine's copy of the check beside it), on the uuid one after the swap."""
+    s = shaped(REMINDER_CHECK)
+
+    def refused(dsn: str) -> None:
+        with pytest.raises(psycopg2.errors.CheckViolation):
+            execute(dsn, "INSERT INTO reminders (id, user_id, remind_at) "
+                         "VALUES (gen_random_uuid()::text, NULL, now())")
+
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, "SELECT pg_get_constraintdef(oid), convalidated FROM "
+                            "pg_constraint WHERE conname = 'reminders_user_or_no_time'") == [
+            ("CHECK (((user_id IS NOT NULL) OR (remind_at IS NULL)))", True)]
+        assert execute(dsn, "SELECT count(*) FROM pg_constraint "
+                            "WHERE conname ~ '^migration_ck_'") == [(0,)]
+        refused(dsn)
+
+    s.round_trip(after_expand=refused, after_swap=after_swap)
 
 
 def test_what_does_not_compile_as_uuid_is_refused_at_once_with_a_hint(legacy_db: str) -> None:
@@ -164,21 +158,22 @@ STATISTICS_SHAPE = ("SELECT stxname, pg_get_statisticsobjdef(oid), nullif(stxsta
 BUILT = "SELECT DISTINCT statistics_name FROM pg_stats_ext ORDER BY 1"
 
 
-def test_statistics_objects_over_the_keys_are_carried_and_built_again(legacy_db: str) -> None:
-    seeded(legacy_db, STATISTICS, "ANALYZE tags; ANALYZE journal_entries")
-    shape = execute(legacy_db, STATISTICS_SHAPE)
+def test_statistics_objects_over_the_keys_are_carried_and_built_again(
+        shaped: Callable[..., Scenario]) -> None:
+    s = shaped(STATISTICS, "ANALYZE tags; ANALYZE journal_entries")
+    shape = execute(s.dsn, STATISTICS_SHAPE)
     moved = [(name, definition.replace("ON user_id, name", "ON name, user_id"), *rest)
              for name, definition, *rest in shape]  # the server lists them in table order
-    assert execute(legacy_db, BUILT) == [("journal_user_lower",), ("tags_user_name",)]
-    original = print_of(legacy_db)
-    run_ok(legacy_db, "full_migration")
-    assert execute(legacy_db, STATISTICS_SHAPE) == moved
-    assert execute(legacy_db, BUILT) == [("journal_user_lower",), ("tags_user_name",)]
-    run_ok(legacy_db, "validate_migration")
-    run_ok(legacy_db, "rollback")
-    assert execute(legacy_db, STATISTICS_SHAPE) == moved
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+    assert execute(s.dsn, BUILT) == [("journal_user_lower",), ("tags_user_name",)]
+
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, STATISTICS_SHAPE) == moved
+        assert execute(dsn, BUILT) == [("journal_user_lower",), ("tags_user_name",)]
+
+    def after_rollback(dsn: str) -> None:
+        assert execute(dsn, STATISTICS_SHAPE) == moved
+
+    s.round_trip(after_swap=after_swap, after_rollback=after_rollback)
 
 
 def test_a_lost_statistics_object_fails_verify(legacy_db: str) -> None:

@@ -31,6 +31,7 @@ from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.app_writer import (
+    KNOWN_BROKEN,
     TABLES,
     Twin,
     Writer,
@@ -42,24 +43,8 @@ from tests.app_writer import (
     write_both,
     writes_to,
 )
-from tests.operate import connected, execute, run_in_process
+from tests.operate import connected, execute, run_in_process, run_verify
 from tests.strategies import AppWrite
-from tests.test_verify import run_verify
-
-KNOWN_BROKEN: set[str] = {
-    # While a key column has its copy, the sync trigger casts every id written to uuid, so
-    # an application write of an id that is not a UUID is refused (22P02) where the
-    # original schema accepts it (or refuses it with 23503/23505).  The pre-flight refuses
-    # such ids before anything changes; one written during the expansion is still refused
-    # by the trigger: a known limit (issue 20), named in docs/runbook.md.
-    "key:invalid",
-    "ref:invalid",
-}
-"""What the writer does not draw: writes the engine is known to refuse where the original
-schema accepts them.  Each entry is a kind, ``replica``, a key source or an
-``AppWrite.features`` name.  The writes issue 20 found broken (replica mode, TRUNCATE, NULL
-keys in a table without a primary key, an ORM's full-row update during the rollback) are
-drawn: their fixes are in."""
 
 
 class Stop(NamedTuple):

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import pytest
 
 from migration.rehearsal.sandbox import Sandbox
-from tests.operate import execute, operate, run_ok
-from tests.test_key import ACCOUNTS, KEYCLOAK, print_of
+from tests.operate import execute, operate, print_of, run_ok
+from tests.shapes import ACCOUNTS, KEYCLOAK
 
 _numbers = itertools.count()
 
@@ -40,7 +40,7 @@ def discovered(dsn: str) -> dict[str, object]:
 
 
 def test_discover_lists_uuid_columns_with_counts_keys_and_references(database: str) -> None:
-    before = print_of(database)
+    before = print_of(database, include_log=True, include_backup=True)
     found = discovered(database)
     columns = {c["column"]: c for c in found["columns"]}  # type: ignore[attr-defined]
     assert sorted(columns) == [
@@ -65,7 +65,8 @@ def test_discover_lists_uuid_columns_with_counts_keys_and_references(database: s
         ("audit.events.account", "app.accounts.uuid"),
         ("public.user_role_mapping.role_id", "public.keycloak_role.id"),
         ("public.user_role_mapping.user_id", "public.user_entity.id")}
-    assert print_of(database) == before  # read-only: not even migration_log is created
+    # read-only: not even migration_log is created
+    assert print_of(database, include_log=True, include_backup=True) == before
 
 
 def test_discover_as_text_names_the_keys_to_pass(database: str) -> None:

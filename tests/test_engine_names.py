@@ -20,8 +20,7 @@ from psycopg2 import sql
 from migration import plan
 from migration.model import SHADOW_NAME, KeyColumn, Table, fit_name, shadow_name
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
-from tests.operate import connected, execute, operate, print_of, run_in_process, run_ok
+from tests.operate import connected, execute, operate, print_of, run_in_process, run_ok, seeded
 
 TAGS = Table("public", "tags")
 USERS = Table("public", "users")
@@ -93,11 +92,6 @@ def comment_of(dsn: str, table: str, column: str) -> object:
     return rows[0][0]
 
 
-def seeded(dsn: str) -> None:
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, 12)
-
-
 APPLICATION_OBJECTS = {
     "column": ["ALTER TABLE tags ADD COLUMN user_id_uuid text",
                "UPDATE tags SET user_id_uuid = 'the application''s ' || name"],
@@ -123,7 +117,7 @@ def test_an_application_object_with_an_engine_name_is_left_alone(
         sandbox: Sandbox, legacy_db: str, kind: str) -> None:
     """The engine takes the next names (``user_id_uuid_1``, ...) for that key, finds them
     again when it resumes, and never writes into, drops or renames the application's."""
-    seeded(legacy_db)
+    seeded(legacy_db, users=12)
     for statement in APPLICATION_OBJECTS[kind]:
         execute(legacy_db, statement)
     before, kept = print_of(legacy_db), execute(legacy_db, KEPT[kind])
@@ -159,7 +153,7 @@ def test_when_every_name_is_taken_the_migration_is_refused(
     """With one choice of names only, an application column of that name is refused by name
     before anything changes, and no rollback drops it."""
     monkeypatch.setattr(plan, "NAME_CHOICES", 1)
-    seeded(legacy_db)
+    seeded(legacy_db, users=12)
     for statement in APPLICATION_OBJECTS["column"]:
         execute(legacy_db, statement)
     before = print_of(legacy_db)
@@ -177,7 +171,7 @@ def test_when_every_name_is_taken_the_migration_is_refused(
 def test_an_application_column_added_after_the_swap_is_not_filled_over(legacy_db: str) -> None:
     """The rollback takes the next name for its string copy (the rollback after the swap
     runs no pre-flight); the application's column, of the first name, keeps its values."""
-    seeded(legacy_db)
+    seeded(legacy_db, users=12)
     run_ok(legacy_db, "full_migration")
     execute(legacy_db, "ALTER TABLE tags ADD COLUMN user_id_text text")
     execute(legacy_db, "UPDATE tags SET user_id_text = upper(user_id::text)")  # casts, too
@@ -194,7 +188,7 @@ def test_an_application_column_added_after_the_swap_is_not_filled_over(legacy_db
 def test_a_long_key_column_migrates_and_rolls_back(legacy_db: str, column: str) -> None:
     """A discovered child with a long FK column (and a twin sharing its first 59 bytes),
     migrated and rolled back; the engine's mark never stays on a converted column."""
-    seeded(legacy_db)
+    seeded(legacy_db, users=12)
     twin = column[:-1] + "_"  # the same name but its last character
     execute(legacy_db, sql.SQL(
         "CREATE TABLE notes (id varchar(36) PRIMARY KEY DEFAULT gen_random_uuid()::text, "
@@ -235,7 +229,7 @@ def test_a_resumed_run_keeps_the_names_it_began_with(sandbox: Sandbox, legacy_db
     """The application drops its column of the first name while the migration is cut short:
     the resumed run finds its copy by the mark, under the next name, and leaves no second
     copy behind."""
-    seeded(legacy_db)
+    seeded(legacy_db, users=12)
     for statement in APPLICATION_OBJECTS["column"]:
         execute(legacy_db, statement)
     with connected(legacy_db) as conn:

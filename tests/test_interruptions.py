@@ -9,15 +9,14 @@ import subprocess
 import sys
 import time
 
-from tests.operate import execute, operate, run_ok
-from tests.test_operations import seeded
+from tests.operate import execute, operate, run_ok, seeded
 
 STATE = ("state: expanding (public.users.id: indexed, public.journal_entries.user_id: string, "
          "public.tags.user_id: string, public.reminders.user_id: string)")
 
 
 def test_a_refusal_after_the_expansion_says_where_the_migration_stands(legacy_db: str) -> None:
-    seeded(legacy_db)
+    seeded(legacy_db, users=60)
     run_ok(legacy_db, "backup_data")
     run_ok(legacy_db, "migrate_users")
     execute(legacy_db, "CREATE MATERIALIZED VIEW tag_owners AS SELECT user_id FROM tags")
@@ -30,7 +29,7 @@ def test_a_refusal_after_the_expansion_says_where_the_migration_stands(legacy_db
 def test_ctrl_c_stops_with_the_state_and_the_command_that_resumes(legacy_db: str) -> None:
     """SIGINT in the middle of the users' fill: exit 130, the stage, the next command; the
     same command then finishes the step."""
-    seeded(legacy_db, 3000)
+    seeded(legacy_db, users=3000)
     run_ok(legacy_db, "backup_data")
     command = [sys.executable, "-m", "migration.cli", "--operation=migrate_users",
                "--database-url", legacy_db, "--batch-size=1", "--jobs=1", "--quiet",

@@ -24,57 +24,15 @@ from migration.plan import parse_key
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.sandbox import Sandbox
 from migration.session import Session, Settings
-from tests.operate import connected, execute, operate, run_ok
+from tests.operate import connected, execute, operate, print_of, run_ok
+from tests.shapes import ACCOUNTS, KEYCLOAK
 
 _numbers = itertools.count()
 
-# Ids in several spellings (upper case, braces), so that the rollback's exact
-# restore of each original string is proven, not only its value.
-_SPELLED = ("CASE mod(i, 3) WHEN 0 THEN upper(u::text) WHEN 1 THEN '{' || u || '}' "
-            "ELSE u::text END")
-
-ACCOUNTS = f"""
-CREATE SCHEMA app;
-CREATE SCHEMA audit;
-CREATE TABLE app.accounts (uuid text PRIMARY KEY, name text NOT NULL);
-CREATE TABLE app.sessions (
-    id serial PRIMARY KEY,
-    account_uuid varchar(64) NOT NULL REFERENCES app.accounts (uuid),
-    token text NOT NULL);
-CREATE INDEX sessions_account ON app.sessions (account_uuid);
-CREATE TABLE audit.events (
-    id bigserial PRIMARY KEY,
-    account text REFERENCES app.accounts (uuid) ON DELETE SET NULL,
-    what text NOT NULL);
-INSERT INTO app.accounts
-    SELECT {_SPELLED}, 'account ' || i
-    FROM (SELECT i, gen_random_uuid() AS u FROM generate_series(1, 120) i) s;
-INSERT INTO app.sessions (account_uuid, token)
-    SELECT uuid, 'token ' || n FROM app.accounts, generate_series(1, 2) n;
-INSERT INTO audit.events (account, what)
-    SELECT CASE WHEN n = 3 THEN NULL ELSE uuid END, 'login' FROM app.accounts,
-           generate_series(1, 3) n;
-"""
 ACCOUNTS_KEY = "app.accounts.uuid"
 ACCOUNTS_COLUMNS = (("app", "accounts", "uuid"), ("app", "sessions", "account_uuid"),
                     ("audit", "events", "account"))
 
-KEYCLOAK = f"""
-CREATE TABLE public.user_entity (
-    id varchar(36) PRIMARY KEY, username varchar(255) NOT NULL UNIQUE);
-CREATE TABLE public.keycloak_role (id varchar(36) PRIMARY KEY, name varchar(255) NOT NULL);
-CREATE TABLE public.user_role_mapping (
-    role_id varchar(255) NOT NULL REFERENCES public.keycloak_role (id),
-    user_id varchar(36) NOT NULL REFERENCES public.user_entity (id),
-    PRIMARY KEY (role_id, user_id));
-INSERT INTO public.user_entity
-    SELECT {_SPELLED.replace("'{' || u || '}'", "upper(u::text)")}, 'user' || i
-    FROM (SELECT i, gen_random_uuid() AS u FROM generate_series(1, 100) i) s;
-INSERT INTO public.keycloak_role
-    SELECT gen_random_uuid(), 'role ' || i FROM generate_series(1, 3) i;
-INSERT INTO public.user_role_mapping SELECT r.id, u.id FROM public.keycloak_role r,
-    public.user_entity u WHERE mod(length(u.username), 2) = 0 OR r.name = 'role 1';
-"""
 KEYCLOAK_KEY = "user_entity.id"
 KEYCLOAK_COLUMNS = (("public", "user_entity", "id"), ("public", "user_role_mapping", "user_id"))
 
@@ -86,12 +44,6 @@ SHAPES = {"accounts": (ACCOUNTS, ACCOUNTS_KEY, ACCOUNTS_COLUMNS),
 def database(sandbox: Sandbox) -> Iterator[str]:
     with sandbox.database(f"key_{next(_numbers)}", variant=None) as dsn:
         yield dsn
-
-
-def print_of(dsn: str) -> Fingerprint:
-    """Everything, the log and the backups included: a refusal must change nothing."""
-    with connected(dsn, autocommit=False) as conn:
-        return fingerprint(conn, include_log=True, include_backup=True)
 
 
 def tables_print(dsn: str) -> Fingerprint:
@@ -238,12 +190,12 @@ def test_a_quoted_key_is_migrated_and_found_again_from_its_backup(database: str)
 def test_a_key_that_cannot_be_one_is_refused_and_nothing_changes(database: str, key: str,
                                                                   why: str) -> None:
     execute(database, ACCOUNTS)
-    before = print_of(database)
+    before = print_of(database, include_log=True, include_backup=True)
     for operation in ("validate_schema", "full_migration", "rollback"):
         result = operate(database, operation, "--key", key)
         assert result.exit_code == 1, result.output
         assert why in result.output
-    assert print_of(database) == before
+    assert print_of(database, include_log=True, include_backup=True) == before
 
 
 # -- two keys in one database ----------------------------------------------------------

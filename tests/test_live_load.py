@@ -38,8 +38,7 @@ from migration.rehearsal.load import (
     phase_stats,
 )
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
-from tests.operate import execute
+from tests.operate import execute, seeded
 
 USERS = 10_000
 BATCH = 100  # small batches: the migration lasts a few seconds under the load
@@ -50,11 +49,7 @@ LEDGER_KINDS = {"user", "entry", "tag", "reminder_deleted"}
 
 @pytest.fixture
 def seeded_db(legacy_db: str) -> str:
-    conn = connect(legacy_db)
-    try:
-        seed(conn, USERS)
-    finally:
-        conn.close()
+    seeded(legacy_db, users=USERS)
     return legacy_db
 
 

@@ -19,44 +19,12 @@ from psycopg2.extras import Json
 from migration import catalog, convert
 from migration.model import KeyColumn, Table
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.operate import connected, execute, operate, print_of, run_in_process, run_ok
 
 SMALL = ("--batch-size", "7")
 ROLES = Table("public", "user_roles")
 DEVICES = Table("public", "user_devices")
-
-_SCHEMA = """
-CREATE TABLE user_roles (user_id varchar(36) NOT NULL REFERENCES users(id) ON DELETE CASCADE,
-                         role text NOT NULL);
-CREATE TABLE user_devices (user_id varchar(36) REFERENCES users(id), device text NOT NULL,
-                           UNIQUE (device));
-"""
-# Users with upper-case ids (their children spell them so too), then four roles for
-# every user, each role of an upper-case user twice (identical rows, no key to tell
-# them apart), and a device per user, one in five without a user.
-_DATA = """
-INSERT INTO users (id, email) SELECT upper(gen_random_uuid()::text), 'upper' || g || '@example.com'
-FROM generate_series(1, 20) g;
-INSERT INTO user_roles (user_id, role)
-SELECT u.id, r FROM users u, unnest(ARRAY['reader', 'writer', 'owner', 'admin']) r,
-       generate_series(1, CASE WHEN u.id <> lower(u.id) THEN 2 ELSE 1 END);
-INSERT INTO user_devices (user_id, device)
-SELECT CASE WHEN mod(row_number() OVER (), 5) = 0 THEN NULL ELSE u.id END, 'device-' || u.email
-FROM users u;
-ANALYZE user_roles; ANALYZE user_devices;
-"""
-
-
-@pytest.fixture
-def no_pk_db(legacy_db: str) -> str:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 60)
-    execute(legacy_db, _SCHEMA)
-    execute(legacy_db, _DATA)
-    return legacy_db
-
 
 def admin_dsn(sandbox: Sandbox, dsn: str) -> str:
     return sandbox.admin_dsn_for(urlsplit(dsn).path.lstrip("/"))

@@ -14,7 +14,6 @@ from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.rehearsal.fingerprint import expected_after_migration
 from migration.rehearsal.sandbox import Sandbox, schema_sql, with_credentials
-from migration.rehearsal.seed import seed
 from migration.session import ADVISORY_KEYS, Session, Settings
 from tests.operate import (
     MIGRATED_DEFAULTS,
@@ -26,6 +25,7 @@ from tests.operate import (
     print_of,
     run_in_process,
     run_ok,
+    seeded,
 )
 
 RUNBOOK_QUERIES = (  # from migration-procedures.md, "Monitoring and Logging" (trailing blanks cut)
@@ -47,11 +47,6 @@ GROUP BY operation;""",
 )
 
 
-def seeded(dsn: str, users: int = 60, *, dirty: bool = False) -> None:
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, users, dirty=dirty)
-
-
 def column_types(dsn: str) -> dict[str, str]:
     rows = execute(dsn, "SELECT table_name || '.' || column_name, data_type "
                         "FROM information_schema.columns WHERE column_name IN ('id', 'user_id') "
@@ -60,7 +55,7 @@ def column_types(dsn: str) -> dict[str, str]:
 
 
 def test_each_step_of_the_runbook_in_order(any_legacy_db: str) -> None:
-    seeded(any_legacy_db)
+    seeded(any_legacy_db, users=60)
     expected = None
     with connected(any_legacy_db, autocommit=False) as conn:
         expected = expected_after_migration(conn, PLAN_KEYS, defaults=MIGRATED_DEFAULTS)
@@ -79,7 +74,7 @@ def test_each_step_of_the_runbook_in_order(any_legacy_db: str) -> None:
 
 def test_each_converted_column_has_planner_statistics_after_its_step(legacy_db: str) -> None:
     """Without them the next step's joins on the new column are planned blind."""
-    seeded(legacy_db)
+    seeded(legacy_db, users=60)
 
     def analysed() -> set[str]:
         rows = execute(legacy_db, "SELECT tablename || '.' || attname FROM pg_stats "
@@ -98,7 +93,7 @@ def test_the_child_tables_fill_side_by_side_with_two_jobs(legacy_db: str, jobs: 
     """With two jobs the first two tables wait for each other's first batch (a barrier that
     times out, failing the run, if they fill one after the other); with one job they never
     overlap.  Either way the end is the same."""
-    seeded(legacy_db)
+    seeded(legacy_db, users=60)
     with connected(legacy_db, autocommit=False) as conn:
         expected = expected_after_migration(conn, PLAN_KEYS, defaults=MIGRATED_DEFAULTS)
     for step in ("backup_data", "migrate_users"):
@@ -154,7 +149,7 @@ def test_a_table_is_cut_into_one_slice_per_job_each_filled_by_its_own_connection
 
 
 def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:
-    seeded(legacy_db, 10)
+    seeded(legacy_db, users=10)
     run_ok(legacy_db, "full_migration")
     with connected(legacy_db) as conn, conn.cursor() as cur:
         cur.execute("SET search_path = public")
@@ -169,7 +164,7 @@ def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:
 
 
 def test_the_referential_integrity_query_of_the_runbook_finds_nothing(legacy_db: str) -> None:
-    seeded(legacy_db, 10)
+    seeded(legacy_db, users=10)
     run_ok(legacy_db, "full_migration")
     assert execute(legacy_db, "SELECT COUNT(*) FROM journal_entries "
                               "WHERE user_id NOT IN (SELECT id FROM users)") == [(0,)]
@@ -179,7 +174,7 @@ def test_the_referential_integrity_query_of_the_runbook_finds_nothing(legacy_db:
                                   "full_migration"])
 def test_a_finished_operation_run_again_changes_nothing_and_says_so(
         legacy_db: str, step: str) -> None:
-    seeded(legacy_db, 20)
+    seeded(legacy_db, users=20)
     run_ok(legacy_db, "full_migration")
     before = print_of(legacy_db, include_backup=True)
     again = run_ok(legacy_db, step).output
@@ -188,7 +183,7 @@ def test_a_finished_operation_run_again_changes_nothing_and_says_so(
 
 
 def test_the_default_becomes_a_uuid_default_and_new_rows_get_one(legacy_db: str) -> None:
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     run_ok(legacy_db, "full_migration")
     default = execute(legacy_db, "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d "
                                  "JOIN pg_attribute a ON a.attrelid = d.adrelid "
@@ -200,7 +195,7 @@ def test_the_default_becomes_a_uuid_default_and_new_rows_get_one(legacy_db: str)
 
 
 def test_constraints_and_indexes_keep_their_names_and_definitions(any_legacy_db: str) -> None:
-    seeded(any_legacy_db, 10)
+    seeded(any_legacy_db, users=10)
     query = ("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated "
              "FROM pg_constraint WHERE connamespace = 'public'::regnamespace AND contype <> 'n' "
              "AND conrelid <> 'migration_log'::regclass ORDER BY 1, 2")
@@ -214,7 +209,7 @@ def test_constraints_and_indexes_keep_their_names_and_definitions(any_legacy_db:
 
 
 def test_orphans_abort_by_default_and_change_nothing(legacy_no_fk_db: str) -> None:
-    seeded(legacy_no_fk_db, 20)
+    seeded(legacy_no_fk_db, users=20)
     execute(legacy_no_fk_db, "UPDATE tags SET user_id = '00000000-0000-4000-8000-0000000000aa' "
                              "WHERE id = (SELECT min(id) FROM tags)")
     run_ok(legacy_no_fk_db, "backup_data")
@@ -228,7 +223,7 @@ def test_orphans_abort_by_default_and_change_nothing(legacy_no_fk_db: str) -> No
 
 
 def test_orphans_quarantined_on_request_are_kept_not_deleted(legacy_no_fk_db: str) -> None:
-    seeded(legacy_no_fk_db, 20)
+    seeded(legacy_no_fk_db, users=20)
     orphan = "00000000-0000-4000-8000-0000000000bb"
     execute(legacy_no_fk_db, "UPDATE reminders SET user_id = %s "
                              "WHERE id = (SELECT min(id) FROM reminders)", (orphan,))
@@ -254,7 +249,7 @@ def test_orphans_quarantined_on_request_are_kept_not_deleted(legacy_no_fk_db: st
 @pytest.mark.parametrize("problem", ["invalid", "collision"])
 def test_bad_ids_refuse_migrate_users_before_any_change(legacy_no_fk_db: str,
                                                         problem: str) -> None:
-    seeded(legacy_no_fk_db, 20)
+    seeded(legacy_no_fk_db, users=20)
     first = str(execute(legacy_no_fk_db, "SELECT min(id) FROM users")[0][0])
     bad = "not-a-uuid-at-all" if problem == "invalid" else first.upper()
     execute(legacy_no_fk_db, "INSERT INTO users (id, email) VALUES (%s, 'bad@x')", (bad,))
@@ -268,7 +263,7 @@ def test_bad_ids_refuse_migrate_users_before_any_change(legacy_no_fk_db: str,
 
 
 def test_full_migration_refuses_dirty_data_before_the_backup(legacy_no_fk_db: str) -> None:
-    seeded(legacy_no_fk_db, 30, dirty=True)
+    seeded(legacy_no_fk_db, users=30, dirty=True)
     before = print_of(legacy_no_fk_db, include_backup=True)
     result = operate(legacy_no_fk_db, "full_migration")
     assert result.exit_code == 1
@@ -279,7 +274,7 @@ def test_full_migration_refuses_dirty_data_before_the_backup(legacy_no_fk_db: st
 
 
 def test_migrate_foreign_keys_needs_migrated_users(legacy_db: str) -> None:
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     run_ok(legacy_db, "backup_data")
     result = operate(legacy_db, "migrate_foreign_keys")
     assert result.exit_code == 1
@@ -293,7 +288,7 @@ def test_steps_without_a_backup_are_refused(legacy_db: str) -> None:
 
 
 def test_backup_is_verified_and_never_overwritten(legacy_db: str) -> None:
-    seeded(legacy_db, 10)
+    seeded(legacy_db, users=10)
     run_ok(legacy_db, "backup_data")
     counts = execute(legacy_db, "SELECT table_name, row_count FROM migration_backup.backup_tables "
                                 "ORDER BY 1")
@@ -310,7 +305,7 @@ def test_backup_is_verified_and_never_overwritten(legacy_db: str) -> None:
 
 
 def test_cleanup_needs_a_passing_validation_unless_forced(legacy_db: str) -> None:
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     run_ok(legacy_db, "backup_data")
     refused = operate(legacy_db, "cleanup_backup")
     assert refused.exit_code == 1
@@ -336,7 +331,7 @@ def test_a_second_concurrent_run_is_refused_naming_the_holder(legacy_db: str) ->
 
 
 def test_a_locked_table_makes_ddl_time_out_and_retry(legacy_db: str, tmp_path: Path) -> None:
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     run_ok(legacy_db, "backup_data")
     blocker = connect(legacy_db, autocommit=False)
     with blocker.cursor() as cur:
@@ -355,7 +350,7 @@ def test_a_locked_table_makes_ddl_time_out_and_retry(legacy_db: str, tmp_path: P
 
 def test_a_lock_never_released_fails_cleanly(legacy_db: str) -> None:
     """Three short attempts (the default is 30): the failure names who held the lock."""
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     run_ok(legacy_db, "backup_data")
     blocker = connect(legacy_db, application_name="the-application", autocommit=False)
     blocker_pid = blocker.get_backend_pid()
@@ -387,13 +382,13 @@ def test_every_engine_statement_runs_under_the_statement_timeout(legacy_db: str)
 def test_the_owner_is_no_superuser(legacy_db: str) -> None:
     assert execute(legacy_db, "SELECT rolsuper, rolcreatedb FROM pg_roles "
                               "WHERE rolname = current_user") == [(False, False)]
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     run_ok(legacy_db, "full_migration")
 
 
 def test_the_password_never_leaks(legacy_db: str, tmp_path: Path) -> None:
     password = legacy_db.split("://", 1)[1].split("@", 1)[0].split(":", 1)[1]
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     log = tmp_path / "migration.log"
     outputs = [operate(legacy_db, op, log_file=log).output
                for op in ("full_migration", "status", "rollback", "validate_migration")]
@@ -476,7 +471,7 @@ def test_a_read_only_role_cannot_run_a_changing_operation(legacy_db: str,
 ], ids=["view", "trigger", "check", "policy"])
 def test_objects_the_swap_cannot_carry_are_refused_by_name(
         legacy_db: str, blocker: str, name: str) -> None:
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     execute(legacy_db, blocker)
     before = print_of(legacy_db, include_backup=True)
     result = operate(legacy_db, "full_migration")
@@ -487,7 +482,7 @@ def test_objects_the_swap_cannot_carry_are_refused_by_name(
 
 def test_a_child_that_spells_its_parent_differently_is_reported_and_kept(
         legacy_no_fk_db: str) -> None:
-    seeded(legacy_no_fk_db, 5)
+    seeded(legacy_no_fk_db, users=5)
     user = str(execute(legacy_no_fk_db, "SELECT min(id) FROM users")[0][0])
     execute(legacy_no_fk_db, "UPDATE tags SET user_id = upper(user_id) WHERE user_id = %s",
             (user,))
@@ -505,7 +500,7 @@ def test_column_grants_on_the_key_columns_survive_the_swap_and_the_rollback(
     sandbox.admin_execute(sql.SQL(
         "DO $$BEGIN CREATE ROLE reporting NOLOGIN; "
         "EXCEPTION WHEN duplicate_object THEN NULL; END$$"))
-    seeded(legacy_db, 5)
+    seeded(legacy_db, users=5)
     execute(legacy_db, "GRANT SELECT (id, email) ON users TO reporting;"
                        "GRANT REFERENCES (id) ON users TO PUBLIC;"
                        "GRANT SELECT (user_id), UPDATE (user_id) ON tags TO reporting "

@@ -35,6 +35,7 @@ from tests.operate import (
     print_of,
     run_in_process,
     run_ok,
+    seeded,
 )
 
 PARTITIONED_JOURNAL = """
@@ -72,8 +73,7 @@ def partitioned(sandbox: Sandbox) -> Iterator[str]:
     sandbox.drop_database(name)
     dsn = sandbox.create_database(name, variant="legacy")
     execute(dsn, PARTITIONED_JOURNAL)
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, SEED_USERS)
+    seeded(dsn, users=SEED_USERS)
     yield name
     sandbox.drop_database(name)
 
@@ -430,8 +430,7 @@ def test_a_sub_partitioned_primary_key_over_the_key_is_carried(legacy_db: str) -
     leaf's replica identity and index comment; the table stays published and writable,
     the key unique; rollback puts the strings back exactly."""
     execute(legacy_db, KEYED_BY_USER)
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, SEED_USERS)
+    seeded(legacy_db, users=SEED_USERS)
     tree = execute(legacy_db, CONSTRAINT_TREE)
     assert ("journal_entries_late", "journal_entries_late_own_name", "p",
             "PRIMARY KEY (user_id, id, created_at)", "journal_entries_pkey", True, False,

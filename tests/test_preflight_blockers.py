@@ -17,8 +17,17 @@ import pytest
 
 from migration.rehearsal.sandbox import Sandbox
 from migration.session import Settings
-from tests.operate import connected, execute, operate, print_of, refusal, run_in_process, run_ok
-from tests.test_schema_shapes import UPDATED_AT, seeded
+from tests.operate import (
+    connected,
+    execute,
+    operate,
+    print_of,
+    refusal,
+    run_in_process,
+    run_ok,
+    seeded,
+)
+from tests.shapes import UPDATED_AT
 
 _numbers = itertools.count()
 

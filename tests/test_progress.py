@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import io
-
 import pytest
 
 from migration.operations import OPERATIONS, run
 from migration.progress import Progress
-from migration.rehearsal.seed import seed
 from migration.session import Session, Settings
-from tests.operate import connected, execute, run_ok
+from tests.operate import Terminal, execute, run_ok, seeded
 
 
 def test_the_line_shows_rows_rate_and_eta(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -49,17 +46,11 @@ def test_rows_resumed_from_an_earlier_run_count_as_done_but_not_in_the_rate(
     assert progress.line() == "x: 2,000 rows, 100 rows/s, ETA 10 s"
 
 
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
-
-
 def test_the_connections_of_a_fill_share_one_line(legacy_db: str,
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """Two jobs filling three tables draw one line with every row of the three, not a line
     per slice overwriting each other."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 60)
+    seeded(legacy_db, users=60)
     for step in ("backup_data", "migrate_users"):
         run_ok(legacy_db, step)
     terminal = Terminal()
@@ -81,8 +72,7 @@ def test_rollback_after_the_swap_shows_its_fills(legacy_db: str,
                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     """The way back fills string copies as the migration fills uuid ones: the parent's, then
     its children's, each with its line, as migrate_users and migrate_foreign_keys show them."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 60)
+    seeded(legacy_db, users=60)
     for step in ("backup_data", "migrate_users", "migrate_foreign_keys"):
         run_ok(legacy_db, step)
     terminal = Terminal()

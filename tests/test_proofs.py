@@ -13,13 +13,7 @@ from urllib.parse import urlsplit
 from migration import convert
 from migration.model import Table
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
-from tests.operate import connected, execute, run_in_process, run_ok
-
-
-def seeded(dsn: str) -> None:
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, 60)
+from tests.operate import connected, execute, run_in_process, run_ok, seeded
 
 
 def admin_dsn(sandbox: Sandbox, dsn: str) -> str:
@@ -40,7 +34,7 @@ def sequential_scans(admin: str, table: str) -> int:
 
 
 def test_two_checks_are_validated_in_one_scan(legacy_db: str, sandbox: Sandbox) -> None:
-    seeded(legacy_db)
+    seeded(legacy_db, users=60)
     admin = admin_dsn(sandbox, legacy_db)
     execute(legacy_db, "ALTER TABLE users ADD COLUMN id_copy uuid; "
                        "UPDATE users SET id_copy = id::uuid; "
@@ -57,7 +51,7 @@ def test_two_checks_are_validated_in_one_scan(legacy_db: str, sandbox: Sandbox) 
 
 
 def test_the_fill_proofs_of_a_not_null_column_are_validated_together(legacy_db: str) -> None:
-    seeded(legacy_db)
+    seeded(legacy_db, users=60)
     run_ok(legacy_db, "backup_data")
     reached: list[str] = []
     outcome = run_in_process(legacy_db, "migrate_users", reached=reached)

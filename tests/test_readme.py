@@ -13,8 +13,7 @@ from click.testing import CliRunner
 
 from migration import verify
 from migration.cli import main
-from migration.rehearsal.seed import seed
-from tests.operate import PLAN_KEYS, connected, execute
+from tests.operate import PLAN_KEYS, execute, seeded
 
 PROJECT = Path(__file__).resolve().parents[1]
 
@@ -106,8 +105,7 @@ def test_the_readmes_commands_for_ones_own_database_run_as_written(
     """Each line of "Using it on your database", in order, from the directory an operator
     would run them in, with DATABASE_URL set to a legacy database: each exits 0, and the
     keys are uuid at the end."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     monkeypatch.chdir(tmp_path)
     section = readme_section("Using it on your database")
     block = section.split("```bash\n", 1)[1].split("```", 1)[0]

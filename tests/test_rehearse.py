@@ -41,7 +41,7 @@ from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.throwaway import Server
 from migration.report import Finding, Status
 from migration.session import Session, Settings
-from tests.test_progress import Terminal
+from tests.operate import Terminal
 
 # Rehearsals start their own throwaway servers: once per tox run is enough.
 pytestmark = pytest.mark.once

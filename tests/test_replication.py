@@ -15,32 +15,29 @@ The refusals need no subscriber: a publication can be created whatever ``wal_lev
 from __future__ import annotations
 
 import itertools
-import threading
-import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
-from click.testing import CliRunner
 from psycopg2 import sql
 
-from migration import verify
 from migration.rehearsal.sandbox import Sandbox, prepare
-from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, embedded_bin_dir, start_cluster
 from migration.session import Session, Settings
-from tests.operate import connected, execute, refusal, run_in_process, run_ok, wait_until
+from tests.operate import (
+    execute,
+    refusal,
+    run_in_process,
+    run_ok,
+    run_verify,
+    seeded,
+    wait_until,
+)
+from tests.replicas import CATCH_UP_LIMIT_S, TABLES, rows, writing
 
-TABLES = ("users", "journal_entries", "tags", "reminders")
-KEY_COLUMNS = ("id", "user_id")
-# How long a subscriber may take to catch up before the test gives up on it (a wait, not
-# an assertion: a healthy subscriber is there in well under a second).
-CATCH_UP_LIMIT_S = 180.0
 _names = itertools.count(1)
 
 
@@ -79,8 +76,7 @@ def replica(logical: Sandbox) -> Replica:
     name = f"repl_{next(_names)}"
     publisher = logical.create_database(f"{name}_pub")
     subscriber = logical.create_database(f"{name}_sub")
-    with connected(publisher, autocommit=False) as conn:
-        seed(conn, 40)
+    seeded(publisher, users=40)
     execute(publisher, "CREATE PUBLICATION app_pub FOR TABLE users, journal_entries, tags, "
                        "reminders")
     found = Replica(publisher, subscriber, logical.admin_dsn_for(f"{name}_pub"),
@@ -102,21 +98,6 @@ def errors(replica: Replica) -> int:
                          "FROM pg_stat_subscription_stats WHERE subname = %s",
                          (replica.subscription,))
     return int(str(count))
-
-
-def rows(dsn: str, table: str, columns: set[str]) -> list[str]:
-    """The table's rows by value: the subscriber's columns, key columns as uuids."""
-    found = []
-    for (row,) in execute(dsn, sql.SQL("SELECT to_jsonb(t) FROM {} t").format(
-            sql.Identifier(table))):
-        assert isinstance(row, dict)
-        values: dict[str, Any] = {name: value for name, value in row.items()
-                                  if name in columns}
-        for name in KEY_COLUMNS:
-            if values.get(name) is not None:
-                values[name] = str(uuid.UUID(values[name]))
-        found.append(repr(sorted(values.items())))
-    return sorted(found)
 
 
 def differences(replica: Replica) -> dict[str, tuple[int, int]]:
@@ -142,57 +123,6 @@ def assert_replicated(replica: Replica) -> None:
     assert differences(replica) == {}
 
 
-@dataclass
-class Writer:
-    """The application writing on the publisher, in a thread, until stopped: a user and
-    its journal entry and tag inserted, a user updated, a reminder deleted, per round."""
-
-    dsn: str
-    rounds: int = 0
-    failures: list[BaseException] = field(default_factory=list)
-    started: threading.Event = field(default_factory=threading.Event)
-    stop: threading.Event = field(default_factory=threading.Event)
-
-    def run(self) -> None:
-        try:
-            with connected(self.dsn) as conn, conn.cursor() as cur:
-                while not self.stop.is_set():
-                    self.one_round(cur)
-                    self.rounds += 1
-                    self.started.set()
-        except BaseException as exc:
-            self.failures.append(exc)
-            self.started.set()
-
-    def one_round(self, cur: Any) -> None:
-        n = self.rounds
-        cur.execute("INSERT INTO users (email, display_name) VALUES (%s, 'writer') "
-                    "RETURNING id", (f"writer-{uuid.uuid4()}@example.com",))
-        [(user,)] = cur.fetchall()
-        cur.execute("INSERT INTO journal_entries (user_id, title) VALUES (%s, %s)",
-                    (str(user), f"entry {n}"))
-        cur.execute("INSERT INTO tags (user_id, name) VALUES (%s, %s)", (str(user), f"t{n}"))
-        cur.execute("UPDATE users SET display_name = %s WHERE id = (SELECT id FROM users "
-                    "ORDER BY email OFFSET %s LIMIT 1)", (f"renamed {n}", n % 40))
-        cur.execute("DELETE FROM reminders WHERE id = (SELECT id FROM reminders "
-                    "ORDER BY id LIMIT 1)")
-
-
-@contextmanager
-def writing(dsn: str) -> Iterator[Writer]:
-    """The application writing throughout the block (one round at least before it)."""
-    writer = Writer(dsn)
-    thread = threading.Thread(target=writer.run, name="writer")
-    thread.start()
-    writer.started.wait()
-    try:
-        yield writer
-    finally:
-        writer.stop.set()
-        thread.join()
-    assert writer.failures == [], "an application write failed"
-
-
 def column_lists(dsn: str) -> dict[str, list[str] | None]:
     """Each table's column list in app_pub (None: every column)."""
     found = execute(dsn, "SELECT c.relname::text, CASE WHEN r.prattrs IS NULL THEN NULL ELSE "
@@ -208,13 +138,6 @@ def column_lists(dsn: str) -> dict[str, list[str] | None]:
 ORIGINAL = dict.fromkeys(TABLES)
 
 
-def run_verify(dsn: str) -> int:
-    result = CliRunner().invoke(verify.main, ["--database-url", dsn])
-    assert not isinstance(result.exception, Exception) or isinstance(result.exception,
-                                                                    SystemExit), result.output
-    return result.exit_code
-
-
 @pytest.mark.once
 def test_a_subscriber_keeps_up_through_the_migration_and_the_rollback(replica: Replica) -> None:
     with writing(replica.publisher):
@@ -223,7 +146,7 @@ def test_a_subscriber_keeps_up_through_the_migration_and_the_rollback(replica: R
     assert column_lists(replica.publisher) == ORIGINAL  # the original definition, back
     assert "their subscribers now receive" in " ".join(result.output.split())
     assert f"application '{replica.subscription}'" not in result.output  # a WAL sender
-    assert run_verify(replica.publisher) == 0
+    assert run_verify(replica.publisher).exit_code == 0
     with writing(replica.publisher):
         run_ok(replica.publisher, "rollback")
     assert column_lists(replica.publisher) == ORIGINAL
@@ -246,7 +169,7 @@ def test_a_subscribers_own_tables_are_migrated_while_it_applies(replica: Replica
         run_ok(replica.subscriber, "full_migration")
     assert writer.rounds > 0
     assert_replicated(replica)
-    assert run_verify(replica.subscriber) == 0
+    assert run_verify(replica.subscriber).exit_code == 0
     # the apply worker is the subscriber's only writer: these are replicated writes (and
     # verify, which finds a change made behind the log, passed)
     assert execute(replica.subscriber, "SELECT count(*) > 0 FROM migration_backup.change_log "
@@ -338,8 +261,7 @@ def _admin(sandbox: Sandbox, dsn: str) -> str:
 
 def test_publications_that_take_no_column_list_are_refused_by_name(
         legacy_db: str, sandbox: Sandbox) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     execute(_admin(sandbox, legacy_db),
             "CREATE PUBLICATION everything FOR ALL TABLES; "
             "CREATE PUBLICATION by_schema FOR TABLES IN SCHEMA public; "
@@ -367,8 +289,7 @@ def test_publications_that_take_no_column_list_are_refused_by_name(
 def test_ids_not_in_canonical_form_on_a_published_table_are_warned_of(legacy_db: str) -> None:
     """A subscriber holds them as spelled; after the swap the publisher sends them in
     canonical form, and the subscriber skips the updates it cannot match (no error)."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     execute(legacy_db, "INSERT INTO users (id, email) VALUES "
                        "(upper(gen_random_uuid()::text), 'upper@example.com'); "
                        "CREATE PUBLICATION app_pub FOR TABLE users")

@@ -9,12 +9,10 @@ resuming reaches the same end state as an uninterrupted run, and that
 
 from __future__ import annotations
 
-import itertools
 import os
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import psycopg2
 import psycopg2.errors
@@ -23,14 +21,10 @@ from psycopg2 import sql
 
 from migration.cli import CRASH_VARIABLE
 from migration.model import Table, shadow_name
-from migration.rehearsal.fingerprint import Fingerprint, expected_after_migration
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.operate import (
-    MIGRATED_DEFAULTS,
     MISSED_REMINDER,
-    PLAN_KEYS,
     connected,
     execute,
     miss_a_reminder,
@@ -40,74 +34,7 @@ from tests.operate import (
     run_in_process,
     run_ok,
 )
-
-SEED_USERS = 12  # with batches of 7: two batches for users, more for each child
-ORPHAN = "00000000-0000-4000-8000-0000000000cc"
-_numbers = itertools.count()
-
-
-@dataclass
-class Scenario:
-    dsn: str
-    admin_dsn: str
-    original: Fingerprint
-    migrated: Fingerprint | None  # expected after a full migration (clean data only)
-
-    def crash(self, operation: str, point: str) -> None:
-        """Run ``operation`` and kill its connection when it reaches ``point``."""
-        with pytest.raises(psycopg2.OperationalError):
-            run_in_process(self.dsn, operation, admin_dsn=self.admin_dsn, crash_at=point)
-
-    def stage(self) -> str:
-        return str(run_in_process(self.dsn, "status").details["stage"])
-
-    def assert_original(self) -> None:
-        after = print_of(self.dsn)
-        assert after == self.original, "\n".join(self.original.diff(after))
-
-    def assert_migrated(self) -> None:
-        assert self.migrated is not None
-        after = print_of(self.dsn)
-        assert after == self.migrated, "\n".join(self.migrated.diff(after))
-
-
-@pytest.fixture(scope="module")
-def seeded(sandbox: Sandbox) -> Iterator[dict[str, str]]:
-    """A seeded database per schema variant (the no-FK one with an orphan reminder)."""
-    names = {}
-    for variant in ("legacy", "legacy_no_fk"):
-        name = f"{sandbox.prefix}_seeded_{variant}"
-        sandbox.drop_database(name)
-        dsn = sandbox.create_database(name, variant=variant)
-        with connected(dsn, autocommit=False) as conn:
-            seed(conn, SEED_USERS)
-        if variant == "legacy_no_fk":
-            execute(dsn, "UPDATE reminders SET user_id = %s WHERE id = "
-                         "(SELECT min(id) FROM reminders WHERE user_id IS NOT NULL)", (ORPHAN,))
-        names[variant] = name
-    yield names
-    for name in names.values():
-        sandbox.drop_database(name)
-
-
-@pytest.fixture
-def scenario(sandbox: Sandbox, seeded: dict[str, str]) -> Iterator[Callable[..., Scenario]]:
-    """Makes scenarios: fresh clones of the seeded databases, dropped afterwards."""
-    made: list[str] = []
-
-    def make(variant: str = "legacy") -> Scenario:
-        name = f"{sandbox.prefix}_scenario_{next(_numbers)}"
-        dsn = sandbox.clone(seeded[variant], name)
-        made.append(name)
-        migrated = None
-        if variant == "legacy":
-            with connected(dsn, autocommit=False) as conn:
-                migrated = expected_after_migration(conn, PLAN_KEYS, defaults=MIGRATED_DEFAULTS)
-        return Scenario(dsn, sandbox.admin_dsn_for(name), print_of(dsn), migrated)
-
-    yield make
-    for name in made:
-        sandbox.drop_database(name)
+from tests.scenario import ORPHAN, UPPER, Scenario
 
 
 def _to_backup(s: Scenario) -> None:
@@ -226,10 +153,10 @@ def _points_of(dsn: str, operation: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def fault_points(sandbox: Sandbox, seeded: dict[str, str]) -> list[str]:
+def fault_points(sandbox: Sandbox, seeded_templates: dict[str, str]) -> list[str]:
     """Every point an uninterrupted full migration passes, in order."""
     name = f"{sandbox.prefix}_points"
-    dsn = sandbox.clone(seeded["legacy"], name)
+    dsn = sandbox.clone(seeded_templates["legacy"], name)
     try:
         return _points_of(dsn, "full_migration")
     finally:
@@ -450,9 +377,6 @@ def test_an_index_build_left_invalid_is_built_again(scenario: Callable[..., Scen
     result = run_ok(s.dsn, "full_migration")
     assert f"index {copy} was left invalid by an interrupted build" in result.output
     s.assert_migrated()
-
-
-UPPER = "ABCDEF01-2345-4678-9ABC-DEF012345678"
 
 
 def test_rows_written_after_the_swap_take_their_parent_s_original_spelling(

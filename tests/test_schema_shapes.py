@@ -7,27 +7,17 @@ name everything at once and change nothing (the fingerprint proves it).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
 from psycopg2 import sql
 
-from migration.connection import connect
 from migration.preflight import UniqueIndex, collision_indexes
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
-from migration.rehearsal.seed import seed
-from tests.operate import execute, operate, print_of, refusal, run_ok
-
-USERS = 6
-
-UPDATED_AT = """
-ALTER TABLE users ADD COLUMN updated_at timestamptz NOT NULL DEFAULT '2000-01-01';
-CREATE FUNCTION touch_updated_at() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN NEW.updated_at := clock_timestamp(); RETURN NEW; END$$;
-CREATE TRIGGER users_updated_at BEFORE UPDATE ON users
-    FOR EACH ROW EXECUTE FUNCTION touch_updated_at();
-"""
+from tests.operate import SEEDED_USERS, execute, operate, print_of, refusal, run_ok, seeded
+from tests.scenario import Scenario
+from tests.shapes import UPDATED_AT
 
 # The body names its table without a schema, as applications do.
 AUDIT = """
@@ -46,16 +36,6 @@ CREATE TRIGGER users_lower_id BEFORE INSERT ON users
 """
 
 STAMPS = "SELECT id::text, updated_at FROM users ORDER BY id::text"
-
-
-def seeded(dsn: str, *shapes: str) -> None:
-    conn = connect(dsn, autocommit=False)
-    try:
-        seed(conn, USERS)
-    finally:
-        conn.close()
-    for shape in shapes:
-        execute(dsn, shape)
 
 
 @contextmanager
@@ -112,7 +92,7 @@ def test_allow_triggers_lets_them_fire_with_the_roles_own_search_path(legacy_db:
             "EACH ROW, function public.audit_users()) fires for every row the fill of id_uuid "
             "updates (accepted by --allow-triggers)") in result.output
     assert execute(legacy_db, "SELECT count(*), count(DISTINCT email) FROM audit_log") == [
-        (USERS, USERS)]
+        (SEEDED_USERS, SEEDED_USERS)]
     assert execute(legacy_db, "SELECT count(*) FROM users "
                               "WHERE updated_at = '2000-01-01'") == [(0,)]
 
@@ -302,31 +282,32 @@ PUBLISHED = ("SELECT pubname, tablename, ARRAY(SELECT unnest(attnames) ORDER BY 
              "FROM pg_publication_tables ORDER BY 1, 2")
 
 
-def test_publication_column_lists_and_row_filters_on_the_key_are_carried(legacy_db: str) -> None:
+def test_publication_column_lists_and_row_filters_on_the_key_are_carried(
+        shaped: Callable[..., Scenario]) -> None:
     """A publication's column list or row filter depends on the column (DROP COLUMN would
     fail): the swap takes the table out and puts it back as it was, both ways."""
-    seeded(legacy_db, "CREATE PUBLICATION tag_columns FOR TABLE tags (id, user_id, name)",
-           "CREATE PUBLICATION new_tags FOR TABLE tags WHERE (user_id IS NOT NULL) "
-           "WITH (publish = 'insert')",
-           "CREATE PUBLICATION user_emails FOR TABLE users (id, email), reminders")
-    published = execute(legacy_db, PUBLISHED)
+    s = shaped("CREATE PUBLICATION tag_columns FOR TABLE tags (id, user_id, name)",
+               "CREATE PUBLICATION new_tags FOR TABLE tags WHERE (user_id IS NOT NULL) "
+               "WITH (publish = 'insert')",
+               "CREATE PUBLICATION user_emails FOR TABLE users (id, email), reminders")
+    published = execute(s.dsn, PUBLISHED)
     assert len(published) == 4
-    original = print_of(legacy_db)
-    run_ok(legacy_db, "full_migration")
-    assert execute(legacy_db, PUBLISHED) == published
-    execute(legacy_db, "UPDATE tags SET color = color")  # published: needs its identity
-    run_ok(legacy_db, "validate_migration")
-    execute(legacy_db, "ALTER PUBLICATION tag_columns SET TABLE tags (id, name)")
-    result = operate(legacy_db, "validate_migration")  # mutation: the list is compared
-    assert result.exit_code == 1
-    assert "[FAIL] publications public.tags tag_columns: publication membership changed" \
-        in " ".join(result.output.split()), result.output
-    execute(legacy_db, "ALTER PUBLICATION tag_columns SET TABLE tags (id, user_id, name)")
-    run_ok(legacy_db, "rollback")
-    assert execute(legacy_db, PUBLISHED) == published
-    execute(legacy_db, "UPDATE tags SET color = color")
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, PUBLISHED) == published
+        execute(dsn, "UPDATE tags SET color = color")  # published: needs its identity
+        execute(dsn, "ALTER PUBLICATION tag_columns SET TABLE tags (id, name)")
+        result = operate(dsn, "validate_migration")  # mutation: the list is compared
+        assert result.exit_code == 1
+        assert "[FAIL] publications public.tags tag_columns: publication membership changed" \
+            in " ".join(result.output.split()), result.output
+        execute(dsn, "ALTER PUBLICATION tag_columns SET TABLE tags (id, user_id, name)")
+
+    def after_rollback(dsn: str) -> None:
+        assert execute(dsn, PUBLISHED) == published
+        execute(dsn, "UPDATE tags SET color = color")
+
+    s.round_trip(after_swap=after_swap, after_rollback=after_rollback)
 
 
 def test_a_row_filter_that_would_not_compile_is_refused_by_its_name(legacy_db: str) -> None:

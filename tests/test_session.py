@@ -13,7 +13,6 @@ from contextlib import contextmanager
 
 import psycopg2.extensions
 import pytest
-from psycopg2 import sql
 
 from migration import catalog
 from migration.connection import Connection, connect, engine_application_name
@@ -21,7 +20,14 @@ from migration.errors import MigrationError
 from migration.model import Table
 from migration.operations import OPERATIONS, run
 from migration.session import ADVISORY_KEYS, Session, Settings, ddl_pause
-from tests.operate import connected, execute, operate, run_ok
+from tests.operate import (
+    connected,
+    execute,
+    operate,
+    run_ok,
+    table_locked_past_the_timeout,
+    wait_for_engine_lock_wait,
+)
 
 QUIET = Settings(show_progress=False)
 
@@ -65,42 +71,6 @@ def run_lock_held_by(dsn: str, application_name: str) -> Iterator[Connection]:
         yield holder
     finally:
         holder.close()
-
-
-def wait_for_engine_lock_wait(dsn: str, seen: list[bool]) -> None:
-    """Until an engine backend waits for a lock (at most 20 s); ``seen`` records whether."""
-    for _ in range(1000):
-        rows = execute(dsn, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                            "AND application_name = %s", (engine_application_name(),))
-        if rows:
-            seen.append(True)
-            return
-        time.sleep(0.02)
-    seen.append(False)
-
-
-@contextmanager
-def table_locked_past_the_timeout(dsn: str, table: str, hold: float) -> Iterator[list[bool]]:
-    """ACCESS EXCLUSIVE on ``table`` until an engine statement has waited ``hold`` seconds
-    for it; yields whether one did."""
-    blocker = connect(dsn, application_name="application", autocommit=False)
-    with blocker.cursor() as cur:
-        cur.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(
-            sql.Identifier(table)))
-    seen: list[bool] = []
-
-    def release() -> None:
-        wait_for_engine_lock_wait(dsn, seen)
-        time.sleep(hold)
-        blocker.rollback()
-
-    releaser = threading.Thread(target=release)
-    releaser.start()
-    try:
-        yield seen
-    finally:
-        releaser.join()
-        blocker.close()
 
 
 # -- 1. a killed run lets go at once -------------------------------------------------------

@@ -30,7 +30,6 @@ from psycopg2 import sql
 
 from migration.operations import Outcome
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
-from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import (
     Server,
     _free_port,
@@ -40,8 +39,8 @@ from migration.rehearsal.throwaway import (
     start_cluster,
 )
 from migration.session import Settings
-from tests.operate import connected, execute, run_in_process, run_ok, wait_until
-from tests.test_replication import CATCH_UP_LIMIT_S, TABLES, rows, run_verify, writing
+from tests.operate import execute, run_in_process, run_ok, run_verify, seeded, wait_until
+from tests.replicas import CATCH_UP_LIMIT_S, TABLES, rows, writing
 
 _names = iter(range(1, 1000))
 
@@ -109,8 +108,7 @@ def cluster(pg_server: Server) -> Iterator[Cluster]:
 def database(cluster: Cluster) -> str:
     """A seeded database of the legacy schema on the primary (the owner's DSN)."""
     dsn = cluster.primary.create_database(f"standby_{next(_names)}")
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, 40)
+    seeded(dsn, users=40)
     return dsn
 
 
@@ -147,7 +145,7 @@ def test_a_standby_replays_the_migration_and_the_rollback(cluster: Cluster,
                                                           database: str) -> None:
     with writing(database):
         run_ok(database, "full_migration")
-    assert run_verify(database) == 0
+    assert run_verify(database).exit_code == 0
     assert_standby_reads_the_primary(cluster, database, "uuid")
     with writing(database):
         run_ok(database, "rollback")
@@ -242,7 +240,7 @@ def test_the_fill_waits_while_the_standby_is_behind_and_goes_on_when_it_catches_
     assert "s behind (more than --max-replica-lag=1 s): pausing until it catches up" in text
     assert "the standbys caught up: resuming after a pause of" in text
     run_ok(database, "migrate_foreign_keys")
-    assert run_verify(database) == 0
+    assert run_verify(database).exit_code == 0
     assert_standby_reads_the_primary(cluster, database, "uuid")
 
 
@@ -301,4 +299,4 @@ def test_a_failed_fill_worker_stops_the_others_waiting_for_the_standby(
     assert [type(exc) for exc in failures] == [psycopg2.OperationalError]
     run_ok(database, "migrate_users")  # it resumes
     run_ok(database, "migrate_foreign_keys")
-    assert run_verify(database) == 0
+    assert run_verify(database).exit_code == 0

@@ -28,10 +28,10 @@ from migration.cli import QUARANTINE_OPERATIONS
 from migration.errors import MigrationError
 from migration.rehearsal.fingerprint import Fingerprint
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.app_writer import (
     BY_NAME,
+    KNOWN_BROKEN,
     Twin,
     Writer,
     app_dsn,
@@ -41,9 +41,8 @@ from tests.app_writer import (
     write_both,
     writes_to,
 )
-from tests.operate import connected, execute, operate, print_of, run_in_process
+from tests.operate import connected, execute, operate, print_of, run_in_process, seeded
 from tests.strategies import AppWrite
-from tests.test_concurrent_application import KNOWN_BROKEN
 
 OPERATIONS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
               "validate_migration", "full_migration", "rollback", "cleanup_backup")
@@ -161,8 +160,7 @@ def test_any_sequence_of_operations_and_crashes_loses_nothing(sandbox: Sandbox) 
     template = f"{sandbox.prefix}_machine_template"
     sandbox.drop_database(template)
     dsn = sandbox.create_database(template, variant="legacy_no_fk")
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, 10)
+    seeded(dsn, users=10)
     execute(dsn, "UPDATE tags SET user_id = '00000000-0000-4000-8000-0000000000dd' "
                  "WHERE id = (SELECT min(id) FROM tags)")
     password = secrets.token_urlsafe(12)

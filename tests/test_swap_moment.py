@@ -13,8 +13,7 @@ from psycopg2 import sql
 from migration import verify
 from migration.connection import connect
 from migration.rehearsal.sandbox import Sandbox, with_credentials
-from migration.rehearsal.seed import seed
-from tests.operate import connected, execute, run_ok
+from tests.operate import execute, run_ok, seeded
 
 PLAN = (("users", "id"), ("journal_entries", "user_id"), ("tags", "user_id"),
         ("reminders", "user_id"))
@@ -33,8 +32,7 @@ def test_recycle_sessions_ends_only_the_idle_sessions_of_the_named_roles(
     connected before it and are idle are ended; one idle in a transaction, and one of a
     role the migrating role may not signal (a superuser's), are left and named, and a
     session of a role not named is not touched."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     admin_dsn = sandbox.admin_dsn_for(urlsplit(legacy_db).path.lstrip("/"))  # superuser
     idle = connect(legacy_db, application_name="billing-app", autocommit=True)
     in_transaction = connect(legacy_db, application_name="billing-batch", autocommit=False)
@@ -83,8 +81,7 @@ def one_line(text: str) -> str:
 
 def test_the_sessions_connected_before_the_swap_are_named_until_they_are_recycled(
         legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     before = connect(legacy_db, application_name="billing-app", autocommit=True)
     try:
         with before.cursor() as cur:
@@ -159,8 +156,7 @@ def change_log_triggers(dsn: str) -> int:
 
 
 def test_postpone_swap_stops_ready_to_swap_and_the_next_run_swaps(legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 30)
+    seeded(legacy_db, users=30)
     output = one_line(run_ok(legacy_db, "full_migration", "--postpone-swap").output)
     assert output.startswith("ready to swap: 4 column(s) expanded and proven")
     assert "next: data-migration --operation=full_migration (without --postpone-swap) swaps" \

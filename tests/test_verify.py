@@ -26,23 +26,16 @@ import pytest
 from click.testing import CliRunner
 from psycopg2 import sql
 
-from migration import checks, cli, verify
+from migration import checks, cli
 from migration.connection import connect
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.sandbox import Sandbox, with_credentials
-from migration.rehearsal.seed import seed
 from migration.report import Finding, Status
-from tests.operate import execute
+from tests.operate import execute, run_verify, seeded
 
 USERS = 50
 VARIANTS = ("legacy", "legacy_no_fk")
 CHECK_NAMES = list(checks.CHECK_NAMES)
-
-
-@dataclass(frozen=True)
-class Outcome:
-    exit_code: int
-    output: str
 
 
 # What the migration must carry through besides the tables, in every migrated copy: a
@@ -58,23 +51,10 @@ CREATE STATISTICS public.reminders_user_done ON user_id, done FROM public.remind
 
 def migrate(dsn: str, log: Path) -> None:
     """Seed the empty legacy tables and run the whole runbook."""
-    conn = connect(dsn)
-    try:
-        seed(conn, USERS)
-    finally:
-        conn.close()
+    seeded(dsn, users=USERS)
     result = CliRunner().invoke(cli.main, ["--operation=full_migration", "--database-url", dsn,
                                            "-q", "--log-file", str(log)])
     assert result.exit_code == 0, result.output
-
-
-def run_verify(dsn: str | None, *args: str) -> Outcome:
-    """``verify`` in-process; a crash (anything but an exit) fails the test."""
-    options = ["--database-url", dsn] if dsn else []
-    result = CliRunner().invoke(verify.main, [*options, *args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    return Outcome(result.exit_code, result.output)
 
 
 def verify_json(dsn: str, *args: str) -> tuple[int, dict[str, Any]]:
@@ -661,11 +641,7 @@ def test_what_the_migration_adds_to_the_backup_later_stays_private(
     the engine chose) are made private too, whatever the default privileges give."""
     execute(legacy_no_fk_db, "ALTER DEFAULT PRIVILEGES GRANT SELECT ON TABLES TO PUBLIC, "
                              "pg_monitor")
-    conn = connect(legacy_no_fk_db)
-    try:
-        seed(conn, USERS)
-    finally:
-        conn.close()
+    seeded(legacy_no_fk_db, users=USERS)
     execute(legacy_no_fk_db, "INSERT INTO reminders (user_id, remind_at) "
                              "VALUES ('00000000-0000-4000-8000-0000000000cc', now())")
     result = CliRunner().invoke(cli.main, [

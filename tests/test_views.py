@@ -6,6 +6,8 @@ view)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import psycopg2.errors
 import pytest
 from psycopg2 import sql
@@ -20,8 +22,9 @@ from tests.operate import (
     refusal,
     run_in_process,
     run_ok,
+    seeded,
 )
-from tests.test_schema_shapes import seeded
+from tests.scenario import Scenario
 
 VIEWS = """
 CREATE VIEW user_tags WITH (security_barrier) AS
@@ -55,30 +58,31 @@ TYPES = ("SELECT table_name, column_name, data_type FROM information_schema.colu
          "WHERE table_name = ANY (%s) AND column_name IN ('id', 'user_id') ORDER BY 1, 2")
 
 
-def test_views_over_the_keys_are_carried_both_ways_and_still_work(legacy_db: str) -> None:
-    seeded(legacy_db, VIEWS)
-    shape = execute(legacy_db, SHAPE)
-    rows = {name: execute(legacy_db, query) for name, query in ROWS.items()}
+def test_views_over_the_keys_are_carried_both_ways_and_still_work(
+        shaped: Callable[..., Scenario]) -> None:
+    s = shaped(VIEWS)
+    shape = execute(s.dsn, SHAPE)
+    rows = {name: execute(s.dsn, query) for name, query in ROWS.items()}
     assert all(rows.values())
-    original = print_of(legacy_db)
-    run_ok(legacy_db, "full_migration")
-    assert execute(legacy_db, TYPES, (list(NAMES),)) == [
-        ("active_user_tags", "id", "uuid"), ("own_reminders", "user_id", "uuid"),
-        ("user_tag_counts", "id", "uuid"), ("user_tags", "id", "uuid")]
-    assert {name: execute(legacy_db, query) for name, query in ROWS.items()} == rows
     assert [row[0] for row in shape] == list(NAMES)
-    assert execute(legacy_db, SHAPE) == shape  # the server's text, casts included: the same
-    run_ok(legacy_db, "validate_migration")
-    user = execute(legacy_db, "SELECT id FROM users LIMIT 1")[0][0]
-    with pytest.raises(psycopg2.errors.WithCheckOptionViolation):  # still enforced, now on uuid
-        execute(legacy_db, "INSERT INTO own_reminders VALUES (NULL, 'x', now())")
-    execute(legacy_db, "INSERT INTO own_reminders VALUES (%s, 'new', now())", (user,))
-    execute(legacy_db, "DELETE FROM reminders WHERE note = 'new'")
-    run_ok(legacy_db, "rollback")
-    assert execute(legacy_db, SHAPE) == shape
-    assert {name: execute(legacy_db, query) for name, query in ROWS.items()} == rows
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, TYPES, (list(NAMES),)) == [
+            ("active_user_tags", "id", "uuid"), ("own_reminders", "user_id", "uuid"),
+            ("user_tag_counts", "id", "uuid"), ("user_tags", "id", "uuid")]
+        assert {name: execute(dsn, query) for name, query in ROWS.items()} == rows
+        assert execute(dsn, SHAPE) == shape  # the server's text, casts included: the same
+        user = execute(dsn, "SELECT id FROM users LIMIT 1")[0][0]
+        with pytest.raises(psycopg2.errors.WithCheckOptionViolation):  # enforced, on uuid
+            execute(dsn, "INSERT INTO own_reminders VALUES (NULL, 'x', now())")
+        execute(dsn, "INSERT INTO own_reminders VALUES (%s, 'new', now())", (user,))
+        execute(dsn, "DELETE FROM reminders WHERE note = 'new'")
+
+    def after_rollback(dsn: str) -> None:
+        assert execute(dsn, SHAPE) == shape
+        assert {name: execute(dsn, query) for name, query in ROWS.items()} == rows
+
+    s.round_trip(after_swap=after_swap, after_rollback=after_rollback)
 
 
 def test_a_changed_view_fails_verify(legacy_db: str) -> None:
@@ -287,37 +291,37 @@ COUNTS = "SELECT user_id::text, tags FROM tag_counts ORDER BY 1"
 
 
 def test_materialized_views_are_carried_when_their_refresh_is_accepted(
-        legacy_db: str) -> None:
+        shaped: Callable[..., Scenario]) -> None:
     """Refused by default, named; with --refresh-materialized-views created again empty in
     the swap, with their options, indexes, grants and comments, and refreshed right after
     (one never filled stays so); the same rows, both ways; verify sees one left empty."""
-    seeded(legacy_db, MATERIALIZED)
-    shape, counts = execute(legacy_db, MATERIALIZED_SHAPE), execute(legacy_db, COUNTS)
+    s = shaped(MATERIALIZED)
+    shape, counts = execute(s.dsn, MATERIALIZED_SHAPE), execute(s.dsn, COUNTS)
     assert counts
-    text = refusal(legacy_db)
+    text = refusal(s.dsn)
     for name in ("tag_counts", "never_filled"):
         assert f"materialized view public.{name} depends on the column" in text, text
     assert "--refresh-materialized-views" in text
-    original = print_of(legacy_db)
 
-    run_ok(legacy_db, "full_migration", "--refresh-materialized-views")
-    assert execute(legacy_db, MATERIALIZED_SHAPE) == shape
-    assert execute(legacy_db, COUNTS) == counts
-    assert execute(legacy_db, "SELECT attrelid::regclass::text, format_type(atttypid, NULL) "
-                              "FROM pg_attribute WHERE attname = 'user_id' AND attrelid IN "
-                              "('tag_counts'::regclass, 'busy_users'::regclass) ORDER BY 1") \
-        == [("busy_users", "uuid"), ("tag_counts", "uuid")]
-    run_ok(legacy_db, "validate_migration")
-    execute(legacy_db, "REFRESH MATERIALIZED VIEW tag_counts WITH NO DATA")  # mutation
-    result = operate(legacy_db, "validate_migration")
-    assert "[FAIL] views public.tag_counts: view changed since the backup" in " ".join(
-        result.output.split()), result.output
-    execute(legacy_db, "REFRESH MATERIALIZED VIEW tag_counts")
-    run_ok(legacy_db, "rollback", "--refresh-materialized-views")
-    assert execute(legacy_db, MATERIALIZED_SHAPE) == shape
-    assert execute(legacy_db, COUNTS) == counts
-    after = print_of(legacy_db)
-    assert after == original, "\n".join(original.diff(after))
+    def after_swap(dsn: str) -> None:
+        assert execute(dsn, MATERIALIZED_SHAPE) == shape
+        assert execute(dsn, COUNTS) == counts
+        assert execute(dsn, "SELECT attrelid::regclass::text, format_type(atttypid, NULL) "
+                            "FROM pg_attribute WHERE attname = 'user_id' AND attrelid IN "
+                            "('tag_counts'::regclass, 'busy_users'::regclass) ORDER BY 1") \
+            == [("busy_users", "uuid"), ("tag_counts", "uuid")]
+        execute(dsn, "REFRESH MATERIALIZED VIEW tag_counts WITH NO DATA")  # mutation
+        result = operate(dsn, "validate_migration")
+        assert "[FAIL] views public.tag_counts: view changed since the backup" in " ".join(
+            result.output.split()), result.output
+        execute(dsn, "REFRESH MATERIALIZED VIEW tag_counts")
+
+    def after_rollback(dsn: str) -> None:
+        assert execute(dsn, MATERIALIZED_SHAPE) == shape
+        assert execute(dsn, COUNTS) == counts
+
+    s.round_trip(after_swap=after_swap, after_rollback=after_rollback,
+                 options=("--refresh-materialized-views",))
 
 
 def test_a_refresh_cut_short_after_the_swap_is_resumed(sandbox: Sandbox, legacy_db: str) -> None:
