@@ -17,7 +17,6 @@ from migration import backup
 from migration.model import Table
 from migration.operations import OPERATIONS, run
 from migration.pace import Paced, Pacer, pause_after
-from migration.rehearsal.seed import seed
 from migration.session import Session, Settings
 from tests.operate import (
     connected,
@@ -25,8 +24,9 @@ from tests.operate import (
     operate,
     print_of,
     run_in_process,
+    run_verify,
+    seeded,
 )
-from tests.test_replication import run_verify
 
 # One batch of 10 rows is to take 0.1 s at 100 rows/s: a batch of the tests' small tables
 # takes milliseconds, so every run below waits (at most a few seconds in all).
@@ -84,11 +84,10 @@ def paced_runs(dsn: str) -> dict[str, dict[str, Any]]:
 
 def test_a_bounded_migration_and_rollback_wait_between_batches_and_end_exactly(
         legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 20)
+    seeded(legacy_db, users=20)
     before = print_of(legacy_db)
     run_in_process(legacy_db, "full_migration", settings=PACED)
-    assert run_verify(legacy_db) == 0
+    assert run_verify(legacy_db).exit_code == 0
     run_in_process(legacy_db, "rollback", settings=PACED)
     assert print_of(legacy_db) == before
     paced = paced_runs(legacy_db)
@@ -107,8 +106,7 @@ def test_a_paced_backup_is_copied_in_batches_from_one_snapshot(legacy_db: str) -
     """Between two of the copy's batches the application inserts, updates and deletes
     rows of the table being copied, on pages copied and not yet copied: the copy is
     the tables as they were when it began, and the change log holds those writes."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 300)  # users over several pages: several batches of 10 rows' pages
+    seeded(legacy_db, users=300)  # over several pages: several batches of 10 rows' pages
     tables = ("users", "journal_entries", "tags", "reminders")
     with connected(legacy_db) as conn, conn.cursor() as cur:
         sums = {table: backup.table_checksum(cur, sql.Identifier(table),

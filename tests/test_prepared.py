@@ -12,9 +12,8 @@ import json
 from migration.plan import build_plan
 from migration.rehearsal.prepared import ADVICE, CHECK, Prepared
 from migration.rehearsal.report import Report, as_json, render_junit, render_text
-from migration.rehearsal.seed import seed
 from migration.report import Finding, Status
-from tests.operate import connected, print_of, run_ok
+from tests.operate import connected, print_of, run_ok, seeded
 
 BROKEN = {
     "uuid_migration_select_all": "cached plan must not change result type",
@@ -25,8 +24,8 @@ BROKEN = {
 
 def test_statements_prepared_before_the_migration_are_named_with_the_servers_message(
         legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 10)
+    seeded(legacy_db, users=10)
+    with connected(legacy_db) as conn:
         plan = build_plan(conn)
     with Prepared.open(legacy_db, plan) as pool:
         assert [s.name for s in pool.statements] == list(BROKEN)
@@ -48,8 +47,7 @@ def test_statements_prepared_before_the_migration_are_named_with_the_servers_mes
 def test_a_statement_prepared_after_the_swap_runs(legacy_db: str) -> None:
     """The same statements prepared afresh after the migration run: the findings are about
     the statements' age, not about the migrated schema."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 10)
+    seeded(legacy_db, users=10)
     run_ok(legacy_db, "full_migration")
     with connected(legacy_db) as conn:
         plan = build_plan(conn)

@@ -9,9 +9,8 @@ from __future__ import annotations
 
 from migration.rehearsal.load import PhaseStats
 from migration.rehearsal.report import Report, render_junit, render_text
-from migration.rehearsal.seed import seed
 from migration.rehearsal.under_load import STEPS, LoadRun, under_load
-from tests.operate import connected, execute, operate
+from tests.operate import execute, operate, seeded
 
 
 def under_load_problems(report: Report) -> list[str]:
@@ -20,8 +19,7 @@ def under_load_problems(report: Report) -> list[str]:
 
 
 def test_the_migration_and_the_rollback_run_under_load_each_a_phase(legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 500)
+    seeded(legacy_db, users=500)
     ran: list[str] = []
 
     def step(name: str) -> str | None:
@@ -45,8 +43,7 @@ def test_the_migration_and_the_rollback_run_under_load_each_a_phase(legacy_db: s
 
 
 def test_a_step_that_fails_under_load_ends_the_run_and_is_named(legacy_db: str) -> None:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 50)
+    seeded(legacy_db, users=50)
     load = under_load(legacy_db, lambda name: "refused: something", baseline_s=0.2)
     assert load.error == "full_migration: refused: something"
     assert [p.name for p in load.phases] == ["before", "full_migration", "after"]
