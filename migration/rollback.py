@@ -437,17 +437,29 @@ def revert(session: Session, run_id: int) -> RollbackResult:
 
 def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:
     """Give each row of a referencing column's string copy the spelling its parent row has
-    now; rows updated.  Only parents whose spelling is not canonical are read (the fill
-    wrote canonical text); rows written meanwhile took it from the sync trigger.  In
-    batches that walk the table (``convert.walked_update``)."""
-    return convert.walked_update(session, key, f"respell {key}", lambda within: sql.SQL(
-        "UPDATE {child} x SET {copy} = p.{parent_copy} FROM {parent} p "
-        "WHERE {within} AND p.{parent_copy} <> (p.{parent_key})::text "
-        "AND x.{key} = p.{parent_key} AND x.{copy} IS DISTINCT FROM p.{parent_copy} "
+    now; rows updated.  Only parents whose spelling is not canonical matter (the fill
+    wrote canonical text, and rows written meanwhile took the parent's from the sync
+    trigger), and after the parent's ``respell`` no write makes one: the application
+    writes uuids, whose string copies are canonical.  So when the parent has none, there is
+    nothing to do; else the batches walk the *parent* (``convert.walked_update``), each
+    updating the children of its non-canonical parents through the child's key.  A walk of
+    the child instead joined every batch with the whole parent table (a hash join over its
+    sequential scan): batches x parents rows, hours at a million users."""
+    parent_copy, parent_key = sql.Identifier(parent.temp), sql.Identifier(parent.column)
+    with session.transaction() as cur:
+        cur.execute(sql.SQL("SELECT EXISTS (SELECT FROM {} WHERE {} <> ({})::text)").format(
+            parent.table.ident, parent_copy, parent_key))
+        respelled = bool((cur.fetchone() or [False])[0])
+    if not respelled:
+        return 0
+    return convert.walked_update(session, parent, f"respell {key}", lambda within: sql.SQL(
+        "UPDATE {child} c SET {copy} = x.{parent_copy} FROM {parent} x "
+        "WHERE {within} AND x.{parent_copy} <> (x.{parent_key})::text "
+        "AND c.{key} = x.{parent_key} AND c.{copy} IS DISTINCT FROM x.{parent_copy} "
         "RETURNING 1").format(
         child=key.table.ident, copy=sql.Identifier(key.temp), parent=parent.table.ident,
-        parent_copy=sql.Identifier(parent.temp), parent_key=sql.Identifier(parent.column),
-        key=sql.Identifier(key.column), within=within))
+        parent_copy=parent_copy, parent_key=parent_key, key=sql.Identifier(key.column),
+        within=within))
 
 
 def respell(session: Session, key: KeyColumn) -> int:
