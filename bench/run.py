@@ -189,8 +189,13 @@ def migration_command(operation: str, log_file: Path, *, batch_size: int = DEFAU
 
 
 def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: list[str], *,
-            sample_interval: float) -> dict[str, Any]:
-    """Run ``argv`` against ``dbname`` (owner DSN in DATABASE_URL) and take every figure."""
+            sample_interval: float, check: bool = True) -> dict[str, Any]:
+    """Run ``argv`` against ``dbname`` (owner DSN in DATABASE_URL) and take every figure.
+
+    A method that exits non-zero raises ``BenchError``, unless ``check`` is false: then
+    its exit code and error are recorded (``exit_code``, ``error``) with its figures, so
+    that a failed rollback does not take the run's other figures with it.
+    """
     admin_db = box.admin_dsn_for(dbname)
     owner_dsn = box.owner_dsn(dbname)
     before = probe.sizes(admin_db, scale["tables"])
@@ -209,7 +214,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     server_cpu_s = None
     if cpu_before is not None and cpu_after is not None:
         server_cpu_s = max(0.0, cpu_after - cpu_before - (sampler.own_server_cpu or 0.0))
-    if proc.exit_code != 0:
+    if proc.exit_code != 0 and check:
         raise BenchError(f"{label} failed (exit {proc.exit_code}):\n{proc.stdout}\n{proc.stderr}")
     locks = sampler.report()
     after = probe.sizes(admin_db, scale["tables"])
@@ -234,7 +239,9 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         "sampler_server_cpu_s": sampler.own_server_cpu,
         "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
         "argv": [a for a in proc.argv if "://" not in a],
-        "stdout_tail": proc.stdout[-1000:],
+        "stdout_tail": proc.stdout[-1000:], "exit_code": proc.exit_code,
+        "error": (failed_step(owner_dsn) or _last_error(proc.stderr)) if proc.exit_code else None,
+        "stderr_tail": proc.stderr[-2000:] if proc.exit_code else "",
     }
 
 
@@ -388,10 +395,14 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
         created.append(name)
         return clone(box, template, name)
 
-    def one(label: str, method: str, argv: list[str], dbname: str, **extra: Any) -> dict[str, Any]:
+    def one(label: str, method: str, argv: list[str], dbname: str, *, check: bool = True,
+            **extra: Any) -> dict[str, Any]:
         say(f"S={users:,}: {label}")
-        result = measure(box, dbname, scale, label, argv, sample_interval=sample_interval)
+        result = measure(box, dbname, scale, label, argv, sample_interval=sample_interval,
+                         check=check)
         result.update(method=method, **extra)
+        if result["exit_code"]:
+            say(f"S={users:,}: {label} FAILED (exit {result['exit_code']}): {result['error']}")
         say(f"S={users:,}: {label}: {result['wall_s']:.2f} s, longest ACCESS EXCLUSIVE "
             f"{result['max_access_exclusive_s'] * 1000:.0f} ms, "
             f"peak RSS {result['peak_rss_bytes'] / MiB:.0f} MiB")
@@ -426,8 +437,12 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             one("verify", "verify", verify_command(), kept)
         if "rollback" not in skip:
             log_file = workdir / f"s{users}_rollback.log"
-            result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
-            _check_data(box, kept, scale, result, original=True)
+            # The way out is measured to the end: a failure is reported with the figures.
+            result = one("rollback", "rollback", migration_command("rollback", log_file), kept,
+                         check=False)
+            result["timeline"] = log_timeline(log_file)
+            if result["exit_code"] == 0:
+                _check_data(box, kept, scale, result, original=True)
         box.drop_database(kept)
         if live_load is not None:
             for label, argv in live_methods(workdir / f"s{users}_live.log"):
@@ -677,6 +692,8 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_mb(r['size_after']['total'])} | {_mb(r['size_after']['backup'])} | "
                 f"{_mb(r['peak_rss_bytes'])} | {_cpu(r)} | "
                 f"{r['load_average_before']:.1f} | {data} |")
+        lines += [f"- {r['label']} FAILED (exit {r['exit_code']}): {r['error']}"
+                  for r in scale["results"] if r.get("exit_code")]
         ours = [r for r in scale["results"] if r["method"] == "full_migration"]
         if ours:
             lines += ["", "| full_migration step (s) | " + " | ".join(RUNBOOK_STEPS) + " |",
