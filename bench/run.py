@@ -79,6 +79,8 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
 from psycopg2 import sql
 
 from bench import probe
+from bench.write_cost import WriteCostSettings, measure_write_cost
+from bench.write_cost import render as render_write_cost
 from migration.connection import connect
 from migration.plan import build_plan
 from migration.rehearsal.load import LiveLoad, PhaseStats
@@ -376,10 +378,11 @@ def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[s
 def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
               workdir: Path | None = None, live_load: LoadSettings | None = None,
-              skip: Sequence[str] = (),
+              skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every method on fresh clones of one seeded scale, but those in ``skip``
-    (``SKIPPABLE``); the figures as a dict."""
+    (``SKIPPABLE``), and with ``write_cost`` the triggers' cost to the application's
+    writes (``bench.write_cost``) on a clone of its own; the figures as a dict."""
     methods = [method for method in methods if method not in skip]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
     say(f"S={users:,}: seeding")
@@ -388,6 +391,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
         f"{scale['size']['total'] / MiB:.0f} MiB")
     results: list[dict[str, Any]] = []
     live: list[dict[str, Any]] = []
+    writes: dict[str, Any] | None = None
     template = scale["template"]
     created: list[str] = []
 
@@ -450,6 +454,19 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
                 say(f"S={users:,}: {label} under load")
                 live.append(measure_live(fresh(name), label, argv, live_load))
                 box.drop_database(name)
+        if write_cost is not None:
+            name = f"{template}_writes"
+            dsn = fresh(name)
+            log_file = workdir / f"s{users}_writes.log"
+
+            def engine(operation: str, extra: list[str]) -> probe.ProcessResult:
+                return probe.run_process(migration_command(operation, log_file) + extra,
+                                         env=_env(dsn), cwd=str(REPO))
+
+            writes = measure_write_cost(dsn, box.admin_dsn, scale["tables"], write_cost,
+                                        engine=engine, workdir=workdir,
+                                        say=lambda text: say(f"S={users:,}: {text}"))
+            box.drop_database(name)
     finally:
         for name in [*created, template]:
             box.drop_database(name)
@@ -458,7 +475,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
                                if k not in ("expected_digest", "original_digest")},
             "digests": {"migrated": scale["expected_digest"],
                         "original": scale["original_digest"]},
-            "results": results, "live_load": live}
+            "results": results, "live_load": live, "write_cost": writes}
 
 
 def live_methods(log_file: Path) -> list[tuple[str, list[str]]]:
@@ -525,7 +542,8 @@ def _git_commit() -> str | None:
 def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int], *,
                   server: Server | None = None, start_settings: Sequence[str] = (),
                   sample_interval: float = 0.005, live_load: LoadSettings | None = None,
-                  skip: Sequence[str] = (), say: Callable[[str], None] = lambda s: None,
+                  skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
+                  say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
     """Every scale in turn; ``partial`` gets the report so far after each one."""
     started = datetime.now(UTC)
@@ -539,13 +557,15 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
                        "default_batch_size": DEFAULT_BATCH, "lock_sample_interval_s":
                        sample_interval,
                        "live_load": asdict(live_load) if live_load else None,
-                       "skipped": list(skip)},
+                       "skipped": list(skip),
+                       "write_cost": asdict(write_cost) if write_cost else None},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval,
-                                          live_load=live_load, skip=skip, say=say))
+                                          live_load=live_load, skip=skip,
+                                          write_cost=write_cost, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -707,6 +727,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['label']}: WAL MiB | " + " | ".join(
                     _mb(wal[s]) if s in wal else "-" for s in RUNBOOK_STEPS) + " |")
         lines += render_live(scale.get("live_load") or [])
+        lines += render_write_cost(scale.get("write_cost"))
         lines.append("")
     if report.get("targets"):
         lines += ["### Targets (issue 6)", "", "| target | measured | limit | goal | met |",
@@ -800,6 +821,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-warmup", type=float, default=LoadSettings.warmup,
                         help="--live-load: seconds of load before the method starts "
                              f"(default {LoadSettings.warmup:g})")
+    parser.add_argument("--write-cost", action="store_true",
+                        help="also measure what the engine's triggers cost the application's "
+                             "writes: pgbench unthrottled before, during (--postpone-swap) and "
+                             "after full_migration, and after cleanup_backup, on a clone")
+    parser.add_argument("--write-seconds", type=float, default=WriteCostSettings.seconds,
+                        help="--write-cost: seconds of writes per state (default "
+                             f"{WriteCostSettings.seconds:g})")
+    parser.add_argument("--write-clients", type=int, default=WriteCostSettings.clients,
+                        help="--write-cost: pgbench clients (default "
+                             f"{WriteCostSettings.clients})")
     parser.add_argument("--skip", type=_methods, default=[], metavar="METHODS",
                         help="methods not to run, comma-separated, of "
                              f"{', '.join(SKIPPABLE)} (the one-shot and full_migration "
@@ -832,6 +863,9 @@ def main(argv: list[str] | None = None) -> int:
                                    live_load=LoadSettings(args.load_rate, args.load_clients,
                                                           args.load_warmup)
                                    if args.live_load else None, skip=args.skip,
+                                   write_cost=WriteCostSettings(args.write_seconds,
+                                                                args.write_clients)
+                                   if args.write_cost else None,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):

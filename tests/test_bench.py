@@ -9,6 +9,7 @@ speed is what the benchmark reports, not what the suite checks.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,14 @@ from bench.run import (
     DEFAULT_BATCH,
     RUNBOOK_STEPS,
     SKIPPABLE,
+    BenchError,
     main,
+    measure,
     render_markdown,
     run_benchmark,
 )
+from bench.write_cost import SCRIPTS, STATES, WriteCostSettings
+from migration.backup import CHANGE_LOG_TRIGGER
 from migration.connection import connect
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.seed import seed
@@ -186,3 +191,79 @@ def test_methods_can_be_skipped_but_not_the_one_shot_and_ours(sandbox: Sandbox) 
     assert "### Targets" in render_markdown(skipped)
     with pytest.raises(SystemExit):
         main(["--skip", "one_shot"])
+
+
+def test_a_failed_method_is_recorded_with_its_figures_when_not_checked(
+        sandbox: Sandbox, seeded: str) -> None:
+    """The rollback is measured with ``check=False``: a failed way out is reported, with
+    its error, instead of aborting the run and losing the scale's other figures."""
+    scale = {"tables": list(KEYS), "rows": 6 * 50}
+    failing = [sys.executable, "-c",
+               "import sys; sys.stderr.write('LockError: could not lock the tables\\n'); "
+               "sys.exit(3)"]
+    with pytest.raises(BenchError, match="could not lock the tables"):
+        measure(sandbox, "bench_inproc", scale, "rollback", failing, sample_interval=0.002)
+    result = measure(sandbox, "bench_inproc", scale, "rollback", failing,
+                     sample_interval=0.002, check=False)
+    assert result["exit_code"] == 3
+    assert result["error"] == "LockError: could not lock the tables"
+    assert result["wall_s"] > 0
+    assert result["locks"]["samples"] > 0
+
+
+WRITES_PER_STATE = 30
+
+
+@pytest.fixture(scope="module")
+def write_report(sandbox: Sandbox) -> dict[str, Any]:
+    return run_benchmark(sandbox, [USERS], [DEFAULT_BATCH], sample_interval=0.002,
+                         skip=SKIPPABLE,
+                         write_cost=WriteCostSettings(transactions=WRITES_PER_STATE))
+
+
+def test_write_cost_measures_each_state_with_the_engine_s_triggers_as_they_are(
+        write_report: dict[str, Any]) -> None:
+    """Every state ran the same writes, none failed, and the triggers present were the
+    ones the state is named for: the change log records every write while it exists."""
+    result = write_report["scales"][0]["write_cost"]
+    assert list(result["states"]) == list(STATES)
+    assert result["engine_steps_s"].keys() == {"full_migration --postpone-swap",
+                                               "full_migration", "cleanup_backup"}
+    tables = {"users", "journal_entries", "tags", "reminders"}
+    for name, state in result["states"].items():
+        assert state["transactions"] == WRITES_PER_STATE, name
+        assert state["failed"] == 0, name
+        assert state["us_per_write"] == pytest.approx(1e6 / state["tps"]), name
+    states = result["states"]
+    assert states["before"]["triggers"] == states["cleaned"]["triggers"] == []
+    assert states["before"]["change_log_rows_added"] is None
+    assert states["cleaned"]["change_log_rows_added"] is None
+    migrated = [t.split(": ") for t in states["migrated"]["triggers"]]
+    assert all(trigger.startswith(CHANGE_LOG_TRIGGER) for _table, trigger in migrated)
+    assert {table for table, _trigger in migrated} == tables
+    expanded = states["expanded"]["triggers"]
+    assert set(states["migrated"]["triggers"]) < set(expanded)  # and the sync triggers
+    assert {t.split(": ")[0] for t in expanded
+            if not t.split(": ")[1].startswith(CHANGE_LOG_TRIGGER)} == tables
+    for name in ("expanded", "migrated"):  # one row of the log per write (one row each)
+        assert states[name]["change_log_rows_added"] == WRITES_PER_STATE, name
+
+
+def test_write_cost_compares_each_state_with_its_baseline_and_renders(
+        write_report: dict[str, Any]) -> None:
+    result = write_report["scales"][0]["write_cost"]
+    states = result["states"]
+    pairs = {(c["state"], c["baseline"]): c for c in result["comparisons"]}
+    assert set(pairs) == {("expanded", "before"), ("migrated", "cleaned")}
+    for (state, baseline), c in pairs.items():
+        assert c["extra_us_per_write"] == pytest.approx(
+            states[state]["us_per_write"] - states[baseline]["us_per_write"])
+        assert c["ratio"] == pytest.approx(
+            states[state]["us_per_write"] / states[baseline]["us_per_write"])
+    assert result["scripts"] == list(SCRIPTS)
+    text = render_markdown(write_report)
+    assert "Cost of the engine's triggers" in text
+    for state in STATES:
+        assert f"| {state} |" in text
+    assert "change log, after full_migration until cleanup_backup (migrated / cleaned)" in text
+    assert write_report["parameters"]["write_cost"]["transactions"] == WRITES_PER_STATE
