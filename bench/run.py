@@ -68,6 +68,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +80,7 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
 from psycopg2 import sql
 
 from bench import probe
+from bench.standby import ReplayLag, caught_up, start_standby
 from bench.write_cost import WriteCostSettings, measure_write_cost
 from bench.write_cost import render as render_write_cost
 from migration.connection import connect
@@ -191,12 +193,14 @@ def migration_command(operation: str, log_file: Path, *, batch_size: int = DEFAU
 
 
 def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: list[str], *,
-            sample_interval: float, check: bool = True) -> dict[str, Any]:
+            sample_interval: float, check: bool = True, standby: bool = False
+            ) -> dict[str, Any]:
     """Run ``argv`` against ``dbname`` (owner DSN in DATABASE_URL) and take every figure.
 
     A method that exits non-zero raises ``BenchError``, unless ``check`` is false: then
     its exit code and error are recorded (``exit_code``, ``error``) with its figures, so
-    that a failed rollback does not take the run's other figures with it.
+    that a failed rollback does not take the run's other figures with it.  With
+    ``standby``, the standby first catches up, and its replay lag is sampled throughout.
     """
     admin_db = box.admin_dsn_for(dbname)
     owner_dsn = box.owner_dsn(dbname)
@@ -207,8 +211,11 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     load_before = os.getloadavg()
     lsn = probe.wal_lsn(box.admin_dsn)
     engine = engine_version()
+    if standby:
+        caught_up(box.admin_dsn)
     with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler, \
-            probe.StepWal(admin_db, interval=max(sample_interval, 0.02)) as step_wal:
+            probe.StepWal(admin_db, interval=max(sample_interval, 0.02)) as step_wal, \
+            (ReplayLag(box.admin_dsn) if standby else nullcontext()) as lag:
         cpu_before = server_cpu.read()
         proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
         cpu_after = server_cpu.read()
@@ -244,6 +251,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         "stdout_tail": proc.stdout[-1000:], "exit_code": proc.exit_code,
         "error": (failed_step(owner_dsn) or _last_error(proc.stderr)) if proc.exit_code else None,
         "stderr_tail": proc.stderr[-2000:] if proc.exit_code else "",
+        "replay_lag": lag.as_dict() if lag is not None else None,
     }
 
 
@@ -379,6 +387,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
               workdir: Path | None = None, live_load: LoadSettings | None = None,
               skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
+              standby: bool = False,
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every method on fresh clones of one seeded scale, but those in ``skip``
     (``SKIPPABLE``), and with ``write_cost`` the triggers' cost to the application's
@@ -403,7 +412,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             **extra: Any) -> dict[str, Any]:
         say(f"S={users:,}: {label}")
         result = measure(box, dbname, scale, label, argv, sample_interval=sample_interval,
-                         check=check)
+                         check=check, standby=standby)
         result.update(method=method, **extra)
         if result["exit_code"]:
             say(f"S={users:,}: {label} FAILED (exit {result['exit_code']}): {result['error']}")
@@ -543,9 +552,16 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
                   server: Server | None = None, start_settings: Sequence[str] = (),
                   sample_interval: float = 0.005, live_load: LoadSettings | None = None,
                   skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
-                  say: Callable[[str], None] = lambda s: None,
+                  standby: bool = False, say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
-    """Every scale in turn; ``partial`` gets the report so far after each one."""
+    """Every scale in turn; ``partial`` gets the report so far after each one.
+
+    ``standby``: the server streams to a standby (``bench.standby``); each method's
+    replay lag is sampled, and the owner role is granted ``pg_monitor``, as an operator
+    who wants ``--max-replica-lag`` to hold the engine back grants it.
+    """
+    if standby:
+        box.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(OWNER_ROLE)))
     started = datetime.now(UTC)
     report: dict[str, Any] = {
         "started_at": started.isoformat(), "commit": _git_commit(),
@@ -558,14 +574,15 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
                        sample_interval,
                        "live_load": asdict(live_load) if live_load else None,
                        "skipped": list(skip),
-                       "write_cost": asdict(write_cost) if write_cost else None},
+                       "write_cost": asdict(write_cost) if write_cost else None,
+                       "standby": standby},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval,
                                           live_load=live_load, skip=skip,
-                                          write_cost=write_cost, say=say))
+                                          write_cost=write_cost, standby=standby, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -681,6 +698,23 @@ def render_live(live: list[dict[str, Any]]) -> list[str]:
             + [f"- failed: {reason}" for reason in reasons])
 
 
+def render_replay_lag(results: list[dict[str, Any]]) -> list[str]:
+    """The standby's replay lag per method (no lines without ``--standby``)."""
+    lagged = [r for r in results if r.get("replay_lag")]
+    if not lagged:
+        return []
+    lines = ["", "Streaming standby on this machine (the owner granted pg_monitor, so the "
+                 "engine's default --max-replica-lag applies):", "",
+             "| method | WAL MiB | longest replay lag MiB | longest replay lag s |",
+             "|---|---:|---:|---:|"]
+    for r in lagged:
+        lag = r["replay_lag"]
+        lines.append(f"| {r['label']} | {_mb(r['wal_bytes'])} | "
+                     f"{lag['max_replay_lag_bytes'] / MiB:,.1f} | "
+                     f"{lag['max_replay_lag_s']:,.2f} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     server = report["server"]
     lines = [f"PostgreSQL {server['version']} ({server['backend']}); "
@@ -714,6 +748,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{r['load_average_before']:.1f} | {data} |")
         lines += [f"- {r['label']} FAILED (exit {r['exit_code']}): {r['error']}"
                   for r in scale["results"] if r.get("exit_code")]
+        lines += render_replay_lag(scale["results"])
         ours = [r for r in scale["results"] if r["method"] == "full_migration"]
         if ours:
             lines += ["", "| full_migration step (s) | " + " | ".join(RUNBOOK_STEPS) + " |",
@@ -764,18 +799,25 @@ def _methods(text: str) -> list[str]:
     return values
 
 
+def _bin_dir(args: argparse.Namespace) -> tuple[Path, str]:
+    """The binaries of the server the benchmark starts (not for --pg=dsn), and their kind."""
+    if args.pg == "embedded" or (args.pg == "auto" and not args.pg_bin
+                                 and not (LOCAL_PG15 / "initdb").exists()):
+        return embedded_bin_dir(), "embedded"
+    return Path(args.pg_bin or LOCAL_PG15), "bin"
+
+
 def start(args: argparse.Namespace) -> tuple[Server, list[str]]:
     """The server the benchmark runs on, and the settings it was started with."""
     if args.pg == "dsn" or (args.pg == "auto" and args.pg_dsn):
         if not args.pg_dsn:
             raise SystemExit("--pg=dsn needs --pg-dsn (a superuser DSN)")
+        if args.standby:
+            raise SystemExit("--standby needs a server the benchmark starts, not --pg-dsn")
         return from_dsn(args.pg_dsn), []
     settings = [*DEFAULT_SETTINGS, *args.pg_setting]
-    if args.pg == "embedded" or (args.pg == "auto" and not args.pg_bin
-                                 and not (LOCAL_PG15 / "initdb").exists()):
-        return start_cluster(embedded_bin_dir(), backend="embedded", settings=settings), settings
-    bin_dir = args.pg_bin or LOCAL_PG15
-    return start_cluster(bin_dir, backend="bin", settings=settings), settings
+    bin_dir, backend = _bin_dir(args)
+    return start_cluster(bin_dir, backend=backend, settings=settings), settings
 
 
 def _write(args: argparse.Namespace, report: dict[str, Any]) -> str:
@@ -831,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write-clients", type=int, default=WriteCostSettings.clients,
                         help="--write-cost: pgbench clients (default "
                              f"{WriteCostSettings.clients})")
+    parser.add_argument("--standby", action="store_true",
+                        help="stream to a hot standby (pg_basebackup) on this machine and "
+                             "report each method's longest replay lag, bytes and seconds")
     parser.add_argument("--skip", type=_methods, default=[], metavar="METHODS",
                         help="methods not to run, comma-separated, of "
                              f"{', '.join(SKIPPABLE)} (the one-shot and full_migration "
@@ -848,6 +893,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
 
     server, settings = start(args)
+    standby = None
     try:
         conn = connect(server.admin_dsn, autocommit=True)
         with conn.cursor() as cur:
@@ -856,6 +902,9 @@ def main(argv: list[str] | None = None) -> int:
         conn.close()
         say(f"server: {server.describe()}")
         box = prepare(server.admin_dsn, prefix="bench")
+        if args.standby:
+            standby = start_standby(server.admin_dsn, _bin_dir(args)[0])
+            say(f"standby streaming on port {standby.port}")
         try:
             report = run_benchmark(box, args.scales, args.batch_sizes, server=server,
                                    start_settings=settings,
@@ -865,12 +914,14 @@ def main(argv: list[str] | None = None) -> int:
                                    if args.live_load else None, skip=args.skip,
                                    write_cost=WriteCostSettings(args.write_seconds,
                                                                 args.write_clients)
-                                   if args.write_cost else None,
+                                   if args.write_cost else None, standby=args.standby,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):
                 box.drop_database(box.template(variant))
     finally:
+        if standby is not None:
+            standby.stop()
         server.stop()
     print(_write(args, report))
     if args.json:

@@ -13,6 +13,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -27,11 +28,15 @@ from bench.run import (
     render_markdown,
     run_benchmark,
 )
+from bench.standby import ReplayLag, Standby, caught_up, start_standby
 from bench.write_cost import SCRIPTS, STATES, WriteCostSettings
 from migration.backup import CHANGE_LOG_TRIGGER
 from migration.connection import connect
-from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.seed import seed
+from migration.rehearsal.throwaway import Server, start_cluster
+from tests.operate import execute, wait_until
+from tests.test_standby import _bin_dir as standby_bin_dir
 
 USERS = 200
 ROWS = 6 * USERS  # S users, 3S journal entries, S tags, S reminders
@@ -267,3 +272,67 @@ def test_write_cost_compares_each_state_with_its_baseline_and_renders(
         assert f"| {state} |" in text
     assert "change log, after full_migration until cleanup_backup (migrated / cleaned)" in text
     assert write_report["parameters"]["write_cost"]["transactions"] == WRITES_PER_STATE
+
+
+@pytest.fixture(scope="module")
+def streaming(pg_server: Server) -> Iterator[tuple[Sandbox, Standby]]:
+    """A primary of its own (the suite's binaries) streaming to a standby made by
+    ``bench.standby``, as ``bench/run.py --standby`` makes it."""
+    bin_dir = standby_bin_dir(pg_server)
+    primary = start_cluster(bin_dir, backend=pg_server.backend)
+    standby: Standby | None = None
+    try:
+        box = prepare(primary.admin_dsn, prefix="bench_standby")
+        standby = start_standby(primary.admin_dsn, bin_dir)
+        yield box, standby
+    finally:
+        if standby is not None:
+            standby.stop()
+        primary.stop()
+
+
+def _on_standby(dsn: str, standby: Standby) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit(":", 1)[0] + f":{standby.port}",
+                       parts.path, parts.query, ""))
+
+
+def test_replay_lag_sees_a_standby_that_falls_behind(
+        streaming: tuple[Sandbox, Standby]) -> None:
+    """With the standby's replay paused, WAL written on the primary is lag the sampler
+    reports in bytes; once replay resumes, ``caught_up`` returns."""
+    box, standby = streaming
+    on_standby = _on_standby(box.admin_dsn, standby)
+    execute(on_standby, "SELECT pg_wal_replay_pause()")
+    try:
+        with ReplayLag(box.admin_dsn, interval=0.01) as lag:
+            execute(box.admin_dsn, "CREATE TABLE lag_probe AS "
+                                   "SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+            assert wait_until(lambda: lag.max_bytes > 1_000_000, patience=60)
+    finally:
+        execute(on_standby, "SELECT pg_wal_replay_resume()")
+        execute(box.admin_dsn, "DROP TABLE IF EXISTS lag_probe")
+    assert lag.standbys == 1
+    caught_up(box.admin_dsn, limit=120)
+    assert execute(box.admin_dsn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) "
+                                  "FROM pg_stat_replication") == [(0,)]
+
+
+def test_standby_mode_reports_each_method_s_replay_lag(
+        streaming: tuple[Sandbox, Standby]) -> None:
+    box, _standby = streaming
+    report = run_benchmark(box, [USERS], [DEFAULT_BATCH], sample_interval=0.002,
+                           skip=SKIPPABLE, standby=True)
+    assert report["parameters"]["standby"] is True
+    for r in report["scales"][0]["results"]:
+        lag = r["replay_lag"]
+        assert lag["samples"] > 0, r["label"]
+        assert lag["standbys"] == 1, r["label"]  # streaming throughout
+        assert lag["max_replay_lag_bytes"] >= 0
+    assert [(m,) for m in ("pg_monitor",)] == execute(
+        box.admin_dsn, "SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b "
+                       "ON b.oid = m.roleid JOIN pg_roles u ON u.oid = m.member "
+                       "WHERE u.rolname = %s", (OWNER_ROLE,))
+    text = render_markdown(report)
+    assert "| longest replay lag MiB | longest replay lag s |" in text
+    assert "| full_migration b=1000 (default) | " in text.split("longest replay lag s |")[1]
