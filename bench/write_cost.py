@@ -3,7 +3,8 @@
 One fresh clone of a scale's template is taken through the migration, and at four
 states of it pgbench runs the same writes an application makes on the four tables,
 unthrottled, on ``clients`` connections (one by default, so that a write's time is
-the figure and not the machine's two cores):
+the figure and not the machine's two cores), after a warm-up of the same writes that is
+not measured (``WriteCostSettings``):
 
 - ``before``: the legacy schema, no engine object (the baseline of ``expanded``);
 - ``expanded``: after ``full_migration --postpone-swap``: every key column has its
@@ -33,7 +34,7 @@ import re
 import subprocess
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -92,11 +93,14 @@ ORDER BY 1
 @dataclass(frozen=True)
 class WriteCostSettings:
     """How long each state is written to: ``seconds``, or exactly ``transactions`` per
-    client when given (the suite's tiny runs)."""
+    client when given (the suite's tiny runs), after ``warmup`` seconds (or as many
+    transactions) of the same writes, not measured: the state's first writes would
+    otherwise read the pages an application's writes find cached."""
 
     seconds: float = 20.0
     clients: int = 1
     transactions: int | None = None
+    warmup: float = 5.0
 
 
 class WriteCostError(RuntimeError):
@@ -161,6 +165,16 @@ def change_log_rows(dsn: str) -> int | None:
     return int(_scalar(dsn, "SELECT count(*) FROM migration_backup.change_log"))
 
 
+def _pgbench(argv: list[str], owner_dsn: str, state: str) -> str:
+    """Run pgbench to its end; its standard output."""
+    run = subprocess.run(argv, capture_output=True, text=True, env=libpq_env(owner_dsn),
+                         check=False)
+    if run.returncode != 0:
+        raise WriteCostError(f"pgbench in state {state} exited {run.returncode}:\n"
+                             f"{run.stdout[-1500:]}\n{run.stderr[-1500:]}")
+    return run.stdout
+
+
 def measure_write_cost(owner_dsn: str, admin_dsn: str, tables: list[str],
                        settings: WriteCostSettings, *,
                        engine: Callable[[str, list[str]], probe.ProcessResult],
@@ -181,6 +195,7 @@ def measure_write_cost(owner_dsn: str, admin_dsn: str, tables: list[str],
     finally:
         conn.close()
     argv = _pgbench_argv(binary, workdir, settings, picks)
+    warmup = _pgbench_argv(binary, workdir, replace(settings, seconds=settings.warmup), picks)
     steps: dict[str, float] = {}
     states: dict[str, dict[str, Any]] = {}
     before_each = {"expanded": ("full_migration", ["--postpone-swap"]),
@@ -196,13 +211,9 @@ def measure_write_cost(owner_dsn: str, admin_dsn: str, tables: list[str],
                                      f"{proc.exit_code}):\n{proc.stdout}\n{proc.stderr}")
             steps[f"{operation} {' '.join(extra)}".rstrip()] = proc.wall
         probe.checkpoint(admin_dsn)
+        _pgbench(warmup, owner_dsn, state)
         logged = change_log_rows(owner_dsn)
-        run = subprocess.run(argv, capture_output=True, text=True, cwd=workdir,
-                             env=libpq_env(owner_dsn), check=False)
-        if run.returncode != 0:
-            raise WriteCostError(f"pgbench in state {state} exited {run.returncode}:\n"
-                                 f"{run.stdout[-1500:]}\n{run.stderr[-1500:]}")
-        figures = parse_pgbench(run.stdout)
+        figures = parse_pgbench(_pgbench(argv, owner_dsn, state))
         after = change_log_rows(owner_dsn)
         states[state] = {
             **figures, "us_per_write": settings.clients * 1e6 / figures["tps"],
@@ -211,7 +222,7 @@ def measure_write_cost(owner_dsn: str, admin_dsn: str, tables: list[str],
             else after - logged}
         say(f"write cost: {state}: {figures['tps']:,.0f} writes/s, "
             f"{states[state]['us_per_write']:,.0f} us a write")
-    return {"clients": settings.clients, "seconds": settings.seconds,
+    return {"clients": settings.clients, "seconds": settings.seconds, "warmup_s": settings.warmup,
             "transactions_per_client": settings.transactions, "picks": picks,
             "scripts": list(SCRIPTS), "states": states, "engine_steps_s": steps,
             "comparisons": compare(states)}
@@ -236,7 +247,8 @@ def render(result: Mapping[str, Any] | None) -> list[str]:
     if not result:
         return []
     run = (f"{result['transactions_per_client']} transactions" if
-           result["transactions_per_client"] else f"{result['seconds']:g} s")
+           result["transactions_per_client"] else
+           f"{result['seconds']:g} s after {result.get('warmup_s', 0):g} s unmeasured")
     lines = ["", f"Cost of the engine's triggers to the application's writes (pgbench, "
                  f"{result['clients']} client(s), unthrottled, {run} per state; "
                  f"{', '.join(result['scripts'])}):", "",
