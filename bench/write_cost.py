@@ -22,8 +22,10 @@ sequence).  Rows are picked from ``bench_writes.picks``, a random sample of exis
 ids taken once; the key travels as a parameter (``--protocol=prepared``), so the same
 script runs on string and on uuid keys.  A pick is a primary-key read made by every
 state alike.  Each state is reported as writes per second, microseconds per write
-(``clients`` / rate) and the cost of the triggers: the difference in microseconds to
-its baseline and the ratio of the two times.  The states follow one another on one
+(``clients`` / rate), the server's CPU microseconds per write (all its processes, from
+``/proc``, for a server on this machine: a figure the machine's other load moves far
+less than the rate), and the cost of the triggers: the difference to its baseline in
+microseconds and the ratio, of the time and of the CPU.  The states follow one another on one
 database, so the later ones run on tables a few thousand rows larger: the comparison
 is within one run, never across runs.
 """
@@ -197,6 +199,7 @@ def measure_write_cost(owner_dsn: str, admin_dsn: str, tables: list[str],
     argv = _pgbench_argv(binary, workdir, settings, picks)
     warmup = _pgbench_argv(binary, workdir, replace(settings, seconds=settings.warmup), picks)
     steps: dict[str, float] = {}
+    server_cpu = probe.ServerCpu(admin_dsn)
     states: dict[str, dict[str, Any]] = {}
     before_each = {"expanded": ("full_migration", ["--postpone-swap"]),
                    "migrated": ("full_migration", []),
@@ -213,10 +216,14 @@ def measure_write_cost(owner_dsn: str, admin_dsn: str, tables: list[str],
         probe.checkpoint(admin_dsn)
         _pgbench(warmup, owner_dsn, state)
         logged = change_log_rows(owner_dsn)
+        cpu_before = server_cpu.read()
         figures = parse_pgbench(_pgbench(argv, owner_dsn, state))
+        cpu_after = server_cpu.read()
         after = change_log_rows(owner_dsn)
         states[state] = {
             **figures, "us_per_write": settings.clients * 1e6 / figures["tps"],
+            "server_cpu_us_per_write": None if cpu_before is None or cpu_after is None
+            else (cpu_after - cpu_before) * 1e6 / figures["transactions"],
             "triggers": engine_triggers(owner_dsn, tables),
             "change_log_rows_added": None if logged is None or after is None
             else after - logged}
@@ -238,8 +245,20 @@ def compare(states: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
                       "us_per_write": with_["us_per_write"],
                       "baseline_us_per_write": without["us_per_write"],
                       "extra_us_per_write": with_["us_per_write"] - without["us_per_write"],
-                      "ratio": with_["us_per_write"] / without["us_per_write"]})
+                      "ratio": with_["us_per_write"] / without["us_per_write"],
+                      **_cpu_comparison(with_["server_cpu_us_per_write"],
+                                        without["server_cpu_us_per_write"])})
     return found
+
+
+def _cpu_comparison(with_: float | None, without: float | None) -> dict[str, float | None]:
+    if with_ is None or without is None:
+        return {"extra_cpu_us_per_write": None, "cpu_ratio": None}
+    return {"extra_cpu_us_per_write": with_ - without, "cpu_ratio": with_ / without}
+
+
+def _opt(value: float | None, form: str) -> str:
+    return "-" if value is None else format(value, form)
 
 
 def render(result: Mapping[str, Any] | None) -> list[str]:
@@ -252,16 +271,19 @@ def render(result: Mapping[str, Any] | None) -> list[str]:
     lines = ["", f"Cost of the engine's triggers to the application's writes (pgbench, "
                  f"{result['clients']} client(s), unthrottled, {run} per state; "
                  f"{', '.join(result['scripts'])}):", "",
-             "| state | writes/s | µs a write | failed | change log rows added | "
-             "engine triggers |", "|---|---:|---:|---:|---:|---|"]
+             "| state | writes/s | µs a write | server CPU µs a write | failed | "
+             "change log rows added | engine triggers |", "|---|---:|---:|---:|---:|---:|---:|"]
     for name, s in result["states"].items():
         added = "-" if s["change_log_rows_added"] is None else f"{s['change_log_rows_added']:,}"
-        lines.append(f"| {name} | {s['tps']:,.0f} | {s['us_per_write']:,.0f} | {s['failed']} | "
+        lines.append(f"| {name} | {s['tps']:,.0f} | {s['us_per_write']:,.0f} | "
+                     f"{_opt(s.get('server_cpu_us_per_write'), ',.0f')} | {s['failed']} | "
                      f"{added} | {len(s['triggers'])} |")
     lines += ["", "| triggers | with: writes/s | without: writes/s | extra µs a write | "
-                  "x time a write |", "|---|---:|---:|---:|---:|"]
+                  "x time a write | extra server CPU µs a write | x server CPU a write |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
     for c in result["comparisons"]:
         lines.append(f"| {c['what']} ({c['state']} / {c['baseline']}) | {c['tps']:,.0f} | "
                      f"{c['baseline_tps']:,.0f} | {c['extra_us_per_write']:,.0f} | "
-                     f"{c['ratio']:.2f} |")
+                     f"{c['ratio']:.2f} | {_opt(c.get('extra_cpu_us_per_write'), ',.0f')} | "
+                     f"{_opt(c.get('cpu_ratio'), '.2f')} |")
     return lines

@@ -227,7 +227,7 @@ def write_report(sandbox: Sandbox) -> dict[str, Any]:
 
 
 def test_write_cost_measures_each_state_with_the_engine_s_triggers_as_they_are(
-        write_report: dict[str, Any]) -> None:
+        sandbox: Sandbox, write_report: dict[str, Any]) -> None:
     """Every state ran the same writes, none failed, and the triggers present were the
     ones the state is named for: the change log records every write while it exists."""
     result = write_report["scales"][0]["write_cost"]
@@ -235,10 +235,13 @@ def test_write_cost_measures_each_state_with_the_engine_s_triggers_as_they_are(
     assert result["engine_steps_s"].keys() == {"full_migration --postpone-swap",
                                                "full_migration", "cleanup_backup"}
     tables = {"users", "journal_entries", "tags", "reminders"}
+    local = probe.ServerCpu(sandbox.admin_dsn).pid is not None  # not a server in Docker
     for name, state in result["states"].items():
         assert state["transactions"] == WRITES_PER_STATE, name
         assert state["failed"] == 0, name
         assert state["us_per_write"] == pytest.approx(1e6 / state["tps"]), name
+        cpu = state["server_cpu_us_per_write"]
+        assert (cpu > 0) if local else (cpu is None), name
     states = result["states"]
     assert states["before"]["triggers"] == states["cleaned"]["triggers"] == []
     assert states["before"]["change_log_rows_added"] is None
@@ -265,6 +268,10 @@ def test_write_cost_compares_each_state_with_its_baseline_and_renders(
             states[state]["us_per_write"] - states[baseline]["us_per_write"])
         assert c["ratio"] == pytest.approx(
             states[state]["us_per_write"] / states[baseline]["us_per_write"])
+        with_cpu = states[state]["server_cpu_us_per_write"]
+        without_cpu = states[baseline]["server_cpu_us_per_write"]
+        if with_cpu is not None:
+            assert c["cpu_ratio"] == pytest.approx(with_cpu / without_cpu)
     assert result["scripts"] == list(SCRIPTS)
     text = render_markdown(write_report)
     assert "Cost of the engine's triggers" in text
