@@ -45,6 +45,14 @@ What it does, per scale S (``--scales``):
    application transaction completing), p99 and max latency before and during it, the
    seconds some foreign key was unenforced, failed application transactions and
    committed writes missing afterwards.  The method's exit code is recorded, not raised.
+7. with ``--write-cost``: what the engine's triggers cost the application's writes, on a
+   clone of its own (``bench.write_cost``: pgbench before, during and after
+   ``full_migration`` and after ``cleanup_backup``);
+8. with ``--standby``: a streaming standby of the server (``bench.standby``), and each
+   method's longest replay lag in bytes and seconds.
+
+A failed rollback is recorded with its exit code and error, not raised: the figures of
+the scale's other methods are kept.
 
 ``--skip naive_loop,verify,rollback`` leaves those methods out (the one-shot and
 full_migration always run: the ratios need both).
