@@ -252,9 +252,12 @@ def compare(states: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _cpu_comparison(with_: float | None, without: float | None) -> dict[str, float | None]:
+    """The CPU figures' difference and ratio; None where a figure is missing, and no ratio
+    to a baseline of 0 (a run too short for /proc's clock ticks, as in the suite's)."""
     if with_ is None or without is None:
         return {"extra_cpu_us_per_write": None, "cpu_ratio": None}
-    return {"extra_cpu_us_per_write": with_ - without, "cpu_ratio": with_ / without}
+    return {"extra_cpu_us_per_write": with_ - without,
+            "cpu_ratio": with_ / without if without > 0 else None}
 
 
 def _opt(value: float | None, form: str) -> str:
