@@ -45,6 +45,14 @@ What it does, per scale S (``--scales``):
    application transaction completing), p99 and max latency before and during it, the
    seconds some foreign key was unenforced, failed application transactions and
    committed writes missing afterwards.  The method's exit code is recorded, not raised.
+7. with ``--write-cost``: what the engine's triggers cost the application's writes, on a
+   clone of its own (``bench.write_cost``: pgbench before, during and after
+   ``full_migration`` and after ``cleanup_backup``);
+8. with ``--standby``: a streaming standby of the server (``bench.standby``), and each
+   method's longest replay lag in bytes and seconds.
+
+A failed rollback is recorded with its exit code and error, not raised: the figures of
+the scale's other methods are kept.
 
 ``--skip naive_loop,verify,rollback`` leaves those methods out (the one-shot and
 full_migration always run: the ratios need both).
@@ -68,6 +76,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -79,6 +88,9 @@ if __package__ in (None, ""):  # run as a script: python bench/run.py
 from psycopg2 import sql
 
 from bench import probe
+from bench.standby import ReplayLag, caught_up, start_standby
+from bench.write_cost import WriteCostSettings, measure_write_cost
+from bench.write_cost import render as render_write_cost
 from migration.connection import connect
 from migration.plan import build_plan
 from migration.rehearsal.load import LiveLoad, PhaseStats
@@ -189,8 +201,15 @@ def migration_command(operation: str, log_file: Path, *, batch_size: int = DEFAU
 
 
 def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: list[str], *,
-            sample_interval: float) -> dict[str, Any]:
-    """Run ``argv`` against ``dbname`` (owner DSN in DATABASE_URL) and take every figure."""
+            sample_interval: float, check: bool = True, standby: bool = False
+            ) -> dict[str, Any]:
+    """Run ``argv`` against ``dbname`` (owner DSN in DATABASE_URL) and take every figure.
+
+    A method that exits non-zero raises ``BenchError``, unless ``check`` is false: then
+    its exit code and error are recorded (``exit_code``, ``error``) with its figures, so
+    that a failed rollback does not take the run's other figures with it.  With
+    ``standby``, the standby first catches up, and its replay lag is sampled throughout.
+    """
     admin_db = box.admin_dsn_for(dbname)
     owner_dsn = box.owner_dsn(dbname)
     before = probe.sizes(admin_db, scale["tables"])
@@ -200,8 +219,11 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     load_before = os.getloadavg()
     lsn = probe.wal_lsn(box.admin_dsn)
     engine = engine_version()
+    if standby:
+        caught_up(box.admin_dsn)
     with probe.LockSampler(admin_db, scale["tables"], interval=sample_interval) as sampler, \
-            probe.StepWal(admin_db, interval=max(sample_interval, 0.02)) as step_wal:
+            probe.StepWal(admin_db, interval=max(sample_interval, 0.02)) as step_wal, \
+            (ReplayLag(box.admin_dsn) if standby else nullcontext()) as lag:
         cpu_before = server_cpu.read()
         proc = probe.run_process(argv, env=_env(owner_dsn), cwd=str(REPO))
         cpu_after = server_cpu.read()
@@ -209,7 +231,7 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
     server_cpu_s = None
     if cpu_before is not None and cpu_after is not None:
         server_cpu_s = max(0.0, cpu_after - cpu_before - (sampler.own_server_cpu or 0.0))
-    if proc.exit_code != 0:
+    if proc.exit_code != 0 and check:
         raise BenchError(f"{label} failed (exit {proc.exit_code}):\n{proc.stdout}\n{proc.stderr}")
     locks = sampler.report()
     after = probe.sizes(admin_db, scale["tables"])
@@ -234,7 +256,10 @@ def measure(box: Sandbox, dbname: str, scale: dict[str, Any], label: str, argv: 
         "sampler_server_cpu_s": sampler.own_server_cpu,
         "load_average_before": load_before[0], "load_average_after": os.getloadavg()[0],
         "argv": [a for a in proc.argv if "://" not in a],
-        "stdout_tail": proc.stdout[-1000:],
+        "stdout_tail": proc.stdout[-1000:], "exit_code": proc.exit_code,
+        "error": (failed_step(owner_dsn) or _last_error(proc.stderr)) if proc.exit_code else None,
+        "stderr_tail": proc.stderr[-2000:] if proc.exit_code else "",
+        "replay_lag": lag.as_dict() if lag is not None else None,
     }
 
 
@@ -369,10 +394,12 @@ def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[s
 def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
               workdir: Path | None = None, live_load: LoadSettings | None = None,
-              skip: Sequence[str] = (),
+              skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
+              standby: bool = False,
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every method on fresh clones of one seeded scale, but those in ``skip``
-    (``SKIPPABLE``); the figures as a dict."""
+    (``SKIPPABLE``), and with ``write_cost`` the triggers' cost to the application's
+    writes (``bench.write_cost``) on a clone of its own; the figures as a dict."""
     methods = [method for method in methods if method not in skip]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
     say(f"S={users:,}: seeding")
@@ -381,6 +408,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
         f"{scale['size']['total'] / MiB:.0f} MiB")
     results: list[dict[str, Any]] = []
     live: list[dict[str, Any]] = []
+    writes: dict[str, Any] | None = None
     template = scale["template"]
     created: list[str] = []
 
@@ -388,10 +416,14 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
         created.append(name)
         return clone(box, template, name)
 
-    def one(label: str, method: str, argv: list[str], dbname: str, **extra: Any) -> dict[str, Any]:
+    def one(label: str, method: str, argv: list[str], dbname: str, *, check: bool = True,
+            **extra: Any) -> dict[str, Any]:
         say(f"S={users:,}: {label}")
-        result = measure(box, dbname, scale, label, argv, sample_interval=sample_interval)
+        result = measure(box, dbname, scale, label, argv, sample_interval=sample_interval,
+                         check=check, standby=standby)
         result.update(method=method, **extra)
+        if result["exit_code"]:
+            say(f"S={users:,}: {label} FAILED (exit {result['exit_code']}): {result['error']}")
         say(f"S={users:,}: {label}: {result['wall_s']:.2f} s, longest ACCESS EXCLUSIVE "
             f"{result['max_access_exclusive_s'] * 1000:.0f} ms, "
             f"peak RSS {result['peak_rss_bytes'] / MiB:.0f} MiB")
@@ -426,8 +458,12 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             one("verify", "verify", verify_command(), kept)
         if "rollback" not in skip:
             log_file = workdir / f"s{users}_rollback.log"
-            result = one("rollback", "rollback", migration_command("rollback", log_file), kept)
-            _check_data(box, kept, scale, result, original=True)
+            # The way out is measured to the end: a failure is reported with the figures.
+            result = one("rollback", "rollback", migration_command("rollback", log_file), kept,
+                         check=False)
+            result["timeline"] = log_timeline(log_file)
+            if result["exit_code"] == 0:
+                _check_data(box, kept, scale, result, original=True)
         box.drop_database(kept)
         if live_load is not None:
             for label, argv in live_methods(workdir / f"s{users}_live.log"):
@@ -435,6 +471,19 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
                 say(f"S={users:,}: {label} under load")
                 live.append(measure_live(fresh(name), label, argv, live_load))
                 box.drop_database(name)
+        if write_cost is not None:
+            name = f"{template}_writes"
+            dsn = fresh(name)
+            log_file = workdir / f"s{users}_writes.log"
+
+            def engine(operation: str, extra: list[str]) -> probe.ProcessResult:
+                return probe.run_process(migration_command(operation, log_file) + extra,
+                                         env=_env(dsn), cwd=str(REPO))
+
+            writes = measure_write_cost(dsn, box.admin_dsn, scale["tables"], write_cost,
+                                        engine=engine, workdir=workdir,
+                                        say=lambda text: say(f"S={users:,}: {text}"))
+            box.drop_database(name)
     finally:
         for name in [*created, template]:
             box.drop_database(name)
@@ -443,7 +492,7 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
                                if k not in ("expected_digest", "original_digest")},
             "digests": {"migrated": scale["expected_digest"],
                         "original": scale["original_digest"]},
-            "results": results, "live_load": live}
+            "results": results, "live_load": live, "write_cost": writes}
 
 
 def live_methods(log_file: Path) -> list[tuple[str, list[str]]]:
@@ -510,9 +559,17 @@ def _git_commit() -> str | None:
 def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int], *,
                   server: Server | None = None, start_settings: Sequence[str] = (),
                   sample_interval: float = 0.005, live_load: LoadSettings | None = None,
-                  skip: Sequence[str] = (), say: Callable[[str], None] = lambda s: None,
+                  skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
+                  standby: bool = False, say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
-    """Every scale in turn; ``partial`` gets the report so far after each one."""
+    """Every scale in turn; ``partial`` gets the report so far after each one.
+
+    ``standby``: the server streams to a standby (``bench.standby``); each method's
+    replay lag is sampled, and the owner role is granted ``pg_monitor``, as an operator
+    who wants ``--max-replica-lag`` to hold the engine back grants it.
+    """
+    if standby:
+        box.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(OWNER_ROLE)))
     started = datetime.now(UTC)
     report: dict[str, Any] = {
         "started_at": started.isoformat(), "commit": _git_commit(),
@@ -524,13 +581,16 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
                        "default_batch_size": DEFAULT_BATCH, "lock_sample_interval_s":
                        sample_interval,
                        "live_load": asdict(live_load) if live_load else None,
-                       "skipped": list(skip)},
+                       "skipped": list(skip),
+                       "write_cost": asdict(write_cost) if write_cost else None,
+                       "standby": standby},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval,
-                                          live_load=live_load, skip=skip, say=say))
+                                          live_load=live_load, skip=skip,
+                                          write_cost=write_cost, standby=standby, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -646,6 +706,23 @@ def render_live(live: list[dict[str, Any]]) -> list[str]:
             + [f"- failed: {reason}" for reason in reasons])
 
 
+def render_replay_lag(results: list[dict[str, Any]]) -> list[str]:
+    """The standby's replay lag per method (no lines without ``--standby``)."""
+    lagged = [r for r in results if r.get("replay_lag")]
+    if not lagged:
+        return []
+    lines = ["", "Streaming standby on this machine (the owner granted pg_monitor, so the "
+                 "engine's default --max-replica-lag applies):", "",
+             "| method | WAL MiB | longest replay lag MiB | longest replay lag s |",
+             "|---|---:|---:|---:|"]
+    for r in lagged:
+        lag = r["replay_lag"]
+        lines.append(f"| {r['label']} | {_mb(r['wal_bytes'])} | "
+                     f"{lag['max_replay_lag_bytes'] / MiB:,.1f} | "
+                     f"{lag['max_replay_lag_s']:,.2f} |")
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     server = report["server"]
     lines = [f"PostgreSQL {server['version']} ({server['backend']}); "
@@ -677,6 +754,9 @@ def render_markdown(report: dict[str, Any]) -> str:
                 f"{_mb(r['size_after']['total'])} | {_mb(r['size_after']['backup'])} | "
                 f"{_mb(r['peak_rss_bytes'])} | {_cpu(r)} | "
                 f"{r['load_average_before']:.1f} | {data} |")
+        lines += [f"- {r['label']} FAILED (exit {r['exit_code']}): {r['error']}"
+                  for r in scale["results"] if r.get("exit_code")]
+        lines += render_replay_lag(scale["results"])
         ours = [r for r in scale["results"] if r["method"] == "full_migration"]
         if ours:
             lines += ["", "| full_migration step (s) | " + " | ".join(RUNBOOK_STEPS) + " |",
@@ -690,6 +770,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {r['label']}: WAL MiB | " + " | ".join(
                     _mb(wal[s]) if s in wal else "-" for s in RUNBOOK_STEPS) + " |")
         lines += render_live(scale.get("live_load") or [])
+        lines += render_write_cost(scale.get("write_cost"))
         lines.append("")
     if report.get("targets"):
         lines += ["### Targets (issue 6)", "", "| target | measured | limit | goal | met |",
@@ -726,18 +807,25 @@ def _methods(text: str) -> list[str]:
     return values
 
 
+def _bin_dir(args: argparse.Namespace) -> tuple[Path, str]:
+    """The binaries of the server the benchmark starts (not for --pg=dsn), and their kind."""
+    if args.pg == "embedded" or (args.pg == "auto" and not args.pg_bin
+                                 and not (LOCAL_PG15 / "initdb").exists()):
+        return embedded_bin_dir(), "embedded"
+    return Path(args.pg_bin or LOCAL_PG15), "bin"
+
+
 def start(args: argparse.Namespace) -> tuple[Server, list[str]]:
     """The server the benchmark runs on, and the settings it was started with."""
     if args.pg == "dsn" or (args.pg == "auto" and args.pg_dsn):
         if not args.pg_dsn:
             raise SystemExit("--pg=dsn needs --pg-dsn (a superuser DSN)")
+        if args.standby:
+            raise SystemExit("--standby needs a server the benchmark starts, not --pg-dsn")
         return from_dsn(args.pg_dsn), []
     settings = [*DEFAULT_SETTINGS, *args.pg_setting]
-    if args.pg == "embedded" or (args.pg == "auto" and not args.pg_bin
-                                 and not (LOCAL_PG15 / "initdb").exists()):
-        return start_cluster(embedded_bin_dir(), backend="embedded", settings=settings), settings
-    bin_dir = args.pg_bin or LOCAL_PG15
-    return start_cluster(bin_dir, backend="bin", settings=settings), settings
+    bin_dir, backend = _bin_dir(args)
+    return start_cluster(bin_dir, backend=backend, settings=settings), settings
 
 
 def _write(args: argparse.Namespace, report: dict[str, Any]) -> str:
@@ -783,6 +871,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--load-warmup", type=float, default=LoadSettings.warmup,
                         help="--live-load: seconds of load before the method starts "
                              f"(default {LoadSettings.warmup:g})")
+    parser.add_argument("--write-cost", action="store_true",
+                        help="also measure what the engine's triggers cost the application's "
+                             "writes: pgbench unthrottled before, during (--postpone-swap) and "
+                             "after full_migration, and after cleanup_backup, on a clone")
+    parser.add_argument("--write-seconds", type=float, default=WriteCostSettings.seconds,
+                        help="--write-cost: seconds of writes per state (default "
+                             f"{WriteCostSettings.seconds:g})")
+    parser.add_argument("--write-clients", type=int, default=WriteCostSettings.clients,
+                        help="--write-cost: pgbench clients (default "
+                             f"{WriteCostSettings.clients})")
+    parser.add_argument("--standby", action="store_true",
+                        help="stream to a hot standby (pg_basebackup) on this machine and "
+                             "report each method's longest replay lag, bytes and seconds")
     parser.add_argument("--skip", type=_methods, default=[], metavar="METHODS",
                         help="methods not to run, comma-separated, of "
                              f"{', '.join(SKIPPABLE)} (the one-shot and full_migration "
@@ -800,6 +901,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{datetime.now():%H:%M:%S}] {text}", file=sys.stderr, flush=True)
 
     server, settings = start(args)
+    standby = None
     try:
         conn = connect(server.admin_dsn, autocommit=True)
         with conn.cursor() as cur:
@@ -808,6 +910,9 @@ def main(argv: list[str] | None = None) -> int:
         conn.close()
         say(f"server: {server.describe()}")
         box = prepare(server.admin_dsn, prefix="bench")
+        if args.standby:
+            standby = start_standby(server.admin_dsn, _bin_dir(args)[0])
+            say(f"standby streaming on port {standby.port}")
         try:
             report = run_benchmark(box, args.scales, args.batch_sizes, server=server,
                                    start_settings=settings,
@@ -815,11 +920,16 @@ def main(argv: list[str] | None = None) -> int:
                                    live_load=LoadSettings(args.load_rate, args.load_clients,
                                                           args.load_warmup)
                                    if args.live_load else None, skip=args.skip,
+                                   write_cost=WriteCostSettings(args.write_seconds,
+                                                                args.write_clients)
+                                   if args.write_cost else None, standby=args.standby,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):
                 box.drop_database(box.template(variant))
     finally:
+        if standby is not None:
+            standby.stop()
         server.stop()
     print(_write(args, report))
     if args.json:

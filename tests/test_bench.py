@@ -9,9 +9,11 @@ speed is what the benchmark reports, not what the suite checks.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
@@ -20,13 +22,21 @@ from bench.run import (
     DEFAULT_BATCH,
     RUNBOOK_STEPS,
     SKIPPABLE,
+    BenchError,
     main,
+    measure,
     render_markdown,
     run_benchmark,
 )
+from bench.standby import ReplayLag, Standby, caught_up, start_standby
+from bench.write_cost import SCRIPTS, STATES, WriteCostSettings, compare
+from migration.backup import CHANGE_LOG_TRIGGER
 from migration.connection import connect
-from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.seed import seed
+from migration.rehearsal.throwaway import Server, start_cluster
+from tests.operate import execute, wait_until
+from tests.test_standby import _bin_dir as standby_bin_dir
 
 USERS = 200
 ROWS = 6 * USERS  # S users, 3S journal entries, S tags, S reminders
@@ -186,3 +196,165 @@ def test_methods_can_be_skipped_but_not_the_one_shot_and_ours(sandbox: Sandbox) 
     assert "### Targets" in render_markdown(skipped)
     with pytest.raises(SystemExit):
         main(["--skip", "one_shot"])
+
+
+def test_a_failed_method_is_recorded_with_its_figures_when_not_checked(
+        sandbox: Sandbox, seeded: str) -> None:
+    """The rollback is measured with ``check=False``: a failed way out is reported, with
+    its error, instead of aborting the run and losing the scale's other figures."""
+    scale = {"tables": list(KEYS), "rows": 6 * 50}
+    failing = [sys.executable, "-c",
+               "import sys; sys.stderr.write('LockError: could not lock the tables\\n'); "
+               "sys.exit(3)"]
+    with pytest.raises(BenchError, match="could not lock the tables"):
+        measure(sandbox, "bench_inproc", scale, "rollback", failing, sample_interval=0.002)
+    result = measure(sandbox, "bench_inproc", scale, "rollback", failing,
+                     sample_interval=0.002, check=False)
+    assert result["exit_code"] == 3
+    assert result["error"] == "LockError: could not lock the tables"
+    assert result["wall_s"] > 0
+    assert result["locks"]["samples"] > 0
+
+
+WRITES_PER_STATE = 30
+
+
+@pytest.fixture(scope="module")
+def write_report(sandbox: Sandbox) -> dict[str, Any]:
+    return run_benchmark(sandbox, [USERS], [DEFAULT_BATCH], sample_interval=0.002,
+                         skip=SKIPPABLE,
+                         write_cost=WriteCostSettings(transactions=WRITES_PER_STATE))
+
+
+def test_write_cost_measures_each_state_with_the_engine_s_triggers_as_they_are(
+        sandbox: Sandbox, write_report: dict[str, Any]) -> None:
+    """Every state ran the same writes, none failed, and the triggers present were the
+    ones the state is named for: the change log records every write while it exists."""
+    result = write_report["scales"][0]["write_cost"]
+    assert list(result["states"]) == list(STATES)
+    assert result["engine_steps_s"].keys() == {"full_migration --postpone-swap",
+                                               "full_migration", "cleanup_backup"}
+    tables = {"users", "journal_entries", "tags", "reminders"}
+    local = probe.ServerCpu(sandbox.admin_dsn).pid is not None  # not a server in Docker
+    for name, state in result["states"].items():
+        assert state["transactions"] == WRITES_PER_STATE, name
+        assert state["failed"] == 0, name
+        assert state["us_per_write"] == pytest.approx(1e6 / state["tps"]), name
+        cpu = state["server_cpu_us_per_write"]  # 30 writes may take less than a clock tick
+        assert (cpu is not None and cpu >= 0) if local else (cpu is None), name
+    states = result["states"]
+    assert states["before"]["triggers"] == states["cleaned"]["triggers"] == []
+    assert states["before"]["change_log_rows_added"] is None
+    assert states["cleaned"]["change_log_rows_added"] is None
+    migrated = [t.split(": ") for t in states["migrated"]["triggers"]]
+    assert all(trigger.startswith(CHANGE_LOG_TRIGGER) for _table, trigger in migrated)
+    assert {table for table, _trigger in migrated} == tables
+    expanded = states["expanded"]["triggers"]
+    assert set(states["migrated"]["triggers"]) < set(expanded)  # and the sync triggers
+    assert {t.split(": ")[0] for t in expanded
+            if not t.split(": ")[1].startswith(CHANGE_LOG_TRIGGER)} == tables
+    for name in ("expanded", "migrated"):  # one row of the log per write (one row each)
+        assert states[name]["change_log_rows_added"] == WRITES_PER_STATE, name
+
+
+def test_write_cost_compares_each_state_with_its_baseline_and_renders(
+        write_report: dict[str, Any]) -> None:
+    result = write_report["scales"][0]["write_cost"]
+    states = result["states"]
+    pairs = {(c["state"], c["baseline"]): c for c in result["comparisons"]}
+    assert set(pairs) == {("expanded", "before"), ("migrated", "cleaned")}
+    for (state, baseline), c in pairs.items():
+        assert c["extra_us_per_write"] == pytest.approx(
+            states[state]["us_per_write"] - states[baseline]["us_per_write"])
+        assert c["ratio"] == pytest.approx(
+            states[state]["us_per_write"] / states[baseline]["us_per_write"])
+        with_cpu = states[state]["server_cpu_us_per_write"]
+        without_cpu = states[baseline]["server_cpu_us_per_write"]
+        if with_cpu is not None:
+            assert c["extra_cpu_us_per_write"] == pytest.approx(with_cpu - without_cpu)
+            assert c["cpu_ratio"] == (pytest.approx(with_cpu / without_cpu) if without_cpu
+                                      else None)
+    assert result["scripts"] == list(SCRIPTS)
+    text = render_markdown(write_report)
+    assert "Cost of the engine's triggers" in text
+    for state in STATES:
+        assert f"| {state} |" in text
+    assert "change log, after full_migration until cleanup_backup (migrated / cleaned)" in text
+    assert write_report["parameters"]["write_cost"]["transactions"] == WRITES_PER_STATE
+
+
+@pytest.fixture(scope="module")
+def streaming(pg_server: Server) -> Iterator[tuple[Sandbox, Standby]]:
+    """A primary of its own (the suite's binaries) streaming to a standby made by
+    ``bench.standby``, as ``bench/run.py --standby`` makes it."""
+    bin_dir = standby_bin_dir(pg_server)
+    primary = start_cluster(bin_dir, backend=pg_server.backend)
+    standby: Standby | None = None
+    try:
+        box = prepare(primary.admin_dsn, prefix="bench_standby")
+        standby = start_standby(primary.admin_dsn, bin_dir)
+        yield box, standby
+    finally:
+        if standby is not None:
+            standby.stop()
+        primary.stop()
+
+
+def _on_standby(dsn: str, standby: Standby) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit((parts.scheme, parts.netloc.rsplit(":", 1)[0] + f":{standby.port}",
+                       parts.path, parts.query, ""))
+
+
+def test_replay_lag_sees_a_standby_that_falls_behind(
+        streaming: tuple[Sandbox, Standby]) -> None:
+    """With the standby's replay paused, WAL written on the primary is lag the sampler
+    reports in bytes; once replay resumes, ``caught_up`` returns."""
+    box, standby = streaming
+    on_standby = _on_standby(box.admin_dsn, standby)
+    execute(on_standby, "SELECT pg_wal_replay_pause()")
+    try:
+        with ReplayLag(box.admin_dsn, interval=0.01) as lag:
+            execute(box.admin_dsn, "CREATE TABLE lag_probe AS "
+                                   "SELECT g, md5(g::text) FROM generate_series(1, 20000) g")
+            assert wait_until(lambda: lag.max_bytes > 1_000_000, patience=60)
+    finally:
+        execute(on_standby, "SELECT pg_wal_replay_resume()")
+        execute(box.admin_dsn, "DROP TABLE IF EXISTS lag_probe")
+    assert lag.standbys == 1
+    caught_up(box.admin_dsn, limit=120)
+    assert execute(box.admin_dsn, "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), replay_lsn) "
+                                  "FROM pg_stat_replication") == [(0,)]
+
+
+def test_standby_mode_reports_each_method_s_replay_lag(
+        streaming: tuple[Sandbox, Standby]) -> None:
+    box, _standby = streaming
+    report = run_benchmark(box, [USERS], [DEFAULT_BATCH], sample_interval=0.002,
+                           skip=SKIPPABLE, standby=True)
+    assert report["parameters"]["standby"] is True
+    for r in report["scales"][0]["results"]:
+        lag = r["replay_lag"]
+        assert lag["samples"] > 0, r["label"]
+        assert lag["standbys"] == 1, r["label"]  # streaming throughout
+        assert lag["max_replay_lag_bytes"] >= 0
+    assert [(m,) for m in ("pg_monitor",)] == execute(
+        box.admin_dsn, "SELECT b.rolname FROM pg_auth_members m JOIN pg_roles b "
+                       "ON b.oid = m.roleid JOIN pg_roles u ON u.oid = m.member "
+                       "WHERE u.rolname = %s", (OWNER_ROLE,))
+    text = render_markdown(report)
+    assert "| longest replay lag MiB | longest replay lag s |" in text
+    assert "| full_migration b=1000 (default) | " in text.split("longest replay lag s |")[1]
+
+
+def test_write_cost_comparison_has_no_cpu_ratio_to_a_baseline_of_no_tick() -> None:
+    """A state too short for one clock tick of /proc reads 0 µs of CPU: its comparison
+    gives the difference and no ratio (it divided by zero)."""
+    state = {"tps": 100.0, "us_per_write": 10_000.0, "server_cpu_us_per_write": 0.0}
+    states = {name: dict(state) for name in STATES}
+    states["migrated"]["server_cpu_us_per_write"] = 300.0
+    changelog = next(c for c in compare(states) if c["state"] == "migrated")
+    assert changelog["extra_cpu_us_per_write"] == 300.0
+    assert changelog["cpu_ratio"] is None
+    states["cleaned"]["server_cpu_us_per_write"] = 100.0
+    assert next(c for c in compare(states) if c["state"] == "migrated")["cpu_ratio"] == 3.0
