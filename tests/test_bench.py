@@ -36,7 +36,7 @@ from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, start_cluster
 from tests.operate import execute, wait_until
-from tests.test_standby import _bin_dir as standby_bin_dir
+from tests.replicas import server_bin_dir
 
 USERS = 200
 ROWS = 6 * USERS  # S users, 3S journal entries, S tags, S reminders
@@ -287,7 +287,7 @@ def test_write_cost_compares_each_state_with_its_baseline_and_renders(
 def streaming(pg_server: Server) -> Iterator[tuple[Sandbox, Standby]]:
     """A primary of its own (the suite's binaries) streaming to a standby made by
     ``bench.standby``, as ``bench/run.py --standby`` makes it."""
-    bin_dir = standby_bin_dir(pg_server)
+    bin_dir = server_bin_dir(pg_server)
     primary = start_cluster(bin_dir, backend=pg_server.backend)
     standby: Standby | None = None
     try:

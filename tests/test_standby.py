@@ -35,12 +35,11 @@ from migration.rehearsal.throwaway import (
     _free_port,
     _make_traversable,
     _run_as,
-    embedded_bin_dir,
     start_cluster,
 )
 from migration.session import Settings
 from tests.operate import execute, run_in_process, run_ok, run_verify, seeded, wait_until
-from tests.replicas import CATCH_UP_LIMIT_S, TABLES, rows, writing
+from tests.replicas import CATCH_UP_LIMIT_S, TABLES, rows, server_bin_dir, writing
 
 _names = iter(range(1, 1000))
 
@@ -65,17 +64,9 @@ class Cluster:
         return _on_port(dsn, self.standby_port)
 
 
-def _bin_dir(pg_server: Server) -> Path:
-    [(bin_dir,)] = execute(pg_server.admin_dsn,
-                           "SELECT setting FROM pg_config WHERE name = 'BINDIR'")
-    if not (Path(str(bin_dir)) / "pg_basebackup").exists():  # a server in Docker
-        return embedded_bin_dir()
-    return Path(str(bin_dir))
-
-
 @pytest.fixture(scope="module")
 def cluster(pg_server: Server) -> Iterator[Cluster]:
-    bin_dir = _bin_dir(pg_server)
+    bin_dir = server_bin_dir(pg_server)
     primary = start_cluster(bin_dir, backend=pg_server.backend)
     os_user = "nobody" if os.geteuid() == 0 else None
     workdir = Path(tempfile.mkdtemp(prefix="uuidmig-standby-"))
