@@ -76,6 +76,7 @@ def add_temporary_column(session: Session, key: KeyColumn,
         # in this transaction: no change that carries the copy is ever published
         publications.narrow(cur, schema, key.table)
         backup.record_names(cur, schema, key)
+        copy_default(cur, schema, key)
         sync_trigger(cur, schema, key, follows)
         # Pages are walked up to the table's end now, under this lock: rows written
         # later are the sync trigger's, and the fill's own updates, which move rows
@@ -96,6 +97,24 @@ def add_temporary_column(session: Session, key: KeyColumn,
                                                          strict=True))])
 
     session.ddl(f"add {key.temp} to {key.table}", work)
+
+
+def copy_default(cur: Cursor, schema: str, key: KeyColumn) -> None:
+    """Give the copy the default the swap will give the column (``converted_default``, or
+    ``restored_default`` on the way back), after it was added: the rows it has stay NULL.
+
+    A foreign key's ``SET DEFAULT`` whose copy acts first sets the copy to its default,
+    which must be the key's, as uuid, for the sync trigger to tell it (``SYNC_FUNCTIONS``).
+    """
+    default = catalog.column_info(cur.connection, key.table, key.column)
+    if default is None or default.default is None:
+        return
+    copy = KeyColumn(key.table, key.temp)
+    if key.back:
+        restored_default(cur, copy, backup.saved_column(cur, schema, key).default,
+                         default.default)
+    else:
+        converted_default(cur, copy, default.default)
 
 
 def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | None) -> None:

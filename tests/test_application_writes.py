@@ -91,6 +91,55 @@ def test_a_foreign_key_action_keeps_the_copy_in_step_when_the_copy_s_trigger_fir
     run_ok(s.dsn, "validate_migration")
 
 
+NOBODY = "00000000-0000-0000-0000-000000000000"  # the "deleted user" a child's default names
+
+
+@pytest.mark.parametrize("order", ["copy first", "original first"])
+@pytest.mark.parametrize(("action", "event", "write"), [
+    ("ON DELETE SET DEFAULT", 8, "DELETE FROM users WHERE id = %(old)s"),
+    ("ON UPDATE SET DEFAULT", 16, "UPDATE users SET id = %(new)s WHERE id = %(old)s"),
+])
+@pytest.mark.parametrize("stage", ["expansion", "rollback"])
+def test_set_default_to_a_default_that_is_a_row_keeps_the_copy_in_step(
+        scenario: Callable[..., Scenario], stage: str, action: str, event: int, write: str,
+        order: str) -> None:
+    """``SET DEFAULT`` where the child's key has a default naming a row (a "deleted user"):
+    the server checks, after the action, that no row still refers to the old key, so the
+    copy's action cannot wait for the original's; both must land on the default, in both
+    trigger orders, during the expansion and after the swap on the way back."""
+    s, back, copy_first = scenario(), stage == "rollback", order == "copy first"
+    execute(s.dsn, "INSERT INTO users (id, email) VALUES (%s, 'nobody@example.com')",
+            (NOBODY,))
+    again = sql.SQL("ALTER TABLE reminders DROP CONSTRAINT {fk}, ADD CONSTRAINT {fk} "
+                    "FOREIGN KEY (user_id) REFERENCES users (id) {action}").format(
+        fk=sql.Identifier(REMINDERS_FK), action=sql.SQL(action))
+    execute(s.dsn, sql.SQL("ALTER TABLE reminders ALTER user_id SET DEFAULT {}").format(
+        sql.Literal(NOBODY)))
+    execute(s.dsn, again)
+    run_ok(s.dsn, "full_migration" if back else "backup_data")
+    if not back:
+        run_ok(s.dsn, "migrate_users")
+    [(user,)] = execute(s.dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
+                               "RETURNING id::text")
+    [(reminder,)] = execute(s.dsn, "INSERT INTO reminders (user_id, remind_at) "
+                                   "VALUES (%s, now()) RETURNING id::text", (user,))
+    s.crash("rollback" if back else "migrate_foreign_keys", "swap#1")  # copies in force
+    if copy_first:
+        execute(s.dsn, again)
+    original, copy = (REMINDERS_FK,), (shadow_name("fk", REMINDERS, REMINDERS_FK),)
+    assert action_triggers(s.dsn, event) == ([copy, original] if copy_first
+                                             else [original, copy])
+    execute(s.dsn, write, {"old": user, "new": str(uuid.uuid4())})
+    temp = "user_id_text" if back else "user_id_uuid::text"
+    assert execute(s.dsn, f"SELECT user_id::text, {temp} FROM reminders WHERE id::text = %s",
+                   (reminder,)) == [(NOBODY, NOBODY)]
+    run_ok(s.dsn, "rollback" if back else "migrate_foreign_keys")
+    if not back:
+        run_ok(s.dsn, "validate_migration")
+    assert execute(s.dsn, "SELECT user_id::text FROM reminders WHERE id::text = %s",
+                   (reminder,)) == [(NOBODY,)]
+
+
 def test_a_row_the_fill_missed_can_be_updated_before_the_proof_fills_it(
         scenario: Callable[..., Scenario]) -> None:
     """A row whose key a write the sync trigger did not see moved behind the fill's
