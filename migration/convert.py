@@ -101,20 +101,21 @@ def add_temporary_column(session: Session, key: KeyColumn,
 
 def copy_default(cur: Cursor, schema: str, key: KeyColumn) -> None:
     """Give the copy the default the swap will give the column (``converted_default``, or
-    ``restored_default`` on the way back), after it was added: the rows it has stay NULL.
+    ``restored_default`` on the way back), once added: the rows it has stay NULL for the
+    fill (a default given with ``ADD COLUMN`` would be theirs too).
 
     A foreign key's ``SET DEFAULT`` whose copy acts first sets the copy to its default,
     which must be the key's, as uuid, for the sync trigger to tell it (``SYNC_FUNCTIONS``).
     """
-    default = catalog.column_info(cur.connection, key.table, key.column)
-    if default is None or default.default is None:
+    info = catalog.column_info(cur.connection, key.table, key.column)
+    if info is None or info.default is None:
         return
     copy = KeyColumn(key.table, key.temp)
     if key.back:
         restored_default(cur, copy, backup.saved_column(cur, schema, key).default,
-                         default.default)
+                         info.default)
     else:
-        converted_default(cur, copy, default.default)
+        converted_default(cur, copy, info.default)
 
 
 def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | None) -> None:
