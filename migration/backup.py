@@ -144,12 +144,14 @@ CREATE TABLE {schema}.recorded_objects (record jsonb NOT NULL);
 # write that leaves the key's value alone (an ORM writes every column back) keeps the
 # spelling the rollback gave a string copy.
 # A foreign key and its copy both act on a write to the parent, in their triggers' name
-# order (their OIDs as text), so the copy's may act first, on the copy alone.  ON UPDATE
-# CASCADE: the copy stays the key's until the original's cascade changes the key.  SET NULL
-# (and SET DEFAULT, the key having no default): the key is set NULL with it, as the
-# original would; kept the key's, the copy's SET DEFAULT, which then looks for rows still
-# referring to the parent, would fail.  Such an action is told by the key unchanged, the
-# copy the key's before, NULL now, written by a trigger (pg_trigger_depth() > 1).
+# order (their OIDs as text), so the copy's may act first, on the copy alone: an UPDATE
+# written by a trigger (pg_trigger_depth() > 1) leaving the key as it was and moving the
+# copy off it.  One rule: when the copy got the key's default (as uuid; NULL where it has
+# none), that is a SET NULL or SET DEFAULT (the copy carries the key's default, see
+# ``convert.copy_default``), and the original's will give the key its default: the key takes
+# it now, as the server checks right after a SET DEFAULT that no row still refers to the
+# old key.  Any other move (a CASCADE; a SET NULL of a key that has a default) waits for
+# the original's action: the copy stays the key's until it changes the key.
 SYNC_FUNCTIONS = """
 -- TG_ARGV = (key column, copy column).
 CREATE OR REPLACE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
@@ -157,17 +159,23 @@ LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
     written jsonb := to_jsonb(NEW);
     value uuid := (written ->> TG_ARGV[0])::uuid;
+    fallback text;
 BEGIN
     IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
         RETURN NEW;
     END IF;
-    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1
        AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
-       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
-       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
-                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
-                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
-        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value THEN
+        SELECT pg_get_expr(d.adbin, d.adrelid) INTO fallback
+        FROM pg_attrdef d JOIN pg_attribute a ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+        WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0];
+        IF fallback IS NOT NULL THEN
+            EXECUTE format('SELECT (%s)::text', fallback) INTO fallback;
+        END IF;
+        IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM fallback::uuid THEN
+            RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], fallback));
+        END IF;
     END IF;
     RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[1], value));
 END $$;
@@ -181,17 +189,23 @@ DECLARE
     written jsonb := to_jsonb(NEW);
     value uuid := (written ->> TG_ARGV[0])::uuid;
     spelled text;
+    fallback text;
 BEGIN
     IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
         RETURN NEW;
     END IF;
-    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1 AND written -> TG_ARGV[1] = 'null'
+    IF TG_OP = 'UPDATE' AND pg_trigger_depth() > 1
        AND to_jsonb(OLD) -> TG_ARGV[0] = written -> TG_ARGV[0]
-       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value
-       AND NOT EXISTS (SELECT FROM pg_attrdef d JOIN pg_attribute a
-                       ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
-                       WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0]) THEN
-        RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], NULL));
+       AND (to_jsonb(OLD) ->> TG_ARGV[1])::uuid = value THEN
+        SELECT pg_get_expr(d.adbin, d.adrelid) INTO fallback
+        FROM pg_attrdef d JOIN pg_attribute a ON (a.attrelid, a.attnum) = (d.adrelid, d.adnum)
+        WHERE a.attrelid = TG_RELID AND a.attname = TG_ARGV[0];
+        IF fallback IS NOT NULL THEN
+            EXECUTE format('SELECT (%s)::text', fallback) INTO fallback;
+        END IF;
+        IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM fallback::uuid THEN
+            RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], fallback));
+        END IF;
     END IF;
     EXECUTE format('SELECT %I::text FROM %I.%I WHERE %I = $1',
                    TG_ARGV[5], TG_ARGV[2], TG_ARGV[3], TG_ARGV[4])

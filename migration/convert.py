@@ -35,6 +35,7 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
 from migration import backup, catalog, publications
+from migration.connection import Connection
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -76,6 +77,7 @@ def add_temporary_column(session: Session, key: KeyColumn,
         # in this transaction: no change that carries the copy is ever published
         publications.narrow(cur, schema, key.table)
         backup.record_names(cur, schema, key)
+        copy_default(cur, schema, key)
         sync_trigger(cur, schema, key, follows)
         # Pages are walked up to the table's end now, under this lock: rows written
         # later are the sync trigger's, and the fill's own updates, which move rows
@@ -96,6 +98,25 @@ def add_temporary_column(session: Session, key: KeyColumn,
                                                          strict=True))])
 
     session.ddl(f"add {key.temp} to {key.table}", work)
+
+
+def copy_default(cur: Cursor, schema: str, key: KeyColumn) -> None:
+    """Give the copy the default the swap will give the column (``converted_default``, or
+    ``restored_default`` on the way back), once added: the rows it has stay NULL for the
+    fill (a default given with ``ADD COLUMN`` would be theirs too).
+
+    A foreign key's ``SET DEFAULT`` whose copy acts first sets the copy to its default,
+    which must be the key's, as uuid, for the sync trigger to tell it (``SYNC_FUNCTIONS``).
+    """
+    info = catalog.column_info(cur.connection, key.table, key.column)
+    if info is None or info.default is None:
+        return
+    copy = KeyColumn(key.table, key.temp)
+    if key.back:
+        restored_default(cur, copy, backup.saved_column(cur, schema, key).default,
+                         info.default)
+    else:
+        converted_default(cur, copy, info.default)
 
 
 def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | None) -> None:
@@ -134,13 +155,21 @@ def stale_sync_trigger(cur: Cursor, schema: str, key: KeyColumn) -> bool | None:
 def upgrade_triggers(session: Session, *, back: bool) -> None:
     """Bring the triggers a run of an older version made up to this one's, each table in a
     short transaction of its own: the change log's on the plan's tables, and the sync
-    triggers of the plan's copies that exist (``back``: the string copies, on the way back)."""
+    triggers of the plan's copies that exist (``back``: the string copies, on the way back),
+    their functions (replaced: no table lock), and those copies' defaults (``copy_default``).
+    """
     schema = session.plan.backup_schema
     plan = session.plan.reversed() if back else session.plan
     with session.transaction() as cur:
         stale_logs = [table for table in sorted(plan.tables)
                       if not backup.change_log_is_current(cur, schema, table)]
         stale_syncs = {key: stale_sync_trigger(cur, schema, key) for key in plan.columns}
+        if any(catalog.is_engines(cur.connection, key) for key in plan.columns):
+            cur.execute(sql.SQL(backup.SYNC_FUNCTIONS).format(schema=sql.Identifier(schema)))
+        no_default = [key for key in plan.columns if _copy_lacks_default(cur.connection, key)]
+    for key in no_default:
+        session.ddl(f"give {key.temp} its default on {key.table}",
+                    partial(copy_default, schema=schema, key=key))
     for table in stale_logs:
         session.ddl(f"upgrade the change log on {table}",
                     partial(backup.upgrade_change_log, schema=schema, table=table))
@@ -149,6 +178,15 @@ def upgrade_triggers(session: Session, *, back: bool) -> None:
             session.ddl(f"upgrade {key.helper('sync')} on {key.table}",
                         partial(sync_trigger, schema=schema, key=key,
                                 follows=plan.parent if follows else None))
+
+
+def _copy_lacks_default(conn: Connection, key: KeyColumn) -> bool:
+    """Whether ``key``'s copy, the engine's, has no default while the key has one (an older
+    version made it so)."""
+    copy = catalog.column_info(conn, key.table, key.temp)
+    original = catalog.column_info(conn, key.table, key.column)
+    return (copy is not None and copy.default is None and original is not None
+            and original.default is not None and catalog.is_engines(conn, key))
 
 
 # Rows of the primary key sampled to cut a table into slices of about equal size.

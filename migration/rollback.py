@@ -474,9 +474,9 @@ def respell(session: Session, key: KeyColumn) -> int:
     ``Session.ddl`` transaction that updates the live rows it names: the
     engine never holds an application's rows across batches, nor waits for
     one longer than ``lock_timeout`` before it tries the batch again.  A table
-    with neither key is respelled by content (``_respell_by_content``), in one
-    statement (its rows are paired across the whole table), under the same
-    bounded wait.
+    with neither key is respelled by content (``_respell_by_content``): its rows
+    are paired across the whole table by one read, then updated in batches the
+    same way.
     """
     schema = session.plan.backup_schema
     pk = catalog.walk_key(session.conn, key.table)
@@ -486,11 +486,7 @@ def respell(session: Session, key: KeyColumn) -> int:
     rows = catalog.estimated_rows(session.conn, saved)
     session.conn.rollback()
     if pk == [catalog.PAGES]:
-        def whole_table(cur: Cursor) -> int:
-            lift_statement_timeout(cur)
-            return _respell_by_content(_respell_settings(session, cur), schema, key, converted)
-
-        return session.ddl(f"respell {key}", whole_table)
+        return _respell_by_content(session, schema, key, converted)
     step = max(1, session.settings.batch_size * pages // rows) if rows else max(pages, 1)
     statement = _respell_statement(session, key, pk, converted)
     respelled = 0
@@ -560,7 +556,13 @@ def content(columns: list[str], alias: str,
             else sql.Identifier(alias, c)) for c in columns))
 
 
-def _respell_by_content(cur: Cursor, schema: str, key: KeyColumn, converted: set[str]) -> int:
+# The pairs ``_respell_by_content`` reads once and updates in batches: the engine's own
+# temporary table, on the session's connection, across its transactions.
+_PAIRS = sql.Identifier("pg_temp", "migration_respell_pairs")
+
+
+def _respell_by_content(session: Session, schema: str, key: KeyColumn,
+                        converted: set[str]) -> int:
     """``respell`` for a table with no unique key: its rows have nothing but their content
     to be told apart by, so a live row is matched with a backup row equal in every
     column, key columns compared as uuids (``content``).
@@ -574,29 +576,74 @@ def _respell_by_content(cur: Cursor, schema: str, key: KeyColumn, converted: set
     the same spelling.  Live rows that no backup row matches (written since
     the backup) keep the canonical text.  Every backup row is read: all
     spellings count in the numbering.
+
+    The pairing needs the whole table, so it is read once (no row lock) into a
+    temporary table of the rows to respell, by ``ctid``; those are then updated
+    in batches of ``--batch-size`` in ``ctid`` order, each a ``Session.ddl``
+    transaction, as the other walks are: the engine never holds an
+    application's rows across batches, nor waits for one longer than
+    ``lock_timeout``.  A batch updates a row only where its ``ctid`` still holds
+    the content it was paired by; a row the application moved meanwhile is its
+    write, logged, and is kept as it is (as one statement would have).
     """
-    columns = backup.columns_of(cur, backup.backup_name(schema, key.table))
-    conn = cur.connection
-    live = content(columns, "l")
-    saved = content(columns, "b", partial(uuid_of, conn), frozenset(converted))
-    cur.execute(sql.SQL(
+    conn = session.conn
+    with session.transaction() as cur:
+        columns = backup.columns_of(cur, backup.backup_name(schema, key.table))
+        live = content(columns, "l")
+        saved = content(columns, "b", partial(uuid_of, conn), frozenset(converted))
+        lift_statement_timeout(_respell_settings(session, cur))
+        cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(_PAIRS))
+        cur.execute(sql.SQL(
+            """
+            CREATE TEMPORARY TABLE {pairs} AS
+            WITH spelled AS MATERIALIZED (
+                SELECT {saved} AS row, b.{column} AS spelling,
+                       row_number() OVER (PARTITION BY {saved} ORDER BY b.{column}) AS nth
+                FROM {backup} b
+            ), numbered AS MATERIALIZED (
+                SELECT l.ctid AS row_id, {live} AS row, l.{temp} AS spelled,
+                       row_number() OVER (PARTITION BY {live} ORDER BY l.ctid) AS nth
+                FROM {table} l
+            )
+            SELECT l.row_id, l.row, s.spelling
+            FROM numbered l JOIN spelled s ON (s.row, s.nth) = (l.row, l.nth)
+            WHERE l.spelled IS DISTINCT FROM s.spelling
+            """).format(pairs=_PAIRS, saved=saved, live=live,
+                        column=sql.Identifier(key.column),
+                        backup=backup.backup_name(schema, key.table), table=key.table.ident,
+                        temp=sql.Identifier(key.temp)))
+        cur.execute(sql.SQL("CREATE INDEX ON {} (row_id)").format(_PAIRS))
+    update = sql.SQL(
         """
-        WITH spelled AS MATERIALIZED (
-            SELECT {saved} AS row, b.{column} AS spelling,
-                   row_number() OVER (PARTITION BY {saved} ORDER BY b.{column}) AS nth
-            FROM {backup} b
-        ), numbered AS MATERIALIZED (
-            SELECT l.ctid AS row_id, {live} AS row,
-                   row_number() OVER (PARTITION BY {live} ORDER BY l.ctid) AS nth
-            FROM {table} l
+        WITH batch AS MATERIALIZED (
+            SELECT row_id, row, spelling FROM {pairs}
+            WHERE row_id > %(after)s::tid ORDER BY row_id LIMIT %(n)s
+        ), done AS (
+            UPDATE {table} x SET {temp} = b.spelling FROM batch b
+            WHERE x.ctid = b.row_id AND {current} = b.row AND x.{temp} IS DISTINCT FROM b.spelling
+            RETURNING 1
         )
-        UPDATE {table} x SET {temp} = s.spelling
-        FROM numbered l JOIN spelled s ON (s.row, s.nth) = (l.row, l.nth)
-        WHERE x.ctid = l.row_id AND x.{temp} IS DISTINCT FROM s.spelling
-        """).format(saved=saved, live=live, column=sql.Identifier(key.column),
-                    backup=backup.backup_name(schema, key.table), table=key.table.ident,
-                    temp=sql.Identifier(key.temp)))
-    return int(cur.rowcount)
+        SELECT (SELECT count(*) FROM done), (SELECT max(row_id)::text FROM batch)
+        """).format(pairs=_PAIRS, table=key.table.ident, temp=sql.Identifier(key.temp),
+                    current=content(columns, "x"))
+
+    def batch(cur: Cursor, after: str) -> tuple[int, str | None]:
+        _respell_settings(session, cur).execute(update, {
+            "after": after, "n": session.settings.batch_size})
+        count, last = cur.fetchone() or (0, None)
+        return int(count), last
+
+    updated, after = 0, "(0,0)"
+    while True:
+        session.lag.wait(session)
+        count, last = session.ddl(f"respell {key}", partial(batch, after=after))
+        updated += count
+        if last is None:
+            break
+        after = last
+    with session.transaction() as cur:
+        cur.execute(sql.SQL("DROP TABLE {}").format(_PAIRS))
+    return updated
 
 
 def _primary_key(cur: Cursor, schema: str, table: Table, keys: list[KeyColumn]) -> list[str]:

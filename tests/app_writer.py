@@ -87,12 +87,13 @@ class AppTable:
     reference: str | None  # its column referring to users.id
     value: str  # a plain text column the writes change
     extra: tuple[tuple[str, str], ...] = ()  # NOT NULL columns and the text an insert gives
+    unique: tuple[str, ...] = ()  # a unique constraint over its reference: an upsert's arbiter
 
 
 TABLES = (
     AppTable("users", "id", None, "display_name"),  # email: made unique per write
     AppTable("journal_entries", "id", "user_id", "title"),
-    AppTable("tags", "id", "user_id", "name"),
+    AppTable("tags", "id", "user_id", "name", unique=("user_id", "name")),
     AppTable("reminders", "id", "user_id", "note", (("remind_at", "2030-01-01 00:00+00"),)),
     AppTable("notes", "id", "user_id", "body"),
     AppTable("memberships", None, "user_id", "role"),
@@ -344,6 +345,11 @@ class Writer:
                         sql.Identifier(table.key or ""), sql.SQL(", ").join(
                             sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c))
                             for c in changed))
+                elif write.kind == "upsert" and table.unique:  # its child key's index
+                    statement += sql.SQL(" ON CONFLICT ({}) DO UPDATE SET {v} = EXCLUDED.{v}"
+                                         ).format(sql.SQL(", ").join(map(sql.Identifier,
+                                                                         table.unique)),
+                                                  v=sql.Identifier(table.value))
                 elif write.kind == "upsert":
                     statement += sql.SQL(" ON CONFLICT DO NOTHING")
                 if table.key:

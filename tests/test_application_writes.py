@@ -10,6 +10,7 @@ its fault points, where each bug bites.
 
 from __future__ import annotations
 
+import io
 import uuid
 from collections.abc import Callable
 
@@ -24,6 +25,7 @@ from migration.report import Status
 from migration.session import Session, Settings
 from tests.operate import (
     MISSED_REMINDER,
+    connected,
     execute,
     miss_a_reminder,
     operate,
@@ -88,6 +90,88 @@ def test_a_foreign_key_action_keeps_the_copy_in_step_when_the_copy_s_trigger_fir
     run_ok(s.dsn, "validate_migration")
 
 
+NOBODY = "00000000-0000-0000-0000-000000000000"  # the "deleted user" a child's default names
+
+
+def falling_back_to_nobody(dsn: str, action: str) -> sql.Composable:
+    """Make reminders.user_id default to NOBODY, a user, under a foreign key with
+    ``action``; the statement that makes that foreign key again (a later OID)."""
+    execute(dsn, "INSERT INTO users (id, email) VALUES (%s, 'nobody@example.com')", (NOBODY,))
+    again = sql.SQL("ALTER TABLE reminders DROP CONSTRAINT {fk}, ADD CONSTRAINT {fk} "
+                    "FOREIGN KEY (user_id) REFERENCES users (id) {action}").format(
+        fk=sql.Identifier(REMINDERS_FK), action=sql.SQL(action))
+    execute(dsn, sql.SQL("ALTER TABLE reminders ALTER user_id SET DEFAULT {}").format(
+        sql.Literal(NOBODY)))
+    execute(dsn, again)
+    return again
+
+
+@pytest.mark.parametrize("order", ["copy first", "original first"])
+@pytest.mark.parametrize(("action", "event", "write"), [
+    ("ON DELETE SET DEFAULT", 8, "DELETE FROM users WHERE id = %(old)s"),
+    ("ON UPDATE SET DEFAULT", 16, "UPDATE users SET id = %(new)s WHERE id = %(old)s"),
+])
+@pytest.mark.parametrize("stage", ["expansion", "rollback"])
+def test_set_default_to_a_default_that_is_a_row_keeps_the_copy_in_step(
+        scenario: Callable[..., Scenario], stage: str, action: str, event: int, write: str,
+        order: str) -> None:
+    """``SET DEFAULT`` where the child's key has a default naming a row (a "deleted user"):
+    the server checks, after the action, that no row still refers to the old key, so the
+    copy's action cannot wait for the original's; both must land on the default, in both
+    trigger orders, during the expansion and after the swap on the way back."""
+    s, back, copy_first = scenario(), stage == "rollback", order == "copy first"
+    again = falling_back_to_nobody(s.dsn, action)
+    run_ok(s.dsn, "full_migration" if back else "backup_data")
+    if not back:
+        run_ok(s.dsn, "migrate_users")
+    [(user,)] = execute(s.dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
+                               "RETURNING id::text")
+    [(reminder,)] = execute(s.dsn, "INSERT INTO reminders (user_id, remind_at) "
+                                   "VALUES (%s, now()) RETURNING id::text", (user,))
+    s.crash("rollback" if back else "migrate_foreign_keys", "swap#1")  # copies in force
+    if copy_first:
+        execute(s.dsn, again)
+    original, copy = (REMINDERS_FK,), (shadow_name("fk", REMINDERS, REMINDERS_FK),)
+    assert action_triggers(s.dsn, event) == ([copy, original] if copy_first
+                                             else [original, copy])
+    execute(s.dsn, write, {"old": user, "new": str(uuid.uuid4())})
+    temp = "user_id_text" if back else "user_id_uuid::text"
+    assert execute(s.dsn, f"SELECT user_id::text, {temp} FROM reminders WHERE id::text = %s",
+                   (reminder,)) == [(NOBODY, NOBODY)]
+    run_ok(s.dsn, "rollback" if back else "migrate_foreign_keys")
+    if not back:
+        run_ok(s.dsn, "validate_migration")
+    assert execute(s.dsn, "SELECT user_id::text FROM reminders WHERE id::text = %s",
+                   (reminder,)) == [(NOBODY,)]
+
+
+def test_a_resumed_run_gives_an_older_run_s_copies_their_default_and_rule(
+        scenario: Callable[..., Scenario]) -> None:
+    """A run of an older version left copies without a default and sync functions that
+    knew no SET DEFAULT (played here by a body that does nothing): the next run gives the
+    copies their defaults and replaces the functions, and a SET DEFAULT whose copy acts
+    first then succeeds."""
+    s = scenario()
+    again = falling_back_to_nobody(s.dsn, "ON DELETE SET DEFAULT")
+    run_ok(s.dsn, "backup_data")
+    run_ok(s.dsn, "migrate_users")
+    [(user,)] = execute(s.dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
+                               "RETURNING id")
+    [(reminder,)] = execute(s.dsn, "INSERT INTO reminders (user_id, remind_at) "
+                                   "VALUES (%s, now()) RETURNING id", (user,))
+    s.crash("migrate_foreign_keys", "swap#1")
+    execute(s.dsn, "ALTER TABLE reminders ALTER user_id_uuid DROP DEFAULT; "
+                   "CREATE OR REPLACE FUNCTION migration_backup.sync_uuid_column() "
+                   "RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$")
+    execute(s.dsn, again)
+    s.crash("migrate_foreign_keys", "swap#1")
+    execute(s.dsn, "DELETE FROM users WHERE id = %s", (user,))
+    assert execute(s.dsn, "SELECT user_id, user_id_uuid::text FROM reminders WHERE id = %s",
+                   (reminder,)) == [(NOBODY, NOBODY)]
+    run_ok(s.dsn, "migrate_foreign_keys")
+    run_ok(s.dsn, "validate_migration")
+
+
 def test_a_row_the_fill_missed_can_be_updated_before_the_proof_fills_it(
         scenario: Callable[..., Scenario]) -> None:
     """A row whose key a write the sync trigger did not see moved behind the fill's
@@ -110,6 +194,70 @@ def test_a_row_the_fill_missed_can_be_updated_before_the_proof_fills_it(
     execute(s.dsn, "SET uuid_migration.engine = 'on'; UPDATE reminders SET id = %s "
                    "WHERE id = %s", (original, front))
     s.assert_migrated()
+
+
+UPSERTS = [
+    # the parent's key: a conflict, then none
+    ("INSERT INTO users (id, email) SELECT id, 'taken@example.com' FROM users "
+     "WHERE email = 'upsert@example.com' "
+     "ON CONFLICT (id) DO UPDATE SET display_name = 'upserted'", 1),
+    ("INSERT INTO users (id, email) VALUES (%(new)s, 'fresh@example.com') "
+     "ON CONFLICT (id) DO UPDATE SET display_name = 'upserted'", 1),
+    # a unique constraint over a child's key, inferred and by name
+    ("INSERT INTO tags (user_id, name) SELECT user_id, name FROM tags WHERE name = 'upsert' "
+     "ON CONFLICT (user_id, name) DO UPDATE SET color = '#00ff00'", 1),
+    ("INSERT INTO tags (user_id, name) SELECT id, 'fresh' FROM users "
+     "WHERE email = 'upsert@example.com' "
+     "ON CONFLICT (user_id, name) DO UPDATE SET color = '#00ff00'", 1),
+    ("INSERT INTO tags (user_id, name) SELECT user_id, name FROM tags WHERE name = 'upsert' "
+     "ON CONFLICT ON CONSTRAINT tags_user_id_name_key DO NOTHING", 0),
+]
+COPIED = {  # a row for each table by COPY, the user's id spelled upper-case; its marker
+    "users": ("id, email", "{new_upper},copied@example.com", "email = 'copied@example.com'"),
+    "journal_entries": ("user_id, title", "{user_upper},copied", "title = 'copied'"),
+    "tags": ("user_id, name", "{user_upper},copied", "name = 'copied'"),
+    "reminders": ("user_id, remind_at, note", "{user_upper},2030-01-01 00:00+00,copied",
+                  "note = 'copied'"),
+}
+
+
+@pytest.mark.parametrize("stage", ["expansion", "rollback"])
+def test_upserts_and_copy_write_as_without_the_migration(
+        scenario: Callable[..., Scenario], stage: str) -> None:
+    """``INSERT ... ON CONFLICT DO UPDATE`` against the key's unique index and a unique
+    constraint over a child's key, and ``COPY`` into each table, with every copy, index
+    and foreign key of the expansion (or of the rollback, after the swap) in force: each
+    affects the rows it would without the migration, and the run then finishes."""
+    s, back = scenario(), stage == "rollback"
+    user = str(uuid.uuid4()).upper()
+    execute(s.dsn, "INSERT INTO users (id, email) VALUES (%s, 'upsert@example.com')", (user,))
+    execute(s.dsn, "INSERT INTO tags (user_id, name) VALUES (%s, 'upsert')", (user,))
+    run_ok(s.dsn, "full_migration" if back else "backup_data")
+    if not back:
+        run_ok(s.dsn, "migrate_users")
+    s.crash("rollback" if back else "migrate_foreign_keys", "swap#1")  # copies in force
+    new = str(uuid.uuid4())
+    with connected(s.dsn) as conn, conn.cursor() as cur:
+        for statement, rows in UPSERTS:
+            cur.execute(statement, {"new": new})
+            assert cur.rowcount == rows, statement
+        for table, (columns, line, _) in COPIED.items():
+            row = line.format(new_upper=str(uuid.uuid4()).upper(), user_upper=user)
+            cur.copy_expert(sql.SQL("COPY {} ({}) FROM STDIN WITH (FORMAT csv)").format(
+                sql.Identifier(table), sql.SQL(columns)).as_string(cur), io.StringIO(row + "\n"))
+            assert cur.rowcount == 1, table
+    assert execute(s.dsn, "SELECT display_name, count(*) FROM users WHERE display_name "
+                          "= 'upserted' GROUP BY 1") == [("upserted", 1)]
+    assert execute(s.dsn, "SELECT name, color FROM tags WHERE name IN ('fresh', 'upsert') "
+                          "ORDER BY 1") == [("fresh", None), ("upsert", "#00ff00")]
+    run_ok(s.dsn, "rollback" if back else "migrate_foreign_keys")
+    if not back:
+        run_ok(s.dsn, "validate_migration")
+    for table, (_, _, marker) in COPIED.items():
+        assert execute(s.dsn, sql.SQL("SELECT count(*) FROM {} WHERE {}").format(
+            sql.Identifier(table), sql.SQL(marker))) == [(1,)], table
+    assert execute(s.dsn, "SELECT user_id::text FROM tags WHERE name = 'copied'") == [
+        (user if back else user.lower(),)]
 
 
 def rollback_writing(dsn: str, point: str, statement: str) -> list[psycopg2.Error]:

@@ -12,6 +12,7 @@ and whoever holds a lock is named as far as that role may see.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
@@ -227,6 +228,66 @@ def test_a_row_the_application_holds_is_waited_for_a_bounded_time_holding_nothin
             application.rollback()
             application.close()
         assert engine.join() == PHASES[phase].returns
+    run_ok(db, "rollback")
+    after = print_of(db)
+    assert after == before, "\n".join(before.diff(after))
+
+
+def blockers(dsn: str, application_name: str) -> list[tuple[Any, ...]]:
+    """Whoever the sessions named ``application_name`` wait for a lock behind, by name."""
+    return execute(dsn, "SELECT b.application_name FROM pg_stat_activity a, "
+                        "unnest(pg_blocking_pids(a.pid)) blocker "
+                        "JOIN pg_stat_activity b ON b.pid = blocker "
+                        "WHERE a.application_name = %s", (application_name,))
+
+
+def test_respell_by_content_holds_no_row_but_its_batch_s_while_it_waits(db: str) -> None:
+    """A table without a unique key is respelled by content: its rows are paired across the
+    whole table, and the pairs were updated by one statement, which held every row it had
+    respelled while it waited for the one an application held.  Now it updates them in
+    batches: with the engine waiting for the held row (a long ``lock_timeout``, so that
+    the wait lasts until the test ends it), the application writes the other rows the
+    walk respells, and waits for nobody."""
+    execute(db, "CREATE TABLE user_roles (user_id varchar(36) NOT NULL REFERENCES users (id), "
+                "role text NOT NULL)")
+    execute(db, "INSERT INTO user_roles SELECT id, 'reader' FROM users WHERE id <> %s "
+                "ORDER BY id", (HELD,))
+    execute(db, "INSERT INTO user_roles VALUES (%s, 'reader')", (HELD,))  # walked last
+    before = print_of(db)
+    run_ok(db, "full_migration")
+    settings = dataclasses.replace(SETTINGS, batch_size=1, lock_timeout_ms=600_000)
+    others = [user.lower() for user in SHOUTING if user != HELD]
+
+    def write_the_others() -> None:
+        with connected(db) as conn, conn.cursor() as cur:
+            cur.execute("SET application_name = 'writer'")
+            cur.execute("UPDATE user_roles SET role = role WHERE user_id::text = ANY (%s)",
+                        (others,))
+
+    waited: list[tuple[Any, ...]] = []
+    application = connect(db, application_name="application", autocommit=False)
+    with Session.open(db, settings) as session:
+        back = session.plan.reversed()
+        roles = next(key for key in back.children if key.table.name == "user_roles")
+        convert.fill(session, (back.parent,), 0)
+        convert.fill(session, (roles,), 0, follows={roles: back.parent})
+        try:
+            with application.cursor() as cur:
+                cur.execute("SELECT 1 FROM user_roles WHERE user_id::text = lower(%s) "
+                            "FOR UPDATE", (HELD,))
+            engine = Background(lambda: rollback.respell(session, roles))
+            assert wait_until(lambda: blockers(db, engine_application_name()) == [
+                ("application",)])
+            writer = Background(write_the_others)
+            wait_until(lambda: bool(blockers(db, "writer")) or not writer.thread.is_alive())
+            waited = blockers(db, "writer")
+            assert engine.thread.is_alive()  # still waiting for the held row
+        finally:
+            application.rollback()
+            application.close()
+        writer.join()
+        assert engine.join() == len(SHOUTING)
+    assert waited == []
     run_ok(db, "rollback")
     after = print_of(db)
     assert after == before, "\n".join(before.diff(after))
