@@ -28,9 +28,16 @@ from migration.connection import connect, engine_application_name
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
 from migration.session import Session, Settings
-from tests.operate import connected, execute, print_of, run_in_process, run_ok, wait_until
+from tests.operate import (
+    connected,
+    execute,
+    print_of,
+    run_in_process,
+    run_ok,
+    seeded,
+    wait_until,
+)
 
 USERS = 12
 # Users whose ids are not canonical text (uppercase), each with journal entries that
@@ -48,8 +55,7 @@ WRITE_BLOCKING = ["ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "Access
 
 @pytest.fixture
 def db(legacy_db: str) -> str:
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, USERS)
+    seeded(legacy_db, users=USERS)
     for user in SHOUTING:
         execute(legacy_db, "INSERT INTO users (id, email) VALUES (%s, %s)", (user, f"{user}@x"))
         execute(legacy_db, "INSERT INTO journal_entries (user_id, title) "
@@ -498,8 +504,7 @@ def test_the_rollback_of_an_ordinary_owner_gets_past_an_autovacuum_holding_a_tab
     pg_stat_activity: 'could not lock the tables after 30 attempts', naming no holder.
     Here a slow autovacuum (100 ms a page) really holds journal_entries when the rollback
     starts, and more start as it writes (naptime 1 s, no threshold)."""
-    with connected(legacy_db, autocommit=False) as conn:
-        seed(conn, 1000)
+    seeded(legacy_db, users=1000)
     before = print_of(legacy_db)
     run_ok(legacy_db, "full_migration")
     execute(legacy_db, "ALTER TABLE journal_entries SET (autovacuum_vacuum_cost_delay = 100, "
@@ -521,6 +526,9 @@ def test_the_rollback_of_an_ordinary_owner_gets_past_an_autovacuum_holding_a_tab
         run_in_process(legacy_db, "rollback", settings=settings)
     assert any("VACUUM" in message and "vacuuming it ourselves" in message
                for message in warnings.messages), warnings.messages
+    execute(legacy_db, "ALTER TABLE journal_entries RESET (autovacuum_vacuum_cost_delay, "
+                       "autovacuum_vacuum_cost_limit, autovacuum_vacuum_threshold, "
+                       "autovacuum_vacuum_scale_factor)")  # the test's, not the engine's
     after = print_of(legacy_db)
     assert after == before, "\n".join(before.diff(after))
 

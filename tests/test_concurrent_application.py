@@ -28,7 +28,6 @@ from hypothesis import strategies as st
 
 from migration.errors import MigrationError
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.seed import seed
 from migration.session import Settings
 from tests.app_writer import (
     KNOWN_BROKEN,
@@ -43,7 +42,7 @@ from tests.app_writer import (
     write_both,
     writes_to,
 )
-from tests.operate import connected, execute, run_in_process, run_verify
+from tests.operate import execute, run_in_process, run_verify, seeded
 from tests.strategies import AppWrite
 
 
@@ -91,8 +90,7 @@ def app(sandbox: Sandbox) -> Iterator[App]:
     template = f"{sandbox.prefix}_app_template"
     sandbox.drop_database(template)
     dsn = sandbox.create_database(template, variant="legacy")
-    with connected(dsn, autocommit=False) as conn:
-        seed(conn, 8)
+    seeded(dsn, users=8)
     build_template(dsn)
     try:
         yield App(sandbox, template, password)
