@@ -43,7 +43,6 @@ from tests.app_writer import (
 )
 from tests.operate import connected, execute, operate, print_of, run_in_process
 from tests.strategies import AppWrite
-from tests.test_concurrent_application import KNOWN_BROKEN
 
 OPERATIONS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
               "validate_migration", "full_migration", "rollback", "cleanup_backup")
@@ -118,7 +117,7 @@ class MigrationMachine(RuleBasedStateMachine):
             run_in_process(self.dsn, operation, admin_dsn=self.admin_dsn, crash_after=point,
                            settings=Settings(batch_size=7, jobs=1, show_progress=False))
 
-    @rule(writes=writes_to(WRITTEN, excluded=KNOWN_BROKEN | ORPHANING, max_size=4))
+    @rule(writes=writes_to(WRITTEN, excluded=ORPHANING, max_size=4))
     def application_writes(self, writes: list[AppWrite]) -> None:
         """The application goes on, whatever the stage: each write ends as it does on the
         twin, which no migration touches; what its writes added and removed is what they
