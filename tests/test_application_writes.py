@@ -17,15 +17,17 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
-from migration import backup, verify
+from migration import backup, swap, verify
 from migration.errors import MigrationError
 from migration.model import Table, shadow_name
 from migration.operations import OPERATIONS, run
+from migration.plan import build_plan
 from migration.rehearsal.fingerprint import Fingerprint
 from migration.report import Status
 from migration.session import Session, Settings
 from tests.operate import (
     MISSED_REMINDER,
+    connected,
     execute,
     miss_a_reminder,
     operate,
@@ -319,6 +321,13 @@ def test_ids_that_are_not_uuids_written_during_the_expansion_are_taken_and_refus
         f"INSERT INTO users (id, email) VALUES ('{NOT_A_UUID}', 'not@example.com')"])
     assert done is None, done
     run_ok(s.dsn, "migrate_foreign_keys", "--postpone-swap")
+    with connected(s.dsn, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SET LOCAL enable_seqscan = off")  # as the swap asks, under its locks
+        for key in build_plan(conn).columns:
+            cur.execute(sql.SQL("EXPLAIN ") + swap.invalid_keys(cur, key), {"n": 21})
+            read = "\n".join(str(line) for (line,) in cur.fetchall())
+            assert key.invalid_index in read, read
+            assert "Seq Scan" not in read, read
     refused, before = writing_at(s.dsn, "migrate_foreign_keys", "add migration_filled_user_id#1", [
         f"INSERT INTO journal_entries (user_id, title) VALUES ('{NOT_A_UUID}', 'not')",
         f"INSERT INTO reminders (user_id, remind_at) VALUES ('{NOT_A_UUID}', now())"])
