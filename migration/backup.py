@@ -38,6 +38,7 @@ from migration.model import (
     BACKUP_SCHEMA,
     BACKUP_SCHEMA_LIKE,
     RUNBOOK_KEY,
+    UUID_INPUT,
     KeyColumn,
     Table,
     fit_name,
@@ -152,13 +153,16 @@ CREATE TABLE {schema}.recorded_objects (record jsonb NOT NULL);
 # it now, as the server checks right after a SET DEFAULT that no row still refers to the
 # old key.  Any other move (a CASCADE; a SET NULL of a key that has a default) waits for
 # the original's action: the copy stays the key's until it changes the key.
+# The copy of a string key is ``model.uuid_copy`` of it, computed here once per write from
+# the text its output function prints (a stand-in for a string that is no UUID).
 SYNC_FUNCTIONS = """
 -- TG_ARGV = (key column, copy column).
 CREATE OR REPLACE FUNCTION {schema}.sync_uuid_column() RETURNS trigger
 LANGUAGE plpgsql SET search_path = pg_catalog AS $$
 DECLARE
     written jsonb := to_jsonb(NEW);
-    value uuid := (written ->> TG_ARGV[0])::uuid;
+    string text := written ->> TG_ARGV[0];
+    value uuid := CASE WHEN string ~ {uuid_input} THEN string::uuid ELSE md5(string)::uuid END;
     fallback text;
 BEGIN
     IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM value THEN
@@ -173,7 +177,8 @@ BEGIN
         IF fallback IS NOT NULL THEN
             EXECUTE format('SELECT (%s)::text', fallback) INTO fallback;
         END IF;
-        IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM fallback::uuid THEN
+        IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM CASE
+               WHEN fallback ~ {uuid_input} THEN fallback::uuid ELSE md5(fallback)::uuid END THEN
             RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], fallback));
         END IF;
     END IF;
@@ -446,12 +451,6 @@ def logged_columns(cur: Cursor, plan: Plan, table: Table) -> list[str]:
         key.column for key in plan.columns if key.table == table]
 
 
-UUID_INPUT = r"^(\{[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}\}|[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7})$"
-"""What the uuid type's input function accepts (``string_to_uuid``): 32 hex digits, a hyphen
-allowed after any group of four, the whole maybe in braces.  The change log's keys are
-tested with it before they are cast: the application may have written anything there, and
-``verify``'s read-only transaction cannot create the checker servers before 16 need
-(``sqlexpr.is_uuid``)."""
 
 
 @dataclass(frozen=True)

@@ -267,7 +267,8 @@ def heap_pages(conn: Connection, table: Table) -> int:
 
 
 def indexes_on(conn: Connection, key: KeyColumn) -> list[IndexDef]:
-    """Indexes that use the column: as a key, an INCLUDE column, in an expression or predicate."""
+    """Indexes that use the column: as a key, an INCLUDE column, in an expression or predicate
+    (the engine's own ``KeyColumn.invalid_index`` left out: it is not carried)."""
     with conn.cursor() as cur:
         cur.execute(
             """
@@ -280,14 +281,14 @@ def indexes_on(conn: Connection, key: KeyColumn) -> list[IndexDef]:
             JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attname = %s
             LEFT JOIN pg_constraint k ON k.conindid = i.indexrelid
                  AND k.conrelid = i.indrelid AND k.contype IN ('p', 'u')
-            WHERE i.indrelid = to_regclass(%s)
+            WHERE i.indrelid = to_regclass(%s) AND ic.relname <> %s
               AND (a.attnum = ANY (i.indkey) OR EXISTS (
                     SELECT 1 FROM pg_depend d
                     WHERE d.classid = 'pg_class'::regclass AND d.objid = i.indexrelid
                       AND d.refobjid = i.indrelid AND d.refobjsubid = a.attnum))
             ORDER BY ic.relname
             """,
-            (key.column, regclass(key.table)),
+            (key.column, regclass(key.table), key.invalid_index),
         )
         rows = cur.fetchall()
     return [IndexDef(key.table, name, definition, contype, deferrable, deferred, expr, space)

@@ -80,11 +80,12 @@ def no_leftovers(ctx: Context) -> list[Finding]:
               AND (conname IN (%(filled)s, %(not_null)s) OR conname ~ %(shadow)s)
             UNION ALL
             SELECT 'index ' || c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-            WHERE i.indrelid = to_regclass(%(t)s) AND c.relname ~ %(shadow)s
+            WHERE i.indrelid = to_regclass(%(t)s)
+              AND (c.relname ~ %(shadow)s OR c.relname = %(invalid)s)
             """,
             {"t": catalog.regclass(key.table), "sync": key.helper("sync"),
              "filled": key.helper("filled"), "not_null": key.helper("not_null"),
-             "shadow": SHADOW_NAME},
+             "shadow": SHADOW_NAME, "invalid": key.invalid_index},
         )
         left += [f"{text} on {key.table}" for (text,) in cur.fetchall()]
     cur.execute("SELECT 'invalid index ' || indexrelid::regclass::text FROM pg_index "

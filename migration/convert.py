@@ -38,7 +38,7 @@ from migration import backup, catalog, publications
 from migration.connection import Connection
 from migration.errors import MigrationError
 from migration.log import logger
-from migration.model import KeyColumn, Table
+from migration.model import UUID_INPUT, KeyColumn, Table
 from migration.progress import Progress
 from migration.session import Session
 from migration.sqlexpr import column_list, row_of
@@ -125,7 +125,8 @@ def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | 
     column fills a copy the fill has not reached), ENABLE ALWAYS in this same transaction
     (writes with ``session_replication_role = replica`` fire it too), the engine's own
     writes left out by its WHEN (they fill the copies themselves, and respell them)."""
-    cur.execute(sql.SQL(backup.SYNC_FUNCTIONS).format(schema=sql.Identifier(schema)))
+    cur.execute(sql.SQL(backup.SYNC_FUNCTIONS).format(schema=sql.Identifier(schema),
+                                                      uuid_input=sql.Literal(UUID_INPUT)))
     sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
     if follows is not None:
         sync = backup.meta(schema, "sync_reference_column")
@@ -271,7 +272,7 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
     return sql.SQL(
         """
         WITH {ranges}, done AS (
-            UPDATE {table} x SET {temp} = ({source})::{copy_type}
+            UPDATE {table} x SET {temp} = {source}
             WHERE {within}
             RETURNING 1
         ), counted AS (
@@ -286,7 +287,7 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
         SELECT n, last_key FROM counted
         """
     ).format(ranges=ranges, table=key.table.ident, temp=sql.Identifier(key.temp),
-             copy_type=key.copy_type, source=sql.Identifier("x", key.column), within=within,
+             source=key.copy_of(sql.Identifier("x", key.column)), within=within,
              checkpoint=checkpoint, progress=backup.meta(backup_schema, "backfill_progress"))
 
 
@@ -613,10 +614,10 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
     """
     temp, column = sql.Identifier(key.temp), sql.Identifier(key.column)
     missed = walked_update(session, key, f"fill missed {key}", lambda within: sql.SQL(
-        "UPDATE {table} x SET {temp} = (x.{column})::{copy_type} WHERE {within} AND NOT {same} "
-        "RETURNING 1").format(table=key.table.ident, temp=temp, column=column,
-                              copy_type=key.copy_type, within=within,
-                              same=key.same_value(temp, column)))
+        "UPDATE {table} x SET {temp} = {copy} WHERE {within} AND NOT {same} "
+        "RETURNING 1").format(table=key.table.ident, temp=temp,
+                              copy=key.copy_of(sql.Identifier("x", key.column)),
+                              within=within, same=key.same_value(temp, column)))
     with session.transaction() as cur:
         session.log.progress(cur, run_id, missed)
     logger.warning("%s: %s rows were missed by the batches (a write moved them behind the "

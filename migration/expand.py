@@ -34,7 +34,7 @@ from migration.connection import Connection
 from migration.convert import validate_constraint
 from migration.errors import MigrationError
 from migration.log import logger
-from migration.model import KeyColumn, shadow_name
+from migration.model import UUID_INPUT, KeyColumn, Table, shadow_name
 from migration.plan import Plan
 from migration.session import Session
 
@@ -137,8 +137,55 @@ def unsupported_foreign_keys(conn: Connection, plan: Plan) -> list[str]:
 
 
 def build_indexes(session: Session, key: KeyColumn) -> int:
-    """Build the copy of every index on ``key`` that is not built yet; how many were built."""
+    """Build the copy of every index on ``key`` that is not built yet; how many were built.
+    First, going to uuid, the index the swap finds the rows that are not UUIDs by
+    (``build_invalid_index``)."""
+    build_invalid_index(session, key)
     return sum(build_index(session, key, shadow) for shadow in shadow_indexes(session.conn, key))
+
+
+def invalid_indexes(conn: Connection, key: KeyColumn) -> list[KeyColumn]:
+    """Where ``key``'s invalid index is (``KeyColumn.invalid_index``): the key itself, or
+    for a partitioned table its leaf partitions' column, one index each (PostgreSQL builds
+    no partitioned index ``CONCURRENTLY``; the planner reads each leaf's)."""
+    with conn.cursor() as cur:
+        cur.execute("SELECT n.nspname, c.relname FROM pg_partition_tree(to_regclass(%s)) t "
+                    "JOIN pg_class c ON c.oid = t.relid "
+                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE t.isleaf AND c.relkind = 'r' ORDER BY 1, 2",
+                    (catalog.regclass(key.table),))
+        leaves = [Table(schema, name) for schema, name in cur.fetchall()]
+    return [dataclasses.replace(key, table=leaf) for leaf in leaves] or [key]
+
+
+def build_invalid_index(session: Session, key: KeyColumn) -> None:
+    """The partial index over the rows whose string is not a UUID, built ``CONCURRENTLY``
+    on a column going to uuid (none on the way back: a uuid has no invalid value).
+
+    Such a row's copy holds a stand-in (``model.uuid_copy``), which the swap must never
+    make data; it finds them under its locks through this index, almost always empty,
+    without a scan.  It is on the old column, so it goes with it at the swap, and
+    ``discard`` drops it before.
+    """
+    if key.back:
+        return
+    for leaf in invalid_indexes(session.conn, key):
+        valid = catalog.index_validity(session.conn, leaf.table, leaf.invalid_index)
+        session.conn.rollback()
+        if valid:
+            continue
+        name = sql.Identifier(leaf.table.schema, leaf.invalid_index)
+        with session.unbounded(f"index {leaf.invalid_index}") as cur:
+            if valid is False:  # left invalid by an interrupted build
+                cur.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(name))
+            cur.execute(sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} ({}) WHERE {}").format(
+                sql.Identifier(leaf.invalid_index), leaf.table.ident,
+                sql.Identifier(leaf.column), not_a_uuid(leaf)))
+
+
+def not_a_uuid(key: KeyColumn) -> sql.Composable:
+    """The invalid index's predicate, which the swap's query repeats to be served by it."""
+    return sql.SQL("{} !~ {}").format(sql.Identifier(key.column), sql.Literal(UUID_INPUT))
 
 
 def build_index(session: Session, key: KeyColumn, shadow: ShadowIndex) -> int:
@@ -320,7 +367,9 @@ def stage(conn: Connection, key: KeyColumn, plan: Plan) -> str:
         return "filling"
     if not all(catalog.index_validity(conn, built.original.table, built.name)
                for shadow in shadow_indexes(conn, key)
-               for built in (shadow.leaves() if shadow.leaves_only else [shadow])):
+               for built in (shadow.leaves() if shadow.leaves_only else [shadow])) or not (
+            key.back or all(catalog.index_validity(conn, leaf.table, leaf.invalid_index)
+                            for leaf in invalid_indexes(conn, key))):
         return "proven"
     references = [shadow for shadow in shadow_foreign_keys(conn, plan)
                   if key in (shadow.child, plan.parent)]
@@ -372,6 +421,11 @@ def discard(session: Session, key: KeyColumn) -> int:
                                            key.helper(check)) is not None:
                 cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
                     key.table.ident, sql.Identifier(key.helper(check))))
+                dropped += 1
+        for leaf in ([] if key.back else invalid_indexes(cur.connection, key)):
+            if catalog.index_validity(cur.connection, leaf.table, leaf.invalid_index) is not None:
+                cur.execute(sql.SQL("DROP INDEX {}").format(
+                    sql.Identifier(leaf.table.schema, leaf.invalid_index)))
                 dropped += 1
         if catalog.column_info(cur.connection, key.table, key.temp) is not None:
             cur.execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(

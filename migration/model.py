@@ -43,6 +43,30 @@ def fit_name(head: str, tail: str = "") -> str:
     return f"{cut}_{digest}{tail}"
 
 
+UUID_INPUT = r"^(\{[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7}\}|[0-9a-fA-F]{4}(-?[0-9a-fA-F]{4}){7})$"
+"""What the uuid type's input function accepts (``string_to_uuid``): 32 hex digits, a hyphen
+allowed after any group of four, the whole maybe in braces.  The change log's keys are
+tested with it before they are cast: the application may have written anything there, and
+``verify``'s read-only transaction cannot create the checker servers before 16 need
+(``sqlexpr.is_uuid``).  So is a key column's value before its copy is made (``uuid_copy``)."""
+
+
+def uuid_copy(value: sql.Composable) -> sql.Composable:
+    """The uuid copy of a string key's value, as the engine fills it, proves it and keeps
+    it in step (the sync trigger computes the same in plpgsql, ``backup.SYNC_FUNCTIONS``):
+    the value cast to uuid where it is a UUID, NULL for NULL, and for any other string a
+    stand-in, ``md5`` of the text the cast reads (a ``char(n)``'s padding included, as
+    its output function prints it), so that the application may write there whatever the
+    original column takes.  Deterministic, so that equal strings get equal stand-ins and
+    a foreign key or unique index between copies holds exactly when it holds between the
+    strings; never NULL for a string, so that the NOT NULL proof holds.  A stand-in never
+    becomes data: the swap refuses while any row holds one (``swap.refuse_invalid_keys``).
+    """
+    return sql.SQL("CASE WHEN {v} ~ {syntax} THEN ({v})::uuid "
+                   "WHEN {v} IS NOT NULL THEN md5(concat({v}))::uuid END").format(
+        v=value, syntax=sql.Literal(UUID_INPUT))
+
+
 @dataclass(frozen=True, order=True)
 class Table:
     schema: str
@@ -97,12 +121,28 @@ class KeyColumn:
         """What a value of the column is cast to for its copy."""
         return sql.SQL("text" if self.back else "uuid")
 
+    def copy_of(self, column: sql.Composable) -> sql.Composable:
+        """The copy's value for the column's value ``column``: its ``uuid_copy``, or on the
+        way back the uuid as text."""
+        if self.back:
+            return sql.SQL("({})::text").format(column)
+        return uuid_copy(column)
+
     def same_value(self, copy: sql.Composable, column: sql.Composable) -> sql.Composable:
-        """True where the copy holds the column's value: the uuid of the string, or on the
-        way back a string (any spelling) of the uuid."""
+        """True where the copy holds the column's value: its ``uuid_copy``, or on the way
+        back a string (any spelling) of the uuid."""
         if self.back:
             return sql.SQL("({})::uuid IS NOT DISTINCT FROM {}").format(copy, column)
-        return sql.SQL("{} IS NOT DISTINCT FROM ({})::uuid").format(copy, column)
+        return sql.SQL("{} IS NOT DISTINCT FROM {}").format(copy, uuid_copy(column))
+
+    @property
+    def invalid_index(self) -> str:
+        """The name of the partial index on the string column over its rows that are not
+        UUIDs (``uuid_copy``'s stand-ins), by which the swap finds them under its locks.
+        An index's name is the schema's, not the table's: the table is in its hash."""
+        digest = hashlib.sha1(f"{self.table.schema}\0{self.table.name}\0{self.column}"
+                              .encode()).hexdigest()[:HASH_CHARS]
+        return fit_name(f"migration_invalid_{self.column}", f"_{digest}{self._nth}")
 
     def helper(self, kind: str) -> str:
         """Names of the engine's temporary objects for this column (``sync``

@@ -60,6 +60,7 @@ from migration.expand import (
     ShadowForeignKey,
     ShadowIndex,
     copy_checks,
+    not_a_uuid,
     shadow_checks,
     shadow_foreign_keys,
     shadow_indexes,
@@ -68,6 +69,7 @@ from migration.expand import (
 from migration.log import logger
 from migration.model import KeyColumn, Table
 from migration.plan import Plan
+from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
 
 READY = ("indexed", "referenced")
@@ -143,6 +145,8 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
         conn, plan.columns)) if not view.materialized),
         *(table.ident for table in (plan.parent.table, *children))], "ACCESS EXCLUSIVE")
     locked.append(time.monotonic())
+    if not plan.parent.back:
+        refuse_invalid_keys(cur, plan)
     policies = _lock_policy_tables(cur, plan)
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
@@ -200,6 +204,59 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
         _create_policy(cur, policy)
     session.point("swap")
     return sorted({found.table for found in statistics})
+
+
+def invalid_keys(cur: Cursor, key: KeyColumn) -> sql.Composable:
+    """The rows of ``key``'s table whose string is not a UUID, a few more than a report
+    shows (``%(n)s``), by primary key where there is one: read from the invalid index
+    (``expand.build_invalid_index``), whose predicate the query repeats.  No ORDER BY: in
+    primary key order the planner could walk the whole primary key instead."""
+    named = catalog.primary_key(cur.connection, key.table)
+    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT %(n)s").format(
+        sqlexpr.column_list([*(c for c in named if c != key.column), key.column]),
+        key.table.ident, not_a_uuid(key))
+
+
+def refuse_invalid_keys(cur: Cursor, plan: Plan) -> None:
+    """Refuse the swap, before it changes anything, while a row of the plan holds a key
+    that is not a UUID: the application wrote it after the pre-flight (the expansion
+    accepts whatever the original column takes), and its copy holds a stand-in
+    (``model.uuid_copy``), which must never become its value.
+
+    Under the swap's locks, so no write comes between the check and the swap; each
+    column's query is an index scan of its invalid index (sequential scans are turned off
+    for it: the planner, which takes most strings for no UUID, would rather scan the
+    table), which holds only such rows, so it costs microseconds whatever the table's size.
+    """
+    cur.execute("SELECT current_setting('enable_seqscan')")
+    scans = (cur.fetchone() or ["on"])[0]
+    cur.execute("SET LOCAL enable_seqscan = off")
+    findings: list[Finding] = []
+    values: list[str] = []  # a few of each column's, for the message
+    for key in plan.columns:
+        cur.execute(invalid_keys(cur, key), {"n": SAMPLE_LIMIT + 1})
+        names = [column.name for column in cur.description or ()]
+        rows = sorted(cur.fetchall(), key=str)
+        if rows:
+            samples = [{"table": str(key.table), **dict(zip(names, row, strict=True))}
+                       for row in rows[:SAMPLE_LIMIT]]
+            more = "more than " if len(rows) > SAMPLE_LIMIT else ""
+            findings.append(Finding(
+                "invalid_uuid", Status.FAIL, f"{more}{len(samples)} value(s) are not UUIDs "
+                "PostgreSQL accepts (the application wrote them while the column was "
+                "expanded)", subject=str(key),
+                count=len(samples), samples=samples))
+            values.append(f"{key}: " + ", ".join(repr(row[-1]) for row in rows[:3])
+                          + (", ..." if len(rows) > 3 else ""))
+    cur.execute("SELECT set_config('enable_seqscan', %s, true)", (scans,))
+    if findings:
+        raise MigrationError(
+            "swap refused, nothing was changed: the application wrote keys that are not "
+            f"UUIDs ({'; '.join(values)}); every column stays expanded beside its original, "
+            "its copy kept in step, ready to swap",
+            hint="correct or delete these rows, then run migrate_foreign_keys (or "
+                 "full_migration) again, which swaps; or --operation=rollback",
+            findings=findings)
 
 
 def _publish(cur: Cursor, found: catalog.PublishedTable) -> None:

@@ -34,7 +34,7 @@ from psycopg2.extensions import cursor as Cursor
 from bench.methods import one_shot
 from migration import catalog
 from migration.connection import Connection, connect
-from migration.model import KeyColumn, Table
+from migration.model import UUID_INPUT, KeyColumn, Table
 from migration.plan import build_plan
 from migration.rehearsal.sandbox import Sandbox, with_credentials
 from tests.strategies import AppWrite, KeyPick, app_writes, spell
@@ -99,21 +99,6 @@ TABLES = (
     AppTable("memberships", None, "user_id", "role"),
 )
 BY_NAME = {table.name: table for table in TABLES}
-
-KNOWN_BROKEN: set[str] = {
-    # While a key column has its copy, the sync trigger casts every id written to uuid, so
-    # an application write of an id that is not a UUID is refused (22P02) where the
-    # original schema accepts it (or refuses it with 23503/23505).  The pre-flight refuses
-    # such ids before anything changes; one written during the expansion is still refused
-    # by the trigger: a known limit (issue 20), named in docs/runbook.md.
-    "key:invalid",
-    "ref:invalid",
-}
-"""What the writer does not draw: writes the engine is known to refuse where the original
-schema accepts them.  Each entry is a kind, ``replica``, a key source or an
-``AppWrite.features`` name.  The writes issue 20 found broken (replica mode, TRUNCATE, NULL
-keys in a table without a primary key, an ORM's full-row update during the rollback) are
-drawn: their fixes are in."""
 
 ALL_COLUMNS = {
     "users": ("id", "email", "display_name", "is_active", "created_at"),
@@ -214,8 +199,9 @@ class Writer:
         self.conn.close()
 
     def run(self, writes: Sequence[AppWrite],
-            generated: Sequence[str | None] | None = None) -> list[Outcome]:
-        """Each write, then the removal of every invalid key the writes used (the
+            generated: Sequence[str | None] | None = None, *, fix: bool = True
+            ) -> list[Outcome]:
+        """Each write, then (``fix``) the removal of every invalid key the writes used (the
         application fixes its mistakes): the ledger of all of them.
 
         ``generated``: for each write, the key another database's default gave it, to be
@@ -225,10 +211,14 @@ class Writer:
         ledger = [self._one(write, key) for write, key in zip(writes, given, strict=True)]
         invalid = sorted({pick.text for write in writes for pick in (write.key, write.ref)
                           if pick.source == "invalid"})
-        if invalid:
-            ledger.append(self._transaction("clean up invalid keys",
-                                            lambda cur: self._clean_up(cur, invalid)))
+        if invalid and fix:
+            ledger.append(self.clean_up(invalid))
         return ledger
+
+    def clean_up(self, invalid: list[str]) -> Outcome:
+        """Delete the rows that hold one of the keys ``invalid`` (``_clean_up``)."""
+        return self._transaction("clean up invalid keys",
+                                 lambda cur: self._clean_up(cur, invalid))
 
     def _one(self, write: AppWrite, generated: str | None) -> Outcome:
         self.count += 1
@@ -503,14 +493,14 @@ class Twin:
                     fk.table.ident, sql.Identifier(fk.name), sql.SQL(fk.definition)))
 
 
-def write_both(writer: Writer, twin: Twin, migrating_dsn: str,
-               writes: Sequence[AppWrite]) -> tuple[list[str], list[Outcome]]:
+def write_both(writer: Writer, twin: Twin, migrating_dsn: str, writes: Sequence[AppWrite],
+               *, fix: bool = True) -> tuple[list[str], list[Outcome]]:
     """The writes on the migrating side (``writer``'s) and on the twin, once the twin's
     keys have the type the migrating side's have: each write that ended otherwise than on
-    the twin, as a line, and the twin's ledger."""
+    the twin, as a line, and the twin's ledger.  ``fix``: ``Writer.run``'s."""
     twin.follow(migrating_dsn)
-    ours = writer.run(writes)
-    theirs = twin.writer.run(writes, [done.generated for done in ours[:len(writes)]])
+    ours = writer.run(writes, fix=fix)
+    theirs = twin.writer.run(writes, [done.generated for done in ours[:len(writes)]], fix=fix)
     return ([f"{mine} (no migration: {other.sqlstate or 'ok'}, {other.rows} rows)"
              for mine, other in zip(ours, theirs, strict=True)
              if (mine.sqlstate, mine.rows) != (other.sqlstate, other.rows)], theirs)
@@ -523,6 +513,21 @@ def _connection(dsn: str) -> Iterator[Connection]:
         yield conn
     finally:
         conn.close()
+
+
+def not_uuids(dsn: str, tables: Sequence[AppTable] = TABLES) -> list[str]:
+    """The values of the migration's key columns (``users.id``, and each ``user_id``,
+    which refers to it) that are not UUIDs: rows the application wrote and left."""
+    found: set[str] = set()
+    with _connection(dsn) as conn, conn.cursor() as cur:
+        for table in tables:
+            for column in ("id" if table.name == "users" else None, table.reference):
+                if column is not None:
+                    cur.execute(sql.SQL("SELECT {c}::text FROM {t} WHERE {c}::text !~ %s").format(
+                        c=sql.Identifier(column), t=sql.Identifier(table.name)), (UUID_INPUT,))
+                    found |= {text for (text,) in cur.fetchall()}
+        conn.rollback()
+    return sorted(found)
 
 
 def table_values(dsn: str) -> dict[str, list[tuple[str | None, ...]]]:

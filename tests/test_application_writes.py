@@ -18,9 +18,12 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
-from migration import backup, verify
+from migration import backup, swap, verify
+from migration.errors import MigrationError
 from migration.model import Table, shadow_name
 from migration.operations import OPERATIONS, run
+from migration.plan import build_plan
+from migration.rehearsal.fingerprint import Fingerprint
 from migration.report import Status
 from migration.session import Session, Settings
 from tests.operate import (
@@ -414,3 +417,99 @@ def test_a_key_that_is_not_a_uuid_in_the_change_log_is_a_finding_not_a_failure(
     assert rolled.exit_code == 0, rolled.output
     assert "not-a-uuid" in rolled.output
     s.assert_original()
+
+
+NOT_A_UUID = "not-a-uuid"
+STAND_IN = "SELECT md5(%s)::uuid::text"
+"""The copy an id that is not a UUID gets (``model.uuid_copy``)."""
+
+
+def writing_at(dsn: str, operation: str, point: str, statements: list[str]
+               ) -> tuple[MigrationError | None, Fingerprint]:
+    """``operation``, the application running ``statements`` (each must succeed) when the
+    engine reaches ``point``: its refusal if it refused, and the database (its backup
+    included) as it was once they had run."""
+    seen: list[Fingerprint] = []
+    with Session.open(dsn, Settings(batch_size=7, show_progress=False)) as session:
+
+        def fault(reached: str, pid: int) -> None:
+            if reached == point:
+                for statement in statements:
+                    execute(dsn, statement)
+                seen.append(print_of(dsn, include_backup=True))
+
+        session.fault = fault
+        try:
+            run(session, operation, OPERATIONS[operation])
+            refused = None
+        except MigrationError as error:
+            refused = error
+    assert len(seen) == 1, f"{point} was not reached"
+    return refused, seen[0]
+
+
+@pytest.mark.parametrize("then", ["fixed", "rolled back"])
+def test_ids_that_are_not_uuids_written_during_the_expansion_are_taken_and_refused_at_the_swap(
+        scenario: Callable[..., Scenario], then: str) -> None:
+    """The original schema takes any string as an id, so the application's writes must
+    succeed while the columns are expanded: a user written during the users' fill, and
+    rows referring to it during a later run, after its pre-flight.  Their copies hold a
+    stand-in (equal for equal strings, so the foreign keys between the copies hold), which
+    the swap must never make a value: it refuses, naming each column, row and value, and
+    changes nothing.  Once the rows are corrected the migration completes and verify
+    passes; a rollback from there gives the database back as it was, with the rows."""
+    s = scenario()
+    run_ok(s.dsn, "backup_data")
+    # ahead of the fill's checkpoint: a later batch fills it again, and the proof checks it
+    done, _ = writing_at(s.dsn, "migrate_users", "batch public.users.id#1", [
+        f"INSERT INTO users (id, email) VALUES ('{NOT_A_UUID}', 'not@example.com')"])
+    assert done is None, done
+    run_ok(s.dsn, "migrate_foreign_keys", "--postpone-swap")
+    with connected(s.dsn, autocommit=False) as conn, conn.cursor() as cur:
+        cur.execute("SET LOCAL enable_seqscan = off")  # as the swap asks, under its locks
+        for key in build_plan(conn).columns:
+            cur.execute(sql.SQL("EXPLAIN ") + swap.invalid_keys(cur, key), {"n": 21})
+            read = "\n".join(str(line) for (line,) in cur.fetchall())
+            assert key.invalid_index in read, read
+            assert "Seq Scan" not in read, read
+    refused, before = writing_at(s.dsn, "migrate_foreign_keys", "add migration_filled_user_id#1", [
+        f"INSERT INTO journal_entries (user_id, title) VALUES ('{NOT_A_UUID}', 'not')",
+        f"INSERT INTO reminders (user_id, remind_at) VALUES ('{NOT_A_UUID}', now())"])
+    assert refused is not None, "the swap made a stand-in a value"
+    [(stand_in,)] = execute(s.dsn, STAND_IN, (NOT_A_UUID,))
+    for table, column in (("users", "id"), ("journal_entries", "user_id"),
+                          ("reminders", "user_id")):
+        assert execute(s.dsn, sql.SQL("SELECT {}::text FROM {} WHERE {} = %s").format(
+            sql.Identifier(f"{column}_uuid"), sql.Identifier(table), sql.Identifier(column)),
+            (NOT_A_UUID,)) == [(stand_in,)]
+    after = print_of(s.dsn, include_backup=True)
+    assert after == before, "\n".join(before.diff(after))
+    assert str(refused).startswith("swap refused, nothing was changed"), str(refused)
+    [(entry,)] = execute(s.dsn, "SELECT id FROM journal_entries WHERE user_id = %s",
+                         (NOT_A_UUID,))
+    named = {finding.subject: finding.samples for finding in refused.findings}
+    assert named["public.users.id"] == [{"table": "public.users", "id": NOT_A_UUID}]
+    assert named["public.journal_entries.user_id"] == [
+        {"table": "public.journal_entries", "id": entry, "user_id": NOT_A_UUID}]
+    assert [sample["user_id"] for sample in named["public.reminders.user_id"]] == [NOT_A_UUID]
+    assert "public.users.id: 'not-a-uuid'" in str(refused)
+    assert "ready to swap" in s.stage()
+    if then == "fixed":
+        [(reminder, user)] = execute(
+            s.dsn, "UPDATE reminders SET user_id = (SELECT min(id) FROM users) "
+                   "WHERE user_id = %s RETURNING id, user_id", (NOT_A_UUID,))
+        execute(s.dsn, "DELETE FROM users WHERE id = %s", (NOT_A_UUID,))  # and its entries
+        run_ok(s.dsn, "migrate_foreign_keys")
+        run_ok(s.dsn, "validate_migration")
+        assert [f for f in verify.run(s.dsn, "public", None) if f.status is Status.FAIL] == []
+        assert execute(s.dsn, "SELECT user_id::text FROM reminders WHERE id = %s",
+                       (reminder,)) == [(user,)]
+    else:
+        run_ok(s.dsn, "rollback")
+        assert execute(s.dsn, "SELECT (SELECT count(*) FROM users WHERE id = %s), "
+                              "(SELECT count(*) FROM journal_entries WHERE user_id = %s), "
+                              "(SELECT count(*) FROM reminders WHERE user_id = %s)",
+                       (NOT_A_UUID,) * 3) == [(1, 1, 1)]  # the application's rows are kept
+        execute(s.dsn, "DELETE FROM reminders WHERE user_id = %s", (NOT_A_UUID,))
+        execute(s.dsn, "DELETE FROM users WHERE id = %s", (NOT_A_UUID,))
+        s.assert_original()

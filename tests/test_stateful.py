@@ -31,7 +31,6 @@ from migration.rehearsal.sandbox import Sandbox
 from migration.session import Settings
 from tests.app_writer import (
     BY_NAME,
-    KNOWN_BROKEN,
     Twin,
     Writer,
     app_dsn,
@@ -117,7 +116,7 @@ class MigrationMachine(RuleBasedStateMachine):
             run_in_process(self.dsn, operation, admin_dsn=self.admin_dsn, crash_after=point,
                            settings=Settings(batch_size=7, jobs=1, show_progress=False))
 
-    @rule(writes=writes_to(WRITTEN, excluded=KNOWN_BROKEN | ORPHANING, max_size=4))
+    @rule(writes=writes_to(WRITTEN, excluded=ORPHANING, max_size=4))
     def application_writes(self, writes: list[AppWrite]) -> None:
         """The application goes on, whatever the stage: each write ends as it does on the
         twin, which no migration touches; what its writes added and removed is what they

@@ -28,6 +28,7 @@ from psycopg2 import sql
 
 from migration import checks, cli
 from migration.connection import connect
+from migration.model import KeyColumn, Table
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.sandbox import Sandbox, with_credentials
 from migration.report import Finding, Status
@@ -161,6 +162,9 @@ MUTATIONS = {
     "copy_of_an_index_left": Mutation(  # as an interrupted rollback before its swap leaves it
         "CREATE INDEX migration_ix_0123456789abcdef ON public.tags (name)",
         frozenset({"no_leftovers"})),
+    "invalid_index_left": Mutation(  # the swap's finder of ids that are not UUIDs
+        f"CREATE INDEX {KeyColumn(Table('public', 'tags'), 'user_id').invalid_index} "
+        "ON public.tags (name)", frozenset({"no_leftovers"})),
     "primary_key_replaced_by_unique": Mutation(
         """
         ALTER TABLE public.users DROP CONSTRAINT users_pkey CASCADE;
