@@ -177,8 +177,8 @@ BEGIN
         IF fallback IS NOT NULL THEN
             EXECUTE format('SELECT (%s)::text', fallback) INTO fallback;
         END IF;
-        IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM CASE
-               WHEN fallback ~ {uuid_input} THEN fallback::uuid ELSE md5(fallback)::uuid END THEN
+        IF (written ->> TG_ARGV[1])::uuid IS NOT DISTINCT FROM (CASE
+               WHEN fallback ~ {uuid_input} THEN fallback::uuid ELSE md5(fallback)::uuid END) THEN
             RETURN jsonb_populate_record(NEW, jsonb_build_object(TG_ARGV[0], fallback));
         END IF;
     END IF;
@@ -219,6 +219,12 @@ BEGIN
         TG_ARGV[1], coalesce(spelled, written ->> TG_ARGV[0])));
 END $$;
 """
+
+def sync_functions(schema: str) -> sql.Composed:
+    """``SYNC_FUNCTIONS`` for backup ``schema``, created or replaced (no table lock)."""
+    return sql.SQL(SYNC_FUNCTIONS).format(schema=sql.Identifier(schema),
+                                          uuid_input=sql.Literal(UUID_INPUT))
+
 
 NOT_THE_ENGINE = sql.SQL("current_setting('uuid_migration.engine', true) IS DISTINCT FROM 'on'")
 """The WHEN of the engine's triggers: the engine's own sessions set the marker."""

@@ -38,7 +38,7 @@ from migration import backup, catalog, publications
 from migration.connection import Connection
 from migration.errors import MigrationError
 from migration.log import logger
-from migration.model import UUID_INPUT, KeyColumn, Table
+from migration.model import KeyColumn, Table
 from migration.progress import Progress
 from migration.session import Session
 from migration.sqlexpr import column_list, row_of
@@ -125,8 +125,7 @@ def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | 
     column fills a copy the fill has not reached), ENABLE ALWAYS in this same transaction
     (writes with ``session_replication_role = replica`` fire it too), the engine's own
     writes left out by its WHEN (they fill the copies themselves, and respell them)."""
-    cur.execute(sql.SQL(backup.SYNC_FUNCTIONS).format(schema=sql.Identifier(schema),
-                                                      uuid_input=sql.Literal(UUID_INPUT)))
+    cur.execute(backup.sync_functions(schema))
     sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
     if follows is not None:
         sync = backup.meta(schema, "sync_reference_column")
@@ -166,7 +165,7 @@ def upgrade_triggers(session: Session, *, back: bool) -> None:
                       if not backup.change_log_is_current(cur, schema, table)]
         stale_syncs = {key: stale_sync_trigger(cur, schema, key) for key in plan.columns}
         if any(catalog.is_engines(cur.connection, key) for key in plan.columns):
-            cur.execute(sql.SQL(backup.SYNC_FUNCTIONS).format(schema=sql.Identifier(schema)))
+            cur.execute(backup.sync_functions(schema))
         no_default = [key for key in plan.columns if _copy_lacks_default(cur.connection, key)]
     for key in no_default:
         session.ddl(f"give {key.temp} its default on {key.table}",

@@ -349,8 +349,10 @@ def _capture(
 
 
 # What a table carries besides its columns, constraints, indexes and triggers, one row per
-# (table oid, what, text).  Column options are only those ALTER COLUMN SET takes
-# (some builds stamp others of their own); a collation only where it is not the type's.
+# (table oid, what, text).  Privileges as they are in force: the owner's defaults where none
+# were ever granted (a grant revoked leaves them written out), none on a column.  Column
+# options are only those ALTER COLUMN SET takes (some builds stamp others of their own); a
+# collation only where it is not the type's.
 # A statistics object's columns by name: the server prints them in the table's column
 # order, which the swap changes (the converted column moves to the end).
 _PROPERTIES = """
@@ -376,15 +378,16 @@ SELECT t.tgrelid, 'comment on trigger ' || t.tgname, d.description FROM pg_trigg
   JOIN pg_description d ON (d.objoid, d.classoid) = (t.oid, 'pg_trigger'::regclass)
  WHERE t.tgrelid = ANY (%(oids)s) AND NOT t.tgisinternal
 UNION ALL
-SELECT c.oid, 'privileges', array_to_string(ARRAY(SELECT x::text FROM unnest(c.relacl) x
-                                                  ORDER BY 1), ' ')
-  FROM pg_class c WHERE c.oid = ANY (%(oids)s) AND c.relacl IS NOT NULL
+SELECT c.oid, 'privileges', array_to_string(ARRAY(
+           SELECT x::text FROM unnest(coalesce(c.relacl, acldefault('r', c.relowner))) x
+           ORDER BY 1), ' ')
+  FROM pg_class c WHERE c.oid = ANY (%(oids)s)
 UNION ALL
 SELECT a.attrelid, 'privileges on column ' || a.attname,
        array_to_string(ARRAY(SELECT x::text FROM unnest(a.attacl) x ORDER BY 1), ' ')
   FROM pg_attribute a
  WHERE a.attrelid = ANY (%(oids)s) AND a.attnum > 0 AND NOT a.attisdropped
-   AND a.attacl IS NOT NULL
+   AND cardinality(a.attacl) > 0
 UNION ALL
 SELECT a.attrelid, 'collation of column ' || a.attname, l.collname::text FROM pg_attribute a
   JOIN pg_type t ON t.oid = a.atttypid JOIN pg_collation l ON l.oid = a.attcollation
@@ -444,8 +447,8 @@ _RELATIONS = r"""
 SELECT CASE c.relkind WHEN 'v' THEN 'view ' ELSE 'materialized view ' END
        || quote_ident(n.nspname) || '.' || quote_ident(c.relname),
        pg_get_viewdef(c.oid) || ' | privileges '
-       || coalesce(array_to_string(ARRAY(SELECT x::text FROM unnest(c.relacl) x ORDER BY 1),
-                                   ' '), 'default')
+       || array_to_string(ARRAY(SELECT x::text FROM unnest(coalesce(
+                                    c.relacl, acldefault('r', c.relowner))) x ORDER BY 1), ' ')
        || coalesce(' | comment ' || obj_description(c.oid, 'pg_class'), '')
        || CASE WHEN c.relkind = 'm' THEN ' | populated ' || c.relispopulated::text ELSE '' END
   FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
