@@ -63,10 +63,17 @@ def scenario(sandbox: Sandbox, seeded_templates: dict[str, str]
     """Makes scenarios: fresh clones of the seeded databases, dropped afterwards."""
     made: list[str] = []
 
-    def make(variant: str = "legacy") -> Scenario:
+    def make(variant: str = "legacy", *, copy_of: Scenario | None = None) -> Scenario:
+        """A clone of the seeded ``variant``; or of ``copy_of``'s database as it is now
+        (nobody connected to it), with its fingerprints from before (a sweep of the
+        rollback's points clones one migrated database instead of migrating each)."""
         name = f"{sandbox.prefix}_scenario_{next(_numbers)}"
-        dsn = sandbox.clone(seeded_templates[variant], name)
+        source = (urlsplit(copy_of.dsn).path.lstrip("/") if copy_of is not None
+                  else seeded_templates[variant])
+        dsn = sandbox.clone(source, name)
         made.append(name)
+        if copy_of is not None:
+            return Scenario(dsn, sandbox.admin_dsn_for(name), copy_of.original, copy_of.migrated)
         migrated = None
         if variant == "legacy":
             with connected(dsn, autocommit=False) as conn:

@@ -45,6 +45,16 @@ ENGINE_TRIGGERS = ("SELECT c.relname, t.tgname, t.tgenabled::text FROM pg_trigge
                    "ORDER BY 1, 2")
 
 
+def a_user_with_a_reminder(dsn: str) -> tuple[str, str]:
+    """A new user and a reminder of theirs, written by the application: their ids as text
+    (strings or uuids, as the columns are now)."""
+    [(user,)] = execute(dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
+                             "RETURNING id::text")
+    [(reminder,)] = execute(dsn, "INSERT INTO reminders (user_id, remind_at) "
+                                 "VALUES (%s, now()) RETURNING id::text", (user,))
+    return str(user), str(reminder)
+
+
 def action_triggers(dsn: str, event: int) -> list[tuple[object, ...]]:
     """The foreign keys of reminders whose trigger on users fires for ``event`` (tgtype
     bit: 8 DELETE, 16 UPDATE), in the order they fire (their names' byte order)."""
@@ -76,10 +86,7 @@ def test_a_foreign_key_action_keeps_the_copy_in_step_when_the_copy_s_trigger_fir
     execute(s.dsn, again)
     run_ok(s.dsn, "backup_data")
     run_ok(s.dsn, "migrate_users")
-    [(user,)] = execute(s.dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
-                               "RETURNING id")
-    [(reminder,)] = execute(s.dsn, "INSERT INTO reminders (user_id, remind_at) "
-                                   "VALUES (%s, now()) RETURNING id", (user,))
+    user, reminder = a_user_with_a_reminder(s.dsn)
     s.crash("migrate_foreign_keys", "swap#1")  # every copy built and in force, no swap
     execute(s.dsn, again)
     assert action_triggers(s.dsn, event) == [
@@ -127,10 +134,7 @@ def test_set_default_to_a_default_that_is_a_row_keeps_the_copy_in_step(
     run_ok(s.dsn, "full_migration" if back else "backup_data")
     if not back:
         run_ok(s.dsn, "migrate_users")
-    [(user,)] = execute(s.dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
-                               "RETURNING id::text")
-    [(reminder,)] = execute(s.dsn, "INSERT INTO reminders (user_id, remind_at) "
-                                   "VALUES (%s, now()) RETURNING id::text", (user,))
+    user, reminder = a_user_with_a_reminder(s.dsn)
     s.crash("rollback" if back else "migrate_foreign_keys", "swap#1")  # copies in force
     if copy_first:
         execute(s.dsn, again)
@@ -158,10 +162,7 @@ def test_a_resumed_run_gives_an_older_run_s_copies_their_default_and_rule(
     again = falling_back_to_nobody(s.dsn, "ON DELETE SET DEFAULT")
     run_ok(s.dsn, "backup_data")
     run_ok(s.dsn, "migrate_users")
-    [(user,)] = execute(s.dsn, "INSERT INTO users (email) VALUES ('acted@example.com') "
-                               "RETURNING id")
-    [(reminder,)] = execute(s.dsn, "INSERT INTO reminders (user_id, remind_at) "
-                                   "VALUES (%s, now()) RETURNING id", (user,))
+    user, reminder = a_user_with_a_reminder(s.dsn)
     s.crash("migrate_foreign_keys", "swap#1")
     execute(s.dsn, "ALTER TABLE reminders ALTER user_id_uuid DROP DEFAULT; "
                    "CREATE OR REPLACE FUNCTION migration_backup.sync_uuid_column() "

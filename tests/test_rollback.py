@@ -212,14 +212,13 @@ def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
         scenario: Callable[..., Scenario]) -> None:
     """The rollback after the swap is the migration run the other way, in steps: killed at
     any of its points, the foreign keys are in force and running it again finishes it."""
-    probe = scenario()
-    run_ok(probe.dsn, "full_migration")
-    points = _points_of(probe.dsn, "rollback")
+    migrated = scenario()
+    run_ok(migrated.dsn, "full_migration")
+    points = _points_of(scenario(copy_of=migrated).dsn, "rollback")
     kinds = {p.split(" ")[0].rstrip("#0123456789") for p in points}
     assert {"batch", "respell", "validate", "index", "fk", "swap", "finish"} <= kinds
     for point in points:
-        s = scenario()
-        run_ok(s.dsn, "full_migration")
+        s = scenario(copy_of=migrated)
         s.crash("rollback", point)
         assert s.stage() == "interrupted during rollback"
         assert_foreign_keys_enforced(s.dsn)

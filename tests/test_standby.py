@@ -13,11 +13,6 @@ is warned and not held back.
 from __future__ import annotations
 
 import logging
-import os
-import pwd
-import shutil
-import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,15 +23,10 @@ import psycopg2
 import pytest
 from psycopg2 import sql
 
+from bench.standby import start_standby
 from migration.operations import Outcome
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
-from migration.rehearsal.throwaway import (
-    Server,
-    _free_port,
-    _make_traversable,
-    _run_as,
-    start_cluster,
-)
+from migration.rehearsal.throwaway import Server, start_cluster
 from migration.session import Settings
 from tests.operate import execute, run_in_process, run_ok, run_verify, seeded, wait_until
 from tests.replicas import CATCH_UP_LIMIT_S, TABLES, rows, server_bin_dir, writing
@@ -57,7 +47,6 @@ class Cluster:
     primary: Sandbox
     standby_port: int
     bin_dir: Path
-    data: Path = field(repr=False)
 
     def standby(self, dsn: str) -> str:
         """The same database and role on the standby."""
@@ -68,30 +57,14 @@ class Cluster:
 def cluster(pg_server: Server) -> Iterator[Cluster]:
     bin_dir = server_bin_dir(pg_server)
     primary = start_cluster(bin_dir, backend=pg_server.backend)
-    os_user = "nobody" if os.geteuid() == 0 else None
-    workdir = Path(tempfile.mkdtemp(prefix="uuidmig-standby-"))
-    data, log, port = workdir / "data", workdir / "server.log", _free_port()
-    as_user = _run_as(os_user)
-    if os_user is not None:
-        _make_traversable(workdir)
-        entry = pwd.getpwnam(os_user)
-        os.chown(workdir, entry.pw_uid, entry.pw_gid)
     try:
         box = prepare(primary.admin_dsn, prefix="uuidmig_standby")
-        subprocess.run([str(bin_dir / "pg_basebackup"), "-d", primary.admin_dsn, "-D",
-                        str(data), "-R", "-X", "stream", "--checkpoint=fast", "--no-sync"],
-                       capture_output=True, check=True, timeout=300, **as_user)  # type: ignore[call-overload]
-        subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w",
-                        "-t", "60", "-o", f"-p {port} -h 127.0.0.1 -k {workdir} "
-                        "-c hot_standby=on -c fsync=off", "start"],
-                       capture_output=True, check=True, timeout=90, **as_user)  # type: ignore[call-overload]
-        yield Cluster(box, port, bin_dir, data)
+        standby = start_standby(primary.admin_dsn, bin_dir)
+        try:
+            yield Cluster(box, standby.port, bin_dir)
+        finally:
+            standby.stop()
     finally:
-        if (data / "postmaster.pid").exists():
-            subprocess.run([str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate",
-                            "-w", "stop"], capture_output=True, check=False, timeout=60,
-                           **as_user)  # type: ignore[call-overload]
-        shutil.rmtree(workdir, ignore_errors=True)
         primary.stop()
 
 

@@ -38,8 +38,8 @@ def test_recycle_sessions_ends_only_the_idle_sessions_of_the_named_roles(
     in_transaction = connect(legacy_db, application_name="billing-batch", autocommit=False)
     superuser = connect(admin_dsn, application_name="console", autocommit=True)
     database = urlsplit(legacy_db).path.lstrip("/")
-    execute(admin_dsn, "CREATE ROLE reporting LOGIN PASSWORD 'reporting-pw'")
-    other = connect(with_credentials(admin_dsn, user="reporting", password="reporting-pw",
+    execute(admin_dsn, "CREATE ROLE recycle_not_named LOGIN PASSWORD 'not-named-pw'")
+    other = connect(with_credentials(admin_dsn, user="recycle_not_named", password="not-named-pw",
                                      dbname=database), application_name="reports",
                     autocommit=True)
     try:
@@ -72,7 +72,7 @@ def test_recycle_sessions_ends_only_the_idle_sessions_of_the_named_roles(
     finally:
         for conn in (idle, in_transaction, superuser, other):
             conn.close()
-        execute(admin_dsn, "DROP ROLE IF EXISTS reporting")
+        execute(admin_dsn, "DROP ROLE IF EXISTS recycle_not_named")
 
 
 def one_line(text: str) -> str:
