@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from enum import StrEnum
 from functools import partial
 
 from psycopg2 import sql
@@ -358,25 +359,42 @@ def _add_locked(cur: Cursor, tables: tuple[sql.Identifier, ...],
     cur.execute(statement)
 
 
-def stage(conn: Connection, key: KeyColumn, plan: Plan) -> str:
-    """Where the column stands: string, filling, proven, indexed, referenced or uuid (on the
-    way back too: a uuid column whose string copy is filling, proven, ...)."""
+class Stage(StrEnum):
+    """How far the expansion of a column has come, once its copy exists (before that, and
+    after the swap, the column's ``catalog.ColumnState`` says where it is).  The values are
+    what ``status`` shows."""
+
+    FILLING = "filling"  # the copy is being filled, or its proof not validated yet
+    PROVEN = "proven"  # filled and proven; its indexes not all built
+    INDEXED = "indexed"  # its indexes built beside it (no foreign key to copy, or not yet)
+    REFERENCED = "referenced"  # the foreign keys between the copies validated too
+
+    @property
+    def ready(self) -> bool:
+        """Whether the swap may take the column: a column that no foreign key copy
+        involves is ready once indexed (``swap.not_ready`` asks the whole plan)."""
+        return self in (Stage.INDEXED, Stage.REFERENCED)
+
+
+def stage(conn: Connection, key: KeyColumn, plan: Plan) -> Stage | catalog.ColumnState:
+    """Where the column stands: its expansion's stage while its copy exists (on the way
+    back too: a uuid column's string copy), else its state (string, uuid)."""
     if catalog.column_info(conn, key.table, key.temp) is None:
-        return str(catalog.column_state(conn, key))
+        return catalog.column_state(conn, key)
     if not catalog.constraint_validity(conn, key.table, key.helper("filled")):
-        return "filling"
+        return Stage.FILLING
     if not all(catalog.index_validity(conn, built.original.table, built.name)
                for shadow in shadow_indexes(conn, key)
                for built in (shadow.leaves() if shadow.leaves_only else [shadow])) or not (
             key.back or all(catalog.index_validity(conn, leaf.table, leaf.invalid_index)
                             for leaf in invalid_indexes(conn, key))):
-        return "proven"
+        return Stage.PROVEN
     references = [shadow for shadow in shadow_foreign_keys(conn, plan)
                   if key in (shadow.child, plan.parent)]
     if references and all(catalog.constraint_validity(conn, shadow.child.table, shadow.name)
                           for shadow in references):
-        return "referenced"
-    return "indexed"
+        return Stage.REFERENCED
+    return Stage.INDEXED
 
 
 def discard(session: Session, key: KeyColumn) -> int:

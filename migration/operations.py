@@ -162,7 +162,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         return Outcome("every key column is uuid already: "
                        + (f"{refreshed} materialized view(s) refreshed" if refreshed
                           else "nothing to do"))
-    if expand.stage(session.conn, parent, plan) not in swap.READY:
+    if not swap.is_ready(expand.stage(session.conn, parent, plan)):
         raise MigrationError(f"{parent} is not expanded yet", hint="run migrate_users first")
     unsupported = expand.unsupported_foreign_keys(session.conn, plan)
     if unsupported:
@@ -375,16 +375,27 @@ def _log_line(entry: LogEntry) -> str:
             f"{entry.rows_processed:>12,} rows  {first_line}")
 
 
-def _stages(session: Session) -> dict[KeyColumn, str]:
-    """Each column's stage (``expand.stage``); a uuid column on its way back to its string
-    type says how far back it is."""
+@dataclass(frozen=True)
+class _Place:
+    """Where a column stands (``expand.stage``), and whether that is its string copy's
+    stage on the way back (a uuid column the rollback is taking back to its string)."""
+
+    where: expand.Stage | ColumnState
+    back: bool = False
+
+    def __str__(self) -> str:
+        return f"uuid, on its way back: {self.where}" if self.back else str(self.where)
+
+
+def _stages(session: Session) -> dict[KeyColumn, _Place]:
+    """Each column's place."""
     conn, plan = session.conn, session.plan
     stages = {}
     for key in plan.columns:
         back = key.reversed()
-        stages[key] = (f"uuid, on its way back: {expand.stage(conn, back, plan.reversed())}"
+        stages[key] = (_Place(expand.stage(conn, back, plan.reversed()), back=True)
                        if catalog.column_info(conn, key.table, back.temp) is not None
-                       else expand.stage(conn, key, plan))
+                       else _Place(expand.stage(conn, key, plan)))
     conn.rollback()
     return stages
 
@@ -404,22 +415,21 @@ def _left_empty(session: Session) -> str:
             + ", ".join(map(str, empty)))
 
 
-def _stage(stages: dict[KeyColumn, str]) -> str:
-    if all(where == ColumnState.UUID for where in stages.values()):
+def _stage(stages: dict[KeyColumn, _Place]) -> str:
+    places = stages.values()
+    if all(place == _Place(ColumnState.UUID) for place in places):
         return "migrated"
-    if all(where == ColumnState.STRING for where in stages.values()):
+    if all(place == _Place(ColumnState.STRING) for place in places):
         return "not migrated"
-    if all(where in swap.READY for where in stages.values()):
+    ready = all(swap.is_ready(place.where) for place in places)
+    if ready and not any(place.back for place in places):
         return ("ready to swap (every column expanded and proven: migrate_foreign_keys or "
                 "full_migration without --postpone-swap swaps)")
-    back = "uuid, on its way back: "
-    if all(where.removeprefix(back) in swap.READY and where.startswith(back)
-           for where in stages.values()):
+    if ready and all(place.back for place in places):
         return ("ready to swap back (every column's string copy expanded and proven: rollback "
                 "without --postpone-swap swaps)")
-    going = "rolling back" if any("way back" in where for where in stages.values()) \
-        else "expanding"
-    return f"{going} (" + ", ".join(f"{key}: {where}" for key, where in stages.items()) + ")"
+    going = "rolling back" if any(place.back for place in places) else "expanding"
+    return f"{going} (" + ", ".join(f"{key}: {place}" for key, place in stages.items()) + ")"
 
 
 def rollback_operation(session: Session, run_id: int) -> Outcome:

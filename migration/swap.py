@@ -51,7 +51,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, publications, sqlexpr, views
-from migration.catalog import IndexDef
+from migration.catalog import ColumnState, IndexDef
 from migration.connection import Connection, lock_tables
 from migration.convert import converted_default, grant_statement, restored_default
 from migration.errors import MigrationError
@@ -59,6 +59,7 @@ from migration.expand import (
     ShadowCheck,
     ShadowForeignKey,
     ShadowIndex,
+    Stage,
     copy_checks,
     not_a_uuid,
     shadow_checks,
@@ -71,8 +72,6 @@ from migration.model import KeyColumn, Table
 from migration.plan import Plan
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
-
-READY = ("indexed", "referenced")
 
 
 @dataclass(frozen=True)
@@ -101,7 +100,12 @@ def not_ready(session: Session, plan: Plan) -> list[str]:
     """Columns of the plan that are not yet ready for the swap, with their stage."""
     stages = {key: stage(session.conn, key, plan) for key in plan.columns}
     session.conn.rollback()
-    return [f"{key} ({where})" for key, where in stages.items() if where not in READY]
+    return [f"{key} ({where})" for key, where in stages.items() if not is_ready(where)]
+
+
+def is_ready(where: Stage | ColumnState) -> bool:
+    """Whether a column at ``where`` (``expand.stage``) is ready for the swap."""
+    return isinstance(where, Stage) and where.ready
 
 
 def swap(session: Session, plan: Plan) -> float:
