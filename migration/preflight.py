@@ -19,7 +19,7 @@ from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
 from migration import catalog, publications, views
-from migration.catalog import ColumnState
+from migration.catalog import Blocker, ColumnState
 from migration.connection import Connection
 from migration.log import logger
 from migration.model import KeyColumn
@@ -208,7 +208,7 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
                "found by the fill's proof and filled in one more scan"),
             subject=str(key)))
     converting = state in (ColumnState.STRING, ColumnState.BACKFILLING)
-    for blocker in (*catalog.blockers(conn, key),
+    for blocker in (*blockers(conn, key),
                     *(views.blockers(conn, key, session.plan.columns, session.plan.backup_schema,
                                      refresh=session.settings.refresh_materialized_views)
                       if converting else ())):
@@ -490,3 +490,142 @@ def space_finding(session: Session) -> Finding:
                    f"about {needed / 2**20:,.1f} MiB of free disk needed "
                    f"(backup {heap / 2**20:,.1f} MiB, row versions {heap / 2**20:,.1f} MiB, "
                    f"indexes {index / 2**20:,.1f} MiB)", count=needed)
+
+
+UUID_FORMAT_HINT = (
+    "the uuid type accepts only UUIDs: a CHECK of the format (length, pattern) has nothing "
+    "left to check, drop it before the migration; otherwise rewrite it so that it holds for "
+    "the uuid column (compare with ::text where text is meant), then run again")
+
+
+def blockers(conn: Connection, key: KeyColumn) -> list[Blocker]:
+    """Objects that depend on the column and that the swap cannot carry over.
+
+    Rules, exclusion constraints and generated columns that mention the column
+    would make ``DROP COLUMN`` fail or silently change meaning; they must be
+    dealt with by a person first.  The table's own triggers that name it
+    (``UPDATE OF``, ``WHEN``) are carried when they compile on uuid
+    (``trigger_compiles``).  Views (and materialized views), with their rules,
+    are judged by ``views.blockers``.  CHECK constraints, row-level security
+    policies, expression indexes, statistics objects and publications' row
+    filters are carried when their definitions compile with the column as uuid
+    (``compiles_as_uuid``), and are blockers only when they do not; a
+    publication's column list is carried when this role may alter it.
+    The engine's own sync trigger and fill proof are not counted.
+    """
+    with conn.cursor() as cur:
+        cur.execute(
+            """
+            WITH col AS (
+                SELECT a.attrelid, a.attnum FROM pg_attribute a
+                WHERE a.attrelid = to_regclass(%(table)s) AND a.attname = %(column)s
+            )
+            SELECT DISTINCT CASE d.classid
+                WHEN 'pg_rewrite'::regclass THEN
+                    (SELECT 'rule ' || rulename || ' on ' || ev_class::regclass::text
+                     FROM pg_rewrite WHERE oid = d.objid)
+                WHEN 'pg_trigger'::regclass THEN
+                    (SELECT 'trigger ' || tgname || CASE WHEN tgrelid = col.attrelid THEN ''
+                            ELSE ' on ' || tgrelid::regclass::text END
+                     FROM pg_trigger WHERE oid = d.objid)
+                WHEN 'pg_policy'::regclass THEN
+                    (SELECT 'policy ' || polname || CASE WHEN polrelid = col.attrelid THEN ''
+                            ELSE ' on ' || polrelid::regclass::text END
+                     FROM pg_policy WHERE oid = d.objid)
+                WHEN 'pg_constraint'::regclass THEN
+                    (SELECT 'constraint ' || conname || CASE WHEN conrelid = col.attrelid THEN ''
+                            ELSE ' on ' || conrelid::regclass::text END
+                     FROM pg_constraint WHERE oid = d.objid)
+                WHEN 'pg_class'::regclass THEN
+                    CASE WHEN d.objid = col.attrelid THEN 'generated column'
+                         ELSE 'object ' || d.objid::regclass::text END
+                ELSE pg_describe_object(d.classid, d.objid, d.objsubid)
+                END
+            FROM col
+            JOIN pg_depend d ON d.refobjid = col.attrelid AND d.refobjsubid = col.attnum
+            WHERE d.deptype IN ('n', 'a')
+              AND NOT (d.classid = 'pg_class'::regclass
+                       AND d.objid IN (SELECT indexrelid FROM pg_index
+                                       WHERE indrelid = col.attrelid))
+              AND NOT (d.classid = 'pg_attrdef'::regclass)
+              AND NOT (d.classid = 'pg_rewrite'::regclass AND d.objid IN (
+                    SELECT r.oid FROM pg_rewrite r JOIN pg_class v ON v.oid = r.ev_class
+                    WHERE v.relkind IN ('v', 'm')))
+              AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_constraint WHERE contype IN ('p', 'u', 'f', 'n')))
+              AND NOT (d.classid = 'pg_trigger'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_trigger WHERE tgrelid = col.attrelid))
+              AND NOT (d.classid = 'pg_constraint'::regclass AND d.objid IN (
+                    SELECT oid FROM pg_constraint WHERE conrelid = col.attrelid
+                    AND contype = 'c'))
+              AND NOT (d.classid = 'pg_policy'::regclass)
+              AND NOT (d.classid = 'pg_statistic_ext'::regclass)
+              AND NOT (d.classid = 'pg_publication_rel'::regclass)
+            ORDER BY 1
+            """,
+            {"table": catalog.regclass(key.table), "column": key.column,
+             "sync": key.helper("sync")},
+        )
+        found = [Blocker(text) for (text,) in cur.fetchall()]
+    found += [Blocker(f"generated column {name}")
+              for name in catalog.generated_columns(conn, key)]
+    return found + uncompilable(conn, key)
+
+
+def uncompilable(conn: Connection, key: KeyColumn) -> list[Blocker]:
+    """The CHECK constraints, policies, indexes, publications' row filters, triggers and
+    statistics on the column whose definitions would not compile with the column as uuid
+    (an index on the column itself: whose operator class or collation has no uuid form)."""
+    found = []
+    for check in catalog.check_constraints_on(conn, key):
+        reason = catalog.compiles_as_uuid(conn, key, key.table, where=check.expression)
+        if reason:
+            found.append(Blocker(f"constraint {check.name} (CHECK {check.expression})", reason,
+                                 UUID_FORMAT_HINT))
+    for policy in catalog.policies_on(conn, key):
+        reason = next((reason for reason in (
+            catalog.compiles_as_uuid(conn, key, policy.table, where=expression)
+            for expression in (policy.using, policy.with_check) if expression) if reason), "")
+        if reason:
+            on = "" if policy.table == key.table else f" on {policy.table}"
+            found.append(Blocker(f"policy {policy.name}{on}", reason,
+                                 "rewrite the policy so that it holds for the uuid column "
+                                 "(drop it before the migration and create it again after, "
+                                 "keeping the table protected), then run again"))
+    for plain in catalog.indexes_on(conn, key):  # an operator class, a collation: strings only
+        reason = "" if plain.uses_expression else catalog.runs_on_twin(
+            conn, key, plain.definition, "cannot be built on the uuid column")
+        if reason:
+            found.append(Blocker(f"index {plain.name}", reason,
+                                 "drop it before the migration and create it again after for "
+                                 "the uuid column (its default operator class, no COLLATE), "
+                                 "then run again"))
+    for index in catalog.expression_indexes_on(conn, key):
+        reason = catalog.compiles_as_uuid(conn, key, key.table, select=index.expressions,
+                                          where=index.predicate)
+        if reason:
+            found.append(Blocker(f"expression index {index.name}", reason))
+    for published in catalog.publications_on(conn, key):
+        what = f"publication {published.publication} (its column list or row filter)"
+        if not published.may_alter:
+            found.append(Blocker(what, f"it is owned by {published.owner}, for whom this role "
+                                 "cannot take the table out and add it back in the swap",
+                                 "run the migration as a member of that role, or take the "
+                                 "table out of the publication before and add it back after"))
+        reason = catalog.compiles_as_uuid(conn, key, key.table, where=published.row_filter) \
+            if published.row_filter else ""
+        if reason:
+            found.append(Blocker(what, reason))
+    for trigger in catalog.column_triggers(conn, key):
+        reason = catalog.trigger_compiles(conn, key, trigger)
+        if reason:
+            found.append(Blocker(f"trigger {trigger.name}", reason,
+                                 "rewrite its WHEN or column list so that it holds for the "
+                                 "uuid column, or drop it before the migration and create it "
+                                 "again after"))
+    for statistics in catalog.statistics_on(conn, key):
+        reason = catalog.compiles_as_uuid(conn, key, key.table, select=statistics.expressions) \
+            if statistics.expressions else ""
+        if reason:
+            found.append(Blocker(f"statistics {statistics.name}", reason))
+    return found

@@ -8,7 +8,7 @@ catalog functions the engine itself uses find (``catalog.indexes_on``,
 ``foreign_keys_to``, ``check_constraints_on``, ``policies_on``,
 ``application_triggers``, ``views.dependent_views``, the recorded
 publications), the refused ones are
-validate_schema's findings about objects (``catalog.blockers`` and the
+validate_schema's findings about objects (``preflight.blockers`` and the
 trigger, rule and table-family checks), with their reasons and hints.
 """
 
