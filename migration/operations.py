@@ -27,6 +27,7 @@ from migration import (
     publications,
     rollback,
     swap,
+    take_backup,
     views,
 )
 from migration.catalog import ColumnState
@@ -119,7 +120,7 @@ def backup_data(session: Session, run_id: int) -> Outcome:
         session.pace.wait(rows, started)
 
     batch_size = session.settings.batch_size if session.pace.limit > 0 else 0  # 0: at once
-    result = session.ddl("backup_data", lambda cur: backup.create(
+    result = session.ddl("backup_data", lambda cur: take_backup.create(
         cur, session.plan, batch_size=batch_size, after_batch=paced))
     return Outcome(result.message, rows=result.rows, details=result.expectations)
 

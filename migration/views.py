@@ -36,22 +36,19 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING
 
 import psycopg2
 import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog, sqlexpr
+from migration import backup, catalog, sqlexpr
 from migration.catalog import Blocker
 from migration.connection import Connection, lift_statement_timeout
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
-
-if TYPE_CHECKING:  # the session's module imports the backup's, which reads the views
-    from migration.session import Session
+from migration.session import Session
 
 MATERIALIZED_HINT = (
     "pass --refresh-materialized-views to have the swap create it again empty and refresh "
@@ -269,8 +266,6 @@ def _new_type(cur: Cursor, key: KeyColumn, backup_schema: str) -> sql.Composable
     type as the backup recorded it (read back by the server as a type name, never run)."""
     if not key.back:
         return sql.SQL("uuid")
-    from migration import backup  # imported here: the backup's record reads the views
-
     cur.execute("SELECT format_type(to_regtype(%s), NULL)",
                 (backup.saved_column(cur, backup_schema, key).type,))
     row = cur.fetchone()
@@ -435,8 +430,6 @@ def mark_pending(cur: Cursor, views: list[ViewDef], backup_schema: str) -> None:
     populated = [view for view in views if view.materialized and view.populated]
     if not populated:
         return
-    from migration import backup  # imported here: the backup's record reads the views
-
     backup.create_private(cur, _pending(backup_schema),
                           sql.SQL(backup.PENDING_REFRESH).format(_pending(backup_schema)))
     for view in populated:
