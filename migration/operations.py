@@ -23,6 +23,7 @@ from migration import (
     clients,
     convert,
     expand,
+    pipeline,
     preflight,
     publications,
     rollback,
@@ -141,12 +142,12 @@ def migrate_users(session: Session, run_id: int) -> Outcome:
                      if catalog.column_state(session.conn, key) is not ColumnState.UUID)
     refuse_on_failures(preflight.check_columns(session, (parent,), later=children),
                        "migrate_users")
-    rows = convert.fill(session, (parent,), run_id)
-    convert.prove_filled(session, parent, run_id)
-    built = expand.build_indexes(session, parent)
-    return Outcome(f"{parent} expanded: {parent.temp} filled ({rows:,} rows) and proven, "
-                   f"{built} index(es) built beside it; it becomes uuid at the swap, in "
-                   "migrate_foreign_keys", rows=rows)
+    expanded = pipeline.expand_columns(
+        session, session.plan, (parent,), run_id, references=False,
+        fill=lambda: convert.fill(session, (parent,), run_id))
+    return Outcome(f"{parent} expanded: {parent.temp} filled ({expanded.rows:,} rows) and "
+                   f"proven, {expanded.indexes} index(es) built beside it; it becomes uuid at "
+                   "the swap, in migrate_foreign_keys", rows=expanded.rows)
 
 
 def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
@@ -175,13 +176,11 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     refuse_on_failures(findings, "migrate_foreign_keys")
     quarantined = quarantine_orphans(session, findings) \
         if session.settings.orphans == "quarantine" else 0
-    rows = convert.fill(session, pending, run_id)
-    for key in pending:
-        convert.prove_filled(session, key, run_id)
-    built = sum(expand.build_indexes(session, key) for key in pending)
-    references = expand.reference(session, plan)
-    built_beside = (f"{rows:,} rows filled, {built} index(es) and {references} foreign key(s) "
-                    "built beside them")
+    expanded = pipeline.expand_columns(session, plan, pending, run_id,
+                                       fill=lambda: convert.fill(session, pending, run_id))
+    rows = expanded.rows
+    built_beside = (f"{rows:,} rows filled, {expanded.indexes} index(es) and "
+                    f"{expanded.foreign_keys} foreign key(s) built beside them")
     if session.settings.postpone_swap:
         message = (f"ready to swap: {len(plan.columns)} column(s) expanded and proven "
                    f"({built_beside}); the sync triggers keep the copies in step until "
@@ -190,10 +189,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
             message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
         return Outcome(message, rows=rows, findings=findings,
                        details={"quarantined": quarantined, "ready_to_swap": True})
-    stall = swap.swap(session, plan)
-    swapped = clients.after_swap(session)
-    for key in plan.columns:
-        convert.refresh_statistics(session, key)
+    swapped = pipeline.swap_and_contract(session, plan)
     message = f"{len(plan.columns)} column(s) swapped to uuid together ({built_beside})"
     if quarantined:
         message += f"; {quarantined} orphan row(s) moved to quarantine in {plan.backup_schema}"
@@ -202,8 +198,9 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     if published:  # on the console as it happens, in full_migration too
         logger.warning("%s", published)
     return Outcome(message, rows=rows, findings=findings,
-                   details={"quarantined": quarantined, "swap_lock_ms": round(stall * 1000, 3),
-                            "subscribers": published, **swapped})
+                   details={"quarantined": quarantined,
+                            "swap_lock_ms": round(swapped.stall_s * 1000, 3),
+                            "subscribers": published, **swapped.sessions})
 
 
 def quarantine_orphans(session: Session, findings: list[Finding]) -> int:

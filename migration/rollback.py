@@ -21,7 +21,7 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, clients, convert, expand, publications, swap, views
+from migration import backup, catalog, convert, expand, pipeline, publications, views
 from migration.catalog import ColumnState
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
@@ -383,28 +383,29 @@ def revert(session: Session, run_id: int) -> RollbackResult:
                  refresh=session.settings.refresh_materialized_views)
     referencing = {shadow.child for shadow in expand.shadow_foreign_keys(session.conn, plan)}
     session.conn.rollback()
-    rows = convert.fill(session, (parent,), run_id)
-    respelled = respell(session, parent)  # before any child copy exists: they follow it
-    rows += convert.fill(session, plan.children, run_id,
-                         follows={key: parent for key in plan.children if key in referencing})
-    for key in plan.children:  # the parent's spelling first, then a row's own original
-        respelled += (follow(session, key, parent) if key in referencing else 0) \
-            + respell(session, key)
-    for key in plan.columns:
-        convert.prove_filled(session, key, run_id)
-    for key in plan.columns:
-        expand.build_indexes(session, key)
-    expand.reference(session, plan)
+    respelled = 0
+
+    def fill_and_spell() -> int:
+        """The string copies filled (canonical text), then given their spellings: the
+        parent's first, before any child copy exists, as the children follow it."""
+        nonlocal respelled
+        rows = convert.fill(session, (parent,), run_id)
+        respelled = respell(session, parent)
+        rows += convert.fill(session, plan.children, run_id,
+                             follows={key: parent for key in plan.children if key in referencing})
+        for key in plan.children:  # the parent's spelling first, then a row's own original
+            respelled += (follow(session, key, parent) if key in referencing else 0) \
+                + respell(session, key)
+        return rows
+
+    rows = pipeline.expand_columns(session, plan, plan.columns, run_id, fill=fill_and_spell).rows
     if session.settings.postpone_swap:
         return RollbackResult(
             f"ready to swap back: {rows:,} rows filled, {respelled:,} ids given their original "
             "spelling, every string copy proven with its indexes and foreign keys; the sync "
             "triggers keep the copies in step until rollback runs again without "
             "--postpone-swap, which swaps", rows=rows, details={"ready_to_swap": True})
-    swap.swap(session, plan)
-    swapped = clients.after_swap(session)
-    for key in plan.columns:
-        convert.refresh_statistics(session, key)
+    swapped = pipeline.swap_and_contract(session, plan).sessions
     restored = sum(session.ddl(f"restore quarantine of {table}",
                                partial(_restore_quarantine, schema=plan.backup_schema,
                                        table=table))

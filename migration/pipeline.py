@@ -1,0 +1,60 @@
+"""The engine's one pipeline, for one plan, either way: expand (fill, proofs, indexes,
+foreign keys between the copies), then swap, then contract (statistics).  Here, and only
+here, is the order of the phases written.
+
+The migration runs it on the plan (``operations.migrate_foreign_keys``); the rollback after
+the swap runs it on ``Plan.reversed()`` (``rollback.revert``), the same engine the other
+way: they differ only in how the copies are filled, which each passes as ``fill`` (on the
+way back, the string copies also take their original spellings before they are proven).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from migration import clients, convert, expand, swap
+from migration.model import KeyColumn
+from migration.plan import Plan
+from migration.session import Session
+
+
+@dataclass(frozen=True)
+class Expanded:
+    """What the expand built beside the columns."""
+
+    rows: int  # rows filled (and respelled, on the way back: what ``fill`` returned)
+    indexes: int
+    foreign_keys: int
+
+
+@dataclass(frozen=True)
+class Swapped:
+    """The swap's write stall and what ``clients.after_swap`` found."""
+
+    stall_s: float
+    sessions: dict[str, Any]
+
+
+def expand_columns(session: Session, plan: Plan, keys: Sequence[KeyColumn], run_id: int, *,
+                   fill: Callable[[], int], references: bool = True) -> Expanded:
+    """Expand ``keys`` of ``plan``: ``fill`` their copies (rows), prove each, build each's
+    indexes, then (``references``) the copies of the plan's foreign keys, which need both
+    sides expanded: ``migrate_users`` expands the parent alone.  Each step resumes where an
+    interrupted run left it."""
+    rows = fill()
+    for key in keys:
+        convert.prove_filled(session, key, run_id)
+    indexes = sum(expand.build_indexes(session, key) for key in keys)
+    return Expanded(rows, indexes, expand.reference(session, plan) if references else 0)
+
+
+def swap_and_contract(session: Session, plan: Plan) -> Swapped:
+    """The swap of every column of ``plan`` in one short transaction, the sessions that
+    connected before it named, and each new column's statistics."""
+    stall = swap.swap(session, plan)
+    sessions = clients.after_swap(session)
+    for key in plan.columns:
+        convert.refresh_statistics(session, key)
+    return Swapped(stall, sessions)
