@@ -32,7 +32,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import psycopg2
 from psycopg2 import sql
@@ -204,24 +204,22 @@ class LockSampler:
                           dict(self._exclusive.longest), dict(self._blocking.longest))
 
 
-class StepWal:
-    """WAL written during each migration_log operation, sampled from a second connection
-    while a method runs (use as a context manager): every ``interval`` the WAL insert
-    position and the newest running operation (``migration_log``) are read, and the
-    WAL since the sample before is counted to that operation ("-" when none runs: the
-    process starting, or between steps).  A step's figure is within two samples'
-    WAL of the truth; a method without a migration_log counts all of it to "-"."""
+class Sampler:
+    """A thread sampling the server from a connection of its own while a method runs (use
+    as a context manager).  ``_run`` is the loop, which returns once ``_stop`` is set; an
+    error in it is raised by ``__exit__`` as ``error_type(failure: ...)``."""
 
-    def __init__(self, dsn: str, *, schema: str = "public", interval: float = 0.05) -> None:
-        self.dsn, self.interval = dsn, interval
-        self.log = sql.Identifier(schema, "migration_log")
-        self.regclass = f"{schema}.migration_log"
-        self.bytes: dict[str, int] = {}
+    name = "sampler"
+    failure = "the sampler failed"
+    error_type: type[Exception] = RuntimeError
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="step-wal", daemon=True)
         self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._guarded, name=self.name, daemon=True)
 
-    def __enter__(self) -> StepWal:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -229,7 +227,34 @@ class StepWal:
         self._stop.set()
         self._thread.join()
         if self._error is not None:
-            raise RuntimeError(f"the WAL sampler failed: {self._error}") from self._error
+            raise self.error_type(f"{self.failure}: {self._error}") from self._error
+
+    def _guarded(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # raised by __exit__
+            self._error = exc
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+
+class StepWal(Sampler):
+    """WAL written during each migration_log operation, sampled from a second connection
+    while a method runs (use as a context manager): every ``interval`` the WAL insert
+    position and the newest running operation (``migration_log``) are read, and the
+    WAL since the sample before is counted to that operation ("-" when none runs: the
+    process starting, or between steps).  A step's figure is within two samples'
+    WAL of the truth; a method without a migration_log counts all of it to "-"."""
+
+    name, failure = "step-wal", "the WAL sampler failed"
+
+    def __init__(self, dsn: str, *, schema: str = "public", interval: float = 0.05) -> None:
+        super().__init__(interval)
+        self.dsn = dsn
+        self.log = sql.Identifier(schema, "migration_log")
+        self.regclass = f"{schema}.migration_log"
+        self.bytes: dict[str, int] = {}
 
     def _sample(self, cur: Any) -> tuple[int, str]:
         cur.execute("SELECT pg_wal_lsn_diff(pg_current_wal_insert_lsn(), '0/0')::bigint, "
@@ -243,23 +268,20 @@ class StepWal:
         return int(position), str(step or "-")
 
     def _run(self) -> None:
+        conn = _connect(self.dsn)
         try:
-            conn = _connect(self.dsn)
-            try:
-                with conn.cursor() as cur:
-                    cur.execute("SET statement_timeout = '2s'")
-                    previous, _ = self._sample(cur)
-                    while True:
-                        stopping = self._stop.wait(self.interval)
-                        position, step = self._sample(cur)
-                        self.bytes[step] = self.bytes.get(step, 0) + position - previous
-                        previous = position
-                        if stopping:
-                            return
-            finally:
-                conn.close()
-        except BaseException as exc:  # raised by __exit__
-            self._error = exc
+            with conn.cursor() as cur:
+                cur.execute("SET statement_timeout = '2s'")
+                previous, _ = self._sample(cur)
+                while True:
+                    stopping = self._stop.wait(self.interval)
+                    position, step = self._sample(cur)
+                    self.bytes[step] = self.bytes.get(step, 0) + position - previous
+                    previous = position
+                    if stopping:
+                        return
+        finally:
+            conn.close()
 
 
 def wal_lsn(admin_dsn: str) -> str:

@@ -19,7 +19,6 @@ import pwd
 import shutil
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,6 +26,7 @@ from pathlib import Path
 
 import psycopg2
 
+from bench.probe import Sampler
 from migration.rehearsal.throwaway import _free_port, _make_traversable, _run_as
 
 CATCH_UP_LIMIT_S = 900.0  # a standby that needs longer has stopped replaying: fail the run
@@ -115,36 +115,22 @@ def start_standby(admin_dsn: str, bin_dir: Path) -> Standby:
     return Standby(port, stop)
 
 
-class ReplayLag:
+class ReplayLag(Sampler):
     """Sample the standbys' replay lag every ``interval`` seconds while a method runs."""
 
+    name, failure, error_type = "replay-lag", "the replay lag could not be read", StandbyError
+
     def __init__(self, admin_dsn: str, *, interval: float = 0.1) -> None:
-        self.dsn, self.interval = admin_dsn, interval
+        super().__init__(interval)
+        self.dsn = admin_dsn
         self.max_bytes = 0.0
         self.max_seconds = 0.0
         self.samples = 0
         self.standbys = 0  # the fewest standbys any sample saw streaming
-        self._stop = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="replay-lag", daemon=True)
-
-    def __enter__(self) -> ReplayLag:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-        if self._error is not None:
-            raise StandbyError(f"the replay lag could not be read: {self._error}")
 
     def _run(self) -> None:
-        try:
-            conn = psycopg2.connect(self.dsn, application_name="uuid-migration-bench",
-                                    connect_timeout=10)
-        except psycopg2.Error as exc:
-            self._error = exc
-            return
+        conn = psycopg2.connect(self.dsn, application_name="uuid-migration-bench",
+                                connect_timeout=10)
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -160,8 +146,6 @@ class ReplayLag:
                     self.samples += 1
                     self._stop.wait(self.interval)
                 self.standbys = seen or 0
-        except psycopg2.Error as exc:
-            self._error = exc
         finally:
             conn.close()
 

@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psycopg2
 import pytest
@@ -179,6 +180,30 @@ def wait_for_engine_lock_wait(dsn: str, seen: list[bool]) -> None:
             return
         time.sleep(0.02)
     seen.append(False)
+
+
+@contextmanager
+def sampled(dsn: str, query: str, params: tuple[Any, ...] = ()
+            ) -> Iterator[list[tuple[Any, ...]]]:
+    """The rows ``query`` returns, run again and again on a connection of its own for as
+    long as the with-block runs (what ``pg_locks`` showed at any moment, say): the list
+    the block gets fills as it runs."""
+    seen: list[tuple[Any, ...]] = []
+    done = threading.Event()
+
+    def sample() -> None:
+        with connected(dsn) as conn, conn.cursor() as cur:
+            while not done.is_set():
+                cur.execute(query, params)
+                seen.extend(cur.fetchall())
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        yield seen
+    finally:
+        done.set()
+        sampler.join()
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +35,7 @@ from tests.operate import (
     print_of,
     run_in_process,
     run_ok,
+    sampled,
     seeded,
     wait_until,
 )
@@ -112,35 +113,18 @@ class Background:
         return self.result[0]
 
 
-@contextmanager
-def lock_waits_while_holding(dsn: str) -> Iterator[list[tuple[Any, ...]]]:
+def lock_waits_while_holding(dsn: str) -> AbstractContextManager[list[tuple[Any, ...]]]:
     """Samples ``pg_locks`` while the with-block runs: every moment an engine backend of
     this process waited for a lock while it held a lock on a table of the plan that
     blocks the application's writes."""
-    seen: list[tuple[Any, ...]] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        with connected(dsn) as conn, conn.cursor() as cur:
-            while not done.is_set():
-                cur.execute("""
-                    SELECT w.locktype, w.relation::regclass::text, h.mode,
-                           h.relation::regclass::text
-                    FROM pg_stat_activity a
-                    JOIN pg_locks w ON w.pid = a.pid AND NOT w.granted
-                    JOIN pg_locks h ON h.pid = a.pid AND h.granted AND h.locktype = 'relation'
-                     AND h.relation = ANY (%s::regclass[]) AND h.mode = ANY (%s)
-                    WHERE a.application_name = %s""",
-                            (PLAN_TABLES, WRITE_BLOCKING, engine_application_name()))
-                seen.extend(cur.fetchall())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        yield seen
-    finally:
-        done.set()
-        sampler.join()
+    return sampled(dsn, """
+        SELECT w.locktype, w.relation::regclass::text, h.mode, h.relation::regclass::text
+        FROM pg_stat_activity a
+        JOIN pg_locks w ON w.pid = a.pid AND NOT w.granted
+        JOIN pg_locks h ON h.pid = a.pid AND h.granted AND h.locktype = 'relation'
+         AND h.relation = ANY (%s::regclass[]) AND h.mode = ANY (%s)
+        WHERE a.application_name = %s""",
+                   (PLAN_TABLES, WRITE_BLOCKING, engine_application_name()))
 
 
 # -- 1. the engine's whole-table UPDATEs and fill batches ------------------------------------
@@ -370,35 +354,18 @@ def test_the_change_log_never_holds_a_table_while_it_waits_for_another(db: str) 
                    ) == [(4,)]
 
 
-@contextmanager
-def lock_requests_waiting(dsn: str) -> Iterator[list[tuple[Any, ...]]]:
+def lock_requests_waiting(dsn: str) -> AbstractContextManager[list[tuple[Any, ...]]]:
     """Samples ``pg_locks`` while the with-block runs: every lock request of the engine or of
     the application (``application_name`` 'application') waiting in a queue, as (who, mode,
     relation, the application_names of the sessions it waits behind)."""
-    seen: list[tuple[Any, ...]] = []
-    done = threading.Event()
-
-    def sample() -> None:
-        with connected(dsn) as conn, conn.cursor() as cur:
-            while not done.is_set():
-                cur.execute("""
-                    SELECT CASE WHEN a.application_name = 'application' THEN 'application'
-                           ELSE 'engine' END, l.mode, l.relation::regclass::text,
-                           ARRAY(SELECT b.application_name FROM pg_stat_activity b
-                                 WHERE b.pid = ANY (pg_blocking_pids(a.pid)) ORDER BY 1)
-                    FROM pg_locks l JOIN pg_stat_activity a USING (pid)
-                    WHERE NOT l.granted AND l.locktype = 'relation'
-                      AND a.application_name IN ('application', %s)""",
-                            (engine_application_name(),))
-                seen.extend(cur.fetchall())
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        yield seen
-    finally:
-        done.set()
-        sampler.join()
+    return sampled(dsn, """
+        SELECT CASE WHEN a.application_name = 'application' THEN 'application'
+               ELSE 'engine' END, l.mode, l.relation::regclass::text,
+               ARRAY(SELECT b.application_name FROM pg_stat_activity b
+                     WHERE b.pid = ANY (pg_blocking_pids(a.pid)) ORDER BY 1)
+        FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+        WHERE NOT l.granted AND l.locktype = 'relation'
+          AND a.application_name IN ('application', %s)""", (engine_application_name(),))
 
 
 def application_writes(dsn: str, until: Callable[[], bool]) -> list[str]:
