@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -148,6 +149,21 @@ def standby_lag(cluster: Cluster) -> float:
     return float(str(lag))
 
 
+@contextmanager
+def backed_up_while_the_standby_lags(cluster: Cluster, dsn: str) -> Iterator[None]:
+    """The backup taken, the owner granted ``pg_monitor`` (to read the lag) for the
+    with-block, and the standby made more than a second behind."""
+    for step in ("validate_schema", "backup_data"):
+        run_ok(dsn, step)
+    role = sql.Identifier(OWNER_ROLE)
+    cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
+    try:
+        make_the_standby_lag(cluster, dsn, 1.0)
+        yield
+    finally:
+        cluster.primary.admin_execute(sql.SQL("REVOKE pg_monitor FROM {}").format(role))
+
+
 def make_the_standby_lag(cluster: Cluster, dsn: str, seconds: float) -> None:
     """Pause the standby's replay, and write on the primary until the standby is more than
     ``seconds`` behind (a bounded wait: each write has the standby report its position)."""
@@ -176,12 +192,7 @@ def wait_for(running: Running, point: str, thread: threading.Thread) -> None:
 @pytest.mark.once
 def test_the_fill_waits_while_the_standby_is_behind_and_goes_on_when_it_catches_up(
         cluster: Cluster, database: str, caplog: pytest.LogCaptureFixture) -> None:
-    for step in ("validate_schema", "backup_data"):
-        run_ok(database, step)
-    role = sql.Identifier(OWNER_ROLE)
-    cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
-    try:
-        make_the_standby_lag(cluster, database, 1.0)
+    with backed_up_while_the_standby_lags(cluster, database):
         caplog.set_level(logging.INFO, logger="migration")
         running, thread = run_in_thread(database, "migrate_users", Settings(
             batch_size=7, jobs=1, show_progress=False, max_replica_lag_s=1.0))
@@ -195,8 +206,6 @@ def test_the_fill_waits_while_the_standby_is_behind_and_goes_on_when_it_catches_
         finally:
             resume_the_standby(cluster)
             thread.join()
-    finally:
-        cluster.primary.admin_execute(sql.SQL("REVOKE pg_monitor FROM {}").format(role))
     assert running.failures == []
     assert len(running.outcome) == 1  # it finished
     text = caplog.text
@@ -233,12 +242,7 @@ def test_a_failed_fill_worker_stops_the_others_waiting_for_the_standby(
     """Two fill connections, the standby behind: the one that looks is killed while it
     waits; the other, waiting for the standby too, stops with it (the run fails and can
     be resumed) instead of waiting for a standby that is not catching up."""
-    for step in ("validate_schema", "backup_data"):
-        run_ok(database, step)
-    role = sql.Identifier(OWNER_ROLE)
-    cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
-    try:
-        make_the_standby_lag(cluster, database, 1.0)
+    with backed_up_while_the_standby_lags(cluster, database):
         failures: list[BaseException] = []
 
         def work() -> None:
@@ -258,8 +262,6 @@ def test_a_failed_fill_worker_stops_the_others_waiting_for_the_standby(
         finally:
             resume_the_standby(cluster)
             thread.join()
-    finally:
-        cluster.primary.admin_execute(sql.SQL("REVOKE pg_monitor FROM {}").format(role))
     assert [type(exc) for exc in failures] == [psycopg2.OperationalError]
     run_ok(database, "migrate_users")  # it resumes
     run_ok(database, "migrate_foreign_keys")
