@@ -27,8 +27,9 @@ import sys
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import catalog, convert
+from migration import catalog
 from migration.connection import Connection, connect
+from migration.engine import fill
 from migration.model import KeyColumn, Table
 from migration.plan import build_plan
 
@@ -75,7 +76,7 @@ def one_shot(dsn: str) -> int:
                     table.ident, sql.SQL(", ").join(actions)))
                 for key in keys:
                     if defaults[key] is not None:
-                        convert.converted_default(cur, key, defaults[key] or "")
+                        fill.converted_default(cur, key, defaults[key] or "")
                 cur.execute(sql.SQL("SELECT count(*) FROM {}").format(table.ident))
                 rows += int((cur.fetchone() or [0])[0])
             for fk in referencing:  # validated in the same statement, as typed by hand
@@ -151,7 +152,7 @@ def _swap_literally(conn: Connection, key: KeyColumn, parent: KeyColumn,
             cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(
                 key.table.ident, sql.Identifier(key.column)))
         if info.default is not None:
-            convert.converted_default(cur, key, info.default)
+            fill.converted_default(cur, key, info.default)
         for index in indexes:
             _restore_index(cur, index)
         for fk in outgoing:

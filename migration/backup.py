@@ -148,7 +148,7 @@ CREATE TABLE {schema}.recorded_objects (record jsonb NOT NULL);
 # written by a trigger (pg_trigger_depth() > 1) leaving the key as it was and moving the
 # copy off it.  One rule: when the copy got the key's default (as uuid; NULL where it has
 # none), that is a SET NULL or SET DEFAULT (the copy carries the key's default, see
-# ``convert.copy_default``), and the original's will give the key its default: the key takes
+# ``fill.copy_default``), and the original's will give the key its default: the key takes
 # it now, as the server checks right after a SET DEFAULT that no row still refers to the
 # old key.  Any other move (a CASCADE; a SET NULL of a key that has a default) waits for
 # the original's action: the copy stays the key's until it changes the key.

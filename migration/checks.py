@@ -19,7 +19,7 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, recorded
 from migration.catalog import ColumnState
-from migration.convert import _STRING_CAST
+from migration.engine.fill import _STRING_CAST
 from migration.log import LOG_TABLE, of_key, recorded_in_log
 from migration.model import SHADOW_NAME, KeyColumn, Table
 from migration.plan import Plan
@@ -271,7 +271,7 @@ def _default_text(state: Entry) -> str:
 
 def _defaults_allowed(recorded_default: str | None, type_now: str) -> set[str | None]:
     """The defaults a key column may have now: the recorded one while it has its string
-    type, and as the swap converts it (``convert.converted_default``) once it is uuid:
+    type, and as the swap converts it (``fill.converted_default``) once it is uuid:
     ``(X)::text`` becomes ``X``, or any other ``R`` becomes ``(R)::uuid``."""
     if recorded_default is None or type_now != "uuid":
         return {recorded_default}

@@ -16,23 +16,10 @@ from typing import Any
 import psycopg2
 from psycopg2 import sql
 
-from migration import (
-    backup,
-    catalog,
-    checks,
-    clients,
-    convert,
-    expand,
-    pipeline,
-    preflight,
-    publications,
-    rollback,
-    swap,
-    take_backup,
-    views,
-)
+from migration import backup, catalog, checks, clients, preflight, publications, take_backup, views
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
+from migration.engine import expand, fill, pipeline, rollback, swap
 from migration.errors import MigrationError
 from migration.log import LogEntry, logger
 from migration.model import KeyColumn, Table
@@ -144,7 +131,7 @@ def migrate_users(session: Session, run_id: int) -> Outcome:
                        "migrate_users")
     expanded = pipeline.expand_columns(
         session, session.plan, (parent,), run_id, references=False,
-        fill=lambda: convert.fill(session, (parent,), run_id))
+        fill_copies=lambda: fill.fill(session, (parent,), run_id))
     return Outcome(f"{parent} expanded: {parent.temp} filled ({expanded.rows:,} rows) and "
                    f"proven, {expanded.indexes} index(es) built beside it; it becomes uuid at "
                    "the swap, in migrate_foreign_keys", rows=expanded.rows)
@@ -159,7 +146,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     states = {key: catalog.column_state(session.conn, key) for key in plan.columns}
     if all(state is ColumnState.UUID for state in states.values()):
         for key in plan.columns:
-            convert.refresh_statistics(session, key)
+            fill.refresh_statistics(session, key)
         refreshed = views.refresh_pending(session, plan.backup_schema)  # a swap cut short after
         return Outcome("every key column is uuid already: "
                        + (f"{refreshed} materialized view(s) refreshed" if refreshed
@@ -177,7 +164,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
     quarantined = quarantine_orphans(session, findings) \
         if session.settings.orphans == "quarantine" else 0
     expanded = pipeline.expand_columns(session, plan, pending, run_id,
-                                       fill=lambda: convert.fill(session, pending, run_id))
+                                       fill_copies=lambda: fill.fill(session, pending, run_id))
     rows = expanded.rows
     built_beside = (f"{rows:,} rows filled, {expanded.indexes} index(es) and "
                     f"{expanded.foreign_keys} foreign key(s) built beside them")

@@ -18,7 +18,8 @@ import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
-from migration import backup, swap, verify
+from migration import backup, verify
+from migration.engine import swap
 from migration.errors import MigrationError
 from migration.model import Table, shadow_name
 from migration.operations import OPERATIONS, run

@@ -23,8 +23,8 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from migration import convert, expand, rollback, swap
 from migration.connection import connect, engine_application_name
+from migration.engine import expand, fill, rollback, swap
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.rehearsal.sandbox import Sandbox
@@ -130,32 +130,32 @@ def lock_waits_while_holding(dsn: str) -> AbstractContextManager[list[tuple[Any,
 # -- 1. the engine's whole-table UPDATEs and fill batches ------------------------------------
 
 def _fill(session: Session, dsn: str) -> Callable[[], Any]:
-    convert.add_temporary_column(session, session.plan.parent)  # its DDL before the hold
-    return lambda: convert.fill(session, (session.plan.parent,), 0)
+    fill.add_temporary_column(session, session.plan.parent)  # its DDL before the hold
+    return lambda: fill.fill(session, (session.plan.parent,), 0)
 
 
 def _fill_missed(session: Session, dsn: str) -> Callable[[], Any]:
     parent = session.plan.parent
-    convert.fill(session, (parent,), 0)
+    fill.fill(session, (parent,), 0)
     # A write the sync trigger does not see (as with the table's triggers disabled): an
     # application's own write to a row fills its copy.
     execute(dsn, "SET uuid_migration.engine = 'on'; "
                  "UPDATE users SET id_uuid = NULL WHERE id = ANY (%s)", (SHOUTING,))
-    return lambda: convert.fill_missed_rows(session, parent, 0)
+    return lambda: fill.fill_missed_rows(session, parent, 0)
 
 
 def _respell(session: Session, dsn: str) -> Callable[[], Any]:
     back = session.plan.reversed()
-    convert.fill(session, (back.parent,), 0)
+    fill.fill(session, (back.parent,), 0)
     return lambda: rollback.respell(session, back.parent)
 
 
 def _follow(session: Session, dsn: str) -> Callable[[], Any]:
     back = session.plan.reversed()
     child = next(key for key in back.children if key.table.name == "journal_entries")
-    convert.fill(session, (back.parent,), 0)
+    fill.fill(session, (back.parent,), 0)
     rollback.respell(session, back.parent)
-    convert.fill(session, (child,), 0, follows={child: back.parent})
+    fill.fill(session, (child,), 0, follows={child: back.parent})
     return lambda: rollback.follow(session, child, back.parent)
 
 
@@ -259,8 +259,8 @@ def test_respell_by_content_holds_no_row_but_its_batch_s_while_it_waits(db: str)
     with Session.open(db, settings) as session:
         back = session.plan.reversed()
         roles = next(key for key in back.children if key.table.name == "user_roles")
-        convert.fill(session, (back.parent,), 0)
-        convert.fill(session, (roles,), 0, follows={roles: back.parent})
+        fill.fill(session, (back.parent,), 0)
+        fill.fill(session, (roles,), 0, follows={roles: back.parent})
         try:
             with application.cursor() as cur:
                 cur.execute("SELECT 1 FROM user_roles WHERE user_id::text = lower(%s) "
@@ -291,9 +291,9 @@ def expanded(dsn: str) -> None:
     run_ok(dsn, "migrate_users")
     with Session.open(dsn, SETTINGS) as session:
         plan = session.plan
-        convert.fill(session, plan.children, 0)
+        fill.fill(session, plan.children, 0)
         for key in plan.children:
-            convert.prove_filled(session, key, 0)
+            fill.prove_filled(session, key, 0)
             expand.build_indexes(session, key)
         expand.reference(session, plan)
 

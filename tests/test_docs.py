@@ -19,6 +19,7 @@ import pytest
 from click.testing import CliRunner
 
 import migration
+import migration.engine
 from migration import verify
 from migration.checks import CHECK_NAMES
 from migration.cli import HELP_SECTIONS, OPTION_OPERATIONS, main
@@ -149,12 +150,14 @@ def test_every_relative_link_and_project_file_named_exists(doc: Path) -> None:
 @pytest.mark.parametrize("doc", DOCS, ids=doc_id)
 def test_every_function_named_by_its_module_exists(doc: Path) -> None:
     """``catalog.walk_key``, ``operations.run()``: the module has it."""
-    modules = {info.name for info in pkgutil.iter_modules(migration.__path__)}
+    modules = {info.name: f"{package.__name__}.{info.name}"
+               for package in (migration, migration.engine)
+               for info in pkgutil.iter_modules(package.__path__)}
     named = {(module, name) for span in SPAN.findall(doc.read_text())
              for module, name in re.findall(r"^([a-z_]+)\.([A-Za-z_]\w*)(?:\(\))?$", span)
              if module in modules and name != "py"}  # `report.py` is a file
     absent = sorted(f"{module}.{name}" for module, name in named
-                    if not hasattr(importlib.import_module(f"migration.{module}"), name))
+                    if not hasattr(importlib.import_module(modules[module]), name))
     assert absent == []
 
 

@@ -16,7 +16,8 @@ import psycopg2
 import pytest
 from psycopg2.extras import Json
 
-from migration import catalog, convert
+from migration import catalog
+from migration.engine import fill
 from migration.model import KeyColumn, Table
 from migration.rehearsal.sandbox import Sandbox
 from migration.session import Settings
@@ -60,7 +61,7 @@ def test_a_page_batch_is_a_tid_range_scan(no_pk_db: str) -> None:
     key = KeyColumn(ROLES, "user_id")
     run_ok(no_pk_db, "backup_data")
     execute(no_pk_db, "ALTER TABLE user_roles ADD COLUMN user_id_uuid uuid")
-    statement = convert.batch_statement(key, convert.Walk(("ctid",)), first=False,
+    statement = fill.batch_statement(key, fill.Walk(("ctid",)), first=False,
                                         bounded=True, backup_schema="migration_backup")
     with connected(no_pk_db) as conn, conn.cursor() as cur:
         cur.execute(b"EXPLAIN " + statement.as_string(conn).encode(),

@@ -22,7 +22,7 @@ def imports(path: Path) -> set[str]:
         if _type_checking_only(node):
             continue
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("migration"):
-            if node.module in ("migration", "migration.rehearsal"):
+            if node.module in ("migration", "migration.engine", "migration.rehearsal"):
                 found |= {f"{node.module}.{alias.name}" for alias in node.names}
             else:
                 found.add(node.module)

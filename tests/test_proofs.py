@@ -1,4 +1,4 @@
-"""The fill's proofs (``convert.prove_filled``) cost one scan of the table, not one each.
+"""The fill's proofs (``fill.prove_filled``) cost one scan of the table, not one each.
 
 The ``filled`` and ``not_null`` CHECKs are validated by one ``ALTER TABLE``, which
 PostgreSQL checks in one pass; rows the batches missed still make it fail, and are
@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from urllib.parse import urlsplit
 
-from migration import convert
+from migration.engine import fill
 from migration.model import Table
 from migration.rehearsal.sandbox import Sandbox
 from tests.operate import connected, execute, run_in_process, run_ok, seeded
@@ -42,7 +42,7 @@ def test_two_checks_are_validated_in_one_scan(legacy_db: str, sandbox: Sandbox) 
                        "NOT VALID, ADD CONSTRAINT present CHECK (id_copy IS NOT NULL) NOT VALID")
     before = sequential_scans(admin, "users")
     with connected(legacy_db, autocommit=False) as conn, conn.cursor() as cur:
-        convert.validate_constraints(cur, Table("public", "users"), ["same", "present"])
+        fill.validate_constraints(cur, Table("public", "users"), ["same", "present"])
         conn.commit()
     assert sequential_scans(admin, "users") == before + 1
     assert execute(legacy_db, "SELECT conname, convalidated FROM pg_constraint WHERE conname "

@@ -16,7 +16,7 @@ from psycopg2 import sql
 from migration import catalog
 from migration.backup import ChangeLog, backup_name, meta, quarantine_name
 from migration.catalog import ColumnGrant
-from migration.convert import Walk, batch_statement, grant_statement
+from migration.engine.fill import Walk, batch_statement, grant_statement
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table, backup_schema, fit_name, quote_ident
 from migration.sqlexpr import (

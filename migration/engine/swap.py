@@ -53,9 +53,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import backup, catalog, publications, sqlexpr, views
 from migration.catalog import ColumnState, IndexDef
 from migration.connection import Connection, lock_tables
-from migration.convert import converted_default, grant_statement, restored_default
-from migration.errors import MigrationError
-from migration.expand import (
+from migration.engine.expand import (
     ShadowCheck,
     ShadowForeignKey,
     ShadowIndex,
@@ -67,6 +65,8 @@ from migration.expand import (
     shadow_indexes,
     stage,
 )
+from migration.engine.fill import converted_default, grant_statement, restored_default
+from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
 from migration.plan import Plan

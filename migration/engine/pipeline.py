@@ -4,7 +4,7 @@ here, is the order of the phases written.
 
 The migration runs it on the plan (``operations.migrate_foreign_keys``); the rollback after
 the swap runs it on ``Plan.reversed()`` (``rollback.revert``), the same engine the other
-way: they differ only in how the copies are filled, which each passes as ``fill`` (on the
+way: they differ only in how the copies are filled, which each passes as ``fill_copies`` (on the
 way back, the string copies also take their original spellings before they are proven).
 """
 
@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from migration import clients, convert, expand, swap
+from migration import clients
+from migration.engine import expand, fill, swap
 from migration.model import KeyColumn
 from migration.plan import Plan
 from migration.session import Session
@@ -24,7 +25,7 @@ from migration.session import Session
 class Expanded:
     """What the expand built beside the columns."""
 
-    rows: int  # rows filled (and respelled, on the way back: what ``fill`` returned)
+    rows: int  # rows filled (and respelled, on the way back: what ``fill_copies`` returned)
     indexes: int
     foreign_keys: int
 
@@ -38,14 +39,14 @@ class Swapped:
 
 
 def expand_columns(session: Session, plan: Plan, keys: Sequence[KeyColumn], run_id: int, *,
-                   fill: Callable[[], int], references: bool = True) -> Expanded:
-    """Expand ``keys`` of ``plan``: ``fill`` their copies (rows), prove each, build each's
+                   fill_copies: Callable[[], int], references: bool = True) -> Expanded:
+    """Expand ``keys`` of ``plan``: ``fill_copies`` (rows), prove each, build each's
     indexes, then (``references``) the copies of the plan's foreign keys, which need both
     sides expanded: ``migrate_users`` expands the parent alone.  Each step resumes where an
     interrupted run left it."""
-    rows = fill()
+    rows = fill_copies()
     for key in keys:
-        convert.prove_filled(session, key, run_id)
+        fill.prove_filled(session, key, run_id)
     indexes = sum(expand.build_indexes(session, key) for key in keys)
     return Expanded(rows, indexes, expand.reference(session, plan) if references else 0)
 
@@ -56,5 +57,5 @@ def swap_and_contract(session: Session, plan: Plan) -> Swapped:
     stall = swap.swap(session, plan)
     sessions = clients.after_swap(session)
     for key in plan.columns:
-        convert.refresh_statistics(session, key)
+        fill.refresh_statistics(session, key)
     return Swapped(stall, sessions)

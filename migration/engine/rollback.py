@@ -21,8 +21,9 @@ from typing import Any
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog, convert, expand, pipeline, publications, views
+from migration import backup, catalog, publications, views
 from migration.catalog import ColumnState
+from migration.engine import expand, fill, pipeline
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
 from migration.report import SAMPLE_LIMIT, Finding, Status
@@ -375,7 +376,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
     """
     plan = session.plan.reversed()
     parent = plan.parent
-    convert.refuse_taken(session, plan.columns)  # before the parent's copy is made
+    fill.refuse_taken(session, plan.columns)  # before the parent's copy is made
     publications.refuse(session.conn, plan.columns,
                         allowed=session.settings.allow_publications)
     # the views over them must compile back
@@ -389,16 +390,17 @@ def revert(session: Session, run_id: int) -> RollbackResult:
         """The string copies filled (canonical text), then given their spellings: the
         parent's first, before any child copy exists, as the children follow it."""
         nonlocal respelled
-        rows = convert.fill(session, (parent,), run_id)
+        rows = fill.fill(session, (parent,), run_id)
         respelled = respell(session, parent)
-        rows += convert.fill(session, plan.children, run_id,
+        rows += fill.fill(session, plan.children, run_id,
                              follows={key: parent for key in plan.children if key in referencing})
         for key in plan.children:  # the parent's spelling first, then a row's own original
             respelled += (follow(session, key, parent) if key in referencing else 0) \
                 + respell(session, key)
         return rows
 
-    rows = pipeline.expand_columns(session, plan, plan.columns, run_id, fill=fill_and_spell).rows
+    rows = pipeline.expand_columns(session, plan, plan.columns, run_id,
+                                   fill_copies=fill_and_spell).rows
     if session.settings.postpone_swap:
         return RollbackResult(
             f"ready to swap back: {rows:,} rows filled, {respelled:,} ids given their original "
@@ -442,7 +444,7 @@ def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:
     wrote canonical text, and rows written meanwhile took the parent's from the sync
     trigger), and after the parent's ``respell`` no write makes one: the application
     writes uuids, whose string copies are canonical.  So when the parent has none, there is
-    nothing to do; else the batches walk the *parent* (``convert.walked_update``), each
+    nothing to do; else the batches walk the *parent* (``fill.walked_update``), each
     updating the children of its non-canonical parents through the child's key.  A walk of
     the child instead joined every batch with the whole parent table (a hash join over its
     sequential scan): batches x parents rows, hours at a million users."""
@@ -453,7 +455,7 @@ def follow(session: Session, key: KeyColumn, parent: KeyColumn) -> int:
         respelled = bool((cur.fetchone() or [False])[0])
     if not respelled:
         return 0
-    return convert.walked_update(session, parent, f"respell {key}", lambda within: sql.SQL(
+    return fill.walked_update(session, parent, f"respell {key}", lambda within: sql.SQL(
         "UPDATE {child} c SET {copy} = x.{parent_copy} FROM {parent} x "
         "WHERE {within} AND x.{parent_copy} <> (x.{parent_key})::text "
         "AND c.{key} = x.{parent_key} AND c.{copy} IS DISTINCT FROM x.{parent_copy} "
@@ -503,7 +505,7 @@ def respell(session: Session, key: KeyColumn) -> int:
 
 def _respell_settings(session: Session, cur: Cursor) -> Cursor:
     """The transaction's settings for ``respell`` (those of a fill, and the uuid checker)."""
-    for setting in convert.fill_settings(session):
+    for setting in fill.fill_settings(session):
         cur.execute(setting)
     prepare_uuid_checker(cur)
     return cur

@@ -32,7 +32,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import catalog, sqlexpr
 from migration.catalog import ForeignKeyDef, IndexDef
 from migration.connection import Connection
-from migration.convert import validate_constraint
+from migration.engine.fill import validate_constraint
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import UUID_INPUT, KeyColumn, Table, shadow_name
