@@ -19,7 +19,7 @@ from psycopg2 import sql
 from migration import backup, catalog, checks, clients, preflight, publications, take_backup, views
 from migration.catalog import ColumnState
 from migration.connection import redact_dsn
-from migration.engine import expand, fill, pipeline, rollback, swap
+from migration.engine import contract, expand, fill, pipeline, rollback, swap
 from migration.errors import MigrationError
 from migration.log import LogEntry, logger
 from migration.model import KeyColumn, Table
@@ -145,9 +145,7 @@ def migrate_foreign_keys(session: Session, run_id: int) -> Outcome:
         backup.require(cur, plan, "migrate_foreign_keys")
     states = {key: catalog.column_state(session.conn, key) for key in plan.columns}
     if all(state is ColumnState.UUID for state in states.values()):
-        for key in plan.columns:
-            fill.refresh_statistics(session, key)
-        refreshed = views.refresh_pending(session, plan.backup_schema)  # a swap cut short after
+        refreshed = contract.contract(session, plan)  # a swap cut short after its commit
         return Outcome("every key column is uuid already: "
                        + (f"{refreshed} materialized view(s) refreshed" if refreshed
                           else "nothing to do"))
@@ -239,14 +237,8 @@ def cleanup_backup(session: Session, run_id: int) -> Outcome:
             hint="put them back or delete them yourself, then run cleanup_backup again; "
                  "--force drops them with the backup (logged)")
 
-    def drop(cur: Any) -> bool:
-        """The schema, and with its change-log function the triggers on the tables."""
-        existed = backup.exists(cur, session.plan.backup_schema)
-        cur.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(
-            sql.Identifier(session.plan.backup_schema)))
-        return existed
-
-    dropped = session.ddl("cleanup_backup", drop)
+    dropped = session.ddl("cleanup_backup", partial(contract.drop_backup,
+                                                    backup_schema=session.plan.backup_schema))
     message = f"{session.plan.backup_schema} dropped" if dropped else "there was no backup to drop"
     if session.settings.force and not validated:
         message += " (forced without a passing validate_migration)"

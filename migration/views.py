@@ -35,7 +35,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from functools import partial
 
 import psycopg2
 import psycopg2.errors
@@ -44,11 +43,9 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, sqlexpr
 from migration.catalog import Blocker
-from migration.connection import Connection, lift_statement_timeout
+from migration.connection import Connection
 from migration.errors import MigrationError
-from migration.log import logger
 from migration.model import KeyColumn, Table
-from migration.session import Session
 
 MATERIALIZED_HINT = (
     "pass --refresh-materialized-views to have the swap create it again empty and refresh "
@@ -368,7 +365,7 @@ def drop(cur: Cursor, views: list[ViewDef]) -> None:
 def create(cur: Cursor, views: list[ViewDef]) -> None:
     """Each view again as it was read, innermost first, over the renamed columns; a
     materialized view empty (``WITH NO DATA``: its query is not run under the swap's
-    locks), with its indexes, for ``refresh_pending`` to fill after the swap."""
+    locks), with its indexes, for ``contract.refresh_views`` to fill after the swap."""
     for view in views:
         statement = sql.SQL("CREATE {} {}").format(view.kind, view.view.ident)
         if view.options:
@@ -418,9 +415,10 @@ def _dress(cur: Cursor, view: ViewDef) -> None:
             sql.Identifier(view.view.schema, view.view.name, column)), (text,))
 
 
-# --- after the swap: the materialized views filled again -----------------------------------
+# --- the materialized views a swap created empty, for the contract to fill -----------------
 
-def _pending(schema: str) -> sql.Identifier:
+def pending_table(schema: str) -> sql.Identifier:
+    """The backup's record of the materialized views the swap created empty."""
     return sql.Identifier(schema, "pending_refresh")
 
 
@@ -430,42 +428,20 @@ def mark_pending(cur: Cursor, views: list[ViewDef], backup_schema: str) -> None:
     populated = [view for view in views if view.materialized and view.populated]
     if not populated:
         return
-    backup.create_private(cur, _pending(backup_schema),
-                          sql.SQL(backup.PENDING_REFRESH).format(_pending(backup_schema)))
+    backup.create_private(cur, pending_table(backup_schema),
+                          sql.SQL(backup.PENDING_REFRESH).format(pending_table(backup_schema)))
     for view in populated:
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT DO NOTHING").format(
-            _pending(backup_schema)), (view.view.schema, view.view.name, view.depth))
+            pending_table(backup_schema)), (view.view.schema, view.view.name, view.depth))
 
 
 def left_empty(conn: Connection, backup_schema: str) -> list[Table]:
     """The materialized views a swap created empty and that are not refreshed yet."""
     with conn.cursor() as cur:
         cur.execute("SELECT to_regclass(%s) IS NOT NULL",
-                    (_pending(backup_schema).as_string(cur),))
+                    (pending_table(backup_schema).as_string(cur),))
         if not (cur.fetchone() or [False])[0]:
             return []
         cur.execute(sql.SQL("SELECT view_schema, view_name FROM {} ORDER BY depth, 1, 2")
-                    .format(_pending(backup_schema)))
+                    .format(pending_table(backup_schema)))
         return [Table(schema, name) for schema, name in cur.fetchall()]
-
-
-def refresh_pending(session: Session, backup_schema: str) -> int:
-    """Fill the materialized views the swap created empty, innermost first; how many.
-
-    Each ``REFRESH`` runs its query without a time limit, holding its view's
-    exclusive lock (its readers wait for it; the tables it reads stay open to
-    writes), and forgets the view in the same transaction.
-    """
-    pending = left_empty(session.conn, backup_schema)
-    session.conn.rollback()
-    for view in pending:
-        session.ddl(f"refresh {view}", partial(_refresh, view=view, backup_schema=backup_schema))
-        logger.info("materialized view %s refreshed", view)
-    return len(pending)
-
-
-def _refresh(cur: Cursor, view: Table, backup_schema: str) -> None:
-    lift_statement_timeout(cur)
-    cur.execute(sql.SQL("REFRESH MATERIALIZED VIEW {}").format(view.ident))
-    cur.execute(sql.SQL("DELETE FROM {} WHERE view_schema = %s AND view_name = %s").format(
-        _pending(backup_schema)), (view.schema, view.name))

@@ -333,7 +333,7 @@ def test_the_swap_never_holds_a_table_while_it_waits_for_another(db: str) -> Non
     with Session.open(db, SETTINGS) as session:
         held, waits, failed = run_while_held(
             db, "LOCK TABLE tags IN ACCESS SHARE MODE", "swap",
-            lambda: swap.swap(session, session.plan))
+            lambda: swap.swap(session, session.plan).held_s)
     assert failed >= 3
     assert waits == []
     assert held >= 0
@@ -395,7 +395,7 @@ def test_the_swap_never_waits_in_the_lock_queue_so_the_application_never_queues_
     with (Session.open(db, settings) as session, engine_warnings() as warnings,
           lock_requests_waiting(db) as waiting):
         with table_held(db, "LOCK TABLE users IN ACCESS SHARE MODE"):
-            engine = Background(lambda: swap.swap(session, session.plan))
+            engine = Background(lambda: swap.swap(session, session.plan).held_s)
             wait_until(lambda: warnings.count("swap: lock not granted") >= 3
                        or not engine.thread.is_alive())
             tries = warnings.count("swap: lock not granted")
@@ -425,7 +425,7 @@ def test_a_swap_never_given_its_tables_at_once_waits_in_the_queue_in_the_end(db:
     with (Session.open(db, settings) as session, engine_warnings() as warnings,
           lock_requests_waiting(db) as waiting):
         with table_held(db, "LOCK TABLE users IN ACCESS SHARE MODE"):
-            engine = Background(lambda: swap.swap(session, session.plan))
+            engine = Background(lambda: swap.swap(session, session.plan).held_s)
             wait_until(lambda: bool(waiting) or not engine.thread.is_alive())
             queued = list(waiting)
             fallback = warnings.count("from now on the first lock waits in the queue")

@@ -53,13 +53,13 @@ def test_one_seeded_helper() -> None:
 
 @pytest.mark.once
 def test_the_statement_builders_tests_start_no_server() -> None:
-    """``tests/test_sqlexpr.py`` alone, against a server that is not there: it passes,
-    where a test that needed the server would stop the run with exit code 3."""
+    """The statement builders' modules alone, against a server that is not there: they
+    pass, where a test that needed the server would stop the run with exit code 3."""
     environment = {**os.environ, "TEST_PG_BACKEND": "dsn",
                    "TEST_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/nothing"}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         str(TESTS / "test_sqlexpr.py")],
+         str(TESTS / "test_sqlexpr.py"), str(TESTS / "test_swap_statements.py")],
         capture_output=True, text=True, cwd=TESTS.parent, env=environment, timeout=300,
         check=False)
     assert result.returncode == 0, result.stdout + result.stderr

@@ -372,7 +372,7 @@ class Stage(StrEnum):
     @property
     def ready(self) -> bool:
         """Whether the swap may take the column: a column that no foreign key copy
-        involves is ready once indexed (``swap.not_ready`` asks the whole plan)."""
+        involves is ready once indexed (``swap.require_ready`` asks the whole plan)."""
         return self in (Stage.INDEXED, Stage.REFERENCED)
 
 

@@ -656,9 +656,17 @@ _UUID_CAST = re.compile(r"^\((?P<inner>.*)\)::uuid$")
 
 def restored_default(cur: Cursor, key: KeyColumn, recorded: str | None,
                      live: str | None) -> None:
+    """On the way back, give the string column its default (``restored_default_statement``)."""
+    statement = restored_default_statement(key, recorded, live)
+    if statement is not None:
+        cur.execute(statement)  # no parameters: % stays
+
+
+def restored_default_statement(key: KeyColumn, recorded: str | None,
+                               live: str | None) -> sql.Composable | None:
     """On the way back, the string column's default: the one the backup recorded, derived
     from the uuid column's ``live`` one (``converted_default``'s inverse), so that the
-    record's text is never run.
+    record's text is never run; None where there is none to set.
 
     ``X`` was made of ``(X)::text`` (or ``character varying``): it becomes that cast of
     ``X`` again; ``(R)::uuid`` was made of any other ``R``: it becomes ``R``.  A uuid
@@ -669,7 +677,7 @@ def restored_default(cur: Cursor, key: KeyColumn, recorded: str | None,
         if recorded is not None:
             logger.warning("%s: its default was dropped since the migration; the string "
                            "column gets none (the backup recorded %s)", key, recorded)
-        return
+        return None
     string_cast = _STRING_CAST.match(recorded or "")
     uuid_cast = _UUID_CAST.match(live)
     expression: sql.Composable
@@ -682,8 +690,8 @@ def restored_default(cur: Cursor, key: KeyColumn, recorded: str | None,
                        "recorded %s); the string column keeps it, cast to text",
                        key, live, recorded)
         expression = sql.SQL("({})::text").format(sql.SQL(live))
-    cur.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
-        key.table.ident, sql.Identifier(key.column), expression))  # no parameters: % stays
+    return sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+        key.table.ident, sql.Identifier(key.column), expression)
 
 
 COLUMN_PRIVILEGES = {"SELECT", "INSERT", "UPDATE", "REFERENCES"}
@@ -697,25 +705,6 @@ def grant_statement(key: KeyColumn, grant: catalog.ColumnGrant) -> sql.Composabl
         sql.SQL(grant.privilege), sql.Identifier(key.column), key.table.ident,
         sql.SQL("PUBLIC") if grant.grantee is None else sql.Identifier(grant.grantee),
         sql.SQL(" WITH GRANT OPTION") if grant.grantable else sql.SQL(""))
-
-
-def refresh_statistics(session: Session, key: KeyColumn) -> None:
-    """ANALYZE the swapped column if it has no statistics yet.
-
-    The new column starts without any: the planner then guesses its
-    selectivity, and a join on it (the next step's orphan check on 1M users
-    took 39 s instead of 4) can pick a plan far from the best.  ANALYZE
-    samples a fixed number of rows and takes a lock that blocks neither
-    reads nor writes.
-    """
-    def work(cur: Cursor) -> None:
-        cur.execute("SELECT 1 FROM pg_stats WHERE (schemaname, tablename, attname) "
-                    "= (%s, %s, %s)", (key.table.schema, key.table.name, key.column))
-        if cur.fetchone() is None:
-            cur.execute(sql.SQL("ANALYZE {} ({})").format(key.table.ident,
-                                                          sql.Identifier(key.column)))
-
-    session.ddl(f"analyze {key}", work)
 
 
 def validate_constraints(cur: Cursor, table: Table, names: list[str]) -> None:

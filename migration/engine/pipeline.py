@@ -1,11 +1,12 @@
 """The engine's one pipeline, for one plan, either way: expand (fill, proofs, indexes,
-foreign keys between the copies), then swap, then contract (statistics).  Here, and only
-here, is the order of the phases written.
+foreign keys between the copies, checks), then swap, then contract (statistics,
+materialized views).  Here, and only here, is the order of the phases written.
 
 The migration runs it on the plan (``operations.migrate_foreign_keys``); the rollback after
 the swap runs it on ``Plan.reversed()`` (``rollback.revert``), the same engine the other
-way: they differ only in how the copies are filled, which each passes as ``fill_copies`` (on the
-way back, the string copies also take their original spellings before they are proven).
+way: they differ only in how the copies are filled, which each passes as ``fill_copies``
+(on the way back, the string copies also take their original spellings before they are
+proven).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from migration import clients
-from migration.engine import expand, fill, swap
+from migration.engine import contract, expand, fill, swap
 from migration.model import KeyColumn
 from migration.plan import Plan
 from migration.session import Session
@@ -52,10 +53,13 @@ def expand_columns(session: Session, plan: Plan, keys: Sequence[KeyColumn], run_
 
 
 def swap_and_contract(session: Session, plan: Plan) -> Swapped:
-    """The swap of every column of ``plan`` in one short transaction, the sessions that
-    connected before it named, and each new column's statistics."""
-    stall = swap.swap(session, plan)
-    sessions = clients.after_swap(session)
+    """Every column of ``plan`` ready, its checks copied (the last of the expand: their
+    validation scans run before the swap's locks), then the swap in one short transaction,
+    the sessions that connected before it named, then the contract."""
+    swap.require_ready(session, plan)
     for key in plan.columns:
-        fill.refresh_statistics(session, key)
-    return Swapped(stall, sessions)
+        expand.copy_checks(session, key)
+    committed = swap.swap(session, plan)
+    sessions = clients.after_swap(session)
+    contract.contract(session, plan, committed.analyze)
+    return Swapped(committed.held_s, sessions)

@@ -23,7 +23,7 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, publications, views
 from migration.catalog import ColumnState
-from migration.engine import expand, fill, pipeline
+from migration.engine import contract, expand, fill, pipeline
 from migration.errors import MigrationError
 from migration.model import KeyColumn, Table
 from migration.report import SAMPLE_LIMIT, Finding, Status
@@ -231,6 +231,14 @@ def _unlogged_changes(cur: Cursor, table: Table, keys: list[KeyColumn],
              "the rollback keeps them as they are")]
 
 
+def restore_quarantine(session: Session) -> int:
+    """Every quarantined row put back into its table, a table per transaction; how many."""
+    plan = session.plan
+    return sum(session.ddl(f"restore quarantine of {table}",
+                           partial(_restore_quarantine, schema=plan.backup_schema, table=table))
+               for table in plan.tables)
+
+
 def _restore_quarantine(cur: Cursor, *, schema: str, table: Table) -> int:
     """Put the quarantined rows of ``table`` back, in one transaction (``session.ddl``).
 
@@ -334,14 +342,11 @@ def discard(session: Session) -> RollbackResult:
     finishes what is left.
     """
     plan = session.plan
-    refreshed = views.refresh_pending(session, plan.backup_schema)  # a revert cut short after
+    refreshed = contract.refresh_views(session, plan.backup_schema)  # a revert cut short
     dropped = sum(expand.discard(session, key) for key in (*plan.children, plan.parent))
     republished = session.ddl("restore publications", partial(  # the copies are gone
         publications.restore, schema=plan.backup_schema, tables=plan.tables))
-    restored = sum(session.ddl(f"restore quarantine of {table}",
-                               partial(_restore_quarantine, schema=plan.backup_schema,
-                                       table=table))
-                   for table in plan.tables)
+    restored = restore_quarantine(session)
     with session.transaction("rollback") as cur:
         cur.execute(sql.SQL("DELETE FROM {}").format(
             backup.meta(plan.backup_schema, "backfill_progress")))
@@ -408,10 +413,7 @@ def revert(session: Session, run_id: int) -> RollbackResult:
             "triggers keep the copies in step until rollback runs again without "
             "--postpone-swap, which swaps", rows=rows, details={"ready_to_swap": True})
     swapped = pipeline.swap_and_contract(session, plan).sessions
-    restored = sum(session.ddl(f"restore quarantine of {table}",
-                               partial(_restore_quarantine, schema=plan.backup_schema,
-                                       table=table))
-                   for table in plan.tables)
+    restored = restore_quarantine(session)
     with session.transaction("rollback") as cur:
         cur.execute(sql.SQL("DELETE FROM {}").format(
             backup.meta(plan.backup_schema, "backfill_progress")))

@@ -29,10 +29,10 @@ milliseconds whatever the tables' sizes:
    (``publications.narrow``) get their original definition back; the FK copies
    take their originals' names; the policies are created again.
 
-After the commit the tables with statistics objects are analyzed (a lock
-that blocks neither reads nor writes): the objects created again are empty;
-and the materialized views carried (created again empty, and recorded as such
-in the swap's transaction) are refreshed, each holding only its own lock.
+After the commit, the contract (``contract.contract``) analyzes the tables with
+statistics objects (the objects created again are empty) and refreshes the
+materialized views carried (created again empty, and recorded as such in the
+swap's transaction), each holding only its own lock.
 
 No foreign key is ever missing: until the commit the old ones are enforced,
 after it the copies, which were validated before.  The transaction runs
@@ -45,7 +45,9 @@ waiting in the queue), and not at all while the swap waits between attempts.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
@@ -58,20 +60,29 @@ from migration.engine.expand import (
     ShadowForeignKey,
     ShadowIndex,
     Stage,
-    copy_checks,
     not_a_uuid,
     shadow_checks,
     shadow_foreign_keys,
     shadow_indexes,
     stage,
 )
-from migration.engine.fill import converted_default, grant_statement, restored_default
+from migration.engine.fill import (
+    converted_default,
+    grant_statement,
+    restored_default_statement,
+)
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
 from migration.plan import Plan
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
+
+Step = sql.Composable | Callable[[Cursor], None]
+"""One step of a column's swap: a statement, or, where the server must answer as the swap
+goes, a function of its cursor: whether a default's unwrapped expression is a uuid
+(``fill.converted_default``), which names the server gave a partitioned index's middle
+levels (``_name_middle_levels``)."""
 
 
 @dataclass(frozen=True)
@@ -94,13 +105,127 @@ class ColumnSwap:
     constraints: dict[str, str]
     """A partitioned table's primary key or unique constraints over the column, by name,
     as the server prints them: added again at the swap, they take over their leaves'."""
+    saved_default: str | None = None
+    """On the way back, the string column's default as the backup recorded it."""
+
+    def statements(self) -> list[Step]:
+        """The column's part of the swap, in order: its sync trigger and the triggers that
+        name it dropped, the old column dropped and the copy renamed, then what the old
+        column had given to the new one.  Built from what was read under the swap's locks;
+        nothing here asks the server, but the two steps that must (``Step``)."""
+        key, table, name = self.key, self.key.table.ident, sql.Identifier(self.key.column)
+        steps: list[Step] = [
+            sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(key.helper("sync")), table),
+            *(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger.name), table)
+              for trigger in self.triggers),  # they would stop the drop; created again below
+            sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, name),
+            sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
+                table, sql.Identifier(key.temp), name)]
+        if self.info.not_null:  # after the rename: PostgreSQL 18 names the constraint after it
+            steps += [sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(table, name),
+                      sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+                          table, sql.Identifier(key.helper("not_null")))]
+        if key.back:
+            restored = restored_default_statement(key, self.saved_default, self.info.default)
+            steps += [] if restored is None else [restored]
+        elif self.info.default is not None:
+            steps.append(partial(converted_default, key=key, default=self.info.default))
+        steps += [grant_statement(key, grant) for grant in self.grants]
+        if self.tuning.statistics_target is not None:
+            steps.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
+                table, name, sql.Literal(self.tuning.statistics_target)))
+        if self.tuning.options:
+            steps.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET ({})").format(
+                table, name, sql.SQL(", ").join(
+                    sql.SQL("{} = {}").format(sql.Identifier(option), sql.Literal(value))
+                    for option, value in (text.split("=", 1) for text in self.tuning.options))))
+        # exactly the original's comment, none if it had none: the copy's mark must not stay
+        steps.append(sql.SQL("COMMENT ON COLUMN {} IS {}").format(
+            sql.Identifier(key.table.schema, key.table.name, key.column),
+            sql.Literal(self.comments.get(("column", key.column)))))
+        for index in self.indexes:
+            steps += (self._from_leaves(index) if index.leaves_only
+                      else self._take_name(index))
+            steps += comment_on(sql.SQL("CONSTRAINT {} ON {}").format(
+                sql.Identifier(index.original.name), table),
+                self.comments.get(("constraint", index.original.name)))
+            steps += comment_on(sql.SQL("INDEX {}").format(
+                sql.Identifier(key.table.schema, index.original.name)),
+                self.comments.get(("index", index.original.name)))
+        for check in self.checks:
+            steps.append(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+                table, sql.Identifier(check.name), sql.Identifier(check.original.name)))
+            steps += comment_on(sql.SQL("CONSTRAINT {} ON {}").format(
+                sql.Identifier(check.original.name), table),
+                self.comments.get(("constraint", check.original.name)))
+        for trigger in self.triggers:
+            steps += trigger_statements(key.table, trigger)
+        carried = {index.original.name for index in self.indexes}
+        if self.replica_identity in carried:
+            steps.append(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+                table, sql.Identifier(self.replica_identity or "")))
+        if self.clustered in carried:
+            steps.append(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(
+                table, sql.Identifier(self.clustered or "")))
+        return steps
+
+    def _take_name(self, index: ShadowIndex) -> list[Step]:
+        """The index copy becomes the original: the constraint it backed, or its name."""
+        if index.original.constraint_type:
+            return [add_using_index(index)]
+        return self._rename_index(index)
+
+    def _rename_index(self, index: ShadowIndex) -> list[Step]:
+        """The index copy takes its original's name; a partitioned table's, and each of its
+        partitions' (the old ones went with the old column), with a partition's own
+        comment and replica identity."""
+        original = index.original
+        return [sql.SQL("ALTER INDEX {} RENAME TO {}").format(
+                    sql.Identifier(original.table.schema, index.name),
+                    sql.Identifier(original.name)),
+                *self._part_comment_and_identity(original),
+                *(step for part in index.parts for step in self._rename_index(part))]
+
+    def _from_leaves(self, index: ShadowIndex) -> list[Step]:
+        """A partitioned table's primary key or unique constraint back, without a build.
+
+        Each leaf partition's copy becomes its leaf's constraint (``USING INDEX``,
+        under the leaf's original name); then the constraint added on the table,
+        from the server's own text read in this transaction, finds on every leaf
+        an equal constraint and attaches it instead of building one.  The levels
+        in between are created by that statement under names of the server's
+        choosing, which are then given back their originals' (a ``Step`` that asks).
+        """
+        original = index.original
+        steps: list[Step] = []
+        for leaf in index.leaves():
+            steps += [add_using_index(leaf), *self._part_comment_and_identity(leaf.original)]
+        steps.append(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
+            original.table.ident, sql.Identifier(original.name),
+            sql.SQL(self.constraints[original.name])))
+        steps.append(partial(_name_middle_levels, index=index))
+        return steps
+
+    def _part_comment_and_identity(self, original: IndexDef) -> list[Step]:
+        """A partition's index's own comment and replica identity, as they were."""
+        comment, identity = self.parts.get((original.table, original.name), (None, False))
+        steps: list[Step] = list(comment_on(sql.SQL("INDEX {}").format(
+            sql.Identifier(original.table.schema, original.name)), comment))
+        if identity:
+            steps.append(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
+                original.table.ident, sql.Identifier(original.name)))
+        return steps
 
 
-def not_ready(session: Session, plan: Plan) -> list[str]:
-    """Columns of the plan that are not yet ready for the swap, with their stage."""
+def require_ready(session: Session, plan: Plan) -> None:
+    """Refuse unless every column of the plan is ready for the swap, naming those that are
+    not with their stage."""
     stages = {key: stage(session.conn, key, plan) for key in plan.columns}
     session.conn.rollback()
-    return [f"{key} ({where})" for key, where in stages.items() if not is_ready(where)]
+    waiting = [f"{key} ({where})" for key, where in stages.items() if not is_ready(where)]
+    if waiting:
+        raise MigrationError("the swap needs every column expanded: " + ", ".join(waiting),
+                             hint="run migrate_users, then migrate_foreign_keys")
 
 
 def is_ready(where: Stage | ColumnState) -> bool:
@@ -108,33 +233,32 @@ def is_ready(where: Stage | ColumnState) -> bool:
     return isinstance(where, Stage) and where.ready
 
 
-def swap(session: Session, plan: Plan) -> float:
-    """The parent key and all its children to uuid (or back), in one short transaction.
+@dataclass(frozen=True)
+class Committed:
+    """A swap done: how long it held the tables, and what it left for the contract."""
 
-    Returns the seconds its last attempt held the parent's lock, from the moment
-    it was granted to the commit's return: the time the application's writes (and
-    reads) of the plan's tables were blocked, the migration's write stall.  It is
-    an upper bound: the commit returns after deleting the files of the indexes the
-    old columns took with them, which PostgreSQL does once the locks are released
-    (measured: an 84 MB index's commit took 23 ms, a waiter had the lock after 7).
-    """
-    waiting = not_ready(session, plan)
-    if waiting:
-        raise MigrationError("the swap needs every column expanded: " + ", ".join(waiting),
-                             hint="run migrate_users, then migrate_foreign_keys")
-    for key in plan.columns:  # the last of the expand: its scans are done before the swap
-        copy_checks(session, key)
+    held_s: float
+    """From the moment its last attempt was granted the parent's lock to the commit's
+    return: the time the application's writes (and reads) of the plan's tables were
+    blocked, the migration's write stall.  An upper bound: the commit returns after
+    deleting the files of the indexes the old columns took with them, which PostgreSQL
+    does once the locks are released (measured: an 84 MB index's commit took 23 ms, a
+    waiter had the lock after 7)."""
+    analyze: list[Table]
+    """The tables whose statistics objects it created again, empty until analyzed."""
+
+
+def swap(session: Session, plan: Plan) -> Committed:
+    """The parent key and all its children to uuid (or back), in one short transaction,
+    once every column is ready (``require_ready``) with its checks copied
+    (``expand.copy_checks``): ``pipeline.swap_and_contract`` says so."""
     locked: list[float] = []  # when the tables' locks were granted, in the last attempt
     analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan, locked))
     held = time.monotonic() - locked[-1]
-    for table in analyze:  # the statistics objects carried are empty until then
-        with session.transaction() as cur:
-            cur.execute(sql.SQL("ANALYZE {}").format(table.ident))
-    views.refresh_pending(session, plan.backup_schema)
     logger.info("%s and %s column(s) referring to it swapped %s; the write-blocking lock "
                 "was held %.1f ms", plan.parent, len(plan.children),
                 "back to their string types" if plan.parent.back else "to uuid", held * 1000)
-    return held
+    return Committed(held, analyze)
 
 
 def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> list[Table]:
@@ -169,7 +293,8 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
                 conn, part.original.table, part.original.name)
              for index in indexes for part in _parts(index)},
             {index.original.name: _constraint_definition(conn, index.original)
-             for index in indexes if index.leaves_only}))
+             for index in indexes if index.leaves_only},
+            backup.saved_column(cur, plan.backup_schema, key).default if key.back else None))
     carried_views = views.dependent_views(conn, plan.columns)  # read under the locks
     for policy in policies:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
@@ -330,96 +455,31 @@ def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
 
 
 def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
-    key, table, name = column.key, column.key.table.ident, sql.Identifier(column.key.column)
-
-    def execute(statement: sql.Composable) -> None:
-        cur.execute(statement)
-        session.point(f"swap {key}")
-
-    execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(key.helper("sync")), table))
-    for trigger in column.triggers:  # they would stop the drop; created again below
-        execute(sql.SQL("DROP TRIGGER {} ON {}").format(sql.Identifier(trigger.name), table))
-    execute(sql.SQL("ALTER TABLE {} DROP COLUMN {}").format(table, name))
-    execute(sql.SQL("ALTER TABLE {} RENAME COLUMN {} TO {}").format(
-        table, sql.Identifier(key.temp), name))
-    if column.info.not_null:  # after the rename: PostgreSQL 18 names the constraint after it
-        execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET NOT NULL").format(table, name))
-        execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-            table, sql.Identifier(key.helper("not_null"))))
-    if key.back:
-        restored_default(cur, key, backup.saved_column(cur, session.plan.backup_schema,
-                                                       key).default, column.info.default)
-    elif column.info.default is not None:
-        converted_default(cur, key, column.info.default)
-    for grant in column.grants:
-        execute(grant_statement(key, grant))
-    if column.tuning.statistics_target is not None:
-        execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
-            table, name, sql.Literal(column.tuning.statistics_target)))
-    if column.tuning.options:
-        execute(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET ({})").format(
-            table, name, sql.SQL(", ").join(
-                sql.SQL("{} = {}").format(sql.Identifier(option), sql.Literal(value))
-                for option, value in (text.split("=", 1) for text in column.tuning.options))))
-    # exactly the original's comment, none if it had none: the copy's mark must not stay
-    cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
-        sql.Identifier(*table.strings, key.column)), (column.comments.get(("column", key.column)),))
-    for index in column.indexes:
-        if index.leaves_only:
-            _constraint_from_leaves(cur, index, column.constraints[index.original.name],
-                                    column.parts)
+    for step in column.statements():
+        if isinstance(step, sql.Composable):
+            cur.execute(step)
         else:
-            _take_name(cur, index, column.parts)
-        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
-            sql.Identifier(index.original.name), table),
-            column.comments.get(("constraint", index.original.name)))
-        _comment(cur, sql.SQL("INDEX {}").format(
-            sql.Identifier(key.table.schema, index.original.name)),
-            column.comments.get(("index", index.original.name)))
-        session.point(f"swap {key}")
-    for check in column.checks:
-        execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
-            table, sql.Identifier(check.name), sql.Identifier(check.original.name)))
-        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
-            sql.Identifier(check.original.name), table),
-            column.comments.get(("constraint", check.original.name)))
-    for trigger in column.triggers:
-        _create_trigger(cur, key.table, trigger)
-    carried = {index.original.name for index in column.indexes}
-    if column.replica_identity in carried:
-        execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
-            table, sql.Identifier(column.replica_identity or "")))
-    if column.clustered in carried:
-        execute(sql.SQL("ALTER TABLE {} CLUSTER ON {}").format(
-            table, sql.Identifier(column.clustered or "")))
+            step(cur)
+        session.point(f"swap {column.key}")
 
 
 TRIGGER_STATES = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
 """``ALTER TABLE ... <state> TRIGGER`` for each pg_trigger.tgenabled but the default (O)."""
 
 
-def _create_trigger(cur: Cursor, table: Table, trigger: catalog.ColumnTrigger) -> None:
+def trigger_statements(table: Table, trigger: catalog.ColumnTrigger) -> list[sql.Composable]:
     """A trigger that names the key column again, on the new column: from the server's own
-    text read in this transaction, with its state and comment."""
+    text read in the swap's transaction, with its state and comment."""
     name = sql.Identifier(trigger.name)
-    cur.execute(sql.SQL(trigger.definition))
+    statements: list[sql.Composable] = [sql.SQL(trigger.definition)]
     if trigger.enabled in TRIGGER_STATES:
-        cur.execute(sql.SQL("ALTER TABLE {} " + TRIGGER_STATES[trigger.enabled]
-                            + " TRIGGER {}").format(table.ident, name))
-    _comment(cur, sql.SQL("TRIGGER {} ON {}").format(name, table.ident), trigger.comment)
+        statements.append(sql.SQL("ALTER TABLE {} " + TRIGGER_STATES[trigger.enabled]
+                                  + " TRIGGER {}").format(table.ident, name))
+    return [*statements, *comment_on(sql.SQL("TRIGGER {} ON {}").format(name, table.ident),
+                                     trigger.comment)]
 
 
-def _take_name(cur: Cursor, index: ShadowIndex,
-               parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
-    """The index copy becomes the original: its name, and the constraint it backed."""
-    original = index.original
-    if original.constraint_type:
-        _add_using_index(cur, index)
-    else:
-        _rename_index(cur, index, parts)
-
-
-def _add_using_index(cur: Cursor, index: ShadowIndex) -> None:
+def add_using_index(index: ShadowIndex) -> sql.Composable:
     """The primary key or unique constraint of a plain table put back on its copy, which
     takes the constraint's name."""
     original = index.original
@@ -428,9 +488,9 @@ def _add_using_index(cur: Cursor, index: ShadowIndex) -> None:
     if original.deferrable:
         timing = (" DEFERRABLE INITIALLY DEFERRED" if original.deferred
                   else " DEFERRABLE INITIALLY IMMEDIATE")
-    cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + kind + " USING INDEX {}"
-                        + timing).format(original.table.ident, sql.Identifier(original.name),
-                                         sql.Identifier(index.name)))
+    return sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} " + kind + " USING INDEX {}"
+                   + timing).format(original.table.ident, sql.Identifier(original.name),
+                                    sql.Identifier(index.name))
 
 
 def _constraint_definition(conn: Connection, index: IndexDef) -> str:
@@ -439,26 +499,6 @@ def _constraint_definition(conn: Connection, index: IndexDef) -> str:
         raise MigrationError(f"constraint {index.name} of {index.table} disappeared during "
                              "the migration", hint="run --operation=status, then rollback")
     return definition
-
-
-def _constraint_from_leaves(cur: Cursor, index: ShadowIndex, definition: str,
-                            parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
-    """A partitioned table's primary key or unique constraint back, without a build.
-
-    Each leaf partition's copy becomes its leaf's constraint (``USING INDEX``,
-    under the leaf's original name); then the constraint added on the table,
-    from the server's own text read in this transaction, finds on every leaf
-    an equal constraint and attaches it instead of building one.  The levels
-    in between are created by that statement under names of the server's
-    choosing, which are then given back their originals'.
-    """
-    original = index.original
-    for leaf in index.leaves():
-        _add_using_index(cur, leaf)
-        _part_comment_and_identity(cur, leaf.original, parts)
-    cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} {}").format(
-        original.table.ident, sql.Identifier(original.name), sql.SQL(definition)))
-    _name_middle_levels(cur, index)
 
 
 def _name_middle_levels(cur: Cursor, index: ShadowIndex) -> None:
@@ -474,33 +514,9 @@ def _name_middle_levels(cur: Cursor, index: ShadowIndex) -> None:
         _name_middle_levels(cur, part)
 
 
-def _part_comment_and_identity(cur: Cursor, original: IndexDef,
-                               parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
-    """A partition's index's own comment and replica identity, as they were."""
-    comment, identity = parts.get((original.table, original.name), (None, False))
-    _comment(cur, sql.SQL("INDEX {}").format(sql.Identifier(original.table.schema,
-                                                            original.name)), comment)
-    if identity:
-        cur.execute(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
-            original.table.ident, sql.Identifier(original.name)))
-
-
 def _parts(index: ShadowIndex) -> list[ShadowIndex]:
     """A partitioned index's partitions, at every level."""
     return [found for part in index.parts for found in (part, *_parts(part))]
-
-
-def _rename_index(cur: Cursor, index: ShadowIndex,
-                  parts: dict[tuple[Table, str], tuple[str | None, bool]]) -> None:
-    """The index copy takes its original's name; a partitioned table's, and each of its
-    partitions' (the old ones went with the old column), with a partition's own comment
-    and replica identity."""
-    original = index.original
-    cur.execute(sql.SQL("ALTER INDEX {} RENAME TO {}").format(
-        sql.Identifier(original.table.schema, index.name), sql.Identifier(original.name)))
-    _part_comment_and_identity(cur, original, parts)
-    for part in index.parts:
-        _rename_index(cur, part, parts)
 
 
 def _take_fk_name(cur: Cursor, fk: ShadowForeignKey) -> None:
@@ -512,6 +528,12 @@ def _take_fk_name(cur: Cursor, fk: ShadowForeignKey) -> None:
         _take_fk_name(cur, part)
 
 
+def comment_on(target: sql.Composable, text: str | None) -> list[sql.Composable]:
+    """``COMMENT ON target IS text``, or nothing where there is no text."""
+    return [] if text is None else [
+        sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(text))]
+
+
 def _comment(cur: Cursor, target: sql.Composable, text: str | None) -> None:
-    if text is not None:
-        cur.execute(sql.SQL("COMMENT ON {} IS %s").format(target), (text,))
+    for statement in comment_on(target, text):
+        cur.execute(statement)
