@@ -598,6 +598,9 @@ def _stall(session: Session, after: int) -> float | None:
     return None
 
 
+_STARTED = "%s: started (run %s)"  # the engine's line as an operation starts (log.begin)
+
+
 class StepsSaid(logging.Handler):
     """While installed, says each operation the engine starts (its ``started`` log line),
     with where it runs: the progress of a rehearsal's steps, full_migration's too."""
@@ -607,14 +610,37 @@ class StepsSaid(logging.Handler):
         self.say, self.where = say, where
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "%s: started (run %s)" and isinstance(record.args, tuple):
+        if record.msg == _STARTED and isinstance(record.args, tuple):
             self.say(f"rehearse: {self.where}: {record.args[0]}")
+
+
+class AtStart(logging.Handler):
+    """While installed, calls ``action`` once, as the engine starts ``operation``: its
+    ``started`` line comes after the step before has committed and its own ``running``
+    row, so the engine holds no lock on the tables then."""
+
+    def __init__(self, operation: str, action: Callable[[], None]) -> None:
+        super().__init__(logging.INFO)
+        self.operation, self.action, self.done = operation, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (record.msg == _STARTED and isinstance(record.args, tuple)
+                and record.args[0] == self.operation and not self.done):
+            self.done = True
+            self.action()
 
 
 @contextmanager
 def steps_said(say: Say, where: str) -> Iterator[None]:
     """``StepsSaid`` for a with-block, the engine's INFO lines let through meanwhile."""
-    handler, level = StepsSaid(say, where), logger.level
+    with _handling(StepsSaid(say, where)):
+        yield
+
+
+@contextmanager
+def _handling(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on the engine's logger for a with-block, its INFO lines let through."""
+    level = logger.level
     logger.addHandler(handler)
     if not logger.isEnabledFor(logging.INFO):
         logger.setLevel(logging.INFO)
@@ -641,6 +667,28 @@ def migrate(dsn: str, steps: Sequence[str], options: RehearsalOptions, rows: Map
     except (MigrationError, psycopg2.Error) as exc:
         result.error = _error(exc)
     return result
+
+
+def final_migration(dsn: str, plan: Plan, options: RehearsalOptions, rows: Mapping[str, int],
+                    *, batch_size: int, orphans: str, say: Say = _silent
+                    ) -> tuple[Run, list[Finding], list[Finding]]:
+    """``full_migration`` with an application's pool beside it (``Prepared``): its statements
+    prepared before the expansion, executed as ``migrate_foreign_keys`` starts (the
+    parent expanded, its copy column filled beside the key, the swap still to come: the
+    expansion, which lasts hours at scale) and after the swap.  The run, then what the
+    statements gave during the expansion and after the swap (none when the run failed)."""
+    during: list[Finding] = []
+    after: list[Finding] = []
+    with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
+        def expanded() -> None:
+            during.extend(pool.after("during the expansion (before the swap)"))
+
+        with _handling(AtStart("migrate_foreign_keys", expanded)):
+            final = migrate(dsn, ("full_migration",), options, rows, batch_size=batch_size,
+                            orphans=orphans, say=say, where="final migration")
+        if not final.error:
+            after = pool.after("after the swap")
+    return final, during, after
 
 
 def verify_timed(dsn: str, options: RehearsalOptions, plan: Plan,
@@ -817,15 +865,14 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
-    with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
-        report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
-                               orphans=orphans, say=say, where="final migration")
-        if report.final.error:
-            return
-        report.prepared = pool.after("after the swap")
-    broken = [f for f in report.prepared if f.status is Status.WARN]
-    say(f"rehearse: statements prepared before the final migration: {len(broken)} of "
-        f"{len(report.prepared)} fail after the swap (see the report)")
+    report.final, report.prepared_during, report.prepared = final_migration(
+        dsn, plan, options, report.rows, batch_size=best, orphans=orphans, say=say)
+    if report.final.error:
+        return
+    say("rehearse: statements prepared before the final migration: " + ", ".join(
+        f"{sum(f.status is Status.WARN for f in found)} of {len(found)} fail {moment}"
+        for found, moment in ((report.prepared_during, "during the expansion"),
+                              (report.prepared, "after the swap"))) + " (see the report)")
     report.smoke.append(smoke_run(dsn, plan, "full_migration"))
     say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
     report.verify, timing = verify_timed(dsn, options, plan, report.rows)
