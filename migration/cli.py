@@ -74,8 +74,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                 "--allow-publications")),
     ("Choosing the moment of the swap: migrate_foreign_keys, full_migration, rollback",
      ("--postpone-swap", "--recycle-sessions")),
-    ("Standbys and subscribers: migrate_users, migrate_foreign_keys, full_migration, rollback",
-     ("--max-replica-lag",)),
+    ("Standbys and subscribers: backup_data, migrate_users, migrate_foreign_keys, "
+     "full_migration, rollback", ("--max-replica-lag",)),
     ("Bounding the write rate: backup_data, migrate_users, migrate_foreign_keys, "
      "full_migration, rollback", ("--max-rows-per-second",)),
     ("validate_schema", ("--discover",)),
