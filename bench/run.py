@@ -380,7 +380,8 @@ def paused_s(log_file: Path) -> float:
     """The seconds the engine's log says a run waited for the standbys (--max-replica-lag)."""
     if not log_file.exists():
         return 0.0
-    return sum(float(found[1]) for found in _PAUSE.finditer(log_file.read_text(errors="replace")))
+    text = log_file.read_text(errors="replace")
+    return sum((float(found[1]) for found in _PAUSE.finditer(text)), 0.0)
 
 
 def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[str, Any], *,
