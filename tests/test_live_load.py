@@ -127,6 +127,20 @@ def test_a_quiet_load_is_clean_and_writes_every_kind(quiet_report: LoadReport) -
     assert report.fk_unenforced_s == 0
 
 
+def test_a_child_without_a_foreign_key_is_not_probed(legacy_no_fk_db: str) -> None:
+    """The runbook's original schema (``rehearse``'s dataset with planted problems) has no
+    foreign key on tags and reminders: an orphan accepted there is the schema's, not a
+    migration's, and the prober does not try them (journal_entries it still does)."""
+    seeded(legacy_no_fk_db, users=100)
+    with LiveLoad(legacy_no_fk_db, rate=RATE, clients=CLIENTS) as load:
+        settle()
+        report = load.stop()
+    assert report.probes > 0
+    assert report.orphans_accepted == []
+    assert report.problems() == [], "\n".join(report.problems())
+    assert load.prober.tables == ("journal_entries",)
+
+
 def test_the_instrument_sees_an_unenforced_fk_a_lost_write_and_a_failed_client(
         seeded_db: str, sandbox: Sandbox) -> None:
     admin = sandbox.admin_dsn_for(urlsplit(seeded_db).path.lstrip("/"))
