@@ -136,6 +136,9 @@ CREATE TABLE live_load.picks (n int PRIMARY KEY, user_id text NOT NULL);
 """
 
 # Writes recorded in the ledger that are not in the tables as recorded (latest per row).
+# A user key is compared as the UUID its text spells (case, hyphens and braces aside): a
+# rollback past the swap gives it back the backup's spelling, which a write made while the
+# column was uuid did not see.
 _MISSING = """
 WITH latest AS (
     SELECT DISTINCT ON (kind, row_id) kind, row_id, user_id, payload
@@ -143,12 +146,15 @@ WITH latest AS (
 SELECT kind, row_id, user_id, payload FROM latest l
 WHERE CASE kind
   WHEN 'user' THEN NOT EXISTS (SELECT 1 FROM {users} u WHERE u.email = l.payload
-                               AND lower(u.id::text) = lower(l.row_id))
+                               AND translate(lower(u.id::text), '{{}}-', '')
+                                   = translate(lower(l.row_id), '{{}}-', ''))
   WHEN 'entry' THEN NOT EXISTS (SELECT 1 FROM {journal} j WHERE j.id::text = l.row_id
-                                AND lower(j.user_id::text) = lower(l.user_id)
+                                AND translate(lower(j.user_id::text), '{{}}-', '')
+                                    = translate(lower(l.user_id), '{{}}-', '')
                                 AND j.body = l.payload)
   WHEN 'tag' THEN NOT EXISTS (SELECT 1 FROM {tags} t WHERE t.id::text = l.row_id
-                              AND lower(t.user_id::text) = lower(l.user_id)
+                              AND translate(lower(t.user_id::text), '{{}}-', '')
+                                  = translate(lower(l.user_id), '{{}}-', '')
                               AND t.name = l.payload)
   WHEN 'reminder_deleted' THEN EXISTS (SELECT 1 FROM {reminders} r WHERE r.id::text = l.row_id)
   END
