@@ -777,16 +777,17 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
 
 def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
                   batch_size: int, orphans: str, say: Say) -> LoadRun:
-    """``full_migration`` then ``rollback`` on a clone of ``prepared`` under pgbench's
-    load (``under_load``); what the application saw."""
+    """``full_migration`` then ``rollback`` on a clone of ``prepared`` (not migrated yet)
+    under pgbench's load (``under_load``); what the application saw."""
     name = scratch.create("live_load", template=prepared)
     settings = options.settings(batch_size=batch_size, orphans=orphans)
+    rows: dict[str, int] = {}
 
     def step(operation: str) -> str | None:
         try:
             with Session.open(_on(scratch.dsn(name)), settings, key=options.key,
                               schema=options.schema) as session:
-                run(session, operation, OPERATIONS[operation])
+                rows[operation] = run(session, operation, OPERATIONS[operation]).rows
         except (MigrationError, psycopg2.Error) as exc:
             return _error(exc)
         return None
@@ -796,6 +797,7 @@ def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
             result = under_load(scratch.dsn(name), step, schema=options.schema)
     finally:
         scratch.drop(name)
+    result.rows = rows
     stall = max((p.longest_stall_s for p in result.phases if p.name in STEPS_UNDER_LOAD),
                 default=0.0)
     say(f"rehearse: under live load: {result.transactions:,} application transactions, "
@@ -865,6 +867,9 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
+    if options.live_load:  # on a clone of the prepared database before it is migrated
+        report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
+                                         orphans=orphans, say=say)
     report.final, report.prepared_during, report.prepared = final_migration(
         dsn, plan, options, report.rows, batch_size=best, orphans=orphans, say=say)
     if report.final.error:
@@ -879,9 +884,6 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.final.steps.append(timing)
     say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
         f"{len(failures(report.verify))} failure(s)")
-    if options.live_load:
-        report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
-                                         orphans=orphans, say=say)
     production, source = _production(options, report.rows, plan)
     if production is not None:
         _project(scratch, options, report, plan, production, source, say)

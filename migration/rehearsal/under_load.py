@@ -37,6 +37,8 @@ class LoadRun:
     problems: list[str] = field(default_factory=list)
     error: str = ""
     """Why the load or a step did not run through; empty when both did."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """The rows each step that ran through reported (converted, restored), by step."""
 
     def failed(self) -> list[str]:
         """What fails the rehearsal: the error, and what the application saw go wrong."""
