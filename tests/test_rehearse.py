@@ -322,6 +322,10 @@ def test_quickstart_command_end_to_end(tmp_path: Path) -> None:
     assert report["projection"]["rows"]["users"] == 1_000_000
     assert 0 < report["projection"]["low"] <= report["projection"]["high"]
     assert report["projection"]["stall"][0] > 0
+    # --live-load is on by default where pgbench is found (the suite's hosts have one)
+    assert [p["name"] for p in report["live_load"]["phases"]] == [
+        "before", "full_migration", "rollback", "after"]
+    assert report["live_load"]["problems"] == []
     ticket = (tmp_path / "ticket.md").read_text()
     assert ticket.startswith("# UUID migration rehearsal: PASSED")
     assert "## Projected time for production" in ticket

@@ -94,7 +94,7 @@ from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.smoke import binding_failures, smoke_writes
 from migration.rehearsal.under_load import STEPS as STEPS_UNDER_LOAD
-from migration.rehearsal.under_load import LoadRun, under_load
+from migration.rehearsal.under_load import LoadRun, available, under_load
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -1001,6 +1001,15 @@ def schema_database(schema_from: str | None) -> str | None:
     return schema_from
 
 
+def live_load_wanted(*, given: bool | None, schema_from: str | None) -> bool:
+    """``--live-load`` / ``--no-live-load`` as given; not given, on where this host has a
+    pgbench to drive the load, and off with ``--schema-from`` (its scripts write the
+    runbook's tables).  Asked for where there is none, the report says so and fails."""
+    if given is not None:
+        return given
+    return schema_from is None and available()
+
+
 def rehearse_command(database_url: str | None, options: Mapping[str, Any],
                      log_file: Path) -> int:
     """``data-migration --operation=rehearse``: run, print the report, return the exit code.
@@ -1023,7 +1032,8 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
         allow_triggers=options["allow_triggers"],
         refresh_materialized_views=options["refresh_materialized_views"],
-        live_load=bool(options.get("live_load")))
+        live_load=live_load_wanted(given=options.get("live_load"),
+                                   schema_from=options.get("schema_from")))
     if rehearsal.live_load and rehearsal.schema_from is not None:
         raise click.UsageError("--live-load drives the runbook's tables (users, "
                                "journal_entries, tags, reminders): not with --schema-from")
