@@ -49,7 +49,10 @@ What it does, per scale S (``--scales``):
    clone of its own (``bench.write_cost``: pgbench before, during and after
    ``full_migration`` and after ``cleanup_backup``);
 8. with ``--standby``: a streaming standby of the server (``bench.standby``), and each
-   method's longest replay lag in bytes and seconds.
+   method's longest replay lag in bytes and seconds; full_migration runs with
+   ``--max-replica-lag`` (the engine's default, or the one given) and once more, at the
+   default batch size on a clone of its own, without one (0): the two lags side by side,
+   with the seconds the limit held the run back.
 
 A failed rollback is recorded with its exit code and error, not raised: the figures of
 the scale's other methods are kept.
@@ -92,6 +95,7 @@ from bench.standby import ReplayLag, caught_up, start_standby
 from bench.write_cost import WriteCostSettings, measure_write_cost
 from bench.write_cost import render as render_write_cost
 from migration.connection import connect
+from migration.lag import DEFAULT_MAX_REPLICA_LAG_S
 from migration.plan import build_plan
 from migration.rehearsal.load import LiveLoad, PhaseStats
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
@@ -111,6 +115,9 @@ REPORTED_SETTINGS = ("shared_buffers", "work_mem", "maintenance_work_mem", "max_
                      "autovacuum", "jit")
 MiB = 1024 * 1024
 SKIPPABLE = ("naive_loop", "verify", "rollback")  # --skip: all but the one-shot and ours
+# --standby: full_migration once more, on a clone of its own, the standbys not waited for
+NO_LAG_LIMIT = f"full_migration b={DEFAULT_BATCH} without --max-replica-lag"
+_PAUSE = re.compile(r"after a pause of ([\d.]+) s")  # the engine's line as the fill goes on
 
 
 class BenchError(RuntimeError):
@@ -369,6 +376,14 @@ def log_timeline(path: Path) -> list[dict[str, Any]]:
     return events
 
 
+def paused_s(log_file: Path) -> float:
+    """The seconds the engine's log says a run waited for the standbys (--max-replica-lag)."""
+    if not log_file.exists():
+        return 0.0
+    text = log_file.read_text(errors="replace")
+    return sum((float(found[1]) for found in _PAUSE.finditer(text)), 0.0)
+
+
 def _check_data(box: Sandbox, dbname: str, scale: dict[str, Any], result: dict[str, Any], *,
                 original: bool = False) -> None:
     """Record whether the method's data equal the expected state (``data_equal``).
@@ -395,11 +410,15 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
               sample_interval: float = 0.005, methods: Sequence[str] = ("one_shot", "naive_loop"),
               workdir: Path | None = None, live_load: LoadSettings | None = None,
               skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
-              standby: bool = False,
+              standby: bool = False, max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG_S,
               say: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Every method on fresh clones of one seeded scale, but those in ``skip``
     (``SKIPPABLE``), and with ``write_cost`` the triggers' cost to the application's
-    writes (``bench.write_cost``) on a clone of its own; the figures as a dict."""
+    writes (``bench.write_cost``) on a clone of its own; the figures as a dict.
+
+    ``standby``: full_migration runs with ``--max-replica-lag=max_replica_lag``, and once
+    more at the default batch size with 0 (``NO_LAG_LIMIT``), for the two lags side by side.
+    """
     methods = [method for method in methods if method not in skip]
     workdir = workdir or Path(tempfile.mkdtemp(prefix="uuidmig-bench-"))
     say(f"S={users:,}: seeding")
@@ -415,6 +434,15 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
     def fresh(name: str) -> str:
         created.append(name)
         return clone(box, template, name)
+
+    def lag_limit(seconds: float) -> list[str]:
+        """A full_migration's ``--max-replica-lag`` with a standby (none without one)."""
+        return ["--max-replica-lag", f"{seconds:g}"] if standby else []
+
+    def limited(result: dict[str, Any], seconds: float, log_file: Path) -> None:
+        """Record a full_migration's lag limit and the seconds it held the run back."""
+        if standby:
+            result.update(max_replica_lag_s=seconds, replica_lag_paused_s=paused_s(log_file))
 
     def one(label: str, method: str, argv: list[str], dbname: str, *, check: bool = True,
             **extra: Any) -> dict[str, Any]:
@@ -444,8 +472,10 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             log_file = workdir / f"s{users}_b{batch}.log"
             label = f"full_migration b={batch}" + (" (default)" if batch == DEFAULT_BATCH else "")
             result = one(label, "full_migration", migration_command("full_migration", log_file,
-                                                                    batch_size=batch),
-                         name, batch_size=batch, default=batch == DEFAULT_BATCH)
+                                                                    batch_size=batch)
+                         + lag_limit(max_replica_lag), name, batch_size=batch,
+                         default=batch == DEFAULT_BATCH)
+            limited(result, max_replica_lag, log_file)
             result["steps"] = migration_steps(box.owner_dsn(name))
             result["timeline"] = log_timeline(log_file)
             _check_data(box, name, scale, result)
@@ -454,6 +484,16 @@ def run_scale(box: Sandbox, users: int, batch_sizes: Sequence[int], *,
             else:
                 box.drop_database(name)
         assert kept is not None
+        if standby:
+            name = f"{template}_ours_no_lag_limit"
+            fresh(name)
+            log_file = workdir / f"s{users}_no_lag_limit.log"
+            result = one(NO_LAG_LIMIT, "full_migration_no_lag_limit",
+                         migration_command("full_migration", log_file) + lag_limit(0.0), name,
+                         batch_size=DEFAULT_BATCH)
+            limited(result, 0.0, log_file)
+            _check_data(box, name, scale, result)
+            box.drop_database(name)
         if "verify" not in skip:
             one("verify", "verify", verify_command(), kept)
         if "rollback" not in skip:
@@ -560,13 +600,15 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
                   server: Server | None = None, start_settings: Sequence[str] = (),
                   sample_interval: float = 0.005, live_load: LoadSettings | None = None,
                   skip: Sequence[str] = (), write_cost: WriteCostSettings | None = None,
-                  standby: bool = False, say: Callable[[str], None] = lambda s: None,
+                  standby: bool = False, max_replica_lag: float = DEFAULT_MAX_REPLICA_LAG_S,
+                  say: Callable[[str], None] = lambda s: None,
                   partial: Callable[[dict[str, Any]], object] = lambda r: None) -> dict[str, Any]:
     """Every scale in turn; ``partial`` gets the report so far after each one.
 
     ``standby``: the server streams to a standby (``bench.standby``); each method's
     replay lag is sampled, and the owner role is granted ``pg_monitor``, as an operator
-    who wants ``--max-replica-lag`` to hold the engine back grants it.
+    who wants ``--max-replica-lag`` to hold the engine back grants it; full_migration runs
+    with ``max_replica_lag``, and once more without a limit (``run_scale``).
     """
     if standby:
         box.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(sql.Identifier(OWNER_ROLE)))
@@ -583,14 +625,16 @@ def run_benchmark(box: Sandbox, scales: Sequence[int], batch_sizes: Sequence[int
                        "live_load": asdict(live_load) if live_load else None,
                        "skipped": list(skip),
                        "write_cost": asdict(write_cost) if write_cost else None,
-                       "standby": standby},
+                       "standby": standby,
+                       "max_replica_lag_s": max_replica_lag if standby else None},
         "scales": [],
     }
     for users in scales:
         report["scales"].append(run_scale(box, users, batch_sizes,
                                           sample_interval=sample_interval,
                                           live_load=live_load, skip=skip,
-                                          write_cost=write_cost, standby=standby, say=say))
+                                          write_cost=write_cost, standby=standby,
+                                          max_replica_lag=max_replica_lag, say=say))
         report["targets"] = evaluate_targets(report)
         report["engine_versions"] = sorted({r["engine"] for s in report["scales"]
                                             for r in s["results"]})
@@ -720,6 +764,21 @@ def render_replay_lag(results: list[dict[str, Any]]) -> list[str]:
         lines.append(f"| {r['label']} | {_mb(r['wal_bytes'])} | "
                      f"{lag['max_replay_lag_bytes'] / MiB:,.1f} | "
                      f"{lag['max_replay_lag_s']:,.2f} |")
+    limited = next((r for r in lagged if r["method"] == "full_migration" and r.get("default")
+                    and "max_replica_lag_s" in r), None)
+    unlimited = next((r for r in lagged if r["method"] == "full_migration_no_lag_limit"), None)
+    if limited is None or unlimited is None:
+        return lines
+    lines += ["", f"full_migration (b={DEFAULT_BATCH}) with and without --max-replica-lag, each "
+                  "on a clone of its own, the standby caught up before each:", "",
+              "| full_migration | wall s | WAL MiB | longest replay lag MiB | "
+              "longest replay lag s | paused s |", "|---|---:|---:|---:|---:|---:|"]
+    for r, name in ((limited, f"with --max-replica-lag={limited['max_replica_lag_s']:g}"),
+                    (unlimited, "without (--max-replica-lag=0)")):
+        lag = r["replay_lag"]
+        lines.append(f"| {name} | {r['wall_s']:.2f} | {_mb(r['wal_bytes'])} | "
+                     f"{lag['max_replay_lag_bytes'] / MiB:,.1f} | "
+                     f"{lag['max_replay_lag_s']:,.2f} | {r['replica_lag_paused_s']:.1f} |")
     return lines
 
 
@@ -884,6 +943,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--standby", action="store_true",
                         help="stream to a hot standby (pg_basebackup) on this machine and "
                              "report each method's longest replay lag, bytes and seconds")
+    parser.add_argument("--max-replica-lag", type=float, default=DEFAULT_MAX_REPLICA_LAG_S,
+                        metavar="SECONDS",
+                        help="--standby: full_migration's --max-replica-lag (default "
+                             f"{DEFAULT_MAX_REPLICA_LAG_S:g}, the engine's); it also runs once "
+                             "without one (0), for the two replay lags side by side")
     parser.add_argument("--skip", type=_methods, default=[], metavar="METHODS",
                         help="methods not to run, comma-separated, of "
                              f"{', '.join(SKIPPABLE)} (the one-shot and full_migration "
@@ -923,6 +987,7 @@ def main(argv: list[str] | None = None) -> int:
                                    write_cost=WriteCostSettings(args.write_seconds,
                                                                 args.write_clients)
                                    if args.write_cost else None, standby=args.standby,
+                                   max_replica_lag=args.max_replica_lag,
                                    partial=lambda report: _write(args, report))
         finally:
             for variant in ("legacy", "legacy_no_fk"):

@@ -74,8 +74,8 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
                                                 "--allow-publications")),
     ("Choosing the moment of the swap: migrate_foreign_keys, full_migration, rollback",
      ("--postpone-swap", "--recycle-sessions")),
-    ("Standbys and subscribers: migrate_users, migrate_foreign_keys, full_migration, rollback",
-     ("--max-replica-lag",)),
+    ("Standbys and subscribers: backup_data, migrate_users, migrate_foreign_keys, "
+     "full_migration, rollback", ("--max-replica-lag",)),
     ("Bounding the write rate: backup_data, migrate_users, migrate_foreign_keys, "
      "full_migration, rollback", ("--max-rows-per-second",)),
     ("validate_schema", ("--discover",)),
@@ -354,10 +354,11 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "database's (pg_dump --schema-only; the password is passed in the "
                    "environment) or a SQL file's. Every table gets generated rows; --key "
                    "names the key to convert, --users the rows of its table.")
-@click.option("--live-load", "live_load", is_flag=True, help="rehearse: run full_migration "
-              "and rollback once more on a clone while pgbench writes to it (the runbook's "
-              "tables), and report what the application saw: failed transactions, lost "
-              "writes, latencies, the longest stall.")
+@click.option("--live-load/--no-live-load", "live_load", default=None, help="rehearse: run "
+              "full_migration and rollback once more on a clone while pgbench writes to it "
+              "(the runbook's tables), and report what the application saw: failed "
+              "transactions, lost writes, latencies, the longest stall. Default: on where "
+              "pgbench 15 or later is found, off with --schema-from.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context

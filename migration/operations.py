@@ -8,6 +8,7 @@ anything changes; they are logged as ``failed`` with the findings.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -103,13 +104,26 @@ def backup_data(session: Session, run_id: int) -> Outcome:
                     lambda cur: backup.start_change_log(cur, session.plan))
         session.point("backup_data: change log started")
 
-    def paced(table: Table, rows: int, started: float) -> None:
-        session.point(f"backup_data: batch {table}")
-        session.pace.wait(rows, started)
+    with ExitStack() as stack:
+        # The copy keeps one snapshot, its transaction open to the end: the standbys' lag is
+        # read on a connection of its own (``Throttle.wait`` commits the one it is given).
+        looker = stack.enter_context(session.worker()) if session.lag.limit > 0 else None
+        watched = looker is not None and bool(session.lag.behind(looker))
+        # In batches of pages when a pause between them may be asked for; 0: at once.
+        batch_size = session.settings.batch_size if session.pace.limit > 0 or watched else 0
+        progress = (stack.enter_context(closing(session.progress("backup_data", 0)))
+                    if batch_size else None)
 
-    batch_size = session.settings.batch_size if session.pace.limit > 0 else 0  # 0: at once
-    result = session.ddl("backup_data", lambda cur: take_backup.create(
-        cur, session.plan, batch_size=batch_size, after_batch=paced))
+        def paced(table: Table, rows: int, started: float) -> None:
+            session.point(f"backup_data: batch {table}")
+            if progress is not None:
+                progress.advance(rows)
+            session.pace.wait(rows, started)
+            if looker is not None:
+                session.lag.wait(looker, progress)
+
+        result = session.ddl("backup_data", lambda cur: take_backup.create(
+            cur, session.plan, batch_size=batch_size, after_batch=paced))
     return Outcome(result.message, rows=result.rows, details=result.expectations)
 
 

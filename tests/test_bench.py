@@ -20,12 +20,14 @@ import pytest
 from bench import methods, probe
 from bench.run import (
     DEFAULT_BATCH,
+    NO_LAG_LIMIT,
     RUNBOOK_STEPS,
     SKIPPABLE,
     BenchError,
     main,
     measure,
     render_markdown,
+    render_replay_lag,
     run_benchmark,
 )
 from bench.standby import ReplayLag, Standby, caught_up, start_standby
@@ -329,10 +331,20 @@ def test_replay_lag_sees_a_standby_that_falls_behind(
 
 def test_standby_mode_reports_each_method_s_replay_lag(
         streaming: tuple[Sandbox, Standby]) -> None:
+    """Each method's lag; and full_migration's with ``--max-replica-lag`` (the one given)
+    and without it (0), each on a clone of its own, side by side."""
     box, _standby = streaming
     report = run_benchmark(box, [USERS], [DEFAULT_BATCH], sample_interval=0.002,
-                           skip=SKIPPABLE, standby=True)
+                           skip=SKIPPABLE, standby=True, max_replica_lag=5.0)
     assert report["parameters"]["standby"] is True
+    assert report["parameters"]["max_replica_lag_s"] == 5.0
+    results = report["scales"][0]["results"]
+    assert [(r["method"], r.get("max_replica_lag_s")) for r in results] == [
+        ("one_shot", None), ("full_migration", 5.0), ("full_migration_no_lag_limit", 0.0)]
+    assert results[1]["argv"][-2:] == ["--max-replica-lag", "5"]
+    assert results[2]["argv"][-2:] == ["--max-replica-lag", "0"]
+    assert results[2]["data_equal"] is True
+    assert [r["replica_lag_paused_s"] for r in results[1:]] == [0.0, 0.0]  # never that far
     for r in report["scales"][0]["results"]:
         lag = r["replay_lag"]
         assert lag["samples"] > 0, r["label"]
@@ -345,6 +357,29 @@ def test_standby_mode_reports_each_method_s_replay_lag(
     text = render_markdown(report)
     assert "| longest replay lag MiB | longest replay lag s |" in text
     assert "| full_migration b=1000 (default) | " in text.split("longest replay lag s |")[1]
+    side_by_side = text.split("full_migration (b=1000) with and without --max-replica-lag")[1]
+    assert "| paused s |" in side_by_side
+    assert "| with --max-replica-lag=5 | " in side_by_side
+    assert "| without (--max-replica-lag=0) | " in side_by_side
+
+
+def test_the_replay_lag_with_and_without_the_limit_is_printed_side_by_side() -> None:
+    """From a report's figures (an earlier run's JSON): the two full_migration runs in one
+    table, their lags and the seconds the limit held the fill back."""
+    lag = {"max_replay_lag_bytes": 3 * 1024 * 1024, "max_replay_lag_s": 2.5, "samples": 9,
+           "standbys": 1}
+    results = [
+        {"label": "full_migration b=1000 (default)", "method": "full_migration",
+         "default": True, "wall_s": 30.0, "wal_bytes": 300 * 1024 * 1024,
+         "replay_lag": lag, "max_replica_lag_s": 1.0, "replica_lag_paused_s": 4.5},
+        {"label": NO_LAG_LIMIT, "method": "full_migration_no_lag_limit",
+         "wall_s": 25.0, "wal_bytes": 300 * 1024 * 1024,
+         "replay_lag": dict(lag, max_replay_lag_bytes=40 * 1024 * 1024, max_replay_lag_s=9.0),
+         "max_replica_lag_s": 0.0, "replica_lag_paused_s": 0.0}]
+    lines = render_replay_lag(results)
+    assert "| with --max-replica-lag=1 | 30.00 | 300 | 3.0 | 2.50 | 4.5 |" in lines
+    assert "| without (--max-replica-lag=0) | 25.00 | 300 | 40.0 | 9.00 | 0.0 |" in lines
+    assert render_replay_lag(results[:1])[-1].startswith("| full_migration b=1000 (default) |")
 
 
 def test_write_cost_comparison_has_no_cpu_ratio_to_a_baseline_of_no_tick() -> None:

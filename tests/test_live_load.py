@@ -38,7 +38,7 @@ from migration.rehearsal.load import (
     phase_stats,
 )
 from migration.rehearsal.sandbox import Sandbox
-from tests.operate import execute, seeded
+from tests.operate import execute, seeded, wait_until
 
 USERS = 10_000
 BATCH = 100  # small batches: the migration lasts a few seconds under the load
@@ -125,6 +125,41 @@ def test_a_quiet_load_is_clean_and_writes_every_kind(quiet_report: LoadReport) -
     assert set(report.ledger_rows) == LEDGER_KINDS, report.ledger_rows
     assert report.probes > 0
     assert report.fk_unenforced_s == 0
+
+
+def test_a_child_without_a_foreign_key_is_not_probed(legacy_no_fk_db: str) -> None:
+    """The runbook's original schema (``rehearse``'s dataset with planted problems) has no
+    foreign key on tags and reminders: an orphan accepted there is the schema's, not a
+    migration's, and the prober does not try them (journal_entries it still does)."""
+    seeded(legacy_no_fk_db, users=100)
+    with LiveLoad(legacy_no_fk_db, rate=RATE, clients=CLIENTS) as load:
+        settle()
+        report = load.stop()
+    assert report.probes > 0
+    assert report.orphans_accepted == []
+    assert report.problems() == [], "\n".join(report.problems())
+    assert load.prober.tables == ("journal_entries",)
+
+
+def test_a_key_spelled_otherwise_is_the_same_key(legacy_no_fk_db: str) -> None:
+    """A rollback past the swap gives a child's key its parent's original spelling (case,
+    hyphens: the backup's), where the ledger has the text a write saw while the column was
+    uuid: the same UUID, no write lost."""
+    seeded(legacy_no_fk_db, users=100)
+    with LiveLoad(legacy_no_fk_db, rate=RATE, clients=CLIENTS) as load:
+        assert wait_until(lambda: execute(legacy_no_fk_db, "SELECT count(*) FROM "
+                                          "live_load.ledger WHERE kind = 'tag'") != [(0,)])
+        respelled = execute(legacy_no_fk_db, _RESPELL_ONE_TAG)
+        report = load.stop()
+    assert len(respelled) == 1
+    assert report.missing_writes == [], report.missing_writes
+
+
+_RESPELL_ONE_TAG = """
+UPDATE tags SET user_id = upper(replace(user_id, '-', ''))
+WHERE id::text = (SELECT row_id FROM live_load.ledger WHERE kind = 'tag' ORDER BY seq LIMIT 1)
+RETURNING user_id
+"""
 
 
 def test_the_instrument_sees_an_unenforced_fk_a_lost_write_and_a_failed_client(

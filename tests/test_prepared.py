@@ -1,8 +1,9 @@
-"""Statements an application's pool prepared before the migration, executed after the swap.
+"""Statements an application's pool prepared before the migration, executed during the
+expansion and after the swap.
 
 The rehearsal prepares them as a pool would (``rehearsal.prepared``) and reports
-each one the swap breaks, with the server's message and the advice; the report
-names them in every format, and a rehearsal does not fail for them.
+each one the expansion or the swap breaks, with the server's message and the advice; the
+report names them in every format, and a rehearsal does not fail for them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import json
 
 from migration.plan import build_plan
 from migration.rehearsal.prepared import ADVICE, CHECK, Prepared
+from migration.rehearsal.rehearse import RehearsalOptions, final_migration
 from migration.rehearsal.report import Report, as_json, render_junit, render_text
 from migration.report import Finding, Status
 from tests.operate import connected, print_of, run_ok, seeded
@@ -44,6 +46,36 @@ def test_statements_prepared_before_the_migration_are_named_with_the_servers_mes
     assert 'INSERT INTO "public"."journal_entries"' in findings[2].subject
 
 
+def test_the_final_migration_executes_them_during_the_expansion_and_after_the_swap(
+        legacy_db: str) -> None:
+    """Prepared before the final full_migration, executed once when it starts
+    migrate_foreign_keys (users expanded: its copy column filled beside the key, the swap
+    still to come) and once after the swap: the two ``SELECT *`` fail already during the
+    expansion, their result having grown by the copy column; the INSERT into the child
+    fails only after the swap."""
+    seeded(legacy_db, users=10)
+    with connected(legacy_db) as conn:
+        plan = build_plan(conn)
+    run, during, after = final_migration(legacy_db, plan, RehearsalOptions(),
+                                         {t.name: 0 for t in plan.tables}, batch_size=1000,
+                                         orphans="abort")
+    assert run.error == ""
+    assert [(f.subject.split(" ")[0], f.status) for f in during] == [
+        ("uuid_migration_select_all", Status.WARN), ("uuid_migration_select_by_key", Status.WARN),
+        ("uuid_migration_insert_child", Status.PASS)]
+    for finding in during[:2]:
+        assert finding.message.startswith("prepared before the migration, it fails during the "
+                                          "expansion (before the swap): cached plan must not "
+                                          "change result type (SQLSTATE 0A000)"), finding
+        assert finding.hint == ADVICE
+    assert "runs during the expansion" in during[2].message
+    assert [(f.subject.split(" ")[0], f.status) for f in after] == [
+        (name, Status.WARN) for name in BROKEN]
+    for finding, message in zip(after, BROKEN.values(), strict=True):
+        assert "it fails after the swap: " in finding.message
+        assert message in finding.message
+
+
 def test_a_statement_prepared_after_the_swap_runs(legacy_db: str) -> None:
     """The same statements prepared afresh after the migration run: the findings are about
     the statements' age, not about the migrated schema."""
@@ -61,8 +93,17 @@ def test_the_report_names_each_failing_prepared_statement_and_still_passes() -> 
                       "swap: operator does not exist: uuid = text (SQLSTATE 42883)",
                       "uuid_migration_select_by_key (SELECT * FROM public.users WHERE id = $1)",
                       hint=ADVICE)
-    report = Report(server="test", users=1, dirty=False, prepared=[finding])
+    during = Finding(CHECK, Status.WARN, "prepared before the migration, it fails during the "
+                     "expansion (before the swap): cached plan must not change result type "
+                     "(SQLSTATE 0A000)", "uuid_migration_select_all (SELECT * FROM public.users "
+                     "LIMIT 1)", hint=ADVICE)
+    report = Report(server="test", users=1, dirty=False, prepared=[finding],
+                    prepared_during=[during])
     text = render_text(report)
+    assert "executed during the expansion" in text
+    assert "cached plan must not change result type" in text
+    assert "1 statement(s) prepared before the migration fail during the expansion " \
+           "(uuid_migration_select_all)" in text
     assert "uuid_migration_select_by_key" in text
     assert "operator does not exist: uuid = text" in text
     assert "recycle the application's connection pools" in text
@@ -70,4 +111,6 @@ def test_the_report_names_each_failing_prepared_statement_and_still_passes() -> 
     assert any("uuid_migration_select_by_key" in note for note in data["compatibility"])
     assert data["prepared"][0]["subject"].startswith("uuid_migration_select_by_key")
     assert "operator does not exist: uuid = text" in render_junit(report)
+    assert 'classname="rehearsal.prepared.during_expansion"' in render_junit(report)
+    assert data["prepared_during"][0]["subject"].startswith("uuid_migration_select_all")
     assert "prepared" not in " ".join(report.problems())

@@ -269,11 +269,17 @@ def test_clean_rehearsal_against_a_server_given_by_url(sandbox: Sandbox, legacy_
         ("uuid_migration_select_all", Status.WARN), ("uuid_migration_select_by_key", Status.WARN),
         ("uuid_migration_insert_child", Status.WARN)]
     assert "uuid = text" in render_text(report)
+    # ... and executed during the expansion too, where the SELECT * ones fail already
+    assert [(f.subject.split(" ")[0], f.status) for f in report.prepared_during] == [
+        ("uuid_migration_select_all", Status.WARN), ("uuid_migration_select_by_key", Status.WARN),
+        ("uuid_migration_insert_child", Status.PASS)]
     # --live-load: the migration and the rollback once more under pgbench, on a clone
     assert report.live_load is not None
     assert [p.name for p in report.live_load.phases] == ["before", "full_migration",
                                                          "rollback", "after"]
     assert report.live_load.transactions > 0
+    # on a clone taken before the final migration: the migration under load converts rows
+    assert report.live_load.rows["full_migration"] > 0
     with connected(legacy_db) as conn:
         assert fingerprint(conn).diff(before) == []
         with conn.cursor() as cur:
@@ -316,6 +322,10 @@ def test_quickstart_command_end_to_end(tmp_path: Path) -> None:
     assert report["projection"]["rows"]["users"] == 1_000_000
     assert 0 < report["projection"]["low"] <= report["projection"]["high"]
     assert report["projection"]["stall"][0] > 0
+    # --live-load is on by default where pgbench is found (the suite's hosts have one)
+    assert [p["name"] for p in report["live_load"]["phases"]] == [
+        "before", "full_migration", "rollback", "after"]
+    assert report["live_load"]["problems"] == []
     ticket = (tmp_path / "ticket.md").read_text()
     assert ticket.startswith("# UUID migration rehearsal: PASSED")
     assert "## Projected time for production" in ticket

@@ -7,7 +7,11 @@ and a problem under load failing the rehearsal.
 
 from __future__ import annotations
 
-from migration.rehearsal.load import PhaseStats
+import pytest
+
+from migration.rehearsal import under_load as under_load_module
+from migration.rehearsal.load import LoadUnavailable, PhaseStats
+from migration.rehearsal.rehearse import live_load_wanted
 from migration.rehearsal.report import Report, render_junit, render_text
 from migration.rehearsal.under_load import STEPS, LoadRun, under_load
 from tests.operate import execute, operate, seeded
@@ -69,3 +73,23 @@ def test_live_load_is_a_usage_error_with_schema_from_and_with_other_operations()
     result = operate("postgresql://nobody@127.0.0.1:1/none", "full_migration", "--live-load")
     assert result.exit_code == 2
     assert "--live-load belongs to --operation=rehearse" in result.output
+    result = operate("postgresql://nobody@127.0.0.1:1/none", "full_migration", "--no-live-load")
+    assert result.exit_code == 2
+    assert "--live-load belongs to --operation=rehearse" in result.output
+
+
+def test_live_load_is_on_by_default_where_pgbench_is_found(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Not given: on where pgbench 15 or later is found (the suite's hosts have one), off
+    with --schema-from (pgbench's scripts write the runbook's tables); given, as given."""
+    assert live_load_wanted(given=None, schema_from=None) is True
+    assert live_load_wanted(given=None, schema_from="schema.sql") is False
+    assert live_load_wanted(given=False, schema_from=None) is False
+    assert live_load_wanted(given=True, schema_from=None) is True
+
+    def missing() -> None:
+        raise LoadUnavailable("no pgbench 15 or later among nothing")
+
+    monkeypatch.setattr(under_load_module, "find_pgbench", missing)
+    assert live_load_wanted(given=None, schema_from=None) is False
+    assert live_load_wanted(given=True, schema_from=None) is True  # asked for: its absence reported

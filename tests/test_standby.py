@@ -13,6 +13,7 @@ is warned and not held back.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,7 +30,15 @@ from migration.operations import Outcome
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.throwaway import Server, start_cluster
 from migration.session import Settings
-from tests.operate import execute, run_in_process, run_ok, run_verify, seeded, wait_until
+from tests.operate import (
+    Terminal,
+    execute,
+    run_in_process,
+    run_ok,
+    run_verify,
+    seeded,
+    wait_until,
+)
 from tests.replicas import CATCH_UP_LIMIT_S, TABLES, rows, server_bin_dir, writing
 
 _names = iter(range(1, 1000))
@@ -155,6 +164,14 @@ def backed_up_while_the_standby_lags(cluster: Cluster, dsn: str) -> Iterator[Non
     with-block, and the standby made more than a second behind."""
     for step in ("validate_schema", "backup_data"):
         run_ok(dsn, step)
+    with the_standby_lagging(cluster, dsn):
+        yield
+
+
+@contextmanager
+def the_standby_lagging(cluster: Cluster, dsn: str) -> Iterator[None]:
+    """The owner granted ``pg_monitor`` (to read the lag) for the with-block, and the
+    standby made more than a second behind."""
     role = sql.Identifier(OWNER_ROLE)
     cluster.primary.admin_execute(sql.SQL("GRANT pg_monitor TO {}").format(role))
     try:
@@ -215,6 +232,46 @@ def test_the_fill_waits_while_the_standby_is_behind_and_goes_on_when_it_catches_
     run_ok(database, "migrate_foreign_keys")
     assert run_verify(database).exit_code == 0
     assert_standby_reads_the_primary(cluster, database, "uuid")
+
+
+@pytest.mark.once
+def test_the_backup_copy_waits_while_the_standby_is_behind_and_goes_on_when_it_catches_up(
+        cluster: Cluster, database: str, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The backup's copy, one snapshot, waits between its batches of pages (its transaction
+    open, the lag read on a connection of its own) and shows the pause on its progress
+    line; once the standby catches up it goes on, and the backup is whole."""
+    run_ok(database, "validate_schema")
+    terminal = Terminal()
+    monkeypatch.setattr("migration.progress.sys.stderr", terminal)
+    with the_standby_lagging(cluster, database):
+        caplog.set_level(logging.INFO, logger="migration")
+        running, thread = run_in_thread(database, "backup_data", Settings(
+            batch_size=7, show_progress=True, max_replica_lag_s=1.0))
+        try:
+            wait_for(running, "standbys behind#1", thread)
+            assert running.failures == []
+            assert thread.is_alive(), "the copy did not wait"
+            assert running.reached[-2:] == ["backup_data: batch public.users#1",
+                                            "standbys behind#1"]  # after its first batch
+            # nothing of the copy committed yet: it waits inside its one transaction
+            assert execute(database, "SELECT to_regclass('migration_backup.backup_tables')"
+                           ) == [(None,)]
+        finally:
+            resume_the_standby(cluster)
+            thread.join()
+    assert running.failures == []
+    assert running.outcome[0].rows == sum(
+        n for (n,) in execute(database, "SELECT count(*) FROM users UNION ALL SELECT count(*) "
+                                        "FROM journal_entries UNION ALL SELECT count(*) FROM "
+                                        "tags UNION ALL SELECT count(*) FROM reminders"))
+    assert "s behind (more than --max-replica-lag=1 s): pausing until it catches up" \
+        in caplog.text
+    assert "the standbys caught up: resuming after a pause of" in caplog.text
+    assert re.search(r"\rbackup_data: [1-9][\d,]* rows, ", terminal.getvalue())
+    assert ", paused, standby 'walreceiver'" in terminal.getvalue()
+    run_ok(database, "full_migration")
+    assert run_verify(database).exit_code == 0
 
 
 @pytest.mark.once

@@ -1,4 +1,5 @@
-"""Statements an application's pool prepared before the migration, executed after the swap.
+"""Statements an application's pool prepared before the migration, executed during the
+expansion and after the swap.
 
 Drivers that cache server-side prepared statements do it on their own (JDBC
 after five executions of a statement, asyncpg, pgx, Npgsql, psycopg 3 with
@@ -17,9 +18,10 @@ is recycled or it is prepared again, where the same statement sent afresh works:
 
 The rehearsal does what such a pool does: on a connection opened before the
 final migration it prepares these three statements (``Prepared.open``), runs
-each once, and runs them again after the swap (``Prepared.after``); each that
-fails is a finding with the server's message and the advice (``ADVICE``), for
-the report.  It is the application's to act on, not a failure of the migration.
+each once, and runs them again during the expansion and after the swap
+(``Prepared.after``, ``rehearse.final_migration``); each that fails is a finding
+with the server's message and the advice (``ADVICE``), for the report.  It is
+the application's to act on, not a failure of the migration.
 The INSERT is rolled back each time.
 """
 
@@ -144,7 +146,8 @@ class Prepared:
 
     def after(self, moment: str) -> list[Finding]:
         """Each statement executed again: a finding each, WARN with the server's message and
-        ``ADVICE`` for one that fails now (``moment``: "after the swap")."""
+        ``ADVICE`` for one that fails now (``moment``: "after the swap", or "during the
+        expansion (before the swap)")."""
         findings = []
         for statement in self.statements:
             subject = f"{statement.name} ({statement.text})"

@@ -94,7 +94,7 @@ from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.smoke import binding_failures, smoke_writes
 from migration.rehearsal.under_load import STEPS as STEPS_UNDER_LOAD
-from migration.rehearsal.under_load import LoadRun, under_load
+from migration.rehearsal.under_load import LoadRun, available, under_load
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -598,6 +598,9 @@ def _stall(session: Session, after: int) -> float | None:
     return None
 
 
+_STARTED = "%s: started (run %s)"  # the engine's line as an operation starts (log.begin)
+
+
 class StepsSaid(logging.Handler):
     """While installed, says each operation the engine starts (its ``started`` log line),
     with where it runs: the progress of a rehearsal's steps, full_migration's too."""
@@ -607,14 +610,37 @@ class StepsSaid(logging.Handler):
         self.say, self.where = say, where
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.msg == "%s: started (run %s)" and isinstance(record.args, tuple):
+        if record.msg == _STARTED and isinstance(record.args, tuple):
             self.say(f"rehearse: {self.where}: {record.args[0]}")
+
+
+class AtStart(logging.Handler):
+    """While installed, calls ``action`` once, as the engine starts ``operation``: its
+    ``started`` line comes after the step before has committed and its own ``running``
+    row, so the engine holds no lock on the tables then."""
+
+    def __init__(self, operation: str, action: Callable[[], None]) -> None:
+        super().__init__(logging.INFO)
+        self.operation, self.action, self.done = operation, action, False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if (record.msg == _STARTED and isinstance(record.args, tuple)
+                and record.args[0] == self.operation and not self.done):
+            self.done = True
+            self.action()
 
 
 @contextmanager
 def steps_said(say: Say, where: str) -> Iterator[None]:
     """``StepsSaid`` for a with-block, the engine's INFO lines let through meanwhile."""
-    handler, level = StepsSaid(say, where), logger.level
+    with _handling(StepsSaid(say, where)):
+        yield
+
+
+@contextmanager
+def _handling(handler: logging.Handler) -> Iterator[None]:
+    """``handler`` on the engine's logger for a with-block, its INFO lines let through."""
+    level = logger.level
     logger.addHandler(handler)
     if not logger.isEnabledFor(logging.INFO):
         logger.setLevel(logging.INFO)
@@ -641,6 +667,28 @@ def migrate(dsn: str, steps: Sequence[str], options: RehearsalOptions, rows: Map
     except (MigrationError, psycopg2.Error) as exc:
         result.error = _error(exc)
     return result
+
+
+def final_migration(dsn: str, plan: Plan, options: RehearsalOptions, rows: Mapping[str, int],
+                    *, batch_size: int, orphans: str, say: Say = _silent
+                    ) -> tuple[Run, list[Finding], list[Finding]]:
+    """``full_migration`` with an application's pool beside it (``Prepared``): its statements
+    prepared before the expansion, executed as ``migrate_foreign_keys`` starts (the
+    parent expanded, its copy column filled beside the key, the swap still to come: the
+    expansion, which lasts hours at scale) and after the swap.  The run, then what the
+    statements gave during the expansion and after the swap (none when the run failed)."""
+    during: list[Finding] = []
+    after: list[Finding] = []
+    with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
+        def expanded() -> None:
+            during.extend(pool.after("during the expansion (before the swap)"))
+
+        with _handling(AtStart("migrate_foreign_keys", expanded)):
+            final = migrate(dsn, ("full_migration",), options, rows, batch_size=batch_size,
+                            orphans=orphans, say=say, where="final migration")
+        if not final.error:
+            after = pool.after("after the swap")
+    return final, during, after
 
 
 def verify_timed(dsn: str, options: RehearsalOptions, plan: Plan,
@@ -729,16 +777,17 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
 
 def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
                   batch_size: int, orphans: str, say: Say) -> LoadRun:
-    """``full_migration`` then ``rollback`` on a clone of ``prepared`` under pgbench's
-    load (``under_load``); what the application saw."""
+    """``full_migration`` then ``rollback`` on a clone of ``prepared`` (not migrated yet)
+    under pgbench's load (``under_load``); what the application saw."""
     name = scratch.create("live_load", template=prepared)
     settings = options.settings(batch_size=batch_size, orphans=orphans)
+    rows: dict[str, int] = {}
 
     def step(operation: str) -> str | None:
         try:
             with Session.open(_on(scratch.dsn(name)), settings, key=options.key,
                               schema=options.schema) as session:
-                run(session, operation, OPERATIONS[operation])
+                rows[operation] = run(session, operation, OPERATIONS[operation]).rows
         except (MigrationError, psycopg2.Error) as exc:
             return _error(exc)
         return None
@@ -748,6 +797,7 @@ def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
             result = under_load(scratch.dsn(name), step, schema=options.schema)
     finally:
         scratch.drop(name)
+    result.rows = rows
     stall = max((p.longest_stall_s for p in result.phases if p.name in STEPS_UNDER_LOAD),
                 default=0.0)
     say(f"rehearse: under live load: {result.transactions:,} application transactions, "
@@ -817,24 +867,23 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
     report.rollbacks = rollbacks_from_each_stage(scratch, prepared, baseline, options,
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
-    with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
-        report.final = migrate(dsn, ("full_migration",), options, report.rows, batch_size=best,
-                               orphans=orphans, say=say, where="final migration")
-        if report.final.error:
-            return
-        report.prepared = pool.after("after the swap")
-    broken = [f for f in report.prepared if f.status is Status.WARN]
-    say(f"rehearse: statements prepared before the final migration: {len(broken)} of "
-        f"{len(report.prepared)} fail after the swap (see the report)")
+    if options.live_load:  # on a clone of the prepared database before it is migrated
+        report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
+                                         orphans=orphans, say=say)
+    report.final, report.prepared_during, report.prepared = final_migration(
+        dsn, plan, options, report.rows, batch_size=best, orphans=orphans, say=say)
+    if report.final.error:
+        return
+    say("rehearse: statements prepared before the final migration: " + ", ".join(
+        f"{sum(f.status is Status.WARN for f in found)} of {len(found)} fail {moment}"
+        for found, moment in ((report.prepared_during, "during the expansion"),
+                              (report.prepared, "after the swap"))) + " (see the report)")
     report.smoke.append(smoke_run(dsn, plan, "full_migration"))
     say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
     report.verify, timing = verify_timed(dsn, options, plan, report.rows)
     report.final.steps.append(timing)
     say(f"rehearse: final migration {report.final.seconds:.2f} s, verify: "
         f"{len(failures(report.verify))} failure(s)")
-    if options.live_load:
-        report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
-                                         orphans=orphans, say=say)
     production, source = _production(options, report.rows, plan)
     if production is not None:
         _project(scratch, options, report, plan, production, source, say)
@@ -952,6 +1001,15 @@ def schema_database(schema_from: str | None) -> str | None:
     return schema_from
 
 
+def live_load_wanted(*, given: bool | None, schema_from: str | None) -> bool:
+    """``--live-load`` / ``--no-live-load`` as given; not given, on where this host has a
+    pgbench to drive the load, and off with ``--schema-from`` (its scripts write the
+    runbook's tables).  Asked for where there is none, the report says so and fails."""
+    if given is not None:
+        return given
+    return schema_from is None and available()
+
+
 def rehearse_command(database_url: str | None, options: Mapping[str, Any],
                      log_file: Path) -> int:
     """``data-migration --operation=rehearse``: run, print the report, return the exit code.
@@ -974,7 +1032,8 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
         allow_triggers=options["allow_triggers"],
         refresh_materialized_views=options["refresh_materialized_views"],
-        live_load=bool(options.get("live_load")))
+        live_load=live_load_wanted(given=options.get("live_load"),
+                                   schema_from=options.get("schema_from")))
     if rehearsal.live_load and rehearsal.schema_from is not None:
         raise click.UsageError("--live-load drives the runbook's tables (users, "
                                "journal_entries, tags, reminders): not with --schema-from")

@@ -139,6 +139,8 @@ class Report:
     smoke: list[SmokeRun] = field(default_factory=list)
     prepared: list[Finding] = field(default_factory=list)
     """Statements prepared before the final migration, executed after it (``prepared``)."""
+    prepared_during: list[Finding] = field(default_factory=list)
+    """The same statements executed during its expansion, before the swap."""
     live_load: LoadRun | None = None
     """--live-load: the migration and the rollback under an application's load."""
 
@@ -173,9 +175,13 @@ class Report:
         binding."""
         tables = sorted({w.table for run in self.smoke for w in run.writes
                          if run.compatibility(w)})
-        broken = [f.subject.split(" ", 1)[0] for f in self.prepared if f.status is Status.WARN]
-        notes = [f"{len(broken)} statement(s) prepared before the migration fail after the "
-                 f"swap ({', '.join(broken)}): {PREPARED_ADVICE}"] if broken else []
+        notes = []
+        for findings, moment in ((self.prepared_during, "during the expansion"),
+                                 (self.prepared, "after the swap")):
+            broken = [f.subject.split(" ", 1)[0] for f in findings if f.status is Status.WARN]
+            if broken:
+                notes.append(f"{len(broken)} statement(s) prepared before the migration fail "
+                             f"{moment} ({', '.join(broken)}): {PREPARED_ADVICE}")
         if not tables:
             return notes
         return [*notes, f"after the swap the key is uuid: a client binding it as a varchar/text "
@@ -311,6 +317,12 @@ def schema_from_sections(report: Report, *, verbose: bool = False) -> list[Secti
                 rows=[(w.table, w.operation, w.binding,
                        "ok" if w.ok else ("compatibility note: " if run.compatibility(w)
                                           else "FAILED: ") + w.error) for w in shown]))
+    if report.prepared_during:
+        parts.append(Section("Statements prepared before the final migration (as an "
+                             "application's pool keeps them), executed during the expansion, "
+                             "before the swap",
+                             _finding_lines(report.prepared_during, verbose=verbose),
+                             preformatted=True))
     if report.prepared:
         parts.append(Section("Statements prepared before the final migration (as an "
                              "application's pool keeps them), executed after the swap",
@@ -481,10 +493,12 @@ def _junit_cases(report: Report, suite: ET.Element) -> None:
         failed = report.live_load.failed()
         _case(suite, "rehearsal.live_load", "full_migration and rollback under load",
               failure="\n".join(failed) if failed else None)
-    for f in report.prepared:
-        _case(suite, "rehearsal.prepared", f.subject,
-              skipped=(f"application compatibility: {f.message}" if f.status is Status.WARN
-                       else f.message if f.status is Status.SKIP else None))
+    for classname, findings in (("rehearsal.prepared.during_expansion", report.prepared_during),
+                                ("rehearsal.prepared", report.prepared)):
+        for f in findings:
+            _case(suite, classname, f.subject,
+                  skipped=(f"application compatibility: {f.message}" if f.status is Status.WARN
+                           else f.message if f.status is Status.SKIP else None))
     for run in report.smoke:
         for w in run.writes:
             _case(suite, f"rehearsal.smoke.{run.after.replace(' ', '_')}",

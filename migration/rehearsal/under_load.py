@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from migration.rehearsal.load import LiveLoad, LoadUnavailable, PhaseStats
+from migration.rehearsal.load import LiveLoad, LoadUnavailable, PhaseStats, find_pgbench
 
 RATE, CLIENTS = 150.0, 4  # the live-load tests' and the benchmark's default load
 BASELINE_S = 3.0  # seconds of load before the migration: the "before" phase
@@ -37,10 +37,21 @@ class LoadRun:
     problems: list[str] = field(default_factory=list)
     error: str = ""
     """Why the load or a step did not run through; empty when both did."""
+    rows: dict[str, int] = field(default_factory=dict)
+    """The rows each step that ran through reported (converted, restored), by step."""
 
     def failed(self) -> list[str]:
         """What fails the rehearsal: the error, and what the application saw go wrong."""
         return [*([self.error] if self.error else []), *self.problems]
+
+
+def available() -> bool:
+    """Whether this host has a pgbench the load can use (15 or later)."""
+    try:
+        find_pgbench()
+    except LoadUnavailable:
+        return False
+    return True
 
 
 def under_load(dsn: str, step: Callable[[str], str | None], *, schema: str = "public",
