@@ -12,6 +12,7 @@ from psycopg2 import sql
 from migration.connection import connect
 from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
+from migration.preflight import validate_schema, wal_advice
 from migration.rehearsal.fingerprint import expected_after_migration
 from migration.rehearsal.sandbox import Sandbox, schema_sql, with_credentials
 from migration.session import ADVISORY_KEYS, Session, Settings
@@ -517,3 +518,31 @@ def test_column_grants_on_the_key_columns_survive_the_swap_and_the_rollback(
     assert execute(legacy_db, grants) == before
     run_ok(legacy_db, "rollback")
     assert execute(legacy_db, grants) == before
+
+
+@pytest.mark.parametrize(("full_page_writes", "max_wal", "status", "advice"), [
+    ("on", 96 * 2**20, "warn", "raise max_wal_size to 4GB or more"),
+    ("on", 3 * 2**30, "warn", "raise max_wal_size to 4GB or more"),
+    ("on", 4 * 2**30, "info", None),
+    ("off", 96 * 2**20, "info", None),
+], ids=["small", "just under", "room", "full_page_writes off"])
+def test_the_wal_advice_warns_where_checkpoints_fall_inside_the_migration(
+        full_page_writes: str, max_wal: int, status: str, advice: str | None) -> None:
+    """A plan of 1 GiB wants 4 GiB of max_wal_size when every checkpoint makes the next
+    change to each page write it whole (no server: the settings are given)."""
+    finding = wal_advice(full_page_writes=full_page_writes == "on", max_wal_bytes=max_wal,
+                         checkpoint_timeout="5min", plan_bytes=2**30)
+    assert (finding.check, finding.status.value) == ("wal", status)
+    assert (finding.hint == "") if advice is None else (advice in finding.hint)
+    assert "checkpoint_timeout 5min" in finding.message
+
+
+def test_validate_schema_reads_the_server_s_wal_settings(legacy_db: str) -> None:
+    """The pre-flight names the WAL settings it judged, as the server has them."""
+    with Session.open(legacy_db, Settings(show_progress=False)) as session:
+        found = [f for f in validate_schema(session) if f.check == "wal"]
+    (fpw, wal), = execute(legacy_db, "SELECT current_setting('full_page_writes'), "
+                                     "pg_size_bytes(current_setting('max_wal_size'))")
+    assert len(found) == 1
+    assert f"full_page_writes {fpw}," in found[0].message
+    assert found[0].count == wal
