@@ -8,12 +8,14 @@ and a problem under load failing the rehearsal.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from migration.plan import Plan, build_plan, parse_key
 from migration.rehearsal.generate import populate
 from migration.rehearsal.load import PhaseStats
+from migration.rehearsal.rehearse import RehearsalOptions, rehearse
 from migration.rehearsal.report import Report, render_junit, render_text
 from migration.rehearsal.sandbox import Sandbox
 from migration.rehearsal.schema_load import SchemaLoad
@@ -69,11 +71,7 @@ def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
     assert "new_tag: failed (42P01)" in render_junit(report)
 
 
-def test_live_load_is_a_usage_error_with_schema_from_and_with_other_operations() -> None:
-    result = operate("postgresql://nobody@127.0.0.1:1/none", "rehearse", "--live-load",
-                     "--schema-from=schema.sql")
-    assert result.exit_code == 2
-    assert "--live-load drives the runbook's tables" in result.output
+def test_live_load_is_a_usage_error_with_other_operations() -> None:
     result = operate("postgresql://nobody@127.0.0.1:1/none", "full_migration", "--live-load")
     assert result.exit_code == 2
     assert "--live-load belongs to --operation=rehearse" in result.output
@@ -147,6 +145,10 @@ def test_the_load_of_an_own_schema_writes_every_table_and_loses_nothing(
     # The prepared client's statements broke at the swap, each named with its SQLSTATE.
     assert report.notes(), report.prepared_failures
     assert all("SQLSTATE 42804" in n or "SQLSTATE 42883" in n for n in report.notes())
+    assert report.probes > 0
+    assert report.fk_unenforced_s == 0
+    assert {table for table, _, _ in load.prober.probes} == {"public.sessions",
+                                                              "public.invoices"}
     assert load.skipped == ["updates of public.invoices: its rows have no identity (no primary "
                             "key or unique key over NOT NULL columns)"]
 
@@ -174,6 +176,24 @@ _UNDO_TWO_WRITES = (
     "i.account_uuid, 'amount', i.amount::text, 'note', i.note) JOIN live_load.picks p "
     "ON p.key = i.account_uuid LIMIT 1)",
 )
+
+
+@pytest.mark.once
+def test_rehearse_live_load_on_a_schema_from_a_file(sandbox: Sandbox, tmp_path: Path) -> None:
+    """The whole rehearsal with ``--schema-from`` and ``--live-load``: the load made for its
+    tables, and what it saw in the report."""
+    schema = tmp_path / "own.sql"
+    schema.write_text(OWN_SCHEMA)
+    report = rehearse(sandbox.admin_dsn_for("postgres"), RehearsalOptions(
+        schema_from=str(schema), key=parse_key(OWN_KEY), users=100, batch_sizes=(50,),
+        dirty=False, live_load=True))
+    assert report.passed, report.problems()
+    assert report.live_load is not None
+    assert [p.name for p in report.live_load.phases] == ["before", *STEPS, "after"]
+    assert report.live_load.transactions > 0
+    text = render_text(report)
+    assert "no application transaction failed, every committed write is there" in text
+    assert "not written: updates of public.invoices: its rows have no identity" in text
 
 
 # An invoice recorded gone, then written again with another key and the rest unchanged.

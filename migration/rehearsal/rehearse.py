@@ -94,7 +94,7 @@ from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.smoke import binding_failures, smoke_writes
 from migration.rehearsal.under_load import STEPS as STEPS_UNDER_LOAD
-from migration.rehearsal.under_load import LoadRun, under_load
+from migration.rehearsal.under_load import LoadRun, pool_rows_for, under_load
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -728,9 +728,11 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
 
 
 def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
-                  batch_size: int, orphans: str, say: Say) -> LoadRun:
+                  batch_size: int, orphans: str, say: Say, plan: Plan | None = None,
+                  migration_s: float = 0.0) -> LoadRun:
     """``full_migration`` then ``rollback`` on a clone of ``prepared`` under pgbench's
-    load (``under_load``); what the application saw."""
+    load (``under_load``; given ``plan``, scripts made for its tables, with rows for a
+    migration of about ``migration_s``); what the application saw."""
     name = scratch.create("live_load", template=prepared)
     settings = options.settings(batch_size=batch_size, orphans=orphans)
 
@@ -745,7 +747,8 @@ def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
 
     try:
         with steps_said(say, "under live load"):
-            result = under_load(scratch.dsn(name), step, schema=options.schema)
+            result = under_load(scratch.dsn(name), step, schema=options.schema, plan=plan,
+                                pool_rows=pool_rows_for(migration_s))
     finally:
         scratch.drop(name)
     stall = max((p.longest_stall_s for p in result.phases if p.name in STEPS_UNDER_LOAD),
@@ -834,7 +837,9 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
         f"{len(failures(report.verify))} failure(s)")
     if options.live_load:
         report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
-                                         orphans=orphans, say=say)
+                                         orphans=orphans, say=say,
+                                         plan=None if options.schema_from is None else plan,
+                                         migration_s=report.final.seconds)
     production, source = _production(options, report.rows, plan)
     if production is not None:
         _project(scratch, options, report, plan, production, source, say)
@@ -975,9 +980,6 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         allow_triggers=options["allow_triggers"],
         refresh_materialized_views=options["refresh_materialized_views"],
         live_load=bool(options.get("live_load")))
-    if rehearsal.live_load and rehearsal.schema_from is not None:
-        raise click.UsageError("--live-load drives the runbook's tables (users, "
-                               "journal_entries, tags, reminders): not with --schema-from")
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):

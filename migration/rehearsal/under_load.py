@@ -30,6 +30,16 @@ from migration.rehearsal.schema_load import POOL_ROWS, SchemaLoad
 RATE, CLIENTS = 150.0, 4  # the live-load tests' and the benchmark's default load
 PREPARED_CLIENTS = 1  # of CLIENTS, on a schema of the operator's (``SchemaLoad``)
 BASELINE_S = 3.0  # seconds of load before the migration: the "before" phase
+MIN_POOL_ROWS = 2000
+
+
+def pool_rows_for(migration_s: float, rate: float = RATE) -> int:
+    """Generated rows per table for a ``SchemaLoad`` whose migration took ``migration_s``
+    without load: enough for the baseline, the migration and the rollback under load (each
+    taken as half as long again) and the last second, with half again to spare.  Rows
+    run out are a note, not a failure (``LoadReport.notes``)."""
+    seconds = BASELINE_S + 1.0 + 3 * migration_s
+    return max(MIN_POOL_ROWS, int(1.5 * rate * seconds))
 STEPS = ("full_migration", "rollback")
 
 
