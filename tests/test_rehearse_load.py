@@ -181,12 +181,14 @@ _UNDO_TWO_WRITES = (
 @pytest.mark.once
 def test_rehearse_live_load_on_a_schema_from_a_file(sandbox: Sandbox, tmp_path: Path) -> None:
     """The whole rehearsal with ``--schema-from`` and ``--live-load``: the load made for its
-    tables, and what it saw in the report."""
+    tables, and what it saw in the report.  With the command's ``--lock-timeout`` (100 ms):
+    with the dataclass's 3000 ms, longer than ``deadlock_timeout`` (1 s), the load's
+    cascading delete was once a deadlock's victim, the engine's wait outlasting its own."""
     schema = tmp_path / "own.sql"
     schema.write_text(OWN_SCHEMA)
     report = rehearse(sandbox.admin_dsn_for("postgres"), RehearsalOptions(
         schema_from=str(schema), key=parse_key(OWN_KEY), users=100, batch_sizes=(50,),
-        dirty=False, live_load=True))
+        dirty=False, live_load=True, lock_timeout_ms=100))
     assert report.passed, report.problems()
     assert report.live_load is not None
     assert [p.name for p in report.live_load.phases] == ["before", *STEPS, "after"]
