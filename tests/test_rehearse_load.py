@@ -158,23 +158,28 @@ def test_the_ledger_of_an_own_schema_sees_the_writes_undone_behind_its_back(
     dsn, plan = own_schema
     with SchemaLoad(dsn, plan, rate=60, clients=2, pool_rows=500) as load:
         wait_until(lambda: _families_changed(dsn), pause=0.2)
-        for statement in _UNDO_TWO_WRITES:
+        for statement in _UNDO_THREE_WRITES:
             assert execute(dsn, statement + " RETURNING 1"), statement
         report = load.stop()
     assert sorted(m.kind for m in report.missing_writes) == [
-        "write public.accounts", "write public.invoices"], report.missing_writes
+        "gone public.sessions", "write public.accounts", "write public.invoices"
+    ], report.missing_writes
     assert len(report.problems()) == 1, report.problems()
 
 
 # Rows the load does not write again: the oldest family's account (key updates and deletes
-# take the latest), and an invoice of an existing account (invoices are never updated).
-_UNDO_TWO_WRITES = (
+# take the latest), an invoice of an existing account (invoices are never updated), and a
+# session the load deleted, back with its id (ids are never given again).
+_UNDO_THREE_WRITES = (
     "UPDATE accounts SET email = 'changed-' || email WHERE uuid = "
     "(SELECT parent_key FROM live_load.families ORDER BY n LIMIT 1)",
     "DELETE FROM invoices WHERE ctid = (SELECT i.ctid FROM invoices i JOIN live_load.ledger l "
     "ON l.tbl = 'public.invoices' AND l.expect = jsonb_build_object('account_uuid', "
     "i.account_uuid, 'amount', i.amount::text, 'note', i.note) JOIN live_load.picks p "
     "ON p.key = i.account_uuid LIMIT 1)",
+    "INSERT INTO sessions (id, account_uuid, token) SELECT (l.ident ->> 'id')::bigint, "
+    "(SELECT key FROM live_load.picks WHERE n = 1), 'back' FROM live_load.ledger l "
+    "WHERE (l.tbl, l.op) = ('public.sessions', 'gone') ORDER BY l.seq LIMIT 1",
 )
 
 
