@@ -212,11 +212,10 @@ class SchemaLoad(LiveLoad):
         parent, children = self.parent, self.children
         cascading = [c for c in children if c.update_cascades]
         self_refs = parent.keys[1:]
-        scripts: dict[str, sql.Composable] = {}
-        weights: dict[str, int] = {}
+        scripts: dict[str, tuple[int, sql.Composable]] = {}
 
         def add(name: str, weight: int, script: sql.Composable) -> None:
-            scripts[name], weights[name] = script, weight
+            scripts[name] = (weight, script)
 
         rekeyable = not self_refs and len(cascading) == len(children)
         add("new_family", 3, self._new_family(children, rekeyable=rekeyable))
@@ -241,7 +240,7 @@ class SchemaLoad(LiveLoad):
                 add(f"update_{part.name}", 2, self._update(part))
         for part in children:
             add(f"insert_{part.name}", 2, self._insert_child(part))
-        return {name: (weights[name], script) for name, script in scripts.items()}
+        return scripts
 
     def _inserted(self, part: Part, keys: sql.Composable) -> sql.Composable:
         """INSERT pool row ``:d`` into ``part`` with its key columns set to ``keys``; ledgered."""
