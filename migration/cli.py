@@ -356,9 +356,10 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "names the key to convert, --users the rows of its table.")
 @click.option("--live-load/--no-live-load", "live_load", default=None, help="rehearse: run "
               "full_migration and rollback once more on a clone while pgbench writes to it "
-              "(the runbook's tables), and report what the application saw: failed "
-              "transactions, lost writes, latencies, the longest stall. Default: on where "
-              "pgbench 15 or later is found, off with --schema-from.")
+              "(every table of the plan; with --schema-from, scripts made for its tables), "
+              "and report what the application saw: failed transactions, lost writes, "
+              "latencies, the longest stall. Default: on where pgbench 15 or later is "
+              "found, off with --schema-from.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context

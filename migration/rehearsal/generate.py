@@ -612,7 +612,15 @@ class Loader:
         """One row the table would accept, not inserted: each generated column's value as
         text (columns left to their defaults are absent); None if no candidate qualifies.
         Every foreign key is drawn, none left NULL for later; ``required`` are not NULL."""
-        copied = self._stage_rows(spec, CANDIDATES, start=start, overrides={}, draw_all=True)
+        found = self.candidates(spec, start=start, required=required)
+        return found[0] if found else None
+
+    def candidates(self, spec: TableSpec, *, start: int, required: Sequence[str] = (),
+                   staged: int = CANDIDATES, limit: int = 1) -> list[dict[str, str | None]]:
+        """Up to ``limit`` of ``staged`` generated rows that the table would accept one by
+        one, as ``candidate`` makes them (their unique values differ, being made from
+        distinct row numbers)."""
+        copied = self._stage_rows(spec, staged, start=start, overrides={}, draw_all=True)
         taken = [sql.SQL("NOT EXISTS (SELECT FROM {t} x WHERE ROW({x}) = ROW({s}))").format(
             t=spec.table.ident, x=sql.SQL(", ").join(sql.Identifier("x", c) for c in cols),
             s=sql.SQL(", ").join(sql.Identifier("s", c) for c in cols))
@@ -620,13 +628,13 @@ class Loader:
         where = [*self._conditions(spec).values(), *taken,
                  *(sql.SQL("{} IS NOT NULL").format(sql.Identifier("s", c)) for c in required)]
         self.cur.execute(sql.SQL("SELECT {cols} FROM pg_temp.{staging} s WHERE {where} "
-                                 "ORDER BY s.ctid LIMIT 1").format(
+                                 "ORDER BY s.ctid LIMIT %s").format(
             cols=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier("s", c))
                                     for c in copied),
-            staging=STAGING, where=sql.SQL(" AND ").join([sql.SQL("true"), *where])))
-        row = self.cur.fetchone()
+            staging=STAGING, where=sql.SQL(" AND ").join([sql.SQL("true"), *where])), (limit,))
+        rows = self.cur.fetchall()
         self.cur.execute(sql.SQL("DROP TABLE pg_temp.{}").format(STAGING))
-        return None if row is None else dict(zip(copied, row, strict=True))
+        return [dict(zip(copied, row, strict=True)) for row in rows]
 
     def _stage_rows(self, spec: TableSpec, count: int, *, start: int,
                     overrides: Mapping[str, object], draw_all: bool = False) -> list[str]:

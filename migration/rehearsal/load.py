@@ -44,6 +44,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -184,11 +185,41 @@ class LoadUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class Failure:
-    """A transaction that did not commit: when (epoch seconds, None if unknown) and why."""
+    """A transaction that did not commit: when (epoch seconds, None if unknown) and why;
+    ``prepared``: on a client whose statements were prepared (``-M prepared``)."""
 
     at: float | None
     script: str
     reason: str
+    prepared: bool = False
+
+    @property
+    def sqlstate(self) -> str | None:
+        """The SQLSTATE the reason names: pgbench prints the server's message, not its
+        code, so it is read from the message (``SQLSTATES``); None when not one of those."""
+        return next((code for words, code in SQLSTATES if words in self.reason), None)
+
+    @property
+    def from_preparing(self) -> bool:
+        """A statement prepared before the swap that the new type breaks: the application's
+        to handle (recycle its pools), not a failure of the migration."""
+        return self.prepared and self.sqlstate in PREPARED_BREAKS
+
+
+# What the server's messages and pgbench's words say, and their SQLSTATE.
+SQLSTATES = (
+    ("but expression is of type", "42804"),  # a parameter prepared as the string type
+    ("operator does not exist", "42883"),  # uuid = character varying
+    ("cached plan must not change result type", "0A000"),
+    ("serialization", "40001"),
+    ("deadlock", "40P01"),
+    ("lock timeout", "55P03"),
+    ("violates foreign key constraint", "23503"),
+    ("violates unique constraint", "23505"),
+    ("violates check constraint", "23514"),
+    ("violates not-null constraint", "23502"),
+)
+PREPARED_BREAKS = frozenset({"42804", "42883", "0A000"})
 
 
 @dataclass(frozen=True)
@@ -248,6 +279,13 @@ class LoadReport:
     pgbench_exit: int
     pgbench_summary: str
     pgbench_errors: list[str] = field(default_factory=list)
+    prepared_failures: list[Failure] = field(default_factory=list)
+    """Failures of the clients with prepared statements (``LiveLoad.prepared_clients``)."""
+    prepared_exit: int = 0
+    pool_exhausted: list[str] = field(default_factory=list)
+    """Tables whose generated rows the load used up (a ``SchemaLoad``): it wrote no more."""
+    unwritten: list[str] = field(default_factory=list)
+    """Tables the load is to write on where it committed no write (a ``SchemaLoad``)."""
 
     def phase(self, name: str) -> PhaseStats:
         return next(p for p in self.phases if p.name == name)
@@ -259,9 +297,12 @@ class LoadReport:
     def problems(self) -> list[str]:
         """What an online migration must not do, each with its figures; empty when clean."""
         found: list[str] = []
-        if self.failures:
-            reasons = Counter(f"{f.script}: {f.reason}" for f in self.failures)
-            found.append(f"{len(self.failures)} of {self.transactions + len(self.failures)} "
+        failed = [*self.failures, *(f for f in self.prepared_failures if not f.from_preparing)]
+        if failed:
+            reasons = Counter(f"{f.script}: {f.reason}"
+                              + (f" (SQLSTATE {f.sqlstate})" if f.sqlstate else "")
+                              for f in failed)
+            found.append(f"{len(failed)} of {self.transactions + len(failed)} "
                          "application transactions failed: "
                          + "; ".join(f"{n}x {r}" for r, n in reasons.most_common(5)))
         if self.orphans_accepted:
@@ -284,7 +325,25 @@ class LoadReport:
         if self.pgbench_exit != 0:
             found.append(f"pgbench exited {self.pgbench_exit}: "
                          + " | ".join(self.pgbench_errors[:3]))
+        if self.prepared_exit != 0 and not all(f.from_preparing
+                                               for f in self.prepared_failures):
+            found.append(f"pgbench -M prepared exited {self.prepared_exit}")
+        if self.unwritten:
+            found.append("no write of the load was committed on "
+                         + ", ".join(self.unwritten))
         return found
+
+    def notes(self) -> list[str]:
+        """What the clients with statements prepared before the swap saw: each failure the
+        new type causes, with its SQLSTATE (the application's to handle, see ``prepared``);
+        and generated rows used up.  Neither fails the load."""
+        known = Counter(f"{f.script}: {f.reason} (SQLSTATE {f.sqlstate})"
+                        for f in self.prepared_failures if f.from_preparing)
+        return [f"{n}x on a client with prepared statements: {reason}"
+                for reason, n in known.most_common()] + (
+            ["the load used up its generated rows of " + ", ".join(self.pool_exhausted)
+             + ": it inserted no more there (a larger pool_rows, or a lower rate)"]
+            if self.pool_exhausted else [])
 
     def describe(self) -> str:
         """One line per phase: transactions, failures, latencies, longest stall."""
@@ -342,12 +401,13 @@ def libpq_env(dsn: str) -> dict[str, str]:
 
 
 def pgbench_command(binary: Path, workdir: Path, *, rate: float, clients: int, picks: int,
-                    max_seconds: int) -> list[str]:
-    argv = [str(binary), "--no-vacuum", "--protocol=extended", f"--client={clients}",
+                    max_seconds: int, scripts: Mapping[str, tuple[int, str]] = SCRIPTS,
+                    protocol: str = "extended", prefix: str = "tx") -> list[str]:
+    argv = [str(binary), "--no-vacuum", f"--protocol={protocol}", f"--client={clients}",
             f"--rate={rate:g}", f"--time={max_seconds}", "--log",
-            f"--log-prefix={workdir / 'tx'}", "--max-tries=1", "--failures-detailed",
+            f"--log-prefix={workdir / prefix}", "--max-tries=1", "--failures-detailed",
             "--verbose-errors", f"--define=picks={picks}"]
-    for name, (weight, _script) in SCRIPTS.items():
+    for name, (weight, _script) in scripts.items():
         argv.append(f"--file={workdir / (name + '.sql')}@{weight}")
     return argv
 
@@ -360,13 +420,13 @@ class _Tx:
     outcome: str  # "ok", or pgbench's failure word (failed, deadlock, serialization)
 
 
-def parse_log_line(line: str) -> _Tx | None:
+def parse_log_line(line: str, scripts: Sequence[str] = tuple(SCRIPTS)) -> _Tx | None:
     """``client tx time script epoch us [lag]``: time is µs, or why it failed."""
     fields = line.split()
     if len(fields) < 6:
         return None
     done = int(fields[4]) + int(fields[5]) / 1e6
-    script = list(SCRIPTS)[int(fields[3])]
+    script = scripts[int(fields[3])]
     if fields[2].isdigit():
         return _Tx(done, int(fields[2]) / 1e6, script, "ok")
     return _Tx(done, None, script, fields[2])
@@ -400,38 +460,44 @@ _ABORTED = re.compile(r"client (\d+) (?:script (\d+) )?aborted in command (\d+)[
 _LOST = re.compile(r"client \d+ aborted in command \d+ \(\w+\) of script (\d+); (.*)")
 
 
-def aborted_clients(stderr: list[str]) -> list[Failure]:
+def aborted_clients(stderr: list[str], scripts: Sequence[str] = tuple(SCRIPTS), *,
+                    prepared: bool = False) -> list[Failure]:
     """The clients pgbench's standard error says it gave up on, with the reason."""
-    found = [Failure(None, list(SCRIPTS)[int(m[2] or 0)], m[4])
+    found = [Failure(None, scripts[int(m[2] or 0)], m[4], prepared)
              for m in map(_ABORTED.search, stderr) if m]
-    return found + [Failure(None, list(SCRIPTS)[int(m[1])], m[2])
+    return found + [Failure(None, scripts[int(m[1])], m[2], prepared)
                     for m in map(_LOST.search, stderr) if m]
 
 
 # -- the prober -------------------------------------------------------------------------------
 
+Probe = tuple[str, sql.Composable, int]
+"""A child table's name, an INSERT into it, and how many of its parameters there are:
+each is the orphan's key."""
+
+
+def runbook_probes(schema: str) -> list[Probe]:
+    """The orphan inserts into the runbook's child tables."""
+    return [(table, sql.SQL(_PROBES[table]).format(sql.Identifier(schema, table)), 1)
+            for table in CHILD_TABLES]
+
+
 class OrphanProber:
     """Every ``interval`` seconds, try an orphan insert into each child table and roll back."""
 
-    def __init__(self, dsn: str, *, schema: str, interval: float) -> None:
+    def __init__(self, dsn: str, *, schema: str, interval: float,
+                 probes: Sequence[Probe] | None = None) -> None:
         self.dsn, self.schema, self.interval = dsn, schema, interval
+        self.probes = list(runbook_probes(schema) if probes is None else probes)
         self.accepted: list[Orphan] = []
         self.errors: list[ProbeError] = []
         self.rounds: list[tuple[float, bool]] = []  # (when, an orphan was accepted)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="orphan-prober", daemon=True)
-        self.tables: tuple[str, ...] = ()
-        """The child tables probed: those with a foreign key on ``user_id`` at the start."""
+        self.tables = tuple(table for table, _, _ in self.probes)
+        """The child tables probed."""
 
     def start(self) -> None:
-        conn = connect(self.dsn, application_name=APPLICATION_NAME + "-prober")
-        try:
-            with conn.cursor() as cur:
-                cur.execute(_CONSTRAINED, (self.schema, list(CHILD_TABLES)))
-                found = {str(name) for (name,) in cur.fetchall()}
-        finally:
-            conn.close()
-        self.tables = tuple(table for table in CHILD_TABLES if table in found)
         self._thread.start()
 
     def stop(self) -> None:
@@ -462,11 +528,10 @@ class OrphanProber:
 
     def _round(self, conn: Connection) -> None:
         at, accepted = time.time(), False
-        for table in self.tables:
-            statement = sql.SQL(_PROBES[table]).format(sql.Identifier(self.schema, table))
+        for table, statement, params in self.probes:
             try:
                 with conn.cursor() as cur:
-                    cur.execute(statement, (ORPHAN_USER_ID,))
+                    cur.execute(statement, (ORPHAN_USER_ID,) * params)
                 self.accepted.append(Orphan(at, table))
                 accepted = True
             except psycopg2.errors.ForeignKeyViolation:
@@ -490,19 +555,34 @@ class LiveLoad:
     ``phase()`` mark; ``stop()`` ends the last phase.  ``max_seconds`` bounds pgbench's
     run (``--time``); ``stop()`` ends it sooner with SIGALRM, pgbench's own end-of-run
     signal, so its summary and per-transaction log are complete.
+
+    ``prepared_clients`` more clients run the same scripts in a second pgbench with
+    ``-M prepared``: each statement prepared at its first execution, as a driver that
+    caches server-side statements does; the rate is shared in proportion to the clients.
+    What they fail with after the swap is told apart (``LoadReport.notes``).
+
+    The scripts, the ledger and its check, and the probes are the runbook's tables';
+    ``schema_load.SchemaLoad`` makes them for any plan by overriding ``scripts``,
+    ``_prepare_database``, ``_check_ledger`` and ``_probes``.
     """
+
+    scripts: Mapping[str, tuple[int, str]] = SCRIPTS
 
     def __init__(self, dsn: str, *, rate: float = 150, clients: int = 4,
                  schema: str = "public", probe_interval: float = 0.1,
-                 max_seconds: int = 3600, pgbench: Path | None = None) -> None:
+                 max_seconds: int = 3600, pgbench: Path | None = None,
+                 prepared_clients: int = 0) -> None:
         self.dsn, self.rate, self.clients, self.schema = dsn, rate, clients, schema
+        self.prepared_clients = prepared_clients
         self.max_seconds = max_seconds
         self.binary = pgbench or find_pgbench()
-        self.prober = OrphanProber(dsn, schema=schema, interval=probe_interval)
+        self.prober = OrphanProber(dsn, schema=schema, interval=probe_interval,
+                                   probes=self._probes())
         self.marks: list[tuple[str, float]] = []
         self.report: LoadReport | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="uuidmig-load-"))
         self._proc: subprocess.Popen[bytes] | None = None
+        self._prepared_proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> LiveLoad:
         try:
@@ -522,17 +602,27 @@ class LiveLoad:
 
     def start(self) -> None:
         picks = self._prepare_database()
-        for name, (_weight, script) in SCRIPTS.items():
+        for name, (_weight, script) in self.scripts.items():
             (self._workdir / f"{name}.sql").write_text(script)
-        argv = pgbench_command(self.binary, self._workdir, rate=self.rate, clients=self.clients,
-                               picks=picks, max_seconds=self.max_seconds)
-        with open(self._workdir / "stdout", "wb") as out, \
-                open(self._workdir / "stderr", "wb") as err:
-            self._proc = subprocess.Popen(argv, stdout=out, stderr=err, cwd=self._workdir,
-                                          env=libpq_env(self.dsn))
+        share = self.rate / (self.clients + self.prepared_clients)
+        self._proc = self._pgbench(picks, self.clients, share * self.clients, "extended", "")
+        if self.prepared_clients:
+            self._prepared_proc = self._pgbench(picks, self.prepared_clients,
+                                                share * self.prepared_clients, "prepared", "p")
         self._wait_connected()
         self.prober.start()
         self.marks.append(("before", time.time()))
+
+    def _pgbench(self, picks: int, clients: int, rate: float, protocol: str,
+                 prefix: str) -> subprocess.Popen[bytes]:
+        """A pgbench with its standard output, error and transaction log under ``prefix``."""
+        argv = pgbench_command(self.binary, self._workdir, rate=rate, clients=clients,
+                               picks=picks, max_seconds=self.max_seconds, scripts=self.scripts,
+                               protocol=protocol, prefix=prefix + "tx")
+        with open(self._workdir / f"{prefix}stdout", "wb") as out, \
+                open(self._workdir / f"{prefix}stderr", "wb") as err:
+            return subprocess.Popen(argv, stdout=out, stderr=err, cwd=self._workdir,
+                                    env=libpq_env(self.dsn))
 
     @property
     def running(self) -> bool:
@@ -548,17 +638,18 @@ class LiveLoad:
         assert self._proc is not None, "the load was not started"
         ended = time.time()
         self.prober.stop()
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGALRM)
-        exit_code = self._proc.wait()
-        txs = [tx for path in sorted(self._workdir.glob("tx.*"))
-               for tx in map(parse_log_line, path.read_text().splitlines()) if tx]
-        stderr = (self._workdir / "stderr").read_text(errors="replace").splitlines()
+        procs = [proc for proc in (self._proc, self._prepared_proc) if proc is not None]
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGALRM)
+        exit_code, *prepared_exit = [proc.wait() for proc in procs]
+        names = tuple(self.scripts)
+        txs, failures, stderr = self._outcome("", names, prepared=False)
+        prepared_txs, prepared_failures, _ = self._outcome("p", names, prepared=True)
+        txs += prepared_txs
         bounds = [*self.marks[1:], ("", ended)]
         phases = [phase_stats(name, start, end, txs)
                   for (name, start), (_, end) in zip(self.marks, bounds, strict=True)]
-        failures = [Failure(t.done, t.script, t.outcome) for t in txs if t.outcome != "ok"]
-        failures += aborted_clients(stderr)
         missing, ledger_rows = self._check_ledger()
         self.report = LoadReport(
             transactions=sum(1 for t in txs if t.outcome == "ok"), failures=failures,
@@ -567,8 +658,44 @@ class LiveLoad:
             missing_writes=missing, ledger_rows=ledger_rows, phases=phases,
             started_at=self.marks[0][1], pgbench_exit=exit_code,
             pgbench_summary=(self._workdir / "stdout").read_text(errors="replace"),
-            pgbench_errors=[line for line in stderr if "error" in line.lower()])
+            pgbench_errors=[line for line in stderr if "error" in line.lower()],
+            prepared_failures=prepared_failures, prepared_exit=sum(prepared_exit),
+            pool_exhausted=self._exhausted(), unwritten=self._unwritten(ledger_rows))
         return self.report
+
+    def _outcome(self, prefix: str, names: Sequence[str], *,
+                 prepared: bool) -> tuple[list[_Tx], list[Failure], list[str]]:
+        """The transactions one pgbench logged, its failures, and its standard error."""
+        txs = [tx for path in sorted(self._workdir.glob(f"{prefix}tx.*"))
+               for tx in (parse_log_line(line, names) for line in path.read_text().splitlines())
+               if tx]
+        path = self._workdir / f"{prefix}stderr"
+        stderr = path.read_text(errors="replace").splitlines() if path.exists() else []
+        failures = [Failure(t.done, t.script, t.outcome, prepared)
+                    for t in txs if t.outcome != "ok"]
+        return txs, failures + aborted_clients(stderr, names, prepared=prepared), stderr
+
+    def _probes(self) -> list[Probe]:
+        """The prober's orphan inserts: into the runbook's children that have a foreign key
+        on ``user_id`` now (its generated dataset with planted problems has none on tags and
+        reminders, as the runbook's schema: an orphan there is the schema's, not a
+        migration's)."""
+        conn = connect(self.dsn, application_name=APPLICATION_NAME + "-prober")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(_CONSTRAINED, (self.schema, list(CHILD_TABLES)))
+                found = {str(name) for (name,) in cur.fetchall()}
+        finally:
+            conn.close()
+        return [probe for probe in runbook_probes(self.schema) if probe[0] in found]
+
+    def _exhausted(self) -> list[str]:
+        """Tables whose generated rows ran out (none: the runbook's load makes its own)."""
+        return []
+
+    def _unwritten(self, ledger_rows: Counter[str]) -> list[str]:
+        """Tables with no committed write in ``ledger_rows`` (the runbook's load: unchecked)."""
+        return []
 
     def _prepare_database(self) -> int:
         """The ledger and the picks (a snapshot of the user ids); how many picks."""
@@ -596,10 +723,15 @@ class LiveLoad:
                 while True:
                     cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name "
                                 "= %s AND datname = current_database()", (APPLICATION_NAME,))
-                    if int((cur.fetchone() or [0])[0]) >= self.clients:
+                    connected = int((cur.fetchone() or [0])[0])
+                    if connected >= self.clients + self.prepared_clients:
                         return
-                    if self._proc.poll() is not None or time.monotonic() > deadline:
-                        err = (self._workdir / "stderr").read_text(errors="replace")
+                    died = [(proc, prefix) for proc, prefix in
+                            ((self._proc, ""), (self._prepared_proc, "p"))
+                            if proc is not None and proc.poll() is not None]
+                    if died or time.monotonic() > deadline:
+                        prefix = died[0][1] if died else ""
+                        err = (self._workdir / f"{prefix}stderr").read_text(errors="replace")
                         raise LoadUnavailable(f"pgbench did not start: {redact_dsn(err)[-800:]}")
                     time.sleep(0.05)
         finally:
@@ -621,10 +753,10 @@ class LiveLoad:
         return missing, counts
 
     def _cleanup(self) -> None:
-        if self.running:
-            assert self._proc is not None
-            self._proc.kill()
-            self._proc.wait()
+        for proc in (self._proc, self._prepared_proc):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
         if self.prober._thread.is_alive():
             self.prober.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)

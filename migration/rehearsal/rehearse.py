@@ -94,7 +94,7 @@ from migration.rehearsal.sandbox import OWNER_ROLE, prepare, schema_sql
 from migration.rehearsal.seed import Planted, seed
 from migration.rehearsal.smoke import binding_failures, smoke_writes
 from migration.rehearsal.under_load import STEPS as STEPS_UNDER_LOAD
-from migration.rehearsal.under_load import LoadRun, available, under_load
+from migration.rehearsal.under_load import LoadRun, available, pool_rows_for, under_load
 from migration.report import Finding, Status, failures
 from migration.rows import orphan_condition
 from migration.session import Session, Settings
@@ -776,9 +776,11 @@ def rollback_copy(scratch: Scratch, source: str, stage: str, baseline: Fingerpri
 
 
 def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
-                  batch_size: int, orphans: str, say: Say) -> LoadRun:
+                  batch_size: int, orphans: str, say: Say, plan: Plan | None = None,
+                  migration_s: float = 0.0) -> LoadRun:
     """``full_migration`` then ``rollback`` on a clone of ``prepared`` (not migrated yet)
-    under pgbench's load (``under_load``); what the application saw."""
+    under pgbench's load (``under_load``; given ``plan``, scripts made for its tables, with
+    rows for a migration of about ``migration_s``); what the application saw."""
     name = scratch.create("live_load", template=prepared)
     settings = options.settings(batch_size=batch_size, orphans=orphans)
     rows: dict[str, int] = {}
@@ -794,7 +796,8 @@ def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
 
     try:
         with steps_said(say, "under live load"):
-            result = under_load(scratch.dsn(name), step, schema=options.schema)
+            result = under_load(scratch.dsn(name), step, schema=options.schema, plan=plan,
+                                pool_rows=pool_rows_for(migration_s))
     finally:
         scratch.drop(name)
     result.rows = rows
@@ -868,8 +871,12 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
                                                  batch_size=best, orphans=orphans, say=say,
                                                  smoke=report.smoke)
     if options.live_load:  # on a clone of the prepared database before it is migrated
+        trial_s = max(t.batched_seconds for t in report.trials
+                      if t.batch_size == best and not t.error)
         report.live_load = live_load_run(scratch, prepared, options, batch_size=best,
-                                         orphans=orphans, say=say)
+                                         orphans=orphans, say=say,
+                                         plan=None if options.schema_from is None else plan,
+                                         migration_s=trial_s)
     report.final, report.prepared_during, report.prepared = final_migration(
         dsn, plan, options, report.rows, batch_size=best, orphans=orphans, say=say)
     if report.final.error:
@@ -1003,8 +1010,10 @@ def schema_database(schema_from: str | None) -> str | None:
 
 def live_load_wanted(*, given: bool | None, schema_from: str | None) -> bool:
     """``--live-load`` / ``--no-live-load`` as given; not given, on where this host has a
-    pgbench to drive the load, and off with ``--schema-from`` (its scripts write the
-    runbook's tables).  Asked for where there is none, the report says so and fails."""
+    pgbench to drive the load, and off with ``--schema-from`` (its load, made for the
+    schema's tables, is asked for with ``--live-load``: generating its rows adds to a
+    rehearsal's time with the schema's size).  Asked for where there is none, the report
+    says so and fails."""
     if given is not None:
         return given
     return schema_from is None and available()
@@ -1034,9 +1043,6 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         refresh_materialized_views=options["refresh_materialized_views"],
         live_load=live_load_wanted(given=options.get("live_load"),
                                    schema_from=options.get("schema_from")))
-    if rehearsal.live_load and rehearsal.schema_from is not None:
-        raise click.UsageError("--live-load drives the runbook's tables (users, "
-                               "journal_entries, tags, reminders): not with --schema-from")
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):
