@@ -291,7 +291,9 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
               "before it is retried with backoff (the application's queries queue behind "
               "it that long at most).  The swap and the change log's triggers ask for "
               "their tables without waiting, retried within milliseconds, and wait in the "
-              "queue this long per attempt only after 30 times this long of such tries.")
+              "queue this long per attempt only after 30 times this long of such tries.  "
+              "Kept under half the server's deadlock_timeout, so that in a deadlock with "
+              "the application the engine's transaction is the one that gives up.")
 @click.option("--statement-timeout", "statement_timeout_ms", default=300_000,
               show_default=True, type=click.IntRange(min=0),
               help="Milliseconds an ordinary statement may run (0: no limit); the steps "

@@ -15,10 +15,12 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TypeVar
 
 import psycopg2.errors
 from psycopg2 import sql
+from psycopg2.extensions import TRANSACTION_STATUS_IDLE
 from psycopg2.extensions import cursor as Cursor
 
 from migration import backup, catalog, lag, pace
@@ -189,6 +191,37 @@ class Session:
         self.pace = pace.Pacer(settings.max_rows_per_second)
         """Paces the batches of bulk steps (--max-rows-per-second); shared with the workers."""
 
+    @cached_property
+    def lock_timeout_ms(self) -> int:
+        """The ``lock_timeout`` the engine's transactions wait with: the settings', but under
+        half the server's ``deadlock_timeout``.
+
+        In a deadlock with the application (a fill batch holds child rows and its copy's
+        foreign key waits for the parent row that an application's cascading DELETE holds,
+        while the cascade waits for the batch's rows), the server cancels the transaction
+        of whichever side checks for deadlock first, once it has waited
+        ``deadlock_timeout``; the application started waiting first, so it checks first
+        unless the engine gives up before: with a 3 s ``lock_timeout`` and the default 1 s
+        ``deadlock_timeout``, the application's DELETE was cancelled (seen on PostgreSQL
+        18 under ``rehearse --live-load``).  Under half of it, the engine's wait always
+        ends first and it retries; the application's transaction goes on.
+        """
+        idle = self.conn.get_transaction_status() == TRANSACTION_STATUS_IDLE
+        with self.conn.cursor() as cur:
+            cur.execute("SELECT setting::int FROM pg_settings WHERE name = 'deadlock_timeout'")
+            row = cur.fetchone()
+        if idle:  # leave a transaction under way as it was
+            self.conn.rollback()
+        deadlock_ms = int(row[0]) if row else 1000
+        wanted = self.settings.lock_timeout_ms
+        if wanted > deadlock_ms // 2:
+            logger.warning("lock_timeout %s ms is not under half the server's deadlock_timeout "
+                           "(%s ms): the engine waits %s ms, so that in a deadlock with the "
+                           "application its transaction, not the application's, is the one "
+                           "cancelled", wanted, deadlock_ms, max(deadlock_ms // 2, 1))
+            return max(deadlock_ms // 2, 1)
+        return wanted
+
     @classmethod
     @contextmanager
     def open(cls, dsn: str, settings: Settings, *, key: KeyColumn | None = None,
@@ -339,7 +372,8 @@ class Session:
         the queue gets them.
 
         An attempt that waited and failed (on a lock timeout, or a deadlock with
-        an application's transaction that the server broke by cancelling ours:
+        an application's transaction that the server broke by cancelling ours, as
+        it does, our wait being the shorter (``lock_timeout_ms``):
         row locks, other statements' locks, and the first table's lock in the
         queueing phase) is rolled back and tried again after a growing, jittered
         pause (``ddl_pause``, so that retries do not fall into step with the
@@ -353,13 +387,13 @@ class Session:
         attempts = self.settings.ddl_attempts
         attempt, tries = 1, 0  # the next waiting attempt; tries refused at once so far
         started = time.monotonic()
-        queue_from = started + self.settings.lock_timeout_ms / 1000 * attempts
+        queue_from = started + self.lock_timeout_ms / 1000 * attempts
         vacuum_deadline = started + self.settings.vacuum_wait_s
         while True:
             queue = time.monotonic() >= queue_from
             try:
                 with queueing(allowed=queue), self.transaction(what) as cur:
-                    cur.execute("SET LOCAL lock_timeout = %s", (self.settings.lock_timeout_ms,))
+                    cur.execute("SET LOCAL lock_timeout = %s", (self.lock_timeout_ms,))
                     return work(cur)
             except (psycopg2.errors.LockNotAvailable, psycopg2.errors.DeadlockDetected) as exc:
                 reason = ("deadlock" if isinstance(exc, psycopg2.errors.DeadlockDetected)
@@ -383,7 +417,7 @@ class Session:
                         logger.warning("%s: %s at once in %s tries over %.1f s; from now on "
                                        "the first lock waits in the queue, up to %s ms",
                                        what, reason, tries, time.monotonic() - started,
-                                       self.settings.lock_timeout_ms)
+                                       self.lock_timeout_ms)
                     elif seldom:
                         logger.warning("%s: %s at once (try %s, not queueing), retrying in "
                                        "%.3f s", what, reason, tries, pause)
@@ -394,7 +428,7 @@ class Session:
                     before = f"{tries} tries without queueing, then " if tries else ""
                     raise MigrationError(
                         f"{what}: could not lock the tables after {before}{attempt} attempts "
-                        f"of {self.settings.lock_timeout_ms} ms ({reason})",
+                        f"of {self.lock_timeout_ms} ms ({reason})",
                         hint=f"{holders} held a lock on them; run this command again "
                              "(or with a longer --lock-timeout)",
                     ) from None

@@ -194,6 +194,19 @@ def test_the_lock_timeout_default_reaches_the_ddl(legacy_db: str) -> None:
     assert "1 attempts of 100 ms" in failed.value.message
 
 
+@pytest.mark.parametrize(("asked", "waited"), [(100, 100), (499, 499), (3000, 500)])
+def test_the_engine_s_lock_wait_ends_before_the_server_looks_for_a_deadlock(
+        legacy_db: str, asked: int, waited: int) -> None:
+    """Under half the server's deadlock_timeout (1 s here, as by default), whatever was
+    asked: in a deadlock with the application, the engine's wait ends first and it retries,
+    where with 3 s the server cancelled the application's DELETE."""
+    assert execute(legacy_db, "SHOW deadlock_timeout") == [("1s",)]
+    with Session.open(legacy_db, Settings(show_progress=False, lock_timeout_ms=asked)) as s:
+        in_force = s.ddl("read it", lambda cur: (cur.execute("SHOW lock_timeout"),
+                                                 cur.fetchone())[1])
+    assert in_force == (f"{waited}ms",)
+
+
 # -- 3. timeouts ---------------------------------------------------------------------------
 
 def test_the_statement_timeout_option_reaches_the_session(legacy_db: str) -> None:
