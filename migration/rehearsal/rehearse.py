@@ -178,7 +178,7 @@ class RehearsalOptions:
     database the schema came from); neither: no projection."""
     schema: str = "public"
     orphans: str = "abort"  # validate_schema's first look; orphans found switch to quarantine
-    lock_timeout_ms: int = 3000
+    lock_timeout_ms: int = Settings.lock_timeout_ms  # as the command line's
     jobs: int = 2
     schema_from: str | None = None
     """A DSN or SQL file whose schema replaces the runbook's fixture (schema_source)."""
