@@ -89,7 +89,8 @@ def test_the_rehearsal_logs_to_its_own_file(tmp_path: Path, legacy_db: str,
     before = operator_log.read_text()
 
     rehearsal = _data_migration(tmp_path, "--operation=rehearse", "--users=200",
-                                "--batch-sizes=1000", "--database-url", sandbox.admin_dsn)
+                                "--batch-sizes=1000", "--no-live-load",  # logs: no load needed
+                                "--database-url", sandbox.admin_dsn)
     assert rehearsal.returncode == 0, rehearsal.stdout + rehearsal.stderr
     assert operator_log.read_text() == before
     [own] = operator_log.parent.glob("rehearse-*.log")
@@ -107,7 +108,8 @@ def test_the_rehearsal_logs_to_its_own_file(tmp_path: Path, legacy_db: str,
 def test_the_rehearsal_log_file_can_be_named(tmp_path: Path, sandbox: Sandbox) -> None:
     log = tmp_path / "elsewhere" / "rehearsal.log"
     result = _data_migration(tmp_path, "--operation=rehearse", "--users=200", "--clean",
-                             "--batch-sizes=1000", "--database-url", sandbox.admin_dsn,
+                             "--batch-sizes=1000", "--no-live-load",
+                             "--database-url", sandbox.admin_dsn,
                              "--log-file", str(log))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "[rehearsal, database " in log.read_text()
