@@ -22,6 +22,7 @@ resumed run finds what an interrupted one built; an index that an interrupted
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
@@ -32,6 +33,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import catalog, sqlexpr
 from migration.catalog import ForeignKeyDef, IndexDef
 from migration.connection import Connection
+from migration.engine import parallel
 from migration.engine.fill import validate_constraint
 from migration.errors import MigrationError
 from migration.log import logger
@@ -143,6 +145,31 @@ def build_indexes(session: Session, key: KeyColumn) -> int:
     (``build_invalid_index``)."""
     build_invalid_index(session, key)
     return sum(build_index(session, key, shadow) for shadow in shadow_indexes(session.conn, key))
+
+
+def build_all_indexes(session: Session, keys: Sequence[KeyColumn]) -> int:
+    """``build_indexes`` of every key; how many indexes were built.
+
+    With more than one job, the builds of different tables run side by side
+    (``parallel.side_by_side``), the largest tables' first, each table's in its own
+    order: the invalid index, then the copies.  With one, key after key as listed.
+    """
+    if session.settings.jobs < 2:
+        return sum(build_indexes(session, key) for key in keys)
+    units = [unit for key in keys for unit in [
+        parallel.Unit(key.table, partial(_build_invalid_index, key=key)),
+        *(parallel.Unit(shadow.original.table, partial(build_index, key=key, shadow=shadow))
+          for shadow in shadow_indexes(session.conn, key))]]
+    pages = {table: catalog.heap_pages(session.conn, table)
+             for table in {unit.table for unit in units}}
+    units.sort(key=lambda unit: -pages[unit.table])  # stable: each table's order is kept
+    session.conn.rollback()
+    return sum(parallel.side_by_side(session, units))
+
+
+def _build_invalid_index(session: Session, key: KeyColumn) -> int:
+    build_invalid_index(session, key)
+    return 0
 
 
 def invalid_indexes(conn: Connection, key: KeyColumn) -> list[KeyColumn]:

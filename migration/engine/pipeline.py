@@ -47,7 +47,7 @@ def expand_columns(session: Session, plan: Plan, keys: Sequence[KeyColumn], run_
     rows = fill_copies()
     for key in keys:
         fill.prove_filled(session, key, run_id)
-    indexes = sum(expand.build_indexes(session, key) for key in keys)
+    indexes = expand.build_all_indexes(session, keys)
     return Expanded(rows, indexes, expand.reference(session, plan) if references else 0)
 
 
