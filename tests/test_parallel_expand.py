@@ -1,6 +1,7 @@
-"""With ``--jobs`` above one, the expand's index builds of different tables run at the same
-time, each on a connection of its own, and an interrupted one is built again on resume;
-with one job the engine's own connection builds them all, one after the other."""
+"""With ``--jobs`` above one, the expand's index builds, and the validations of the foreign
+keys' copies, of different tables run at the same time, each on a connection of its own,
+and an interrupted build is built again on resume; with one job the engine's own
+connection does it all, one after the other."""
 
 from __future__ import annotations
 
@@ -96,6 +97,38 @@ def test_two_jobs_build_two_tables_indexes_at_the_same_time(legacy_db: str) -> N
                           fault)
     assert at_once, "the index builds of the child tables never ran at the same time"
     assert at_once[0] <= set(CHILDREN)
+    assert print_of(legacy_db) == after_migration
+
+
+def test_two_jobs_validate_two_childrens_foreign_key_copies_at_the_same_time(
+        legacy_db: str) -> None:
+    """The first two validations of the foreign keys' copies wait for each other at their
+    fault point, their transactions open (a barrier that times out, failing the run, if
+    they come one after the other); meanwhile the server shows both children locked for
+    validation at once."""
+    seeded(legacy_db, users=60)
+    after_migration = expected(legacy_db)
+    for step in ("backup_data", "migrate_users"):
+        run_ok(legacy_db, step)
+    validating: list[set[str]] = []
+
+    def record() -> None:
+        validating.append({str(table) for (table,) in execute(
+            legacy_db, "SELECT relation::regclass::text FROM pg_locks "
+                       "WHERE mode = 'ShareUpdateExclusiveLock' AND granted "
+                       "AND relation = ANY(%s::regclass[])", (list(CHILDREN),))})
+
+    barrier = threading.Barrier(2, action=record, timeout=20)
+    arrived: list[str] = []
+
+    def fault(point: str, pid: int) -> None:
+        if point.startswith("validate ") and "_fkey#" in point:
+            arrived.append(point)
+            if len(arrived) <= 2:
+                barrier.wait()
+
+    migrated_children(legacy_db, Settings(batch_size=7, jobs=2, show_progress=False), fault)
+    assert [len(tables) for tables in validating] == [2], validating
     assert print_of(legacy_db) == after_migration
 
 
