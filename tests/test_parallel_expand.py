@@ -1,10 +1,11 @@
-"""With ``--jobs`` above one, the expand's index builds, and the validations of the foreign
-keys' copies, of different tables run at the same time, each on a connection of its own,
-and an interrupted build is built again on resume; with one job the engine's own
+"""With ``--jobs`` above one, the expand's proofs, index builds and validations of the
+foreign keys' copies of different tables run at the same time, each on a connection of
+its own, and an interrupted build is built again on resume; with one job the engine's own
 connection does it all, one after the other."""
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -100,34 +101,43 @@ def test_two_jobs_build_two_tables_indexes_at_the_same_time(legacy_db: str) -> N
     assert print_of(legacy_db) == after_migration
 
 
-def test_two_jobs_validate_two_childrens_foreign_key_copies_at_the_same_time(
-        legacy_db: str) -> None:
-    """The first two validations of the foreign keys' copies wait for each other at their
-    fault point, their transactions open (a barrier that times out, failing the run, if
-    they come one after the other); meanwhile the server shows both children locked for
-    validation at once."""
-    seeded(legacy_db, users=60)
-    after_migration = expected(legacy_db)
-    for step in ("backup_data", "migrate_users"):
-        run_ok(legacy_db, step)
+def validating_at_once(dsn: str, validation: str) -> list[set[str]]:
+    """``migrate_foreign_keys`` with two jobs, whose first two fault points that match
+    ``validation`` (a pattern of ``validate NAME#N``) wait for each other, their
+    transactions open (a barrier that times out, failing the run, if they come one after
+    the other); the child tables the server shows locked for validation (SHARE UPDATE
+    EXCLUSIVE) while both wait."""
     validating: list[set[str]] = []
 
     def record() -> None:
         validating.append({str(table) for (table,) in execute(
-            legacy_db, "SELECT relation::regclass::text FROM pg_locks "
-                       "WHERE mode = 'ShareUpdateExclusiveLock' AND granted "
-                       "AND relation = ANY(%s::regclass[])", (list(CHILDREN),))})
+            dsn, "SELECT relation::regclass::text FROM pg_locks "
+                 "WHERE mode = 'ShareUpdateExclusiveLock' AND granted "
+                 "AND relation = ANY(%s::regclass[])", (list(CHILDREN),))})
 
     barrier = threading.Barrier(2, action=record, timeout=20)
     arrived: list[str] = []
 
     def fault(point: str, pid: int) -> None:
-        if point.startswith("validate ") and "_fkey#" in point:
+        if re.match(validation, point):
             arrived.append(point)
             if len(arrived) <= 2:
                 barrier.wait()
 
-    migrated_children(legacy_db, Settings(batch_size=7, jobs=2, show_progress=False), fault)
+    migrated_children(dsn, Settings(batch_size=7, jobs=2, show_progress=False), fault)
+    return validating
+
+
+@pytest.mark.parametrize("validation", [r"validate migration_filled_user_id#",
+                                        r"validate \w+_fkey#"], ids=["proofs", "foreign_keys"])
+def test_two_jobs_validate_two_child_tables_at_the_same_time(legacy_db: str,
+                                                             validation: str) -> None:
+    """The proofs of the children's copies (their CHECKs), and the foreign keys' copies."""
+    seeded(legacy_db, users=60)
+    after_migration = expected(legacy_db)
+    for step in ("backup_data", "migrate_users"):
+        run_ok(legacy_db, step)
+    validating = validating_at_once(legacy_db, validation)
     assert [len(tables) for tables in validating] == [2], validating
     assert print_of(legacy_db) == after_migration
 
