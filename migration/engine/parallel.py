@@ -16,8 +16,11 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+import psycopg2
 
 from migration.connection import Connection
 from migration.model import Table
@@ -42,7 +45,8 @@ def side_by_side(session: Session, units: Sequence[Unit[T]]) -> list[T]:
     failure is raised.
 
     The session's own connection is left idle, out of any transaction: ``CREATE INDEX
-    CONCURRENTLY`` waits for every transaction older than its own, an idle one included.
+    CONCURRENTLY`` waits for every transaction whose snapshot is older than its own, one
+    left open on this connection, which waits for the builds, included.
     """
     tables = {unit.table for unit in units}
     if session.settings.jobs < 2 or len(tables) < 2:
@@ -67,30 +71,36 @@ def side_by_side(session: Session, units: Sequence[Unit[T]]) -> list[T]:
             return None
 
     def work() -> None:
-        with session.worker() as worker:
+        try:
+            with session.worker() as worker:
+                with changed:
+                    connections.append(worker.conn)
+                while (taken := take()) is not None:
+                    number, unit = taken
+                    try:
+                        results[number] = unit.run(worker)
+                    except BaseException:
+                        stop.set()  # before its table is free: nothing more starts
+                        raise
+                    finally:
+                        with changed:
+                            busy.discard(unit.table)
+                            changed.notify_all()
+        except BaseException:
             with changed:
-                connections.append(worker.conn)
-            while (taken := take()) is not None:
-                number, unit = taken
-                try:
-                    results[number] = unit.run(worker)
-                except BaseException:
-                    stop.set()  # the others start nothing more
-                    raise
-                finally:
-                    with changed:
-                        busy.discard(unit.table)
-                        changed.notify_all()
+                stop.set()  # a connection that could not be opened stops the others too
+                changed.notify_all()
+            raise
 
-    with ThreadPoolExecutor(max_workers=min(session.settings.jobs, len(tables)),
-                            thread_name_prefix="expand") as pool:
-        futures = [pool.submit(work) for _ in range(min(session.settings.jobs, len(tables)))]
+    jobs = min(session.settings.jobs, len(tables))
+    with ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="expand") as pool:
+        futures = [pool.submit(work) for _ in range(jobs)]
         try:
             wait(futures)
         except BaseException:  # interrupted: the statements under way are cancelled
             with changed:
                 for conn in connections:
-                    if not conn.closed:
+                    with suppress(psycopg2.Error):  # closed meanwhile: nothing to cancel
                         conn.cancel()
             raise
         finally:
