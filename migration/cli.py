@@ -269,8 +269,9 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
 @click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1),
               help="migrate_users, migrate_foreign_keys, full_migration, rollback, rehearse: "
                    "connections filling the key columns' copies at once, each on its own "
-                   "slice of a table's primary key (1: one slice after the other on one "
-                   "connection).")
+                   "slice of a table's primary key, and then proving, indexing and "
+                   "validating different tables' copies side by side (1: one slice after "
+                   "the other on one connection, and so the rest).")
 @click.option("--schema", default="public", show_default=True,
               help="Schema holding users and the runbook's tables.")
 @click.option("--key", metavar="SCHEMA.TABLE.COLUMN",

@@ -22,6 +22,7 @@ resumed run finds what an interrupted one built; an index that an interrupted
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
@@ -32,6 +33,7 @@ from psycopg2.extensions import cursor as Cursor
 from migration import catalog, sqlexpr
 from migration.catalog import ForeignKeyDef, IndexDef
 from migration.connection import Connection
+from migration.engine import parallel
 from migration.engine.fill import validate_constraint
 from migration.errors import MigrationError
 from migration.log import logger
@@ -143,6 +145,31 @@ def build_indexes(session: Session, key: KeyColumn) -> int:
     (``build_invalid_index``)."""
     build_invalid_index(session, key)
     return sum(build_index(session, key, shadow) for shadow in shadow_indexes(session.conn, key))
+
+
+def build_all_indexes(session: Session, keys: Sequence[KeyColumn]) -> int:
+    """``build_indexes`` of every key; how many indexes were built.
+
+    With more than one job, the builds of different tables run side by side
+    (``parallel.side_by_side``), the largest tables' first, each table's in its own
+    order: the invalid index, then the copies.  With one, key after key as listed.
+    """
+    if session.settings.jobs < 2:
+        return sum(build_indexes(session, key) for key in keys)
+    units = [unit for key in keys for unit in [
+        parallel.Unit(key.table, partial(_build_invalid_index, key=key)),
+        *(parallel.Unit(shadow.original.table, partial(build_index, key=key, shadow=shadow))
+          for shadow in shadow_indexes(session.conn, key))]]
+    pages = {table: catalog.heap_pages(session.conn, table)
+             for table in {unit.table for unit in units}}
+    units.sort(key=lambda unit: -pages[unit.table])  # stable: each table's order is kept
+    session.conn.rollback()
+    return sum(parallel.side_by_side(session, units))
+
+
+def _build_invalid_index(session: Session, key: KeyColumn) -> int:
+    build_invalid_index(session, key)
+    return 0
 
 
 def invalid_indexes(conn: Connection, key: KeyColumn) -> list[KeyColumn]:
@@ -315,10 +342,23 @@ def reference(session: Session, plan: Plan) -> int:
     Adding takes SHARE ROW EXCLUSIVE on both tables for an instant: they are
     locked parent first, the order in which an application writes a user and
     then its rows, under the session's short lock_timeout.  Validating scans
-    the child under a lock that lets writes go on.
+    the child under a lock that lets writes go on.  With more than one job, the children
+    are taken side by side (``parallel.side_by_side``): a validation holds SHARE UPDATE
+    EXCLUSIVE on its child and ROW SHARE on the parent, so it blocks neither another
+    child's validation nor another copy's adding.  Then the copies are added first, one
+    after the other on this connection (two adding at once would contend for the parent),
+    except a partitioned child's, which is added after its partitions' are validated.
     """
-    return sum(reference_one(session, shadow, plan.parent)
-               for shadow in shadow_foreign_keys(session.conn, plan))
+    shadows = shadow_foreign_keys(session.conn, plan)
+    session.conn.rollback()
+    added = 0
+    if session.settings.jobs > 1:
+        added = sum(_add_copy(session, shadow, plan.parent)
+                    for shadow in shadows if not shadow.parts)
+    return added + sum(parallel.side_by_side(session, [
+        parallel.Unit(shadow.child.table,
+                      partial(reference_one, shadow=shadow, parent=plan.parent))
+        for shadow in shadows]))
 
 
 def reference_one(session: Session, shadow: ShadowForeignKey, parent: KeyColumn) -> int:
@@ -334,22 +374,28 @@ def reference_one(session: Session, shadow: ShadowForeignKey, parent: KeyColumn)
     partitions.
     """
     added = sum(reference_one(session, part, parent) for part in shadow.parts)
+    added += _add_copy(session, shadow, parent)
     child = shadow.child.table
     state = catalog.constraint_validity(session.conn, child, shadow.name)
     session.conn.rollback()
-    if state is None:
-        statement = add_statement(session.conn, shadow, parent)
-        session.conn.rollback()
-        session.ddl(f"fk {shadow.original.name}",
-                    partial(_add_locked, tables=(parent.table.ident, child.ident),
-                            statement=statement))
-        added += 1
-        state = catalog.constraint_validity(session.conn, child, shadow.name)
-        session.conn.rollback()
     if shadow.original.validated and not state:
         session.ddl(f"validate {shadow.original.name}",
                     partial(validate_constraint, table=child, name=shadow.name))
     return added
+
+
+def _add_copy(session: Session, shadow: ShadowForeignKey, parent: KeyColumn) -> int:
+    """Add the FK copy (``add_statement``) unless it is there; how many were added."""
+    child = shadow.child.table
+    if catalog.constraint_validity(session.conn, child, shadow.name) is not None:
+        session.conn.rollback()
+        return 0
+    statement = add_statement(session.conn, shadow, parent)
+    session.conn.rollback()
+    session.ddl(f"fk {shadow.original.name}",
+                partial(_add_locked, tables=(parent.table.ident, child.ident),
+                        statement=statement))
+    return 1
 
 
 def _add_locked(cur: Cursor, tables: tuple[sql.Identifier, ...],

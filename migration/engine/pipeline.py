@@ -13,10 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from migration import clients
-from migration.engine import contract, expand, fill, swap
+from migration.engine import contract, expand, fill, parallel, swap
 from migration.model import KeyColumn
 from migration.plan import Plan
 from migration.session import Session
@@ -44,11 +45,12 @@ def expand_columns(session: Session, plan: Plan, keys: Sequence[KeyColumn], run_
     """Expand ``keys`` of ``plan``: ``fill_copies`` (rows), prove each, build each's
     indexes, then (``references``) the copies of the plan's foreign keys, which need both
     sides expanded: ``migrate_users`` expands the parent alone.  Each step resumes where an
-    interrupted run left it."""
+    interrupted run left it; with more than one job, the proofs, the index builds and the
+    foreign keys' validations of different tables run side by side (``parallel``)."""
     rows = fill_copies()
-    for key in keys:
-        fill.prove_filled(session, key, run_id)
-    indexes = sum(expand.build_indexes(session, key) for key in keys)
+    parallel.side_by_side(session, [parallel.Unit(key.table, partial(
+        fill.prove_filled, key=key, run_id=run_id)) for key in keys])
+    indexes = expand.build_all_indexes(session, keys)
     return Expanded(rows, indexes, expand.reference(session, plan) if references else 0)
 
 
