@@ -3,7 +3,8 @@
 The Hypothesis profiles are chosen with HYPOTHESIS_PROFILE (default dev).
 
 dev: quick local runs.  ci: Hypothesis' own ci profile (derandomized, no
-deadline, no example database), at the same size as dev.  deep: many more
+deadline, no example database), at the same size as dev (but for the property
+tests of tests/test_properties.py, a migration each, which take ten).  deep: many more
 examples, for the deep tox env.  Examples touch a real database, whose speed
 varies, so no profile has a deadline.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 import psycopg2
 import pytest
@@ -33,6 +34,11 @@ class Scenario:
     admin_dsn: str
     original: Fingerprint
     migrated: Fingerprint | None  # expected after a full migration (clean data only)
+
+    @property
+    def database(self) -> str:
+        """The database's name: a sweep drops each point's clone as soon as it is checked."""
+        return urlsplit(self.dsn).path.lstrip("/")
 
     def crash(self, operation: str, point: str) -> None:
         """Run ``operation`` and kill its connection when it reaches ``point``."""

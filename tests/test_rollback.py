@@ -165,18 +165,20 @@ def fault_points(sandbox: Sandbox, seeded_templates: dict[str, str]) -> list[str
 
 @pytest.mark.once
 def test_every_fault_point_resumes_to_the_same_end(
-        scenario: Callable[..., Scenario], fault_points: list[str]) -> None:
+        scenario: Callable[..., Scenario], sandbox: Sandbox, fault_points: list[str]) -> None:
     """Kill the connection at each point of a full migration, then run it again."""
     kinds = {p.split(" ")[0].rstrip("#0123456789") for p in fault_points}
     assert {"batch", "index", "fk", "swap", "finish", "backup_data", "validate"} <= kinds
+    first = scenario()  # its fingerprints taken once, not once per point
     for point in fault_points:
-        s = scenario()
+        s = scenario(copy_of=first)
         s.crash("full_migration", point)
         assert s.stage().startswith("interrupted during"), point
         assert_foreign_keys_enforced(s.dsn)
         run_ok(s.dsn, "full_migration")
         s.assert_migrated()
         assert_foreign_keys_enforced(s.dsn)
+        sandbox.drop_database(s.database)
 
 
 ORPHAN_ROWS = {"journal_entries": {"title": "x"}, "tags": {"name": "x"},
@@ -198,18 +200,21 @@ def assert_foreign_keys_enforced(dsn: str) -> None:
 @pytest.mark.parametrize("share", [4, pytest.param(1, marks=pytest.mark.slow)],
                          ids=["every 4th point", "every point"])
 def test_fault_points_roll_back_to_the_original(
-        scenario: Callable[..., Scenario], fault_points: list[str], share: int) -> None:
+        scenario: Callable[..., Scenario], sandbox: Sandbox, fault_points: list[str],
+        share: int) -> None:
     """Kill the connection at a point of a full migration, then roll back."""
+    first = scenario()  # its fingerprints taken once, not once per point
     for point in fault_points[::share]:
-        s = scenario()
+        s = scenario(copy_of=first)
         s.crash("full_migration", point)
         run_ok(s.dsn, "rollback")
         s.assert_original()
+        sandbox.drop_database(s.database)
 
 
 @pytest.mark.once
 def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
-        scenario: Callable[..., Scenario]) -> None:
+        scenario: Callable[..., Scenario], sandbox: Sandbox) -> None:
     """The rollback after the swap is the migration run the other way, in steps: killed at
     any of its points, the foreign keys are in force and running it again finishes it."""
     migrated = scenario()
@@ -224,6 +229,7 @@ def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
         assert_foreign_keys_enforced(s.dsn)
         run_ok(s.dsn, "rollback")
         s.assert_original()
+        sandbox.drop_database(s.database)
 
 
 @pytest.mark.parametrize("point", ["batch public.users.id#2", "index users_pkey#1",
