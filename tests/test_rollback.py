@@ -235,7 +235,7 @@ def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
 @pytest.mark.parametrize("point", ["batch public.users.id#2", "index users_pkey#1",
                                    "batch public.journal_entries.user_id#3",
                                    "fk journal_entries_user_id_fkey#1",
-                                   "swap public.users.id#4"])
+                                   "swap public.users.id#1"])
 def test_a_killed_process_resumes(scenario: Callable[..., Scenario], point: str) -> None:
     """SIGKILL of the whole data-migration process, then the same command again."""
     s = scenario()

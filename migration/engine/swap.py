@@ -455,12 +455,14 @@ def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
 
 
 def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
+    """Run the column's statements, then a fault point: one per column, as every point
+    inside the swap's one transaction leaves the same state (nothing of it committed)."""
     for step in column.statements():
         if isinstance(step, sql.Composable):
             cur.execute(step)
         else:
             step(cur)
-        session.point(f"swap {column.key}")
+    session.point(f"swap {column.key}")
 
 
 TRIGGER_STATES = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
