@@ -182,8 +182,10 @@ _PLAIN_IDENTIFIER = re.compile(r"[a-z_][a-z0-9_$]*")
 
 
 def quote_ident(name: str) -> str:
-    """``name`` as PostgreSQL's quote_ident writes it: double-quoted unless it is a plain
-    lower-case identifier."""
+    """``name`` double-quoted unless it is a plain lower-case identifier, for the key's
+    ``spec``, which ``--key`` reads back; unlike PostgreSQL's quote_ident it leaves
+    keywords bare (``public.order.user``).  SQL text quotes every name
+    (``sqlexpr.quote_ident``)."""
     if _PLAIN_IDENTIFIER.fullmatch(name):
         return name
     return '"' + name.replace('"', '""') + '"'
