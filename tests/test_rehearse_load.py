@@ -51,6 +51,7 @@ def test_the_migration_and_the_rollback_run_under_load_each_a_phase(legacy_db: s
     text = render_text(report)
     assert "Under live load (4 pgbench clients at 150 transactions/s" in text
     assert "no application transaction failed" in text
+    assert "replication lag: no standby or logical slot on the rehearsal server" in text
 
 
 def test_a_step_that_fails_under_load_ends_the_run_and_is_named(legacy_db: str) -> None:

@@ -797,7 +797,8 @@ def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
     try:
         with steps_said(say, "under live load"):
             result = under_load(scratch.dsn(name), step, schema=options.schema, plan=plan,
-                                pool_rows=pool_rows_for(migration_s))
+                                pool_rows=pool_rows_for(migration_s),
+                                lag_dsn=make_dsn(scratch.admin_dsn, dbname=name))
     finally:
         scratch.drop(name)
     result.rows = rows

@@ -278,6 +278,8 @@ def _load_section(load: LoadRun) -> Section:
     lines = load.failed() or ["no application transaction failed, every committed write is "
                               "there, no orphan was accepted"]
     lines += load.notes
+    if load.replica_lag is not None:
+        lines += load.replica_lag.lines()
     return Section(f"Under live load ({load.clients} pgbench clients at {load.rate:g} "
                    "transactions/s, on a clone): full_migration, then rollback", lines,
                    header=("phase", "time", "transactions", "failed", "p50", "p99", "max",
