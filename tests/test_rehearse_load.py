@@ -11,6 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from psycopg2 import sql
 
 from migration.plan import Plan, build_plan, parse_key
 from migration.rehearsal import under_load as under_load_module
@@ -103,7 +104,8 @@ def test_live_load_is_on_by_default_where_pgbench_is_found(
 
 # A key of another name, a child whose foreign key cascades on delete only (its rows are
 # left out of the families whose key changes), one that cascades on update only (deleted
-# before its parent), a CHECK, unique columns, a serial identity and a row with none.
+# before its parent), a CHECK, unique columns, a serial identity and a row with none; a
+# column named as the load's pools number their rows (n).
 OWN_SCHEMA = """
 CREATE TABLE accounts (
     uuid varchar(36) PRIMARY KEY,
@@ -114,7 +116,8 @@ CREATE TABLE sessions (
     id bigserial PRIMARY KEY,
     account_uuid varchar(36) NOT NULL REFERENCES accounts (uuid) ON DELETE CASCADE,
     token text NOT NULL UNIQUE,
-    seen_at timestamptz);
+    seen_at timestamptz,
+    n integer);
 CREATE TABLE invoices (
     account_uuid varchar(36) NOT NULL REFERENCES accounts (uuid) ON UPDATE CASCADE,
     amount numeric(10, 2) NOT NULL CHECK (amount > 0),
@@ -173,6 +176,24 @@ def test_the_load_of_an_own_schema_writes_every_table_and_loses_nothing(
                                                               "public.invoices"}
     assert load.skipped == ["updates of public.invoices: its rows have no identity (no primary "
                             "key or unique key over NOT NULL columns)"]
+
+
+def test_each_tables_pool_holds_its_share_of_the_loads_transactions(
+        own_schema: tuple[str, Plan]) -> None:
+    """Each table's generated rows are its share of the transactions the load is sized for,
+    by the weights of the scripts that take them (so a schema of many tables does not
+    generate every table's rows for every transaction), each taken by a counter of its own.
+    Here, of 14: accounts 6 (new families 3, rekeyable ones 1, updates 2), sessions 7
+    (families 3, updates 2, inserts 2), invoices 6 (families 3 and 1, inserts 2)."""
+    dsn, plan = own_schema
+    with SchemaLoad(dsn, plan, rate=10, clients=1, pool_rows=1000) as load:
+        weights = {name: weight for name, (weight, _) in load.scripts.items()}
+        assert sum(weights.values()) == 14, weights
+        assert {str(part.table): load.pool_sizes[part.number] for part in load.parts} == {
+            "public.accounts": 429, "public.sessions": 500, "public.invoices": 429}
+        assert {part.number: execute(dsn, sql.SQL("SELECT max(n) FROM {}").format(
+            part.pool))[0][0] for part in load.parts} == load.pool_sizes
+        load.stop()
 
 
 def test_the_ledger_of_an_own_schema_sees_the_writes_undone_behind_its_back(
