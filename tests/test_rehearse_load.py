@@ -11,9 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from psycopg2 import sql
 
+from migration.cli import main
 from migration.plan import Plan, build_plan, parse_key
+from migration.rehearsal import rehearse as rehearse_module
 from migration.rehearsal import under_load as under_load_module
 from migration.rehearsal.generate import populate
 from migration.rehearsal.load import LoadUnavailable, PhaseStats
@@ -74,6 +77,28 @@ def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
     assert "new_tag: failed (42P01)" in render_junit(report)
 
 
+def test_the_command_runs_the_load_with_schema_from_unless_told_not_to(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``rehearse --schema-from`` without ``--live-load``: the load is on (pgbench is found
+    here), ``--no-live-load`` turns it off.  The rehearsal itself is not run: the options
+    the command gives it are what is looked at."""
+    given: list[RehearsalOptions] = []
+
+    def rehearsal(database_url: str | None, options: RehearsalOptions, say: object) -> Report:
+        given.append(options)
+        return Report(server="not run", users=options.users, dirty=options.dirty)
+
+    monkeypatch.setattr(rehearse_module, "rehearse", rehearsal)
+    schema = tmp_path / "own.sql"
+    schema.write_text(OWN_SCHEMA)
+    for flags in ([], ["--no-live-load"]):
+        CliRunner().invoke(main, ["--operation=rehearse", f"--schema-from={schema}",
+                                  f"--key={OWN_KEY}", "--log-file", str(tmp_path / "log"),
+                                  "--quiet", *flags])
+    assert [options.live_load for options in given] == [True, False]
+    assert given[0].schema_from == str(schema)
+
+
 def test_live_load_is_a_usage_error_with_other_operations() -> None:
     result = operate("postgresql://nobody@127.0.0.1:1/none", "full_migration", "--live-load")
     assert result.exit_code == 2
@@ -85,19 +110,18 @@ def test_live_load_is_a_usage_error_with_other_operations() -> None:
 
 def test_live_load_is_on_by_default_where_pgbench_is_found(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not given: on where pgbench 15 or later is found (the suite's hosts have one), off
-    with --schema-from (asked for there with --live-load); given, as given."""
-    assert live_load_wanted(given=None, schema_from=None) is True
-    assert live_load_wanted(given=None, schema_from="schema.sql") is False
-    assert live_load_wanted(given=False, schema_from=None) is False
-    assert live_load_wanted(given=True, schema_from=None) is True
+    """Not given: on where pgbench 15 or later is found (the suite's hosts have one), with
+    --schema-from too; given, as given."""
+    assert live_load_wanted(given=None) is True
+    assert live_load_wanted(given=False) is False
+    assert live_load_wanted(given=True) is True
 
     def missing() -> None:
         raise LoadUnavailable("no pgbench 15 or later among nothing")
 
     monkeypatch.setattr(under_load_module, "find_pgbench", missing)
-    assert live_load_wanted(given=None, schema_from=None) is False
-    assert live_load_wanted(given=True, schema_from=None) is True  # asked for: its absence reported
+    assert live_load_wanted(given=None) is False
+    assert live_load_wanted(given=True) is True  # asked for: its absence reported
 
 
 # --- --schema-from: the load made for the operator's schema (schema_load) --------------------

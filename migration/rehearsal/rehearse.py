@@ -1018,15 +1018,14 @@ def schema_database(schema_from: str | None) -> str | None:
     return schema_from
 
 
-def live_load_wanted(*, given: bool | None, schema_from: str | None) -> bool:
+def live_load_wanted(*, given: bool | None) -> bool:
     """``--live-load`` / ``--no-live-load`` as given; not given, on where this host has a
-    pgbench to drive the load, and off with ``--schema-from`` (its load, made for the
-    schema's tables, is asked for with ``--live-load``: generating its rows adds to a
-    rehearsal's time with the schema's size).  Asked for where there is none, the report
-    says so and fails."""
+    pgbench to drive the load, with ``--schema-from`` too (its load made for the schema's
+    tables, each table generated its share of the load's rows: ``SchemaLoad``).  Asked
+    for where there is none, the report says so and fails."""
     if given is not None:
         return given
-    return schema_from is None and available()
+    return available()
 
 
 def rehearse_command(database_url: str | None, options: Mapping[str, Any],
@@ -1051,8 +1050,7 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
         allow_triggers=options["allow_triggers"],
         refresh_materialized_views=options["refresh_materialized_views"],
-        live_load=live_load_wanted(given=options.get("live_load"),
-                                   schema_from=options.get("schema_from")))
+        live_load=live_load_wanted(given=options.get("live_load")))
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):

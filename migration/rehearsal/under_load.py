@@ -48,10 +48,10 @@ MIN_POOL_ROWS = 2000
 
 
 def pool_rows_for(migration_s: float, rate: float = RATE) -> int:
-    """Generated rows per table for a ``SchemaLoad`` whose migration took ``migration_s``
-    without load: enough for the baseline, the migration and the rollback under load (each
-    taken as half as long again) and the last second, with half again to spare.  Rows
-    run out are a note, not a failure (``LoadReport.notes``)."""
+    """The transactions a ``SchemaLoad``'s pools are sized for (each table's its share) when
+    its migration took ``migration_s`` without load: enough for the baseline, the migration
+    and the rollback under load (each taken as half as long again) and the last second,
+    with half again to spare.  Rows run out are a note, not a failure (``LoadReport.notes``)."""
     seconds = BASELINE_S + 1.0 + 3 * migration_s
     return max(MIN_POOL_ROWS, int(1.5 * rate * seconds))
 STEPS = ("full_migration", "rollback")
