@@ -362,7 +362,7 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
               "(every table of the plan; with --schema-from, scripts made for its tables), "
               "and report what the application saw: failed transactions, lost writes, "
               "latencies, the longest stall. Default: on where pgbench 15 or later is "
-              "found, off with --schema-from.")
+              "found.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress display.")
 @click.option("--verbose", "-v", is_flag=True, help="Show passing checks too.")
 @click.pass_context

@@ -88,6 +88,8 @@ class Throttle:
         self._next_look = 0.0
         self._warned_hidden = False
         self._lock = threading.Lock()
+        self.hidden = 0
+        """Standbys whose lag this role could not read at the last look (``behind``)."""
 
     def wait(self, session: Session, progress: Progress | None = None,
              stop: threading.Event | None = None) -> None:
@@ -135,6 +137,7 @@ class Throttle:
         now = time.monotonic()
         self._samples.append((now, current))
         hidden = [name for name, _, _, is_hidden in consumers if is_hidden]
+        self.hidden = len(hidden)
         if hidden and not self._warned_hidden:
             self._warned_hidden = True
             logger.warning("this role cannot read the lag of %s standby(s) in "

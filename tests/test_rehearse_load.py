@@ -11,8 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from psycopg2 import sql
 
+from migration.cli import main
 from migration.plan import Plan, build_plan, parse_key
+from migration.rehearsal import rehearse as rehearse_module
 from migration.rehearsal import under_load as under_load_module
 from migration.rehearsal.generate import populate
 from migration.rehearsal.load import LoadUnavailable, PhaseStats
@@ -51,6 +55,7 @@ def test_the_migration_and_the_rollback_run_under_load_each_a_phase(legacy_db: s
     text = render_text(report)
     assert "Under live load (4 pgbench clients at 150 transactions/s" in text
     assert "no application transaction failed" in text
+    assert "replication lag: no standby or logical slot on the rehearsal server" in text
 
 
 def test_a_step_that_fails_under_load_ends_the_run_and_is_named(legacy_db: str) -> None:
@@ -72,6 +77,28 @@ def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
     assert "new_tag: failed (42P01)" in render_junit(report)
 
 
+def test_the_command_runs_the_load_with_schema_from_unless_told_not_to(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``rehearse --schema-from`` without ``--live-load``: the load is on (pgbench is found
+    here), ``--no-live-load`` turns it off.  The rehearsal itself is not run: the options
+    the command gives it are what is looked at."""
+    given: list[RehearsalOptions] = []
+
+    def rehearsal(database_url: str | None, options: RehearsalOptions, say: object) -> Report:
+        given.append(options)
+        return Report(server="not run", users=options.users, dirty=options.dirty)
+
+    monkeypatch.setattr(rehearse_module, "rehearse", rehearsal)
+    schema = tmp_path / "own.sql"
+    schema.write_text(OWN_SCHEMA)
+    for flags in ([], ["--no-live-load"]):
+        CliRunner().invoke(main, ["--operation=rehearse", f"--schema-from={schema}",
+                                  f"--key={OWN_KEY}", "--log-file", str(tmp_path / "log"),
+                                  "--quiet", *flags])
+    assert [options.live_load for options in given] == [True, False]
+    assert given[0].schema_from == str(schema)
+
+
 def test_live_load_is_a_usage_error_with_other_operations() -> None:
     result = operate("postgresql://nobody@127.0.0.1:1/none", "full_migration", "--live-load")
     assert result.exit_code == 2
@@ -83,26 +110,26 @@ def test_live_load_is_a_usage_error_with_other_operations() -> None:
 
 def test_live_load_is_on_by_default_where_pgbench_is_found(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Not given: on where pgbench 15 or later is found (the suite's hosts have one), off
-    with --schema-from (asked for there with --live-load); given, as given."""
-    assert live_load_wanted(given=None, schema_from=None) is True
-    assert live_load_wanted(given=None, schema_from="schema.sql") is False
-    assert live_load_wanted(given=False, schema_from=None) is False
-    assert live_load_wanted(given=True, schema_from=None) is True
+    """Not given: on where pgbench 15 or later is found (the suite's hosts have one), with
+    --schema-from too; given, as given."""
+    assert live_load_wanted(given=None) is True
+    assert live_load_wanted(given=False) is False
+    assert live_load_wanted(given=True) is True
 
     def missing() -> None:
         raise LoadUnavailable("no pgbench 15 or later among nothing")
 
     monkeypatch.setattr(under_load_module, "find_pgbench", missing)
-    assert live_load_wanted(given=None, schema_from=None) is False
-    assert live_load_wanted(given=True, schema_from=None) is True  # asked for: its absence reported
+    assert live_load_wanted(given=None) is False
+    assert live_load_wanted(given=True) is True  # asked for: its absence reported
 
 
 # --- --schema-from: the load made for the operator's schema (schema_load) --------------------
 
 # A key of another name, a child whose foreign key cascades on delete only (its rows are
 # left out of the families whose key changes), one that cascades on update only (deleted
-# before its parent), a CHECK, unique columns, a serial identity and a row with none.
+# before its parent), a CHECK, unique columns, a serial identity and a row with none; a
+# column named as the load's pools number their rows (n).
 OWN_SCHEMA = """
 CREATE TABLE accounts (
     uuid varchar(36) PRIMARY KEY,
@@ -113,7 +140,8 @@ CREATE TABLE sessions (
     id bigserial PRIMARY KEY,
     account_uuid varchar(36) NOT NULL REFERENCES accounts (uuid) ON DELETE CASCADE,
     token text NOT NULL UNIQUE,
-    seen_at timestamptz);
+    seen_at timestamptz,
+    n integer);
 CREATE TABLE invoices (
     account_uuid varchar(36) NOT NULL REFERENCES accounts (uuid) ON UPDATE CASCADE,
     amount numeric(10, 2) NOT NULL CHECK (amount > 0),
@@ -172,6 +200,24 @@ def test_the_load_of_an_own_schema_writes_every_table_and_loses_nothing(
                                                               "public.invoices"}
     assert load.skipped == ["updates of public.invoices: its rows have no identity (no primary "
                             "key or unique key over NOT NULL columns)"]
+
+
+def test_each_tables_pool_holds_its_share_of_the_loads_transactions(
+        own_schema: tuple[str, Plan]) -> None:
+    """Each table's generated rows are its share of the transactions the load is sized for,
+    by the weights of the scripts that take them (so a schema of many tables does not
+    generate every table's rows for every transaction), each taken by a counter of its own.
+    Here, of 14: accounts 6 (new families 3, rekeyable ones 1, updates 2), sessions 7
+    (families 3, updates 2, inserts 2), invoices 6 (families 3 and 1, inserts 2)."""
+    dsn, plan = own_schema
+    with SchemaLoad(dsn, plan, rate=10, clients=1, pool_rows=1000) as load:
+        weights = {name: weight for name, (weight, _) in load.scripts.items()}
+        assert sum(weights.values()) == 14, weights
+        assert {str(part.table): load.pool_sizes[part.number] for part in load.parts} == {
+            "public.accounts": 429, "public.sessions": 500, "public.invoices": 429}
+        assert {part.number: execute(dsn, sql.SQL("SELECT max(n) FROM {}").format(
+            part.pool))[0][0] for part in load.parts} == load.pool_sizes
+        load.stop()
 
 
 def test_the_ledger_of_an_own_schema_sees_the_writes_undone_behind_its_back(

@@ -337,7 +337,8 @@ def test_the_command_on_a_throwaway_server(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, [
         "--operation=rehearse", f"--schema-from={KEYCLOAK}", "--key=public.user_entity.id",
         "--users=200", "--batch-sizes=100", "--report", str(tmp_path / "r.xml"),
-        "--format=json", "--log-file", str(tmp_path / "log"), "--quiet"])
+        "--format=json", "--log-file", str(tmp_path / "log"), "--quiet",
+        "--no-live-load"])  # the report's files: no load needed (test_rehearse_load's)
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout)
     assert data["passed"] is True
@@ -446,7 +447,7 @@ def test_a_schema_that_does_not_load_fails_the_rehearsal_naming_the_statement(
     result = CliRunner().invoke(main, [
         "--operation=rehearse", f"--schema-from={schema}", "--key=accounts.uuid",
         "--database-url", sandbox.admin_dsn_for("postgres"),
-        "--log-file", str(tmp_path / "log"), "--quiet"])
+        "--log-file", str(tmp_path / "log"), "--quiet", "--no-live-load"])
     assert result.exit_code == 1, result.output
     assert f"error: {schema}, line 2: CREATE TABLE orders" in result.output
     assert 'relation "acounts" does not exist' in result.output
@@ -463,7 +464,7 @@ def test_a_schema_no_data_can_be_made_for_fails_the_rehearsal(sandbox: Sandbox,
     result = CliRunner().invoke(main, [
         "--operation=rehearse", f"--schema-from={schema}", "--key=accounts.uuid",
         "--database-url", sandbox.admin_dsn_for("postgres"),
-        "--log-file", str(tmp_path / "log"), "--quiet"])
+        "--log-file", str(tmp_path / "log"), "--quiet", "--no-live-load"])
     assert result.exit_code == 1, result.output
     assert ("error: rehearse could not generate data for the schema: public.accounts"
             in result.output)

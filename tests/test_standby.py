@@ -24,15 +24,19 @@ from urllib.parse import urlsplit, urlunsplit
 import psycopg2
 import pytest
 from psycopg2 import sql
+from psycopg2.extensions import parse_dsn
 
 from bench.standby import start_standby
 from migration.operations import Outcome
+from migration.rehearsal.report import Report, render_text
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.throwaway import Server, start_cluster
+from migration.rehearsal.under_load import STEPS, LagWatch, under_load
 from migration.session import Settings
 from tests.operate import (
     Terminal,
     execute,
+    operate,
     run_in_process,
     run_ok,
     run_verify,
@@ -323,3 +327,40 @@ def test_a_failed_fill_worker_stops_the_others_waiting_for_the_standby(
     run_ok(database, "migrate_users")  # it resumes
     run_ok(database, "migrate_foreign_keys")
     assert run_verify(database).exit_code == 0
+
+
+@pytest.mark.once
+def test_the_live_load_report_gives_the_standbys_longest_lag_in_each_phase(
+        cluster: Cluster, database: str) -> None:
+    """``rehearse --live-load`` reads the replication lag of its server on a connection of its
+    own (``lag.py``'s reader), as its administrator: the standby, its replay paused, is named
+    with the longest lag seen in each step's phase; the owner, who cannot read
+    ``pg_stat_replication``, gets a note instead, and the load is not held back for it."""
+    def step(name: str) -> str | None:
+        result = operate(database, name)
+        return None if result.exit_code == 0 else result.output
+
+    dbname = str(parse_dsn(database)["dbname"])
+    execute(cluster.standby(cluster.primary.admin_dsn), "SELECT pg_wal_replay_pause()")
+    try:
+        load = under_load(database, step, baseline_s=0.2,
+                          lag_dsn=cluster.primary.admin_dsn_for(dbname))
+    finally:
+        resume_the_standby(cluster)
+    assert load.failed() == []
+    assert load.replica_lag is not None
+    for phase in STEPS:
+        worst = load.replica_lag.longest[phase]
+        assert worst.name.startswith("standby 'walreceiver'"), worst
+        assert worst.seconds > 0, worst
+    text = render_text(Report(server="test", users=40, dirty=False, live_load=load))
+    assert re.search(r"longest replication lag in full_migration: standby 'walreceiver' "
+                     r"\(pid \d+[^)]*\) is [\d.]+ s behind", text), text
+    assert "no standby or logical slot" not in text
+
+    with LagWatch(database) as hidden:  # the owner: not a member of pg_monitor
+        hidden.phase("full_migration")
+    assert hidden.report().lines() == [
+        "replication lag: this role cannot read the lag of 1 standby(s) in "
+        "pg_stat_replication (it needs pg_monitor or pg_read_all_stats)"]
+    caught_up(cluster, database)

@@ -1,5 +1,5 @@
 """Statements an application's pool prepared before the migration, executed during the
-expansion and after the swap.
+fill and after the swap.
 
 Drivers that cache server-side prepared statements do it on their own (JDBC
 after five executions of a statement, asyncpg, pgx, Npgsql, psycopg 3 with
@@ -9,19 +9,19 @@ columns and its parameters keep the types they were prepared with.  So a
 statement prepared before the migration fails after it until its connection
 is recycled or it is prepared again, where the same statement sent afresh works:
 
-- ``SELECT *`` over the key's table: ``cached plan must not change result type``
-  (also during the fill, from the moment the copy column is added);
+- ``SELECT *`` over the key's table or a child: ``cached plan must not change result
+  type`` (also during the fill, from the moment the table's copy column is added);
 - ``WHERE key = $1``, the parameter inferred as ``text`` from the string column:
   ``operator does not exist: uuid = text``;
 - an ``INSERT`` into a child, the key's parameter inferred as the string type:
   ``column ... is of type uuid but expression is of type character varying``.
 
 The rehearsal does what such a pool does: on a connection opened before the
-final migration it prepares these three statements (``Prepared.open``), runs
-each once, and runs them again during the expansion and after the swap
-(``Prepared.after``, ``rehearse.final_migration``); each that fails is a finding
-with the server's message and the advice (``ADVICE``), for the report.  It is
-the application's to act on, not a failure of the migration.
+final migration it prepares these statements, a ``SELECT *`` of the first child too
+(``Prepared.open``), runs each once, and runs them again during the fill of the
+children's copies and after the swap (``Prepared.after``, ``rehearse.final_migration``);
+each that fails is a finding with the server's message and the advice (``ADVICE``), for
+the report.  It is the application's to act on, not a failure of the migration.
 The INSERT is rolled back each time.
 """
 
@@ -59,10 +59,10 @@ class Statement:
 
 
 def statements(conn: Connection, plan: Plan) -> list[Statement]:
-    """The three statements, prepared on ``conn`` (autocommit): ``SELECT *`` of the
-    key's table, a SELECT by key with an untyped parameter, and an INSERT of a
-    generated row into the first child of the plan (none without a child, or
-    when no generated row meets its constraints)."""
+    """The statements, prepared on ``conn`` (autocommit): ``SELECT *`` of the key's table,
+    a SELECT by key with an untyped parameter, and, into the first child of the plan
+    (none without a child), a ``SELECT *`` and an INSERT of a generated row (none when
+    no generated row meets its constraints)."""
     parent = plan.parent
     table = parent.table.ident.as_string(conn)
     key = sql.Identifier(parent.column).as_string(conn)
@@ -73,6 +73,10 @@ def statements(conn: Connection, plan: Plan) -> list[Statement]:
     made = [Statement("uuid_migration_select_all", f"SELECT * FROM {table} LIMIT 1", ()),
             Statement("uuid_migration_select_by_key", f"SELECT * FROM {table} WHERE {key} = $1",
                       (found[0] if found else "00000000-0000-4000-8000-000000000000",))]
+    if plan.children:
+        child = plan.children[0].table.ident.as_string(conn)
+        made.append(Statement("uuid_migration_select_child", f"SELECT * FROM {child} LIMIT 1",
+                              ()))
     insert = _child_insert(conn, plan)
     if insert is not None:
         made.append(insert)
@@ -147,7 +151,7 @@ class Prepared:
     def after(self, moment: str) -> list[Finding]:
         """Each statement executed again: a finding each, WARN with the server's message and
         ``ADVICE`` for one that fails now (``moment``: "after the swap", or "during the
-        expansion (before the swap)")."""
+        fill (before the swap)")."""
         findings = []
         for statement in self.statements:
             subject = f"{statement.name} ({statement.text})"

@@ -599,6 +599,7 @@ def _stall(session: Session, after: int) -> float | None:
 
 
 _STARTED = "%s: started (run %s)"  # the engine's line as an operation starts (log.begin)
+_SLICE_ENDED = "%s: backfill %s, %s rows"  # the engine's line as a slice's fill ends (backfill)
 
 
 class StepsSaid(logging.Handler):
@@ -614,18 +615,25 @@ class StepsSaid(logging.Handler):
             self.say(f"rehearse: {self.where}: {record.args[0]}")
 
 
-class AtStart(logging.Handler):
-    """While installed, calls ``action`` once, as the engine starts ``operation``: its
-    ``started`` line comes after the step before has committed and its own ``running``
-    row, so the engine holds no lock on the tables then."""
+class InFill(logging.Handler):
+    """While installed, calls ``action`` once, in the middle of ``operation``'s fill: as the
+    first of its slices is filled (``fill.fill`` adds the copy column of every column of the
+    step before it fills any slice, so they are all there, and the other slices are still
+    filling, or queued).  It runs on the thread of that slice's connection, which has
+    committed its last batch and holds no lock then; the handler's lock keeps the other
+    fill connections' lines waiting meanwhile."""
 
     def __init__(self, operation: str, action: Callable[[], None]) -> None:
         super().__init__(logging.INFO)
-        self.operation, self.action, self.done = operation, action, False
+        self.operation, self.action = operation, action
+        self.started = self.done = False
 
     def emit(self, record: logging.LogRecord) -> None:
-        if (record.msg == _STARTED and isinstance(record.args, tuple)
-                and record.args[0] == self.operation and not self.done):
+        if self.done or not isinstance(record.args, tuple):
+            return
+        if record.msg == _STARTED:
+            self.started = record.args[0] == self.operation
+        elif record.msg == _SLICE_ENDED and self.started and record.args[1] == "done":
             self.done = True
             self.action()
 
@@ -673,17 +681,18 @@ def final_migration(dsn: str, plan: Plan, options: RehearsalOptions, rows: Mappi
                     *, batch_size: int, orphans: str, say: Say = _silent
                     ) -> tuple[Run, list[Finding], list[Finding]]:
     """``full_migration`` with an application's pool beside it (``Prepared``): its statements
-    prepared before the expansion, executed as ``migrate_foreign_keys`` starts (the
-    parent expanded, its copy column filled beside the key, the swap still to come: the
-    expansion, which lasts hours at scale) and after the swap.  The run, then what the
-    statements gave during the expansion and after the swap (none when the run failed)."""
+    prepared before the expansion, executed while ``migrate_foreign_keys`` fills the
+    children's copies (``InFill``: every copy column of the plan added, the parent's
+    filled, the swap still to come; at scale the fill lasts hours) and after the swap.
+    The run, then what the statements gave during the fill and after the swap (none when
+    the run failed)."""
     during: list[Finding] = []
     after: list[Finding] = []
     with Prepared.open(dsn, plan) as pool:  # as an application's pool, before the migration
-        def expanded() -> None:
-            during.extend(pool.after("during the expansion (before the swap)"))
+        def filling() -> None:
+            during.extend(pool.after("during the fill (before the swap)"))
 
-        with _handling(AtStart("migrate_foreign_keys", expanded)):
+        with _handling(InFill("migrate_foreign_keys", filling)):
             final = migrate(dsn, ("full_migration",), options, rows, batch_size=batch_size,
                             orphans=orphans, say=say, where="final migration")
         if not final.error:
@@ -797,7 +806,8 @@ def live_load_run(scratch: Scratch, prepared: str, options: RehearsalOptions, *,
     try:
         with steps_said(say, "under live load"):
             result = under_load(scratch.dsn(name), step, schema=options.schema, plan=plan,
-                                pool_rows=pool_rows_for(migration_s))
+                                pool_rows=pool_rows_for(migration_s),
+                                lag_dsn=make_dsn(scratch.admin_dsn, dbname=name))
     finally:
         scratch.drop(name)
     result.rows = rows
@@ -883,7 +893,7 @@ def _rehearse_on(scratch: Scratch, options: RehearsalOptions, report: Report, sa
         return
     say("rehearse: statements prepared before the final migration: " + ", ".join(
         f"{sum(f.status is Status.WARN for f in found)} of {len(found)} fail {moment}"
-        for found, moment in ((report.prepared_during, "during the expansion"),
+        for found, moment in ((report.prepared_during, "during the fill"),
                               (report.prepared, "after the swap"))) + " (see the report)")
     report.smoke.append(smoke_run(dsn, plan, "full_migration"))
     say(f"rehearse: smoke writes after full_migration: {_smoke_summary(report.smoke[-1])}")
@@ -1008,15 +1018,14 @@ def schema_database(schema_from: str | None) -> str | None:
     return schema_from
 
 
-def live_load_wanted(*, given: bool | None, schema_from: str | None) -> bool:
+def live_load_wanted(*, given: bool | None) -> bool:
     """``--live-load`` / ``--no-live-load`` as given; not given, on where this host has a
-    pgbench to drive the load, and off with ``--schema-from`` (its load, made for the
-    schema's tables, is asked for with ``--live-load``: generating its rows adds to a
-    rehearsal's time with the schema's size).  Asked for where there is none, the report
-    says so and fails."""
+    pgbench to drive the load, with ``--schema-from`` too (its load made for the schema's
+    tables, each table generated its share of the load's rows: ``SchemaLoad``).  Asked
+    for where there is none, the report says so and fails."""
     if given is not None:
         return given
-    return schema_from is None and available()
+    return available()
 
 
 def rehearse_command(database_url: str | None, options: Mapping[str, Any],
@@ -1041,8 +1050,7 @@ def rehearse_command(database_url: str | None, options: Mapping[str, Any],
         schema_from=options.get("schema_from"), key=key, progress=not options["quiet"],
         allow_triggers=options["allow_triggers"],
         refresh_materialized_views=options["refresh_materialized_views"],
-        live_load=live_load_wanted(given=options.get("live_load"),
-                                   schema_from=options.get("schema_from")))
+        live_load=live_load_wanted(given=options.get("live_load")))
     say: Say = _silent if options["quiet"] else partial(click.echo, err=True)
     try:
         with rehearsal_log(log_file):

@@ -140,7 +140,7 @@ class Report:
     prepared: list[Finding] = field(default_factory=list)
     """Statements prepared before the final migration, executed after it (``prepared``)."""
     prepared_during: list[Finding] = field(default_factory=list)
-    """The same statements executed during its expansion, before the swap."""
+    """The same statements executed during its fill, before the swap."""
     live_load: LoadRun | None = None
     """--live-load: the migration and the rollback under an application's load."""
 
@@ -176,7 +176,7 @@ class Report:
         tables = sorted({w.table for run in self.smoke for w in run.writes
                          if run.compatibility(w)})
         notes = []
-        for findings, moment in ((self.prepared_during, "during the expansion"),
+        for findings, moment in ((self.prepared_during, "during the fill"),
                                  (self.prepared, "after the swap")):
             broken = [f.subject.split(" ", 1)[0] for f in findings if f.status is Status.WARN]
             if broken:
@@ -278,6 +278,8 @@ def _load_section(load: LoadRun) -> Section:
     lines = load.failed() or ["no application transaction failed, every committed write is "
                               "there, no orphan was accepted"]
     lines += load.notes
+    if load.replica_lag is not None:
+        lines += load.replica_lag.lines()
     return Section(f"Under live load ({load.clients} pgbench clients at {load.rate:g} "
                    "transactions/s, on a clone): full_migration, then rollback", lines,
                    header=("phase", "time", "transactions", "failed", "p50", "p99", "max",
@@ -320,7 +322,7 @@ def schema_from_sections(report: Report, *, verbose: bool = False) -> list[Secti
                                           else "FAILED: ") + w.error) for w in shown]))
     if report.prepared_during:
         parts.append(Section("Statements prepared before the final migration (as an "
-                             "application's pool keeps them), executed during the expansion, "
+                             "application's pool keeps them), executed during the fill, "
                              "before the swap",
                              _finding_lines(report.prepared_during, verbose=verbose),
                              preformatted=True))

@@ -7,8 +7,11 @@ scripts, ledger and probes made from the catalog for the tables of a plan, where
 - rows come from ``generate``'s value rules (``Loader.candidates``: NOT NULL,
   CHECKs, unique columns, foreign keys drawn from existing rows), made before the
   load starts into one pool table per table of the plan (``live_load.pool_<n>``,
-  the values as text), and taken by a shared counter (``live_load.drawn``), so that
-  no generated row is written twice;
+  the values as text), and taken by a counter of its own (``live_load.drawn_<n>``),
+  so that no generated row is written twice; each pool holds the table's share of
+  the transactions the load is sized for (``pool_sizes``), by the weights of the
+  scripts that write it, so a schema of many tables does not generate each table's
+  rows for every transaction (41 tables: 41 times the rows);
 - a *family* is a new row of the key's table with a fresh UUID key
   (``gen_random_uuid()``) and one row in each child table referring to it, in one
   transaction (``new_family``); ``delete_family`` deletes the latest family: the
@@ -42,6 +45,7 @@ application's pool would.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -64,7 +68,10 @@ from migration.rehearsal.load import (
 )
 
 POOL_ROWS = 20_000
-"""Generated rows per table, drawn once each: enough for minutes of the default load."""
+"""Transactions the pools are sized for (each table's pool its share, with ``MIN_POOL``
+at least): enough for minutes of the default load."""
+MIN_POOL = 100
+"""Generated rows of a table, however small its share of the transactions."""
 STAGED = 2
 """Rows staged per pool row wanted: some fail a CHECK the values are not steered by."""
 MAX_RECORD = 40
@@ -80,7 +87,6 @@ CREATE TABLE live_load.ledger (
 CREATE TABLE live_load.picks (n int PRIMARY KEY, key text NOT NULL);
 CREATE TABLE live_load.families (n bigserial PRIMARY KEY, parent_key text NOT NULL,
                                  rekeyable boolean NOT NULL);
-CREATE SEQUENCE live_load.drawn;
 """
 
 # The foreign key actions of a column of a child referring to the parent key.
@@ -133,6 +139,21 @@ class Part:
         return sql.Identifier("live_load", f"pool_{self.number}")
 
     @property
+    def drawn(self) -> sql.Identifier:
+        """The counter of the pool's rows taken."""
+        return sql.Identifier("live_load", f"drawn_{self.number}")
+
+    @property
+    def draw(self) -> sql.Composable:
+        """The script's variable holding the number of the pool row it takes (``take``)."""
+        return sql.SQL(f":d{self.number}")
+
+    def take(self) -> sql.Composable:
+        """The next row of the pool, into ``draw``: a column of a ``\\gset`` SELECT."""
+        return sql.SQL("nextval({}) AS {}").format(
+            sql.Literal(f"live_load.drawn_{self.number}"), sql.SQL(f"d{self.number}"))
+
+    @property
     def tbl(self) -> sql.Composable:
         return sql.Literal(str(self.table))
 
@@ -164,9 +185,20 @@ class Part:
         """The identity of row ``t`` (JSON)."""
         return self._object(self.ident) if self.ident else self.expect
 
+    @property
+    def generated(self) -> list[str]:
+        """The columns the pool gives values, in its order."""
+        return [c for c in self.columns if c not in self.keys]
+
+    @staticmethod
+    def pool_column(index: int) -> sql.Identifier:
+        """The pool's column of the ``index``-th of ``generated``: not the table's name,
+        which may be the pool's row number's (``n``)."""
+        return sql.Identifier(f"c{index}")
+
     def cast(self, column: str) -> sql.Composable:
         """Pool row ``p``'s value of ``column``, as the column's (base) type."""
-        return sql.SQL("p.{}::{}").format(sql.Identifier(column),
+        return sql.SQL("p.{}::{}").format(self.pool_column(self.generated.index(column)),
                                           sql.SQL(self.spec.column(column).type.staging))
 
     def matching(self, variable: str) -> sql.Composable:
@@ -186,6 +218,8 @@ class SchemaLoad(LiveLoad):
                  pgbench: Path | None = None) -> None:
         self.plan, self.pool_rows = plan, pool_rows
         self.skipped: list[str] = []
+        self.pool_sizes: dict[int, int] = {}
+        """Generated rows per table (``Part.number``), row 0 for the prober apart."""
         conn = connect(dsn, readonly=True)
         try:
             self.parts = parts(conn, plan)
@@ -213,12 +247,16 @@ class SchemaLoad(LiveLoad):
         cascading = [c for c in children if c.update_cascades]
         self_refs = parent.keys[1:]
         scripts: dict[str, tuple[int, sql.Composable]] = {}
+        draws: Counter[int] = Counter()  # the weight of the scripts taking rows of a part
 
-        def add(name: str, weight: int, script: sql.Composable) -> None:
+        def add(name: str, weight: int, script: sql.Composable,
+                taking: Sequence[Part] = ()) -> None:
             scripts[name] = (weight, script)
+            draws.update({part.number: weight for part in taking})
 
         rekeyable = not self_refs and len(cascading) == len(children)
-        add("new_family", 3, self._new_family(children, rekeyable=rekeyable))
+        add("new_family", 3, self._new_family(children, rekeyable=rekeyable),
+            [parent, *children])
         if self_refs:
             self.skipped.append(f"key updates: {parent.table} refers to itself "
                                 f"({', '.join(self_refs)})")
@@ -227,7 +265,8 @@ class SchemaLoad(LiveLoad):
                                 "ON UPDATE CASCADE, so no key of a row with children may change")
         else:
             if not rekeyable:
-                add("new_rekeyable_family", 1, self._new_family(cascading, rekeyable=True))
+                add("new_rekeyable_family", 1, self._new_family(cascading, rekeyable=True),
+                    [parent, *cascading])
             add("rekey_family", 1, self._rekey(cascading))
         add("delete_family", 1, self._delete())
         for part in self.parts:
@@ -237,9 +276,12 @@ class SchemaLoad(LiveLoad):
                                     f"updates of {part.table}: its rows have no identity "
                                     "(no primary key or unique key over NOT NULL columns)")
             else:
-                add(f"update_{part.name}", 2, self._update(part))
+                add(f"update_{part.name}", 2, self._update(part), [part])
         for part in children:
-            add(f"insert_{part.name}", 2, self._insert_child(part))
+            add(f"insert_{part.name}", 2, self._insert_child(part), [part])
+        total = sum(weight for weight, _ in scripts.values())
+        self.pool_sizes = {part.number: max(MIN_POOL, math.ceil(
+            self.pool_rows * draws[part.number] / total)) for part in self.parts}
         return scripts
 
     def _inserted(self, part: Part, keys: sql.Composable) -> sql.Composable:
@@ -247,10 +289,10 @@ class SchemaLoad(LiveLoad):
         columns = [c for c in part.columns if c not in part.keys]
         return sql.SQL(
             "WITH r AS (INSERT INTO {table} AS t ({names}) SELECT {values} FROM {pool} p "
-            "WHERE p.n = :d RETURNING {ident} AS ident, {expect} AS expect)\n"
+            "WHERE p.n = {draw} RETURNING {ident} AS ident, {expect} AS expect)\n"
             "INSERT INTO live_load.ledger (tbl, op, ident, expect) "
             "SELECT {tbl}, 'write', ident, expect FROM r;\n").format(
-            table=part.table.ident, pool=part.pool, tbl=part.tbl,
+            table=part.table.ident, pool=part.pool, draw=part.draw, tbl=part.tbl,
             names=sql.SQL(", ").join(map(sql.Identifier, [*part.keys, *columns])),
             values=sql.SQL(", ").join([*(keys for _ in part.keys), *map(part.cast, columns)]),
             ident=part.identity, expect=part.expect)
@@ -267,8 +309,8 @@ class SchemaLoad(LiveLoad):
 
     def _new_family(self, children: Sequence[Part], *, rekeyable: bool) -> sql.Composable:
         return sql.Composed([
-            sql.SQL("SELECT nextval('live_load.drawn') AS d, gen_random_uuid()::text AS k "
-                    "\\gset\nBEGIN;\n"),
+            sql.SQL("SELECT {}, gen_random_uuid()::text AS k \\gset\nBEGIN;\n").format(
+                sql.SQL(", ").join(part.take() for part in [self.parent, *children])),
             self._inserted(self.parent, sql.SQL(":k")),
             *(self._inserted(child, sql.SQL(":k")) for child in children),
             sql.SQL("INSERT INTO live_load.families (parent_key, rekeyable) "
@@ -307,9 +349,12 @@ class SchemaLoad(LiveLoad):
                 parent.table.ident, sql.Identifier(parent.keys[0])),
             sql.SQL("DELETE FROM live_load.families WHERE n = :fam;\n\\endif\nEND;\n")])
 
-    _PICK = ("\\set g random(1, :picks)\n"
-             "SELECT key AS gid, nextval('live_load.drawn') AS d FROM live_load.picks "
-             "WHERE n = :g \\gset\n")
+    @staticmethod
+    def _pick(part: Part) -> sql.Composable:
+        """An existing key into ``:gid``, and the next row of ``part``'s pool."""
+        return sql.SQL("\\set g random(1, :picks)\n"
+                       "SELECT key AS gid, {} FROM live_load.picks WHERE n = :g \\gset\n"
+                       ).format(part.take())
 
     def _update(self, part: Part) -> sql.Composable:
         """A non-key column of a row of an existing key (in a child: one row referring to
@@ -320,19 +365,19 @@ class SchemaLoad(LiveLoad):
         else:
             row = sql.SQL("(t.tableoid, t.ctid) = (SELECT tableoid, ctid FROM {} WHERE {} = :gid"
                           " LIMIT 1)").format(part.table.ident, sql.Identifier(part.keys[0]))
-        return sql.SQL(
-            self._PICK + "BEGIN;\n"
+        return sql.Composed([self._pick(part), sql.SQL(
+            "BEGIN;\n"
             "WITH r AS (UPDATE {table} AS t SET {payload} = {value} FROM {pool} p "
-            "WHERE p.n = :d AND {row} RETURNING {ident} AS ident, {expect} AS expect)\n"
+            "WHERE p.n = {draw} AND {row} RETURNING {ident} AS ident, {expect} AS expect)\n"
             "INSERT INTO live_load.ledger (tbl, op, ident, expect) "
             "SELECT {tbl}, 'write', ident, expect FROM r;\nEND;\n").format(
             table=part.table.ident, payload=sql.Identifier(part.payload),
-            value=part.cast(part.payload), pool=part.pool, row=row, ident=part.identity,
-            expect=part.expect, tbl=part.tbl)
+            value=part.cast(part.payload), pool=part.pool, draw=part.draw, row=row,
+            ident=part.identity, expect=part.expect, tbl=part.tbl)])
 
     def _insert_child(self, part: Part) -> sql.Composable:
         """A child row referring to an existing key."""
-        return sql.Composed([sql.SQL(self._PICK + "BEGIN;\n"),
+        return sql.Composed([self._pick(part), sql.SQL("BEGIN;\n"),
                              self._inserted(part, sql.SQL(":gid")), sql.SQL("END;\n")])
 
     # -- LiveLoad's hooks ------------------------------------------------------------------
@@ -376,18 +421,20 @@ class SchemaLoad(LiveLoad):
         return picks
 
     def _pool(self, cur: Cursor, loader: Loader, part: Part) -> None:
-        """``pool_rows`` + 1 generated rows of ``part`` (row 0 for the prober), as text."""
+        """``pool_sizes`` + 1 generated rows of ``part`` (row 0 for the prober), as text,
+        and the counter of those taken."""
+        size = self.pool_sizes[part.number]
+        cur.execute(sql.SQL("CREATE SEQUENCE {}").format(part.drawn))
         cur.execute(sql.SQL("SELECT count(*) FROM {}").format(part.table.ident))
         (existing,) = cur.fetchone() or (0,)
         rows = loader.candidates(part.spec, start=10 * int(existing) + 1000,
-                                 staged=STAGED * (self.pool_rows + 1),
-                                 limit=self.pool_rows + 1)
+                                 staged=STAGED * (size + 1), limit=size + 1)
         if not rows:
             raise LoadUnavailable(f"{part.table}: no generated row meets its constraints")
-        columns = [c for c in part.columns if c not in part.keys]
+        columns = part.generated
         cur.execute(sql.SQL("CREATE TABLE {} (n int PRIMARY KEY{})").format(
-            part.pool, sql.SQL("").join(sql.SQL(", {} text").format(sql.Identifier(c))
-                                        for c in columns)))
+            part.pool, sql.SQL("").join(sql.SQL(", {} text").format(part.pool_column(i))
+                                        for i in range(len(columns)))))
         if columns:
             cur.execute(sql.SQL("INSERT INTO {} SELECT * FROM unnest(%s::int[], {})").format(
                 part.pool, sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in columns)),
@@ -419,11 +466,11 @@ class SchemaLoad(LiveLoad):
         conn = connect(self.dsn, readonly=True)
         try:
             with conn, conn.cursor() as cur:
-                cur.execute("SELECT CASE WHEN is_called THEN last_value ELSE 0 END "
-                            "FROM live_load.drawn")
-                (drawn,) = cur.fetchone() or (0,)
                 found = []
                 for part in self.parts:
+                    cur.execute(sql.SQL("SELECT CASE WHEN is_called THEN last_value ELSE 0 "
+                                        "END FROM {}").format(part.drawn))
+                    (drawn,) = cur.fetchone() or (0,)
                     cur.execute(sql.SQL("SELECT max(n) FROM {}").format(part.pool))
                     (size,) = cur.fetchone() or (0,)
                     if int(drawn) > int(size or 0):
