@@ -40,6 +40,9 @@ from migration.rehearsal.throwaway import Server, start_cluster
 from tests.operate import execute, wait_until
 from tests.replicas import server_bin_dir
 
+# The benchmark's own tests: its figures are the engine's, tested on every server elsewhere.
+pytestmark = pytest.mark.once
+
 USERS = 200
 ROWS = 6 * USERS  # S users, 3S journal entries, S tags, S reminders
 KEYS = {"users": ["id"], "journal_entries": ["user_id"], "tags": ["user_id"],

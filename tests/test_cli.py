@@ -79,6 +79,7 @@ def _data_migration(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=600, check=False)
 
 
+@pytest.mark.once
 def test_the_rehearsal_logs_to_its_own_file(tmp_path: Path, legacy_db: str,
                                             sandbox: Sandbox) -> None:
     """The operator's default log gets nothing from a rehearsal; the rehearsal's own file
@@ -105,6 +106,7 @@ def test_the_rehearsal_logs_to_its_own_file(tmp_path: Path, legacy_db: str,
     assert "validate_schema: validate_schema" not in rehearsal.stderr + own.read_text()
 
 
+@pytest.mark.once
 def test_the_rehearsal_log_file_can_be_named(tmp_path: Path, sandbox: Sandbox) -> None:
     log = tmp_path / "elsewhere" / "rehearsal.log"
     result = _data_migration(tmp_path, "--operation=rehearse", "--users=200", "--clean",

@@ -48,6 +48,9 @@ from tests.app_writer import (
 from tests.operate import execute, run_in_process, run_verify, seeded
 from tests.strategies import AppWrite, KeyPick
 
+# The engine under concurrent writers: on the oldest and the newest server.
+pytestmark = pytest.mark.edges
+
 
 class Batch(NamedTuple):
     writes: list[AppWrite]

@@ -30,6 +30,9 @@ from migration.session import Session, Settings
 from tests.operate import connected, print_of
 from tests.strategies import GenColumn, GenSchema, GenTable, gen_schemas
 
+# The rehearsal's data generator: a tool around the engine, tested on one server.
+pytestmark = pytest.mark.once
+
 _numbers = itertools.count()
 UUID_PATTERN = "^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
 

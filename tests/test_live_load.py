@@ -116,6 +116,7 @@ SELECT 'entry', id::text, user_id::text, body FROM e
 """
 
 
+@pytest.mark.once
 def test_a_quiet_load_is_clean_and_writes_every_kind(quiet_report: LoadReport) -> None:
     report = quiet_report
     assert report.problems() == [], "\n".join(report.problems())
@@ -162,6 +163,7 @@ RETURNING user_id
 """
 
 
+@pytest.mark.once
 def test_the_instrument_sees_an_unenforced_fk_a_lost_write_and_a_failed_client(
         seeded_db: str, sandbox: Sandbox) -> None:
     admin = sandbox.admin_dsn_for(urlsplit(seeded_db).path.lstrip("/"))
@@ -214,6 +216,7 @@ _UNDO_ONE_WRITE_OF_EACH_KIND = (
 )
 
 
+@pytest.mark.once
 def test_a_deadlocked_application_transaction_is_counted_not_retried(
         seeded_db: str, sandbox: Sandbox) -> None:
     """The cycle today's swaps make: a new user holds its users row, waits for journal_entries."""
@@ -273,6 +276,7 @@ def test_stalls_and_latencies_come_from_the_transaction_log() -> None:
                                        "read_user"]
 
 
+@pytest.mark.once
 def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> None:
     """``bench/run.py --live-load``: one_shot and full_migration again, under the load."""
     report = run_benchmark(sandbox, [300], [100], sample_interval=0.002,
@@ -301,6 +305,7 @@ def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> Non
 
 # -- the migration under load -----------------------------------------------------------------
 
+@pytest.mark.edges
 def test_full_migration_under_load_is_online(seeded_db: str, tmp_path: Path) -> None:
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:
         settle()
@@ -315,6 +320,7 @@ def test_full_migration_under_load_is_online(seeded_db: str, tmp_path: Path) -> 
     assert not problems, "\n".join([*problems, report.describe()])
 
 
+@pytest.mark.edges
 def test_rollback_under_load_keeps_the_applications_writes(seeded_db: str,
                                                            tmp_path: Path) -> None:
     with LiveLoad(seeded_db, rate=RATE, clients=CLIENTS) as load:

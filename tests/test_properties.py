@@ -11,6 +11,7 @@ import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,6 +28,9 @@ from tests.operate import (
     run_ok,
 )
 from tests.strategies import Dataset, datasets
+
+# The engine under generated data: on the oldest and the newest server.
+pytestmark = pytest.mark.edges
 
 _numbers = itertools.count()
 # Each example is a whole migration on a database of its own (2 s and more).  The ci

@@ -27,6 +27,9 @@ from migration.rehearsal.schema_load import SchemaLoad
 from migration.rehearsal.under_load import STEPS, LoadRun, under_load
 from tests.operate import connected, execute, operate, seeded, wait_until
 
+# The rehearsal under load: a tool around the engine, tested on one server.
+pytestmark = pytest.mark.once
+
 
 def under_load_problems(report: Report) -> list[str]:
     """The report's problems from the load (a report made here has no final migration)."""
@@ -258,7 +261,6 @@ _UNDO_THREE_WRITES = (
 )
 
 
-@pytest.mark.once
 def test_rehearse_live_load_on_a_schema_from_a_file(sandbox: Sandbox, tmp_path: Path) -> None:
     """The whole rehearsal with ``--schema-from`` and ``--live-load``: the load made for its
     tables, and what it saw in the report.  With the command's ``--lock-timeout`` (100 ms):

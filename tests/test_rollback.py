@@ -212,7 +212,7 @@ def test_fault_points_roll_back_to_the_original(
         sandbox.drop_database(s.database)
 
 
-@pytest.mark.once
+@pytest.mark.newest
 def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
         scenario: Callable[..., Scenario], sandbox: Sandbox) -> None:
     """The rollback after the swap is the migration run the other way, in steps: killed at

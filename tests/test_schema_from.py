@@ -270,6 +270,7 @@ REAL_SCHEMAS = {  # schema file: the key, and the columns referring to it
 }
 
 
+@pytest.mark.once
 @pytest.mark.parametrize("schema_file", sorted(REAL_SCHEMAS))
 def test_rehearsal_passes_on_real_schemas_naming_each_planted_problem_under_its_column(
         sandbox: Sandbox, schema_file: str) -> None:

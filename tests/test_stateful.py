@@ -19,6 +19,7 @@ import itertools
 import secrets
 
 import psycopg2
+import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
@@ -42,6 +43,9 @@ from tests.app_writer import (
 )
 from tests.operate import connected, execute, operate, print_of, run_in_process, seeded
 from tests.strategies import AppWrite
+
+# The engine under generated operations and crashes: on the oldest and the newest server.
+pytestmark = pytest.mark.edges
 
 OPERATIONS = ("validate_schema", "backup_data", "migrate_users", "migrate_foreign_keys",
               "validate_migration", "full_migration", "rollback", "cleanup_backup")
