@@ -75,7 +75,7 @@ HELP_SECTIONS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("Choosing the moment of the swap: migrate_foreign_keys, full_migration, rollback",
      ("--postpone-swap", "--recycle-sessions")),
     ("Standbys and subscribers: backup_data, migrate_users, migrate_foreign_keys, "
-     "full_migration, rollback", ("--max-replica-lag",)),
+     "full_migration, rollback", ("--max-replica-lag", "--wal-compression")),
     ("Bounding the write rate: backup_data, migrate_users, migrate_foreign_keys, "
      "full_migration, rollback", ("--max-rows-per-second",)),
     ("validate_schema", ("--discover",)),
@@ -327,6 +327,12 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "between batches while a standby or a logical subscriber of this server "
                    "is further behind than this (0: never; reading the lag needs "
                    "pg_monitor).")
+@click.option("--wal-compression/--no-wal-compression", "wal_compression", default=True,
+              show_default=True, help="With full-page writes on and wal_compression off on "
+              "the server, the engine's sessions set it to lz4 for their own WAL, where the "
+              "server has lz4 and the role may set it (a superuser, or GRANT SET ON "
+              "PARAMETER): a third of the WAL, measured. --no-wal-compression leaves it as "
+              "the server has it (a standby whose build lacks lz4 could not replay it).")
 @click.option("--max-rows-per-second", "max_rows_per_second", type=click.IntRange(min=1),
               metavar="N", help="Pace the backup's copy, the fill and the rollback's fill and "
               "respelling: after each batch, wait so that they write at most N rows a second "
@@ -397,6 +403,7 @@ def main(ctx: click.Context, /, operation: str, database_url: str | None,
                         postpone_swap=options["postpone_swap"],
                         recycle_roles=_roles(options["recycle_sessions"]),
                         max_replica_lag_s=options["max_replica_lag_s"],
+                        wal_compression=options["wal_compression"],
                         max_rows_per_second=options["max_rows_per_second"] or 0,
                         show_progress=not options["quiet"])
     again = _rerun(operation, key, options["schema"], [

@@ -72,6 +72,40 @@ class Settings:
     max_replica_lag_s: float = lag.DEFAULT_MAX_REPLICA_LAG_S
     # the steps that write a table's worth, paced to this many rows a second (0: no bound)
     max_rows_per_second: float = 0
+    # the engine's sessions write their full-page images lz4-compressed where they may
+    wal_compression: bool = True
+
+
+WAL_COMPRESSION = "lz4"
+"""What the engine's sessions set ``wal_compression`` to (``compress_wal``): a third of the
+WAL with full-page writes on, for 8% more server CPU (pglz: as small, 70% more CPU)."""
+
+
+def compress_wal(cur: Cursor) -> bool:
+    """Set ``wal_compression`` for this session where the server does not compress whole
+    pages already, was built with lz4, and this role may set it (a superuser, or ``GRANT
+    SET ON PARAMETER``, PostgreSQL 15 and later); whether it did.
+
+    With full-page writes on, the first change to each page after a checkpoint writes the
+    whole page, and the fill changes pages in the keys' random order: whole pages are most
+    of its WAL (``preflight.wal_advice``); index builds write theirs whole in any case.
+    Compressing them changes only how they are written, in this session's own WAL;
+    standbys of the same build replay them.
+    """
+    cur.execute("SELECT current_setting('wal_compression') = 'off' AND %s = ANY (enumvals) "
+                "FROM pg_settings WHERE name = 'wal_compression'", (WAL_COMPRESSION,))
+    row = cur.fetchone()
+    if row is None or not row[0]:
+        return False
+    cur.execute("SAVEPOINT wal_compression")
+    try:
+        cur.execute("SELECT set_config('wal_compression', %s, false)", (WAL_COMPRESSION,))
+        compressed = True
+    except psycopg2.errors.InsufficientPrivilege:
+        cur.execute("ROLLBACK TO SAVEPOINT wal_compression")
+        compressed = False
+    cur.execute("RELEASE SAVEPOINT wal_compression")
+    return compressed
 
 
 def _configure(conn: Connection, settings: Settings) -> None:
@@ -88,6 +122,8 @@ def _configure(conn: Connection, settings: Settings) -> None:
         if conn.server_version >= 140000:
             cur.execute("SELECT set_config('client_connection_check_interval', %s, false)",
                         (CLIENT_CHECK_INTERVAL,))
+        if settings.wal_compression:
+            compress_wal(cur)
 
 
 def ddl_pause(attempt: int, cap: float) -> float:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg2.errors
 import pytest
@@ -14,7 +15,7 @@ from migration.errors import MigrationError
 from migration.operations import OPERATIONS, run
 from migration.preflight import validate_schema, wal_advice
 from migration.rehearsal.fingerprint import expected_after_migration
-from migration.rehearsal.sandbox import Sandbox, schema_sql, with_credentials
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, schema_sql, with_credentials
 from migration.session import ADVISORY_KEYS, Session, Settings
 from tests.operate import (
     MIGRATED_DEFAULTS,
@@ -534,7 +535,57 @@ def test_the_wal_advice_warns_where_checkpoints_fall_inside_the_migration(
                          checkpoint_timeout="5min", plan_bytes=2**30)
     assert (finding.check, finding.status.value) == ("wal", status)
     assert (finding.hint == "") if advice is None else (advice in finding.hint)
-    assert "checkpoint_timeout 5min" in finding.message
+    assert "checkpoint_timeout 5min, wal_compression off" in finding.message
+
+
+@pytest.mark.parametrize("max_wal", [96 * 2**20, 4 * 2**30], ids=["small", "room"])
+def test_the_wal_advice_gives_the_grant_that_lets_the_engine_compress_whole_pages(
+        max_wal: int) -> None:
+    """A role that may not set wal_compression is told the statement that lets it; one whose
+    sessions compress is not (no server: the settings are given)."""
+    grant = 'GRANT SET ON PARAMETER wal_compression TO "app owner"'
+    refused = wal_advice(full_page_writes=True, max_wal_bytes=max_wal, checkpoint_timeout="5min",
+                         plan_bytes=2**30, grant_for="app owner")
+    assert grant in refused.hint
+    compressed = wal_advice(full_page_writes=True, max_wal_bytes=max_wal,
+                            checkpoint_timeout="5min", plan_bytes=2**30, compression="lz4")
+    assert "wal_compression lz4 in the engine's sessions" in compressed.message
+    assert "GRANT" not in compressed.hint
+
+
+def _wal_compression(dsn: str, settings: Settings) -> tuple[str, str]:
+    """What an engine session's wal_compression is, and its pre-flight's wal hint."""
+    with Session.open(dsn, settings) as session:
+        with session.conn.cursor() as cur:
+            cur.execute("SHOW wal_compression")
+            (value,), = cur.fetchall()
+        (finding,) = [f for f in validate_schema(session) if f.check == "wal"]
+    return value, finding.hint
+
+
+def test_the_engine_compresses_its_whole_pages_where_the_role_may(
+        legacy_db: str, sandbox: Sandbox) -> None:
+    """The engine's sessions set wal_compression = lz4 once the owner is granted it, not
+    before (the pre-flight then gives the grant, with full-page writes on), and not with
+    --no-wal-compression; other sessions keep the server's setting."""
+    admin = sandbox.admin_dsn_for(urlsplit(legacy_db).path.lstrip("/"))
+    (lz4, fpw), = execute(admin, "SELECT 'lz4' = ANY (enumvals), "
+                                 "current_setting('full_page_writes') = 'on' "
+                                 "FROM pg_settings WHERE name = 'wal_compression'")
+    value, hint = _wal_compression(legacy_db, Settings(show_progress=False))
+    assert value == "off"
+    assert (f'GRANT SET ON PARAMETER wal_compression TO "{OWNER_ROLE}"' in hint) is (lz4 and fpw)
+    execute(admin, sql.SQL("GRANT SET ON PARAMETER wal_compression TO {}").format(
+        sql.Identifier(OWNER_ROLE)))
+    try:
+        assert _wal_compression(legacy_db, Settings(show_progress=False)) == (
+            "lz4" if lz4 else "off", "")
+        assert _wal_compression(legacy_db, Settings(show_progress=False,
+                                                    wal_compression=False))[0] == "off"
+        assert execute(legacy_db, "SHOW wal_compression") == [("off",)]
+    finally:
+        execute(admin, sql.SQL("REVOKE SET ON PARAMETER wal_compression FROM {}").format(
+            sql.Identifier(OWNER_ROLE)))
 
 
 def test_validate_schema_reads_the_server_s_wal_settings(legacy_db: str) -> None:
