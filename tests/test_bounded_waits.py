@@ -354,6 +354,24 @@ def test_the_change_log_never_holds_a_table_while_it_waits_for_another(db: str) 
                    ) == [(4,)]
 
 
+def test_the_swap_reads_the_catalog_before_it_blocks_writes(db: str, sandbox: Sandbox) -> None:
+    """The swap reads what it carries over (indexes, constraints, comments, grants...)
+    under SHARE UPDATE EXCLUSIVE, which lets the application write, and asks ACCESS
+    EXCLUSIVE for its statements only: read under it, the catalog's dozens of round trips
+    were most of the application's write stall (issue 22).  A superuser holding
+    pg_description stops the swap in its reads (the comments it carries): it waits there
+    holding nothing that blocks a write."""
+    expanded(db)
+    with Session.open(db, SETTINGS) as session:
+        _, waits, failed = run_while_held(
+            admin_for(sandbox, db), "LOCK TABLE pg_catalog.pg_description IN ACCESS EXCLUSIVE "
+            "MODE", "swap", lambda: swap.swap(session, session.plan).held_s)
+    assert failed >= 3
+    assert waits == []
+    assert execute(db, "SELECT data_type FROM information_schema.columns "
+                       "WHERE table_name = 'users' AND column_name = 'id'") == [("uuid",)]
+
+
 def lock_requests_waiting(dsn: str) -> AbstractContextManager[list[tuple[Any, ...]]]:
     """Samples ``pg_locks`` while the with-block runs: every lock request of the engine or of
     the application (``application_name`` 'application') waiting in a queue, as (who, mode,
