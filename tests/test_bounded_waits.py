@@ -451,6 +451,46 @@ def test_the_swap_never_waits_in_the_lock_queue_so_the_application_never_queues_
                        "WHERE table_name = 'users' AND column_name = 'id'") == [("uuid",)]
 
 
+def _copy_column(session: Session) -> Callable[[], Any]:
+    return lambda: fill.add_temporary_column(session, session.plan.parent)
+
+
+def _fill_proof(session: Session) -> Callable[[], Any]:
+    fill.add_temporary_column(session, session.plan.parent)
+    fill.fill(session, (session.plan.parent,), 0)
+    return lambda: fill.prove_filled(session, session.plan.parent, 0)
+
+
+EXCLUSIVE_DDL = {"copy column": (_copy_column, "add id_uuid to public.users"),
+                 "fill proof": (_fill_proof, "add migration_filled_id")}
+
+
+@pytest.mark.parametrize("ddl", EXCLUSIVE_DDL)
+def test_the_expansion_s_exclusive_ddl_never_waits_in_the_lock_queue(db: str, ddl: str) -> None:
+    """A reader holds users.  ``ALTER TABLE ... ADD COLUMN`` (the copy) and ``ADD CONSTRAINT
+    ... CHECK NOT VALID`` (the fill's proof) asked their ACCESS EXCLUSIVE in the queue, up
+    to lock_timeout per attempt, and the application's writes to users queued behind each
+    attempt; now the table is locked NOWAIT first, as for the swap, and nobody queues."""
+    prepare, label = EXCLUSIVE_DDL[ddl]
+    run_ok(db, "backup_data")
+    with (Session.open(db, SETTINGS) as session, engine_warnings() as warnings,
+          lock_requests_waiting(db) as waiting):
+        action = prepare(session)
+        with table_held(db, "LOCK TABLE users IN ACCESS SHARE MODE"):
+            engine = Background(action)
+            wait_until(lambda: warnings.count(f"{label}: lock not granted") >= 3
+                       or not engine.thread.is_alive())
+            tries = warnings.count(f"{label}: lock not granted")
+            written = application_writes(
+                db, lambda: warnings.count(f"{label}: lock not granted") >= tries + 2
+                or not engine.thread.is_alive())
+            assert engine.thread.is_alive(), "the DDL went through a held table"
+        engine.join()
+    assert waiting == []
+    assert execute(db, "SELECT count(*) FROM users WHERE id = ANY (%s)",
+                   (written,)) == [(len(written),)]
+
+
 def test_a_swap_never_given_its_tables_at_once_waits_in_the_queue_in_the_end(db: str) -> None:
     """A table never free at once (a reader holding it throughout, as a steady stream of
     overlapping short transactions would): after ``lock_timeout`` x ``ddl_attempts`` of
