@@ -391,6 +391,29 @@ def test_the_swap_reads_the_catalog_before_it_blocks_writes(db: str, sandbox: Sa
                        "WHERE table_name = 'users' AND column_name = 'id'") == [("uuid",)]
 
 
+def test_the_swap_sends_a_column_s_statements_in_one_round_trip(db: str) -> None:
+    """Under the swap's ACCESS EXCLUSIVE every round trip is the application's wait too:
+    a column's statements that need no answer go in one.  At the fault point after
+    journal_entries' statements, the last query its backend received holds them all."""
+    expanded(db)
+    last: dict[str, str] = {}
+
+    def look(label: str, pid: int) -> None:
+        if label.startswith("swap public.journal_entries.user_id"):
+            (query,) = execute(db, "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))[0]
+            last["query"] = str(query)
+
+    with Session.open(db, SETTINGS) as session:
+        session.fault = look
+        swap.swap(session, session.plan)
+    sent = last["query"]
+    for statement in ('DROP TRIGGER "migration_sync_user_id" ON "public"."journal_entries"',
+                      'ALTER TABLE "public"."journal_entries" DROP COLUMN "user_id"',
+                      'RENAME COLUMN "user_id_uuid" TO "user_id"',
+                      'RENAME TO "ix_journal_entries_user_id"'):
+        assert statement in sent, sent
+
+
 def lock_requests_waiting(dsn: str) -> AbstractContextManager[list[tuple[Any, ...]]]:
     """Samples ``pg_locks`` while the with-block runs: every lock request of the engine or of
     the application (``application_name`` 'application') waiting in a queue, as (who, mode,

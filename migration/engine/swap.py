@@ -467,12 +467,19 @@ def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
 
 
 def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
-    """Run the column's statements, then a fault point: one per column, as every point
-    inside the swap's one transaction leaves the same state (nothing of it committed)."""
-    for step in column.statements():
+    """Run the column's statements, those in a row that need no answer in one round trip
+    (under ACCESS EXCLUSIVE, each round trip is the application's wait too: on a busy
+    two-core machine, 5 to 10 ms each), then a fault point: one per column, as every
+    point inside the swap's one transaction leaves the same state (nothing committed)."""
+    batch: list[sql.Composable] = []
+    for step in [*column.statements(), None]:
         if isinstance(step, sql.Composable):
-            cur.execute(step)
-        else:
+            batch.append(step)
+            continue
+        if batch:
+            cur.execute(sql.SQL("; ").join(batch))
+            batch = []
+        if step is not None:
             step(cur)
     session.point(f"swap {column.key}")
 
