@@ -373,18 +373,20 @@ def test_a_foreign_key_copy_never_holds_the_parent_while_it_waits_for_the_child(
                        "AND conname LIKE %s", ("migration_fk_%",)) == [(3,)]
 
 
-def test_the_swap_reads_the_catalog_before_it_blocks_writes(db: str, sandbox: Sandbox) -> None:
-    """The swap reads what it carries over (indexes, constraints, comments, grants...)
-    under SHARE UPDATE EXCLUSIVE, which lets the application write, and asks ACCESS
-    EXCLUSIVE for its statements only: read under it, the catalog's dozens of round trips
-    were most of the application's write stall (issue 22).  A superuser holding
-    pg_description stops the swap in its reads (the comments it carries): it waits there
-    holding nothing that blocks a write."""
+@pytest.mark.parametrize("catalog_table", ["pg_description", "pg_policy"])
+def test_the_swap_reads_the_catalog_before_it_blocks_writes(
+        db: str, sandbox: Sandbox, catalog_table: str) -> None:
+    """The swap reads what it carries over (indexes, constraints, comments, grants,
+    policies...) under SHARE UPDATE EXCLUSIVE, which lets the application write, and asks
+    ACCESS EXCLUSIVE for its statements only: read under it, the catalog's dozens of round
+    trips were most of the application's write stall (issue 22).  A superuser holding
+    pg_description (the comments it carries) or pg_policy stops the swap in its reads: it
+    waits there holding nothing that blocks a write."""
     expanded(db)
     with Session.open(db, SETTINGS) as session:
         _, waits, failed = run_while_held(
-            admin_for(sandbox, db), "LOCK TABLE pg_catalog.pg_description IN ACCESS EXCLUSIVE "
-            "MODE", "swap", lambda: swap.swap(session, session.plan).held_s)
+            admin_for(sandbox, db), f"LOCK TABLE pg_catalog.{catalog_table} IN ACCESS "
+            "EXCLUSIVE MODE", "swap", lambda: swap.swap(session, session.plan).held_s)
     assert failed >= 3
     assert waits == []
     assert execute(db, "SELECT data_type FROM information_schema.columns "

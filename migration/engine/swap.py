@@ -307,11 +307,12 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
     published = sorted({entry for key in plan.columns
                         for entry in catalog.publications_on(conn, key)},
                        key=lambda entry: (entry.publication, entry.table))
+    policies = _policies(cur, plan)
     lock_tables(cur, relations, "ACCESS EXCLUSIVE")
     locked.append(time.monotonic())
     if not plan.parent.back:
         refuse_invalid_keys(cur, plan)
-    policies = _lock_policy_tables(cur, plan)
+    policies = _lock_policy_tables(cur, plan, policies)
     # under ACCESS EXCLUSIVE: CREATE VIEW takes ACCESS SHARE on the tables it reads
     carried_views = views.dependent_views(conn, plan.columns)
     for policy in policies:
@@ -427,19 +428,25 @@ def _create_statistics(cur: Cursor, found: catalog.StatisticsDef) -> None:
     _comment(cur, sql.SQL("STATISTICS {}").format(name), found.comment)
 
 
-def _lock_policy_tables(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
-    """The policies that depend on the plan's columns, their tables locked too (after the
-    plan's, in name order): they are dropped before the columns and created again, from
-    the definitions read here, after the renames, so no table is ever unprotected."""
-    def read() -> list[catalog.PolicyDef]:
-        return sorted({policy for key in plan.columns
-                       for policy in catalog.policies_on(cur.connection, key)},
-                      key=lambda policy: (policy.table, policy.name))
+def _policies(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
+    """The policies that depend on the plan's columns."""
+    return sorted({policy for key in plan.columns
+                   for policy in catalog.policies_on(cur.connection, key)},
+                  key=lambda policy: (policy.table, policy.name))
 
-    lock_tables(cur, [table.ident for table in sorted({policy.table for policy in read()}
-                                                      - set(plan.tables))],
-                "ACCESS EXCLUSIVE", wait=False)
-    return read()
+
+def _lock_policy_tables(cur: Cursor, plan: Plan,
+                        policies: list[catalog.PolicyDef]) -> list[catalog.PolicyDef]:
+    """The ``policies`` read under the plan's tables' locks, their other tables locked too
+    (after the plan's, in name order), and read again then when there are any: they are
+    dropped before the columns and created again, from the definitions read here, after
+    the renames, so no table is ever unprotected.  (A policy's DDL takes ACCESS EXCLUSIVE
+    on its table: the SHARE UPDATE EXCLUSIVE held on the plan's tables keeps theirs.)"""
+    others = sorted({policy.table for policy in policies} - set(plan.tables))
+    if not others:
+        return policies
+    lock_tables(cur, [table.ident for table in others], "ACCESS EXCLUSIVE", wait=False)
+    return _policies(cur, plan)
 
 
 def _create_policy(cur: Cursor, policy: catalog.PolicyDef) -> None:
