@@ -356,6 +356,37 @@ def test_the_change_log_never_holds_a_table_while_it_waits_for_another(db: str) 
                    ) == [(4,)]
 
 
+def test_the_change_log_blocks_writes_only_for_its_triggers_one_round_trip_a_table(
+        db: str) -> None:
+    """backup_data's change log reads what its triggers need from the catalog under SHARE
+    UPDATE EXCLUSIVE (no DDL, the application writes on), then takes SHARE ROW EXCLUSIVE,
+    which blocks writes, for one round trip a table: read under it, with every statement
+    a round trip of its own, it held the writes for 28 (issue 22).  At its commit's fault
+    point it holds both locks on every table (locks are held to the commit), and the last
+    query its backend received holds all of users' trigger statements."""
+    seen: dict[str, Any] = {}
+
+    def look(label: str, pid: int) -> None:
+        if label == "backup_data: change log#1":  # just before its commit
+            seen["locks"] = execute(
+                db, "SELECT relation::regclass::text, mode FROM pg_locks WHERE pid = %s "
+                    "AND locktype = 'relation' AND relation = ANY (%s::regclass[])",
+                (pid, PLAN_TABLES))
+            seen["query"] = str(execute(db, "SELECT query FROM pg_stat_activity "
+                                            "WHERE pid = %s", (pid,))[0][0])
+
+    with Session.open(db, SETTINGS) as session:
+        session.fault = look
+        run(session, "backup_data", OPERATIONS["backup_data"])
+    assert set(seen["locks"]) == {(table, mode) for table in PLAN_TABLES for mode in (
+        "ShareUpdateExclusiveLock", "ShareRowExclusiveLock")}
+    for statement in ('CREATE OR REPLACE TRIGGER "migration_change_log" AFTER INSERT OR '
+                      'UPDATE OR DELETE ON "public"."users"',
+                      'ALTER TABLE "public"."users" ENABLE ALWAYS TRIGGER '
+                      '"migration_change_log_truncate"'):
+        assert statement in seen["query"], seen["query"]
+
+
 def test_a_foreign_key_copy_never_holds_the_parent_while_it_waits_for_the_child(
         db: str) -> None:
     """A writer's open transaction on tags: adding the FK copy from tags to users held
