@@ -283,7 +283,9 @@ def _phase(stats: PhaseStats) -> dict[str, Any]:
     return {"seconds": stats.seconds, "transactions": stats.transactions,
             "failures": stats.failures, "p50_ms": stats.latency_p50_ms,
             "p99_ms": stats.latency_p99_ms, "max_ms": stats.latency_max_ms,
-            "longest_stall_s": stats.longest_stall_s}
+            "longest_stall_s": stats.longest_stall_s,
+            "longest_stall_at_s": stats.longest_stall_at,
+            "longest_stall_step": stats.longest_stall_step}
 
 
 def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
@@ -304,6 +306,8 @@ def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
         "before": _phase(before), "during": _phase(during),
         "after": _phase(report.phase("after")),
         "longest_stall_s": during.longest_stall_s,
+        "longest_stall_at_s": during.longest_stall_at,
+        "longest_stall_step": during.longest_stall_step,
         "fk_unenforced_s": report.fk_unenforced_s,
         "orphans_accepted": len(report.orphans_accepted),
         "probe_errors": len(report.probe_errors), "probes": report.probes,
@@ -732,14 +736,14 @@ def render_live(live: list[dict[str, Any]]) -> list[str]:
         return []
     lines = ["", f"Under load ({live[0]['rate']:g} tps, {live[0]['clients']} clients; "
                  "latency in ms, before / during the method):", "",
-             "| method | exit | wall s | longest write stall s | p99 | max | "
+             "| method | exit | wall s | longest write stall s (when, step) | p99 | max | "
              "FK unenforced s | failed tx | committed writes missing |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in live:
         before, during = r["before"], r["during"]
         lines.append(
             f"| {r['label']} | {r['exit_code']} | {r['wall_s']:.2f} | "
-            f"{r['longest_stall_s']:.2f} | {_opt_ms(before['p99_ms'])} / "
+            f"{r['longest_stall_s']:.2f}{_stall_when(r)} | {_opt_ms(before['p99_ms'])} / "
             f"{_opt_ms(during['p99_ms'])} | {_opt_ms(before['max_ms'])} / "
             f"{_opt_ms(during['max_ms'])} | {r['fk_unenforced_s']:.1f} | "
             f"{r['failed_transactions']} of {r['transactions'] + r['failed_transactions']} | "
@@ -748,6 +752,15 @@ def render_live(live: list[dict[str, Any]]) -> list[str]:
     return (lines + [f"- {r['label']} exited {r['exit_code']}: {r['error']}" for r in live
                      if r["exit_code"] and r.get("error")]
             + [f"- failed: {reason}" for reason in reasons])
+
+
+def _stall_when(result: dict[str, Any]) -> str:
+    """`` (at 41.2 s, migrate_foreign_keys)``: when in the method the longest stall began,
+    and the migration_log step under way (none for the one-shot); empty in older reports."""
+    if "longest_stall_at_s" not in result:
+        return ""
+    step = result["longest_stall_step"]
+    return f" (at {result['longest_stall_at_s']:.1f} s{', ' + step if step else ''})"
 
 
 def render_replay_lag(results: list[dict[str, Any]]) -> list[str]:

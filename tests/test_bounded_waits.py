@@ -285,8 +285,9 @@ def test_respell_by_content_holds_no_row_but_its_batch_s_while_it_waits(db: str)
 
 # -- 2. the swap and the change log take their tables' locks waiting for one -------------------
 
-def expanded(dsn: str) -> None:
-    """Every column expanded and referenced: all that is left is the swap."""
+def expanded(dsn: str, *, referenced: bool = True) -> None:
+    """Every column expanded and referenced: all that is left is the swap (without
+    ``referenced``, the foreign keys between the copies are left too)."""
     run_ok(dsn, "backup_data")
     run_ok(dsn, "migrate_users")
     with Session.open(dsn, SETTINGS) as session:
@@ -295,7 +296,8 @@ def expanded(dsn: str) -> None:
         for key in plan.children:
             fill.prove_filled(session, key, 0)
             expand.build_indexes(session, key)
-        expand.reference(session, plan)
+        if referenced:
+            expand.reference(session, plan)
 
 
 @contextmanager
@@ -352,6 +354,97 @@ def test_the_change_log_never_holds_a_table_while_it_waits_for_another(db: str) 
     assert waits == []
     assert execute(db, "SELECT count(*) FROM pg_trigger WHERE tgname = 'migration_change_log'"
                    ) == [(4,)]
+
+
+def test_the_change_log_blocks_writes_only_for_its_triggers_one_round_trip_a_table(
+        db: str) -> None:
+    """backup_data's change log reads what its triggers need from the catalog under SHARE
+    UPDATE EXCLUSIVE (no DDL, the application writes on), then takes SHARE ROW EXCLUSIVE,
+    which blocks writes, for one round trip a table: read under it, with every statement
+    a round trip of its own, it held the writes for 28 (issue 22).  At its commit's fault
+    point it holds both locks on every table (locks are held to the commit), and the last
+    query its backend received holds all of users' trigger statements."""
+    seen: dict[str, Any] = {}
+
+    def look(label: str, pid: int) -> None:
+        if label == "backup_data: change log#1":  # just before its commit
+            seen["locks"] = execute(
+                db, "SELECT relation::regclass::text, mode FROM pg_locks WHERE pid = %s "
+                    "AND locktype = 'relation' AND relation = ANY (%s::regclass[])",
+                (pid, PLAN_TABLES))
+            seen["query"] = str(execute(db, "SELECT query FROM pg_stat_activity "
+                                            "WHERE pid = %s", (pid,))[0][0])
+
+    with Session.open(db, SETTINGS) as session:
+        session.fault = look
+        run(session, "backup_data", OPERATIONS["backup_data"])
+    assert set(seen["locks"]) == {(table, mode) for table in PLAN_TABLES for mode in (
+        "ShareUpdateExclusiveLock", "ShareRowExclusiveLock")}
+    for statement in ('CREATE OR REPLACE TRIGGER "migration_change_log" AFTER INSERT OR '
+                      'UPDATE OR DELETE ON "public"."users"',
+                      'ALTER TABLE "public"."users" ENABLE ALWAYS TRIGGER '
+                      '"migration_change_log_truncate"'):
+        assert statement in seen["query"], seen["query"]
+
+
+def test_a_foreign_key_copy_never_holds_the_parent_while_it_waits_for_the_child(
+        db: str) -> None:
+    """A writer's open transaction on tags: adding the FK copy from tags to users held
+    users in SHARE ROW EXCLUSIVE, which blocks every write to users, while it waited up to
+    lock_timeout for tags, in each attempt; now it asks the child NOWAIT, as the swap
+    does (issue 22)."""
+    expanded(db, referenced=False)
+    with Session.open(db, SETTINGS) as session:
+        _, waits, failed = run_while_held(
+            db, "LOCK TABLE tags IN ROW EXCLUSIVE MODE", "fk tags_user_id_fkey",
+            lambda: expand.reference(session, session.plan))
+    assert failed >= 3
+    assert waits == []
+    assert execute(db, "SELECT count(*) FROM pg_constraint WHERE contype = 'f' "
+                       "AND conname LIKE %s", ("migration_fk_%",)) == [(3,)]
+
+
+@pytest.mark.parametrize("catalog_table", ["pg_description", "pg_policy"])
+def test_the_swap_reads_the_catalog_before_it_blocks_writes(
+        db: str, sandbox: Sandbox, catalog_table: str) -> None:
+    """The swap reads what it carries over (indexes, constraints, comments, grants,
+    policies...) under SHARE UPDATE EXCLUSIVE, which lets the application write, and asks
+    ACCESS EXCLUSIVE for its statements only: read under it, the catalog's dozens of round
+    trips were most of the application's write stall (issue 22).  A superuser holding
+    pg_description (the comments it carries) or pg_policy stops the swap in its reads: it
+    waits there holding nothing that blocks a write."""
+    expanded(db)
+    with Session.open(db, SETTINGS) as session:
+        _, waits, failed = run_while_held(
+            admin_for(sandbox, db), f"LOCK TABLE pg_catalog.{catalog_table} IN ACCESS "
+            "EXCLUSIVE MODE", "swap", lambda: swap.swap(session, session.plan).held_s)
+    assert failed >= 3
+    assert waits == []
+    assert execute(db, "SELECT data_type FROM information_schema.columns "
+                       "WHERE table_name = 'users' AND column_name = 'id'") == [("uuid",)]
+
+
+def test_the_swap_sends_a_column_s_statements_in_one_round_trip(db: str) -> None:
+    """Under the swap's ACCESS EXCLUSIVE every round trip is the application's wait too:
+    a column's statements that need no answer go in one.  At the fault point after
+    journal_entries' statements, the last query its backend received holds them all."""
+    expanded(db)
+    last: dict[str, str] = {}
+
+    def look(label: str, pid: int) -> None:
+        if label.startswith("swap public.journal_entries.user_id"):
+            (query,) = execute(db, "SELECT query FROM pg_stat_activity WHERE pid = %s", (pid,))[0]
+            last["query"] = str(query)
+
+    with Session.open(db, SETTINGS) as session:
+        session.fault = look
+        swap.swap(session, session.plan)
+    sent = last["query"]
+    for statement in ('DROP TRIGGER "migration_sync_user_id" ON "public"."journal_entries"',
+                      'ALTER TABLE "public"."journal_entries" DROP COLUMN "user_id"',
+                      'RENAME COLUMN "user_id_uuid" TO "user_id"',
+                      'RENAME TO "ix_journal_entries_user_id"'):
+        assert statement in sent, sent
 
 
 def lock_requests_waiting(dsn: str) -> AbstractContextManager[list[tuple[Any, ...]]]:
@@ -412,6 +505,46 @@ def test_the_swap_never_waits_in_the_lock_queue_so_the_application_never_queues_
                    (written,)) == [(len(written),)]
     assert execute(db, "SELECT data_type FROM information_schema.columns "
                        "WHERE table_name = 'users' AND column_name = 'id'") == [("uuid",)]
+
+
+def _copy_column(session: Session) -> Callable[[], Any]:
+    return lambda: fill.add_temporary_column(session, session.plan.parent)
+
+
+def _fill_proof(session: Session) -> Callable[[], Any]:
+    fill.add_temporary_column(session, session.plan.parent)
+    fill.fill(session, (session.plan.parent,), 0)
+    return lambda: fill.prove_filled(session, session.plan.parent, 0)
+
+
+EXCLUSIVE_DDL = {"copy column": (_copy_column, "add id_uuid to public.users"),
+                 "fill proof": (_fill_proof, "add migration_filled_id")}
+
+
+@pytest.mark.parametrize("ddl", EXCLUSIVE_DDL)
+def test_the_expansion_s_exclusive_ddl_never_waits_in_the_lock_queue(db: str, ddl: str) -> None:
+    """A reader holds users.  ``ALTER TABLE ... ADD COLUMN`` (the copy) and ``ADD CONSTRAINT
+    ... CHECK NOT VALID`` (the fill's proof) asked their ACCESS EXCLUSIVE in the queue, up
+    to lock_timeout per attempt, and the application's writes to users queued behind each
+    attempt; now the table is locked NOWAIT first, as for the swap, and nobody queues."""
+    prepare, label = EXCLUSIVE_DDL[ddl]
+    run_ok(db, "backup_data")
+    with (Session.open(db, SETTINGS) as session, engine_warnings() as warnings,
+          lock_requests_waiting(db) as waiting):
+        action = prepare(session)
+        with table_held(db, "LOCK TABLE users IN ACCESS SHARE MODE"):
+            engine = Background(action)
+            wait_until(lambda: warnings.count(f"{label}: lock not granted") >= 3
+                       or not engine.thread.is_alive())
+            tries = warnings.count(f"{label}: lock not granted")
+            written = application_writes(
+                db, lambda: warnings.count(f"{label}: lock not granted") >= tries + 2
+                or not engine.thread.is_alive())
+            assert engine.thread.is_alive(), "the DDL went through a held table"
+        engine.join()
+    assert waiting == []
+    assert execute(db, "SELECT count(*) FROM users WHERE id = ANY (%s)",
+                   (written,)) == [(len(written),)]
 
 
 def test_a_swap_never_given_its_tables_at_once_waits_in_the_queue_in_the_end(db: str) -> None:

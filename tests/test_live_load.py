@@ -29,6 +29,7 @@ from psycopg2 import sql
 
 from bench.run import LoadSettings, render_markdown, run_benchmark
 from migration.connection import connect
+from migration.operations import Outcome, run
 from migration.rehearsal.load import (
     SCRIPTS,
     LiveLoad,
@@ -38,6 +39,7 @@ from migration.rehearsal.load import (
     phase_stats,
 )
 from migration.rehearsal.sandbox import Sandbox
+from migration.session import Session, Settings
 from tests.operate import execute, seeded, wait_until
 
 USERS = 10_000
@@ -277,6 +279,40 @@ def test_stalls_and_latencies_come_from_the_transaction_log() -> None:
 
 
 @pytest.mark.once
+def test_the_longest_stall_is_placed_in_the_step_under_way(legacy_db: str) -> None:
+    """The report says when in the phase its longest stall began, and which step of
+    ``migration_log`` was under way then, the innermost: here one that holds the four
+    tables a second, run inside another."""
+    seeded(legacy_db, users=20)
+    def hold(session: Session, run_id: int) -> Outcome:
+        with session.transaction() as cur:
+            cur.execute("LOCK TABLE public.users, public.journal_entries, public.tags, "
+                        "public.reminders IN ACCESS EXCLUSIVE MODE")
+            settle()
+        return Outcome("held")
+
+    def around(session: Session, run_id: int) -> Outcome:
+        settle(0.5)
+        run(session, "hold_tables", hold)
+        settle(0.5)
+        return Outcome("done")
+
+    with LiveLoad(legacy_db, rate=RATE, clients=CLIENTS) as load:
+        settle(0.5)
+        load.phase("migration")
+        with Session.open(legacy_db, Settings(show_progress=False)) as session:
+            run(session, "around", around)
+        load.phase("after")
+        settle(0.5)
+        report = load.stop()
+    stats = report.phase("migration")
+    assert stats.longest_stall_step == "hold_tables", report.describe()
+    assert report.phase("before").longest_stall_step == ""
+    assert (f"longest stall {stats.longest_stall_s:.2f} s at {stats.longest_stall_at:.1f} s "
+            "(hold_tables)") in report.describe()
+
+
+@pytest.mark.once
 def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> None:
     """``bench/run.py --live-load``: one_shot and full_migration again, under the load."""
     report = run_benchmark(sandbox, [300], [100], sample_interval=0.002,
@@ -300,6 +336,9 @@ def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> Non
     text = render_markdown(report)
     assert "Under load (150 tps, 4 clients" in text
     assert f"| one_shot | {one_shot['exit_code']} |" in text
+    assert one_shot["longest_stall_step"] == ""  # no step: the one-shot keeps no log
+    assert (f"| {one_shot['longest_stall_s']:.2f} (at {one_shot['longest_stall_at_s']:.1f} s) |"
+            in text)
     assert render_markdown(json.loads(json.dumps(report, default=str))) == text
 
 

@@ -69,7 +69,8 @@ def test_a_step_that_fails_under_load_ends_the_run_and_is_named(legacy_db: str) 
 
 
 def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
-    phase = PhaseStats("full_migration", 2.0, 300, 1, 1.0, 5.0, 40.0, 0.04, 0.5)
+    phase = PhaseStats("full_migration", 2.0, 300, 1, 1.0, 5.0, 40.0, 0.04, 0.5,
+                       "migrate_foreign_keys")
     load = LoadRun(150.0, 4, [phase], 300, problems=[
         "1 of 301 application transactions failed: 1x new_tag: failed (42P01)"])
     report = Report(server="test", users=1, dirty=False, live_load=load)
@@ -77,6 +78,7 @@ def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
         "under live load: 1 of 301 application transactions failed: 1x new_tag: failed (42P01)"]
     assert not report.passed
     assert "new_tag: failed (42P01)" in render_text(report)
+    assert "0.04 s at 0.50 s (migrate_foreign_keys)" in render_text(report)  # the stall's step
     assert "new_tag: failed (42P01)" in render_junit(report)
 
 

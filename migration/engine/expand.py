@@ -32,7 +32,7 @@ from psycopg2.extensions import cursor as Cursor
 
 from migration import catalog, sqlexpr
 from migration.catalog import ForeignKeyDef, IndexDef
-from migration.connection import Connection
+from migration.connection import Connection, lock_tables
 from migration.engine import parallel
 from migration.engine.fill import validate_constraint
 from migration.errors import MigrationError
@@ -400,8 +400,10 @@ def _add_copy(session: Session, shadow: ShadowForeignKey, parent: KeyColumn) -> 
 
 def _add_locked(cur: Cursor, tables: tuple[sql.Identifier, ...],
                 statement: sql.Composable) -> None:
-    for table in tables:
-        cur.execute(sql.SQL("LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE").format(table))
+    """``statement`` once ``tables`` are locked, parent first, the child ``NOWAIT``
+    (``lock_tables``): the parent's SHARE ROW EXCLUSIVE blocks every write to it, and is
+    never held while the child's request waits."""
+    lock_tables(cur, tables, "SHARE ROW EXCLUSIVE")
     cur.execute(statement)
 
 

@@ -35,7 +35,7 @@ from psycopg2.extensions import cursor as Cursor
 from psycopg2.extras import Json, execute_values
 
 from migration import backup, catalog, publications
-from migration.connection import Connection
+from migration.connection import Connection, lock_tables
 from migration.errors import MigrationError
 from migration.log import logger
 from migration.model import KeyColumn, Table
@@ -70,6 +70,9 @@ def add_temporary_column(session: Session, key: KeyColumn,
         copy_type = backup.recorded_type(cur, schema, key) if key.back else key.copy_type
 
     def work(cur: Cursor) -> None:
+        # NOWAIT first (lock_tables): an ALTER's own request waits in the queue, and the
+        # application's writes queue behind it
+        lock_tables(cur, [key.table.ident], "ACCESS EXCLUSIVE")
         cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
             key.table.ident, sql.Identifier(key.temp), copy_type))
         cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
@@ -624,7 +627,11 @@ def fill_missed_rows(session: Session, key: KeyColumn, run_id: int) -> None:
 
 
 def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable) -> None:
+    """The CHECK ``NOT VALID``, its table's ACCESS EXCLUSIVE asked ``NOWAIT`` first
+    (``lock_tables``): the ALTER's own request would wait in the queue, the application's
+    writes queued behind it."""
     if catalog.constraint_validity(cur.connection, key.table, name) is None:
+        lock_tables(cur, [key.table.ident], "ACCESS EXCLUSIVE")
         cur.execute(sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} CHECK ({}) NOT VALID").format(
             key.table.ident, sql.Identifier(name), condition))
 

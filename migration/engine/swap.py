@@ -9,7 +9,10 @@ milliseconds whatever the tables' sizes:
    tables, parent first, then the children in name order, every lock asked
    ``NOWAIT`` (``lock_tables``; ``Session.ddl`` retries within milliseconds,
    and lets the first lock wait only after many tries), so the swap never
-   waits in a lock queue, where the application would queue behind it;
+   waits in a lock queue, where the application would queue behind it: first
+   in SHARE UPDATE EXCLUSIVE, which stops any DDL on them but lets the
+   application read and write, while the catalog is read (what each column
+   carries over), then in ACCESS EXCLUSIVE, for the statements alone;
 2. drop the old foreign keys to the parent key (their copies are in force),
    the policies, the views and the statistics objects over the columns, and
    the tables taken out of the publications whose column lists or row filters
@@ -269,13 +272,16 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
     # what it reads), then the tables; one attempt waits for the first lock only. A
     # materialized view cannot be locked so: its drop takes its lock, and its readers
     # lock nothing else after it (it holds its own rows), so they close no cycle.
-    lock_tables(cur, [*(view.view.ident for view in reversed(views.dependent_views(
+    relations = [*(view.view.ident for view in reversed(views.dependent_views(
         conn, plan.columns)) if not view.materialized),
-        *(table.ident for table in (plan.parent.table, *children))], "ACCESS EXCLUSIVE")
-    locked.append(time.monotonic())
-    if not plan.parent.back:
-        refuse_invalid_keys(cur, plan)
-    policies = _lock_policy_tables(cur, plan)
+        *(table.ident for table in (plan.parent.table, *children))]
+    # The catalog is read under SHARE UPDATE EXCLUSIVE, which every DDL that could change
+    # what is read here (indexes, constraints, triggers, comments, statistics, options,
+    # publications) conflicts with, and the application's reads and writes do not; only
+    # then is ACCESS EXCLUSIVE asked, for the statements alone.  Read under it, the
+    # catalog's dozens of round trips were most of the hold: 200 to 300 ms of the
+    # application's stall on a busy two-core machine.
+    lock_tables(cur, relations, "SHARE UPDATE EXCLUSIVE")
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
                    .get(("constraint", fk.original.name)) for fk in references}
@@ -295,20 +301,27 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
             {index.original.name: _constraint_definition(conn, index.original)
              for index in indexes if index.leaves_only},
             backup.saved_column(cur, plan.backup_schema, key).default if key.back else None))
-    carried_views = views.dependent_views(conn, plan.columns)  # read under the locks
+    statistics = sorted({found for key in plan.columns
+                         for found in catalog.statistics_on(conn, key)},
+                        key=lambda found: (found.schema, found.name))
+    published = sorted({entry for key in plan.columns
+                        for entry in catalog.publications_on(conn, key)},
+                       key=lambda entry: (entry.publication, entry.table))
+    policies = _policies(cur, plan)
+    lock_tables(cur, relations, "ACCESS EXCLUSIVE")
+    locked.append(time.monotonic())
+    if not plan.parent.back:
+        refuse_invalid_keys(cur, plan)
+    policies = _lock_policy_tables(cur, plan, policies)
+    # under ACCESS EXCLUSIVE: CREATE VIEW takes ACCESS SHARE on the tables it reads
+    carried_views = views.dependent_views(conn, plan.columns)
     for policy in policies:
         cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
                                                            policy.table.ident))
     views.drop(cur, carried_views)
-    statistics = sorted({found for key in plan.columns
-                         for found in catalog.statistics_on(conn, key)},
-                        key=lambda found: (found.schema, found.name))
     for found in statistics:
         cur.execute(sql.SQL("DROP STATISTICS {}").format(
             sql.Identifier(found.schema, found.name)))
-    published = sorted({entry for key in plan.columns
-                        for entry in catalog.publications_on(conn, key)},
-                       key=lambda entry: (entry.publication, entry.table))
     for entry in published:
         cur.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
             sql.Identifier(entry.publication), entry.table.ident))
@@ -415,19 +428,25 @@ def _create_statistics(cur: Cursor, found: catalog.StatisticsDef) -> None:
     _comment(cur, sql.SQL("STATISTICS {}").format(name), found.comment)
 
 
-def _lock_policy_tables(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
-    """The policies that depend on the plan's columns, their tables locked too (after the
-    plan's, in name order): they are dropped before the columns and created again, from
-    the definitions read here, after the renames, so no table is ever unprotected."""
-    def read() -> list[catalog.PolicyDef]:
-        return sorted({policy for key in plan.columns
-                       for policy in catalog.policies_on(cur.connection, key)},
-                      key=lambda policy: (policy.table, policy.name))
+def _policies(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
+    """The policies that depend on the plan's columns."""
+    return sorted({policy for key in plan.columns
+                   for policy in catalog.policies_on(cur.connection, key)},
+                  key=lambda policy: (policy.table, policy.name))
 
-    lock_tables(cur, [table.ident for table in sorted({policy.table for policy in read()}
-                                                      - set(plan.tables))],
-                "ACCESS EXCLUSIVE", wait=False)
-    return read()
+
+def _lock_policy_tables(cur: Cursor, plan: Plan,
+                        policies: list[catalog.PolicyDef]) -> list[catalog.PolicyDef]:
+    """The ``policies`` read under the plan's tables' locks, their other tables locked too
+    (after the plan's, in name order), and read again then when there are any: they are
+    dropped before the columns and created again, from the definitions read here, after
+    the renames, so no table is ever unprotected.  (A policy's DDL takes ACCESS EXCLUSIVE
+    on its table: the SHARE UPDATE EXCLUSIVE held on the plan's tables keeps theirs.)"""
+    others = sorted({policy.table for policy in policies} - set(plan.tables))
+    if not others:
+        return policies
+    lock_tables(cur, [table.ident for table in others], "ACCESS EXCLUSIVE", wait=False)
+    return _policies(cur, plan)
 
 
 def _create_policy(cur: Cursor, policy: catalog.PolicyDef) -> None:
@@ -455,12 +474,19 @@ def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
 
 
 def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
-    """Run the column's statements, then a fault point: one per column, as every point
-    inside the swap's one transaction leaves the same state (nothing of it committed)."""
-    for step in column.statements():
+    """Run the column's statements, those in a row that need no answer in one round trip
+    (under ACCESS EXCLUSIVE, each round trip is the application's wait too: on a busy
+    two-core machine, 5 to 10 ms each), then a fault point: one per column, as every
+    point inside the swap's one transaction leaves the same state (nothing committed)."""
+    batch: list[sql.Composable] = []
+    for step in [*column.statements(), None]:
         if isinstance(step, sql.Composable):
-            cur.execute(step)
-        else:
+            batch.append(step)
+            continue
+        if batch:
+            cur.execute(sql.SQL("; ").join(batch))
+            batch = []
+        if step is not None:
             step(cur)
     session.point(f"swap {column.key}")
 

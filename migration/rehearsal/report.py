@@ -10,6 +10,7 @@ from pathlib import Path
 
 from migration.rehearsal.batching import Choice
 from migration.rehearsal.inventory import Dependent
+from migration.rehearsal.load import PhaseStats
 from migration.rehearsal.prepared import ADVICE as PREPARED_ADVICE
 from migration.rehearsal.projection import Projection
 from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
@@ -286,7 +287,13 @@ def _load_section(load: LoadRun) -> Section:
                            "longest stall"),
                    rows=[(p.name, duration(p.seconds), f"{p.transactions:,}", str(p.failures),
                           ms(p.latency_p50_ms), ms(p.latency_p99_ms), ms(p.latency_max_ms),
-                          duration(p.longest_stall_s)) for p in load.phases])
+                          _stall(p)) for p in load.phases])
+
+
+def _stall(stats: PhaseStats) -> str:
+    """A phase's longest stall, when in the phase it began and during which step."""
+    step = f" ({stats.longest_stall_step})" if stats.longest_stall_step else ""
+    return f"{duration(stats.longest_stall_s)} at {duration(stats.longest_stall_at)}{step}"
 
 
 # --- --schema-from: the objects on the key columns, and the smoke writes -------------------------
