@@ -285,7 +285,8 @@ def _phase(stats: PhaseStats) -> dict[str, Any]:
             "p99_ms": stats.latency_p99_ms, "max_ms": stats.latency_max_ms,
             "longest_stall_s": stats.longest_stall_s,
             "longest_stall_at_s": stats.longest_stall_at,
-            "longest_stall_step": stats.longest_stall_step}
+            "longest_stall_step": stats.longest_stall_step,
+            "longest_due_stall_s": stats.longest_due_stall_s}
 
 
 def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
@@ -308,6 +309,7 @@ def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
         "longest_stall_s": during.longest_stall_s,
         "longest_stall_at_s": during.longest_stall_at,
         "longest_stall_step": during.longest_stall_step,
+        "longest_due_stall_s": during.longest_due_stall_s,
         "fk_unenforced_s": report.fk_unenforced_s,
         "orphans_accepted": len(report.orphans_accepted),
         "probe_errors": len(report.probe_errors), "probes": report.probes,
@@ -730,20 +732,27 @@ def _opt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _opt_s(value: float | None) -> str:
+    """Seconds, or "-" in a report from before the figure was taken."""
+    return "-" if value is None else f"{value:.2f}"
+
+
 def render_live(live: list[dict[str, Any]]) -> list[str]:
     """The live-load table of one scale (no lines when it was not run)."""
     if not live:
         return []
     lines = ["", f"Under load ({live[0]['rate']:g} tps, {live[0]['clients']} clients; "
                  "latency in ms, before / during the method):", "",
-             "| method | exit | wall s | longest write stall s (when, step) | p99 | max | "
-             "FK unenforced s | failed tx | committed writes missing |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "| method | exit | wall s | longest write stall s (when, step) | with a "
+             "transaction due s | p99 | max | FK unenforced s | failed tx | "
+             "committed writes missing |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in live:
         before, during = r["before"], r["during"]
         lines.append(
             f"| {r['label']} | {r['exit_code']} | {r['wall_s']:.2f} | "
-            f"{r['longest_stall_s']:.2f}{_stall_when(r)} | {_opt_ms(before['p99_ms'])} / "
+            f"{r['longest_stall_s']:.2f}{_stall_when(r)} | "
+            f"{_opt_s(r.get('longest_due_stall_s'))} | {_opt_ms(before['p99_ms'])} / "
             f"{_opt_ms(during['p99_ms'])} | {_opt_ms(before['max_ms'])} / "
             f"{_opt_ms(during['max_ms'])} | {r['fk_unenforced_s']:.1f} | "
             f"{r['failed_transactions']} of {r['transactions'] + r['failed_transactions']} | "

@@ -274,6 +274,9 @@ def test_stalls_and_latencies_come_from_the_transaction_log() -> None:
     # The failed transaction completes nothing: the stall runs from 100.5 to 103.
     assert stats.longest_stall_s == pytest.approx(2.5)
     assert stats.longest_stall_at == pytest.approx(1.5)
+    # Of those 2.5 s, only the last 3 ms had a transaction due (scheduled at 102.997); the
+    # longest such time is the 7 ms of the second one (due at 100.493, done at 100.5).
+    assert stats.longest_due_stall_s == pytest.approx(0.007)
     assert [t.script for t in txs] == ["new_user", "update_entry", "new_user", "read_user",
                                        "read_user"]
 

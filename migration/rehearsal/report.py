@@ -284,10 +284,10 @@ def _load_section(load: LoadRun) -> Section:
     return Section(f"Under live load ({load.clients} pgbench clients at {load.rate:g} "
                    "transactions/s, on a clone): full_migration, then rollback", lines,
                    header=("phase", "time", "transactions", "failed", "p50", "p99", "max",
-                           "longest stall"),
+                           "longest stall", "with a transaction due"),
                    rows=[(p.name, duration(p.seconds), f"{p.transactions:,}", str(p.failures),
                           ms(p.latency_p50_ms), ms(p.latency_p99_ms), ms(p.latency_max_ms),
-                          _stall(p)) for p in load.phases])
+                          _stall(p), duration(p.longest_due_stall_s)) for p in load.phases])
 
 
 def _stall(stats: PhaseStats) -> str:
