@@ -38,6 +38,9 @@ from tests.operate import (
 )
 from tests.scenario import UPPER, Scenario
 
+# The engine under every kind of application write: on the oldest and the newest server.
+pytestmark = pytest.mark.edges
+
 REMINDERS = Table("public", "reminders")
 REMINDERS_FK = "reminders_user_id_fkey"
 ENGINE_TRIGGERS = ("SELECT c.relname, t.tgname, t.tgenabled::text FROM pg_trigger t "

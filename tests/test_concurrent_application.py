@@ -77,7 +77,10 @@ BACKWARD = (
     Stop("rollback: before its swap", "swap#1"),
     Stop("rollback: after its swap", "analyze public.users.id#1"),
 )
-ENGINE = Settings(batch_size=7, jobs=1, show_progress=False)
+# The application here writes in tight loops, so its tables are seldom free at once: the
+# engine queues for its locks after 0.6 s of refused tries (lock_timeout x ddl_attempts)
+# rather than 3 s, which only the swap's and the expansion's waits, not the writes, see.
+ENGINE = Settings(batch_size=7, jobs=1, lock_timeout_ms=20, show_progress=False)
 _numbers = itertools.count()
 
 

@@ -17,6 +17,7 @@ from collections.abc import Callable
 import psycopg2
 import psycopg2.errors
 import pytest
+from hypothesis import settings
 from psycopg2 import sql
 
 from migration.cli import CRASH_VARIABLE
@@ -152,6 +153,22 @@ def _points_of(dsn: str, operation: str) -> list[str]:
     return reached
 
 
+def swept(points: list[str]) -> list[str]:
+    """The points a sweep crashes at: under the ci profile (derandomized, the suite's
+    20-minute budget) all but the middle batches of each column's fill, whose crashes leave
+    the state of the second batch's with a later checkpoint (the first, second and last
+    are kept); every point under dev and deep."""
+    if not settings().derandomize:
+        return points
+    last: dict[str, int] = {}
+    for point in points:
+        name, number = point.rsplit("#", 1)
+        last[name] = int(number)
+    return [point for point in points
+            if not (point.startswith("batch ")
+                    and 2 < int(point.rsplit("#", 1)[1]) < last[point.rsplit("#", 1)[0]])]
+
+
 @pytest.fixture(scope="module")
 def fault_points(sandbox: Sandbox, seeded_templates: dict[str, str]) -> list[str]:
     """Every point an uninterrupted full migration passes, in order."""
@@ -170,7 +187,7 @@ def test_every_fault_point_resumes_to_the_same_end(
     kinds = {p.split(" ")[0].rstrip("#0123456789") for p in fault_points}
     assert {"batch", "index", "fk", "swap", "finish", "backup_data", "validate"} <= kinds
     first = scenario()  # its fingerprints taken once, not once per point
-    for point in fault_points:
+    for point in swept(fault_points):
         s = scenario(copy_of=first)
         s.crash("full_migration", point)
         assert s.stage().startswith("interrupted during"), point
@@ -222,7 +239,7 @@ def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
     points = _points_of(scenario(copy_of=migrated).dsn, "rollback")
     kinds = {p.split(" ")[0].rstrip("#0123456789") for p in points}
     assert {"batch", "respell", "validate", "index", "fk", "swap", "finish"} <= kinds
-    for point in points:
+    for point in swept(points):
         s = scenario(copy_of=migrated)
         s.crash("rollback", point)
         assert s.stage() == "interrupted during rollback"
