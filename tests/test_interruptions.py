@@ -9,7 +9,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from tests.operate import connected, execute, operate, run_ok, seeded
+
+# The engine interrupted: on the oldest and the newest server.
+pytestmark = pytest.mark.edges
 
 STATE = ("state: expanding (public.users.id: indexed, public.journal_entries.user_id: string, "
          "public.tags.user_id: string, public.reminders.user_id: string)")
