@@ -695,6 +695,19 @@ def index_validity(conn: Connection, table: Table, name: str) -> bool | None:
                   (regclass(table), name))
 
 
+def index_reads_column(conn: Connection, table: Table, name: str, column: str) -> bool:
+    """Whether the index ``name`` of ``table`` reads ``column``, in its keys, expressions or
+    predicate: the server records a dependency on each column for all three."""
+    return bool(_value(conn, bool, "SELECT EXISTS (SELECT FROM pg_index i "
+                                   "JOIN pg_class c ON c.oid = i.indexrelid "
+                                   "JOIN pg_depend d ON d.classid = 'pg_class'::regclass "
+                                   "AND d.objid = i.indexrelid AND d.refobjid = i.indrelid "
+                                   "JOIN pg_attribute a ON (a.attrelid, a.attnum) "
+                                   "= (d.refobjid, d.refobjsubid) "
+                                   "WHERE i.indrelid = to_regclass(%s) AND c.relname = %s "
+                                   "AND a.attname = %s)", (regclass(table), name, column)))
+
+
 def constraint_validity(conn: Connection, table: Table, name: str) -> bool | None:
     """Whether the constraint ``name`` of ``table`` is validated; None if there is none."""
     return _value(conn, bool, "SELECT convalidated FROM pg_constraint "

@@ -202,7 +202,10 @@ else a stand-in, the md5 of the text the cast reads."""
     (USER_ID.copy_type, "uuid"),
     (USER_ID.reversed().copy_type, "text"),
     (USER_ID.same_value(sql.Identifier("user_id_uuid"), sql.Identifier("user_id")),
-     f'"user_id_uuid" IS NOT DISTINCT FROM {COPY_OF_USER_ID}'),
+     'CASE WHEN ("user_id_uuid")::text = ("user_id")::text COLLATE "C" THEN true '
+     f'ELSE "user_id_uuid" IS NOT DISTINCT FROM {COPY_OF_USER_ID} END'),
+    (USER_ID.copy_of(sql.Identifier("user_id")), COPY_OF_USER_ID),
+    (USER_ID.copy_of(sql.Identifier("user_id"), cast_only=True), '("user_id")::uuid'),
     (USER_ID.reversed().same_value(sql.Identifier("user_id_text"), sql.Identifier("user_id")),
      '("user_id_text")::uuid IS NOT DISTINCT FROM "user_id"'),
     (column_list(["id", "Name"]), '"id", "Name"'),
