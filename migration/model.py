@@ -76,8 +76,11 @@ def spelled_as_copy(copy: sql.Composable, value: sql.Composable) -> sql.Composab
     which PostgreSQL's regex engine evaluates at about 5 us a row, 14 times the cast's
     cost: at 1M users the expression was a third of the migration's server time (issue
     22).  Compared in the "C" collation: a nondeterministic one could call other strings
-    equal.  NULL when either is NULL, so callers fall through to the full test."""
-    return sql.SQL('({})::text = ({})::text COLLATE "C"').format(copy, value)
+    equal; and only at 36 bytes, the canonical length: a ``char(n)``'s text drops the
+    padding that its cast reads (a padded UUID is no UUID to the cast).  NULL when either
+    is NULL, so callers fall through to the full test."""
+    return sql.SQL('octet_length({v}) = 36 AND ({c})::text = ({v})::text COLLATE "C"').format(
+        c=copy, v=value)
 
 
 @dataclass(frozen=True, order=True)

@@ -202,7 +202,8 @@ else a stand-in, the md5 of the text the cast reads."""
     (USER_ID.copy_type, "uuid"),
     (USER_ID.reversed().copy_type, "text"),
     (USER_ID.same_value(sql.Identifier("user_id_uuid"), sql.Identifier("user_id")),
-     'CASE WHEN ("user_id_uuid")::text = ("user_id")::text COLLATE "C" THEN true '
+     'CASE WHEN octet_length("user_id") = 36 AND ("user_id_uuid")::text = ("user_id")::text '
+     'COLLATE "C" THEN true '
      f'ELSE "user_id_uuid" IS NOT DISTINCT FROM {COPY_OF_USER_ID} END'),
     (USER_ID.copy_of(sql.Identifier("user_id")), COPY_OF_USER_ID),
     (USER_ID.copy_of(sql.Identifier("user_id"), cast_only=True), '("user_id")::uuid'),
