@@ -314,12 +314,13 @@ def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str],
     of every row, or of the rows not in the change log ``unlogged``.
 
     Naming the columns makes the sum independent of their physical order,
-    which the temporary-column swap changes.
+    which the temporary-column swap changes.  The sum of bigints is a numeric, exact
+    whatever the rows, and faster than summing each hash cast to numeric (the same value).
     """
     log = unlogged or ChangeLog("", Table("", ""), (), frozenset())
     cur.execute(sql.SQL(
-        "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)"
-        "::numeric), 0) FROM {rel} r WHERE NOT {holds}").format(
+        "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)), "
+        "0) FROM {rel} r WHERE NOT {holds}").format(
         logged=log.cte(), cols=column_list(columns, "r"), rel=relation, holds=log.holds("r")),
         log.params)
     row = cur.fetchone()
