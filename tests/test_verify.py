@@ -441,25 +441,46 @@ def reads_hooked(monkeypatch: pytest.MonkeyPatch,
     assert done, "no read was made"
 
 
+APPLICATION_WRITE = ("UPDATE public.reminders SET note = 'changed' "
+                     "WHERE id = (SELECT max(id) FROM public.reminders)")
+
+
+def application_writes(findings: list[dict[str, Any]]) -> list[str]:
+    """The messages of the findings that count rows the application wrote since the backup."""
+    return [f["message"] for f in findings if f["status"] == "info"]
+
+
 @pytest.mark.parametrize("command", ["verify", "validate_migration"])
 def test_side_by_side_reads_see_only_the_checks_snapshot(
         migrated: str, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
-    """A row lost after the checking transaction took its snapshot, before its readers'
-    transactions begin: neither verify nor validate_migration sees it (a reader that did
-    not import the snapshot would, and report row_counts failed); verify after does."""
-    with reads_hooked(monkeypatch, lambda: execute(
-            migrated, MUTATIONS["row_deleted"].statement)) as threads:
+    """A row lost and an application's write, both committed after the checking
+    transaction took its snapshot, before its readers' transactions begin: neither verify
+    nor validate_migration sees them (a reader that did not import the snapshot would see
+    the loss, and report row_counts failed; a checking transaction that is not REPEATABLE
+    READ would count the write); verify after sees both."""
+    def lose_a_row_and_write() -> None:
+        execute(migrated, MUTATIONS["row_deleted"].statement)
+        execute(migrated, APPLICATION_WRITE)
+
+    with reads_hooked(monkeypatch, lose_a_row_and_write) as threads:
         if command == "verify":
             code, report = verify_json(migrated, "--jobs", "2")
             assert code == 0, report
             assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+            findings = [f for check in report["checks"] for f in check["findings"]]
         else:
             validated = operate(migrated, "validate_migration", "--jobs", "2")
             assert validated.exit_code == 0, validated.output
+            [(findings,)] = execute(migrated, "SELECT details -> 'findings' FROM migration_log "
+                                              "ORDER BY id DESC LIMIT 1")
+    assert application_writes(findings) == []
     assert threads
     assert all(name.startswith("check") for name in threads), threads
     monkeypatch.setattr(snapshot, "before_read", None)
-    assert failed(verify_json(migrated)[1]) == {"row_counts"}
+    code, report = verify_json(migrated)
+    assert failed(report) == {"row_counts"}
+    assert application_writes(results_by_name(report)["row_counts"]["findings"]) == [
+        "1 rows changed by the application since the backup: checked, not compared"]
 
 
 def test_a_read_queued_behind_ddl_is_left_to_the_checking_transaction(
