@@ -9,10 +9,10 @@ never passed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
@@ -26,7 +26,10 @@ from migration.plan import Plan
 from migration.recorded import Entry
 from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.rows import samples_query
+from migration.snapshot import Opener, Read, Readers
 from migration.sqlexpr import column_list
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,11 @@ class Context:
     active_runs: tuple[int, ...] = ()  # this process's own, still running, log rows
     backup_unreadable: str | None = None  # why this role cannot read the backup (private)
     log_unreadable: str | None = None  # why this role cannot read migration_log
+    readers: Readers | None = None  # the heavy reads side by side (None: on cur, in order)
+
+    def read(self, reads: Sequence[Read[T]]) -> list[T]:
+        """The results of ``reads``, in their order, all read in this transaction's snapshot."""
+        return (self.readers or Readers(self.cur)).run(reads)
 
 
 @dataclass(frozen=True)
@@ -338,17 +346,26 @@ COMPARISONS = {
 def no_orphans(ctx: Context) -> list[Finding]:
     cur, parent = ctx.cur, ctx.plan.parent
     parent_uuid = catalog.column_state(cur.connection, parent) is ColumnState.UUID
-    findings = []
+    skipped: dict[KeyColumn, Finding] = {}
+    reads: list[Read[tuple[int, list[dict[str, Any]]]]] = []
     for key in ctx.plan.children:
         if not parent_uuid or catalog.column_state(cur.connection, key) is not ColumnState.UUID:
-            findings.append(Finding("no_orphans", Status.SKIP,
-                                    f"{key} or {parent} is not uuid (see key_columns_uuid)",
-                                    subject=str(key)))
+            skipped[key] = Finding("no_orphans", Status.SKIP,
+                                   f"{key} or {parent} is not uuid (see key_columns_uuid)",
+                                   subject=str(key))
             continue
         pk = catalog.primary_key(cur.connection, key.table) or [key.column]
-        count, samples = samples_query(cur, key, pk, sql.SQL(
+        reads.append(Read(str(key.table), partial(samples_query, key=key, pk=pk, where=sql.SQL(
             "t.{c} IS NOT NULL AND NOT EXISTS (SELECT 1 FROM {p} p WHERE p.{pc} = t.{c})").format(
-            c=sql.Identifier(key.column), p=parent.table.ident, pc=sql.Identifier(parent.column)))
+            c=sql.Identifier(key.column), p=parent.table.ident,
+            pc=sql.Identifier(parent.column)))))
+    counted = iter(ctx.read(reads))
+    findings = []
+    for key in ctx.plan.children:
+        if key in skipped:
+            findings.append(skipped[key])
+            continue
+        count, samples = next(counted)
         if count:
             findings.append(Finding("no_orphans", Status.FAIL,
                                     f"{count} row(s) refer to no {parent}", subject=str(key),
@@ -433,7 +450,8 @@ def _index_names(node: Any) -> list[str]:
 
 
 def backup_comparison(ctx: Context) -> list[Finding]:
-    """row_counts and uuid_values, from one pass over each table and its backup."""
+    """row_counts and uuid_values, from one pass over each table and its backup: each
+    relation's digest, and the rows of a table whose digests differ, read side by side."""
     if not ctx.has_backup or ctx.backup_unreadable is not None:
         reason = ctx.backup_unreadable or (f"no backup in {ctx.plan.backup_schema} to compare "
                                            "with (cleaned up?)")
@@ -443,8 +461,23 @@ def backup_comparison(ctx: Context) -> list[Finding]:
     keys_by_table: dict[Table, list[KeyColumn]] = {}
     for key in ctx.plan.columns:
         keys_by_table.setdefault(key.table, []).append(key)
-    for table, keys in keys_by_table.items():
-        findings += _compare_table(cur, ctx.plan.backup_schema, table, keys)
+    prepared = [_compare_table(cur, ctx.plan.backup_schema, table, keys)
+                for table, keys in keys_by_table.items()]
+    compared = [p for p in prepared if isinstance(p, _TableComparison)]
+    digests = iter(ctx.read([
+        Read(relation.as_string(cur), partial(_digest, values=c.values, log=c.log,
+                                              relation=relation))
+        for c in compared for relation in c.relations]))
+    differ = [c for c in compared
+              if not _digests_agree(*(next(digests) for _ in c.relations))]
+    rows = dict(zip([c.table for c in differ],
+                    ctx.read([Read(str(c.table), partial(_compare_rows, comparison=c))
+                              for c in differ]), strict=True))
+    for table_comparison in prepared:
+        if isinstance(table_comparison, _TableComparison):
+            findings += table_comparison.changed + rows.get(table_comparison.table, [])
+        else:
+            findings += table_comparison
     changed = [f for f in findings if f.status in (Status.INFO, Status.WARN)]
     counts = [f for f in findings if f.check == "row_counts" and f not in changed]
     values = [f for f in findings if f.check == "uuid_values"]
@@ -453,9 +486,23 @@ def backup_comparison(ctx: Context) -> list[Finding]:
         changed
 
 
+@dataclass(frozen=True)
+class _TableComparison:
+    """One table's comparison, prepared by the checking transaction (``_compare_table``)."""
+
+    table: Table
+    compared: list[str]  # the columns compared
+    values: sql.Composable  # those columns as comparable values, of the row aliased r
+    relations: list[sql.Identifier]  # the backup copy, the live table, the quarantine if any
+    log: backup.ChangeLog
+    changed: list[Finding]  # what the change log says the application wrote
+
+
 def _compare_table(cur: Cursor, schema: str, table: Table,
-                   keys: list[KeyColumn]) -> list[Finding]:
-    """Compare the live table with its backup and quarantine: digests first, rows if they differ.
+                   keys: list[KeyColumn]) -> _TableComparison | list[Finding]:
+    """The comparison of the live table with its backup and quarantine, its reads to run
+    side by side (digests first, rows if they differ, ``_compare_rows``), or the findings
+    that say why there is none.
 
     Rows are matched on their primary key and key columns (the backup's
     strings cast to uuid where the live column is uuid now); a table without
@@ -488,9 +535,17 @@ def _compare_table(cur: Cursor, schema: str, table: Table,
     if catalog.relation_exists(cur.connection, quarantined):
         relations.append(quarantined)
     log = backup.change_log(cur, schema, table, keys)
-    changed = _changed_by_application(cur, log)
-    if _digests_agree(cur, values, log, *relations):
-        return changed
+    return _TableComparison(table, compared, values, relations, log,
+                            _changed_by_application(cur, log))
+
+
+def _compare_rows(cur: Cursor, comparison: _TableComparison) -> list[Finding]:
+    """The rows of a table whose digests differ from its backup's, compared: the failures
+    naming them."""
+    table, compared, values, log = (comparison.table, comparison.compared, comparison.values,
+                                    comparison.log)
+    relations = comparison.relations
+    copy, quarantined = relations[0], relations[-1]  # the quarantine: when there are three
 
     def side(relation: sql.Identifier, tally: tuple[int, int, int]) -> sql.Composable:
         """One side of the union: the compared columns as comparable values, and what the
@@ -523,7 +578,7 @@ def _compare_table(cur: Cursor, schema: str, table: Table,
     assert row is not None
     backup_rows, quarantine_rows, live_rows, missing, extra, lost, odd = row
     expected_rows = backup_rows - quarantine_rows
-    findings = list(changed)
+    findings = []
     if expected_rows != live_rows:
         findings.append(Finding(
             "row_counts", Status.FAIL, f"{live_rows} rows, the backup has {expected_rows} "
@@ -575,11 +630,22 @@ def _changed_by_application(cur: Cursor, log: backup.ChangeLog) -> list[Finding]
     return findings
 
 
-def _digests_agree(cur: Cursor, values: sql.Composable, log: backup.ChangeLog,
-                   backup_copy: sql.Identifier, live: sql.Identifier,
-                   quarantined: sql.Identifier | None = None) -> bool:
+def _digest(cur: Cursor, *, values: sql.Composable, log: backup.ChangeLog,
+            relation: sql.Identifier) -> tuple[int, int]:
+    """A relation's rows, the rows in the change log left out, reduced to their count and the
+    sum of a 64-bit hash of each row's compared values (``sum`` of bigint is exact: numeric)."""
+    cur.execute(sql.SQL("WITH {} SELECT count(*), coalesce(sum(hashtextextended("
+                        "ROW({})::text, 0)), 0) FROM {} r WHERE NOT {}").format(
+        log.cte(), values, relation, log.holds("r")), log.params)
+    row = cur.fetchone()
+    assert row is not None
+    return int(row[0]), int(row[1])
+
+
+def _digests_agree(backup_copy: tuple[int, int], live: tuple[int, int],
+                   quarantined: tuple[int, int] = (0, 0)) -> bool:
     """Whether backup minus quarantine and live hold the same multiset of compared rows,
-    the rows in the change log left out of each.
+    by their digests (``_digest``).
 
     Each side is reduced to its row count and the sum of a 64-bit hash of each
     row's compared values: one scan per relation, where matching the rows
@@ -588,18 +654,8 @@ def _digests_agree(cur: Cursor, values: sql.Composable, log: backup.ChangeLog,
     need a 64-bit hash collision; any disagreement falls through to the
     row-by-row comparison, which finds and names the rows.
     """
-    tallies = []
-    for relation in (backup_copy, live, quarantined):
-        if relation is None:
-            tallies.append((0, 0))
-            continue
-        cur.execute(sql.SQL("WITH {} SELECT count(*), coalesce(sum(hashtextextended("
-                            "ROW({})::text, 0)::numeric), 0) FROM {} r WHERE NOT {}").format(
-            log.cte(), values, relation, log.holds("r")), log.params)
-        row = cur.fetchone()
-        assert row is not None
-        tallies.append((int(row[0]), int(row[1])))
-    (backup_rows, backup_sum), (live_rows, live_sum), (gone_rows, gone_sum) = tallies
+    (backup_rows, backup_sum), (live_rows, live_sum), (gone_rows, gone_sum) = (
+        backup_copy, live, quarantined)
     return (backup_rows - gone_rows, backup_sum - gone_sum) == (live_rows, live_sum)
 
 
@@ -726,15 +782,21 @@ def _log_unreadable(cur: Cursor, plan: Plan) -> str | None:
 
 
 def run_checks(cur: Cursor, plan: Plan, *, only: set[str] | None = None,
-               active_runs: list[int] | None = None) -> list[Finding]:
-    """Run the checks (all, or those named in ``only``) and return their findings."""
+               active_runs: list[int] | None = None, jobs: int = 1,
+               opener: Opener | None = None) -> list[Finding]:
+    """Run the checks (all, or those named in ``only``) and return their findings.
+
+    ``cur``'s transaction must be REPEATABLE READ: with ``jobs`` above one, the heavy reads
+    run side by side on connections ``opener`` opens, which read its snapshot
+    (``migration/snapshot.py``)."""
     has_backup = backup.exists(cur, plan.backup_schema)
-    ctx = Context(cur, plan, has_backup, tuple(active_runs or ()),
-                  backup.unreadable(cur, plan.backup_schema) if has_backup else None,
-                  _log_unreadable(cur, plan))
-    findings: list[Finding] = []
-    for check in CHECKS:
-        if only is not None and not only & check.describes.keys():
-            continue
-        findings += [f for f in check.run(ctx) if only is None or f.check in only]
+    with Readers(cur, jobs, opener) as readers:
+        ctx = Context(cur, plan, has_backup, tuple(active_runs or ()),
+                      backup.unreadable(cur, plan.backup_schema) if has_backup else None,
+                      _log_unreadable(cur, plan), readers)
+        findings: list[Finding] = []
+        for check in CHECKS:
+            if only is not None and not only & check.describes.keys():
+                continue
+            findings += [f for f in check.run(ctx) if only is None or f.check in only]
     return findings

@@ -271,7 +271,8 @@ def _default_key(database_url: str, operation: str, schema: str) -> KeyColumn | 
                    "connections filling the key columns' copies at once, each on its own "
                    "slice of a table's primary key, and then proving, indexing and "
                    "validating different tables' copies side by side (1: one slice after "
-                   "the other on one connection, and so the rest).")
+                   "the other on one connection, and so the rest); validate_migration: "
+                   "connections reading the tables side by side in one snapshot.")
 @click.option("--schema", default="public", show_default=True,
               help="Schema holding users and the runbook's tables.")
 @click.option("--key", metavar="SCHEMA.TABLE.COLUMN",

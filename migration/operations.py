@@ -7,8 +7,8 @@ anything changes; they are logged as ``failed`` with the findings.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import ExitStack, closing
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -19,7 +19,7 @@ from psycopg2 import sql
 
 from migration import backup, catalog, checks, clients, preflight, publications, take_backup, views
 from migration.catalog import ColumnState
-from migration.connection import redact_dsn
+from migration.connection import Connection, redact_dsn
 from migration.engine import contract, expand, fill, pipeline, rollback, swap
 from migration.errors import MigrationError
 from migration.log import LogEntry, logger
@@ -214,7 +214,11 @@ def quarantine_orphans(session: Session, findings: list[Finding]) -> int:
 
 def validate_migration(session: Session, run_id: int) -> Outcome:
     with session.transaction() as cur:
-        findings = checks.run_checks(cur, session.plan, active_runs=session.active_runs)
+        # One snapshot for every check, shared with the connections reading side by side.
+        cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+        findings = checks.run_checks(cur, session.plan, active_runs=session.active_runs,
+                                     jobs=session.settings.jobs,
+                                     opener=partial(_worker_connection, session))
     session.conn.rollback()
     bad = failures(findings)
     if bad:
@@ -222,6 +226,13 @@ def validate_migration(session: Session, run_id: int) -> Outcome:
                              hint="see each failed check's next step", findings=findings)
     skipped = sum(f.status is Status.SKIP for f in findings)
     return Outcome(f"all checks passed ({skipped} skipped)", findings=findings)
+
+
+@contextmanager
+def _worker_connection(session: Session) -> Iterator[Connection]:
+    """A connection of the session's workers (``Session.worker``), for the checks' readers."""
+    with session.worker() as worker:
+        yield worker.conn
 
 
 def cleanup_backup(session: Session, run_id: int) -> Outcome:

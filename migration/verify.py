@@ -7,7 +7,8 @@ Exit codes:
   2  the checks could not run: usage, connection, permissions
 
 It runs the checks of validate_migration in one read-only REPEATABLE READ
-transaction (one snapshot), rolled back at the end, and needs no more than
+transaction (one snapshot), rolled back at the end, its heavy reads side by side on
+--jobs connections reading that snapshot (read only too), and needs no more than
 SELECT on the tables and USAGE on their schemas.  While migration_backup
 exists, comparing with it needs the migrating role itself: the backup is
 private to it (the backup_private check fails on any other grant), as is
@@ -21,6 +22,7 @@ import json
 import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -30,7 +32,7 @@ import psycopg2.errors
 from psycopg2.extensions import ISOLATION_LEVEL_REPEATABLE_READ
 
 from migration import checks
-from migration.connection import ConnectError, connect, describe_dsn, redact_dsn
+from migration.connection import ConnectError, connect, connected, describe_dsn, redact_dsn
 from migration.errors import MigrationError
 from migration.model import KeyColumn
 from migration.plan import build_plan, parse_key
@@ -78,8 +80,9 @@ def results(findings: list[Finding], names: list[str], *, strict: bool) -> list[
 
 
 def run(dsn: str, schema: str, only: set[str] | None,
-        key: KeyColumn | None = None) -> list[Finding]:
-    """The checks' findings, read from one snapshot in a read-only transaction.
+        key: KeyColumn | None = None, jobs: int = 1) -> list[Finding]:
+    """The checks' findings, read from one snapshot in a read-only transaction, the heavy
+    reads on up to ``jobs`` read-only connections that import it.
 
     ``key`` None: the key the backup records (AmbiguousKey when there are
     backups of several), or the runbook's ``users.id`` in ``schema``.
@@ -91,7 +94,9 @@ def run(dsn: str, schema: str, only: set[str] | None,
             # The catalog functions expect the deparser's fully qualified output.
             cur.execute("SET LOCAL search_path = pg_catalog, pg_temp")
             key = key or recorded_key(conn, schema, strict=True)
-            findings = checks.run_checks(cur, build_plan(conn, key, schema), only=only)
+            findings = checks.run_checks(
+                cur, build_plan(conn, key, schema), only=only, jobs=jobs,
+                opener=partial(connected, dsn, readonly=True, application_name=APPLICATION_NAME))
         conn.rollback()
         return findings
     finally:
@@ -193,9 +198,12 @@ def fail_to_run(message: str, hint: str, fmt: str, junit: Path | None) -> NoRetu
               help="Run only this check (repeatable); --list-checks names them.")
 @click.option("--list-checks", is_flag=True, help="List the checks and what each one proves.")
 @click.option("--strict", is_flag=True, help="Count a skipped check as a failure.")
+@click.option("--jobs", default=2, show_default=True, type=click.IntRange(min=1),
+              help="Connections reading the tables side by side, all in the one snapshot "
+                   "(1: every check on one connection).")
 def main(*, database_url: str | None, schema: str, key: str | None, fmt: str,
          junit: Path | None, selected: tuple[str, ...], list_checks: bool,
-         strict: bool) -> None:
+         strict: bool, jobs: int) -> None:
     """Check, without changing anything, that a database is completely and
     correctly migrated to uuid keys."""
     if list_checks:
@@ -210,7 +218,7 @@ def main(*, database_url: str | None, schema: str, key: str | None, fmt: str,
     database = describe_dsn(database_url)
     target = f"{database} (schema {schema})"
     try:
-        findings = run(database_url, schema, set(selected) or None, parsed)
+        findings = run(database_url, schema, set(selected) or None, parsed, jobs)
     except AmbiguousKey as exc:
         raise click.UsageError(str(exc)) from None
     except MigrationError as exc:

@@ -14,6 +14,7 @@ import re
 import secrets
 import subprocess
 import sys
+import threading
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -26,13 +27,13 @@ import pytest
 from click.testing import CliRunner
 from psycopg2 import sql
 
-from migration import checks, cli
+from migration import checks, cli, snapshot
 from migration.connection import connect
 from migration.model import KeyColumn, Table
 from migration.rehearsal.fingerprint import Fingerprint, fingerprint
 from migration.rehearsal.sandbox import Sandbox, with_credentials
 from migration.report import Finding, Status
-from tests.operate import execute, run_verify, seeded
+from tests.operate import execute, operate, run_verify, seeded, wait_until
 
 USERS = 50
 VARIANTS = ("legacy", "legacy_no_fk")
@@ -397,6 +398,125 @@ def test_selected_checks_only(migrated: str) -> None:
     assert run_verify(migrated, "--check", "no_such_check").exit_code == 2
 
 
+# The mutations of rows, which the side-by-side reads find: a missing row, a changed key,
+# an orphan (counted, and the row neither the backup's nor a valid key).
+SIDE_BY_SIDE_MUTATIONS = ("row_deleted", "uuid_changed",
+                          "orphan_inserted_behind_not_valid_foreign_key")
+
+
+@pytest.mark.parametrize("name", ["none", *SIDE_BY_SIDE_MUTATIONS])
+def test_side_by_side_reads_report_what_one_connection_reports(
+        migrated_db: Callable[[str], str], name: str) -> None:
+    """--jobs 2 (the digests, row comparisons and orphan counts on two more connections in
+    the checking transaction's snapshot) reports exactly what --jobs 1 does, in order."""
+    mutation = MUTATIONS.get(name)
+    dsn = migrated_db(mutation.variant if mutation else "legacy")
+    if mutation is not None:
+        execute(dsn, mutation.statement)
+    one_connection = verify_json(dsn, "--jobs", "1")
+    assert failed(one_connection[1]) == (mutation.fails if mutation else set())
+    assert verify_json(dsn, "--jobs", "2") == one_connection
+
+
+@contextmanager
+def reads_hooked(monkeypatch: pytest.MonkeyPatch,
+                 first: Callable[[], None]) -> Iterator[list[str]]:
+    """``first`` run once, before the first of the checks' heavy reads, or before the first
+    reader's transaction begins (the others wait for it); yields the names of the threads
+    that ran reads."""
+    threads: list[str] = []
+    once = threading.Lock()
+    done: list[bool] = []
+
+    def before_read(relation: str) -> None:
+        if relation != snapshot.OPENING:
+            threads.append(threading.current_thread().name)
+        with once:
+            if not done:
+                first()
+                done.append(True)
+
+    monkeypatch.setattr(snapshot, "before_read", before_read)
+    yield threads
+    assert done, "no read was made"
+
+
+APPLICATION_WRITE = ("UPDATE public.reminders SET note = 'changed' "
+                     "WHERE id = (SELECT max(id) FROM public.reminders)")
+
+
+def application_writes(findings: list[dict[str, Any]]) -> list[str]:
+    """The messages of the findings that count rows the application wrote since the backup."""
+    return [f["message"] for f in findings if f["status"] == "info"]
+
+
+@pytest.mark.parametrize("command", ["verify", "validate_migration"])
+def test_side_by_side_reads_see_only_the_checks_snapshot(
+        migrated: str, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    """A row lost and an application's write, both committed after the checking
+    transaction took its snapshot, before its readers' transactions begin: neither verify
+    nor validate_migration sees them (a reader that did not import the snapshot would see
+    the loss, and report row_counts failed; a checking transaction that is not REPEATABLE
+    READ would count the write); verify after sees both."""
+    def lose_a_row_and_write() -> None:
+        execute(migrated, MUTATIONS["row_deleted"].statement)
+        execute(migrated, APPLICATION_WRITE)
+
+    with reads_hooked(monkeypatch, lose_a_row_and_write) as threads:
+        if command == "verify":
+            code, report = verify_json(migrated, "--jobs", "2")
+            assert code == 0, report
+            assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
+            findings = [f for check in report["checks"] for f in check["findings"]]
+        else:
+            validated = operate(migrated, "validate_migration", "--jobs", "2")
+            assert validated.exit_code == 0, validated.output
+            [(findings,)] = execute(migrated, "SELECT details -> 'findings' FROM migration_log "
+                                              "ORDER BY id DESC LIMIT 1")
+    assert application_writes(findings) == []
+    assert threads
+    assert all(name.startswith("check") for name in threads), threads
+    monkeypatch.setattr(snapshot, "before_read", None)
+    code, report = verify_json(migrated)
+    assert failed(report) == {"row_counts"}
+    assert application_writes(results_by_name(report)["row_counts"]["findings"]) == [
+        "1 rows changed by the application since the backup: checked, not compared"]
+
+
+def test_a_read_queued_behind_ddl_is_left_to_the_checking_transaction(
+        migrated: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A DDL statement queued behind a lock the checking transaction holds (the change log,
+    read before the digests) queues the readers behind it, and the checking transaction
+    waits for them: each reader gives up its read after a short lock_timeout, and the
+    checking transaction, which holds the lock, reads it.  Nothing hangs, both finish."""
+    locker = connect(migrated)
+    locked: list[str] = []
+
+    def lock() -> None:
+        with locker.cursor() as cur:
+            cur.execute("SET lock_timeout = '60s'")
+            cur.execute("LOCK TABLE migration_backup.change_log IN ACCESS EXCLUSIVE MODE")
+        locked.append("granted")
+
+    ddl = threading.Thread(target=lock)
+
+    def queue_ddl() -> None:
+        ddl.start()
+        assert wait_until(lambda: bool(execute(
+            migrated, "SELECT 1 FROM pg_locks WHERE NOT granted AND relation = "
+                      "'migration_backup.change_log'::regclass")))
+
+    try:
+        with reads_hooked(monkeypatch, queue_ddl):
+            code, report = verify_json(migrated, "--jobs", "2", "--check", "row_counts")
+        ddl.join()
+    finally:
+        locker.close()
+    assert code == 0, report
+    assert results_of(report) == {"row_counts": "pass"}
+    assert locked == ["granted"]
+
+
 def test_list_checks_documents_every_check() -> None:
     listing = run_verify(None, "--list-checks", "--format=json")
     assert listing.exit_code == 0
@@ -492,7 +612,7 @@ def test_a_select_only_role_is_enough_and_nothing_changes(
     with pytest.raises(psycopg2.errors.InsufficientPrivilege):
         execute(dsn, "DELETE FROM public.migration_log")
     before = state(migrated)
-    code, report = verify_json(dsn)  # without USAGE on migration_backup: what it can
+    code, report = verify_json(dsn, "--jobs", "2")  # without USAGE on migration_backup
     assert code == 1, report
     assert results_of(report) == {**dict.fromkeys(CHECK_NAMES, "pass"), "backup_private": "fail",
                                   **dict.fromkeys(BACKUP_COMPARISONS, "skip")}
@@ -514,7 +634,7 @@ def test_passes_on_a_read_only_database_and_changes_nothing(
     with pytest.raises(psycopg2.errors.ReadOnlySqlTransaction):
         execute(migrated, "DELETE FROM public.migration_log")
     before = state(migrated)
-    code, report = verify_json(migrated)
+    code, report = verify_json(migrated, "--jobs", "2")  # its readers read only too
     assert code == 0, report
     assert results_of(report) == dict.fromkeys(CHECK_NAMES, "pass")
     after = state(migrated)
