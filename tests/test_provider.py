@@ -13,7 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from migration.rehearsal.throwaway import embedded_bin_dir, local_bin_dir
+from migration.connection import ConnectError, connect
+from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, with_credentials
+from migration.rehearsal.throwaway import Server, embedded_bin_dir, local_bin_dir
 from tests.operate import execute
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -99,3 +101,21 @@ def test_a_write_in_one_test_is_not_seen_by_the_next(legacy_db: str, turn: str) 
     """Both turns write the same unique email: the second would fail on a shared database."""
     assert execute(legacy_db, "SELECT count(*) FROM users") == [(0,)]
     execute(legacy_db, "INSERT INTO users (email) VALUES ('isolation@example.com')")
+
+
+def test_the_suites_roles_log_in_with_a_one_round_password_hash(
+        sandbox: Sandbox, pg_server: Server, legacy_db: str) -> None:
+    """conftest hashes the owner's password, and the superuser's on a server it started, at
+    one SCRAM round instead of 4096 (each connection of the suite pays it twice): the same
+    passwords still log in, a wrong one still does not."""
+    superuser = execute(sandbox.admin_dsn, "SELECT current_user")[0][0]
+    hashes = dict(execute(sandbox.admin_dsn, "SELECT rolname, rolpassword FROM pg_authid "
+                                             "WHERE rolname IN (%s, %s)", (OWNER_ROLE, superuser)))
+    assert str(hashes[OWNER_ROLE]).startswith("SCRAM-SHA-256$1:")
+    if pg_server.backend != "dsn":
+        assert str(hashes[superuser]).startswith("SCRAM-SHA-256$1:")
+    assert execute(legacy_db, "SELECT current_user") == [(OWNER_ROLE,)]
+    wrong = with_credentials(sandbox.admin_dsn, user=OWNER_ROLE, password="not-the-password",
+                             dbname="postgres")
+    with pytest.raises(ConnectError, match="password authentication failed"):
+        connect(wrong).close()
