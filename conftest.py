@@ -21,6 +21,7 @@ import hashlib
 import hmac
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
@@ -60,6 +61,37 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                          "pgserver wheel's PostgreSQL 16); env TEST_PG_BIN")
     group.addoption("--pg-ryuk", default=None, choices=("on", "off"),
                     help="testcontainers' Ryuk reaper (default: TESTCONTAINERS_RYUK_DISABLED)")
+
+
+MEMORY_FOLDER = Path("/dev/shm")
+MEMORY_NEEDED = 4 << 30  # bytes free in it: the servers of a session and their WAL, with room
+
+
+def memory_folder_usable(folder: Path = MEMORY_FOLDER) -> bool:
+    """Whether ``folder`` (a tmpfs) can take the session's temporary files: writable, and
+    with ``MEMORY_NEEDED`` free (a container's /dev/shm is often 64 MB)."""
+    try:
+        stats = os.statvfs(folder)
+    except OSError:
+        return False
+    return os.access(folder, os.W_OK | os.X_OK) and stats.f_bavail * stats.f_frsize >= MEMORY_NEEDED
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Temporary files in memory (/dev/shm) where the machine has room there and TMPDIR
+    names no folder: the data directories of the servers the suite starts (its own, the
+    rehearsals', the standbys'), and tmp_path.
+
+    Each test's CREATE DATABASE writes its template's 8 MB and some 300 files anew, DROP
+    DATABASE unlinks them, and the migrations rewrite and drop relations: on a disk that
+    other processes write to, that churn made a clone cost 213 ms where in memory it cost
+    56 ms (on 15 here, test_operations, test_views, test_engine_names and test_backup side
+    by side: 151 and 132 s).  The server runs with fsync off already, so nothing it does
+    is changed but the time the files take."""
+    if "TMPDIR" in os.environ or not memory_folder_usable():
+        return
+    os.environ["TMPDIR"] = str(MEMORY_FOLDER)
+    tempfile.tempdir = None  # gettempdir() reads TMPDIR again
 
 
 def _bin_dir(given: str | None) -> Path | None:
