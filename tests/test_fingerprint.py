@@ -79,22 +79,36 @@ CREATE TRIGGER users_touch BEFORE UPDATE ON users FOR EACH ROW EXECUTE FUNCTION 
 """
 
 
-@pytest.fixture
-def loaded(legacy_db: str) -> str:
-    """The legacy database holding FIXED, committed."""
-    conn = connect(legacy_db)
+def load_fixed(dsn: str) -> str:
+    """FIXED loaded into the legacy database ``dsn`` and committed; the DSN."""
+    conn = connect(dsn)
     try:
         load(conn, FIXED)
         conn.commit()
     finally:
         conn.close()
-    return legacy_db
+    return dsn
 
 
 @pytest.fixture
-def conn(loaded: str) -> Iterator[Connection]:
-    """A session on the loaded database; whatever a test does is rolled back."""
-    session = connect(loaded)
+def loaded(legacy_db: str) -> str:
+    """The legacy database holding FIXED, committed: for a test that commits or clones it."""
+    return load_fixed(legacy_db)
+
+
+@pytest.fixture(scope="module")
+def loaded_once(sandbox: Sandbox) -> Iterator[str]:
+    """One legacy database holding FIXED for the module's ``conn`` tests, which never
+    commit: a database each cost more than most of these tests."""
+    with sandbox.database(f"{sandbox.prefix}_fingerprint_loaded") as dsn:
+        yield load_fixed(dsn)
+
+
+@pytest.fixture
+def conn(loaded_once: str) -> Iterator[Connection]:
+    """A session on the loaded database; whatever a test does is rolled back, so every
+    test sees FIXED as loaded."""
+    session = connect(loaded_once)
     yield session
     session.rollback()
     session.close()

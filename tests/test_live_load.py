@@ -14,6 +14,7 @@ connection is killed reports each of those.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -49,10 +50,39 @@ REPO = Path(__file__).resolve().parent.parent
 LEDGER_KINDS = {"user", "entry", "tag", "reminder_deleted"}
 
 
+@pytest.fixture(scope="module")
+def seeded_template(sandbox: Sandbox) -> Iterator[str]:
+    """The legacy tables seeded with USERS users once for the module: its name, to clone
+    (seeding them took a second or more a test)."""
+    name = f"{sandbox.prefix}_live_load_seeded"
+    sandbox.drop_database(name)
+    seeded(sandbox.create_database(name), users=USERS)
+    try:
+        yield name
+    finally:
+        sandbox.drop_database(name)
+
+
 @pytest.fixture
-def seeded_db(legacy_db: str) -> str:
-    seeded(legacy_db, users=USERS)
-    return legacy_db
+def seeded_db(sandbox: Sandbox, seeded_template: str) -> Iterator[str]:
+    """A fresh clone of the seeded template, dropped after the test."""
+    name = f"{seeded_template}_{next(_clones)}"
+    try:
+        yield sandbox.clone(seeded_template, name)
+    finally:
+        sandbox.drop_database(name)
+
+
+_clones = itertools.count()
+
+
+@pytest.mark.once
+@pytest.mark.parametrize("turn", ["first", "second"])
+def test_each_test_gets_its_own_copy_of_the_seeded_tables(seeded_db: str, turn: str) -> None:
+    """The template seeded once is cloned for each test: one test's write is not seen by
+    the next."""
+    assert execute(seeded_db, "SELECT count(*) FROM users") == [(USERS,)]
+    execute(seeded_db, "INSERT INTO users (email) VALUES ('isolation@example.com')")
 
 
 def data_migration(dsn: str, operation: str, log: Path, *args: str

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shlex
 import subprocess
 import sys
@@ -13,6 +14,8 @@ from click.testing import CliRunner
 
 from migration import verify
 from migration.cli import main
+from migration.log import DEFAULT_LOG_FILE
+from migration.rehearsal.rehearse import STAGES
 from tests.operate import PLAN_KEYS, execute, seeded
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -33,19 +36,58 @@ def test_ci_runs_the_readmes_test_command() -> None:
 
 
 @pytest.mark.once
-def test_the_readmes_main_job_runs(tmp_path: Path) -> None:
-    """The first command after its install step, with the installed console script."""
+def test_the_readmes_main_job_runs(tmp_path: Path, legacy_db: str) -> None:
+    """The first command after its install step, with the installed console script, as
+    written but for ``--report``: the whole rehearsal passes, and it logs to its own file.
+
+    The one rehearsal through the console script: what the quickstart's report holds
+    (test_rehearse's small one before), and that the operator's default log gets nothing
+    from a rehearsal while its own file says on every line that it is one and which scratch
+    database it is about (test_cli's before)."""
     main_job, _ = quickstart()
     install, run = main_job.split(" && ")
     assert install == "python3 -m pip install '.[embedded]'"
     words = shlex.split(run)
     assert words[0] == "data-migration"
-    script = Path(sys.executable).with_name("data-migration")
-    done = subprocess.run([str(script), *words[1:], "--log-file", "migration.log"],
+    script = str(Path(sys.executable).with_name("data-migration"))
+    operator = subprocess.run([script, "--operation=status", "--database-url", legacy_db],
+                              cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                              check=False)
+    assert operator.returncode == 0, operator.stderr
+    operator_log = tmp_path / DEFAULT_LOG_FILE
+    before = operator_log.read_text()
+
+    done = subprocess.run([script, *words[1:], "--report", "ticket.json"],
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "UUID migration rehearsal: PASSED" in done.stdout
     assert "Projected time for production" in done.stdout
+    report = json.loads((tmp_path / "ticket.json").read_text())
+    assert report["passed"] is True
+    assert report["problems"] == []
+    assert {p["check"] for p in report["planted"]} == {
+        "invalid_uuid", "collision", "non_canonical", "orphans"}
+    assert [r["stage"] for r in report["rollbacks"]] == list(STAGES)
+    assert report["projection"]["rows"]["users"] == 1_000_000
+    assert 0 < report["projection"]["low"] <= report["projection"]["high"]
+    assert report["projection"]["stall"][0] > 0
+    # --live-load is on by default where pgbench is found (the suite's hosts have one)
+    assert [p["name"] for p in report["live_load"]["phases"]] == [
+        "before", "full_migration", "rollback", "after"]
+    assert report["live_load"]["problems"] == []
+
+    assert operator_log.read_text() == before
+    [own] = operator_log.parent.glob("rehearse-*.log")
+    lines = own.read_text().splitlines()
+    marked = [line for line in lines if "[rehearsal, database " in line]
+    assert len(marked) > 10
+    assert all(line.startswith(" ") for line in lines if line not in marked)  # continuations
+    # the throwaway server's scratch databases: rehearse_* (on a server given by URL,
+    # uuidmig_rehearse_<...>_*)
+    assert any("[rehearsal, database rehearse_prepared]" in line for line in marked)
+    # the planted refusal reads once, on the console and in the log
+    assert "rehearse: validate_schema refused" in done.stderr
+    assert "validate_schema: validate_schema" not in done.stderr + own.read_text()
 
 
 def option_reference() -> str:

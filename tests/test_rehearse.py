@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
@@ -304,32 +301,6 @@ def test_the_throwaway_server_is_removed_after_an_interrupt(
 
 
 # --- the command ---------------------------------------------------------------------------------
-
-def test_quickstart_command_end_to_end(tmp_path: Path) -> None:
-    """The README's first command (the installed console script), small."""
-    command = [str(Path(sys.executable).with_name("data-migration")), "--operation=rehearse",
-               "--users", "200", "--batch-sizes", "100,1000", "--production-rows", "1000000",
-               "--format=json", "--report", "ticket.md", "--log-file", "migration.log"]
-    done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600,
-                          check=False)
-    assert done.returncode == 0, done.stdout + done.stderr
-    report = json.loads(done.stdout)
-    assert report["passed"] is True
-    assert report["problems"] == []
-    assert {p["check"] for p in report["planted"]} == {
-        "invalid_uuid", "collision", "non_canonical", "orphans"}
-    assert [r["stage"] for r in report["rollbacks"]] == list(STAGES)
-    assert report["projection"]["rows"]["users"] == 1_000_000
-    assert 0 < report["projection"]["low"] <= report["projection"]["high"]
-    assert report["projection"]["stall"][0] > 0
-    # --live-load is on by default where pgbench is found (the suite's hosts have one)
-    assert [p["name"] for p in report["live_load"]["phases"]] == [
-        "before", "full_migration", "rollback", "after"]
-    assert report["live_load"]["problems"] == []
-    ticket = (tmp_path / "ticket.md").read_text()
-    assert ticket.startswith("# UUID migration rehearsal: PASSED")
-    assert "## Projected time for production" in ticket
-
 
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("--batch-sizes", "0", "positive whole numbers"),
