@@ -314,15 +314,22 @@ def table_checksum(cur: Cursor, relation: sql.Identifier, columns: list[str],
     of every row, or of the rows not in the change log ``unlogged``.
 
     Naming the columns makes the sum independent of their physical order,
-    which the temporary-column swap changes.  The sum of bigints is a numeric, exact
-    whatever the rows, and faster than summing each hash cast to numeric (the same value).
+    which the temporary-column swap changes.
     """
-    log = unlogged or ChangeLog("", Table("", ""), (), frozenset())
+    return row_digest(cur, relation, column_list(columns, "r"),
+                      unlogged or ChangeLog("", Table("", ""), (), frozenset()))
+
+
+def row_digest(cur: Cursor, relation: sql.Identifier, values: sql.Composable,
+               log: ChangeLog) -> tuple[int, int]:
+    """The rows of ``relation`` (aliased ``r``) not in the change log ``log``, reduced to
+    their count and the sum of a 64-bit hash of each row's ``values``: one scan.  The sum
+    of bigints is a numeric, exact whatever the rows, and faster than summing each hash
+    cast to numeric (the same value, so checksums recorded before still compare)."""
     cur.execute(sql.SQL(
-        "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({cols})::text, 0)), "
+        "WITH {logged} SELECT count(*), coalesce(sum(hashtextextended(ROW({values})::text, 0)), "
         "0) FROM {rel} r WHERE NOT {holds}").format(
-        logged=log.cte(), cols=column_list(columns, "r"), rel=relation, holds=log.holds("r")),
-        log.params)
+        logged=log.cte(), values=values, rel=relation, holds=log.holds("r")), log.params)
     row = cur.fetchone()
     assert row is not None
     return int(row[0]), int(row[1])

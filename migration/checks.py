@@ -465,8 +465,8 @@ def backup_comparison(ctx: Context) -> list[Finding]:
                 for table, keys in keys_by_table.items()]
     compared = [p for p in prepared if isinstance(p, _TableComparison)]
     digests = iter(ctx.read([
-        Read(relation.as_string(cur), partial(_digest, values=c.values, log=c.log,
-                                              relation=relation))
+        Read(relation.as_string(cur), partial(backup.row_digest, relation=relation,
+                                              values=c.values, log=c.log))
         for c in compared for relation in c.relations]))
     differ = [c for c in compared
               if not _digests_agree(*(next(digests) for _ in c.relations))]
@@ -630,22 +630,10 @@ def _changed_by_application(cur: Cursor, log: backup.ChangeLog) -> list[Finding]
     return findings
 
 
-def _digest(cur: Cursor, *, values: sql.Composable, log: backup.ChangeLog,
-            relation: sql.Identifier) -> tuple[int, int]:
-    """A relation's rows, the rows in the change log left out, reduced to their count and the
-    sum of a 64-bit hash of each row's compared values (``sum`` of bigint is exact: numeric)."""
-    cur.execute(sql.SQL("WITH {} SELECT count(*), coalesce(sum(hashtextextended("
-                        "ROW({})::text, 0)), 0) FROM {} r WHERE NOT {}").format(
-        log.cte(), values, relation, log.holds("r")), log.params)
-    row = cur.fetchone()
-    assert row is not None
-    return int(row[0]), int(row[1])
-
-
 def _digests_agree(backup_copy: tuple[int, int], live: tuple[int, int],
                    quarantined: tuple[int, int] = (0, 0)) -> bool:
     """Whether backup minus quarantine and live hold the same multiset of compared rows,
-    by their digests (``_digest``).
+    by their digests (``backup.row_digest``).
 
     Each side is reduced to its row count and the sum of a 64-bit hash of each
     row's compared values: one scan per relation, where matching the rows
