@@ -136,12 +136,18 @@ def lock_tables(cur: psycopg2.extensions.cursor, relations: Sequence[sql.Composa
     So the engine never holds one table's lock while it waits in the queue of
     another, and waits in a queue only when ``Session.ddl`` lets the first
     lock wait, after many tries never found the tables free.
+
+    The locks asked ``NOWAIT`` go in one statement, which takes them in the
+    order given: the first granted blocks the application until the commit,
+    so each round trip after it is the application's wait too.
     """
-    for number, relation in enumerate(relations):
-        nowait = bool(number) or not wait or not _QUEUE_FIRST.get()
+    first_waits = wait and _QUEUE_FIRST.get()
+    groups = ([relations[:1], relations[1:]] if first_waits else [relations])
+    for number, group in enumerate(filter(None, groups)):
+        nowait = bool(number) or not first_waits
         try:
             cur.execute(sql.SQL("LOCK TABLE {} IN {} MODE{}").format(
-                relation, sql.SQL(mode), sql.SQL(" NOWAIT" if nowait else "")))
+                sql.SQL(", ").join(group), sql.SQL(mode), sql.SQL(" NOWAIT" if nowait else "")))
         except psycopg2.errors.LockNotAvailable as exc:
             if not nowait:
                 raise
