@@ -238,7 +238,8 @@ def narrow(cur: Cursor, schema: str, table: Table) -> None:
                     "AND (col_description(attrelid, attnum) LIKE %s) IS NOT TRUE",
                     (catalog.regclass(table), found.generated, _COPY_MARK))
         columns = (cur.fetchone() or [None])[0] or []
-        _republish(cur, found, columns)
+        for statement in _republished(found, columns):
+            cur.execute(statement)
         record = backup.meta(schema, RECORD)
         backup.create_private(cur, record, sql.SQL(backup.PUBLISHED_COLUMNS).format(record))
         cur.execute(sql.SQL("INSERT INTO {} VALUES (%s, %s, %s) ON CONFLICT DO NOTHING")
@@ -250,35 +251,49 @@ def narrow(cur: Cursor, schema: str, table: Table) -> None:
 
 def restore(cur: Cursor, schema: str, tables: Iterable[Table]) -> int:
     """Each publication ``narrow`` gave a column list to, on ``tables``, back as it was
-    (no list, its row filter kept), and its record forgotten: in the swap's transaction,
-    or after a rollback before the swap dropped the copies.  How many were put back."""
-    record = backup.meta(schema, RECORD)
-    if not catalog.relation_exists(cur.connection, record):
-        return 0
-    restored = 0
-    for table in tables:
-        cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name) = (%s, %s) "
-                            "RETURNING publication").format(record),
-                    (table.schema, table.name))
-        names = {name for (name,) in cur.fetchall()}
-        for found in memberships(cur.connection, table):
-            if found.publication in names and found.named:
-                _republish(cur, found, None)
-                restored += 1
+    (no list, its row filter kept), and its record forgotten: after a rollback before the
+    swap dropped the copies.  How many were put back."""
+    statements, restored = restore_statements(cur, schema, tables)
+    for statement in statements:
+        cur.execute(statement)
     return restored
 
 
-def _republish(cur: Cursor, found: Membership, columns: list[str] | None) -> None:
+def restore_statements(cur: Cursor, schema: str,
+                       tables: Iterable[Table]) -> tuple[list[sql.Composable], int]:
+    """What ``restore`` does, as statements read for the swap's transaction (which sends
+    them with its own once it holds the tables), and how many publications they put
+    back.  Read under locks that stop any DDL on ``tables``."""
+    record = backup.meta(schema, RECORD)
+    if not catalog.relation_exists(cur.connection, record):
+        return [], 0
+    statements: list[sql.Composable] = []
+    restored = 0
+    for table in tables:
+        cur.execute(sql.SQL("SELECT publication FROM {} WHERE (table_schema, table_name) = "
+                            "(%s, %s)").format(record), (table.schema, table.name))
+        names = {name for (name,) in cur.fetchall()}
+        if not names:
+            continue
+        statements.append(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name) = ({}, {})")
+                          .format(record, sql.Literal(table.schema), sql.Literal(table.name)))
+        for found in memberships(cur.connection, table):
+            if found.publication in names and found.named:
+                statements += _republished(found, None)
+                restored += 1
+    return statements, restored
+
+
+def _republished(found: Membership, columns: list[str] | None) -> list[sql.Composable]:
     """The table out of the publication and back in, with ``columns`` (None: all) and its
     row filter (the server's own text, read in this transaction)."""
     publication, table = sql.Identifier(found.publication), found.table.ident
-    cur.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(publication, table))
     statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(publication, table)
     if columns is not None:
         statement += sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
     if found.row_filter is not None:
         statement += sql.SQL(" WHERE ({})").format(sql.SQL(found.row_filter))
-    cur.execute(statement)
+    return [sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(publication, table), statement]
 
 
 def after_swap(conn: Connection, keys: Iterable[KeyColumn]) -> str:

@@ -107,7 +107,7 @@ _CHAIN = """
              AND d.refobjsubid = a.attnum AND d.classid = 'pg_rewrite'::regclass
         JOIN pg_rewrite r ON r.oid = d.objid
         JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm')
-        WHERE a.attrelid = to_regclass(%s) AND a.attname = %s AND r.ev_class <> a.attrelid
+        WHERE (a.attrelid, a.attname) IN ({columns}) AND r.ev_class <> a.attrelid
       UNION
         SELECT r.ev_class, c.depth + 1
         FROM chain c
@@ -117,19 +117,37 @@ _CHAIN = """
         JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm')
         WHERE r.ev_class <> c.oid AND c.depth < 100
     )
-    SELECT oid, max(depth) FROM chain GROUP BY oid
 """
+
+
+def _chain(keys: Iterable[KeyColumn]) -> sql.Composable:
+    """``chain(oid, depth)``: the views over any of ``keys``, and over those, at each
+    depth they are found."""
+    return sql.SQL(_CHAIN).format(columns=sql.SQL(", ").join(
+        sql.SQL("(to_regclass({}), {}::name)").format(
+            sql.Literal(catalog.regclass(key.table)), sql.Literal(key.column))
+        for key in keys))
+
+
+def signature(keys: Iterable[KeyColumn]) -> sql.Composable:
+    """A query of one value that changes when the views over ``keys`` do: which they are,
+    and each one's catalog row's version (an ALTER, a GRANT writes a new one).  The swap
+    reads the views before its write-blocking locks and asks this under them: a view
+    created in between (CREATE VIEW locks nothing its lock stops) makes it read again."""
+    return sql.SQL("{} SELECT coalesce(array_agg(c.oid::text || ':' || c.xmin::text "
+                   "ORDER BY c.oid), '{{}}') FROM pg_class c "
+                   "WHERE c.oid IN (SELECT oid FROM chain)").format(_chain(keys))
 
 
 def dependent_views(conn: Connection, keys: Iterable[KeyColumn]) -> list[ViewDef]:
     """The views over the columns, and the views over those, innermost first."""
-    depths: dict[int, int] = {}
+    keys = list(keys)
+    if not keys:
+        return []
     with conn.cursor() as cur:
-        for key in keys:
-            cur.execute(_CHAIN, (catalog.regclass(key.table), key.column))
-            for oid, depth in cur.fetchall():
-                depths[oid] = max(depth, depths.get(oid, 0))
-        views = [read(cur, oid, depth) for oid, depth in depths.items()]
+        cur.execute(sql.SQL("{} SELECT oid, max(depth) FROM chain GROUP BY oid")
+                    .format(_chain(keys)))
+        views = [read(cur, oid, depth) for oid, depth in cur.fetchall()]
     return sorted(views, key=lambda view: (view.depth, view.view))
 
 
@@ -357,15 +375,17 @@ def _relations_of(definition: str, relations: dict[tuple[str, str], str]) -> set
 
 # --- in the swap's transaction ------------------------------------------------------------
 
-def drop(cur: Cursor, views: list[ViewDef]) -> None:
-    for view in reversed(views):
-        cur.execute(sql.SQL("DROP {} {}").format(view.kind, view.view.ident))
+def drop_statements(views: list[ViewDef]) -> list[sql.Composable]:
+    """The views dropped, outermost first."""
+    return [sql.SQL("DROP {} {}").format(view.kind, view.view.ident) for view in reversed(views)]
 
 
-def create(cur: Cursor, views: list[ViewDef]) -> None:
-    """Each view again as it was read, innermost first, over the renamed columns; a
-    materialized view empty (``WITH NO DATA``: its query is not run under the swap's
-    locks), with its indexes, for ``contract.refresh_views`` to fill after the swap."""
+def create_statements(views: list[ViewDef], user: str) -> list[sql.Composable]:
+    """Each view again as it was read, innermost first, over the renamed columns, as
+    ``user`` (the swap's role) creates it; a materialized view empty (``WITH NO DATA``: its
+    query is not run under the swap's locks), with its indexes, for
+    ``contract.refresh_views`` to fill after the swap."""
+    statements: list[sql.Composable] = []
     for view in views:
         statement = sql.SQL("CREATE {} {}").format(view.kind, view.view.ident)
         if view.options:
@@ -375,44 +395,48 @@ def create(cur: Cursor, views: list[ViewDef]) -> None:
         if view.tablespace is not None:
             statement += sql.SQL(" TABLESPACE {}").format(sql.Identifier(view.tablespace))
         statement += sql.SQL(" AS {}").format(sql.SQL(view.definition))
-        cur.execute(statement + sql.SQL(" WITH NO DATA" if view.materialized else ""))
+        statements.append(statement + sql.SQL(" WITH NO DATA" if view.materialized else ""))
         for index, definition, comment in view.indexes:
-            cur.execute(sql.SQL(definition))
-            if comment is not None:
-                cur.execute(sql.SQL("COMMENT ON INDEX {} IS %s").format(
-                    sql.Identifier(view.view.schema, index)), (comment,))
-        _dress(cur, view)
+            statements.append(sql.SQL(definition))
+            statements += _comment(sql.SQL("INDEX {}").format(
+                sql.Identifier(view.view.schema, index)), comment)
+        statements += _dress(view, user)
         for found in view.objects:  # the server's own text, read in this transaction
-            cur.execute(sql.SQL(found.definition))
-            if found.comment is not None:
-                cur.execute(sql.SQL("COMMENT ON {} {} ON {} IS %s").format(
-                    sql.SQL(found.kind), sql.Identifier(found.name), view.view.ident),
-                    (found.comment,))
+            statements.append(sql.SQL(found.definition))
+            statements += _comment(sql.SQL("{} {} ON {}").format(
+                sql.SQL(found.kind), sql.Identifier(found.name), view.view.ident),
+                found.comment)
+    return statements
 
 
-def _dress(cur: Cursor, view: ViewDef) -> None:
+def _dress(view: ViewDef, user: str) -> list[sql.Composable]:
     """Owner, privileges and comments of the view as it was."""
     ident = view.view.ident
-    cur.execute("SELECT current_user::text")
-    if (cur.fetchone() or [None])[0] != view.owner:
-        cur.execute(sql.SQL("ALTER {} {} OWNER TO {}").format(
+    statements: list[sql.Composable] = []
+    if user != view.owner:
+        statements.append(sql.SQL("ALTER {} {} OWNER TO {}").format(
             view.kind, ident, sql.Identifier(view.owner)))
     if view.acl is not None:
-        cur.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC, {}").format(
+        statements.append(sql.SQL("REVOKE ALL ON {} FROM PUBLIC, {}").format(
             ident, sql.Identifier(view.owner)))
         for grantee, privilege, grantable in view.acl:
             if privilege not in PRIVILEGES:
                 raise MigrationError(f"unexpected privilege {privilege!r} on view {view.view}")
-            cur.execute(sql.SQL("GRANT {} ON {} TO {}{}").format(
+            statements.append(sql.SQL("GRANT {} ON {} TO {}{}").format(
                 sql.SQL(privilege), ident,
                 sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
                 sql.SQL(" WITH GRANT OPTION" if grantable else "")))
-    if view.comment is not None:
-        cur.execute(sql.SQL("COMMENT ON {} {} IS %s").format(view.kind, ident),
-                    (view.comment,))
+    statements += _comment(sql.SQL("{} {}").format(view.kind, ident), view.comment)
     for column, text in view.column_comments:
-        cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
-            sql.Identifier(view.view.schema, view.view.name, column)), (text,))
+        statements += _comment(sql.SQL("COLUMN {}").format(
+            sql.Identifier(view.view.schema, view.view.name, column)), text)
+    return statements
+
+
+def _comment(target: sql.Composable, text: str | None) -> list[sql.Composable]:
+    """``COMMENT ON target IS text``, or nothing where there is no text."""
+    return [] if text is None else [
+        sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(text))]
 
 
 # --- the materialized views a swap created empty, for the contract to fill -----------------

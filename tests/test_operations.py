@@ -196,6 +196,37 @@ def test_the_default_becomes_a_uuid_default_and_new_rows_get_one(legacy_db: str)
     assert len(str(rows[0][0])) == 36
 
 
+COUNTED = """
+    CREATE SEQUENCE calls;
+    CREATE FUNCTION counted_uuid() RETURNS uuid LANGUAGE plpgsql AS
+        'BEGIN PERFORM nextval(''calls''); RETURN gen_random_uuid(); END';
+    CREATE FUNCTION counted_string() RETURNS varchar LANGUAGE plpgsql AS
+        'BEGIN PERFORM nextval(''calls''); RETURN gen_random_uuid()::text; END';
+"""
+
+
+@pytest.mark.parametrize(("default", "converted"), [
+    ("counted_uuid()::varchar(36)", "counted_uuid()"),
+    ("counted_string()::text", "((counted_string())::text)::uuid"),
+], ids=["uuid-expression", "string-expression"])
+def test_a_default_is_unwrapped_where_the_server_says_it_is_a_uuid_and_never_run(
+        legacy_db: str, default: str, converted: str) -> None:
+    """The swap asks the server the type of a string default's inner expression before its
+    write-blocking locks, with a query that evaluates nothing: the function's side effect
+    (a sequence's call) happens only for the row inserted after."""
+    seeded(legacy_db, users=5)
+    execute(legacy_db, COUNTED + f"ALTER TABLE users ALTER COLUMN id SET DEFAULT {default}")
+    run_ok(legacy_db, "full_migration")
+    assert execute(legacy_db, "SELECT pg_get_expr(adbin, adrelid) FROM pg_attrdef "
+                              "WHERE adrelid = 'users'::regclass AND adnum = "
+                              "(SELECT attnum FROM pg_attribute WHERE attrelid = adrelid "
+                              "AND attname = 'id')") == [(converted,)]
+    assert execute(legacy_db, "SELECT is_called FROM calls") == [(False,)]
+    (key,), = execute(legacy_db, "INSERT INTO users (email) VALUES ('new@x') RETURNING id")
+    assert len(str(key)) == 36
+    assert execute(legacy_db, "SELECT last_value, is_called FROM calls") == [(1, True)]
+
+
 def test_constraints_and_indexes_keep_their_names_and_definitions(any_legacy_db: str) -> None:
     seeded(any_legacy_db, users=10)
     query = ("SELECT conrelid::regclass::text, conname, pg_get_constraintdef(oid), convalidated "

@@ -259,7 +259,7 @@ def test_every_fault_point_of_rollback_leaves_a_rollback_to_finish(
 @pytest.mark.parametrize("point", ["batch public.users.id#2", "index users_pkey#1",
                                    "batch public.journal_entries.user_id#3",
                                    "fk journal_entries_user_id_fkey#1",
-                                   "swap public.users.id#1"])
+                                   "swap#1"])
 def test_a_killed_process_resumes(scenario: Callable[..., Scenario], point: str) -> None:
     """SIGKILL of the whole data-migration process, then the same command again."""
     s = scenario()
@@ -326,7 +326,7 @@ def test_the_fill_proof_spares_the_swap_a_not_null_scan(scenario: Callable[..., 
     tried by hand, is proved by a constraint (the server says so at DEBUG1)."""
     s = scenario()
     _users(s)
-    s.crash("migrate_foreign_keys", "swap public.users.id#1")
+    s.crash("migrate_foreign_keys", "swap#1")
     with connected(s.dsn, autocommit=False) as conn, conn.cursor() as cur:
         cur.execute("SET client_min_messages = debug1")
         cur.execute("ALTER TABLE users ALTER COLUMN id_uuid SET NOT NULL")

@@ -76,8 +76,15 @@ TRIGGER = ColumnTrigger("audit_id", 'CREATE TRIGGER audit_id AFTER UPDATE OF id 
 @pytest.mark.parametrize(("change", "expected"), [
     ({"info": info("text")},
      [s for s in PLAIN_STATEMENTS if "NOT NULL" not in s and "not_null" not in s]),
-    ({"info": info("text", not_null=True, default="(gen_random_uuid())::text")},
-     [*PLAIN_STATEMENTS[:5], "<converted_default>", *PLAIN_STATEMENTS[5:]]),
+    ({"info": info("text", not_null=True, default="(gen_random_uuid())::text"),
+      "unwrapped_default": True},
+     [*PLAIN_STATEMENTS[:5],
+      'ALTER TABLE "public"."users" ALTER COLUMN "id" SET DEFAULT gen_random_uuid()',
+      *PLAIN_STATEMENTS[5:]]),
+    ({"info": info("text", not_null=True, default="(md5(random()::text))::text")},
+     [*PLAIN_STATEMENTS[:5],
+      'ALTER TABLE "public"."users" ALTER COLUMN "id" SET DEFAULT '
+      '((md5(random()::text))::text)::uuid', *PLAIN_STATEMENTS[5:]]),
     ({"grants": [ColumnGrant("reporting", "SELECT", grantable=True),
                  ColumnGrant(None, "UPDATE", grantable=False)]},
      [*PLAIN_STATEMENTS[:5],
@@ -114,8 +121,8 @@ TRIGGER = ColumnTrigger("audit_id", 'CREATE TRIGGER audit_id AFTER UPDATE OF id 
         PKEY.original, constraint_type="u", deferrable=True, deferred=True))]},
      [*PLAIN_STATEMENTS[:6], 'ALTER TABLE "public"."users" ADD CONSTRAINT "users_pkey" UNIQUE '
       'USING INDEX "users_pkey_copy" DEFERRABLE INITIALLY DEFERRED']),
-], ids=["nullable", "default", "grants", "tuning", "comments", "index-identity-cluster",
-        "identity-elsewhere", "check", "trigger", "deferrable-unique"])
+], ids=["nullable", "default-unwrapped", "default-cast", "grants", "tuning", "comments",
+        "index-identity-cluster", "identity-elsewhere", "check", "trigger", "deferrable-unique"])
 def test_what_the_column_had_is_given_to_its_copy(change: dict[str, object],
                                                   expected: list[str]) -> None:
     column = dataclasses.replace(PLAIN, **change)

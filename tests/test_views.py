@@ -7,11 +7,13 @@ view)."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import psycopg2.errors
 import pytest
 from psycopg2 import sql
 
+from migration.engine import swap
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox
 from migration.session import Settings
 from tests.operate import (
@@ -83,6 +85,31 @@ def test_views_over_the_keys_are_carried_both_ways_and_still_work(
         assert {name: execute(dsn, query) for name, query in ROWS.items()} == rows
 
     s.round_trip(after_swap=after_swap, after_rollback=after_rollback)
+
+
+def test_a_view_created_while_the_swap_reads_the_catalog_is_carried(
+        legacy_db: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The swap reads the views over the columns before its write-blocking locks, under
+    SHARE UPDATE EXCLUSIVE, which a CREATE VIEW (ACCESS SHARE on what it reads) does not
+    wait for.  Under the locks it asks the views' signature again and, when a view came in
+    between, reads them again: the new view is carried, not a reason for DROP COLUMN to
+    fail."""
+    seeded(legacy_db, users=5)
+    execute(legacy_db, VIEWS)
+    run_ok(legacy_db, "backup_data")
+    run_ok(legacy_db, "migrate_users")
+    read_views = swap.locked_check  # the last read before the write-blocking locks
+
+    def view_comes_in(cur: Any, plan: Any) -> Any:
+        if not execute(legacy_db, "SELECT to_regclass('late_user_tags')")[0][0]:
+            execute(legacy_db, "CREATE VIEW late_user_tags AS SELECT id, name FROM user_tags")
+        return read_views(cur, plan)
+
+    monkeypatch.setattr(swap, "locked_check", view_comes_in)
+    run_ok(legacy_db, "migrate_foreign_keys")
+    assert execute(legacy_db, TYPES, (["late_user_tags"],)) == [("late_user_tags", "id", "uuid")]
+    assert execute(legacy_db, "SELECT count(*) FROM late_user_tags") == execute(
+        legacy_db, "SELECT count(*) FROM user_tags")
 
 
 def test_a_changed_view_fails_verify(legacy_db: str) -> None:

@@ -50,6 +50,7 @@ PROGRESS_LOG_SECONDS = 1.0
 # A string-typed default wrapping a uuid expression, as deparsed:
 # "(gen_random_uuid())::text" or "(uuid_generate_v4())::character varying".
 _STRING_CAST = re.compile(r"^\((?P<inner>.*)\)::(text|character varying(\(\d+\))?)$")
+UUID_OID = 2950  # pg_type's oid of uuid, fixed in every PostgreSQL
 
 
 def add_temporary_column(session: Session, key: KeyColumn,
@@ -645,25 +646,34 @@ def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable
 
 
 def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
-    """Give the uuid column the old default: ``gen_random_uuid()::text`` becomes
-    ``gen_random_uuid()``; any other expression is kept, cast to uuid.
+    """Give the uuid column the old default (``converted_default_statement``)."""
+    cur.execute(converted_default_statement(key, default,
+                                            unwrapped=unwraps_to_uuid(cur, default)))
 
-    The server decides whether the unwrapped expression is a uuid: it is
-    tried in a savepoint, and the cast form is the fallback.
-    """
-    target = sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}")
+
+def unwraps_to_uuid(cur: Cursor, default: str) -> bool:
+    """Whether a string column's default is a uuid expression cast to the string type
+    (``gen_random_uuid()::text``).  The server says it: the type of the expression's
+    result, from a query that fetches no row (``LIMIT 0`` evaluates nothing, a
+    ``nextval()`` included) and locks nothing, so the swap can ask before its
+    write-blocking locks."""
     match = _STRING_CAST.match(default)
-    if match:
-        cur.execute("SAVEPOINT unwrap_default")
-        try:
-            cur.execute(target.format(key.table.ident, sql.Identifier(key.column),
-                                      sql.SQL(match["inner"])))
-            cur.execute("RELEASE SAVEPOINT unwrap_default")
-            return
-        except psycopg2.errors.DatatypeMismatch:
-            cur.execute("ROLLBACK TO SAVEPOINT unwrap_default")
-    cur.execute(target.format(key.table.ident, sql.Identifier(key.column),
-                              sql.SQL("({})::uuid").format(sql.SQL(default))))
+    if match is None:
+        return False
+    cur.execute(sql.SQL("SELECT {} LIMIT 0").format(sql.SQL(match["inner"])))
+    return cur.description is not None and cur.description[0].type_code == UUID_OID
+
+
+def converted_default_statement(key: KeyColumn, default: str, *,
+                                unwrapped: bool) -> sql.Composable:
+    """The statement giving the uuid column the old default: unwrapped
+    (``gen_random_uuid()::text`` becomes ``gen_random_uuid()``) where it is a uuid
+    expression cast to a string (``unwraps_to_uuid``); any other kept, cast to uuid."""
+    match = _STRING_CAST.match(default)
+    expression = (sql.SQL(match["inner"]) if unwrapped and match
+                  else sql.SQL("({})::uuid").format(sql.SQL(default)))
+    return sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET DEFAULT {}").format(
+        key.table.ident, sql.Identifier(key.column), expression)
 
 
 _UUID_CAST = re.compile(r"^\((?P<inner>.*)\)::uuid$")

@@ -12,7 +12,10 @@ milliseconds whatever the tables' sizes:
    waits in a lock queue, where the application would queue behind it: first
    in SHARE UPDATE EXCLUSIVE, which stops any DDL on them but lets the
    application read and write, while the catalog is read (what each column
-   carries over), then in ACCESS EXCLUSIVE, for the statements alone;
+   carries over) and every statement built, then in ACCESS EXCLUSIVE, for
+   three round trips: the locks in one statement, one check (keys written
+   since that are not UUIDs; views created over the columns since the read,
+   which are read again), and the statements, sent in one;
 2. drop the old foreign keys to the parent key (their copies are in force),
    the policies, the views and the statistics objects over the columns, and
    the tables taken out of the publications whose column lists or row filters
@@ -70,9 +73,10 @@ from migration.engine.expand import (
     stage,
 )
 from migration.engine.fill import (
-    converted_default,
+    converted_default_statement,
     grant_statement,
     restored_default_statement,
+    unwraps_to_uuid,
 )
 from migration.errors import MigrationError
 from migration.log import logger
@@ -82,10 +86,10 @@ from migration.report import SAMPLE_LIMIT, Finding, Status
 from migration.session import Session
 
 Step = sql.Composable | Callable[[Cursor], None]
-"""One step of a column's swap: a statement, or, where the server must answer as the swap
-goes, a function of its cursor: whether a default's unwrapped expression is a uuid
-(``fill.converted_default``), which names the server gave a partitioned index's middle
-levels (``_name_middle_levels``)."""
+"""One step of the swap: a statement, or, where the server must answer as the swap goes, a
+function of its cursor, which ends a round trip (``run``): which names the server gave a
+partitioned index's middle levels (``_name_middle_levels``), the materialized views to
+refresh recorded (``views.mark_pending``)."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +114,9 @@ class ColumnSwap:
     as the server prints them: added again at the swap, they take over their leaves'."""
     saved_default: str | None = None
     """On the way back, the string column's default as the backup recorded it."""
+    unwrapped_default: bool = False
+    """On the way to uuid, whether the string default is a uuid expression cast to the
+    string type (``fill.unwraps_to_uuid``), which the column's default then is."""
 
     def statements(self) -> list[Step]:
         """The column's part of the swap, in order: its sync trigger and the triggers that
@@ -132,7 +139,8 @@ class ColumnSwap:
             restored = restored_default_statement(key, self.saved_default, self.info.default)
             steps += [] if restored is None else [restored]
         elif self.info.default is not None:
-            steps.append(partial(converted_default, key=key, default=self.info.default))
+            steps.append(converted_default_statement(key, self.info.default,
+                                                     unwrapped=self.unwrapped_default))
         steps += [grant_statement(key, grant) for grant in self.grants]
         if self.tuning.statistics_target is not None:
             steps.append(sql.SQL("ALTER TABLE {} ALTER COLUMN {} SET STATISTICS {}").format(
@@ -256,7 +264,7 @@ def swap(session: Session, plan: Plan) -> Committed:
     once every column is ready (``require_ready``) with its checks copied
     (``expand.copy_checks``): ``pipeline.swap_and_contract`` says so."""
     locked: list[float] = []  # when the tables' locks were granted, in the last attempt
-    analyze = session.ddl("swap", lambda cur: _swap(cur, session, plan, locked))
+    analyze = session.ddl("swap", lambda cur: _swap(cur, plan, locked))
     held = time.monotonic() - locked[-1]
     logger.info("%s and %s column(s) referring to it swapped %s; the write-blocking lock "
                 "was held %.1f ms", plan.parent, len(plan.children),
@@ -264,8 +272,16 @@ def swap(session: Session, plan: Plan) -> Committed:
     return Committed(held, analyze)
 
 
-def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> list[Table]:
-    """The swap's transaction; the tables whose statistics objects it created again."""
+def _swap(cur: Cursor, plan: Plan, locked: list[float]) -> list[Table]:
+    """The swap's transaction; the tables whose statistics objects it created again.
+
+    Under ACCESS EXCLUSIVE every round trip is the application's wait too (on a busy
+    two-core machine, 4 to 10 ms each): everything that needs an answer is read before,
+    under SHARE UPDATE EXCLUSIVE, and the statements are built from it; under the
+    write-blocking locks go one statement for the locks, one query (``locked_check``:
+    the keys that are not UUIDs, and whether the views over the columns are still
+    those read), the statements (``run``: one round trip, or more only where a step
+    must ask the server, ``Step``) and the commit."""
     conn = cur.connection
     children = sorted({key.table for key in plan.children} - {plan.parent.table})
     # The views outermost first, as an application's query takes them (the view, then
@@ -278,119 +294,165 @@ def _swap(cur: Cursor, session: Session, plan: Plan, locked: list[float]) -> lis
     # The catalog is read under SHARE UPDATE EXCLUSIVE, which every DDL that could change
     # what is read here (indexes, constraints, triggers, comments, statistics, options,
     # publications) conflicts with, and the application's reads and writes do not; only
-    # then is ACCESS EXCLUSIVE asked, for the statements alone.  Read under it, the
-    # catalog's dozens of round trips were most of the hold: 200 to 300 ms of the
-    # application's stall on a busy two-core machine.
+    # then is ACCESS EXCLUSIVE asked, for the statements alone.
     lock_tables(cur, relations, "SHARE UPDATE EXCLUSIVE")
+    cur.execute(views.signature(plan.columns))  # first: a view created after is seen
+    seen_views = (cur.fetchone() or [None])[0]
+    carried_views = views.dependent_views(conn, plan.columns)
+    check = locked_check(cur, plan)
     references = shadow_foreign_keys(conn, plan)
     fk_comments = {fk.original.name: catalog.comments(conn, fk.child.table, fk.child.column)
                    .get(("constraint", fk.original.name)) for fk in references}
-    columns = []
-    for key in plan.columns:
-        indexes = shadow_indexes(conn, key)
-        columns.append(ColumnSwap(
-            key, _info(conn, key), catalog.column_tuning(conn, key.table, key.column),
-            catalog.column_grants(conn, key.table, key.column),
-            catalog.comments(conn, key.table, key.column), indexes,
-            catalog.replica_identity_index(conn, key.table),
-            catalog.clustered_index(conn, key.table), catalog.column_triggers(conn, key),
-            shadow_checks(conn, key),
-            {(part.original.table, part.original.name): catalog.index_comment_and_identity(
-                conn, part.original.table, part.original.name)
-             for index in indexes for part in _parts(index)},
-            {index.original.name: _constraint_definition(conn, index.original)
-             for index in indexes if index.leaves_only},
-            backup.saved_column(cur, plan.backup_schema, key).default if key.back else None))
+    columns = [_column_swap(cur, plan, key) for key in plan.columns]
     statistics = sorted({found for key in plan.columns
                          for found in catalog.statistics_on(conn, key)},
                         key=lambda found: (found.schema, found.name))
     published = sorted({entry for key in plan.columns
                         for entry in catalog.publications_on(conn, key)},
                        key=lambda entry: (entry.publication, entry.table))
+    republished, _ = publications.restore_statements(cur, plan.backup_schema, plan.tables)
     policies = _policies(cur, plan)
+    cur.execute("SELECT current_user::text, current_setting('enable_seqscan')")
+    user, scans = cur.fetchone() or ("", "on")
+
     lock_tables(cur, relations, "ACCESS EXCLUSIVE")
     locked.append(time.monotonic())
-    if not plan.parent.back:
-        refuse_invalid_keys(cur, plan)
+    cur.execute(check.query)
+    invalid, views_now = cur.fetchone() or ([], None)
+    if any(invalid):
+        refuse_invalid_keys(check, invalid)
+    if views_now != seen_views:  # a view was created over a column after they were read
+        carried_views = views.dependent_views(conn, plan.columns)
     policies = _lock_policy_tables(cur, plan, policies)
-    # under ACCESS EXCLUSIVE: CREATE VIEW takes ACCESS SHARE on the tables it reads
-    carried_views = views.dependent_views(conn, plan.columns)
-    for policy in policies:
-        cur.execute(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
-                                                           policy.table.ident))
-    views.drop(cur, carried_views)
-    for found in statistics:
-        cur.execute(sql.SQL("DROP STATISTICS {}").format(
-            sql.Identifier(found.schema, found.name)))
-    for entry in published:
-        cur.execute(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
-            sql.Identifier(entry.publication), entry.table.ident))
-    for fk in references:
-        cur.execute(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
-            fk.child.table.ident, sql.Identifier(fk.original.name)))
-    session.point("swap")
-    for column in columns:
-        _swap_column(cur, session, column)
-    views.create(cur, carried_views)
-    views.mark_pending(cur, carried_views, plan.backup_schema)
-    for found in statistics:
-        _create_statistics(cur, found)
-    for entry in published:
-        _publish(cur, entry)
-    publications.restore(cur, plan.backup_schema, plan.tables)  # as before the copies
-    for fk in references:
-        _take_fk_name(cur, fk)
-        _comment(cur, sql.SQL("CONSTRAINT {} ON {}").format(
-            sql.Identifier(fk.original.name), fk.child.table.ident), fk_comments[fk.original.name])
-    for policy in policies:
-        _create_policy(cur, policy)
-    session.point("swap")
+    steps: list[Step] = [
+        sql.SQL("SELECT set_config('enable_seqscan', {}, true)").format(sql.Literal(scans)),
+        *(sql.SQL("DROP POLICY {} ON {}").format(sql.Identifier(policy.name),
+                                                 policy.table.ident) for policy in policies),
+        *views.drop_statements(carried_views),
+        *(sql.SQL("DROP STATISTICS {}").format(sql.Identifier(found.schema, found.name))
+          for found in statistics),
+        *(sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+            sql.Identifier(entry.publication), entry.table.ident) for entry in published),
+        *(sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(
+            fk.child.table.ident, sql.Identifier(fk.original.name)) for fk in references),
+        *(step for column in columns for step in column.statements()),
+        *views.create_statements(carried_views, user),
+        *([partial(views.mark_pending, views=carried_views, backup_schema=plan.backup_schema)]
+          if any(view.materialized and view.populated for view in carried_views) else []),
+        *(statement for found in statistics for statement in _statistics(found, user)),
+        *(_publish(entry) for entry in published),
+        *republished,  # as before the copies
+        *(statement for fk in references for statement in _fk_name(fk)),
+        *(comment for fk in references for comment in comment_on(
+            sql.SQL("CONSTRAINT {} ON {}").format(sql.Identifier(fk.original.name),
+                                                  fk.child.table.ident),
+            fk_comments[fk.original.name])),
+        *(statement for policy in policies for statement in _policy(policy))]
+    run(cur, steps)
     return sorted({found.table for found in statistics})
 
 
-def invalid_keys(cur: Cursor, key: KeyColumn) -> sql.Composable:
-    """The rows of ``key``'s table whose string is not a UUID, a few more than a report
-    shows (``%(n)s``), by primary key where there is one: read from the invalid index
-    (``expand.build_invalid_index``), whose predicate the query repeats.  No ORDER BY: in
-    primary key order the planner could walk the whole primary key instead."""
-    named = catalog.primary_key(cur.connection, key.table)
-    return sql.SQL("SELECT {} FROM {} WHERE {} LIMIT %(n)s").format(
-        sqlexpr.column_list([*(c for c in named if c != key.column), key.column]),
-        key.table.ident, not_a_uuid(key))
+def _column_swap(cur: Cursor, plan: Plan, key: KeyColumn) -> ColumnSwap:
+    """What ``key``'s swap carries over, read under the swap's SHARE UPDATE EXCLUSIVE."""
+    conn = cur.connection
+    indexes = shadow_indexes(conn, key)
+    info = _info(conn, key)
+    return ColumnSwap(
+        key, info, catalog.column_tuning(conn, key.table, key.column),
+        catalog.column_grants(conn, key.table, key.column),
+        catalog.comments(conn, key.table, key.column), indexes,
+        catalog.replica_identity_index(conn, key.table),
+        catalog.clustered_index(conn, key.table), catalog.column_triggers(conn, key),
+        shadow_checks(conn, key),
+        {(part.original.table, part.original.name): catalog.index_comment_and_identity(
+            conn, part.original.table, part.original.name)
+         for index in indexes for part in _parts(index)},
+        {index.original.name: _constraint_definition(conn, index.original)
+         for index in indexes if index.leaves_only},
+        backup.saved_column(cur, plan.backup_schema, key).default if key.back else None,
+        not key.back and info.default is not None and unwraps_to_uuid(cur, info.default))
 
 
-def refuse_invalid_keys(cur: Cursor, plan: Plan) -> None:
+def run(cur: Cursor, steps: list[Step]) -> None:
+    """The steps in order: each run of statements in one round trip, a step that asks
+    the server on its own."""
+    batch: list[sql.Composable] = []
+    for step in [*steps, None]:
+        if isinstance(step, sql.Composable):
+            batch.append(step)
+            continue
+        if batch:
+            cur.execute(sql.SQL("; ").join(batch))
+            batch = []
+        if step is not None:
+            step(cur)
+
+
+@dataclass(frozen=True)
+class LockedCheck:
+    """The swap's one query under its write-blocking locks, and what reads its answer."""
+
+    select: sql.Composable
+    columns: list[tuple[KeyColumn, list[str]]]
+    """Each column checked for keys that are not UUIDs, with the names of what a row
+    found holds: its primary key's other columns, then the key."""
+
+    @property
+    def query(self) -> sql.Composable:
+        """The check as sent: sequential scans off, for the invalid indexes' scans."""
+        return sql.SQL("SET LOCAL enable_seqscan = off; ") + self.select
+
+
+def locked_check(cur: Cursor, plan: Plan) -> LockedCheck:
+    """One query of two values: the rows holding keys that are not UUIDs, a few per
+    column, read from its invalid index (``expand.build_invalid_index``, whose predicate
+    it repeats; no ORDER BY, by which the planner could walk the primary key instead),
+    none on the way back, where the keys are uuid; and the views' signature
+    (``views.signature``)."""
+    conn = cur.connection
+    columns: list[tuple[KeyColumn, list[str]]] = []
+    found: list[sql.Composable] = []
+    if not plan.parent.back:
+        for key in plan.columns:
+            named = [*(c for c in catalog.primary_key(conn, key.table) if c != key.column),
+                     key.column]
+            columns.append((key, named))
+            found.append(sql.SQL("(SELECT coalesce(json_agg(json_build_array({})), '[]') "
+                                 "FROM (SELECT {} FROM {} WHERE {} LIMIT {}) x)").format(
+                sql.SQL(", ").join(sql.SQL("x.") + sql.Identifier(name) for name in named),
+                sqlexpr.column_list(named), key.table.ident, not_a_uuid(key),
+                sql.Literal(SAMPLE_LIMIT + 1)))
+    return LockedCheck(sql.SQL("SELECT json_build_array({}), ({})").format(
+        sql.SQL(", ").join(found), views.signature(plan.columns)), columns)
+
+
+def refuse_invalid_keys(check: LockedCheck, invalid: list[list[list[object]]]) -> None:
     """Refuse the swap, before it changes anything, while a row of the plan holds a key
     that is not a UUID: the application wrote it after the pre-flight (the expansion
     accepts whatever the original column takes), and its copy holds a stand-in
     (``model.uuid_copy``), which must never become its value.
 
-    Under the swap's locks, so no write comes between the check and the swap; each
-    column's query is an index scan of its invalid index (sequential scans are turned off
-    for it: the planner, which takes most strings for no UUID, would rather scan the
-    table), which holds only such rows, so it costs microseconds whatever the table's size.
-    """
-    cur.execute("SELECT current_setting('enable_seqscan')")
-    scans = (cur.fetchone() or ["on"])[0]
-    cur.execute("SET LOCAL enable_seqscan = off")
+    Found under the swap's locks, so no write comes between the check and the swap;
+    each column's query is an index scan of its invalid index
+    (``expand.build_invalid_index``, whose predicate it repeats; sequential scans are
+    off for it: the planner, which takes most strings for no UUID, would rather scan
+    the table), which holds only such rows, so it costs microseconds whatever the
+    table's size."""
     findings: list[Finding] = []
     values: list[str] = []  # a few of each column's, for the message
-    for key in plan.columns:
-        cur.execute(invalid_keys(cur, key), {"n": SAMPLE_LIMIT + 1})
-        names = [column.name for column in cur.description or ()]
-        rows = sorted(cur.fetchall(), key=str)
-        if rows:
-            samples = [{"table": str(key.table), **dict(zip(names, row, strict=True))}
-                       for row in rows[:SAMPLE_LIMIT]]
-            more = "more than " if len(rows) > SAMPLE_LIMIT else ""
-            findings.append(Finding(
-                "invalid_uuid", Status.FAIL, f"{more}{len(samples)} value(s) are not UUIDs "
-                "PostgreSQL accepts (the application wrote them while the column was "
-                "expanded)", subject=str(key),
-                count=len(samples), samples=samples))
-            values.append(f"{key}: " + ", ".join(repr(row[-1]) for row in rows[:3])
-                          + (", ..." if len(rows) > 3 else ""))
-    cur.execute("SELECT set_config('enable_seqscan', %s, true)", (scans,))
+    for (key, names), rows in zip(check.columns, invalid, strict=True):
+        if not rows:
+            continue
+        rows = sorted(rows, key=str)
+        samples = [{"table": str(key.table), **dict(zip(names, row, strict=True))}
+                   for row in rows[:SAMPLE_LIMIT]]
+        more = "more than " if len(rows) > SAMPLE_LIMIT else ""
+        findings.append(Finding(
+            "invalid_uuid", Status.FAIL, f"{more}{len(samples)} value(s) are not UUIDs "
+            "PostgreSQL accepts (the application wrote them while the column was "
+            "expanded)", subject=str(key), count=len(samples), samples=samples))
+        values.append(f"{key}: " + ", ".join(repr(row[-1]) for row in rows[:3])
+                      + (", ..." if len(rows) > 3 else ""))
     if findings:
         raise MigrationError(
             "swap refused, nothing was changed: the application wrote keys that are not "
@@ -401,7 +463,7 @@ def refuse_invalid_keys(cur: Cursor, plan: Plan) -> None:
             findings=findings)
 
 
-def _publish(cur: Cursor, found: catalog.PublishedTable) -> None:
+def _publish(found: catalog.PublishedTable) -> sql.Composable:
     """The table back in the publication with its column list and row filter (the
     server's own text, read in this transaction)."""
     statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
@@ -410,22 +472,22 @@ def _publish(cur: Cursor, found: catalog.PublishedTable) -> None:
         statement += sql.SQL(" ({})").format(sqlexpr.column_list(list(found.columns)))
     if found.row_filter is not None:
         statement += sql.SQL(" WHERE ({})").format(sql.SQL(found.row_filter))
-    cur.execute(statement)
+    return statement
 
 
-def _create_statistics(cur: Cursor, found: catalog.StatisticsDef) -> None:
+def _statistics(found: catalog.StatisticsDef, user: str) -> list[sql.Composable]:
     """A statistics object again, from the server's own text read in this transaction
-    (it names the column, which now has the new type); its target, owner and comment."""
+    (it names the column, which now has the new type), as ``user`` creates it; its
+    target, owner and comment."""
     name = sql.Identifier(found.schema, found.name)
-    cur.execute(sql.SQL(found.definition))
+    statements: list[sql.Composable] = [sql.SQL(found.definition)]
     if found.target is not None:
-        cur.execute(sql.SQL("ALTER STATISTICS {} SET STATISTICS {}").format(
+        statements.append(sql.SQL("ALTER STATISTICS {} SET STATISTICS {}").format(
             name, sql.Literal(found.target)))
-    cur.execute("SELECT current_user::text")
-    if (cur.fetchone() or [None])[0] != found.owner:
-        cur.execute(sql.SQL("ALTER STATISTICS {} OWNER TO {}").format(
+    if user != found.owner:
+        statements.append(sql.SQL("ALTER STATISTICS {} OWNER TO {}").format(
             name, sql.Identifier(found.owner)))
-    _comment(cur, sql.SQL("STATISTICS {}").format(name), found.comment)
+    return [*statements, *comment_on(sql.SQL("STATISTICS {}").format(name), found.comment)]
 
 
 def _policies(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
@@ -449,7 +511,7 @@ def _lock_policy_tables(cur: Cursor, plan: Plan,
     return _policies(cur, plan)
 
 
-def _create_policy(cur: Cursor, policy: catalog.PolicyDef) -> None:
+def _policy(policy: catalog.PolicyDef) -> list[sql.Composable]:
     roles = sql.SQL(", ").join(sql.SQL("PUBLIC") if role is None else sql.Identifier(role)
                                for role in policy.roles)
     statement = sql.SQL("CREATE POLICY {} ON {} AS {} FOR {} TO {}").format(
@@ -460,9 +522,8 @@ def _create_policy(cur: Cursor, policy: catalog.PolicyDef) -> None:
         statement += sql.SQL(" USING ({})").format(sql.SQL(policy.using))
     if policy.with_check is not None:
         statement += sql.SQL(" WITH CHECK ({})").format(sql.SQL(policy.with_check))
-    cur.execute(statement)
-    _comment(cur, sql.SQL("POLICY {} ON {}").format(sql.Identifier(policy.name),
-                                                    policy.table.ident), policy.comment)
+    return [statement, *comment_on(sql.SQL("POLICY {} ON {}").format(
+        sql.Identifier(policy.name), policy.table.ident), policy.comment)]
 
 
 def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
@@ -471,24 +532,6 @@ def _info(conn: Connection, key: KeyColumn) -> catalog.ColumnInfo:
         raise MigrationError(f"{key} disappeared during the migration",
                              hint="run --operation=status, then rollback")
     return info
-
-
-def _swap_column(cur: Cursor, session: Session, column: ColumnSwap) -> None:
-    """Run the column's statements, those in a row that need no answer in one round trip
-    (under ACCESS EXCLUSIVE, each round trip is the application's wait too: on a busy
-    two-core machine, 5 to 10 ms each), then a fault point: one per column, as every
-    point inside the swap's one transaction leaves the same state (nothing committed)."""
-    batch: list[sql.Composable] = []
-    for step in [*column.statements(), None]:
-        if isinstance(step, sql.Composable):
-            batch.append(step)
-            continue
-        if batch:
-            cur.execute(sql.SQL("; ").join(batch))
-            batch = []
-        if step is not None:
-            step(cur)
-    session.point(f"swap {column.key}")
 
 
 TRIGGER_STATES = {"A": "ENABLE ALWAYS", "R": "ENABLE REPLICA", "D": "DISABLE"}
@@ -547,21 +590,15 @@ def _parts(index: ShadowIndex) -> list[ShadowIndex]:
     return [found for part in index.parts for found in (part, *_parts(part))]
 
 
-def _take_fk_name(cur: Cursor, fk: ShadowForeignKey) -> None:
+def _fk_name(fk: ShadowForeignKey) -> list[sql.Composable]:
     """The FK copy takes its original's name; a partitioned table's, and each of its
     partitions' (PostgreSQL does not rename those with their table's)."""
-    cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
-        fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)))
-    for part in fk.parts:
-        _take_fk_name(cur, part)
+    return [sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+        fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)),
+        *(statement for part in fk.parts for statement in _fk_name(part))]
 
 
 def comment_on(target: sql.Composable, text: str | None) -> list[sql.Composable]:
     """``COMMENT ON target IS text``, or nothing where there is no text."""
     return [] if text is None else [
         sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(text))]
-
-
-def _comment(cur: Cursor, target: sql.Composable, text: str | None) -> None:
-    for statement in comment_on(target, text):
-        cur.execute(statement)
