@@ -362,8 +362,8 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
     the application is never queued behind one table's lock while this waits for another's.
     What the triggers need from the catalog (each table's logged columns and partitions)
     is read first, under SHARE UPDATE EXCLUSIVE, which stops DDL but not the application,
-    and each table's statements go in one round trip: the write-blocking lock is held for
-    four round trips, not 28 (issue 22).
+    and every table's statements go in one round trip: the write-blocking lock is held for
+    two round trips (the locks, the statements) and the commit, not 28 (issue 22).
     """
     schema = plan.backup_schema
     function = sql.Identifier(schema, CHANGE_LOG_FUNCTION)
@@ -382,8 +382,7 @@ def start_change_log(cur: Cursor, plan: Plan) -> None:
                     (table.schema, table.name, columns))
         statements.append(sql.SQL("; ").join(log_table_statements(cur, schema, table, columns)))
     lock_tables(cur, tables, "SHARE ROW EXCLUSIVE")
-    for statement in statements:
-        cur.execute(statement)
+    cur.execute(sql.SQL("; ").join(statements))
 
 
 def log_table(cur: Cursor, schema: str, table: Table, columns: list[str]) -> None:
