@@ -260,10 +260,15 @@ def heap_pages(conn: Connection, table: Table) -> int:
     """The table's size in pages now (exact and free, unlike ``relpages``, which is
     only as recent as the last VACUUM or ANALYZE)."""
     with conn.cursor() as cur:
-        cur.execute("SELECT pg_relation_size(to_regclass(%s)) "
-                    "/ current_setting('block_size')::bigint", (regclass(table),))
+        cur.execute(sql.SQL("SELECT {}").format(heap_pages_expression(table)))
         row = cur.fetchone()
     return int(row[0]) if row and row[0] is not None else 0
+
+
+def heap_pages_expression(table: Table) -> sql.Composable:
+    """``heap_pages`` as an expression, for a statement that must read it when it runs."""
+    return sql.SQL("pg_relation_size(to_regclass({})) / current_setting('block_size')::bigint"
+                   ).format(sql.Literal(regclass(table)))
 
 
 def indexes_on(conn: Connection, key: KeyColumn) -> list[IndexDef]:

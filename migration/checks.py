@@ -279,7 +279,7 @@ def _default_text(state: Entry) -> str:
 
 def _defaults_allowed(recorded_default: str | None, type_now: str) -> set[str | None]:
     """The defaults a key column may have now: the recorded one while it has its string
-    type, and as the swap converts it (``fill.converted_default``) once it is uuid:
+    type, and as the swap converts it (``fill.converted_default_statement``) once it is uuid:
     ``(X)::text`` becomes ``X``, or any other ``R`` becomes ``(R)::uuid``."""
     if recorded_default is None or type_now != "uuid":
         return {recorded_default}

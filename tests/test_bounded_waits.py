@@ -498,6 +498,28 @@ def test_under_its_write_blocking_locks_the_swap_makes_three_round_trips(
         assert execute(db, "SELECT n FROM user_id_count") == [(USERS + len(SHOUTING),)]
 
 
+def test_the_copy_column_blocks_writes_for_one_round_trip_of_statements(db: str) -> None:
+    """The copy column's transaction does what needs no write-blocking lock first, under
+    SHARE UPDATE EXCLUSIVE (the reads, the engine's records and functions, the default's
+    probe); under ACCESS EXCLUSIVE it sent about a dozen round trips (issue 22), now the
+    lock and one: the column, its mark, its default, the sync trigger and the slices."""
+    run_ok(db, "backup_data")
+    execute(db, "ALTER TABLE users ALTER COLUMN id SET DEFAULT gen_random_uuid()::text")
+    with Session.open(db, SETTINGS) as session, statements_sent(session) as sent:
+        fill.add_temporary_column(session, session.plan.parent)
+        added = len(sent)
+    locked = [number for number, text in enumerate(sent) if "ACCESS EXCLUSIVE MODE" in text]
+    assert len(locked) == 1, sent
+    under = sent[locked[0]:added]
+    assert len(under) == 2, under
+    for statement in ('ALTER TABLE "public"."users" ADD COLUMN "id_uuid" uuid',
+                      'ALTER COLUMN "id_uuid" SET DEFAULT gen_random_uuid()',
+                      'CREATE OR REPLACE TRIGGER "migration_sync_id"',
+                      'ENABLE ALWAYS TRIGGER "migration_sync_id"',
+                      'INSERT INTO "migration_backup"."backfill_progress"'):
+        assert statement in under[1], under[1]
+
+
 def lock_requests_waiting(dsn: str) -> AbstractContextManager[list[tuple[Any, ...]]]:
     """Samples ``pg_locks`` while the with-block runs: every lock request of the engine or of
     the application (``application_name`` 'application') waiting in a queue, as (who, mode,

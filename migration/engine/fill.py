@@ -32,7 +32,7 @@ from typing import Any
 import psycopg2.errors
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
-from psycopg2.extras import Json, execute_values
+from psycopg2.extras import Json
 
 from migration import backup, catalog, publications
 from migration.connection import Connection, lock_tables
@@ -71,56 +71,82 @@ def add_temporary_column(session: Session, key: KeyColumn,
         copy_type = backup.recorded_type(cur, schema, key) if key.back else key.copy_type
 
     def work(cur: Cursor) -> None:
-        # NOWAIT first (lock_tables): an ALTER's own request waits in the queue, and the
-        # application's writes queue behind it
-        lock_tables(cur, [key.table.ident], "ACCESS EXCLUSIVE")
-        cur.execute(sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
-            key.table.ident, sql.Identifier(key.temp), copy_type))
-        cur.execute(sql.SQL("COMMENT ON COLUMN {} IS %s").format(
-            sql.Identifier(key.table.schema, key.table.name, key.temp)), (key.mark,))
+        # What needs no write-blocking lock first, under SHARE UPDATE EXCLUSIVE (no DDL,
+        # the application writes on), all of it committed with the column: the reads, the
+        # engine's own records and functions, and the publications' column lists, which
+        # ALTER PUBLICATION changes under that same lock (a list of the table's columns
+        # now is the one without the copy).  Then ACCESS EXCLUSIVE, NOWAIT first
+        # (lock_tables: an ALTER's own request waits in the queue, and the application's
+        # writes queue behind it), for one round trip of statements.
+        lock_tables(cur, [key.table.ident], "SHARE UPDATE EXCLUSIVE")
         # in this transaction: no change that carries the copy is ever published
         publications.narrow(cur, schema, key.table)
         backup.record_names(cur, schema, key)
-        copy_default(cur, schema, key)
-        sync_trigger(cur, schema, key, follows)
-        # Pages are walked up to the table's end now, under this lock: rows written
-        # later are the sync trigger's, and the fill's own updates, which move rows
-        # to new pages at the end, are not walked again.
-        first, last = ((0, catalog.heap_pages(cur.connection, key.table)) if walk.pages
-                       else (None, None))
-        progress = backup.meta(schema, "backfill_progress")
-        cur.execute(sql.SQL("DELETE FROM {} WHERE (table_schema, table_name, column_name) "
-                            "= (%s, %s, %s)").format(progress),
-                    (key.table.schema, key.table.name, key.column))
-        execute_values(cur, sql.SQL(
-            "INSERT INTO {} (table_schema, table_name, column_name, slice, walk_key, "
-            "last_key, upper_key) VALUES %s").format(progress).as_string(cur),
-            [(key.table.schema, key.table.name, key.column, number, list(walk.columns),
-              Json(lower) if lower is not None else None,
-              Json(upper) if upper is not None else None)
-             for number, (lower, upper) in enumerate(zip([first, *bounds], [*bounds, last],
-                                                         strict=True))])
+        cur.execute(backup.sync_functions(schema))
+        default = copy_default_statement(cur, schema, key)
+        lock_tables(cur, [key.table.ident], "ACCESS EXCLUSIVE")
+        cur.execute(sql.SQL("; ").join([
+            sql.SQL("ALTER TABLE {} ADD COLUMN {} {}").format(
+                key.table.ident, sql.Identifier(key.temp), copy_type),
+            sql.SQL("COMMENT ON COLUMN {} IS {}").format(
+                sql.Identifier(key.table.schema, key.table.name, key.temp),
+                sql.Literal(key.mark)),
+            *([] if default is None else [default]),
+            *sync_trigger_statements(schema, key, follows),
+            *progress_statements(schema, key, walk, bounds)]))
 
     session.ddl(f"add {key.temp} to {key.table}", work)
 
 
+def progress_statements(schema: str, key: KeyColumn, walk: Walk,
+                        bounds: list[Any]) -> list[sql.Composable]:
+    """The slices the backfill of ``key`` will walk, recorded afresh.  A page walk's last
+    slice ends at the table's end when the statement runs, under the lock that adds the
+    copy and its sync trigger: rows written later are the sync trigger's, and the fill's
+    own updates, which move rows to new pages at the end, are not walked again."""
+    progress = backup.meta(schema, "backfill_progress")
+    first, last = ((sql.Literal(Json(0)), sql.SQL("to_jsonb({})").format(
+        catalog.heap_pages_expression(key.table))) if walk.pages
+        else (sql.Literal(None), sql.Literal(None)))
+    uppers = [*(sql.Literal(Json(bound)) for bound in bounds), last]
+    lowers = [first, *(sql.Literal(Json(bound)) for bound in bounds)]
+    where = (sql.Literal(key.table.schema), sql.Literal(key.table.name),
+             sql.Literal(key.column))
+    return [
+        sql.SQL("DELETE FROM {} WHERE (table_schema, table_name, column_name) = ({}, {}, {})")
+        .format(progress, *where),
+        sql.SQL("INSERT INTO {} (table_schema, table_name, column_name, slice, walk_key, "
+                "last_key, upper_key) VALUES {}").format(progress, sql.SQL(", ").join(
+            sql.SQL("({}, {}, {}, {}, {}, {}, {})").format(
+                *where, sql.Literal(number), sql.Literal(list(walk.columns)), lower, upper)
+            for number, (lower, upper) in enumerate(zip(lowers, uppers, strict=True))))]
+
+
 def copy_default(cur: Cursor, schema: str, key: KeyColumn) -> None:
-    """Give the copy the default the swap will give the column (``converted_default``, or
-    ``restored_default`` on the way back), once added: the rows it has stay NULL for the
-    fill (a default given with ``ADD COLUMN`` would be theirs too).
+    """Give the copy its default (``copy_default_statement``)."""
+    statement = copy_default_statement(cur, schema, key)
+    if statement is not None:
+        cur.execute(statement)  # no parameters: % stays
+
+
+def copy_default_statement(cur: Cursor, schema: str, key: KeyColumn) -> sql.Composable | None:
+    """The statement giving the copy the default the swap will give the column
+    (``converted_default_statement``, or ``restored_default_statement`` on the way back),
+    once added: the rows it has stay NULL for the fill (a default given with ``ADD COLUMN``
+    would be theirs too); None where the column has none.
 
     A foreign key's ``SET DEFAULT`` whose copy acts first sets the copy to its default,
     which must be the key's, as uuid, for the sync trigger to tell it (``SYNC_FUNCTIONS``).
     """
     info = catalog.column_info(cur.connection, key.table, key.column)
     if info is None or info.default is None:
-        return
+        return None
     copy = KeyColumn(key.table, key.temp)
     if key.back:
-        restored_default(cur, copy, backup.saved_column(cur, schema, key).default,
-                         info.default)
-    else:
-        converted_default(cur, copy, info.default)
+        return restored_default_statement(copy, backup.saved_column(cur, schema, key).default,
+                                          info.default)
+    return converted_default_statement(copy, info.default,
+                                       unwrapped=unwraps_to_uuid(cur, info.default))
 
 
 def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | None) -> None:
@@ -130,17 +156,22 @@ def sync_trigger(cur: Cursor, schema: str, key: KeyColumn, follows: KeyColumn | 
     (writes with ``session_replication_role = replica`` fire it too), the engine's own
     writes left out by its WHEN (they fill the copies themselves, and respell them)."""
     cur.execute(backup.sync_functions(schema))
+    cur.execute(sql.SQL("; ").join(sync_trigger_statements(schema, key, follows)))
+
+
+def sync_trigger_statements(schema: str, key: KeyColumn,
+                            follows: KeyColumn | None) -> list[sql.Composable]:
+    """``sync_trigger``'s trigger, its functions already there."""
     sync, arguments = backup.meta(schema, "sync_uuid_column"), [key.column, key.temp]
     if follows is not None:
         sync = backup.meta(schema, "sync_reference_column")
         arguments += [follows.table.schema, follows.table.name, follows.column, follows.temp]
     name = sql.Identifier(key.helper("sync"))
-    cur.execute(sql.SQL(
-        "CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW "
-        "WHEN ({}) EXECUTE FUNCTION {}({})").format(
-        name, key.table.ident, backup.NOT_THE_ENGINE, sync,
-        sql.SQL(", ").join(map(sql.Literal, arguments))))
-    cur.execute(sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(key.table.ident, name))
+    return [sql.SQL("CREATE OR REPLACE TRIGGER {} BEFORE INSERT OR UPDATE ON {} FOR EACH ROW "
+                    "WHEN ({}) EXECUTE FUNCTION {}({})").format(
+                name, key.table.ident, backup.NOT_THE_ENGINE, sync,
+                sql.SQL(", ").join(map(sql.Literal, arguments))),
+            sql.SQL("ALTER TABLE {} ENABLE ALWAYS TRIGGER {}").format(key.table.ident, name)]
 
 
 def stale_sync_trigger(cur: Cursor, schema: str, key: KeyColumn) -> bool | None:
@@ -645,12 +676,6 @@ def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable
             key.table.ident, sql.Identifier(name), condition))
 
 
-def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
-    """Give the uuid column the old default (``converted_default_statement``)."""
-    cur.execute(converted_default_statement(key, default,
-                                            unwrapped=unwraps_to_uuid(cur, default)))
-
-
 def unwraps_to_uuid(cur: Cursor, default: str) -> bool:
     """Whether a string column's default is a uuid expression cast to the string type
     (``gen_random_uuid()::text``).  The server says it: the type of the expression's
@@ -679,18 +704,10 @@ def converted_default_statement(key: KeyColumn, default: str, *,
 _UUID_CAST = re.compile(r"^\((?P<inner>.*)\)::uuid$")
 
 
-def restored_default(cur: Cursor, key: KeyColumn, recorded: str | None,
-                     live: str | None) -> None:
-    """On the way back, give the string column its default (``restored_default_statement``)."""
-    statement = restored_default_statement(key, recorded, live)
-    if statement is not None:
-        cur.execute(statement)  # no parameters: % stays
-
-
 def restored_default_statement(key: KeyColumn, recorded: str | None,
                                live: str | None) -> sql.Composable | None:
     """On the way back, the string column's default: the one the backup recorded, derived
-    from the uuid column's ``live`` one (``converted_default``'s inverse), so that the
+    from the uuid column's ``live`` one (``converted_default_statement``'s inverse), so that the
     record's text is never run; None where there is none to set.
 
     ``X`` was made of ``(X)::text`` (or ``character varying``): it becomes that cast of
