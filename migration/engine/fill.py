@@ -676,6 +676,12 @@ def _add_check(cur: Cursor, key: KeyColumn, name: str, condition: sql.Composable
             key.table.ident, sql.Identifier(name), condition))
 
 
+def converted_default(cur: Cursor, key: KeyColumn, default: str) -> None:
+    """Give the uuid column the old default (``converted_default_statement``)."""
+    cur.execute(converted_default_statement(key, default,
+                                            unwrapped=unwraps_to_uuid(cur, default)))
+
+
 def unwraps_to_uuid(cur: Cursor, default: str) -> bool:
     """Whether a string column's default is a uuid expression cast to the string type
     (``gen_random_uuid()::text``).  The server says it: the type of the expression's
