@@ -313,11 +313,11 @@ def statements_sent(session: Session) -> Iterator[list[str]]:
             sent.append(query if isinstance(query, str) else query.as_string(self))
             super().execute(query, variables)
 
-    session.conn.cursor_factory = Recording
+    original, session.conn.cursor_factory = session.conn.cursor_factory, Recording
     try:
         yield sent
     finally:
-        session.conn.cursor_factory = psycopg2.extensions.cursor
+        session.conn.cursor_factory = original
 
 
 @contextmanager
