@@ -27,13 +27,13 @@ passes ``--allow-publications``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from psycopg2 import sql
 from psycopg2.extensions import cursor as Cursor
 
-from migration import backup, catalog
+from migration import backup, catalog, sqlexpr
 from migration.connection import Connection
 from migration.errors import MigrationError
 from migration.log import logger
@@ -287,13 +287,22 @@ def restore_statements(cur: Cursor, schema: str,
 def _republished(found: Membership, columns: list[str] | None) -> list[sql.Composable]:
     """The table out of the publication and back in, with ``columns`` (None: all) and its
     row filter (the server's own text, read in this transaction)."""
-    publication, table = sql.Identifier(found.publication), found.table.ident
-    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(publication, table)
+    return [sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(
+                sql.Identifier(found.publication), found.table.ident),
+            add_table(found.publication, found.table, columns, found.row_filter)]
+
+
+def add_table(publication: str, table: Table, columns: Sequence[str] | None,
+              row_filter: str | None) -> sql.Composable:
+    """``ALTER PUBLICATION ... ADD TABLE`` with ``columns`` (None: all) and the row filter
+    (the server's own text, read in the same transaction)."""
+    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
+        sql.Identifier(publication), table.ident)
     if columns is not None:
-        statement += sql.SQL(" ({})").format(sql.SQL(", ").join(map(sql.Identifier, columns)))
-    if found.row_filter is not None:
-        statement += sql.SQL(" WHERE ({})").format(sql.SQL(found.row_filter))
-    return [sql.SQL("ALTER PUBLICATION {} DROP TABLE {}").format(publication, table), statement]
+        statement += sql.SQL(" ({})").format(sqlexpr.column_list(list(columns)))
+    if row_filter is not None:
+        statement += sql.SQL(" WHERE ({})").format(sql.SQL(row_filter))
+    return statement
 
 
 def after_swap(conn: Connection, keys: Iterable[KeyColumn]) -> str:

@@ -133,6 +133,12 @@ def column_list(names: list[str], prefix: str | None = None) -> sql.Composable:
     return sql.SQL(", ").join(sql.Identifier(prefix, n) for n in names)
 
 
+def comment_on(target: sql.Composable, text: str | None) -> list[sql.Composable]:
+    """``COMMENT ON target IS text``, or nothing where there is no text."""
+    return [] if text is None else [
+        sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(text))]
+
+
 def row_of(names: list[str], prefix: str | None = None) -> sql.Composable:
     """``ROW(a, b)``, a comparable tuple even for one column."""
     return sql.SQL("ROW({})").format(column_list(names, prefix))

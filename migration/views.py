@@ -398,12 +398,12 @@ def create_statements(views: list[ViewDef], user: str) -> list[sql.Composable]:
         statements.append(statement + sql.SQL(" WITH NO DATA" if view.materialized else ""))
         for index, definition, comment in view.indexes:
             statements.append(sql.SQL(definition))
-            statements += _comment(sql.SQL("INDEX {}").format(
+            statements += sqlexpr.comment_on(sql.SQL("INDEX {}").format(
                 sql.Identifier(view.view.schema, index)), comment)
         statements += _dress(view, user)
         for found in view.objects:  # the server's own text, read in this transaction
             statements.append(sql.SQL(found.definition))
-            statements += _comment(sql.SQL("{} {} ON {}").format(
+            statements += sqlexpr.comment_on(sql.SQL("{} {} ON {}").format(
                 sql.SQL(found.kind), sql.Identifier(found.name), view.view.ident),
                 found.comment)
     return statements
@@ -426,17 +426,11 @@ def _dress(view: ViewDef, user: str) -> list[sql.Composable]:
                 sql.SQL(privilege), ident,
                 sql.SQL("PUBLIC") if grantee is None else sql.Identifier(grantee),
                 sql.SQL(" WITH GRANT OPTION" if grantable else "")))
-    statements += _comment(sql.SQL("{} {}").format(view.kind, ident), view.comment)
+    statements += sqlexpr.comment_on(sql.SQL("{} {}").format(view.kind, ident), view.comment)
     for column, text in view.column_comments:
-        statements += _comment(sql.SQL("COLUMN {}").format(
+        statements += sqlexpr.comment_on(sql.SQL("COLUMN {}").format(
             sql.Identifier(view.view.schema, view.view.name, column)), text)
     return statements
-
-
-def _comment(target: sql.Composable, text: str | None) -> list[sql.Composable]:
-    """``COMMENT ON target IS text``, or nothing where there is no text."""
-    return [] if text is None else [
-        sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(text))]
 
 
 # --- the materialized views a swap created empty, for the contract to fill -----------------
@@ -446,10 +440,17 @@ def pending_table(schema: str) -> sql.Identifier:
     return sql.Identifier(schema, "pending_refresh")
 
 
+def to_refresh(views: list[ViewDef]) -> list[ViewDef]:
+    """The materialized views among ``views`` that held data: the swap creates them empty,
+    and they are to be refreshed after it."""
+    return [view for view in views if view.materialized and view.populated]
+
+
 def mark_pending(cur: Cursor, views: list[ViewDef], backup_schema: str) -> None:
     """Record, in the swap's transaction, the materialized views it created empty that held
-    data: the record commits with the swap, so a refresh cut short is resumed."""
-    populated = [view for view in views if view.materialized and view.populated]
+    data (``to_refresh``): the record commits with the swap, so a refresh cut short is
+    resumed."""
+    populated = to_refresh(views)
     if not populated:
         return
     backup.create_private(cur, pending_table(backup_schema),

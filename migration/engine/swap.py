@@ -157,16 +157,16 @@ class ColumnSwap:
         for index in self.indexes:
             steps += (self._from_leaves(index) if index.leaves_only
                       else self._take_name(index))
-            steps += comment_on(sql.SQL("CONSTRAINT {} ON {}").format(
+            steps += sqlexpr.comment_on(sql.SQL("CONSTRAINT {} ON {}").format(
                 sql.Identifier(index.original.name), table),
                 self.comments.get(("constraint", index.original.name)))
-            steps += comment_on(sql.SQL("INDEX {}").format(
+            steps += sqlexpr.comment_on(sql.SQL("INDEX {}").format(
                 sql.Identifier(key.table.schema, index.original.name)),
                 self.comments.get(("index", index.original.name)))
         for check in self.checks:
             steps.append(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
                 table, sql.Identifier(check.name), sql.Identifier(check.original.name)))
-            steps += comment_on(sql.SQL("CONSTRAINT {} ON {}").format(
+            steps += sqlexpr.comment_on(sql.SQL("CONSTRAINT {} ON {}").format(
                 sql.Identifier(check.original.name), table),
                 self.comments.get(("constraint", check.original.name)))
         for trigger in self.triggers:
@@ -220,7 +220,7 @@ class ColumnSwap:
     def _part_comment_and_identity(self, original: IndexDef) -> list[Step]:
         """A partition's index's own comment and replica identity, as they were."""
         comment, identity = self.parts.get((original.table, original.name), (None, False))
-        steps: list[Step] = list(comment_on(sql.SQL("INDEX {}").format(
+        steps: list[Step] = list(sqlexpr.comment_on(sql.SQL("INDEX {}").format(
             sql.Identifier(original.table.schema, original.name)), comment))
         if identity:
             steps.append(sql.SQL("ALTER TABLE {} REPLICA IDENTITY USING INDEX {}").format(
@@ -338,12 +338,13 @@ def _swap(cur: Cursor, plan: Plan, locked: list[float]) -> list[Table]:
         *(step for column in columns for step in column.statements()),
         *views.create_statements(carried_views, user),
         *([partial(views.mark_pending, views=carried_views, backup_schema=plan.backup_schema)]
-          if any(view.materialized and view.populated for view in carried_views) else []),
+          if views.to_refresh(carried_views) else []),
         *(statement for found in statistics for statement in _statistics(found, user)),
-        *(_publish(entry) for entry in published),
+        *(publications.add_table(entry.publication, entry.table, entry.columns,
+                                 entry.row_filter) for entry in published),
         *republished,  # as before the copies
         *(statement for fk in references for statement in _fk_name(fk)),
-        *(comment for fk in references for comment in comment_on(
+        *(comment for fk in references for comment in sqlexpr.comment_on(
             sql.SQL("CONSTRAINT {} ON {}").format(sql.Identifier(fk.original.name),
                                                   fk.child.table.ident),
             fk_comments[fk.original.name])),
@@ -463,18 +464,6 @@ def refuse_invalid_keys(check: LockedCheck, invalid: list[list[list[object]]]) -
             findings=findings)
 
 
-def _publish(found: catalog.PublishedTable) -> sql.Composable:
-    """The table back in the publication with its column list and row filter (the
-    server's own text, read in this transaction)."""
-    statement = sql.SQL("ALTER PUBLICATION {} ADD TABLE {}").format(
-        sql.Identifier(found.publication), found.table.ident)
-    if found.columns is not None:
-        statement += sql.SQL(" ({})").format(sqlexpr.column_list(list(found.columns)))
-    if found.row_filter is not None:
-        statement += sql.SQL(" WHERE ({})").format(sql.SQL(found.row_filter))
-    return statement
-
-
 def _statistics(found: catalog.StatisticsDef, user: str) -> list[sql.Composable]:
     """A statistics object again, from the server's own text read in this transaction
     (it names the column, which now has the new type), as ``user`` creates it; its
@@ -487,7 +476,7 @@ def _statistics(found: catalog.StatisticsDef, user: str) -> list[sql.Composable]
     if user != found.owner:
         statements.append(sql.SQL("ALTER STATISTICS {} OWNER TO {}").format(
             name, sql.Identifier(found.owner)))
-    return [*statements, *comment_on(sql.SQL("STATISTICS {}").format(name), found.comment)]
+    return [*statements, *sqlexpr.comment_on(sql.SQL("STATISTICS {}").format(name), found.comment)]
 
 
 def _policies(cur: Cursor, plan: Plan) -> list[catalog.PolicyDef]:
@@ -522,7 +511,7 @@ def _policy(policy: catalog.PolicyDef) -> list[sql.Composable]:
         statement += sql.SQL(" USING ({})").format(sql.SQL(policy.using))
     if policy.with_check is not None:
         statement += sql.SQL(" WITH CHECK ({})").format(sql.SQL(policy.with_check))
-    return [statement, *comment_on(sql.SQL("POLICY {} ON {}").format(
+    return [statement, *sqlexpr.comment_on(sql.SQL("POLICY {} ON {}").format(
         sql.Identifier(policy.name), policy.table.ident), policy.comment)]
 
 
@@ -546,7 +535,7 @@ def trigger_statements(table: Table, trigger: catalog.ColumnTrigger) -> list[sql
     if trigger.enabled in TRIGGER_STATES:
         statements.append(sql.SQL("ALTER TABLE {} " + TRIGGER_STATES[trigger.enabled]
                                   + " TRIGGER {}").format(table.ident, name))
-    return [*statements, *comment_on(sql.SQL("TRIGGER {} ON {}").format(name, table.ident),
+    return [*statements, *sqlexpr.comment_on(sql.SQL("TRIGGER {} ON {}").format(name, table.ident),
                                      trigger.comment)]
 
 
@@ -596,9 +585,3 @@ def _fk_name(fk: ShadowForeignKey) -> list[sql.Composable]:
     return [sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
         fk.child.table.ident, sql.Identifier(fk.name), sql.Identifier(fk.original.name)),
         *(statement for part in fk.parts for statement in _fk_name(part))]
-
-
-def comment_on(target: sql.Composable, text: str | None) -> list[sql.Composable]:
-    """``COMMENT ON target IS text``, or nothing where there is no text."""
-    return [] if text is None else [
-        sql.SQL("COMMENT ON {} IS {}").format(target, sql.Literal(text))]
