@@ -226,15 +226,17 @@ def primary_key(conn: Connection, table: Table) -> list[str]:
 
 
 PAGES = "ctid"
-"""The walk key of a table with no unique key over NOT NULL columns: its physical
-pages, walked in ranges of ``ctid`` (no user column can be named ``ctid``)."""
+"""The walk key of a table with no unique key over NOT NULL columns, and the walk of
+every new fill of a plain table (``fill.fill_walk``): its physical pages, walked in
+ranges of ``ctid`` (no user column can be named ``ctid``)."""
 
 
 def walk_key(conn: Connection, table: Table) -> list[str]:
-    """The columns a fill walks the table by, in index order: the primary key; else the
-    unique index with the fewest columns that is valid, immediate, not partial, without
-    expressions, over NOT NULL columns only (so that it names each row once); else
-    ``[PAGES]``."""
+    """The columns that name each of the table's rows, in index order, by which the
+    pre-flight names rows, the rollback finds them in the backup, and a fill walks a
+    partitioned table: the primary key; else the unique index with the fewest columns
+    that is valid, immediate, not partial, without expressions, over NOT NULL columns
+    only (so that it names each row once); else ``[PAGES]``."""
     with conn.cursor() as cur:
         cur.execute(
             """

@@ -202,10 +202,10 @@ def schema_findings(session: Session, key: KeyColumn) -> list[Finding]:
     if state is not ColumnState.UUID and not catalog.primary_key(conn, key.table):
         walk = catalog.walk_key(conn, key.table)
         findings.append(Finding(
-            "walk_key", Status.INFO, "the table has no primary key: the fill walks "
-            + (f"its unique key ({', '.join(walk)})" if walk != [catalog.PAGES] else
-               "its pages (ctid ranges); rows an update moves behind the walk are "
-               "found by the fill's proof and filled in one more scan"),
+            "walk_key", Status.INFO, "the table has no primary key: its rows are named "
+            + (f"by its unique key ({', '.join(walk)})" if walk != [catalog.PAGES] else
+               "by their place (ctid), and the rollback pairs them with the backup's "
+               "by content"),
             subject=str(key)))
     converting = state in (ColumnState.STRING, ColumnState.BACKFILLING)
     for blocker in (*blockers(conn, key),
@@ -288,14 +288,18 @@ def family_findings(session: Session, key: KeyColumn) -> list[Finding]:
     and reach its partitions), its primary key or unique constraints over the
     key column too.  Refused: a partitioned parent key (the FK copies would
     have to reference a unique constraint on its copy, which a partitioned
-    table can only get by building it under its lock), a partition migrated
-    on its own, and inheritance (``INHERITS``), whose children get a new
-    column but not its indexes, constraints or trigger.
+    table can only get by building it under its lock), a partitioned child
+    without a key to walk its fill by, a partition migrated on its own, and
+    inheritance (``INHERITS``), whose children get a new column but not its
+    indexes, constraints or trigger.
     """
     family = catalog.family(session.conn, key.table)
     reasons = []
     if family.partitioned and key == session.plan.parent:
         reasons.append("it is partitioned and holds the key every foreign key refers to")
+    elif family.partitioned and catalog.walk_key(session.conn, key.table) == [catalog.PAGES]:
+        reasons.append("it is partitioned and has no primary key or unique key over NOT NULL "
+                       "columns to walk its rows by (its partitions' pages are theirs)")
     if family.partition_of:
         reasons.append(f"it is a partition of {family.partition_of}: migrate that table")
     if family.inherits:

@@ -146,18 +146,26 @@ MISSED_REMINDER = "00000000-0000-4000-8000-000000000000"
 
 def miss_a_reminder(dsn: str, admin_dsn: str) -> tuple[str, str]:
     """A row the fill's batches missed: ``migrate_foreign_keys`` killed in the reminders'
-    fill, one unfilled reminder's key moved to ``MISSED_REMINDER``, behind the checkpoint,
-    by a write the sync trigger does not see (the engine's marker; an application's write
-    fills the copy).  Its original key and its user_id."""
+    fill, one unfilled reminder's key moved to ``MISSED_REMINDER`` by a write the sync
+    trigger does not see (the engine's marker; an application's write fills the copy),
+    which puts the row out of the walk's reach: past its end, or on its page past the
+    highest line pointer number the walk takes there.  Its original key and its user_id."""
     with pytest.raises(psycopg2.OperationalError):
         run_in_process(dsn, "migrate_foreign_keys", admin_dsn=admin_dsn,
                        settings=Settings(batch_size=3, jobs=1, show_progress=False),
                        crash_at="batch public.reminders.user_id#3")
-    [(original, user_id)] = execute(
+    [(original, user_id, page)] = execute(
         dsn, "SET uuid_migration.engine = 'on'; "
              "UPDATE reminders r SET id = %s FROM (SELECT max(id) AS id FROM reminders "
              "WHERE user_id IS NOT NULL AND user_id_uuid IS NULL) m WHERE r.id = m.id "
-             "RETURNING m.id, r.user_id", (MISSED_REMINDER,))
+             "RETURNING m.id, r.user_id, r.ctid::text::point", (MISSED_REMINDER,))
+    [(end, last)] = execute(dsn, "SELECT max(upper_key::text::bigint), max((last_key ->> "
+                                 "'last')::int) FROM migration_backup.backfill_progress "
+                                 "WHERE table_name = 'reminders'")
+    page, line_pointer = map(float, page.strip("()").split(","))
+    # one page, one block: the checkpoint's highest number is that page's
+    assert end == 1, end
+    assert page >= end or line_pointer > last, (page, line_pointer, last)
     return str(original), str(user_id)
 
 

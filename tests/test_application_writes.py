@@ -182,8 +182,8 @@ def test_a_resumed_run_gives_an_older_run_s_copies_their_default_and_rule(
 
 def test_a_row_the_fill_missed_can_be_updated_before_the_proof_fills_it(
         scenario: Callable[..., Scenario]) -> None:
-    """A row whose key a write the sync trigger did not see moved behind the fill's
-    checkpoint has an empty copy when the fill proof comes into force (NOT VALID), and
+    """A row that a write the sync trigger did not see moved out of the fill's reach
+    (``miss_a_reminder``) has an empty copy when the fill proof comes into force (NOT VALID), and
     keeps it until ``fill_missed_rows``, after a whole-table VALIDATE.  Stopped there, the
     application updates that row, writing none of its keys: the write must succeed."""
     s = scenario()

@@ -1,9 +1,10 @@
-"""Tables without a primary key are carried: walked by a unique key or by pages.
+"""Tables without a primary key are carried, their rows named by a unique key or their place.
 
-``user_roles`` has no key at all (its fill walks ``ctid`` page ranges, its
-rollback respells by content), ``user_devices`` only a unique index over a
-NOT NULL column (walked by it).  Both reference ``users`` and hold
-upper-case ids, so the rollback has spellings to give back.
+Every plain table's fill walks its pages; ``user_roles`` has no key at all (the
+pre-flight names its rows by ``ctid``, its rollback respells by content),
+``user_devices`` only a unique index over a NOT NULL column (its rows named by
+it).  Both reference ``users`` and hold upper-case ids, so the rollback has
+spellings to give back.  The page walk's own batches are pinned here too.
 """
 
 from __future__ import annotations
@@ -56,21 +57,79 @@ def test_the_walk_key_is_the_primary_key_else_the_smallest_plain_unique_key_else
                      "keyed": ["a", "b"], "unkeyed": ["ctid"], "keyed, then f": ["f"]}
 
 
-def test_a_page_batch_is_a_tid_range_scan(no_pk_db: str) -> None:
-    """The batch of a page walk reads only its pages (PostgreSQL 14+), wherever they are."""
+@pytest.mark.parametrize("after", [1, {"page": 1, "offset": 3, "half": 1, "last": 9}],
+                         ids=["a block's first batch", "a later pass"])
+def test_a_page_batch_is_a_tid_range_scan(no_pk_db: str, after: object) -> None:
+    """The batch of a page walk reads only its pages (PostgreSQL 14+), wherever they are:
+    its update, and at a block's first batch the read of the block's line pointers."""
     key = KeyColumn(ROLES, "user_id")
     run_ok(no_pk_db, "backup_data")
     execute(no_pk_db, "ALTER TABLE user_roles ADD COLUMN user_id_uuid uuid")
     statement = fill.batch_statement(key, fill.Walk(("ctid",)), first=False,
-                                        bounded=True, backup_schema="migration_backup")
+                                     bounded=True, backup_schema="migration_backup")
     with connected(no_pk_db) as conn, conn.cursor() as cur:
         cur.execute(b"EXPLAIN " + statement.as_string(conn).encode(),
-                    {"n": 1, "after": Json(1), "upper": Json(3),
+                    {"n": 1, "offsets": 2, "after": Json(after), "upper": Json(3),
                      "slice": ("public", "user_roles", "user_id", 0)})
         plan = "\n".join(line for (line,) in cur.fetchall())
+    assert "Seq Scan" not in plan, plan
     assert "Tid Range Scan on user_roles x" in plan, plan
+    # a block's first batch reads its highest line pointer; a later one knows it
+    assert ("Tid Range Scan on user_roles y" in plan) == isinstance(after, int), plan
     # both ends of the range bound the scan, not a filter
     assert re.search(r"TID Cond: \(\(ctid >= .*\) AND \(ctid < .*\)\)", plan), plan
+
+
+def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_row_once(
+        no_pk_db: str) -> None:
+    """Five full pages, two pages a half-block, three line pointer numbers a pass: the
+    batches take numbers 1-3 of pages 0-1, then of pages 2-3, then 4-6 of each, up to
+    the block's highest number, then the next block (page 4, no second half), then an
+    empty batch that ends the slice.  Each row is updated once: the moves the updates
+    make, to new pages past the walk's end or to numbers past the block's highest, are
+    not walked again."""
+    run_ok(no_pk_db, "backup_data")
+    execute(no_pk_db, "CREATE TABLE walked (user_id varchar(36) NOT NULL, pad char(300) "
+                      "NOT NULL DEFAULT '', user_id_uuid uuid)")
+    fill_page = "INSERT INTO walked (user_id) SELECT gen_random_uuid() FROM generate_series(1, %s)"
+    execute(no_pk_db, fill_page, (100,))
+    [(per_page,)] = execute(no_pk_db, "SELECT count(*) FROM walked WHERE ctid < '(1,0)'")
+    execute(no_pk_db, "TRUNCATE walked")
+    execute(no_pk_db, fill_page, (5 * per_page,))
+    assert execute(no_pk_db, "SELECT count(DISTINCT (ctid::text::point)[0]) FROM walked") \
+        == [(5,)]
+    statement = fill.batch_statement(KeyColumn(Table("public", "walked"), "user_id"),
+                                     fill.Walk((catalog.PAGES,)), first=False, bounded=True,
+                                     backup_schema="migration_backup")
+    walked: list[tuple[object, int]] = []
+    after: object = 0
+    with connected(no_pk_db, autocommit=False) as conn:
+        while after is not None:
+            with conn.cursor() as cur:
+                cur.execute(statement, {"n": 2, "offsets": 3, "after": Json(after),
+                                        "upper": Json(5), "slice": ("public", "walked",
+                                                                    "user_id", 0)})
+                count, checkpoint = cur.fetchone()
+            conn.commit()
+            walked.append((after, count))
+            after = checkpoint
+
+    def position(block: int, first: int, half: int) -> object:
+        return block if (first, half) == (1, 0) else {
+            "page": block, "offset": first, "half": half, "last": per_page}
+
+    expected: list[tuple[object, int]] = []
+    for block in (0, 4):
+        for first in range(1, per_page + 1, 3):
+            for half in (0, 1) if block == 0 else (0,):
+                expected.append((position(block, first, half),
+                                 2 * len(range(first, min(first + 3, per_page + 1)))
+                                 if block == 0 else len(range(first, min(first + 3,
+                                                                          per_page + 1)))))
+    expected.append((8, 0))
+    assert walked == expected
+    assert execute(no_pk_db, "SELECT count(*), count(*) FILTER (WHERE user_id_uuid = "
+                             "user_id::uuid) FROM walked") == [(5 * per_page, 5 * per_page)]
 
 
 def test_tables_without_a_primary_key_migrate_validate_and_roll_back(
@@ -78,14 +137,14 @@ def test_tables_without_a_primary_key_migrate_validate_and_roll_back(
     original, values = print_of(no_pk_db), expected_values(no_pk_db)
     checked = operate(no_pk_db, "validate_schema")
     assert checked.exit_code == 0, checked.output
-    assert "the fill walks its pages" in checked.output
+    assert "its rows are named by their place (ctid)" in checked.output
     migrated = run_ok(no_pk_db, "full_migration", *SMALL, "--jobs", "3")
     assert "missed by the batches" not in migrated.output  # the walks saw every row
     slices = execute(no_pk_db, "SELECT table_name, walk_key, count(*), bool_and(finished) "
                                "FROM migration_backup.backfill_progress "
                                "WHERE table_name IN ('user_roles', 'user_devices') "
                                "GROUP BY 1, 2 ORDER BY 1")
-    assert slices == [("user_devices", ["device"], 3, True), ("user_roles", ["ctid"], 3, True)]
+    assert slices == [("user_devices", ["ctid"], 1, True), ("user_roles", ["ctid"], 3, True)]
     run_ok(no_pk_db, "validate_migration")
     assert execute(no_pk_db, "SELECT format_type(atttypid, atttypmod) FROM pg_attribute "
                              "WHERE attrelid IN ('user_roles'::regclass, "
@@ -99,12 +158,12 @@ def test_tables_without_a_primary_key_migrate_validate_and_roll_back(
 
 def test_a_crash_in_a_page_walk_resumes_and_the_proof_fills_a_row_moved_behind_it(
         no_pk_db: str, sandbox: Sandbox) -> None:
-    """Killed at the second batch of user_roles (one page a batch), the first page is
-    walked; VACUUM frees it (the fill moved its rows to new pages), and an update of
-    an unfilled row on the next page moves it there, behind the checkpoint.  The sync
-    trigger fills a row the application writes: the update is one it does not see (the
-    engine's marker).  The resumed walk passes it by: the proof finds it, and it is
-    filled, with a warning."""
+    """Killed at the second batch of user_roles (a page a batch, a few line pointer
+    numbers a pass), the first page's first numbers are walked; VACUUM frees the places
+    their rows left, and an update of an unfilled row further on that page moves it to
+    one of them, behind the checkpoint.  The sync trigger fills a row the application
+    writes: the update is one it does not see (the engine's marker).  The resumed walk
+    passes it by: the proof finds it, and it is filled, with a warning."""
     values = expected_values(no_pk_db)
     run_ok(no_pk_db, "backup_data")
     run_ok(no_pk_db, "migrate_users")
@@ -112,18 +171,22 @@ def test_a_crash_in_a_page_walk_resumes_and_the_proof_fills_a_row_moved_behind_i
         run_in_process(no_pk_db, "migrate_foreign_keys", admin_dsn=admin_dsn(sandbox, no_pk_db),
                        settings=Settings(batch_size=7, jobs=1, show_progress=False),
                        crash_at="batch public.user_roles.user_id#2")
-    [(walk, checkpoint)] = execute(no_pk_db, "SELECT walk_key, last_key::int FROM "
+    [(walk, checkpoint)] = execute(no_pk_db, "SELECT walk_key, last_key FROM "
                                              "migration_backup.backfill_progress "
                                              "WHERE table_name = 'user_roles'")
-    assert (walk, checkpoint) == (["ctid"], 1)
+    assert walk == ["ctid"]
+    assert {k: checkpoint[k] for k in ("page", "offset", "half")} == {
+        "page": 0, "offset": 1, "half": 1}  # next: the block's second page
+    # the walk takes a page's numbers in order: the unfilled rows' numbers are ahead
+    [(ahead,)] = execute(no_pk_db, "SELECT min((ctid::text::point)[1])::int FROM user_roles "
+                                   "WHERE ctid < '(1,0)' AND user_id_uuid IS NULL")
     execute(no_pk_db, "VACUUM user_roles")
-    [(moved_to,)] = execute(no_pk_db, """
+    [(page, line_pointer)] = execute(no_pk_db, """
         SET uuid_migration.engine = 'on';
         UPDATE user_roles SET role = role WHERE ctid = (
-            SELECT min(ctid) FROM user_roles WHERE user_id_uuid IS NULL
-              AND ctid >= '(1,0)' AND ctid < '(2,0)')
-        RETURNING (ctid::text::point)[0]::int""")
-    assert moved_to < checkpoint  # behind the walk: only the proof can find it
+            SELECT max(ctid) FROM user_roles WHERE user_id_uuid IS NULL AND ctid < '(1,0)')
+        RETURNING (ctid::text::point)[0]::int, (ctid::text::point)[1]::int""")
+    assert (page, line_pointer < ahead) == (0, True)  # behind the walk: only the proof finds it
     resumed = operate(no_pk_db, "migrate_foreign_keys", "--batch-size", "7", "--jobs", "1")
     assert resumed.exit_code == 0, resumed.output
     assert "public.user_roles.user_id: 1 rows were missed by the batches" in resumed.output
@@ -131,21 +194,34 @@ def test_a_crash_in_a_page_walk_resumes_and_the_proof_fills_a_row_moved_behind_i
     assert expected_values(no_pk_db) == values
 
 
-def test_a_crash_in_a_unique_key_walk_resumes(no_pk_db: str, sandbox: Sandbox) -> None:
+def test_a_slice_an_earlier_version_walked_by_a_unique_key_resumes_by_it(
+        no_pk_db: str, sandbox: Sandbox) -> None:
+    """An earlier version walked a table with a unique key by that key.  Its slice,
+    recorded so (the walk key with the slice) and interrupted, is resumed by this
+    version by the same key from its checkpoint, and so misses no row."""
     original, values = print_of(no_pk_db), expected_values(no_pk_db)
     run_ok(no_pk_db, "backup_data")
     run_ok(no_pk_db, "migrate_users")
+    one_by_one = Settings(batch_size=7, jobs=1, show_progress=False)
+    with pytest.raises(psycopg2.OperationalError):  # the copy added, no batch yet
+        run_in_process(no_pk_db, "migrate_foreign_keys", admin_dsn=admin_dsn(sandbox, no_pk_db),
+                       settings=one_by_one, crash_at="batch public.user_devices.user_id#1")
+    execute(no_pk_db, "UPDATE migration_backup.backfill_progress SET walk_key = '{device}', "
+                      "last_key = NULL, upper_key = NULL WHERE table_name = 'user_devices'")
     with pytest.raises(psycopg2.OperationalError):
         run_in_process(no_pk_db, "migrate_foreign_keys", admin_dsn=admin_dsn(sandbox, no_pk_db),
-                       settings=Settings(batch_size=7, jobs=1, show_progress=False),
-                       crash_at="batch public.user_devices.user_id#2")
+                       settings=one_by_one, crash_at="batch public.user_devices.user_id#2")
     saved = execute(no_pk_db, "SELECT walk_key, rows_done, last_key ->> 'device' FROM "
                               "migration_backup.backfill_progress "
                               "WHERE table_name = 'user_devices'")
     [(seventh,)] = execute(no_pk_db, "SELECT device FROM user_devices ORDER BY device "
                                      "OFFSET 6 LIMIT 1")
     assert saved == [(["device"], 7, seventh)]  # one batch of 7 committed, by device
-    run_ok(no_pk_db, "migrate_foreign_keys", *SMALL)
+    resumed = run_ok(no_pk_db, "migrate_foreign_keys", *SMALL)
+    assert "missed by the batches" not in resumed.output
+    assert execute(no_pk_db, "SELECT walk_key, rows_done FROM migration_backup."
+                             "backfill_progress WHERE table_name = 'user_devices'") \
+        == execute(no_pk_db, "SELECT '{device}'::text[], count(*) FROM user_devices")
     run_ok(no_pk_db, "validate_migration")
     assert expected_values(no_pk_db) == values
     run_ok(no_pk_db, "rollback", *SMALL)
@@ -208,22 +284,3 @@ def test_rows_equal_but_for_spelling_get_back_one_spelling_each(no_pk_db: str) -
     run_ok(no_pk_db, "rollback", *SMALL)
     after = print_of(no_pk_db)
     assert after == original, "\n".join(original.diff(after))
-
-
-def test_a_resumed_fill_walks_the_way_it_began(no_pk_db: str, sandbox: Sandbox) -> None:
-    """user_devices gets a primary key while its fill is interrupted: the resumed fill
-    still walks device from its checkpoint (the walk key recorded with the slice),
-    and so misses no row."""
-    run_ok(no_pk_db, "backup_data")
-    run_ok(no_pk_db, "migrate_users")
-    with pytest.raises(psycopg2.OperationalError):
-        run_in_process(no_pk_db, "migrate_foreign_keys", admin_dsn=admin_dsn(sandbox, no_pk_db),
-                       settings=Settings(batch_size=7, jobs=1, show_progress=False),
-                       crash_at="batch public.user_devices.user_id#2")
-    execute(no_pk_db, "ALTER TABLE user_devices ADD COLUMN n bigint "
-                      "GENERATED ALWAYS AS IDENTITY PRIMARY KEY")
-    resumed = run_ok(no_pk_db, "migrate_foreign_keys", *SMALL)
-    assert "missed by the batches" not in resumed.output
-    assert execute(no_pk_db, "SELECT walk_key, rows_done FROM migration_backup."
-                             "backfill_progress WHERE table_name = 'user_devices'") \
-        == execute(no_pk_db, "SELECT '{device}'::text[], count(*) FROM user_devices")

@@ -130,7 +130,7 @@ def test_the_child_tables_fill_side_by_side_with_two_jobs(legacy_db: str, jobs: 
 
 def test_a_table_is_cut_into_one_slice_per_job_each_filled_by_its_own_connection(
         legacy_db: str) -> None:
-    seeded(legacy_db, users=60)
+    seeded(legacy_db, users=300)  # users on more pages than there are jobs
     run_ok(legacy_db, "backup_data")
     pids: set[int] = set()
 
@@ -146,7 +146,7 @@ def test_a_table_is_cut_into_one_slice_per_job_each_filled_by_its_own_connection
                                 "ORDER BY slice")
     assert [number for number, _, _ in slices] == [0, 1, 2]
     assert all(done > 0 and finished for _, done, finished in slices), slices
-    assert sum(int(str(done)) for _, done, _ in slices) == 60
+    assert sum(int(str(done)) for _, done, _ in slices) == 300
     assert len(pids) == 3
 
 

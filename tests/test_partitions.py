@@ -212,6 +212,18 @@ def test_partitioned_users_is_refused(legacy_db: str) -> None:
     refused(legacy_db, "public.users")
 
 
+def test_a_partitioned_child_without_a_key_to_walk_is_refused(legacy_db: str) -> None:
+    """Its fill could walk neither a key (it has none) nor pages (they are its
+    partitions'): refused before anything is done, named."""
+    execute(legacy_db, """
+        CREATE TABLE visits (user_id VARCHAR(36) REFERENCES users (id), day date NOT NULL)
+            PARTITION BY RANGE (day);
+        CREATE TABLE visits_all PARTITION OF visits DEFAULT;
+        INSERT INTO visits SELECT id, current_date FROM users LIMIT 3""")
+    refused(legacy_db, "public.visits")
+    assert "no primary key or unique key" in operate(legacy_db, "validate_schema").output
+
+
 def test_inheritance_child_is_refused(legacy_db: str) -> None:
     execute(legacy_db, "CREATE TABLE archived_reminders (archived_at timestamptz) "
                        "INHERITS (reminders)")

@@ -245,7 +245,8 @@ def test_a_privilege_a_column_cannot_hold_is_refused() -> None:
      '%(after)s) c)) AND ROW("id") <= ROW((SELECT c."id" FROM jsonb_populate_record('
      'NULL::"public"."tags", %(upper)s) c)) ORDER BY "id" LIMIT %(n)s'),
     (Walk((catalog.PAGES,)), {"first": False, "bounded": True},
-     "WHERE x.ctid >= (SELECT start FROM pages) AND x.ctid < (SELECT stop FROM pages)"),
+     "WHERE x.ctid >= (SELECT start FROM pass) AND x.ctid < (SELECT stop FROM pass) "
+     "AND (\"x\".ctid::text::point)[1] BETWEEN (SELECT k FROM pass) AND (SELECT k_end FROM pass)"),
 ])
 def test_a_fill_batch_walks_after_its_checkpoint_up_to_its_bound(
         walk: Walk, batch: dict[str, bool], within: str) -> None:

@@ -4,10 +4,10 @@ For a column ``c`` of table ``t`` (``users.id`` or a ``user_id``):
 
 1. add ``c_uuid uuid`` and a trigger that keeps it equal to ``c::uuid`` for
    rows anyone else writes meanwhile (instant DDL);
-2. fill ``c_uuid`` in batches that walk the table's walk key (``Walk``: the
-   primary key, else a unique key, else its pages), a commit per batch, the
-   position saved with each batch so an interruption resumes there; the
-   table is cut into slices (one per ``--jobs``) filled on as many connections;
+2. fill ``c_uuid`` in batches that walk the table's pages (``Walk``; a
+   partitioned table by its walk key), a commit per batch, the position saved
+   with each batch so an interruption resumes there; the table is cut into
+   slices (one per ``--jobs``) filled on as many connections;
 3. prove ``c_uuid = c::uuid`` in every row (and, for a NOT NULL column, that
    ``c_uuid`` is NOT NULL) with CHECK constraints added NOT VALID then
    validated (no exclusive lock while they scan); rows the batches missed
@@ -20,6 +20,7 @@ already done, so the whole sequence can be run again after an interruption.
 
 from __future__ import annotations
 
+import math
 import re
 import threading
 import time
@@ -66,7 +67,7 @@ def add_temporary_column(session: Session, key: KeyColumn,
     """
     schema = session.plan.backup_schema
     with session.transaction() as cur:
-        walk = Walk(tuple(catalog.walk_key(cur.connection, key.table)))
+        walk = fill_walk(cur.connection, key.table)
         bounds = slice_bounds(cur, key, walk, session.settings.jobs)
         copy_type = backup.recorded_type(cur, schema, key) if key.back else key.copy_type
 
@@ -227,27 +228,53 @@ def _copy_lacks_default(conn: Connection, key: KeyColumn) -> bool:
 # Rows of the primary key sampled to cut a table into slices of about equal size.
 SLICE_SAMPLE_ROWS = 10_000
 
+# The passes a page walk makes over each stretch of pages (``pass_shape``): the first
+# pass's updates find their pages full and move away (every index gets an entry for
+# each), the later ones find the room the pass before them freed on the same page
+# (HOT: no index entry).  More passes, more of them HOT; each pass reads its pages'
+# tuples once more.  At 1M (docs/benchmark.md) 8 passes filled journal_entries in
+# about the key walk's time with full-page writes off, and in 0.6 of it with a third
+# of the WAL with them on.
+PAGE_PASSES = 8
+
 
 @dataclass(frozen=True)
 class Walk:
-    """What a fill walks a table by, chosen once per column (``catalog.walk_key``) and
+    """What a fill walks a table by, chosen once per column (``fill_walk``) and
     recorded with its slices, so that a resumed run walks the same way.
 
-    Columns (the primary key, else a unique key over NOT NULL columns): a batch
-    is the next ``n`` keys after the checkpoint, the checkpoint the last key.
-    ``PAGES`` (a table without either): a batch is the rows whose ``ctid`` is in
-    ``[(p,0), (p+n,0))``, read by a TID range scan (PostgreSQL 14 and later),
-    the checkpoint the next page ``p+n``.  A row that an application's UPDATE
-    moves to a page behind the checkpoint (or past the walk's end) gets its copy
-    from the sync trigger, which fires for every write; one moved there by a
-    write the trigger does not see (triggers disabled) while its copy is still
-    empty is not walked again: the fill proof (``prove_filled``) finds it and
-    ``fill_missed_rows`` fills it, which is what makes the page walk complete,
-    as it does for a key moved behind a key checkpoint.  The walk ends at the
-    table's last page when the column was added: the fill's own updates move
-    rows to new pages past it, and are not walked again; a row the fill moves
-    onto a page still ahead (free space there) is filled a second time, a
-    wasted write and nothing worse.
+    ``PAGES`` (every plain table): the slice's pages are taken in blocks of
+    ``2n``, each walked in passes over line pointer numbers: a batch is the rows
+    of one half of the block (``n`` pages, read by a TID range scan, PostgreSQL
+    14 and later) whose line pointer is in ``[k, k+m)`` (``pass_shape``), the
+    first half then the second, then the next ``m`` numbers, up to the highest
+    number in the block when its first batch ran.  A batch thus updates a few
+    rows of each of its pages, on pages that stay in the buffers for the block's
+    passes: each page is read once (a walk by a random UUID key reads a page of
+    a table larger than the buffers for nearly every row), and written to WAL
+    whole once per checkpoint at most; a page's later passes find the room its
+    earlier ones freed (pruned when the scan reads the page, a batch after the
+    half's previous pass committed, when the other connections' snapshots no
+    longer see it), so that most updates are HOT and add no index entry.  The
+    checkpoint is the block, pass and half next, with the block's highest line
+    pointer number (a page number alone, as an older version saved it, is the
+    start of a block).
+    Columns (a partitioned table, whose ``ctid`` names a row within one
+    partition only: its primary key, else a unique key over NOT NULL columns;
+    ``catalog.walk_key``): a batch is the next ``n`` keys after the checkpoint,
+    the checkpoint the last key.
+
+    A row that an application's UPDATE moves behind the checkpoint (a page or
+    line pointer already walked, past the walk's end, a key already passed)
+    gets its copy from the sync trigger, which fires for every write; one moved
+    there by a write the trigger does not see (triggers disabled) while its
+    copy is still empty is not walked again: the fill proof (``prove_filled``)
+    finds it and ``fill_missed_rows`` fills it, which is what makes either walk
+    complete.  A page walk ends at the table's last page when the column was
+    added: the fill's own updates move rows to new pages past it, or to line
+    pointer numbers past their block's highest, and are not walked again; a row
+    the fill moves onto a page still ahead (free space there) is filled a second
+    time, a wasted write and nothing worse.
     """
 
     columns: tuple[str, ...]
@@ -255,6 +282,14 @@ class Walk:
     @property
     def pages(self) -> bool:
         return self.columns == (catalog.PAGES,)
+
+
+def fill_walk(conn: Connection, table: Table) -> Walk:
+    """How a new fill of ``table`` walks it (``Walk``): by pages, unless it is
+    partitioned (its rows are its partitions', whose page numbers overlap)."""
+    if catalog.is_partitioned(conn, table):
+        return Walk(tuple(catalog.walk_key(conn, table)))
+    return Walk((catalog.PAGES,))
 
 
 def slice_bounds(cur: Cursor, key: KeyColumn, walk: Walk, slices: int) -> list[Any]:
@@ -301,7 +336,7 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
     checkpoint comes back.  The checkpoint is NULL when the slice is walked.
     ``cast_only``: the copies are the keys' casts (``KeyColumn.copy_of``).
     """
-    ranges, within, checkpoint = (_page_range() if walk.pages
+    ranges, within, checkpoint = (_pass_range(key) if walk.pages
                                   else _key_range(key, list(walk.columns), first=first,
                                                   bounded=bounded))
     return sql.SQL(
@@ -367,6 +402,63 @@ def _page_range() -> tuple[sql.Composable, sql.Composable, sql.Composable]:
     return ranges, within, sql.SQL("(SELECT to_jsonb(e) FROM pages)")
 
 
+# A row's line pointer number, from its ctid (no function of PostgreSQL returns it).
+LINE_POINTER = "({}.ctid::text::point)[1]"
+
+
+def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Composable]:
+    """A page walk's batch (``Walk``): the half-block of ``n`` pages and the line pointer
+    numbers ``[k, k+m)`` of the checkpoint (``after``) within ``[after, upper)``: the CTE
+    that computes them (the block's highest number read by its first batch), the
+    update's condition, the next checkpoint (a page number past the slice's end last,
+    whose batch finds no block and ends the slice)."""
+    line_pointer = sql.SQL(LINE_POINTER)
+    ranges = sql.SQL(
+        """resume AS (
+            SELECT (CASE jsonb_typeof(a) WHEN 'object' THEN a -> 'page' ELSE a END)::bigint AS b,
+                   coalesce((a ->> 'offset')::int, 1) AS k,
+                   coalesce((a ->> 'half')::int, 0) AS h,
+                   (a ->> 'last')::int AS last, (%(upper)s::jsonb)::bigint AS u
+            FROM (SELECT %(after)s::jsonb) i (a)
+        ), pass AS (
+            SELECT b, k, k + %(offsets)s - 1 AS k_end, h, u,
+                   format('(%%s,0)', least(b + h * %(n)s, u))::tid AS start,
+                   format('(%%s,0)', least(b + (h + 1) * %(n)s, u))::tid AS stop,
+                   coalesce(last, (SELECT max({y_line_pointer})::int FROM {table} y
+                                   WHERE y.ctid >= format('(%%s,0)', b)::tid
+                                     AND y.ctid < format('(%%s,0)', least(b + 2 * %(n)s, u))::tid
+                                  )) AS last
+            FROM resume WHERE b < u
+        )""").format(y_line_pointer=line_pointer.format(sql.Identifier("y")),
+                     table=key.table.ident)
+    within = sql.SQL(
+        "x.ctid >= (SELECT start FROM pass) AND x.ctid < (SELECT stop FROM pass) "
+        "AND {} BETWEEN (SELECT k FROM pass) AND (SELECT k_end FROM pass) "
+        "AND x.{} IS NULL").format(line_pointer.format(sql.Identifier("x")),
+                                   sql.Identifier(key.temp))
+    checkpoint = sql.SQL(
+        """(SELECT CASE
+                WHEN h = 0 AND b + %(n)s < u
+                    THEN jsonb_build_object('page', b, 'offset', k, 'half', 1, 'last', last)
+                WHEN k_end < last
+                    THEN jsonb_build_object('page', b, 'offset', k_end + 1, 'half', 0, 'last', last)
+                ELSE to_jsonb(b + 2 * %(n)s) END
+            FROM pass)""")
+    return ranges, within, checkpoint
+
+
+def pass_shape(session: Session, key: KeyColumn) -> tuple[int, int]:
+    """A page walk's batch (``Walk``): ``(n, m)``, pages and line pointer numbers, so
+    that a block's passes are about ``PAGE_PASSES`` and a batch about ``--batch-size``
+    rows (at least one page and one number)."""
+    pages = catalog.heap_pages(session.conn, key.table)
+    rows = catalog.estimated_rows(session.conn, key.table)
+    session.conn.rollback()
+    per_page = rows / pages if pages and rows else 1.0
+    offsets = max(1, math.ceil(per_page / PAGE_PASSES))
+    return max(1, session.settings.batch_size // offsets), offsets
+
+
 @dataclass(frozen=True)
 class Slice:
     """A primary key range of one column's backfill, walked by one connection."""
@@ -375,7 +467,7 @@ class Slice:
     walk: Walk
     number: int
     last_key: Any  # the checkpoint (jsonb object of the key), None before the first batch;
-    # for pages, the next page
+    # for pages, the next block, pass and half (``Walk``), first the slice's first page
     upper_key: Any  # inclusive upper bound, None for the last slice; for pages, exclusive
     rows_done: int
     share: float  # of the table's rows, to start the largest slices first
@@ -429,7 +521,8 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         key, part.walk, first=first, bounded=part.upper_key is not None,
         backup_schema=session.plan.backup_schema, cast_only=cast_only)
         for first in (True, False) for cast_only in (True, False)}
-    size = batch_pages(session, key) if part.walk.pages else session.settings.batch_size
+    size, offsets = (pass_shape(session, key) if part.walk.pages
+                     else (session.settings.batch_size, 1))
     identity = (key.table.schema, key.table.name, key.column, part.number)
 
     def batch(cur: Cursor, after: Any, logged: int | None, *,
@@ -438,7 +531,8 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         for setting in settings:
             cur.execute(setting)
         cur.execute(statements[after is None, cast_only], {
-            "n": size, "after": Json(after), "upper": Json(part.upper_key), "slice": identity})
+            "n": size, "offsets": offsets, "after": Json(after), "upper": Json(part.upper_key),
+            "slice": identity})
         count, new_key = cur.fetchone() or (0, None)
         if new_key is None:
             cur.execute(sql.SQL("UPDATE {} SET finished = true, updated_at = "
