@@ -235,7 +235,7 @@ SLICE_SAMPLE_ROWS = 10_000
 # tuples once more.  At 1M (docs/benchmark.md) 8 passes filled journal_entries in
 # about the key walk's time with full-page writes off, and in 0.6 of it with a third
 # of the WAL with them on.
-PAGE_PASSES = 8
+PAGE_PASSES = 16
 
 
 @dataclass(frozen=True)
@@ -273,8 +273,8 @@ class Walk:
     complete.  A page walk ends at the table's last page when the column was
     added: the fill's own updates move rows to new pages past it, or to line
     pointer numbers past their block's highest, and are not walked again; a row
-    the fill moves onto a page still ahead (free space there) is filled a second
-    time, a wasted write and nothing worse.
+    the fill moves onto a page still ahead (space a VACUUM freed there) has its
+    copy, and is passed by (``batch_statement``).
     """
 
     columns: tuple[str, ...]
@@ -334,6 +334,9 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
     pages) and the update is a range scan of it: each batch costs the same
     wherever it is in the table, and nothing but the count and the new
     checkpoint comes back.  The checkpoint is NULL when the slice is walked.
+    Only the rows whose copy is still to write are written, and counted: a row
+    with no key (NULL) has its copy, NULL, and one whose copy the sync trigger
+    wrote, or the fill before a move put it ahead of a page walk, has it too.
     ``cast_only``: the copies are the keys' casts (``KeyColumn.copy_of``).
     """
     ranges, within, checkpoint = (_pass_range(key) if walk.pages
@@ -343,7 +346,7 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
         """
         WITH {ranges}, done AS (
             UPDATE {table} x SET {temp} = {source}
-            WHERE {within}
+            WHERE {within} AND x.{column} IS NOT NULL AND x.{temp} IS NULL
             RETURNING 1
         ), counted AS (
             SELECT count(*) AS n, {checkpoint} AS last_key FROM done
@@ -357,6 +360,7 @@ def batch_statement(key: KeyColumn, walk: Walk, *, first: bool, bounded: bool,
         SELECT n, last_key FROM counted
         """
     ).format(ranges=ranges, table=key.table.ident, temp=sql.Identifier(key.temp),
+             column=sql.Identifier(key.column),
              source=key.copy_of(sql.Identifier("x", key.column), cast_only=cast_only),
              within=within, checkpoint=checkpoint,
              progress=backup.meta(backup_schema, "backfill_progress"))
@@ -433,9 +437,8 @@ def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Com
                      table=key.table.ident)
     within = sql.SQL(
         "x.ctid >= (SELECT start FROM pass) AND x.ctid < (SELECT stop FROM pass) "
-        "AND {} BETWEEN (SELECT k FROM pass) AND (SELECT k_end FROM pass) "
-        "AND x.{} IS NULL").format(line_pointer.format(sql.Identifier("x")),
-                                   sql.Identifier(key.temp))
+        "AND {} BETWEEN (SELECT k FROM pass) AND (SELECT k_end FROM pass)").format(
+        line_pointer.format(sql.Identifier("x")))
     checkpoint = sql.SQL(
         """(SELECT CASE
                 WHEN h = 0 AND b + %(n)s < u
