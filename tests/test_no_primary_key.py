@@ -69,7 +69,7 @@ def test_a_page_batch_is_a_tid_range_scan(no_pk_db: str, after: object) -> None:
                                      bounded=True, backup_schema="migration_backup")
     with connected(no_pk_db) as conn, conn.cursor() as cur:
         cur.execute(b"EXPLAIN " + statement.as_string(conn).encode(),
-                    {"n": 1, "offsets": 2, "after": Json(after), "upper": Json(3),
+                    {"n": 1, "passes": 16, "after": Json(after), "upper": Json(3),
                      "slice": ("public", "user_roles", "user_id", 0)})
         plan = "\n".join(line for (line,) in cur.fetchall())
     assert "Seq Scan" not in plan, plan
@@ -82,12 +82,12 @@ def test_a_page_batch_is_a_tid_range_scan(no_pk_db: str, after: object) -> None:
 
 def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_row_once(
         no_pk_db: str) -> None:
-    """Five full pages, two pages a half-block, three line pointer numbers a pass: the
-    batches take numbers 1-3 of pages 0-1, then of pages 2-3, then 4-6 of each, up to
-    the block's highest number, then the next block (page 4, no second half), then an
-    empty batch that ends the slice.  Each row is updated once: the moves the updates
-    make, to new pages past the walk's end or to numbers past the block's highest, are
-    not walked again."""
+    """Five full pages, two pages a half-block, eight passes a block: with ``m`` the
+    block's highest line pointer number over eight, the batches take numbers 1 to m of
+    pages 0-1, then of pages 2-3, then the next m of each, up to the block's highest,
+    then the next block (page 4, no second half), then an empty batch that ends the
+    slice.  Each row is updated once: the moves the updates make, to new pages past the
+    walk's end or to numbers past the block's highest, are not walked again."""
     run_ok(no_pk_db, "backup_data")
     execute(no_pk_db, "CREATE TABLE walked (user_id varchar(36) NOT NULL, pad char(300) "
                       "NOT NULL DEFAULT '', user_id_uuid uuid)")
@@ -106,7 +106,7 @@ def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_ro
     with connected(no_pk_db, autocommit=False) as conn:
         while after is not None:
             with conn.cursor() as cur:
-                cur.execute(statement, {"n": 2, "offsets": 3, "after": Json(after),
+                cur.execute(statement, {"n": 2, "passes": 8, "after": Json(after),
                                         "upper": Json(5), "slice": ("public", "walked",
                                                                     "user_id", 0)})
                 count, checkpoint = cur.fetchone()
@@ -114,18 +114,15 @@ def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_ro
             walked.append((after, count))
             after = checkpoint
 
-    def position(block: int, first: int, half: int) -> object:
-        return block if (first, half) == (1, 0) else {
-            "page": block, "offset": first, "half": half, "last": per_page}
-
+    numbers = -(-per_page // 8)  # m
     expected: list[tuple[object, int]] = []
-    for block in (0, 4):
-        for first in range(1, per_page + 1, 3):
-            for half in (0, 1) if block == 0 else (0,):
-                expected.append((position(block, first, half),
-                                 2 * len(range(first, min(first + 3, per_page + 1)))
-                                 if block == 0 else len(range(first, min(first + 3,
-                                                                          per_page + 1)))))
+    for block, halves in ((0, 2), (4, 1)):
+        for first in range(1, per_page + 1, numbers):
+            taken = len(range(first, min(first + numbers, per_page + 1)))
+            for half in range(halves):
+                position = block if (first, half) == (1, 0) else {
+                    "page": block, "offset": first, "half": half, "last": per_page}
+                expected.append((position, 2 * taken if halves == 2 else taken))
     expected.append((8, 0))
     assert walked == expected
     assert execute(no_pk_db, "SELECT count(*), count(*) FILTER (WHERE user_id_uuid = "

@@ -20,7 +20,6 @@ already done, so the whole sequence can be run again after an interruption.
 
 from __future__ import annotations
 
-import math
 import re
 import threading
 import time
@@ -228,7 +227,7 @@ def _copy_lacks_default(conn: Connection, key: KeyColumn) -> bool:
 # Rows of the primary key sampled to cut a table into slices of about equal size.
 SLICE_SAMPLE_ROWS = 10_000
 
-# The passes a page walk makes over each stretch of pages (``pass_shape``): the first
+# The passes a page walk makes over each block of pages (``Walk``): the first
 # pass's updates find their pages full and move away (every index gets an entry for
 # each), the later ones find the room the pass before them freed on the same page
 # (HOT: no index entry).  More passes, more of them HOT; each pass reads its pages'
@@ -246,19 +245,22 @@ class Walk:
     ``PAGES`` (every plain table): the slice's pages are taken in blocks of
     ``2n``, each walked in passes over line pointer numbers: a batch is the rows
     of one half of the block (``n`` pages, read by a TID range scan, PostgreSQL
-    14 and later) whose line pointer is in ``[k, k+m)`` (``pass_shape``), the
-    first half then the second, then the next ``m`` numbers, up to the highest
-    number in the block when its first batch ran.  A batch thus updates a few
-    rows of each of its pages, on pages that stay in the buffers for the block's
-    passes: each page is read once (a walk by a random UUID key reads a page of
-    a table larger than the buffers for nearly every row), and written to WAL
-    whole once per checkpoint at most; a page's later passes find the room its
-    earlier ones freed (pruned when the scan reads the page, a batch after the
-    half's previous pass committed, when the other connections' snapshots no
-    longer see it), so that most updates are HOT and add no index entry.  The
-    checkpoint is the block, pass and half next, with the block's highest line
-    pointer number (a page number alone, as an older version saved it, is the
-    start of a block).
+    14 and later) whose line pointer is in ``[k, k+m)``, the first half then the
+    second, then the next ``m`` numbers, up to the highest number in the block
+    when its first batch ran, ``m`` that number's share of ``PAGE_PASSES`` (so
+    that a bloated block, its numbers high, is walked in as many passes), ``n``
+    pages of about ``--batch-size`` rows a pass (``batch_pages``).  A batch thus
+    updates a few rows of each of its pages, on pages that stay in the buffers
+    for the block's passes: each page is read once (a walk by a random UUID key
+    reads a page of a table larger than the buffers for nearly every row), and
+    written to WAL whole once per checkpoint at most; a page's later passes find
+    the room its earlier ones freed (pruned when the scan reads the page, a batch
+    after the half's previous pass committed, when the other connections'
+    snapshots no longer see it), so that most updates are HOT and add no index
+    entry.  The checkpoint is the block, pass and half next, with the block's
+    highest line pointer number (a page number alone, as an older version saved
+    it, is the start of a block).
+
     Columns (a partitioned table, whose ``ctid`` names a row within one
     partition only: its primary key, else a unique key over NOT NULL columns;
     ``catalog.walk_key``): a batch is the next ``n`` keys after the checkpoint,
@@ -424,15 +426,19 @@ def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Com
                    coalesce((a ->> 'half')::int, 0) AS h,
                    (a ->> 'last')::int AS last, (%(upper)s::jsonb)::bigint AS u
             FROM (SELECT %(after)s::jsonb) i (a)
-        ), pass AS (
-            SELECT b, k, k + %(offsets)s - 1 AS k_end, h, u,
-                   format('(%%s,0)', least(b + h * %(n)s, u))::tid AS start,
-                   format('(%%s,0)', least(b + (h + 1) * %(n)s, u))::tid AS stop,
+        ), block AS (
+            SELECT b, k, h, u,
                    coalesce(last, (SELECT max({y_line_pointer})::int FROM {table} y
                                    WHERE y.ctid >= format('(%%s,0)', b)::tid
                                      AND y.ctid < format('(%%s,0)', least(b + 2 * %(n)s, u))::tid
                                   )) AS last
             FROM resume WHERE b < u
+        ), pass AS (
+            SELECT b, k, h, u, last,
+                   k + ceil(last / %(passes)s::numeric)::int - 1 AS k_end,
+                   format('(%%s,0)', least(b + h * %(n)s, u))::tid AS start,
+                   format('(%%s,0)', least(b + (h + 1) * %(n)s, u))::tid AS stop
+            FROM block
         )""").format(y_line_pointer=line_pointer.format(sql.Identifier("y")),
                      table=key.table.ident)
     within = sql.SQL(
@@ -448,18 +454,6 @@ def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Com
                 ELSE to_jsonb(b + 2 * %(n)s) END
             FROM pass)""")
     return ranges, within, checkpoint
-
-
-def pass_shape(session: Session, key: KeyColumn) -> tuple[int, int]:
-    """A page walk's batch (``Walk``): ``(n, m)``, pages and line pointer numbers, so
-    that a block's passes are about ``PAGE_PASSES`` and a batch about ``--batch-size``
-    rows (at least one page and one number)."""
-    pages = catalog.heap_pages(session.conn, key.table)
-    rows = catalog.estimated_rows(session.conn, key.table)
-    session.conn.rollback()
-    per_page = rows / pages if pages and rows else 1.0
-    offsets = max(1, math.ceil(per_page / PAGE_PASSES))
-    return max(1, session.settings.batch_size // offsets), offsets
 
 
 @dataclass(frozen=True)
@@ -524,8 +518,8 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         key, part.walk, first=first, bounded=part.upper_key is not None,
         backup_schema=session.plan.backup_schema, cast_only=cast_only)
         for first in (True, False) for cast_only in (True, False)}
-    size, offsets = (pass_shape(session, key) if part.walk.pages
-                     else (session.settings.batch_size, 1))
+    size = (batch_pages(session, key, passes=PAGE_PASSES) if part.walk.pages
+            else session.settings.batch_size)
     identity = (key.table.schema, key.table.name, key.column, part.number)
 
     def batch(cur: Cursor, after: Any, logged: int | None, *,
@@ -534,7 +528,7 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         for setting in settings:
             cur.execute(setting)
         cur.execute(statements[after is None, cast_only], {
-            "n": size, "offsets": offsets, "after": Json(after), "upper": Json(part.upper_key),
+            "n": size, "passes": PAGE_PASSES, "after": Json(after), "upper": Json(part.upper_key),
             "slice": identity})
         count, new_key = cur.fetchone() or (0, None)
         if new_key is None:
@@ -622,12 +616,13 @@ def walked_update(session: Session, key: KeyColumn, label: str,
         session.pace.wait(count, started)
 
 
-def batch_pages(session: Session, key: KeyColumn) -> int:
-    """Pages in a batch of a page walk: about ``--batch-size`` rows, at least one page."""
+def batch_pages(session: Session, key: KeyColumn, *, passes: int = 1) -> int:
+    """Pages in a batch of a page walk that takes a page's rows in ``passes`` passes:
+    about ``--batch-size`` rows, at least one page."""
     pages = catalog.heap_pages(session.conn, key.table)
     rows = catalog.estimated_rows(session.conn, key.table)
     session.conn.rollback()
-    return max(1, session.settings.batch_size * pages // rows) if rows else 1
+    return max(1, session.settings.batch_size * passes * pages // rows) if rows else 1
 
 
 def refuse_taken(session: Session, keys: tuple[KeyColumn, ...]) -> None:
