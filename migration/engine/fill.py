@@ -458,7 +458,7 @@ def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Com
 
 @dataclass(frozen=True)
 class Slice:
-    """A primary key range of one column's backfill, walked by one connection."""
+    """A range of one column's backfill (pages, or keys: ``Walk``), walked by one connection."""
 
     key: KeyColumn
     walk: Walk
