@@ -99,9 +99,10 @@ def test_figures_are_positive_and_consistent(report: dict[str, Any]) -> None:
     assert sum(by_step.values()) > 0
     assert set(by_step) & set(RUNBOOK_STEPS)  # the steps fill the run: some are sampled
     assert set(by_method["one_shot"]["wal_bytes_by_step"]) == {"-"}
-    # the fill updates every row of the four tables at least once (HOT ones among them)
+    # the fill updates every row with a key at least once (HOT ones among them): all but
+    # the seed's reminders without a user (one in ten)
     filled = by_method["full_migration"]["updates"]
-    assert sum(u["updated"] for u in filled.values()) >= ROWS, filled
+    assert sum(u["updated"] for u in filled.values()) >= ROWS - USERS // 10, filled
     assert all(0 <= u["hot"] <= u["updated"] for u in filled.values()), filled
     ours = [r for r in results if r["method"] == "full_migration"]
     assert sum(r["best"] for r in results) == 1

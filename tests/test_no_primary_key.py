@@ -86,8 +86,10 @@ def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_ro
     block's highest line pointer number over eight, the batches take numbers 1 to m of
     pages 0-1, then of pages 2-3, then the next m of each, up to the block's highest,
     then the next block (page 4, no second half), then an empty batch that ends the
-    slice.  Each row is updated once: the moves the updates make, to new pages past the
-    walk's end or to numbers past the block's highest, are not walked again."""
+    slice.  Resumed with three pages a half-block after its first batch, the walk keeps
+    two for the block it is in (its checkpoint says so) and takes three from the next.
+    Each row is updated once: the moves the updates make, to new pages past the walk's
+    end or to numbers past the block's highest, are not walked again."""
     run_ok(no_pk_db, "backup_data")
     execute(no_pk_db, "CREATE TABLE walked (user_id varchar(36) NOT NULL, pad char(300) "
                       "NOT NULL DEFAULT '', user_id_uuid uuid)")
@@ -106,7 +108,7 @@ def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_ro
     with connected(no_pk_db, autocommit=False) as conn:
         while after is not None:
             with conn.cursor() as cur:
-                cur.execute(statement, {"n": 2, "passes": 8, "after": Json(after),
+                cur.execute(statement, {"n": 3 if walked else 2, "passes": 8, "after": Json(after),
                                         "upper": Json(5), "slice": ("public", "walked",
                                                                     "user_id", 0)})
                 count, checkpoint = cur.fetchone()
@@ -121,9 +123,10 @@ def test_a_page_walk_takes_a_few_line_pointers_of_each_page_a_batch_and_every_ro
             taken = len(range(first, min(first + numbers, per_page + 1)))
             for half in range(halves):
                 position = block if (first, half) == (1, 0) else {
-                    "page": block, "offset": first, "half": half, "last": per_page}
+                    "page": block, "offset": first, "half": half, "last": per_page,
+                    "pages": 2 if block == 0 else 3}
                 expected.append((position, 2 * taken if halves == 2 else taken))
-    expected.append((8, 0))
+    expected.append((4 + 2 * 3, 0))
     assert walked == expected
     assert execute(no_pk_db, "SELECT count(*), count(*) FILTER (WHERE user_id_uuid = "
                              "user_id::uuid) FROM walked") == [(5 * per_page, 5 * per_page)]

@@ -150,6 +150,21 @@ def test_a_table_is_cut_into_one_slice_per_job_each_filled_by_its_own_connection
     assert len(pids) == 3
 
 
+@pytest.mark.parametrize(("users", "batches"), [(60, 1), (300, 3)])
+def test_a_table_of_fewer_rows_than_its_passes_takes_fewer_passes(
+        legacy_db: str, users: int, batches: int) -> None:
+    """A page walk takes a block in up to sixteen passes, so that a page's later updates
+    find room on it; a table of fewer rows than sixteen batches takes as many passes as it
+    fills batches: 60 users in one batch of 100 (then the empty one that ends the walk),
+    300 in three."""
+    seeded(legacy_db, users=users)
+    run_ok(legacy_db, "backup_data")
+    reached: list[str] = []
+    run_in_process(legacy_db, "migrate_users", reached=reached,
+                   settings=Settings(batch_size=100, jobs=1, show_progress=False))
+    assert sum(point.startswith("batch public.users.id#") for point in reached) == batches + 1
+
+
 def test_the_runbook_monitoring_queries_run_verbatim(legacy_db: str) -> None:
     seeded(legacy_db, users=10)
     run_ok(legacy_db, "full_migration")

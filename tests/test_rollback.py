@@ -295,7 +295,7 @@ def test_an_interrupted_backfill_resumes_after_its_last_committed_batch(
                                           "backfill_progress WHERE table_name = 'journal_entries'")
     [(filled, rows)] = execute(s.dsn, "SELECT count(user_id_uuid), count(*) FROM journal_entries")
     assert 0 < done == filled < rows
-    assert set(checkpoint) == {"page", "offset", "half", "last"}  # within the first block
+    assert set(checkpoint) == {"page", "offset", "half", "last", "pages"}  # in the first block
     resumed: list[str] = []
     run_in_process(s.dsn, "migrate_foreign_keys", reached=resumed, settings=one_by_one)
 

@@ -248,8 +248,9 @@ class Walk:
     14 and later) whose line pointer is in ``[k, k+m)``, the first half then the
     second, then the next ``m`` numbers, up to the highest number in the block
     when its first batch ran, ``m`` that number's share of ``PAGE_PASSES`` (so
-    that a bloated block, its numbers high, is walked in as many passes), ``n``
-    pages of about ``--batch-size`` rows a pass (``batch_pages``).  A batch thus
+    that a bloated block, its numbers high, is walked in as many passes; fewer for
+    a slice of fewer batches), ``n`` pages of about ``--batch-size`` rows a pass
+    (``page_batch``).  A batch thus
     updates a few rows of each of its pages, on pages that stay in the buffers
     for the block's passes: each page is read once (a walk by a random UUID key
     reads a page of a table larger than the buffers for nearly every row), and
@@ -417,27 +418,29 @@ def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Com
     numbers ``[k, k+m)`` of the checkpoint (``after``) within ``[after, upper)``: the CTE
     that computes them (the block's highest number read by its first batch), the
     update's condition, the next checkpoint (a page number past the slice's end last,
-    whose batch finds no block and ends the slice)."""
+    whose batch finds no block and ends the slice).  A block keeps the ``n`` it began
+    with (in the checkpoint): a run resumed with other estimates changes the next one."""
     line_pointer = sql.SQL(LINE_POINTER)
     ranges = sql.SQL(
         """resume AS (
             SELECT (CASE jsonb_typeof(a) WHEN 'object' THEN a -> 'page' ELSE a END)::bigint AS b,
                    coalesce((a ->> 'offset')::int, 1) AS k,
                    coalesce((a ->> 'half')::int, 0) AS h,
-                   (a ->> 'last')::int AS last, (%(upper)s::jsonb)::bigint AS u
+                   (a ->> 'last')::int AS last, (%(upper)s::jsonb)::bigint AS u,
+                   coalesce((a ->> 'pages')::int, %(n)s) AS n
             FROM (SELECT %(after)s::jsonb) i (a)
         ), block AS (
-            SELECT b, k, h, u,
+            SELECT b, k, h, u, n,
                    coalesce(last, (SELECT max({y_line_pointer})::int FROM {table} y
                                    WHERE y.ctid >= format('(%%s,0)', b)::tid
-                                     AND y.ctid < format('(%%s,0)', least(b + 2 * %(n)s, u))::tid
+                                     AND y.ctid < format('(%%s,0)', least(b + 2 * n, u))::tid
                                   )) AS last
             FROM resume WHERE b < u
         ), pass AS (
-            SELECT b, k, h, u, last,
+            SELECT b, k, h, u, n, last,
                    k + ceil(last / %(passes)s::numeric)::int - 1 AS k_end,
-                   format('(%%s,0)', least(b + h * %(n)s, u))::tid AS start,
-                   format('(%%s,0)', least(b + (h + 1) * %(n)s, u))::tid AS stop
+                   format('(%%s,0)', least(b + h * n, u))::tid AS start,
+                   format('(%%s,0)', least(b + (h + 1) * n, u))::tid AS stop
             FROM block
         )""").format(y_line_pointer=line_pointer.format(sql.Identifier("y")),
                      table=key.table.ident)
@@ -447,11 +450,13 @@ def _pass_range(key: KeyColumn) -> tuple[sql.Composable, sql.Composable, sql.Com
         line_pointer.format(sql.Identifier("x")))
     checkpoint = sql.SQL(
         """(SELECT CASE
-                WHEN h = 0 AND b + %(n)s < u
-                    THEN jsonb_build_object('page', b, 'offset', k, 'half', 1, 'last', last)
+                WHEN h = 0 AND b + n < u
+                    THEN jsonb_build_object('page', b, 'offset', k, 'half', 1, 'last', last,
+                                            'pages', n)
                 WHEN k_end < last
-                    THEN jsonb_build_object('page', b, 'offset', k_end + 1, 'half', 0, 'last', last)
-                ELSE to_jsonb(b + 2 * %(n)s) END
+                    THEN jsonb_build_object('page', b, 'offset', k_end + 1, 'half', 0,
+                                            'last', last, 'pages', n)
+                ELSE to_jsonb(b + 2 * n) END
             FROM pass)""")
     return ranges, within, checkpoint
 
@@ -518,8 +523,8 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         key, part.walk, first=first, bounded=part.upper_key is not None,
         backup_schema=session.plan.backup_schema, cast_only=cast_only)
         for first in (True, False) for cast_only in (True, False)}
-    size = (batch_pages(session, key, passes=PAGE_PASSES) if part.walk.pages
-            else session.settings.batch_size)
+    size, passes = (page_batch(session, part) if part.walk.pages
+                    else (session.settings.batch_size, 1))
     identity = (key.table.schema, key.table.name, key.column, part.number)
 
     def batch(cur: Cursor, after: Any, logged: int | None, *,
@@ -528,7 +533,7 @@ def backfill(session: Session, part: Slice, run_id: int, progress: Progress,
         for setting in settings:
             cur.execute(setting)
         cur.execute(statements[after is None, cast_only], {
-            "n": size, "passes": PAGE_PASSES, "after": Json(after), "upper": Json(part.upper_key),
+            "n": size, "passes": passes, "after": Json(after), "upper": Json(part.upper_key),
             "slice": identity})
         count, new_key = cur.fetchone() or (0, None)
         if new_key is None:
@@ -623,6 +628,17 @@ def batch_pages(session: Session, key: KeyColumn, *, passes: int = 1) -> int:
     rows = catalog.estimated_rows(session.conn, key.table)
     session.conn.rollback()
     return max(1, session.settings.batch_size * passes * pages // rows) if rows else 1
+
+
+def page_batch(session: Session, part: Slice) -> tuple[int, int]:
+    """``(n, passes)`` of a slice's page walk (``Walk``): ``PAGE_PASSES``, fewer where the
+    slice holds fewer batches than that (a small table in one batch, not sixteen), and
+    ``n`` for about ``--batch-size`` rows a batch."""
+    rows = catalog.estimated_rows(session.conn, part.key.table)
+    session.conn.rollback()
+    batches = int(rows * part.share) // session.settings.batch_size
+    passes = max(1, min(PAGE_PASSES, batches))
+    return batch_pages(session, part.key, passes=passes), passes
 
 
 def refuse_taken(session: Session, keys: tuple[KeyColumn, ...]) -> None:
