@@ -580,14 +580,16 @@ def server_info(box: Sandbox, server: Server | None, start_settings: Sequence[st
 
 
 def engine_version() -> str:
-    """A digest of the engine's source (migration/*.py) as the measured process loads it.
+    """A digest of the engine's source (every ``migration/**/*.py``, the engine's
+    subpackage included) as the measured process loads it.
 
     Recorded with every measurement: other people may change the engine during a
     long run, and figures from two versions must not be compared unawares.
     """
     digest = hashlib.sha256()
-    for path in sorted((REPO / "migration").glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    package = REPO / "migration"
+    for path in sorted(package.rglob("*.py")):
+        digest.update(str(path.relative_to(package)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:12]
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 
-from bench import methods, probe
+from bench import methods, probe, run
 from bench.run import (
     DEFAULT_BATCH,
     NO_LAG_LIMIT,
@@ -397,3 +397,17 @@ def test_write_cost_comparison_has_no_cpu_ratio_to_a_baseline_of_no_tick() -> No
     assert changelog["cpu_ratio"] is None
     states["cleaned"]["server_cpu_us_per_write"] = 100.0
     assert next(c for c in compare(states) if c["state"] == "migrated")["cpu_ratio"] == 3.0
+
+
+def test_the_engine_s_digest_covers_its_subpackages(tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A change to ``migration/engine/fill.py`` is a change of the engine measured (the
+    digest read ``migration/*.py`` only, and two walks of the fill once had one digest)."""
+    (tmp_path / "migration" / "engine").mkdir(parents=True)
+    (tmp_path / "migration" / "cli.py").write_text("cli\n")
+    fill = tmp_path / "migration" / "engine" / "fill.py"
+    fill.write_text("walk by keys\n")
+    monkeypatch.setattr(run, "REPO", tmp_path)
+    before = run.engine_version()
+    fill.write_text("walk by pages\n")
+    assert run.engine_version() != before
