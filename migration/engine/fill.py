@@ -621,24 +621,29 @@ def walked_update(session: Session, key: KeyColumn, label: str,
         session.pace.wait(count, started)
 
 
-def batch_pages(session: Session, key: KeyColumn, *, passes: int = 1) -> int:
-    """Pages in a batch of a page walk that takes a page's rows in ``passes`` passes:
-    about ``--batch-size`` rows, at least one page."""
+def batch_pages(session: Session, key: KeyColumn) -> int:
+    """Pages in a batch of a page walk: about ``--batch-size`` rows, at least one page."""
     pages = catalog.heap_pages(session.conn, key.table)
     rows = catalog.estimated_rows(session.conn, key.table)
     session.conn.rollback()
-    return max(1, session.settings.batch_size * passes * pages // rows) if rows else 1
+    return _pages_holding(session.settings.batch_size, pages, rows)
 
 
 def page_batch(session: Session, part: Slice) -> tuple[int, int]:
     """``(n, passes)`` of a slice's page walk (``Walk``): ``PAGE_PASSES``, fewer where the
     slice holds fewer batches than that (a small table in one batch, not sixteen), and
     ``n`` for about ``--batch-size`` rows a batch."""
+    pages = catalog.heap_pages(session.conn, part.key.table)
     rows = catalog.estimated_rows(session.conn, part.key.table)
     session.conn.rollback()
     batches = int(rows * part.share) // session.settings.batch_size
     passes = max(1, min(PAGE_PASSES, batches))
-    return batch_pages(session, part.key, passes=passes), passes
+    return _pages_holding(session.settings.batch_size * passes, pages, rows), passes
+
+
+def _pages_holding(wanted: int, pages: int, rows: int) -> int:
+    """The pages that hold about ``wanted`` of a table's ``rows`` (at least one)."""
+    return max(1, wanted * pages // rows) if rows else 1
 
 
 def refuse_taken(session: Session, keys: tuple[KeyColumn, ...]) -> None:
