@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -243,3 +244,11 @@ class Terminal(io.StringIO):
 
     def isatty(self) -> bool:
         return True
+
+    def progress(self) -> str:
+        """What the progress lines drew, without the console's warnings between them.
+
+        A warning (a lock retried because autovacuum held a table, say) is the engine's to
+        print at any moment: it clears the line, prints itself and the line is drawn again.
+        """
+        return re.sub(r"\r\x1b\[Kwarning: [^\n]*\n", "", self.getvalue())

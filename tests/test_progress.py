@@ -62,11 +62,11 @@ def test_the_connections_of_a_fill_share_one_line(legacy_db: str,
     with Session.open(legacy_db, Settings(batch_size=7, jobs=2)) as session:
         run(session, "migrate_foreign_keys", OPERATIONS["migrate_foreign_keys"])
     [(children,)] = execute(legacy_db, CHILDREN_WITH_A_KEY)
-    drawn = [part for part in terminal.getvalue().split("\r") if part]
+    drawn = [part for part in terminal.progress().split("\r") if part]
     label = "fill public.journal_entries.user_id, public.tags.user_id, public.reminders.user_id"
     assert drawn
     assert all(part.startswith(label + ": ") for part in drawn), drawn
-    assert terminal.getvalue().count("\n") == 1
+    assert terminal.progress().count("\n") == 1
     assert drawn[-1].startswith(f"{label}: {children:,} rows, ")
 
 
@@ -83,7 +83,7 @@ def test_rollback_after_the_swap_shows_its_fills(legacy_db: str,
         run(session, "rollback", OPERATIONS["rollback"])
     [(users,)] = execute(legacy_db, "SELECT count(*) FROM users")
     [(children,)] = execute(legacy_db, CHILDREN_WITH_A_KEY)
-    finals = terminal.getvalue().split("\n")[:-1]  # each fill's line ends with its close
+    finals = terminal.progress().split("\n")[:-1]  # each fill's line ends with its close
     assert [line.rsplit("\r", 1)[-1].split(": ")[0] for line in finals] == [
         "fill public.users.id",
         "fill public.journal_entries.user_id, public.tags.user_id, public.reminders.user_id"]
