@@ -101,6 +101,7 @@ from migration.rehearsal.load import LiveLoad, PhaseStats
 from migration.rehearsal.sandbox import OWNER_ROLE, Sandbox, prepare
 from migration.rehearsal.seed import seed
 from migration.rehearsal.throwaway import Server, embedded_bin_dir, from_dsn, start_cluster
+from migration.rehearsal.waits import describe as describe_waits
 
 REPO = Path(__file__).resolve().parent.parent
 LOCAL_PG15 = Path("/usr/lib/postgresql/15/bin")
@@ -286,7 +287,8 @@ def _phase(stats: PhaseStats) -> dict[str, Any]:
             "longest_stall_s": stats.longest_stall_s,
             "longest_stall_at_s": stats.longest_stall_at,
             "longest_stall_step": stats.longest_stall_step,
-            "longest_due_stall_s": stats.longest_due_stall_s}
+            "longest_due_stall_s": stats.longest_due_stall_s,
+            "waits": list(stats.waits), "due_stall_waits": list(stats.due_stall_waits)}
 
 
 def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
@@ -310,6 +312,7 @@ def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
         "longest_stall_at_s": during.longest_stall_at,
         "longest_stall_step": during.longest_stall_step,
         "longest_due_stall_s": during.longest_due_stall_s,
+        "due_stall_waits": list(during.due_stall_waits),
         "fk_unenforced_s": report.fk_unenforced_s,
         "orphans_accepted": len(report.orphans_accepted),
         "probe_errors": len(report.probe_errors), "probes": report.probes,
@@ -762,7 +765,18 @@ def render_live(live: list[dict[str, Any]]) -> list[str]:
     reasons = sorted({reason for r in live for reason in r["failure_reasons"]})
     return (lines + [f"- {r['label']} exited {r['exit_code']}: {r['error']}" for r in live
                      if r["exit_code"] and r.get("error")]
-            + [f"- failed: {reason}" for reason in reasons])
+            + [f"- failed: {reason}" for reason in reasons]
+            + [_waited_on(r) for r in live if "due_stall_waits" in r])
+
+
+def _waited_on(result: dict[str, Any]) -> str:
+    """What the application's backends were sampled waiting on during the method's longest
+    stall with a transaction due, and during the whole method."""
+    def told(waits: list[list[Any]]) -> str:
+        return describe_waits(tuple((str(wait), int(n)) for wait, n in waits))
+    return (f"- {result['label']}: the application waited on {told(result['due_stall_waits'])}"
+            f" in its longest stall with a transaction due, on "
+            f"{told(result['during']['waits'])} during the method")
 
 
 def _stall_when(result: dict[str, Any]) -> str:

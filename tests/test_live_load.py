@@ -40,6 +40,8 @@ from migration.rehearsal.load import (
     phase_stats,
 )
 from migration.rehearsal.sandbox import Sandbox
+from migration.rehearsal.waits import Round, tally
+from migration.rehearsal.waits import describe as describe_waits
 from migration.session import Session, Settings
 from tests.operate import execute, seeded, wait_until
 
@@ -307,6 +309,7 @@ def test_stalls_and_latencies_come_from_the_transaction_log() -> None:
     # Of those 2.5 s, only the last 3 ms had a transaction due (scheduled at 102.997); the
     # longest such time is the 7 ms of the second one (due at 100.493, done at 100.5).
     assert stats.longest_due_stall_s == pytest.approx(0.007)
+    assert stats.longest_due_stall_at == pytest.approx(1.493)
     assert [t.script for t in txs] == ["new_user", "update_entry", "new_user", "read_user",
                                        "read_user"]
 
@@ -343,6 +346,20 @@ def test_the_longest_stall_is_placed_in_the_step_under_way(legacy_db: str) -> No
     assert report.phase("before").longest_stall_step == ""
     assert (f"longest stall {stats.longest_stall_s:.2f} s at {stats.longest_stall_at:.1f} s "
             "(hold_tables)") in report.describe()
+    # Its cause, sampled: the application's backends queued on the tables' lock.
+    assert stats.due_stall_waits[0][0] == "Lock relation", stats.due_stall_waits
+    assert "waiting on Lock relation " in report.describe().splitlines()[1]
+    assert report.phase("before").waits[0][0] != "Lock relation", report.phase("before").waits
+
+
+def test_the_waits_of_a_window_are_tallied_and_told_most_frequent_first() -> None:
+    rounds = [Round(10.0, ("CPU", "IO DataFileRead")), Round(10.01, ("IO DataFileRead",)),
+              Round(10.02, ("IO DataFileRead",)), Round(10.025, ()),
+              Round(10.03, ("Lock relation",) * 4), Round(10.04, ("CPU",))]
+    assert tally(rounds, 10.0, 10.03) == (("IO DataFileRead", 3), ("CPU", 1))
+    assert tally(rounds, 10.03, 11.0) == (("Lock relation", 4), ("CPU", 1))
+    assert describe_waits(tally(rounds, 0, 11), top=2) == "Lock relation 44%, IO DataFileRead 33%"
+    assert describe_waits(tally(rounds, 10.025, 10.03)) == "none sampled"
 
 
 @pytest.mark.once
@@ -370,6 +387,11 @@ def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> Non
     assert "Under load (150 tps, 4 clients" in text
     assert f"| one_shot | {one_shot['exit_code']} |" in text
     assert one_shot["longest_stall_step"] == ""  # no step: the one-shot keeps no log
+    for result in live.values():  # what the application waited on, from the samples
+        told = describe_waits(tuple(map(tuple, result["due_stall_waits"])))
+        assert (f"- {result['label']}: the application waited on {told} in its longest "
+                "stall with a transaction due, on ") in text
+    assert sum(n for _, n in live["full_migration"]["during"]["waits"]) > 0
     assert (f"| {one_shot['longest_stall_s']:.2f} (at {one_shot['longest_stall_at_s']:.1f} s) |"
             in text)
     assert render_markdown(json.loads(json.dumps(report, default=str))) == text

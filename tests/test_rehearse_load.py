@@ -70,7 +70,8 @@ def test_a_step_that_fails_under_load_ends_the_run_and_is_named(legacy_db: str) 
 
 def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
     phase = PhaseStats("full_migration", 2.0, 300, 1, 1.0, 5.0, 40.0, 0.04, 0.5,
-                       "migrate_foreign_keys")
+                       "migrate_foreign_keys", 0.03,
+                       due_stall_waits=(("Lock relation", 3), ("CPU", 1)))
     load = LoadRun(150.0, 4, [phase], 300, problems=[
         "1 of 301 application transactions failed: 1x new_tag: failed (42P01)"])
     report = Report(server="test", users=1, dirty=False, live_load=load)
@@ -79,6 +80,7 @@ def test_what_the_application_saw_go_wrong_fails_the_rehearsal() -> None:
     assert not report.passed
     assert "new_tag: failed (42P01)" in render_text(report)
     assert "0.04 s at 0.50 s (migrate_foreign_keys)" in render_text(report)  # the stall's step
+    assert "Lock relation 75%, CPU 25%" in render_text(report)  # and what it waited on
     assert "new_tag: failed (42P01)" in render_junit(report)
 
 

@@ -25,6 +25,8 @@
   An accepted orphan means a foreign key was not enforced at that moment.  Only the
   children whose ``user_id`` has a foreign key when the load starts are tried: the
   runbook's original schema has none on tags and reminders, and the migration adds none.
+- a wait sampler (``waits``): what pgbench's backends wait on, every 10 ms, so that each
+  phase's longest stall comes with its cause.
 
 The connection reaches pgbench through PGHOST/PGPORT/PGUSER/PGPASSWORD/PGDATABASE
 in its environment, never on its command line; no password is ever printed.
@@ -57,6 +59,8 @@ from psycopg2 import sql
 from migration.connection import Connection, connect, redact_dsn
 from migration.log import LOG_TABLE
 from migration.rehearsal.throwaway import ServerUnavailable, embedded_bin_dir
+from migration.rehearsal.waits import Waits, WaitSampler
+from migration.rehearsal.waits import describe as describe_waits
 
 LOAD_SCHEMA = "live_load"
 APPLICATION_NAME = "uuidmig-live-load"
@@ -270,6 +274,11 @@ class PhaseStats:
     """The longest time in the phase in which some transaction was due (its scheduled start
     had passed) and none completed: the stall without pgbench's own idle gaps, which at
     150 transactions a second reach 70 ms over minutes with no migration at all."""
+    longest_due_stall_at: float = 0.0  # seconds after the phase began that stall began
+    waits: Waits = ()
+    """What the application's backends waited on during the phase (``waits``)."""
+    due_stall_waits: Waits = ()
+    """What they waited on during the longest stall with a transaction due: its cause."""
 
 
 @dataclass
@@ -354,11 +363,13 @@ class LoadReport:
             if self.pool_exhausted else [])
 
     def describe(self) -> str:
-        """One line per phase: transactions, failures, latencies, longest stall."""
+        """One line per phase: transactions, failures, latencies, longest stall and what
+        the application waited on during it."""
         return "\n".join(
             f"{p.name}: {p.seconds:.1f} s, {p.transactions} tx, {p.failures} failed, "
             f"p50 {_ms(p.latency_p50_ms)} p99 {_ms(p.latency_p99_ms)} "
-            f"max {_ms(p.latency_max_ms)}, longest stall {stall_when(p)}"
+            f"max {_ms(p.latency_max_ms)}, longest stall {stall_when(p)} "
+            f"(waiting on {describe_waits(p.due_stall_waits)})"
             for p in self.phases)
 
 
@@ -475,27 +486,33 @@ def phase_stats(name: str, start: float, end: float, txs: list[_Tx]) -> PhaseSta
         if moment - previous > stall:
             stall, stall_at = moment - previous, previous - start
         previous = moment
+    due_stall, due_stall_from = _due_stall(start, end, completed, txs)
     return PhaseStats(name, end - start, len(latencies),
                       sum(1 for t in inside if t.outcome != "ok"),
                       _percentile(latencies, 0.50), _percentile(latencies, 0.99),
                       latencies[-1] if latencies else None, stall, stall_at,
-                      longest_due_stall_s=_due_stall(start, end, completed, txs))
+                      longest_due_stall_s=due_stall, longest_due_stall_at=due_stall_from - start)
 
 
-def _due_stall(start: float, end: float, completed: list[_Tx], txs: list[_Tx]) -> float:
+def _due_stall(start: float, end: float, completed: list[_Tx], txs: list[_Tx]
+               ) -> tuple[float, float]:
     """The longest time from ``start`` to ``end`` in which a transaction was due and none of
-    ``completed`` (in order) completed.  A gap before a completion is counted from the
-    earliest scheduled start (completion less latency) of the transactions completing then
-    or later, those after ``end`` included, when that is later than the gap's start."""
+    ``completed`` (in order) completed, and when it began.  A gap before a completion is
+    counted from the earliest scheduled start (completion less latency) of the transactions
+    completing then or later, those after ``end`` included, when that is later than the
+    gap's start."""
     later = [t.done - t.latency for t in txs
              if t.done >= end and t.outcome == "ok" and t.latency is not None]
     due = min(later, default=math.inf)  # the earliest due of what completes from here on
-    longest, following = 0.0, end
-    for tx in reversed(completed):
-        longest = max(longest, following - max(tx.done, due))
-        due = min(due, tx.done - (tx.latency or 0.0))
-        following = tx.done
-    return max(longest, following - max(start, due))
+    longest, began, following = 0.0, start, end
+    for tx in [*reversed(completed), None]:
+        gap_from = max(start if tx is None else tx.done, due)
+        if following - gap_from > longest:
+            longest, began = following - gap_from, gap_from
+        if tx is not None:
+            due = min(due, tx.done - (tx.latency or 0.0))
+            following = tx.done
+    return longest, began
 
 
 _ABORTED = re.compile(r"client (\d+) (?:script (\d+) )?aborted in command (\d+)[^:;]*: (.*)")
@@ -622,6 +639,7 @@ class LiveLoad:
         self.binary = pgbench or find_pgbench()
         self.prober = OrphanProber(dsn, schema=schema, interval=probe_interval,
                                    probes=self._probes())
+        self.waits = WaitSampler(dsn, APPLICATION_NAME)
         self.marks: list[tuple[str, float]] = []
         self.report: LoadReport | None = None
         self._workdir = Path(tempfile.mkdtemp(prefix="uuidmig-load-"))
@@ -655,6 +673,7 @@ class LiveLoad:
                                                 share * self.prepared_clients, "prepared", "p")
         self._wait_connected()
         self.prober.start()
+        self.waits.start()
         self.marks.append(("before", time.time()))
 
     def _pgbench(self, picks: int, clients: int, rate: float, protocol: str,
@@ -682,6 +701,7 @@ class LiveLoad:
         assert self._proc is not None, "the load was not started"
         ended = time.time()
         self.prober.stop()
+        self.waits.stop()
         procs = [proc for proc in (self._proc, self._prepared_proc) if proc is not None]
         for proc in procs:
             if proc.poll() is None:
@@ -697,8 +717,13 @@ class LiveLoad:
                   for (name, start), (_, end) in zip(self.marks, bounds, strict=True)]
         phases = [replace(stats, longest_stall_step=step_during(
                       steps, start + stats.longest_stall_at,
-                      start + stats.longest_stall_at + stats.longest_stall_s))
-                  for stats, (_, start) in zip(phases, self.marks, strict=True)]
+                      start + stats.longest_stall_at + stats.longest_stall_s),
+                      waits=self.waits.between(start, end),
+                      due_stall_waits=self.waits.between(
+                          start + stats.longest_due_stall_at,
+                          start + stats.longest_due_stall_at + stats.longest_due_stall_s))
+                  for stats, (_, start), (_, end) in zip(phases, self.marks, bounds,
+                                                         strict=True)]
         missing, ledger_rows = self._check_ledger()
         self.report = LoadReport(
             transactions=sum(1 for t in txs if t.outcome == "ok"), failures=failures,
@@ -830,4 +855,5 @@ class LiveLoad:
                 proc.wait()
         if self.prober._thread.is_alive():
             self.prober.stop()
+        self.waits.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)

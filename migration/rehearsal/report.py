@@ -15,6 +15,7 @@ from migration.rehearsal.prepared import ADVICE as PREPARED_ADVICE
 from migration.rehearsal.projection import Projection
 from migration.rehearsal.smoke import BINDING_ADVICE, SmokeResult
 from migration.rehearsal.under_load import LoadRun
+from migration.rehearsal.waits import describe as describe_waits
 from migration.report import Finding, Status, failures
 
 BATCHED_STEPS = ("migrate_users", "migrate_foreign_keys")
@@ -284,10 +285,11 @@ def _load_section(load: LoadRun) -> Section:
     return Section(f"Under live load ({load.clients} pgbench clients at {load.rate:g} "
                    "transactions/s, on a clone): full_migration, then rollback", lines,
                    header=("phase", "time", "transactions", "failed", "p50", "p99", "max",
-                           "longest stall", "with a transaction due"),
+                           "longest stall", "with a transaction due", "waits in that stall"),
                    rows=[(p.name, duration(p.seconds), f"{p.transactions:,}", str(p.failures),
                           ms(p.latency_p50_ms), ms(p.latency_p99_ms), ms(p.latency_max_ms),
-                          _stall(p), duration(p.longest_due_stall_s)) for p in load.phases])
+                          _stall(p), duration(p.longest_due_stall_s),
+                          describe_waits(p.due_stall_waits, top=2)) for p in load.phases])
 
 
 def _stall(stats: PhaseStats) -> str:

@@ -1,0 +1,105 @@
+"""What the application's connections waited on, sampled from ``pg_stat_activity``.
+
+A stall says how long no application write completed; the wait events of the
+application's backends during it say why: a lock the engine holds or waits for
+(``Lock relation``, ``Lock transactionid``), pages read back after the engine's
+scans evicted them (``IO DataFileRead``), dirty buffers written out before they
+could be reused (``IO DataFileWrite``), WAL (``LWLock WALWrite``), or the CPU: an
+active backend with no wait event is running, or waiting for a core.
+
+Only backends executing a statement are sampled (``state = 'active'``): a
+client between its statements is the client's time, not the server's.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import psycopg2
+
+from migration.connection import Connection, connect
+
+CPU = "CPU"
+"""An active backend without a wait event: on a core, or runnable and waiting for one."""
+
+SAMPLE_INTERVAL_S = 0.01
+
+_ACTIVE_WAITS = """
+SELECT coalesce(wait_event_type || ' ' || wait_event, %s) FROM pg_stat_activity
+ WHERE datname = current_database() AND application_name = %s AND state = 'active'
+"""
+
+Waits = tuple[tuple[str, int], ...]
+"""Wait events with how many samples saw a backend in each, most frequent first."""
+
+
+@dataclass(frozen=True)
+class Round:
+    """One look at the application's backends: when, and what each active one waited on."""
+
+    at: float  # epoch seconds
+    waits: tuple[str, ...]
+
+
+class WaitSampler:
+    """Every ``interval`` seconds, the wait events of the active backends whose
+    ``application_name`` is ``application_name``, on a connection of its own."""
+
+    def __init__(self, dsn: str, application_name: str, *,
+                 interval: float = SAMPLE_INTERVAL_S) -> None:
+        self.dsn, self.application_name, self.interval = dsn, application_name, interval
+        self.rounds: list[Round] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="wait-sampler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """End the sampling; nothing to do when it has ended or never started."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def between(self, start: float, end: float) -> Waits:
+        """The waits sampled in [start, end)."""
+        return tally(self.rounds, start, end)
+
+    def _run(self) -> None:
+        conn: Connection | None = None
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                if conn is None or conn.closed:
+                    conn = connect(self.dsn, autocommit=True,
+                                   application_name=self.application_name + "-waits")
+                with conn.cursor() as cur:
+                    cur.execute(_ACTIVE_WAITS, (CPU, self.application_name))
+                    self.rounds.append(Round(time.time(), tuple(w for (w,) in cur.fetchall())))
+            except psycopg2.Error as exc:  # the server restarting, say: reconnect next round
+                self.errors.append(str(exc).strip().splitlines()[0])
+                if conn is not None:
+                    conn.close()
+                conn = None
+            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
+        if conn is not None:
+            conn.close()
+
+
+def tally(rounds: Sequence[Round], start: float, end: float) -> Waits:
+    """Each wait of the rounds in [start, end), with its count, most frequent first."""
+    counts = Counter(wait for r in rounds if start <= r.at < end for wait in r.waits)
+    return tuple(counts.most_common())
+
+
+def describe(waits: Waits, *, top: int = 3) -> str:
+    """``IO DataFileRead 60%, CPU 25%, LWLock WALWrite 15%``; ``none sampled`` when empty."""
+    total = sum(n for _, n in waits)
+    if not total:
+        return "none sampled"
+    return ", ".join(f"{wait} {100 * n / total:.0f}%" for wait, n in waits[:top])
