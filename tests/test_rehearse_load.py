@@ -233,7 +233,9 @@ def test_the_ledger_of_an_own_schema_sees_the_writes_undone_behind_its_back(
         own_schema: tuple[str, Plan]) -> None:
     dsn, plan = own_schema
     with SchemaLoad(dsn, plan, rate=60, clients=2, pool_rows=500) as load:
-        wait_until(lambda: _families_changed(dsn), pause=0.2)
+        # an invoice inserted too: at times none was when the families had changed
+        wait_until(lambda: _families_changed(dsn) and bool(execute(dsn, _AN_INSERTED_INVOICE)),
+                   pause=0.2)
         with connected(dsn, autocommit=False) as conn, conn.cursor() as cur:
             # the oldest family locked first: the load's key updates and deletes skip a
             # locked family, and one under way is waited for (its key read after it)
@@ -254,13 +256,14 @@ def test_the_ledger_of_an_own_schema_sees_the_writes_undone_behind_its_back(
 # take the latest), an invoice of an existing account (invoices are never updated), and a
 # session the load deleted, back with its id (ids are never given again).
 _OLDEST_FAMILY = "SELECT n FROM live_load.families ORDER BY n LIMIT 1 FOR UPDATE"
+_AN_INSERTED_INVOICE = (  # of an account the load picks: one the load inserted
+    "SELECT i.ctid FROM invoices i JOIN live_load.ledger l ON l.tbl = 'public.invoices' "
+    "AND l.expect = jsonb_build_object('account_uuid', i.account_uuid, 'amount', "
+    "i.amount::text, 'note', i.note) JOIN live_load.picks p ON p.key = i.account_uuid LIMIT 1")
 _UNDO_THREE_WRITES = (
     "UPDATE accounts SET email = 'changed-' || email WHERE uuid = "
     "(SELECT parent_key FROM live_load.families ORDER BY n LIMIT 1)",
-    "DELETE FROM invoices WHERE ctid = (SELECT i.ctid FROM invoices i JOIN live_load.ledger l "
-    "ON l.tbl = 'public.invoices' AND l.expect = jsonb_build_object('account_uuid', "
-    "i.account_uuid, 'amount', i.amount::text, 'note', i.note) JOIN live_load.picks p "
-    "ON p.key = i.account_uuid LIMIT 1)",
+    f"DELETE FROM invoices WHERE ctid = ({_AN_INSERTED_INVOICE})",
     "INSERT INTO sessions (id, account_uuid, token) SELECT (l.ident ->> 'id')::bigint, "
     "(SELECT key FROM live_load.picks WHERE n = 1), 'back' FROM live_load.ledger l "
     "WHERE (l.tbl, l.op) = ('public.sessions', 'gone') ORDER BY l.seq LIMIT 1",
