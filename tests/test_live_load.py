@@ -40,7 +40,7 @@ from migration.rehearsal.load import (
     phase_stats,
 )
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.waits import Round, tally
+from migration.rehearsal.waits import NO_STATEMENT, Round, tally
 from migration.rehearsal.waits import describe as describe_waits
 from migration.session import Session, Settings
 from tests.operate import execute, seeded, wait_until
@@ -356,10 +356,12 @@ def test_the_waits_of_a_window_are_tallied_and_told_most_frequent_first() -> Non
     rounds = [Round(10.0, ("CPU", "IO DataFileRead")), Round(10.01, ("IO DataFileRead",)),
               Round(10.02, ("IO DataFileRead",)), Round(10.025, ()),
               Round(10.03, ("Lock relation",) * 4), Round(10.04, ("CPU",))]
-    assert tally(rounds, 10.0, 10.03) == (("IO DataFileRead", 3), ("CPU", 1))
+    assert tally(rounds, 10.0, 10.02) == (("IO DataFileRead", 2), ("CPU", 1))
+    assert tally(rounds, 10.02, 10.03) == (("IO DataFileRead", 1), (NO_STATEMENT, 1))
     assert tally(rounds, 10.03, 11.0) == (("Lock relation", 4), ("CPU", 1))
-    assert describe_waits(tally(rounds, 0, 11), top=2) == "Lock relation 44%, IO DataFileRead 33%"
-    assert describe_waits(tally(rounds, 10.025, 10.03)) == "none sampled"
+    assert describe_waits(tally(rounds, 0, 11), top=2) == "Lock relation 40%, IO DataFileRead 30%"
+    assert describe_waits(tally(rounds, 10.026, 10.03)) == "none sampled"
+    assert describe_waits((("Lock relation", 200), ("CPU", 1))) == "Lock relation 100%"
 
 
 @pytest.mark.once

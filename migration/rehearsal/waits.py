@@ -25,6 +25,9 @@ from migration.connection import Connection, connect
 
 CPU = "CPU"
 """An active backend without a wait event: on a core, or runnable and waiting for one."""
+NO_STATEMENT = "no statement running"
+"""A round that found none of the application's backends executing a statement: what held
+the application then was outside the server (pgbench's own process waiting for a core)."""
 
 SAMPLE_INTERVAL_S = 0.01
 
@@ -92,14 +95,18 @@ class WaitSampler:
 
 
 def tally(rounds: Sequence[Round], start: float, end: float) -> Waits:
-    """Each wait of the rounds in [start, end), with its count, most frequent first."""
-    counts = Counter(wait for r in rounds if start <= r.at < end for wait in r.waits)
+    """Each wait of the rounds in [start, end), with its count, most frequent first; a
+    round without an active backend counts once as ``NO_STATEMENT``."""
+    counts = Counter(wait for r in rounds if start <= r.at < end
+                     for wait in r.waits or (NO_STATEMENT,))
     return tuple(counts.most_common())
 
 
 def describe(waits: Waits, *, top: int = 3) -> str:
-    """``IO DataFileRead 60%, CPU 25%, LWLock WALWrite 15%``; ``none sampled`` when empty."""
+    """``IO DataFileRead 60%, CPU 25%, LWLock WALWrite 15%``, the waits of 1% or more;
+    ``none sampled`` when no round fell in the window (the sampler itself held up)."""
     total = sum(n for _, n in waits)
     if not total:
         return "none sampled"
-    return ", ".join(f"{wait} {100 * n / total:.0f}%" for wait, n in waits[:top])
+    return ", ".join(f"{wait} {100 * n / total:.0f}%" for wait, n in waits[:top]
+                     if 100 * n >= total)
