@@ -40,7 +40,7 @@ from migration.rehearsal.load import (
     phase_stats,
 )
 from migration.rehearsal.sandbox import Sandbox
-from migration.rehearsal.waits import NO_STATEMENT, Round, tally
+from migration.rehearsal.waits import NO_STATEMENT, Round, WaitSampler, tally
 from migration.rehearsal.waits import describe as describe_waits
 from migration.session import Session, Settings
 from tests.operate import execute, seeded, wait_until
@@ -350,6 +350,28 @@ def test_the_longest_stall_is_placed_in_the_step_under_way(legacy_db: str) -> No
     assert stats.due_stall_waits[0][0] == "Lock relation", stats.due_stall_waits
     assert "waiting on Lock relation " in report.describe().splitlines()[1]
     assert report.phase("before").waits[0][0] != "Lock relation", report.phase("before").waits
+
+
+def test_the_wait_sampler_goes_on_through_a_lost_connection(legacy_db: str,
+                                                            sandbox: Sandbox) -> None:
+    """A round's error is recorded and the next round reconnects (``Poller``): the sampler
+    and the orphan prober outlive a server restart or an administrator's kill."""
+    admin = sandbox.admin_dsn_for(urlsplit(legacy_db).path.lstrip("/"))
+    sampler = WaitSampler(legacy_db, "an-application", interval=0.01)
+    sampler.start()
+    try:
+        assert wait_until(lambda: len(sampler.rounds) >= 3)
+        execute(admin, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                       "WHERE application_name = 'an-application-waits'")
+        assert wait_until(lambda: bool(sampler.errors))
+        after = len(sampler.rounds)
+        assert wait_until(lambda: len(sampler.rounds) >= after + 3)
+    finally:
+        sampler.stop()
+    # the server's FATAL, or the connection closed before libpq read it
+    assert re.search("terminat|closed the connection", sampler.errors[0]), sampler.errors
+    assert not sampler._thread.is_alive()
+    assert all(r.waits == () for r in sampler.rounds)  # no backend of that name, ever
 
 
 def test_the_waits_of_a_window_are_tallied_and_told_most_frequent_first() -> None:

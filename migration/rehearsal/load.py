@@ -43,7 +43,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -58,6 +57,7 @@ from psycopg2 import sql
 
 from migration.connection import Connection, connect, redact_dsn
 from migration.log import LOG_TABLE
+from migration.rehearsal.poller import Poller
 from migration.rehearsal.throwaway import ServerUnavailable, embedded_bin_dir
 from migration.rehearsal.waits import Waits, WaitSampler
 from migration.rehearsal.waits import describe as describe_waits
@@ -543,49 +543,27 @@ def runbook_probes(schema: str) -> list[Probe]:
             for table in CHILD_TABLES]
 
 
-class OrphanProber:
+class OrphanProber(Poller):
     """Every ``interval`` seconds, try an orphan insert into each child table and roll back."""
 
     def __init__(self, dsn: str, *, schema: str, interval: float,
                  probes: Sequence[Probe] | None = None) -> None:
-        self.dsn, self.schema, self.interval = dsn, schema, interval
+        super().__init__(dsn, APPLICATION_NAME + "-prober", interval)
+        self.schema = schema
         self.probes = list(runbook_probes(schema) if probes is None else probes)
         self.accepted: list[Orphan] = []
         self.errors: list[ProbeError] = []
         self.rounds: list[tuple[float, bool]] = []  # (when, an orphan was accepted)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="orphan-prober", daemon=True)
         self.tables = tuple(table for table, _, _ in self.probes)
         """The child tables probed."""
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def unenforced_seconds(self, until: float) -> float:
         """Time from each round that accepted an orphan to the next round."""
         ends = [at for at, _ in self.rounds[1:]] + [until]
         return sum(end - at for (at, bad), end in zip(self.rounds, ends, strict=True) if bad)
 
-    def _run(self) -> None:
-        conn: Connection | None = None
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                if conn is None or conn.closed:
-                    conn = connect(self.dsn, application_name=APPLICATION_NAME + "-prober")
-                self._round(conn)
-            except psycopg2.Error as exc:  # connection lost: record it, reconnect next round
-                self.errors.append(ProbeError(time.time(), "-", redact_dsn(str(exc)).strip()))
-                if conn is not None:
-                    conn.close()
-                conn = None
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
-        if conn is not None:
-            conn.close()
+    def _failed(self, error: psycopg2.Error) -> None:  # the connection lost: recorded
+        self.errors.append(ProbeError(time.time(), "-", redact_dsn(str(error)).strip()))
 
     def _round(self, conn: Connection) -> None:
         at, accepted = time.time(), False
@@ -853,7 +831,6 @@ class LiveLoad:
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-        if self.prober._thread.is_alive():
-            self.prober.stop()
+        self.prober.stop()
         self.waits.stop()
         shutil.rmtree(self._workdir, ignore_errors=True)

@@ -13,7 +13,6 @@ client between its statements is the client's time, not the server's.
 
 from __future__ import annotations
 
-import threading
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -21,7 +20,8 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from migration.connection import Connection, connect
+from migration.connection import Connection
+from migration.rehearsal.poller import Poller
 
 CPU = "CPU"
 """An active backend without a wait event: on a core, or runnable and waiting for one."""
@@ -48,50 +48,28 @@ class Round:
     waits: tuple[str, ...]
 
 
-class WaitSampler:
+class WaitSampler(Poller):
     """Every ``interval`` seconds, the wait events of the active backends whose
-    ``application_name`` is ``application_name``, on a connection of its own."""
+    ``application_name`` is ``application_name``."""
 
     def __init__(self, dsn: str, application_name: str, *,
                  interval: float = SAMPLE_INTERVAL_S) -> None:
-        self.dsn, self.application_name, self.interval = dsn, application_name, interval
+        super().__init__(dsn, application_name + "-waits", interval, autocommit=True)
+        self.application_name = application_name
         self.rounds: list[Round] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="wait-sampler", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        """End the sampling; nothing to do when it has ended or never started."""
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join()
 
     def between(self, start: float, end: float) -> Waits:
         """The waits sampled in [start, end)."""
         return tally(self.rounds, start, end)
 
-    def _run(self) -> None:
-        conn: Connection | None = None
-        while not self._stop.is_set():
-            began = time.monotonic()
-            try:
-                if conn is None or conn.closed:
-                    conn = connect(self.dsn, autocommit=True,
-                                   application_name=self.application_name + "-waits")
-                with conn.cursor() as cur:
-                    cur.execute(_ACTIVE_WAITS, (CPU, self.application_name))
-                    self.rounds.append(Round(time.time(), tuple(w for (w,) in cur.fetchall())))
-            except psycopg2.Error as exc:  # the server restarting, say: reconnect next round
-                self.errors.append(str(exc).strip().splitlines()[0])
-                if conn is not None:
-                    conn.close()
-                conn = None
-            self._stop.wait(max(0.0, self.interval - (time.monotonic() - began)))
-        if conn is not None:
-            conn.close()
+    def _round(self, conn: Connection) -> None:
+        with conn.cursor() as cur:
+            cur.execute(_ACTIVE_WAITS, (CPU, self.application_name))
+            self.rounds.append(Round(time.time(), tuple(w for (w,) in cur.fetchall())))
+
+    def _failed(self, error: psycopg2.Error) -> None:
+        self.errors.append(str(error).strip().splitlines()[0])
 
 
 def tally(rounds: Sequence[Round], start: float, end: float) -> Waits:
