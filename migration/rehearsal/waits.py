@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import psycopg2
 
-from migration.connection import Connection
+from migration.connection import Connection, redact_dsn
 from migration.rehearsal.poller import Poller
 
 CPU = "CPU"
@@ -69,7 +69,7 @@ class WaitSampler(Poller):
             self.rounds.append(Round(time.time(), tuple(w for (w,) in cur.fetchall())))
 
     def _failed(self, error: psycopg2.Error) -> None:
-        self.errors.append(str(error).strip().splitlines()[0])
+        self.errors.append(redact_dsn(str(error)).strip().splitlines()[0])
 
 
 def tally(rounds: Sequence[Round], start: float, end: float) -> Waits:
