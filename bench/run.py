@@ -312,7 +312,6 @@ def measure_live(owner_dsn: str, label: str, argv: list[str], load: LoadSettings
         "longest_stall_at_s": during.longest_stall_at,
         "longest_stall_step": during.longest_stall_step,
         "longest_due_stall_s": during.longest_due_stall_s,
-        "due_stall_waits": list(during.due_stall_waits),
         "fk_unenforced_s": report.fk_unenforced_s,
         "orphans_accepted": len(report.orphans_accepted),
         "probe_errors": len(report.probe_errors), "probes": report.probes,
@@ -766,7 +765,7 @@ def render_live(live: list[dict[str, Any]]) -> list[str]:
     return (lines + [f"- {r['label']} exited {r['exit_code']}: {r['error']}" for r in live
                      if r["exit_code"] and r.get("error")]
             + [f"- failed: {reason}" for reason in reasons]
-            + [_waited_on(r) for r in live if "due_stall_waits" in r])
+            + [_waited_on(r) for r in live if "due_stall_waits" in r["during"]])
 
 
 def _waited_on(result: dict[str, Any]) -> str:
@@ -774,9 +773,10 @@ def _waited_on(result: dict[str, Any]) -> str:
     stall with a transaction due, and during the whole method."""
     def told(waits: list[list[Any]]) -> str:
         return describe_waits(tuple((str(wait), int(n)) for wait, n in waits))
-    return (f"- {result['label']}: the application waited on {told(result['due_stall_waits'])}"
-            f" in its longest stall with a transaction due, on "
-            f"{told(result['during']['waits'])} during the method")
+    during = result["during"]
+    return (f"- {result['label']}: the application waited on {told(during['due_stall_waits'])}"
+            f" in its longest stall with a transaction due, on {told(during['waits'])} during "
+            "the method")
 
 
 def _stall_when(result: dict[str, Any]) -> str:

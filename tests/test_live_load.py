@@ -412,7 +412,7 @@ def test_the_benchmark_reports_what_the_application_saw(sandbox: Sandbox) -> Non
     assert f"| one_shot | {one_shot['exit_code']} |" in text
     assert one_shot["longest_stall_step"] == ""  # no step: the one-shot keeps no log
     for result in live.values():  # what the application waited on, from the samples
-        told = describe_waits(tuple(map(tuple, result["due_stall_waits"])))
+        told = describe_waits(tuple(map(tuple, result["during"]["due_stall_waits"])))
         assert (f"- {result['label']}: the application waited on {told} in its longest "
                 "stall with a transaction due, on ") in text
     assert sum(n for _, n in live["full_migration"]["during"]["waits"]) > 0

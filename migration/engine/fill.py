@@ -623,9 +623,7 @@ def walked_update(session: Session, key: KeyColumn, label: str,
 
 def batch_pages(session: Session, key: KeyColumn) -> int:
     """Pages in a batch of a page walk: about ``--batch-size`` rows, at least one page."""
-    pages = catalog.heap_pages(session.conn, key.table)
-    rows = catalog.estimated_rows(session.conn, key.table)
-    session.conn.rollback()
+    pages, rows = _pages_and_rows(session, key)
     return _pages_holding(session.settings.batch_size, pages, rows)
 
 
@@ -633,12 +631,19 @@ def page_batch(session: Session, part: Slice) -> tuple[int, int]:
     """``(n, passes)`` of a slice's page walk (``Walk``): ``PAGE_PASSES``, fewer where the
     slice holds fewer batches than that (a small table in one batch, not sixteen), and
     ``n`` for about ``--batch-size`` rows a batch."""
-    pages = catalog.heap_pages(session.conn, part.key.table)
-    rows = catalog.estimated_rows(session.conn, part.key.table)
-    session.conn.rollback()
+    pages, rows = _pages_and_rows(session, part.key)
     batches = int(rows * part.share) // session.settings.batch_size
     passes = max(1, min(PAGE_PASSES, batches))
     return _pages_holding(session.settings.batch_size * passes, pages, rows), passes
+
+
+def _pages_and_rows(session: Session, key: KeyColumn) -> tuple[int, int]:
+    """The pages of ``key``'s table now and its estimated rows, read outside any transaction
+    of the fill's (the read one is ended)."""
+    pages = catalog.heap_pages(session.conn, key.table)
+    rows = catalog.estimated_rows(session.conn, key.table)
+    session.conn.rollback()
+    return pages, rows
 
 
 def _pages_holding(wanted: int, pages: int, rows: int) -> int:
